@@ -1,0 +1,137 @@
+/*
+ * mongocast/config.h: the parsed mongocast configuration (DESIGN §4.2).
+ *
+ * mc_config_load_file() reads YAML (libyaml), replaces ${VAR} and ${VAR:-default} from the
+ * environment, checks every key against a table of options (type, default, bounds), and
+ * returns a plain immutable struct. Errors are MC_ECONFIG with the message
+ * "FILE:LINE:COL: text" (unknown keys get a "did you mean ...?"). Any thread; no global state.
+ * A loaded config is read-only and may be shared between threads.
+ */
+#ifndef MONGOCAST_CONFIG_H
+#define MONGOCAST_CONFIG_H
+
+#include <bson/bson.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "mongocast/error.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef enum mc_full_document {
+    MC_FULL_DOCUMENT_DEFAULT = 0,
+    MC_FULL_DOCUMENT_UPDATE_LOOKUP,
+    MC_FULL_DOCUMENT_WHEN_AVAILABLE,
+    MC_FULL_DOCUMENT_REQUIRED,
+} mc_full_document_t;
+
+typedef enum mc_before_change {
+    MC_BEFORE_CHANGE_OFF = 0,
+    MC_BEFORE_CHANGE_WHEN_AVAILABLE,
+    MC_BEFORE_CHANGE_REQUIRED,
+} mc_before_change_t;
+
+typedef enum mc_on_history_lost {
+    MC_ON_HISTORY_LOST_FAIL = 0,
+    MC_ON_HISTORY_LOST_RESTART,
+} mc_on_history_lost_t;
+
+typedef enum mc_checkpoint_store {
+    MC_CHECKPOINT_FILE = 0,
+    MC_CHECKPOINT_MONGODB,
+} mc_checkpoint_store_t;
+
+/* Where a value came from, for error messages raised after loading (e.g. by a sink type). */
+typedef struct mc_config_pos {
+    int line; /* 1-based; 0 when unknown */
+    int col;  /* 1-based */
+} mc_config_pos_t;
+
+/* recipient: {path: ..., lookup: {db, collection, field, recipient}} */
+typedef struct mc_recipient_lookup {
+    char *db;
+    char *collection;
+    char *field;     /* field of the looked-up document matched against the path's value */
+    char *recipient; /* field of the looked-up document that holds the recipient */
+    uint32_t cache_size;
+} mc_recipient_lookup_t;
+
+typedef struct mc_stream_config {
+    char *name;        /* the key under streams:; served at /v1/streams/<name> */
+    char *db;          /* NULL: whole cluster */
+    char *collection;  /* NULL: whole database (or cluster) */
+    bson_t *pipeline;  /* BSON array of stages, possibly with {$var: name} values; never NULL */
+    mc_full_document_t full_document;
+    mc_before_change_t full_document_before_change;
+    char *recipient;                 /* dotted path, or NULL */
+    mc_recipient_lookup_t *lookup;   /* NULL unless recipient uses the lookup form */
+    bool is_public;
+    bool client_filters;
+    uint32_t history;                /* events kept for client resume */
+    mc_on_history_lost_t on_history_lost;
+    int32_t batch_size;              /* 0: server default */
+    int32_t max_await_time_ms;       /* default 1000 */
+    mc_config_pos_t pos;
+} mc_stream_config_t;
+
+typedef struct mc_sink_config {
+    char *name;
+    char *type;      /* "stdout", "memory", "redis", ... */
+    char **streams;  /* names of the streams this sink takes; all streams when n_streams == 0 */
+    size_t n_streams;
+    bson_t *options; /* every other key of the sink entry, for the sink type to interpret */
+    mc_config_pos_t pos;
+} mc_sink_config_t;
+
+typedef struct mc_config {
+    char *path; /* the file it was loaded from, or the name given to load_string */
+    char *mongodb_uri;
+    struct {
+        mc_checkpoint_store_t store;
+        char *path;       /* file store: directory, one file per stream */
+        char *db;         /* mongodb store */
+        char *collection; /* mongodb store */
+        uint32_t interval_ms; /* how often positions are written; default 1000 */
+    } checkpoint;
+    struct {
+        char *listen; /* "host:port" */
+        char **allowed_origins;
+        size_t n_allowed_origins;
+        uint32_t max_connections;
+        uint32_t max_send_queue_bytes;
+        uint32_t max_frame_bytes;
+    } server;
+    struct {
+        bool enabled;
+        char *algorithm; /* HS256 | RS256 | ES256 */
+        char *secret;
+        char *public_key_file;
+        char *identity_claim; /* default "sub" */
+        char *admin_role;
+        char *issuer;   /* NULL: not checked */
+        char *audience; /* NULL: not checked */
+    } auth;
+    char *log_level; /* error | warn | info | debug; default info */
+    mc_stream_config_t *streams;
+    size_t n_streams;
+    mc_sink_config_t *sinks;
+    size_t n_sinks;
+} mc_config_t;
+
+/* Loads and validates a YAML file. Returns NULL with MC_ECONFIG ("FILE:LINE:COL: message")
+ * or MC_EIO ("FILE: No such file or directory"). */
+mc_config_t *mc_config_load_file(const char *path, mc_error_t *err);
+/* Same from memory; `name` stands for the file name in messages. */
+mc_config_t *mc_config_load_string(const char *yaml, size_t len, const char *name, mc_error_t *err);
+/* NULL-safe. */
+void mc_config_destroy(mc_config_t *config);
+/* The stream named `name`, or NULL. */
+const mc_stream_config_t *mc_config_stream(const mc_config_t *config, const char *name);
+
+#ifdef __cplusplus
+}
+#endif
+#endif
