@@ -1,0 +1,220 @@
+/*
+ * mongocast/engine.h: runs the change streams of a config and delivers their events to sinks.
+ *
+ * Threads (see docs/engine-notes.md):
+ *   - one watcher thread per stream: opens the change stream on a client from a shared
+ *     mongoc_client_pool_t, normalises each change into an mc_event_t, resolves its
+ *     recipient, and pushes it into one bounded queue shared by all streams; it resumes,
+ *     reopens after invalidate and retries with backoff on its own;
+ *   - one dispatch thread: pops the queue and hands each event to the sinks of its stream in
+ *     order (by default the engine's own consumer thread; an embedder that runs an event loop,
+ *     such as the daemon's libuv loop, can own dispatching instead: see mc_engine_opts_t.notify
+ *     and mc_engine_dispatch());
+ *   - one checkpoint thread: every checkpoint.interval_ms, writes each stream's stored resume
+ *     position (the low-watermark of durable acks) to the token store (file or MongoDB).
+ *
+ * Lifecycle: mc_engine_new() -> [mc_engine_register_sink_type(), mc_engine_add_sink()] ->
+ * mc_engine_start() -> ... -> mc_engine_stop() -> mc_engine_destroy(). Lifecycle calls must
+ * not run concurrently with each other; the status and lookup functions may be called from
+ * any thread at any time between new and destroy.
+ *
+ * Failure policy per stream: errors libmongoc resumes are invisible; other transient errors
+ * (network, election, server selection) are retried with capped exponential backoff and full
+ * jitter from the last position the watcher delivered, never from "now". A stream whose
+ * history was lost (286) fails or restarts (with a reset event) as its on_history_lost says;
+ * other fatal errors (280, 47, auth, bad pipeline, ...) put only that stream in the FAILED
+ * state with the server's message; the other streams keep running.
+ */
+#ifndef MONGOCAST_ENGINE_H
+#define MONGOCAST_ENGINE_H
+
+#include <bson/bson.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "mongocast/config.h"
+#include "mongocast/error.h"
+#include "mongocast/event.h"
+#include "mongocast/sink.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct mc_engine mc_engine_t;
+
+typedef enum mc_stream_state {
+    MC_STREAM_IDLE = 0,     /* engine not started */
+    MC_STREAM_OPENING = 1,  /* first open in progress */
+    MC_STREAM_OPEN = 2,     /* change stream open and being read */
+    MC_STREAM_RETRYING = 3, /* lost; waiting for the next attempt (message says why) */
+    MC_STREAM_FAILED = 4,   /* stopped for good (message says why); needs operator action */
+    MC_STREAM_STOPPED = 5,  /* engine stopped */
+} mc_stream_state_t;
+
+/* "idle", "opening", "open", "retrying", "failed", "stopped". */
+const char *mc_stream_state_name(mc_stream_state_t state);
+
+/* A snapshot of one stream, copied out by mc_engine_stream_status(). */
+typedef struct mc_stream_status {
+    char name[128];
+    mc_stream_state_t state;
+    char message[512];     /* last error or state change reason; "" when none */
+    int server_code;       /* MongoDB error code of the last error, 0 if none */
+    uint64_t events;       /* change events delivered to the queue */
+    uint64_t resumes;      /* reopens after an error (libmongoc's own resumes not counted) */
+    uint64_t invalidates;  /* invalidate events seen (each followed by a reopen) */
+    uint64_t resets;       /* restarts after history loss */
+    uint64_t last_seq;     /* sequence number of the last event pushed */
+    uint64_t stored_seq;   /* newest event covered by the stable (acked) position */
+    int64_t last_event_ms; /* wall clock (ms since epoch) of the last change, 0 if none */
+    bool has_position;     /* a resume position is known (stored or received) */
+} mc_stream_status_t;
+
+/* Called on a watcher thread whenever a stream changes state. Must be quick and thread-safe;
+ * may call mc_engine_stream_status() but no lifecycle function. */
+typedef void (*mc_stream_state_cb)(mc_engine_t *engine, const char *stream,
+                                   mc_stream_state_t state, const char *message,
+                                   void *userdata);
+
+/* Called (from a watcher thread) when the queue goes from empty to non-empty, in external
+ * dispatch mode. Typically uv_async_send(). Must be thread-safe and must not block. */
+typedef void (*mc_engine_notify_cb)(mc_engine_t *engine, void *userdata);
+
+typedef struct mc_engine_opts {
+    size_t queue_capacity;        /* events in flight between watchers and dispatch; 0: 4096 */
+    uint32_t max_unacked;         /* per stream, events not yet stable; 0: 10000 */
+    uint32_t backoff_initial_ms;  /* 0: 200 */
+    uint32_t backoff_max_ms;      /* 0: 30000 */
+    uint32_t drain_timeout_ms;    /* how long stop waits for sinks to drain; 0: 10000 */
+    bool no_checkpoint;           /* keep positions in memory only (no token store) */
+    const char *app_name;         /* sent in the MongoDB handshake; NULL: "mongocast" */
+    mc_stream_state_cb on_state;  /* optional */
+    void *on_state_userdata;
+    /* External dispatch: when notify is set, the engine starts no consumer thread; the
+     * embedder calls mc_engine_dispatch() on its own (single) thread after each notify. */
+    mc_engine_notify_cb notify;
+    void *notify_userdata;
+} mc_engine_opts_t;
+
+/*
+ * Creates an engine for `config`, which is borrowed and must stay valid and unchanged until
+ * mc_engine_destroy(). `opts` may be NULL (defaults). Checks the streams (names, pipeline
+ * shape) and the sinks' stream references, and connects nothing yet. Returns NULL and fills
+ * err: MC_ECONFIG (bad reference or option, with the config position when known), MC_EINVAL.
+ */
+mc_engine_t *mc_engine_new(const mc_config_t *config, const mc_engine_opts_t *opts,
+                           mc_error_t *err);
+
+/* One ad hoc stream printed to stdout, for `mongocast tail`. Everything is copied. */
+typedef struct mc_adhoc_opts {
+    const char *uri;                       /* required */
+    const char *db;                        /* NULL: whole cluster */
+    const char *collection;                /* NULL: whole database (needs db) */
+    const bson_t *pipeline;                /* BSON array of stages, or NULL */
+    mc_full_document_t full_document;
+    mc_before_change_t full_document_before_change;
+    const char *resume_after;              /* a resume token `_data` to start after, or NULL */
+    int64_t start_at_seconds;              /* > 0: startAtOperationTime Timestamp(secs, 0) */
+    bool raw;                              /* print canonical Extended JSON changes */
+    bool print_ready;                      /* also print the ready message */
+    const char *recipient;                 /* optional recipient path */
+    int32_t max_await_time_ms;             /* 0: 1000 */
+    mc_on_history_lost_t on_history_lost;  /* default fail */
+    const char *stream_name;               /* NULL: "tail" */
+} mc_adhoc_opts_t;
+
+/*
+ * Creates an engine with one stream and one "stdout" sink and no token store: the position
+ * lives in memory only. The engine owns the in-memory config it builds. Start, stop and
+ * destroy it like any engine. Returns NULL and fills err (MC_EINVAL: missing uri, collection
+ * without db, both resume_after and start_at_seconds, pipeline not an array of documents).
+ */
+mc_engine_t *mc_engine_new_adhoc(const mc_adhoc_opts_t *adhoc, const mc_engine_opts_t *opts,
+                                 mc_error_t *err);
+
+/* Makes a sink type available to this engine's config (`type: <name>`) and to
+ * mc_engine_add_sink(). `type` is borrowed and must outlive the engine (normally a static
+ * const). Before mc_engine_start() only. Errors: MC_EINVAL (bad abi_version, missing init or
+ * publish, invalid name, engine started), MC_ECONFIG (name already registered). */
+int mc_engine_register_sink_type(mc_engine_t *engine, const mc_sink_type_t *type,
+                                 mc_error_t *err);
+
+/*
+ * Adds a sink instance that is not in the config: the hook through which the daemon attaches
+ * its WebSocket/SSE fan-out (and embedders their own sinks). `streams` lists the stream
+ * names it takes (n_streams 0: all streams); `options` (may be NULL) is passed to init;
+ * `userdata` is returned by mc_sink_userdata(). Before mc_engine_start() only. The instance
+ * is initialised by mc_engine_start() with the config's sinks. Returns 0, or MC_EINVAL /
+ * MC_ENOTFOUND (unknown stream) / MC_ECONFIG (duplicate sink name) without side effects.
+ */
+int mc_engine_add_sink(mc_engine_t *engine, const mc_sink_type_t *type, const char *name,
+                       const char *const *streams, size_t n_streams, const bson_t *options,
+                       void *userdata, mc_error_t *err);
+
+/*
+ * Initialises and starts every sink, opens the token store, then spawns the watcher, consumer
+ * and checkpoint threads. Returns as soon as the threads run (streams open asynchronously;
+ * watch mc_engine_stream_status() or the on_state callback). On error nothing keeps running
+ * and every sink already initialised is destroyed; the engine may then only be destroyed.
+ * Errors: MC_EINVAL (wrong state, bad URI), MC_ECONFIG (unknown sink type, sink option
+ * error), MC_EIO (checkpoint directory unusable), MC_ENOMEM.
+ */
+int mc_engine_start(mc_engine_t *engine, mc_error_t *err);
+
+/*
+ * Stops reading MongoDB, delivers what was already read to the sinks, lets them drain (up to
+ * drain_timeout_ms), writes every stream's final position to the token store and joins all
+ * threads. Idempotent; returns 0, or MC_EAGAIN when a sink did not drain in time (positions
+ * are then stored only up to what was acknowledged), or MC_EIO when the last checkpoint write
+ * failed. In external dispatch mode call it on the dispatch thread: it dispatches the rest of
+ * the queue itself.
+ */
+int mc_engine_stop(mc_engine_t *engine, mc_error_t *err);
+
+/* Stops the engine if needed, destroys every sink and frees the engine. NULL-safe. */
+void mc_engine_destroy(mc_engine_t *engine);
+
+/* External dispatch only: pops and delivers up to `max_events` queued items (0: all that are
+ * queued now) and flushes the sinks. Returns the number of events delivered. Call on the one
+ * dispatch thread. */
+size_t mc_engine_dispatch(mc_engine_t *engine, size_t max_events);
+
+/* Number of streams, and the i-th stream's name (borrowed, lives as long as the engine). */
+size_t mc_engine_stream_count(const mc_engine_t *engine);
+const char *mc_engine_stream_name(const mc_engine_t *engine, size_t i);
+
+/* Copies stream `name`'s status into *out. Returns 0 or MC_ENOTFOUND. Any thread. */
+int mc_engine_stream_status(mc_engine_t *engine, const char *name, mc_stream_status_t *out);
+
+/* True when every stream is MC_STREAM_OPEN (for /readyz). */
+bool mc_engine_ready(mc_engine_t *engine);
+
+/* True when every stream is FAILED or STOPPED (nothing left to run, e.g. `tail` can exit). */
+bool mc_engine_finished(mc_engine_t *engine);
+
+/* The sink instance named `name` (borrowed), or NULL. Valid after mc_engine_start(). */
+mc_sink_t *mc_engine_sink(mc_engine_t *engine, const char *name);
+
+/* The config the engine runs (borrowed; the built one for ad hoc engines). */
+const mc_config_t *mc_engine_config(const mc_engine_t *engine);
+
+/* Monotonic clock in milliseconds, the time base of drain deadlines. */
+int64_t mc_engine_now_ms(void);
+
+/*
+ * Splits a stream pipeline (a BSON array of stages) into the stages sent to MongoDB (those
+ * without any {$var: ...} value at any depth) and the stages the daemon evaluates per
+ * subscriber (those with one), each kept in its original relative order. `server_out` and
+ * `local_out` are initialised here (both as arrays; either may be empty) and must be
+ * destroyed by the caller with bson_destroy(), also on error. Returns 0 or MC_EINVAL (an
+ * element is not a document, or a stage has not exactly one key starting with '$').
+ */
+int mc_pipeline_split(const bson_t *pipeline, bson_t *server_out, bson_t *local_out,
+                      mc_error_t *err);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

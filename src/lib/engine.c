@@ -1,0 +1,1172 @@
+/*
+ * engine.c: mc_engine_t: builds streams and sinks from a config, runs the consumer
+ * (dispatch) and checkpoint threads, and owns the lifecycle.
+ *
+ * Threads: lifecycle functions run on the caller's thread; the consumer thread runs
+ * consumer_main() -> dispatch_items() (or the embedder's thread runs mc_engine_dispatch());
+ * the checkpoint thread runs checkpoint_main(); watcher threads run watcher.c.
+ *
+ * Invariants: the stream and sink tables are built before any thread starts and never
+ * change afterwards, so threads read them without locks. Events of one stream pass through
+ * the one FIFO queue and the one dispatch thread, so sinks see them in sequence order. The
+ * stored position only moves when checkpoint.c says everything before it is delivered.
+ * The loop-thread seam: dispatch_items() is the only code that calls publish/flush; the
+ * daemon's libuv loop can own it through opts.notify + mc_engine_dispatch().
+ */
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "engine_private.h"
+
+#define DISPATCH_BATCH 256
+#define EAGAIN_RETRY_MS 5
+
+/* ---- Pipeline split ------------------------------------------------------------------- */
+
+static bool contains_var(bson_iter_t *it, int depth)
+{
+    if (depth > 100) {
+        return true; /* absurdly deep: keep it local rather than recursing further */
+    }
+    while (bson_iter_next(it)) {
+        if (strcmp(bson_iter_key(it), "$var") == 0) {
+            return true;
+        }
+        if (BSON_ITER_HOLDS_DOCUMENT(it) || BSON_ITER_HOLDS_ARRAY(it)) {
+            bson_iter_t child;
+            if (bson_iter_recurse(it, &child) && contains_var(&child, depth + 1)) {
+                return true;
+            }
+        }
+    }
+    return false;
+}
+
+int mc_pipeline_split(const bson_t *pipeline, bson_t *server_out, bson_t *local_out,
+                      mc_error_t *err)
+{
+    bson_init(server_out);
+    bson_init(local_out);
+    if (!pipeline) {
+        return 0;
+    }
+    bson_iter_t it;
+    if (!bson_iter_init(&it, pipeline)) {
+        return mc_error_set(err, MC_EINVAL, MC_DOMAIN_MONGOCAST, MC_EINVAL,
+                            "pipeline is not valid BSON");
+    }
+    uint32_t ns = 0, nl = 0;
+    while (bson_iter_next(&it)) {
+        if (!BSON_ITER_HOLDS_DOCUMENT(&it)) {
+            return mc_error_set(err, MC_EINVAL, MC_DOMAIN_MONGOCAST, MC_EINVAL,
+                                "pipeline stage %s is not a document", bson_iter_key(&it));
+        }
+        const uint8_t *data;
+        uint32_t len;
+        bson_iter_document(&it, &len, &data);
+        bson_t stage;
+        if (!bson_init_static(&stage, data, len) || bson_count_keys(&stage) != 1) {
+            return mc_error_set(err, MC_EINVAL, MC_DOMAIN_MONGOCAST, MC_EINVAL,
+                                "pipeline stage %s must have exactly one key",
+                                bson_iter_key(&it));
+        }
+        bson_iter_t sit;
+        bson_iter_init(&sit, &stage);
+        bson_iter_next(&sit);
+        if (bson_iter_key(&sit)[0] != '$') {
+            return mc_error_set(err, MC_EINVAL, MC_DOMAIN_MONGOCAST, MC_EINVAL,
+                                "pipeline stage %s: '%s' is not a stage name (must start with "
+                                "$)",
+                                bson_iter_key(&it), bson_iter_key(&sit));
+        }
+        bson_iter_init(&sit, &stage);
+        bool local = contains_var(&sit, 0);
+        char key[16];
+        const char *k;
+        bson_uint32_to_string(local ? nl++ : ns++, &k, key, sizeof(key));
+        bson_append_document(local ? local_out : server_out, k, -1, &stage);
+    }
+    return 0;
+}
+
+/* ---- Streams and status ----------------------------------------------------------------- */
+
+const char *mc_stream_state_name(mc_stream_state_t state)
+{
+    switch (state) {
+    case MC_STREAM_IDLE: return "idle";
+    case MC_STREAM_OPENING: return "opening";
+    case MC_STREAM_OPEN: return "open";
+    case MC_STREAM_RETRYING: return "retrying";
+    case MC_STREAM_FAILED: return "failed";
+    case MC_STREAM_STOPPED: return "stopped";
+    default: return "unknown";
+    }
+}
+
+void mc__stream_set_state(mc__stream_t *s, mc_stream_state_t state, int server_code,
+                          const char *fmt, ...)
+{
+    char msg[sizeof(s->status.message)];
+    msg[0] = '\0';
+    if (fmt) {
+        va_list ap;
+        va_start(ap, fmt);
+        vsnprintf(msg, sizeof(msg), fmt, ap);
+        va_end(ap);
+    }
+    pthread_mutex_lock(&s->lock);
+    bool changed = s->status.state != state;
+    /* A failed stream stays failed (only a restart of the engine clears it). */
+    if (s->status.state == MC_STREAM_FAILED && state != MC_STREAM_FAILED) {
+        pthread_mutex_unlock(&s->lock);
+        return;
+    }
+    s->status.state = state;
+    if (fmt) {
+        bson_strncpy(s->status.message, msg, sizeof(s->status.message));
+    }
+    if (server_code) {
+        s->status.server_code = server_code;
+    }
+    pthread_mutex_unlock(&s->lock);
+    mc_engine_t *e = s->engine;
+    if (changed && e->opts.on_state) {
+        e->opts.on_state(e, s->cfg->name, state, msg, e->opts.on_state_userdata);
+    }
+}
+
+static mc__stream_t *find_stream(mc_engine_t *engine, const char *name)
+{
+    for (size_t i = 0; i < engine->n_streams; i++) {
+        if (strcmp(engine->streams[i].cfg->name, name) == 0) {
+            return &engine->streams[i];
+        }
+    }
+    return NULL;
+}
+
+size_t mc_engine_stream_count(const mc_engine_t *engine)
+{
+    return engine->n_streams;
+}
+
+const char *mc_engine_stream_name(const mc_engine_t *engine, size_t i)
+{
+    return i < engine->n_streams ? engine->streams[i].cfg->name : NULL;
+}
+
+int mc_engine_stream_status(mc_engine_t *engine, const char *name, mc_stream_status_t *out)
+{
+    mc__stream_t *s = name ? find_stream(engine, name) : NULL;
+    if (!s) {
+        return MC_ENOTFOUND;
+    }
+    pthread_mutex_lock(&s->lock);
+    *out = s->status;
+    pthread_mutex_unlock(&s->lock);
+    mc__position_t pos = {0};
+    mc__checkpoint_stable(s->checkpoint, &pos);
+    out->stored_seq = pos.seq;
+    if (pos.token) {
+        out->has_position = true;
+    }
+    mc__position_clear(&pos);
+    return 0;
+}
+
+static mc_stream_state_t stream_state(mc__stream_t *s)
+{
+    pthread_mutex_lock(&s->lock);
+    mc_stream_state_t st = s->status.state;
+    pthread_mutex_unlock(&s->lock);
+    return st;
+}
+
+bool mc_engine_ready(mc_engine_t *engine)
+{
+    for (size_t i = 0; i < engine->n_streams; i++) {
+        if (stream_state(&engine->streams[i]) != MC_STREAM_OPEN) {
+            return false;
+        }
+    }
+    return engine->n_streams > 0;
+}
+
+bool mc_engine_finished(mc_engine_t *engine)
+{
+    for (size_t i = 0; i < engine->n_streams; i++) {
+        mc_stream_state_t st = stream_state(&engine->streams[i]);
+        if (st != MC_STREAM_FAILED && st != MC_STREAM_STOPPED) {
+            return false;
+        }
+    }
+    return true;
+}
+
+mc_sink_t *mc_engine_sink(mc_engine_t *engine, const char *name)
+{
+    for (size_t i = 0; i < engine->n_sinks; i++) {
+        if (strcmp(engine->sinks[i]->name, name) == 0) {
+            return engine->sinks[i];
+        }
+    }
+    return NULL;
+}
+
+const mc_config_t *mc_engine_config(const mc_engine_t *engine)
+{
+    return engine->config;
+}
+
+bool mc__engine_sleep(mc_engine_t *engine, int64_t ms)
+{
+    struct timespec deadline;
+    clock_gettime(CLOCK_MONOTONIC, &deadline);
+    deadline.tv_sec += ms / 1000;
+    deadline.tv_nsec += (ms % 1000) * 1000000L;
+    if (deadline.tv_nsec >= 1000000000L) {
+        deadline.tv_sec++;
+        deadline.tv_nsec -= 1000000000L;
+    }
+    pthread_mutex_lock(&engine->stop_lock);
+    while (!atomic_load(&engine->stopping)) {
+        if (pthread_cond_timedwait(&engine->stop_cond, &engine->stop_lock, &deadline) ==
+            ETIMEDOUT) {
+            break;
+        }
+    }
+    pthread_mutex_unlock(&engine->stop_lock);
+    return atomic_load(&engine->stopping);
+}
+
+/* ---- Construction ------------------------------------------------------------------------ */
+
+static bool valid_type_name(const char *name)
+{
+    if (!name || !*name || strlen(name) > 64) {
+        return false;
+    }
+    for (const char *p = name; *p; p++) {
+        if (!((*p >= 'a' && *p <= 'z') || (*p >= '0' && *p <= '9') || *p == '_' || *p == '.' ||
+              *p == '-')) {
+            return false;
+        }
+    }
+    return true;
+}
+
+static const mc_sink_type_t *find_type(const mc_engine_t *engine, const char *name)
+{
+    for (size_t i = 0; i < engine->n_types; i++) {
+        if (strcmp(engine->types[i]->name, name) == 0) {
+            return engine->types[i];
+        }
+    }
+    return NULL;
+}
+
+int mc_engine_register_sink_type(mc_engine_t *engine, const mc_sink_type_t *type,
+                                 mc_error_t *err)
+{
+    if (!engine || !type) {
+        return mc_error_set(err, MC_EINVAL, MC_DOMAIN_MONGOCAST, MC_EINVAL,
+                            "engine and type are required");
+    }
+    if (engine->state != MC__ENGINE_NEW) {
+        return mc_error_set(err, MC_EINVAL, MC_DOMAIN_MONGOCAST, MC_EINVAL,
+                            "sink types must be registered before mc_engine_start()");
+    }
+    if (type->abi_version != MC_SINK_ABI_VERSION || !type->init || !type->publish ||
+        !valid_type_name(type->name)) {
+        return mc_error_set(err, MC_EINVAL, MC_DOMAIN_MONGOCAST, MC_EINVAL,
+                            "sink type '%s' is invalid (abi_version %u, expected %u; init and "
+                            "publish are required; name must match [a-z0-9_.-]{1,64})",
+                            type->name ? type->name : "(null)", type->abi_version,
+                            MC_SINK_ABI_VERSION);
+    }
+    if (find_type(engine, type->name)) {
+        return mc_error_set(err, MC_ECONFIG, MC_DOMAIN_MONGOCAST, MC_ECONFIG,
+                            "sink type '%s' is already registered", type->name);
+    }
+    if (engine->n_types >= MC__MAX_SINK_TYPES) {
+        return mc_error_set(err, MC_ELIMIT, MC_DOMAIN_MONGOCAST, MC_ELIMIT,
+                            "too many sink types (max %d)", MC__MAX_SINK_TYPES);
+    }
+    engine->types[engine->n_types++] = type;
+    return 0;
+}
+
+static void sink_free(mc_sink_t *sink)
+{
+    if (!sink) {
+        return;
+    }
+    if (sink->type && sink->type->destroy && sink->ctx) {
+        sink->type->destroy(sink);
+    }
+    free(sink->ctx);
+    bson_free(sink->name);
+    bson_destroy(sink->options);
+    free(sink->takes_stream);
+    free(sink->bit);
+    free(sink);
+}
+
+static mc_sink_t *sink_alloc(mc_engine_t *engine, const char *name, const bson_t *options)
+{
+    mc_sink_t *sink = calloc(1, sizeof(*sink));
+    if (!sink) {
+        return NULL;
+    }
+    sink->engine = engine;
+    sink->name = bson_strdup(name);
+    sink->options = options ? bson_copy(options) : bson_new();
+    sink->takes_stream = calloc(engine->n_streams ? engine->n_streams : 1, sizeof(bool));
+    sink->bit = calloc(engine->n_streams ? engine->n_streams : 1, sizeof(int));
+    if (!sink->options || !sink->takes_stream || !sink->bit) {
+        sink_free(sink);
+        return NULL;
+    }
+    for (size_t i = 0; i < engine->n_streams; i++) {
+        sink->bit[i] = -1;
+    }
+    return sink;
+}
+
+static int append_sink(mc_engine_t *engine, mc_sink_t *sink)
+{
+    mc_sink_t **sinks = realloc(engine->sinks, (engine->n_sinks + 1) * sizeof(*sinks));
+    if (!sinks) {
+        return MC_ENOMEM;
+    }
+    engine->sinks = sinks;
+    engine->sinks[engine->n_sinks++] = sink;
+    return 0;
+}
+
+/* Binds a sink to the named streams (all when n == 0). Returns the index of an unknown
+ * stream name, or -1 when all were found. */
+static int bind_streams(mc_engine_t *engine, mc_sink_t *sink, char *const *names, size_t n)
+{
+    if (n == 0) {
+        for (size_t i = 0; i < engine->n_streams; i++) {
+            sink->takes_stream[i] = true;
+        }
+        return -1;
+    }
+    for (size_t k = 0; k < n; k++) {
+        mc__stream_t *s = names[k] ? find_stream(engine, names[k]) : NULL;
+        if (!s) {
+            return (int)k;
+        }
+        sink->takes_stream[s->index] = true;
+    }
+    return -1;
+}
+
+static const char *config_name(const mc_config_t *config)
+{
+    return config->path ? config->path : "config";
+}
+
+static void engine_free(mc_engine_t *engine);
+
+mc_engine_t *mc_engine_new(const mc_config_t *config, const mc_engine_opts_t *opts,
+                           mc_error_t *err)
+{
+    if (!config) {
+        mc_error_set(err, MC_EINVAL, MC_DOMAIN_MONGOCAST, MC_EINVAL, "config is required");
+        return NULL;
+    }
+    if (!config->mongodb_uri) {
+        mc_error_set(err, MC_ECONFIG, MC_DOMAIN_MONGOCAST, MC_ECONFIG,
+                     "%s: mongodb.uri is required", config_name(config));
+        return NULL;
+    }
+    if (config->n_streams == 0) {
+        mc_error_set(err, MC_ECONFIG, MC_DOMAIN_MONGOCAST, MC_ECONFIG,
+                     "%s: no streams configured", config_name(config));
+        return NULL;
+    }
+    mc_engine_t *engine = calloc(1, sizeof(*engine));
+    if (!engine) {
+        mc_error_set(err, MC_ENOMEM, MC_DOMAIN_MONGOCAST, MC_ENOMEM, "out of memory");
+        return NULL;
+    }
+    engine->config = config;
+    if (opts) {
+        engine->opts = *opts;
+    }
+    mc_engine_opts_t *o = &engine->opts;
+    if (!o->queue_capacity) {
+        o->queue_capacity = 4096;
+    }
+    if (!o->max_unacked) {
+        o->max_unacked = 10000;
+    }
+    if (!o->backoff_initial_ms) {
+        o->backoff_initial_ms = 200;
+    }
+    if (!o->backoff_max_ms) {
+        o->backoff_max_ms = 30000;
+    }
+    if (!o->drain_timeout_ms) {
+        o->drain_timeout_ms = 10000;
+    }
+    atomic_init(&engine->stopping, false);
+    atomic_init(&engine->checkpoint_quit, false);
+    atomic_init(&engine->stop_started_ms, 0);
+    pthread_mutex_init(&engine->stop_lock, NULL);
+    pthread_mutex_init(&engine->cp_lock, NULL);
+    pthread_condattr_t ca;
+    pthread_condattr_init(&ca);
+    pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+    pthread_cond_init(&engine->stop_cond, &ca);
+    pthread_cond_init(&engine->cp_cond, &ca);
+    pthread_condattr_destroy(&ca);
+    engine->types[engine->n_types++] = &mc__sink_stdout_type;
+    engine->types[engine->n_types++] = &mc__sink_memory_type;
+
+    bson_error_t berr;
+    engine->uri = mongoc_uri_new_with_error(config->mongodb_uri, &berr);
+    if (!engine->uri) {
+        mc_error_set(err, MC_ECONFIG, MC_DOMAIN_BSON, (int)berr.code,
+                     "%s: mongodb.uri is invalid: %s", config_name(config), berr.message);
+        goto fail;
+    }
+
+    engine->streams = calloc(config->n_streams, sizeof(mc__stream_t));
+    if (!engine->streams) {
+        mc_error_set(err, MC_ENOMEM, MC_DOMAIN_MONGOCAST, MC_ENOMEM, "out of memory");
+        goto fail;
+    }
+    for (size_t i = 0; i < config->n_streams; i++) {
+        mc__stream_t *s = &engine->streams[i];
+        const mc_stream_config_t *sc = &config->streams[i];
+        s->engine = engine;
+        s->index = (int)i;
+        s->cfg = sc;
+        s->next_seq = 1;
+        bson_init(&s->server_pipeline);
+        pthread_mutex_init(&s->lock, NULL);
+        engine->n_streams = i + 1; /* from here on engine_free() cleans this stream up */
+        if (!sc->name || !*sc->name) {
+            mc_error_set(err, MC_ECONFIG, MC_DOMAIN_MONGOCAST, MC_ECONFIG,
+                         "%s:%d:%d: stream without a name", config_name(config), sc->pos.line,
+                         sc->pos.col);
+            goto fail;
+        }
+        if (sc->collection && !sc->db) {
+            mc_error_set(err, MC_ECONFIG, MC_DOMAIN_MONGOCAST, MC_ECONFIG,
+                         "%s:%d:%d: stream %s: collection needs db", config_name(config),
+                         sc->pos.line, sc->pos.col, sc->name);
+            goto fail;
+        }
+        bson_t local;
+        mc_error_t perr;
+        bson_destroy(&s->server_pipeline);
+        if (mc_pipeline_split(sc->pipeline, &s->server_pipeline, &local, &perr) != 0) {
+            bson_destroy(&local);
+            mc_error_set(err, MC_ECONFIG, MC_DOMAIN_MONGOCAST, MC_ECONFIG, "%s:%d:%d: stream %s: %s",
+                         config_name(config), sc->pos.line, sc->pos.col, sc->name,
+                         perr.message);
+            goto fail;
+        }
+        bson_destroy(&local);
+        for (size_t j = 0; j < i; j++) {
+            if (strcmp(engine->streams[j].cfg->name, sc->name) == 0) {
+                mc_error_set(err, MC_ECONFIG, MC_DOMAIN_MONGOCAST, MC_ECONFIG,
+                             "%s:%d:%d: duplicate stream name %s", config_name(config),
+                             sc->pos.line, sc->pos.col, sc->name);
+                goto fail;
+            }
+        }
+        s->checkpoint = mc__checkpoint_new(o->max_unacked);
+        if (!s->checkpoint) {
+            mc_error_set(err, MC_ENOMEM, MC_DOMAIN_MONGOCAST, MC_ENOMEM, "out of memory");
+            goto fail;
+        }
+        bson_strncpy(s->status.name, sc->name, sizeof(s->status.name));
+        s->status.state = MC_STREAM_IDLE;
+    }
+
+    for (size_t i = 0; i < config->n_sinks; i++) {
+        const mc_sink_config_t *kc = &config->sinks[i];
+        if (!kc->name || !kc->type) {
+            mc_error_set(err, MC_ECONFIG, MC_DOMAIN_MONGOCAST, MC_ECONFIG,
+                         "%s:%d:%d: sink needs a name and a type", config_name(config),
+                         kc->pos.line, kc->pos.col);
+            goto fail;
+        }
+        if (mc_engine_sink(engine, kc->name)) {
+            mc_error_set(err, MC_ECONFIG, MC_DOMAIN_MONGOCAST, MC_ECONFIG,
+                         "%s:%d:%d: duplicate sink name %s", config_name(config), kc->pos.line,
+                         kc->pos.col, kc->name);
+            goto fail;
+        }
+        mc_sink_t *sink = sink_alloc(engine, kc->name, kc->options);
+        if (!sink || append_sink(engine, sink) != 0) {
+            sink_free(sink);
+            mc_error_set(err, MC_ENOMEM, MC_DOMAIN_MONGOCAST, MC_ENOMEM, "out of memory");
+            goto fail;
+        }
+        sink->cfg = kc;
+        int bad = bind_streams(engine, sink, kc->streams, kc->n_streams);
+        if (bad >= 0) {
+            mc_error_set(err, MC_ECONFIG, MC_DOMAIN_MONGOCAST, MC_ECONFIG,
+                         "%s:%d:%d: sink %s: unknown stream '%s'", config_name(config),
+                         kc->pos.line, kc->pos.col, kc->name, kc->streams[bad]);
+            goto fail;
+        }
+    }
+    return engine;
+fail:
+    engine_free(engine);
+    return NULL;
+}
+
+int mc_engine_add_sink(mc_engine_t *engine, const mc_sink_type_t *type, const char *name,
+                       const char *const *streams, size_t n_streams, const bson_t *options,
+                       void *userdata, mc_error_t *err)
+{
+    if (!engine || !type || !name || !*name || (n_streams && !streams)) {
+        return mc_error_set(err, MC_EINVAL, MC_DOMAIN_MONGOCAST, MC_EINVAL,
+                            "engine, type and name are required");
+    }
+    if (engine->state != MC__ENGINE_NEW) {
+        return mc_error_set(err, MC_EINVAL, MC_DOMAIN_MONGOCAST, MC_EINVAL,
+                            "sinks must be added before mc_engine_start()");
+    }
+    if (type->abi_version != MC_SINK_ABI_VERSION || !type->init || !type->publish) {
+        return mc_error_set(err, MC_EINVAL, MC_DOMAIN_MONGOCAST, MC_EINVAL,
+                            "sink type '%s' is invalid", type->name ? type->name : "(null)");
+    }
+    if (mc_engine_sink(engine, name)) {
+        return mc_error_set(err, MC_ECONFIG, MC_DOMAIN_MONGOCAST, MC_ECONFIG,
+                            "duplicate sink name %s", name);
+    }
+    for (size_t k = 0; k < n_streams; k++) {
+        if (!streams[k] || !find_stream(engine, streams[k])) {
+            return mc_error_set(err, MC_ENOTFOUND, MC_DOMAIN_MONGOCAST, MC_ENOTFOUND,
+                                "sink %s: unknown stream '%s'", name,
+                                streams[k] ? streams[k] : "(null)");
+        }
+    }
+    mc_sink_t *sink = sink_alloc(engine, name, options);
+    if (!sink) {
+        return mc_error_set(err, MC_ENOMEM, MC_DOMAIN_MONGOCAST, MC_ENOMEM, "out of memory");
+    }
+    sink->type = type;
+    sink->userdata = userdata;
+    bind_streams(engine, sink, (char *const *)streams, n_streams);
+    if (append_sink(engine, sink) != 0) {
+        sink_free(sink);
+        return mc_error_set(err, MC_ENOMEM, MC_DOMAIN_MONGOCAST, MC_ENOMEM, "out of memory");
+    }
+    return 0;
+}
+
+/* ---- Dispatch (consumer thread or the embedder's loop thread) -------------------------- */
+
+void mc__item_free(void *p)
+{
+    mc__item_t *item = p;
+    if (!item) {
+        return;
+    }
+    mc_event_unref(&item->ev);
+    if (item->token) {
+        bson_destroy(item->token);
+    }
+    free(item);
+}
+
+static bool give_up_retrying(mc_engine_t *engine)
+{
+    if (!atomic_load(&engine->stopping)) {
+        return false;
+    }
+    int64_t started = atomic_load(&engine->stop_started_ms);
+    return started && mc__now_ms() - started > (int64_t)engine->opts.drain_timeout_ms;
+}
+
+static void dispatch_event(mc_engine_t *engine, mc__stream_t *s, mc_event_t *ev)
+{
+    static _Thread_local mc_log_ratelimit_t rl = MC_LOG_RATELIMIT_INIT(5000);
+    uint64_t seq = mc_event_seq(ev);
+    uint32_t t = 0, i = 0;
+    mc_event_cluster_time(ev, &t, &i);
+    int rc = mc__checkpoint_add(s->checkpoint, seq, mc_event_resume_token(ev),
+                                mc_event_kind(ev) == MC_EVENT_INVALIDATE, t, i, s->durable_mask);
+    if (rc != 0) {
+        /* Only a bug can get here (sequence gap); keep delivering, the position just stops
+         * advancing for this stream, which errs on the side of redelivery. */
+        mc_log(MC_LOG_ERROR, "engine", "checkpoint rejected event stream=%s seq=%" PRIu64,
+               s->cfg->name, seq);
+    }
+    for (size_t k = 0; k < s->n_sinks; k++) {
+        mc_sink_t *sink = s->sinks[k];
+        int prc = sink->type->publish(sink, ev);
+        while (prc == MC_EAGAIN && !give_up_retrying(engine)) {
+            struct timespec ts = {0, EAGAIN_RETRY_MS * 1000000L};
+            nanosleep(&ts, NULL);
+            prc = sink->type->publish(sink, ev);
+        }
+        int bit = sink->bit[s->index];
+        if (prc == MC_SINK_SKIP && bit >= 0) {
+            mc__checkpoint_ack(s->checkpoint, seq, bit);
+        } else if (prc < 0) {
+            sink->publish_errors++;
+            mc_log_ratelimited(&rl, MC_LOG_WARN, "engine",
+                               "publish failed sink=%s stream=%s seq=%" PRIu64 " error=%s",
+                               sink->name, s->cfg->name, seq, mc_strerror(prc));
+        }
+    }
+    mc__checkpoint_published(s->checkpoint, seq);
+}
+
+static size_t dispatch_items(mc_engine_t *engine, void **items, size_t n)
+{
+    size_t events = 0;
+    for (size_t k = 0; k < n; k++) {
+        mc__item_t *item = items[k];
+        mc__stream_t *s = &engine->streams[item->stream_index];
+        if (item->type == MC__ITEM_EVENT) {
+            dispatch_event(engine, s, item->ev);
+            events++;
+        } else {
+            mc__checkpoint_position(s->checkpoint, item->token, item->invalidate, item->ct_t,
+                                    item->ct_i);
+        }
+        mc__item_free(item);
+    }
+    if (n > 0) {
+        for (size_t k = 0; k < engine->n_sinks; k++) {
+            mc_sink_t *sink = engine->sinks[k];
+            if (sink->started && sink->type->flush) {
+                sink->type->flush(sink);
+            }
+        }
+    }
+    return events;
+}
+
+size_t mc_engine_dispatch(mc_engine_t *engine, size_t max_events)
+{
+    void *items[DISPATCH_BATCH];
+    size_t total = 0;
+    size_t budget = max_events ? max_events : mc__queue_capacity(engine->queue);
+    while (total < budget) {
+        size_t want = budget - total < DISPATCH_BATCH ? budget - total : DISPATCH_BATCH;
+        size_t n = mc__queue_pop(engine->queue, items, want, 0, NULL);
+        if (n == 0) {
+            break;
+        }
+        dispatch_items(engine, items, n);
+        total += n;
+    }
+    return total;
+}
+
+static void *consumer_main(void *arg)
+{
+    mc_engine_t *engine = arg;
+    void *items[DISPATCH_BATCH];
+    for (;;) {
+        bool closed = false;
+        size_t n = mc__queue_pop(engine->queue, items, DISPATCH_BATCH, -1, &closed);
+        if (n == 0 && closed) {
+            break;
+        }
+        dispatch_items(engine, items, n);
+    }
+    return NULL;
+}
+
+/* ---- Checkpoint thread ----------------------------------------------------------------- */
+
+static int write_positions(mc_engine_t *engine)
+{
+    static _Thread_local mc_log_ratelimit_t rl = MC_LOG_RATELIMIT_INIT(10000);
+    int result = 0;
+    for (size_t i = 0; i < engine->n_streams; i++) {
+        mc__stream_t *s = &engine->streams[i];
+        mc__position_t pos = {0};
+        if (!mc__checkpoint_take_dirty(s->checkpoint, &pos)) {
+            continue;
+        }
+        mc_error_t err = {0};
+        if (mc__token_store_save(engine->store, s->cfg->name, &pos, &err) != 0) {
+            mc__checkpoint_set_dirty(s->checkpoint);
+            mc_log_ratelimited(&rl, MC_LOG_WARN, "checkpoint",
+                               "write failed stream=%s: %s", s->cfg->name, err.message);
+            result = MC_EIO;
+        } else {
+            mc_log(MC_LOG_DEBUG, "checkpoint", "stored stream=%s seq=%" PRIu64, s->cfg->name,
+                   pos.seq);
+        }
+        mc__position_clear(&pos);
+    }
+    return result;
+}
+
+static void *checkpoint_main(void *arg)
+{
+    mc_engine_t *engine = arg;
+    uint32_t interval = engine->config->checkpoint.interval_ms;
+    if (interval == 0) {
+        interval = 1000;
+    }
+    while (!atomic_load(&engine->checkpoint_quit)) {
+        struct timespec deadline;
+        clock_gettime(CLOCK_MONOTONIC, &deadline);
+        deadline.tv_sec += interval / 1000;
+        deadline.tv_nsec += (long)(interval % 1000) * 1000000L;
+        if (deadline.tv_nsec >= 1000000000L) {
+            deadline.tv_sec++;
+            deadline.tv_nsec -= 1000000000L;
+        }
+        pthread_mutex_lock(&engine->cp_lock);
+        while (!atomic_load(&engine->checkpoint_quit)) {
+            if (pthread_cond_timedwait(&engine->cp_cond, &engine->cp_lock, &deadline) ==
+                ETIMEDOUT) {
+                break;
+            }
+        }
+        pthread_mutex_unlock(&engine->cp_lock);
+        if (atomic_load(&engine->checkpoint_quit)) {
+            break; /* the final write happens in mc_engine_stop(), after draining */
+        }
+        write_positions(engine);
+    }
+    return NULL;
+}
+
+/* ---- Start / stop / destroy -------------------------------------------------------------- */
+
+static void queue_notify(void *userdata)
+{
+    mc_engine_t *engine = userdata;
+    engine->opts.notify(engine, engine->opts.notify_userdata);
+}
+
+static int resolve_and_init_sinks(mc_engine_t *engine, mc_error_t *err)
+{
+    const mc_config_t *config = engine->config;
+    for (size_t k = 0; k < engine->n_sinks; k++) {
+        mc_sink_t *sink = engine->sinks[k];
+        if (!sink->type) {
+            sink->type = find_type(engine, sink->cfg->type);
+            if (!sink->type) {
+                return mc_error_set(err, MC_ECONFIG, MC_DOMAIN_MONGOCAST, MC_ECONFIG,
+                                    "%s:%d:%d: sink %s: unknown sink type '%s'",
+                                    config_name(config), sink->cfg->pos.line,
+                                    sink->cfg->pos.col, sink->name, sink->cfg->type);
+            }
+        }
+    }
+    /* Per-stream sink lists and durable bits, before any init so a failing init leaves
+     * consistent tables for engine_free(). */
+    for (size_t i = 0; i < engine->n_streams; i++) {
+        mc__stream_t *s = &engine->streams[i];
+        size_t n = 0;
+        for (size_t k = 0; k < engine->n_sinks; k++) {
+            n += engine->sinks[k]->takes_stream[i];
+        }
+        if (n > MC__MAX_SINKS_PER_STREAM) {
+            return mc_error_set(err, MC_ECONFIG, MC_DOMAIN_MONGOCAST, MC_ECONFIG,
+                                "stream %s has %zu sinks (max %d)", s->cfg->name, n,
+                                MC__MAX_SINKS_PER_STREAM);
+        }
+        s->sinks = calloc(n ? n : 1, sizeof(mc_sink_t *));
+        if (!s->sinks) {
+            return mc_error_set(err, MC_ENOMEM, MC_DOMAIN_MONGOCAST, MC_ENOMEM, "out of memory");
+        }
+        int bit = 0;
+        for (size_t k = 0; k < engine->n_sinks; k++) {
+            mc_sink_t *sink = engine->sinks[k];
+            if (!sink->takes_stream[i]) {
+                continue;
+            }
+            s->sinks[s->n_sinks++] = sink;
+            if (sink->type->flags & MC_SINK_DURABLE) {
+                sink->bit[i] = bit;
+                s->durable_mask |= (uint64_t)1 << bit;
+                bit++;
+            }
+        }
+        if (s->n_sinks == 0) {
+            mc_log(MC_LOG_WARN, "engine", "stream has no sinks stream=%s", s->cfg->name);
+        }
+    }
+    for (size_t k = 0; k < engine->n_sinks; k++) {
+        mc_sink_t *sink = engine->sinks[k];
+        if (sink->type->ctx_size) {
+            sink->ctx = calloc(1, sink->type->ctx_size);
+            if (!sink->ctx) {
+                return mc_error_set(err, MC_ENOMEM, MC_DOMAIN_MONGOCAST, MC_ENOMEM,
+                                    "out of memory");
+            }
+        }
+        mc_error_t serr = {0};
+        int rc = sink->type->init(sink, sink->options, &serr);
+        if (rc != 0) {
+            if (sink->cfg) {
+                return mc_error_set(err, rc, MC_DOMAIN_MONGOCAST, rc, "%s:%d:%d: sink %s: %s",
+                                    config_name(config), sink->cfg->pos.line,
+                                    sink->cfg->pos.col, sink->name, serr.message);
+            }
+            return mc_error_set(err, rc, MC_DOMAIN_MONGOCAST, rc, "sink %s: %s", sink->name,
+                                serr.message);
+        }
+        sink->initialised = true;
+    }
+    return 0;
+}
+
+static void join_watchers(mc_engine_t *engine)
+{
+    for (size_t i = 0; i < engine->n_streams; i++) {
+        mc__stream_t *s = &engine->streams[i];
+        if (s->thread_started) {
+            pthread_join(s->thread, NULL);
+            s->thread_started = false;
+        }
+    }
+}
+
+static void signal_stop(mc_engine_t *engine)
+{
+    atomic_store(&engine->stop_started_ms, mc__now_ms());
+    pthread_mutex_lock(&engine->stop_lock);
+    atomic_store(&engine->stopping, true);
+    pthread_cond_broadcast(&engine->stop_cond);
+    pthread_mutex_unlock(&engine->stop_lock);
+    for (size_t i = 0; i < engine->n_streams; i++) {
+        mc__checkpoint_close(engine->streams[i].checkpoint);
+    }
+}
+
+static void stop_checkpointer(mc_engine_t *engine)
+{
+    if (!engine->checkpointer_started) {
+        return;
+    }
+    pthread_mutex_lock(&engine->cp_lock);
+    atomic_store(&engine->checkpoint_quit, true);
+    pthread_cond_broadcast(&engine->cp_cond);
+    pthread_mutex_unlock(&engine->cp_lock);
+    pthread_join(engine->checkpointer, NULL);
+    engine->checkpointer_started = false;
+}
+
+int mc_engine_start(mc_engine_t *engine, mc_error_t *err)
+{
+    if (!engine || engine->state != MC__ENGINE_NEW) {
+        return mc_error_set(err, MC_EINVAL, MC_DOMAIN_MONGOCAST, MC_EINVAL,
+                            "mc_engine_start: engine was already started");
+    }
+    const mc_config_t *config = engine->config;
+    int rc = resolve_and_init_sinks(engine, err);
+    if (rc != 0) {
+        goto fail;
+    }
+    /* Without an explicit serverSelectionTimeoutMS a watcher could sit 30 s in server
+     * selection while the engine is asked to stop; 5 s keeps shutdown prompt. */
+    if (!mongoc_uri_has_option(engine->uri, MONGOC_URI_SERVERSELECTIONTIMEOUTMS)) {
+        mongoc_uri_set_option_as_int32(engine->uri, MONGOC_URI_SERVERSELECTIONTIMEOUTMS, 5000);
+    }
+    bson_error_t berr;
+    engine->pool = mongoc_client_pool_new_with_error(engine->uri, &berr);
+    if (!engine->pool) {
+        rc = mc_error_set(err, MC_ECONFIG, MC_DOMAIN_BSON, (int)berr.code,
+                          "mongodb.uri: %s", berr.message);
+        goto fail;
+    }
+    mongoc_client_pool_set_error_api(engine->pool, MONGOC_ERROR_API_VERSION_2);
+    mongoc_client_pool_set_appname(engine->pool,
+                                   engine->opts.app_name ? engine->opts.app_name : "mongocast");
+    /* One client per watcher plus the token store and a little slack: a pool that is too
+     * small would make a watcher block in pop() forever. */
+    mongoc_client_pool_max_size(engine->pool, (uint32_t)engine->n_streams + 4);
+
+    if (!engine->opts.no_checkpoint) {
+        if (config->checkpoint.store == MC_CHECKPOINT_MONGODB) {
+            engine->store = mc__token_store_mongo_new(engine->pool, config->checkpoint.db,
+                                                      config->checkpoint.collection, err);
+        } else {
+            engine->store = mc__token_store_file_new(config->checkpoint.path, err);
+        }
+        if (!engine->store) {
+            rc = err ? err->code : MC_EIO;
+            goto fail;
+        }
+    }
+    for (size_t k = 0; k < engine->n_sinks; k++) {
+        mc_sink_t *sink = engine->sinks[k];
+        if (sink->type->start) {
+            mc_error_t serr = {0};
+            rc = sink->type->start(sink, &serr);
+            if (rc != 0) {
+                mc_error_set(err, rc, MC_DOMAIN_MONGOCAST, rc, "sink %s: %s", sink->name,
+                             serr.message);
+                goto fail;
+            }
+        }
+        sink->started = true;
+    }
+    engine->queue = mc__queue_new(engine->opts.queue_capacity);
+    if (!engine->queue) {
+        rc = mc_error_set(err, MC_ENOMEM, MC_DOMAIN_MONGOCAST, MC_ENOMEM, "out of memory");
+        goto fail;
+    }
+    if (engine->opts.notify) {
+        mc__queue_set_notify(engine->queue, queue_notify, engine);
+    }
+    engine->state = MC__ENGINE_RUNNING;
+    if (!engine->opts.no_checkpoint) {
+        if (pthread_create(&engine->checkpointer, NULL, checkpoint_main, engine) != 0) {
+            rc = mc_error_set(err, MC_ENOMEM, MC_DOMAIN_ERRNO, errno, "cannot start thread");
+            goto fail_running;
+        }
+        engine->checkpointer_started = true;
+    }
+    if (!engine->opts.notify) {
+        if (pthread_create(&engine->consumer, NULL, consumer_main, engine) != 0) {
+            rc = mc_error_set(err, MC_ENOMEM, MC_DOMAIN_ERRNO, errno, "cannot start thread");
+            goto fail_running;
+        }
+        engine->consumer_started = true;
+    }
+    for (size_t i = 0; i < engine->n_streams; i++) {
+        mc__stream_t *s = &engine->streams[i];
+        mc__stream_set_state(s, MC_STREAM_OPENING, 0, "opening");
+        if (pthread_create(&s->thread, NULL, mc__watcher_main, s) != 0) {
+            rc = mc_error_set(err, MC_ENOMEM, MC_DOMAIN_ERRNO, errno, "cannot start thread");
+            goto fail_running;
+        }
+        s->thread_started = true;
+    }
+    mc_log(MC_LOG_INFO, "engine", "started streams=%zu sinks=%zu", engine->n_streams,
+           engine->n_sinks);
+    return 0;
+
+fail_running:
+    signal_stop(engine);
+    join_watchers(engine);
+    mc__queue_close(engine->queue);
+    if (engine->consumer_started) {
+        pthread_join(engine->consumer, NULL);
+        engine->consumer_started = false;
+    }
+    stop_checkpointer(engine);
+fail:
+    engine->state = MC__ENGINE_FAILED;
+    return rc ? rc : MC_EINVAL;
+}
+
+int mc_engine_stop(mc_engine_t *engine, mc_error_t *err)
+{
+    if (!engine || engine->state != MC__ENGINE_RUNNING) {
+        return 0;
+    }
+    int result = 0;
+    signal_stop(engine);
+    join_watchers(engine);
+    mc__queue_close(engine->queue);
+    if (engine->consumer_started) {
+        pthread_join(engine->consumer, NULL);
+        engine->consumer_started = false;
+    } else {
+        while (mc_engine_dispatch(engine, 0) > 0) {
+        }
+    }
+    int64_t deadline = mc__now_ms() + engine->opts.drain_timeout_ms;
+    for (size_t k = 0; k < engine->n_sinks; k++) {
+        mc_sink_t *sink = engine->sinks[k];
+        if (sink->started && sink->type->drain && sink->type->drain(sink, deadline) != 0) {
+            mc_log(MC_LOG_WARN, "engine", "sink did not drain in time sink=%s", sink->name);
+            result = MC_EAGAIN;
+        }
+    }
+    for (size_t i = 0; i < engine->n_streams; i++) {
+        mc__stream_t *s = &engine->streams[i];
+        int64_t left = deadline - mc__now_ms();
+        if (mc__checkpoint_wait_idle(s->checkpoint, left > 0 ? left : 0) != 0) {
+            mc_log(MC_LOG_WARN, "engine",
+                   "stream stops with unacknowledged events stream=%s pending=%u "
+                   "(they will be redelivered after restart)",
+                   s->cfg->name, mc__checkpoint_pending(s->checkpoint));
+            result = MC_EAGAIN;
+        }
+    }
+    stop_checkpointer(engine);
+    if (engine->store && write_positions(engine) != 0) {
+        result = MC_EIO;
+    }
+    for (size_t i = 0; i < engine->n_streams; i++) {
+        mc__stream_set_state(&engine->streams[i], MC_STREAM_STOPPED, 0, NULL);
+    }
+    engine->state = MC__ENGINE_STOPPED;
+    if (result == MC_EAGAIN) {
+        mc_error_set(err, MC_EAGAIN, MC_DOMAIN_MONGOCAST, MC_EAGAIN,
+                     "some sinks did not drain; positions stored up to the last ack");
+    } else if (result == MC_EIO) {
+        mc_error_set(err, MC_EIO, MC_DOMAIN_MONGOCAST, MC_EIO, "final checkpoint write failed");
+    }
+    mc_log(MC_LOG_INFO, "engine", "stopped");
+    return result;
+}
+
+static void free_owned_config(mc_config_t *c);
+
+static void engine_free(mc_engine_t *engine)
+{
+    for (size_t k = 0; k < engine->n_sinks; k++) {
+        sink_free(engine->sinks[k]);
+    }
+    free(engine->sinks);
+    for (size_t i = 0; i < engine->n_streams; i++) {
+        mc__stream_t *s = &engine->streams[i];
+        bson_destroy(&s->server_pipeline);
+        mc__checkpoint_destroy(s->checkpoint);
+        free(s->sinks);
+        if (s->start_token) {
+            bson_destroy(s->start_token);
+        }
+        pthread_mutex_destroy(&s->lock);
+    }
+    free(engine->streams);
+    mc__queue_destroy(engine->queue, mc__item_free);
+    mc__token_store_destroy(engine->store);
+    if (engine->pool) {
+        mongoc_client_pool_destroy(engine->pool);
+    }
+    mongoc_uri_destroy(engine->uri);
+    pthread_cond_destroy(&engine->stop_cond);
+    pthread_cond_destroy(&engine->cp_cond);
+    pthread_mutex_destroy(&engine->stop_lock);
+    pthread_mutex_destroy(&engine->cp_lock);
+    free_owned_config(engine->owned_config);
+    free(engine);
+}
+
+void mc_engine_destroy(mc_engine_t *engine)
+{
+    if (!engine) {
+        return;
+    }
+    mc_engine_stop(engine, NULL);
+    engine_free(engine);
+}
+
+/* ---- Ad hoc engines (tail) --------------------------------------------------------------- */
+
+/* The ad hoc config is allocated here and freed here: it never reaches mc_config_destroy(),
+ * so it does not depend on how config.c allocates. */
+static void free_owned_config(mc_config_t *c)
+{
+    if (!c) {
+        return;
+    }
+    for (size_t i = 0; i < c->n_streams; i++) {
+        mc_stream_config_t *s = &c->streams[i];
+        bson_free(s->name);
+        bson_free(s->db);
+        bson_free(s->collection);
+        bson_free(s->recipient);
+        bson_destroy(s->pipeline);
+    }
+    free(c->streams);
+    for (size_t i = 0; i < c->n_sinks; i++) {
+        mc_sink_config_t *k = &c->sinks[i];
+        bson_free(k->name);
+        bson_free(k->type);
+        for (size_t j = 0; j < k->n_streams; j++) {
+            bson_free(k->streams[j]);
+        }
+        free(k->streams);
+        bson_destroy(k->options);
+    }
+    free(c->sinks);
+    bson_free(c->path);
+    bson_free(c->mongodb_uri);
+    free(c);
+}
+
+mc_engine_t *mc_engine_new_adhoc(const mc_adhoc_opts_t *adhoc, const mc_engine_opts_t *opts,
+                                 mc_error_t *err)
+{
+    if (!adhoc || !adhoc->uri) {
+        mc_error_set(err, MC_EINVAL, MC_DOMAIN_MONGOCAST, MC_EINVAL, "a MongoDB URI is required");
+        return NULL;
+    }
+    if (adhoc->collection && !adhoc->db) {
+        mc_error_set(err, MC_EINVAL, MC_DOMAIN_MONGOCAST, MC_EINVAL,
+                     "a collection needs a database");
+        return NULL;
+    }
+    if (adhoc->resume_after && adhoc->start_at_seconds > 0) {
+        mc_error_set(err, MC_EINVAL, MC_DOMAIN_MONGOCAST, MC_EINVAL,
+                     "resume_after and start_at_seconds are mutually exclusive");
+        return NULL;
+    }
+    if (adhoc->start_at_seconds < 0 || adhoc->start_at_seconds > UINT32_MAX) {
+        mc_error_set(err, MC_EINVAL, MC_DOMAIN_MONGOCAST, MC_EINVAL,
+                     "start_at_seconds out of range");
+        return NULL;
+    }
+    mc_config_t *c = calloc(1, sizeof(*c));
+    if (!c) {
+        mc_error_set(err, MC_ENOMEM, MC_DOMAIN_MONGOCAST, MC_ENOMEM, "out of memory");
+        return NULL;
+    }
+    c->path = bson_strdup("tail");
+    c->mongodb_uri = bson_strdup(adhoc->uri);
+    c->checkpoint.interval_ms = 1000;
+    c->streams = calloc(1, sizeof(mc_stream_config_t));
+    c->sinks = calloc(1, sizeof(mc_sink_config_t));
+    if (!c->streams || !c->sinks) {
+        free_owned_config(c);
+        mc_error_set(err, MC_ENOMEM, MC_DOMAIN_MONGOCAST, MC_ENOMEM, "out of memory");
+        return NULL;
+    }
+    c->n_streams = 1;
+    mc_stream_config_t *s = &c->streams[0];
+    s->name = bson_strdup(adhoc->stream_name ? adhoc->stream_name : "tail");
+    s->db = adhoc->db ? bson_strdup(adhoc->db) : NULL;
+    s->collection = adhoc->collection ? bson_strdup(adhoc->collection) : NULL;
+    s->pipeline = adhoc->pipeline ? bson_copy(adhoc->pipeline) : bson_new();
+    s->full_document = adhoc->full_document;
+    s->full_document_before_change = adhoc->full_document_before_change;
+    s->recipient = adhoc->recipient ? bson_strdup(adhoc->recipient) : NULL;
+    s->on_history_lost = adhoc->on_history_lost;
+    s->max_await_time_ms = adhoc->max_await_time_ms > 0 ? adhoc->max_await_time_ms : 1000;
+    s->history = 0;
+    c->n_sinks = 1;
+    mc_sink_config_t *k = &c->sinks[0];
+    k->name = bson_strdup("stdout");
+    k->type = bson_strdup("stdout");
+    k->options = BCON_NEW("raw", BCON_BOOL(adhoc->raw), "ready", BCON_BOOL(adhoc->print_ready));
+
+    mc_engine_opts_t o = {0};
+    if (opts) {
+        o = *opts;
+    }
+    o.no_checkpoint = true;
+    mc_engine_t *engine = mc_engine_new(c, &o, err);
+    if (!engine) {
+        free_owned_config(c);
+        return NULL;
+    }
+    engine->owned_config = c;
+    mc__stream_t *st = &engine->streams[0];
+    if (adhoc->resume_after) {
+        st->start_token = BCON_NEW("_data", BCON_UTF8(adhoc->resume_after));
+    }
+    st->start_at_secs = adhoc->start_at_seconds;
+    return engine;
+}

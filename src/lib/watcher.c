@@ -1,0 +1,560 @@
+/*
+ * watcher.c: one thread per stream that owns the change stream: open, read, normalise,
+ * push, and heal.
+ *
+ * Watcher thread only (one per stream); it shares nothing with other watchers except the
+ * queue, the client pool and the stream's status (locked in engine.c).
+ *
+ * Position rules (DESIGN §1, reliability-notes §2.6):
+ *   - `pos` is the newest position this watcher handed to the queue: the last event's token,
+ *     or the post-batch resume token of an empty batch (so quiet streams keep a fresh
+ *     position). Every reopen starts from `pos`, never from "now", unless history was lost
+ *     and on_history_lost is restart.
+ *   - At start `pos` is the stored checkpoint: startAfter when it is an invalidate's token,
+ *     resumeAfter otherwise; with nothing stored the stream starts now (or at the ad hoc
+ *     start option).
+ *   - After an invalidate the stream is destroyed and reopened with startAfter the
+ *     invalidate token before next() is called again: libmongoc 1.23 would otherwise resume
+ *     with resumeAfter that token and the server would answer 260 (wire notes §3.6).
+ * libmongoc resumes the errors it classifies as resumable by itself, once per error; what it
+ * hands back is classified here: transient -> backoff and reopen; 286 -> on_history_lost;
+ * everything else that says "this will never work" -> the stream fails, the others go on.
+ */
+#include <stdlib.h>
+#include <string.h>
+
+#include "engine_private.h"
+
+#define PUSH_WAIT_MS 200
+
+typedef enum err_class {
+    ERR_TRANSIENT = 0,
+    ERR_FATAL,
+    ERR_HISTORY_LOST,
+} err_class_t;
+
+typedef struct watcher {
+    mc__stream_t *s;
+    mc_engine_t *e;
+    mc__position_t pos;        /* newest position handed to the queue */
+    const char *last_op;       /* operationType of the previous event (invalidate reason) */
+    char last_op_buf[32];
+    bool first_open;           /* the ad hoc start option applies only before any position */
+    mc__backoff_t backoff;
+    mc_log_ratelimit_t rl;
+} watcher_t;
+
+static bool stopping(const watcher_t *w)
+{
+    return atomic_load(&w->e->stopping);
+}
+
+static void stream_count(mc__stream_t *s, uint64_t *field, uint64_t add)
+{
+    pthread_mutex_lock(&s->lock);
+    *field += add;
+    pthread_mutex_unlock(&s->lock);
+}
+
+/* ---- Pushing ----------------------------------------------------------------------------- */
+
+static bool push_item(watcher_t *w, mc__item_t *item)
+{
+    for (;;) {
+        int rc = mc__queue_push(w->e->queue, item, PUSH_WAIT_MS);
+        if (rc == 0) {
+            return true;
+        }
+        if (rc == MC_ECLOSED || stopping(w)) {
+            mc__item_free(item);
+            return false;
+        }
+    }
+}
+
+/* Takes `ev`. Blocks while the stream has too many unacknowledged events (back-pressure
+ * from durable sinks) or the queue is full (a slow dispatch); gives up only when stopping,
+ * in which case the event was never delivered and the stored position does not cover it. */
+static bool push_event(watcher_t *w, mc_event_t *ev)
+{
+    mc__stream_t *s = w->s;
+    bool logged = false;
+    for (;;) {
+        int rc = mc__checkpoint_reserve(s->checkpoint, PUSH_WAIT_MS);
+        if (rc == 0) {
+            break;
+        }
+        if (rc == MC_ECLOSED || stopping(w)) {
+            mc_event_unref(&ev);
+            return false;
+        }
+        if (!logged) {
+            mc_log(MC_LOG_INFO, "watcher",
+                   "back-pressure: waiting for sinks to acknowledge stream=%s", s->cfg->name);
+            logged = true;
+        }
+    }
+    mc__item_t *item = calloc(1, sizeof(*item));
+    if (!item) {
+        mc_event_unref(&ev);
+        return false;
+    }
+    mc__event_set_stream_index(ev, s->index);
+    item->type = MC__ITEM_EVENT;
+    item->stream_index = s->index;
+    item->ev = ev;
+    pthread_mutex_lock(&s->lock);
+    s->status.last_seq = mc_event_seq(ev);
+    if (mc_event_kind(ev) == MC_EVENT_CHANGE) {
+        s->status.events++;
+        s->status.last_event_ms = mc__wall_ms();
+    }
+    pthread_mutex_unlock(&s->lock);
+    return push_item(w, item);
+}
+
+/* Post-batch tokens have no clusterTime beside them; MongoDB's tokens (and the emulator's)
+ * start with the KeyString timestamp "82" + 8 hex secs + 8 hex inc, which is what the stored
+ * record's clusterTime is for (operators reading the checkpoint). Opaque otherwise: 0, 0. */
+static void token_cluster_time(const bson_t *token, uint32_t *t, uint32_t *i)
+{
+    *t = *i = 0;
+    bson_iter_t it;
+    if (!bson_iter_init_find(&it, token, "_data") || !BSON_ITER_HOLDS_UTF8(&it)) {
+        return;
+    }
+    uint32_t len;
+    const char *hex = bson_iter_utf8(&it, &len);
+    if (len < 18 || hex[0] != '8' || hex[1] != '2') {
+        return;
+    }
+    uint64_t v = 0;
+    for (int k = 2; k < 18; k++) {
+        char c = hex[k];
+        int d = c >= '0' && c <= '9' ? c - '0' : c >= 'A' && c <= 'F' ? c - 'A' + 10
+                : c >= 'a' && c <= 'f' ? c - 'a' + 10 : -1;
+        if (d < 0) {
+            return;
+        }
+        v = (v << 4) | (uint64_t)d;
+    }
+    *t = (uint32_t)(v >> 32);
+    *i = (uint32_t)v;
+}
+
+static bool push_position(watcher_t *w, const bson_t *token)
+{
+    mc__item_t *item = calloc(1, sizeof(*item));
+    if (!item) {
+        return false;
+    }
+    item->type = MC__ITEM_POSITION;
+    item->stream_index = w->s->index;
+    item->token = bson_copy(token);
+    item->invalidate = false;
+    token_cluster_time(token, &item->ct_t, &item->ct_i);
+    return push_item(w, item);
+}
+
+static void set_pos(watcher_t *w, const bson_t *token, bool invalidate)
+{
+    mc__position_clear(&w->pos);
+    w->pos.token = token ? bson_copy(token) : NULL;
+    w->pos.invalidate = invalidate;
+}
+
+/* ---- Opening ------------------------------------------------------------------------------ */
+
+static const char *full_document_name(mc_full_document_t v)
+{
+    switch (v) {
+    case MC_FULL_DOCUMENT_UPDATE_LOOKUP: return "updateLookup";
+    case MC_FULL_DOCUMENT_WHEN_AVAILABLE: return "whenAvailable";
+    case MC_FULL_DOCUMENT_REQUIRED: return "required";
+    default: return NULL;
+    }
+}
+
+static const char *before_change_name(mc_before_change_t v)
+{
+    switch (v) {
+    case MC_BEFORE_CHANGE_WHEN_AVAILABLE: return "whenAvailable";
+    case MC_BEFORE_CHANGE_REQUIRED: return "required";
+    default: return NULL;
+    }
+}
+
+static bson_t *build_opts(watcher_t *w)
+{
+    const mc_stream_config_t *c = w->s->cfg;
+    bson_t *opts = bson_new();
+    const char *fd = full_document_name(c->full_document);
+    if (fd) {
+        BSON_APPEND_UTF8(opts, "fullDocument", fd);
+    }
+    const char *bc = before_change_name(c->full_document_before_change);
+    if (bc) {
+        BSON_APPEND_UTF8(opts, "fullDocumentBeforeChange", bc);
+    }
+    if (c->batch_size > 0) {
+        BSON_APPEND_INT32(opts, "batchSize", c->batch_size);
+    }
+    BSON_APPEND_INT64(opts, "maxAwaitTimeMS", c->max_await_time_ms > 0 ? c->max_await_time_ms : 1000);
+    if (w->pos.token) {
+        BSON_APPEND_DOCUMENT(opts, w->pos.invalidate ? "startAfter" : "resumeAfter", w->pos.token);
+    } else if (w->first_open && w->s->start_at_secs > 0) {
+        BSON_APPEND_TIMESTAMP(opts, "startAtOperationTime", (uint32_t)w->s->start_at_secs, 0);
+    }
+    return opts;
+}
+
+static mongoc_change_stream_t *open_stream(watcher_t *w, mongoc_client_t *client)
+{
+    const mc_stream_config_t *c = w->s->cfg;
+    bson_t *opts = build_opts(w);
+    const bson_t *pipeline = &w->s->server_pipeline;
+    mongoc_change_stream_t *cs;
+    if (c->db && c->collection) {
+        mongoc_collection_t *coll = mongoc_client_get_collection(client, c->db, c->collection);
+        cs = mongoc_collection_watch(coll, pipeline, opts);
+        mongoc_collection_destroy(coll);
+    } else if (c->db) {
+        mongoc_database_t *db = mongoc_client_get_database(client, c->db);
+        cs = mongoc_database_watch(db, pipeline, opts);
+        mongoc_database_destroy(db);
+    } else {
+        cs = mongoc_client_watch(client, pipeline, opts);
+    }
+    bson_destroy(opts);
+    return cs;
+}
+
+/* ---- Errors ------------------------------------------------------------------------------- */
+
+static bool fatal_server_code(int code)
+{
+    switch (code) {
+    case 2:     /* BadValue: bad fullDocument value, ... */
+    case 9:     /* FailedToParse: token not hex */
+    case 11:    /* UserNotFound */
+    case 13:    /* Unauthorized */
+    case 18:    /* AuthenticationFailed */
+    case 47:    /* NoMatchingDocument: required pre/post-image missing */
+    case 72:    /* InvalidOptions */
+    case 73:    /* InvalidNamespace */
+    case 260:   /* InvalidResumeToken */
+    case 280:   /* ChangeStreamFatalError: token not found, _id projected out */
+    case 10334: /* BSONObjectTooLarge: the event can never be read */
+    case 40324: /* unrecognized pipeline stage */
+    case 40415: /* unknown field */
+    case 40573: /* not a replica set */
+    case 40602: /* $changeStream not first */
+    case 40647: /* bad resume token */
+    case 40649:
+    case 40674: /* conflicting start options */
+    case 50865:
+        return true;
+    default:
+        return false;
+    }
+}
+
+static err_class_t classify(const bson_error_t *e, const bson_t *reply, int *server_code)
+{
+    *server_code = 0;
+    bool server = e->domain == MONGOC_ERROR_SERVER || e->domain == MONGOC_ERROR_QUERY ||
+                  (reply && !bson_empty(reply) && e->code != 0 &&
+                   e->domain != MONGOC_ERROR_STREAM && e->domain != MONGOC_ERROR_CLIENT &&
+                   e->domain != MONGOC_ERROR_SERVER_SELECTION);
+    if (server) {
+        *server_code = (int)e->code;
+        if (e->code == 286) {
+            return ERR_HISTORY_LOST;
+        }
+        if (fatal_server_code((int)e->code)) {
+            return ERR_FATAL;
+        }
+        if (reply && mongoc_error_has_label(reply, "NonResumableChangeStreamError")) {
+            return ERR_FATAL;
+        }
+        return ERR_TRANSIENT;
+    }
+    if (e->domain == MONGOC_ERROR_CLIENT && e->code == MONGOC_ERROR_CLIENT_AUTHENTICATE) {
+        return ERR_FATAL;
+    }
+    if (e->domain == MONGOC_ERROR_CURSOR && e->code == MONGOC_ERROR_CHANGE_STREAM_NO_RESUME_TOKEN) {
+        return ERR_FATAL;
+    }
+    if (e->domain == MONGOC_ERROR_COMMAND && e->code == MONGOC_ERROR_COMMAND_INVALID_ARG) {
+        return ERR_FATAL;
+    }
+    return ERR_TRANSIENT;
+}
+
+/* ---- The loop ------------------------------------------------------------------------------ */
+
+static bool emit_control(watcher_t *w, mc_event_kind_t kind, const char *reason)
+{
+    mc_event_t *ev = mc_event_new_control(kind, w->s->cfg->name, w->s->next_seq++, reason);
+    return ev && push_event(w, ev);
+}
+
+static const char *invalidate_reason(const watcher_t *w)
+{
+    if (w->last_op && (strcmp(w->last_op, "drop") == 0 || strcmp(w->last_op, "rename") == 0 ||
+                       strcmp(w->last_op, "dropDatabase") == 0)) {
+        return w->last_op;
+    }
+    return "invalidate";
+}
+
+/* With the MongoDB token store, a database or cluster stream would see the engine's own
+ * checkpoint upserts and deliver them, and every delivery would cause another upsert: an
+ * endless trickle. Those events only move the position on. */
+static bool is_own_checkpoint_write(const watcher_t *w, const bson_t *doc)
+{
+    const mc_config_t *c = w->e->config;
+    if (!w->e->store || c->checkpoint.store != MC_CHECKPOINT_MONGODB || !c->checkpoint.db ||
+        !c->checkpoint.collection || w->s->cfg->collection) {
+        return false;
+    }
+    bson_iter_t it, v;
+    if (!bson_iter_init(&it, doc) || !bson_iter_find_descendant(&it, "ns.db", &v) ||
+        !BSON_ITER_HOLDS_UTF8(&v) || strcmp(bson_iter_utf8(&v, NULL), c->checkpoint.db) != 0) {
+        return false;
+    }
+    return bson_iter_init(&it, doc) && bson_iter_find_descendant(&it, "ns.coll", &v) &&
+           BSON_ITER_HOLDS_UTF8(&v) &&
+           strcmp(bson_iter_utf8(&v, NULL), c->checkpoint.collection) == 0;
+}
+
+typedef enum read_result {
+    READ_STOP = 0,   /* engine stopping */
+    READ_REOPEN,     /* invalidate seen: reopen at once with startAfter */
+    READ_ERROR,      /* error: see err/reply */
+} read_result_t;
+
+/* Reads until stop, invalidate or error. On error fills *err and copies the reply. */
+static read_result_t read_loop(watcher_t *w, mongoc_change_stream_t *cs, bson_error_t *err,
+                               bson_t *reply_out)
+{
+    mc__stream_t *s = w->s;
+    const bson_t *doc;
+    while (!stopping(w)) {
+        if (mongoc_change_stream_next(cs, &doc)) {
+            bson_iter_t it;
+            const char *op = NULL;
+            if (bson_iter_init_find(&it, doc, "operationType") && BSON_ITER_HOLDS_UTF8(&it)) {
+                op = bson_iter_utf8(&it, NULL);
+            }
+            mc_error_t eerr = {0};
+            if (op && strcmp(op, "invalidate") == 0) {
+                mc_event_t *ev = mc_event_new_invalidate(s->cfg->name, s->next_seq++, doc,
+                                                         invalidate_reason(w), &eerr);
+                if (!ev) {
+                    bson_set_error(err, MONGOC_ERROR_CURSOR, MONGOC_ERROR_CHANGE_STREAM_NO_RESUME_TOKEN,
+                                   "invalidate event unusable: %s", eerr.message);
+                    return READ_ERROR;
+                }
+                set_pos(w, mc_event_resume_token(ev), true);
+                mc_log(MC_LOG_NOTICE, "watcher", "invalidated stream=%s reason=%s, reopening",
+                       s->cfg->name, mc_event_reason(ev));
+                stream_count(s, &s->status.invalidates, 1);
+                w->last_op = NULL;
+                if (!push_event(w, ev)) {
+                    return READ_STOP;
+                }
+                return READ_REOPEN;
+            }
+            if (is_own_checkpoint_write(w, doc)) {
+                const bson_t *tok = mongoc_change_stream_get_resume_token(cs);
+                if (tok && !bson_empty(tok)) {
+                    set_pos(w, tok, false);
+                    if (!push_position(w, tok)) {
+                        return READ_STOP;
+                    }
+                }
+                continue;
+            }
+            mc_event_t *ev =
+                mc_event_new_change(s->cfg->name, s->next_seq++, doc, s->cfg->recipient, &eerr);
+            if (!ev) {
+                bson_set_error(err, MONGOC_ERROR_CURSOR, MONGOC_ERROR_CHANGE_STREAM_NO_RESUME_TOKEN,
+                               "change event unusable: %s", eerr.message);
+                return READ_ERROR;
+            }
+            set_pos(w, mc_event_resume_token(ev), false);
+            if (op) {
+                bson_strncpy(w->last_op_buf, op, sizeof(w->last_op_buf));
+                w->last_op = w->last_op_buf;
+            }
+            if (!push_event(w, ev)) {
+                return READ_STOP;
+            }
+            mc__backoff_reset(&w->backoff);
+            continue;
+        }
+        const bson_t *reply = NULL;
+        if (mongoc_change_stream_error_document(cs, err, &reply)) {
+            bson_destroy(reply_out);
+            if (reply) {
+                bson_copy_to(reply, reply_out);
+            } else {
+                bson_init(reply_out);
+            }
+            return READ_ERROR;
+        }
+        /* An empty batch: the post-batch resume token moves on even when nothing matched. */
+        const bson_t *tok = mongoc_change_stream_get_resume_token(cs);
+        if (tok && !bson_empty(tok) && !(w->pos.token && bson_equal(tok, w->pos.token))) {
+            set_pos(w, tok, false);
+            if (!push_position(w, tok)) {
+                return READ_STOP;
+            }
+        }
+        mc__backoff_reset(&w->backoff);
+    }
+    return READ_STOP;
+}
+
+static void load_start_position(watcher_t *w, bool *failed)
+{
+    mc__stream_t *s = w->s;
+    mc_engine_t *e = w->e;
+    *failed = false;
+    if (e->store) {
+        mc_error_t err = {0};
+        int rc = mc__token_store_load(e->store, s->cfg->name, &w->pos, &err);
+        if (rc == 0) {
+            mc__checkpoint_set_initial(s->checkpoint, &w->pos);
+            mc_log(MC_LOG_INFO, "watcher", "resuming from stored position stream=%s via=%s",
+                   s->cfg->name, w->pos.invalidate ? "startAfter" : "resumeAfter");
+            return;
+        }
+        if (rc != MC_ENOTFOUND) {
+            /* Starting from "now" here would silently skip every change since the last
+             * run; the operator has to decide. */
+            mc_log(MC_LOG_ERROR, "watcher", "cannot read checkpoint stream=%s: %s",
+                   s->cfg->name, err.message);
+            mc__stream_set_state(s, MC_STREAM_FAILED, 0, "cannot read checkpoint: %s",
+                                 err.message);
+            *failed = true;
+            return;
+        }
+    }
+    if (s->start_token) {
+        w->pos.token = bson_copy(s->start_token);
+    }
+}
+
+void *mc__watcher_main(void *arg)
+{
+    mc__stream_t *s = arg;
+    watcher_t w;
+    memset(&w, 0, sizeof(w));
+    w.s = s;
+    w.e = s->engine;
+    w.first_open = true;
+    w.rl = (mc_log_ratelimit_t)MC_LOG_RATELIMIT_INIT(10000);
+    mc__backoff_init(&w.backoff, w.e->opts.backoff_initial_ms, w.e->opts.backoff_max_ms,
+                     (uint64_t)mc__wall_ms() * 2654435761u + (uint64_t)s->index * 97 + 1);
+    const char *name = s->cfg->name;
+
+    bool failed;
+    load_start_position(&w, &failed);
+    bool after_error = false;
+    bson_t reply = BSON_INITIALIZER;
+
+    while (!failed && !stopping(&w)) {
+        mongoc_client_t *client = mongoc_client_pool_pop(w.e->pool);
+        mongoc_change_stream_t *cs = open_stream(&w, client);
+        bson_error_t err;
+        const bson_t *r = NULL;
+        read_result_t rr;
+        memset(&err, 0, sizeof(err));
+        if (mongoc_change_stream_error_document(cs, &err, &r)) {
+            bson_destroy(&reply);
+            if (r) {
+                bson_copy_to(r, &reply);
+            } else {
+                bson_init(&reply);
+            }
+            rr = READ_ERROR;
+        } else {
+            w.first_open = false;
+            if (after_error) {
+                stream_count(s, &s->status.resumes, 1);
+                after_error = false;
+            }
+            pthread_mutex_lock(&s->lock);
+            bool was_open = s->status.state == MC_STREAM_OPEN;
+            pthread_mutex_unlock(&s->lock);
+            if (!was_open) {
+                mc__stream_set_state(s, MC_STREAM_OPEN, 0, "open");
+                mc_log(MC_LOG_INFO, "watcher", "change stream open stream=%s", name);
+                if (!emit_control(&w, MC_EVENT_READY, NULL)) {
+                    mongoc_change_stream_destroy(cs);
+                    mongoc_client_pool_push(w.e->pool, client);
+                    break;
+                }
+            }
+            rr = read_loop(&w, cs, &err, &reply);
+        }
+        mongoc_change_stream_destroy(cs);
+        mongoc_client_pool_push(w.e->pool, client);
+
+        if (rr == READ_STOP) {
+            break;
+        }
+        if (rr == READ_REOPEN) {
+            continue;
+        }
+        int code = 0;
+        err_class_t cls = classify(&err, &reply, &code);
+        if (cls == ERR_HISTORY_LOST && s->cfg->on_history_lost == MC_ON_HISTORY_LOST_RESTART) {
+            mc_log(MC_LOG_WARN, "watcher",
+                   "history lost stream=%s code=%d: restarting from now (on_history_lost: "
+                   "restart); changes in between are lost: %s",
+                   name, code, err.message);
+            stream_count(s, &s->status.resets, 1);
+            set_pos(&w, NULL, false);
+            w.last_op = NULL;
+            if (!emit_control(&w, MC_EVENT_RESET, "history lost")) {
+                break;
+            }
+            mc__stream_set_state(s, MC_STREAM_OPENING, code, "restarting after history loss");
+            after_error = true;
+            continue;
+        }
+        if (cls == ERR_HISTORY_LOST) {
+            mc_log(MC_LOG_ERROR, "watcher",
+                   "history lost stream=%s code=%d: the resume point is no longer in the oplog; "
+                   "stream stopped (on_history_lost: fail). Remove its checkpoint or set "
+                   "on_history_lost: restart to go on from now: %s",
+                   name, code, err.message);
+            mc__stream_set_state(s, MC_STREAM_FAILED, code,
+                                 "history lost (code 286): resume point no longer in the oplog; "
+                                 "on_history_lost is fail: %s",
+                                 err.message);
+            break;
+        }
+        if (cls == ERR_FATAL) {
+            mc_log(MC_LOG_ERROR, "watcher", "change stream failed stream=%s code=%d: %s", name,
+                   code, err.message);
+            mc__stream_set_state(s, MC_STREAM_FAILED, code, "%s (code %d)", err.message, code);
+            break;
+        }
+        uint32_t delay = mc__backoff_next(&w.backoff);
+        mc_log_ratelimited(&w.rl, MC_LOG_WARN, "watcher",
+                           "change stream error stream=%s domain=%u code=%u retry_in_ms=%u: %s",
+                           name, err.domain, err.code, delay, err.message);
+        mc__stream_set_state(s, MC_STREAM_RETRYING, code, "%s", err.message);
+        after_error = true;
+        if (mc__engine_sleep(w.e, delay)) {
+            break;
+        }
+    }
+    bson_destroy(&reply);
+    mc__position_clear(&w.pos);
+    return NULL;
+}

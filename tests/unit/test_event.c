@@ -1,0 +1,373 @@
+/*
+ * test_event.c: mc_event_t normalisation, accessors, refcounting, cached rendering, and the
+ * DESIGN §4.3 message against golden fixtures (tests/unit/data/events/).
+ *
+ * Single-threaded except test_concurrent_first_render, which races threads on the first
+ * mc_event_json() call of one event.
+ */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <cmocka.h>
+
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "mongocast/event.h"
+
+static char *read_file(const char *name)
+{
+    char path[1024];
+    snprintf(path, sizeof(path), "%s/events/%s", MC_TEST_DATA_DIR, name);
+    FILE *f = fopen(path, "rb");
+    if (!f) {
+        fail_msg("cannot open fixture %s", path);
+    }
+    fseek(f, 0, SEEK_END);
+    long n = ftell(f);
+    fseek(f, 0, SEEK_SET);
+    char *buf = malloc((size_t)n + 1);
+    assert_non_null(buf);
+    assert_int_equal(fread(buf, 1, (size_t)n, f), (size_t)n);
+    buf[n] = '\0';
+    fclose(f);
+    return buf;
+}
+
+static bson_t *read_bson(const char *name)
+{
+    char *json = read_file(name);
+    bson_error_t err;
+    bson_t *b = bson_new_from_json((const uint8_t *)json, -1, &err);
+    if (!b) {
+        fail_msg("fixture %s: %s", name, err.message);
+    }
+    free(json);
+    return b;
+}
+
+/* Drops whitespace outside JSON strings, so fixtures can be pretty-printed while key order
+ * and value spelling still have to match exactly. */
+static char *squeeze(const char *s)
+{
+    char *out = malloc(strlen(s) + 1);
+    char *p = out;
+    bool in_str = false;
+    for (; *s; s++) {
+        if (in_str) {
+            *p++ = *s;
+            if (*s == '\\' && s[1]) {
+                *p++ = *++s;
+            } else if (*s == '"') {
+                in_str = false;
+            }
+        } else if (*s == '"') {
+            in_str = true;
+            *p++ = *s;
+        } else if (*s != ' ' && *s != '\n' && *s != '\t' && *s != '\r') {
+            *p++ = *s;
+        }
+    }
+    *p = '\0';
+    return out;
+}
+
+typedef struct golden {
+    const char *op;
+    const char *recipient_path;
+    const char *expect_recipient; /* NULL: none */
+    const char *expect_coll;      /* NULL: none */
+    bool has_doc_key;
+} golden_t;
+
+static const golden_t goldens[] = {
+    {"insert", "fullDocument.owner_id", "u1", "orders", true},
+    {"update", "fullDocument.owner_id", "42", "orders", true},
+    {"replace", "fullDocument.owner_id", "64a7f2d1aabbccddeeff0099", "orders", true},
+    {"delete", "fullDocument.owner_id", "u9", "orders", true},
+    {"drop", "fullDocument.owner_id", NULL, "orders", false},
+    {"rename", NULL, NULL, "orders", false},
+    {"dropDatabase", NULL, NULL, NULL, false},
+};
+
+static void check_golden(const golden_t *g)
+{
+    char name[128];
+    snprintf(name, sizeof(name), "%s.change.json", g->op);
+    bson_t *change = read_bson(name);
+    mc_error_t err = {0};
+    mc_event_t *ev = mc_event_new_change("orders", 11, change, g->recipient_path, &err);
+    if (!ev) {
+        fail_msg("%s: %s", g->op, err.message);
+    }
+    assert_int_equal(mc_event_kind(ev), MC_EVENT_CHANGE);
+    assert_int_equal(mc_event_seq(ev), 11);
+    assert_string_equal(mc_event_stream(ev), "orders");
+    assert_string_equal(mc_event_operation_type(ev), g->op);
+    assert_string_equal(mc_event_db(ev), "shop");
+    if (g->expect_coll) {
+        assert_string_equal(mc_event_coll(ev), g->expect_coll);
+    } else {
+        assert_null(mc_event_coll(ev));
+    }
+    assert_int_equal(mc_event_document_key(ev) != NULL, g->has_doc_key);
+    if (g->expect_recipient) {
+        assert_non_null(mc_event_recipient(ev));
+        assert_string_equal(mc_event_recipient(ev), g->expect_recipient);
+    } else {
+        assert_null(mc_event_recipient(ev));
+    }
+    uint32_t t = 0, i = 0;
+    assert_true(mc_event_cluster_time(ev, &t, &i));
+    assert_int_equal(t, 1688728273);
+    assert_true(i >= 1 && i <= 7);
+    assert_int_equal(mc_event_wall_time_ms(ev), 1688728273456LL);
+
+    bson_iter_t it;
+    assert_true(bson_iter_init_find(&it, change, "_id"));
+    bson_iter_t d;
+    assert_true(bson_iter_recurse(&it, &d) && bson_iter_find(&d, "_data"));
+    assert_string_equal(mc_event_id(ev), bson_iter_utf8(&d, NULL));
+
+    snprintf(name, sizeof(name), "%s.message.json", g->op);
+    char *expected_raw = read_file(name);
+    char *expected = squeeze(expected_raw);
+    size_t len = 0;
+    const char *json = mc_event_json(ev, &len);
+    assert_non_null(json);
+    assert_int_equal(len, strlen(json));
+    char *actual = squeeze(json);
+    if (strcmp(actual, expected) != 0) {
+        fail_msg("%s message mismatch\n got: %s\nwant: %s", g->op, actual, expected);
+    }
+    /* Rendered once: the same buffer comes back. */
+    assert_ptr_equal(mc_event_json(ev, NULL), json);
+
+    /* Raw canonical JSON parses back to exactly the input document. */
+    const char *raw = mc_event_raw_json(ev, NULL);
+    assert_non_null(raw);
+    bson_error_t berr;
+    bson_t *back = bson_new_from_json((const uint8_t *)raw, -1, &berr);
+    assert_non_null(back);
+    assert_true(bson_equal(back, change));
+    assert_non_null(strstr(raw, "$numberLong")); /* canonical, not relaxed (wallTime) */
+    assert_true(bson_equal(mc_event_change(ev), change));
+
+    bson_destroy(back);
+    free(actual);
+    free(expected);
+    free(expected_raw);
+    mc_event_unref(&ev);
+    assert_null(ev);
+    bson_destroy(change);
+}
+
+static void test_golden_messages(void **state)
+{
+    (void)state;
+    for (size_t k = 0; k < sizeof(goldens) / sizeof(goldens[0]); k++) {
+        check_golden(&goldens[k]);
+    }
+}
+
+static void test_invalidate_message(void **state)
+{
+    (void)state;
+    bson_t *change = read_bson("invalidate.change.json");
+    mc_error_t err;
+    mc_event_t *ev = mc_event_new_invalidate("orders", 3, change, "drop", &err);
+    assert_non_null(ev);
+    assert_int_equal(mc_event_kind(ev), MC_EVENT_INVALIDATE);
+    assert_string_equal(mc_event_reason(ev), "drop");
+    assert_string_equal(mc_event_operation_type(ev), "invalidate");
+    assert_non_null(mc_event_resume_token(ev));
+    assert_non_null(strstr(mc_event_id(ev), "296F5A")); /* fromInvalidate token kept */
+    char *want_raw = read_file("invalidate.message.json");
+    char *want = squeeze(want_raw);
+    char *got = squeeze(mc_event_json(ev, NULL));
+    assert_string_equal(got, want);
+    assert_non_null(mc_event_raw_json(ev, NULL));
+    free(got);
+    free(want);
+    free(want_raw);
+    mc_event_unref(&ev);
+    bson_destroy(change);
+}
+
+static void test_control_events(void **state)
+{
+    (void)state;
+    mc_event_t *r = mc_event_new_control(MC_EVENT_RESET, "a\"b", 5, "history lost");
+    assert_non_null(r);
+    assert_string_equal(mc_event_json(r, NULL),
+                        "{ \"type\" : \"reset\", \"stream\" : \"a\\\"b\", \"reason\" : \"history "
+                        "lost\" }");
+    assert_null(mc_event_raw_json(r, NULL));
+    assert_null(mc_event_change(r));
+    assert_null(mc_event_id(r));
+    assert_null(mc_event_operation_type(r));
+    assert_false(mc_event_cluster_time(r, NULL, NULL));
+    assert_int_equal(mc_event_wall_time_ms(r), INT64_MIN);
+    mc_event_unref(&r);
+
+    mc_event_t *ready = mc_event_new_control(MC_EVENT_READY, "orders", 1, "ignored");
+    char *got = squeeze(mc_event_json(ready, NULL));
+    assert_string_equal(got, "{\"type\":\"ready\",\"stream\":\"orders\"}");
+    free(got);
+    assert_null(mc_event_reason(ready));
+    mc_event_unref(&ready);
+
+    assert_null(mc_event_new_control(MC_EVENT_CHANGE, "orders", 1, NULL));
+    assert_null(mc_event_new_control(MC_EVENT_READY, NULL, 1, NULL));
+}
+
+static void test_refcount(void **state)
+{
+    (void)state;
+    mc_event_t *ev = mc_event_new_control(MC_EVENT_READY, "s", 1, NULL);
+    mc_event_t *b = mc_event_ref(ev);
+    assert_ptr_equal(b, ev);
+    mc_event_unref(&b);
+    assert_null(b);
+    /* Still alive through the first reference (ASan would flag a use after free). */
+    assert_string_equal(mc_event_stream(ev), "s");
+    mc_event_unref(&ev);
+    mc_event_unref(&ev); /* NULL-safe */
+    mc_event_unref(NULL);
+    assert_null(mc_event_ref(NULL));
+}
+
+static void test_bad_change(void **state)
+{
+    (void)state;
+    mc_error_t err = {0};
+    bson_t *no_id = BCON_NEW("operationType", "insert");
+    assert_null(mc_event_new_change("s", 1, no_id, NULL, &err));
+    assert_int_equal(err.code, MC_EINVAL);
+    assert_non_null(strstr(err.message, "resume token"));
+    bson_t *bad_data = BCON_NEW("_id", "{", "_data", BCON_INT32(1), "}", "operationType",
+                                "insert");
+    assert_null(mc_event_new_change("s", 1, bad_data, NULL, &err));
+    assert_non_null(strstr(err.message, "_data"));
+    bson_t *id_str = BCON_NEW("_id", "x", "operationType", "insert");
+    assert_null(mc_event_new_change("s", 1, id_str, NULL, &err));
+    assert_null(mc_event_new_change(NULL, 1, id_str, NULL, &err));
+    /* No operationType (projected away) is still a deliverable event. */
+    bson_t *no_op = BCON_NEW("_id", "{", "_data", "00", "}");
+    mc_event_t *ev = mc_event_new_change("s", 1, no_op, NULL, &err);
+    assert_non_null(ev);
+    assert_null(mc_event_operation_type(ev));
+    mc_event_unref(&ev);
+    bson_destroy(no_id);
+    bson_destroy(bad_data);
+    bson_destroy(id_str);
+    bson_destroy(no_op);
+}
+
+static void check_recipient(const char *json, const char *path, const char *want)
+{
+    bson_error_t berr;
+    bson_t *b = bson_new_from_json((const uint8_t *)json, -1, &berr);
+    assert_non_null(b);
+    mc_event_t *ev = mc_event_new_change("s", 1, b, path, NULL);
+    assert_non_null(ev);
+    if (want) {
+        assert_non_null(mc_event_recipient(ev));
+        assert_string_equal(mc_event_recipient(ev), want);
+    } else {
+        assert_null(mc_event_recipient(ev));
+    }
+    mc_event_unref(&ev);
+    bson_destroy(b);
+}
+
+static void test_recipient_types(void **state)
+{
+    (void)state;
+    const char *pre = "{\"_id\":{\"_data\":\"00\"},\"operationType\":\"update\",";
+    char buf[512];
+#define R(body, path, want)                                                                        \
+    snprintf(buf, sizeof(buf), "%s%s}", pre, body);                                                \
+    check_recipient(buf, path, want)
+    R("\"fullDocument\":{\"o\":{\"$numberLong\":\"-9000000000\"}}", "fullDocument.o",
+      "-9000000000");
+    R("\"fullDocument\":{\"o\":{\"$numberDouble\":\"12.0\"}}", "fullDocument.o", "12");
+    R("\"fullDocument\":{\"o\":{\"$numberDouble\":\"1.5\"}}", "fullDocument.o", "1.5");
+    R("\"fullDocument\":{\"o\":{\"$numberDecimal\":\"7.25\"}}", "fullDocument.o", "7.25");
+    R("\"fullDocument\":{\"o\":true}", "fullDocument.o", NULL);
+    R("\"fullDocument\":{\"o\":{\"a\":1}}", "fullDocument.o", NULL);
+    R("\"fullDocument\":{\"o\":{\"a\":\"deep\"}}", "fullDocument.o.a", "deep");
+    R("\"fullDocument\":{\"p\":1}", "fullDocument.o", NULL);
+    /* fullDocument null (updateLookup of a deleted doc): fall back to the pre-image. */
+    R("\"fullDocument\":null,\"fullDocumentBeforeChange\":{\"o\":\"pre\"}", "fullDocument.o",
+      "pre");
+    /* fullDocument present: the pre-image is not consulted even if the field is missing. */
+    R("\"fullDocument\":{\"x\":1},\"fullDocumentBeforeChange\":{\"o\":\"pre\"}",
+      "fullDocument.o", NULL);
+    /* A path outside fullDocument is read as is. */
+    R("\"ns\":{\"db\":\"d\",\"coll\":\"c\"}", "ns.coll", "c");
+    R("\"fullDocument\":{\"o\":\"x\"}", "", NULL);
+#undef R
+}
+
+static void test_recipient_null_vs_absent(void **state)
+{
+    (void)state;
+    bson_t *b = BCON_NEW("_id", "{", "_data", "AA", "}", "operationType", "insert");
+    mc_event_t *with = mc_event_new_change("s", 1, b, "fullDocument.owner", NULL);
+    mc_event_t *without = mc_event_new_change("s", 1, b, NULL, NULL);
+    assert_non_null(strstr(mc_event_json(with, NULL), "\"recipient\" : null"));
+    assert_null(strstr(mc_event_json(without, NULL), "recipient"));
+    mc_event_unref(&with);
+    mc_event_unref(&without);
+    bson_destroy(b);
+}
+
+#define RACERS 8
+static void *race_render(void *arg)
+{
+    return (void *)mc_event_json(arg, NULL);
+}
+
+static void test_concurrent_first_render(void **state)
+{
+    (void)state;
+    for (int round = 0; round < 20; round++) {
+        bson_t *change = read_bson("update.change.json");
+        mc_event_t *ev = mc_event_new_change("orders", 1, change, NULL, NULL);
+        pthread_t th[RACERS];
+        void *res[RACERS];
+        for (int k = 0; k < RACERS; k++) {
+            pthread_create(&th[k], NULL, race_render, mc_event_ref(ev));
+        }
+        for (int k = 0; k < RACERS; k++) {
+            pthread_join(th[k], &res[k]);
+        }
+        for (int k = 0; k < RACERS; k++) {
+            assert_ptr_equal(res[k], res[0]); /* one rendering shared by everyone */
+            mc_event_t *tmp = ev;
+            mc_event_unref(&tmp); /* drop the reference handed to racer k */
+        }
+        assert_ptr_equal(mc_event_json(ev, NULL), res[0]);
+        mc_event_unref(&ev);
+        bson_destroy(change);
+    }
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_golden_messages),
+        cmocka_unit_test(test_invalidate_message),
+        cmocka_unit_test(test_control_events),
+        cmocka_unit_test(test_refcount),
+        cmocka_unit_test(test_bad_change),
+        cmocka_unit_test(test_recipient_types),
+        cmocka_unit_test(test_recipient_null_vs_absent),
+        cmocka_unit_test(test_concurrent_first_render),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}

@@ -1,0 +1,228 @@
+/*
+ * test_token_store.c: the file token store: round trip, one file per stream, safe file
+ * names, crash-safe replacement (a torn .tmp never wins), corrupt files as errors.
+ */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <cmocka.h>
+
+#include <dirent.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "engine_private.h"
+
+static char dir[256];
+
+static int setup(void **state)
+{
+    (void)state;
+    snprintf(dir, sizeof(dir), "/tmp/mc_test_token_store.XXXXXX");
+    if (!mkdtemp(dir)) {
+        return -1;
+    }
+    return 0;
+}
+
+static int teardown(void **state)
+{
+    (void)state;
+    DIR *d = opendir(dir);
+    if (d) {
+        struct dirent *de;
+        while ((de = readdir(d))) {
+            if (strcmp(de->d_name, ".") && strcmp(de->d_name, "..")) {
+                char p[600];
+                snprintf(p, sizeof(p), "%s/%s", dir, de->d_name);
+                unlink(p);
+            }
+        }
+        closedir(d);
+    }
+    rmdir(dir);
+    return 0;
+}
+
+static void write_text(const char *name, const char *text)
+{
+    char p[600];
+    snprintf(p, sizeof(p), "%s/%s", dir, name);
+    FILE *f = fopen(p, "w");
+    assert_non_null(f);
+    fputs(text, f);
+    fclose(f);
+}
+
+static mc__position_t make_pos(const char *data, bool inval, uint32_t t, uint32_t i)
+{
+    mc__position_t p = {0};
+    p.token = BCON_NEW("_data", BCON_UTF8(data));
+    p.invalidate = inval;
+    p.ct_t = t;
+    p.ct_i = i;
+    return p;
+}
+
+static void test_round_trip(void **state)
+{
+    (void)state;
+    mc_error_t err = {0};
+    mc__token_store_t *s = mc__token_store_file_new(dir, &err);
+    assert_non_null(s);
+    mc__position_t out = {0};
+    assert_int_equal(mc__token_store_load(s, "orders", &out, &err), MC_ENOTFOUND);
+
+    mc__position_t a = make_pos("8264AAAA", false, 1700000000, 3);
+    assert_int_equal(mc__token_store_save(s, "orders", &a, &err), 0);
+    mc__position_t b = make_pos("8264BBBB", true, 1700000001, 1);
+    assert_int_equal(mc__token_store_save(s, "users", &b, &err), 0);
+
+    assert_int_equal(mc__token_store_load(s, "orders", &out, &err), 0);
+    assert_true(bson_equal(out.token, a.token));
+    assert_false(out.invalidate);
+    assert_int_equal(out.ct_t, 1700000000);
+    assert_int_equal(out.ct_i, 3);
+    mc__position_clear(&out);
+    assert_int_equal(mc__token_store_load(s, "users", &out, &err), 0);
+    assert_true(bson_equal(out.token, b.token));
+    assert_true(out.invalidate);
+    mc__position_clear(&out);
+
+    /* Overwrite: the newest save wins, no .tmp is left behind. */
+    mc__position_t c = make_pos("8264CCCC", false, 1700000002, 0);
+    assert_int_equal(mc__token_store_save(s, "orders", &c, &err), 0);
+    assert_int_equal(mc__token_store_load(s, "orders", &out, &err), 0);
+    assert_true(bson_equal(out.token, c.token));
+    mc__position_clear(&out);
+    char p[600];
+    snprintf(p, sizeof(p), "%s/orders.json.tmp", dir);
+    assert_int_not_equal(access(p, F_OK), 0);
+
+    /* A new store object over the same directory sees the same data (process restart). */
+    mc__token_store_destroy(s);
+    s = mc__token_store_file_new(dir, &err);
+    assert_int_equal(mc__token_store_load(s, "orders", &out, &err), 0);
+    assert_true(bson_equal(out.token, c.token));
+    mc__position_clear(&out);
+
+    /* A position without a token is refused, not written as garbage. */
+    mc__position_t none = {0};
+    assert_int_equal(mc__token_store_save(s, "orders", &none, &err), MC_EINVAL);
+
+    mc__position_clear(&a);
+    mc__position_clear(&b);
+    mc__position_clear(&c);
+    mc__token_store_destroy(s);
+}
+
+static void test_crash_leftovers_and_corruption(void **state)
+{
+    (void)state;
+    mc_error_t err = {0};
+    mc__token_store_t *s = mc__token_store_file_new(dir, &err);
+    mc__position_t a = make_pos("GOOD", false, 10, 1);
+    assert_int_equal(mc__token_store_save(s, "orders", &a, &err), 0);
+
+    /* A crash mid-write leaves a torn tmp file: load ignores it and keeps the last good
+     * position; the next save replaces the tmp and succeeds. */
+    write_text("orders.json.tmp", "{\"stream\":\"orders\",\"tok");
+    mc__position_t out = {0};
+    assert_int_equal(mc__token_store_load(s, "orders", &out, &err), 0);
+    assert_true(bson_equal(out.token, a.token));
+    mc__position_clear(&out);
+    mc__position_t b = make_pos("NEWER", false, 11, 1);
+    assert_int_equal(mc__token_store_save(s, "orders", &b, &err), 0);
+    assert_int_equal(mc__token_store_load(s, "orders", &out, &err), 0);
+    assert_true(bson_equal(out.token, b.token));
+    mc__position_clear(&out);
+
+    /* A corrupt checkpoint is an error (never silently "start from now"). */
+    write_text("broken.json", "{\"token\": {\"_data\": ");
+    assert_int_equal(mc__token_store_load(s, "broken", &out, &err), MC_EIO);
+    assert_non_null(strstr(err.message, "corrupt"));
+    write_text("notoken.json", "{\"token\": {\"x\": 1}}");
+    assert_int_equal(mc__token_store_load(s, "notoken", &out, &err), MC_EIO);
+    assert_non_null(strstr(err.message, "_data"));
+    assert_null(out.token);
+
+    mc__position_clear(&a);
+    mc__position_clear(&b);
+    mc__token_store_destroy(s);
+}
+
+static void test_file_names_stay_inside(void **state)
+{
+    (void)state;
+    char *n = mc__token_store_file_name("../../etc/passwd");
+    assert_null(strchr(n, '/'));
+    assert_int_not_equal(n[0], '.');
+    bson_free(n);
+    n = mc__token_store_file_name("orders.v2-x_y");
+    assert_string_equal(n, "orders.v2-x_y.json");
+    bson_free(n);
+    n = mc__token_store_file_name(".hidden");
+    assert_string_equal(n, "%2Ehidden.json");
+    bson_free(n);
+    n = mc__token_store_file_name("a b");
+    assert_string_equal(n, "a%20b.json");
+    bson_free(n);
+
+    mc_error_t err = {0};
+    mc__token_store_t *s = mc__token_store_file_new(dir, &err);
+    mc__position_t a = make_pos("X", false, 1, 1);
+    assert_int_equal(mc__token_store_save(s, "../escape", &a, &err), 0);
+    char p[600];
+    snprintf(p, sizeof(p), "%s/%%2E.%%2Fescape.json", dir);
+    assert_int_equal(access(p, F_OK), 0);
+    mc__position_t out = {0};
+    assert_int_equal(mc__token_store_load(s, "../escape", &out, &err), 0);
+    mc__position_clear(&out);
+    mc__position_clear(&a);
+    mc__token_store_destroy(s);
+}
+
+static void test_directory_handling(void **state)
+{
+    (void)state;
+    mc_error_t err = {0};
+    char nested[400];
+    snprintf(nested, sizeof(nested), "%s/a/b", dir);
+    mc__token_store_t *s = mc__token_store_file_new(nested, &err);
+    assert_non_null(s); /* created with parents */
+    mc__position_t a = make_pos("X", false, 1, 1);
+    assert_int_equal(mc__token_store_save(s, "s", &a, &err), 0);
+    mc__token_store_destroy(s);
+    char p[600];
+    snprintf(p, sizeof(p), "%s/s.json", nested);
+    unlink(p);
+    rmdir(nested);
+    snprintf(p, sizeof(p), "%s/a", dir);
+    rmdir(p);
+
+    /* A path through a regular file is an I/O error with the path in the message. */
+    write_text("plainfile", "x");
+    char bad[400];
+    snprintf(bad, sizeof(bad), "%s/plainfile/sub", dir);
+    assert_null(mc__token_store_file_new(bad, &err));
+    assert_int_equal(err.code, MC_EIO);
+    assert_non_null(strstr(err.message, "plainfile"));
+    assert_null(mc__token_store_file_new("", &err));
+    assert_int_equal(err.code, MC_ECONFIG);
+    mc__position_clear(&a);
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test_setup_teardown(test_round_trip, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_crash_leftovers_and_corruption, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_file_names_stay_inside, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_directory_handling, setup, teardown),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
