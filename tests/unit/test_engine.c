@@ -316,8 +316,9 @@ static void test_invalidate_then_continue_and_restart(void **state)
 {
     NEED_EMULATOR();
     char b[64];
-    /* A long await so no post-batch token replaces the invalidate token before we stop. */
-    f->streams[0].max_await_time_ms = 1500;
+    /* A long await so no post-batch token replaces the invalidate token before we stop, even
+     * on a loaded machine (stop waits for the pending next() to return, at most this long). */
+    f->streams[0].max_await_time_ms = 6000;
     mc_engine_t *e = start(f);
     mc_sink_t *m = mc_engine_sink(e, "mem");
     insert(f, "c0", 1, "u1");
