@@ -62,6 +62,8 @@ typedef struct emu_server {
 
     FILE *log; /* guarded by log_lock, not by lock */
     pthread_mutex_t log_lock;
+
+    struct emu_net *net; /* server.c: listener and connection threads (own lock inside) */
 } emu_server_t;
 
 typedef struct emu_conn {

@@ -1,0 +1,1295 @@
+/*
+ * crud.c: the data commands of mongo-emulator: insert, update, delete, find, findAndModify,
+ * count, distinct and aggregate (without $changeStream).
+ *
+ * Runs on connection threads with srv->lock held. Every successful write records exactly one
+ * oplog entry (emu_oplog_append) after the catalog has accepted it, so a change stream never
+ * sees a write that failed (duplicate key, bad update). Slot numbers collected for a statement
+ * stay valid through it because only emu_coll_maybe_compact moves documents, and it runs
+ * after the statement. Queries of the form {_id: value} use the _id hash instead of a scan.
+ */
+#include "core.h"
+
+#include "agg.h"
+#include "changestream.h"
+#include "update.h"
+
+#include <string.h>
+
+#define ALL_MATCHES ((size_t)-1)
+
+/* ---- small helpers ---- */
+
+static bool view_field_doc(const bson_t *cmd, const char *name, bson_t *out)
+{
+    bson_iter_t it;
+    const uint8_t *d;
+    uint32_t l;
+    if (!bson_iter_init_find(&it, cmd, name) || !BSON_ITER_HOLDS_DOCUMENT(&it)) {
+        return false;
+    }
+    bson_iter_document(&it, &l, &d);
+    return bson_init_static(out, d, l);
+}
+
+static bool view_iter_doc(const bson_iter_t *it, bson_t *out)
+{
+    const uint8_t *d;
+    uint32_t l;
+    if (BSON_ITER_HOLDS_DOCUMENT(it)) {
+        bson_iter_document(it, &l, &d);
+    } else if (BSON_ITER_HOLDS_ARRAY(it)) {
+        bson_iter_array(it, &l, &d);
+    } else {
+        return false;
+    }
+    return bson_init_static(out, d, l);
+}
+
+static bool flag(const bson_t *doc, const char *name, bool dflt)
+{
+    bson_iter_t it;
+    return bson_iter_init_find(&it, doc, name) ? bson_iter_as_bool(&it) : dflt;
+}
+
+static void append_idx_key(bson_t *arr, uint32_t i, const bson_t *doc)
+{
+    char keybuf[16];
+    const char *key;
+    size_t klen = bson_uint32_to_string(i, &key, keybuf, sizeof(keybuf));
+    bson_append_document(arr, key, (int)klen, doc);
+}
+
+static void ns_of(char *buf, size_t size, const char *db, const char *coll)
+{
+    snprintf(buf, size, "%s.%s", db, coll);
+}
+
+/* ---- matching ---- */
+
+typedef struct matcher {
+    mc_filter_t *filter;
+    bool by_id;
+    bson_value_t id; /* borrowed from the query */
+} matcher_t;
+
+static bool is_plain_value(const bson_iter_t *it)
+{
+    bson_type_t t = bson_iter_type(it);
+    if (t == BSON_TYPE_ARRAY || t == BSON_TYPE_REGEX) {
+        return false;
+    }
+    if (t == BSON_TYPE_DOCUMENT) {
+        bson_iter_t child;
+        /* {$op: ...} is an operator expression, not an embedded document */
+        if (bson_iter_recurse(it, &child) && bson_iter_next(&child) &&
+            bson_iter_key(&child)[0] == '$') {
+            return false;
+        }
+    }
+    return true;
+}
+
+static int matcher_init(matcher_t *m, const bson_t *q, mc_error_t *err)
+{
+    bson_iter_t it;
+
+    memset(m, 0, sizeof(*m));
+    if (bson_count_keys(q) == 1 && bson_iter_init_find(&it, q, "_id")) {
+        if (is_plain_value(&it)) {
+            m->by_id = true;
+            m->id = *bson_iter_value(&it);
+        } else if (BSON_ITER_HOLDS_DOCUMENT(&it)) {
+            bson_iter_t op;
+            if (bson_iter_recurse(&it, &op) && bson_iter_next(&op) &&
+                strcmp(bson_iter_key(&op), "$eq") == 0 && is_plain_value(&op)) {
+                bson_iter_t more = op;
+                if (!bson_iter_next(&more)) {
+                    m->by_id = true;
+                    m->id = *bson_iter_value(&op);
+                }
+            }
+        }
+    }
+    /* Compiled even for _id lookups, so that a malformed query fails the same way. */
+    m->filter = mc_filter_new(q, NULL, err);
+    return m->filter ? 0 : MC_EINVAL;
+}
+
+static void matcher_cleanup(matcher_t *m)
+{
+    mc_filter_destroy(m->filter);
+    m->filter = NULL;
+}
+
+typedef struct slots {
+    size_t *v;
+    size_t n;
+    size_t cap;
+} slots_t;
+
+static void slots_push(slots_t *s, size_t slot)
+{
+    if (s->n == s->cap) {
+        s->cap = s->cap ? s->cap * 2 : 16;
+        s->v = bson_realloc(s->v, s->cap * sizeof(*s->v));
+    }
+    s->v[s->n++] = slot;
+}
+
+/* Collects up to `limit` matching slots of c, in natural order. */
+static void collect(const emu_coll_t *c, const matcher_t *m, size_t limit, slots_t *out)
+{
+    out->n = 0;
+    if (!c || limit == 0) {
+        return;
+    }
+    if (m->by_id) {
+        long slot = emu_coll_find_id(c, &m->id);
+        if (slot >= 0) {
+            slots_push(out, (size_t)slot);
+        }
+        return;
+    }
+    for (size_t s = 0; s < c->n_slots && out->n < limit; s++) {
+        bson_t doc;
+        if (!c->docs[s].data) {
+            continue;
+        }
+        emu_doc_view(&c->docs[s], &doc);
+        if (mc_filter_match(m->filter, &doc)) {
+            slots_push(out, s);
+        }
+    }
+}
+
+/* Stable bottom-up merge sort of slots by a sort spec. */
+static void sort_slots(const emu_coll_t *c, const bson_t *spec, slots_t *s)
+{
+    size_t n = s->n;
+    size_t *a = s->v, *b;
+
+    if (n < 2) {
+        return;
+    }
+    b = bson_malloc(n * sizeof(*b));
+    for (size_t width = 1; width < n; width *= 2) {
+        for (size_t lo = 0; lo < n; lo += 2 * width) {
+            size_t mid = lo + width < n ? lo + width : n;
+            size_t hi = lo + 2 * width < n ? lo + 2 * width : n;
+            size_t i = lo, j = mid, k = lo;
+            while (i < mid && j < hi) {
+                bson_t x, y;
+                emu_doc_view(&c->docs[a[i]], &x);
+                emu_doc_view(&c->docs[a[j]], &y);
+                if (emu_sort_compare(spec, &y, &x) < 0) {
+                    b[k++] = a[j++];
+                } else {
+                    b[k++] = a[i++];
+                }
+            }
+            while (i < mid) {
+                b[k++] = a[i++];
+            }
+            while (j < hi) {
+                b[k++] = a[j++];
+            }
+        }
+        {
+            size_t *t = a;
+            a = b;
+            b = t;
+        }
+    }
+    if (a != s->v) {
+        memcpy(s->v, a, n * sizeof(*a));
+        b = a;
+    }
+    bson_free(b);
+}
+
+/* ---- _id handling ---- */
+
+static int check_id_value(const bson_iter_t *it, mc_error_t *err)
+{
+    switch (bson_iter_type(it)) {
+    case BSON_TYPE_ARRAY:
+        return mc_error_set(err, MC_EINVAL, MC_DOMAIN_MONGODB, 53,
+                            "The '_id' value cannot be of type array");
+    case BSON_TYPE_REGEX:
+        return mc_error_set(err, MC_EINVAL, MC_DOMAIN_MONGODB, 53, "can't use a regex for _id");
+    case BSON_TYPE_UNDEFINED:
+        return mc_error_set(err, MC_EINVAL, MC_DOMAIN_MONGODB, 53, "can't use a undefined for _id");
+    default: return 0;
+    }
+}
+
+/* Makes `doc` ready to store: _id present (a new ObjectId when missing) and first, as mongod
+ * stores it. Returns the document to store: `doc` itself when it already fits, else `tmp`
+ * (initialised here; the caller destroys it when *used_tmp). */
+static const bson_t *with_id_first(const bson_t *doc, bson_t *tmp, bool *used_tmp, mc_error_t *err)
+{
+    bson_iter_t it;
+    bool first = true;
+    bool found = false;
+
+    *used_tmp = false;
+    if (bson_iter_init(&it, doc)) {
+        while (bson_iter_next(&it)) {
+            if (strcmp(bson_iter_key(&it), "_id") == 0) {
+                found = true;
+                if (check_id_value(&it, err)) {
+                    return NULL;
+                }
+                break;
+            }
+            first = false;
+        }
+    }
+    if (found && first) {
+        return doc;
+    }
+    bson_init(tmp);
+    *used_tmp = true;
+    if (found) {
+        bson_append_iter(tmp, "_id", 3, &it);
+    } else {
+        bson_oid_t oid;
+        bson_oid_init(&oid, NULL);
+        BSON_APPEND_OID(tmp, "_id", &oid);
+    }
+    bson_iter_init(&it, doc);
+    while (bson_iter_next(&it)) {
+        if (strcmp(bson_iter_key(&it), "_id") != 0) {
+            bson_append_iter(tmp, NULL, 0, &it);
+        }
+    }
+    return tmp;
+}
+
+static void document_key_of(const bson_t *doc, bson_t *dk)
+{
+    bson_iter_t it;
+    bson_init(dk);
+    if (bson_iter_init_find(&it, doc, "_id")) {
+        bson_append_iter(dk, "_id", 3, &it);
+    }
+}
+
+static int check_size(const bson_t *doc, mc_error_t *err)
+{
+    if (doc->len > EMU_MAX_BSON_SIZE) {
+        return mc_error_set(err, MC_EINVAL, MC_DOMAIN_MONGODB, 10334,
+                            "object to insert too large. size in bytes: %u, max size: %d", doc->len,
+                            EMU_MAX_BSON_SIZE);
+    }
+    return 0;
+}
+
+/* ---- oplog ---- */
+
+static void record(emu_server_t *srv, emu_op_t op, const char *db, const emu_coll_t *c,
+                   const bson_t *doc_for_key, const bson_t *full, const bson_t *pre,
+                   const bson_t *update_desc)
+{
+    emu_change_t ch;
+    bson_t dk;
+
+    document_key_of(doc_for_key, &dk);
+    memset(&ch, 0, sizeof(ch));
+    ch.op = op;
+    ch.db = db;
+    ch.coll = c->name;
+    ch.coll_uuid = c->uuid;
+    ch.document_key = &dk;
+    ch.full_document = full;
+    ch.pre_image = c->images ? pre : NULL;
+    ch.images_enabled = c->images;
+    ch.update_description = update_desc;
+    emu_oplog_append(srv, &ch);
+    bson_destroy(&dk);
+}
+
+/* ---- write errors ---- */
+
+typedef struct write_result {
+    int32_t n;
+    int32_t n_modified;
+    bson_t write_errors;
+    uint32_t n_errors;
+    bson_t upserted;
+    uint32_t n_upserted;
+} write_result_t;
+
+static void wr_init(write_result_t *wr)
+{
+    memset(wr, 0, sizeof(*wr));
+    bson_init(&wr->write_errors);
+    bson_init(&wr->upserted);
+}
+
+static void wr_cleanup(write_result_t *wr)
+{
+    bson_destroy(&wr->write_errors);
+    bson_destroy(&wr->upserted);
+}
+
+static void wr_error(write_result_t *wr, uint32_t index, const mc_error_t *err, const bson_t *extra)
+{
+    bson_t e = BSON_INITIALIZER;
+    int code = err->domain == MC_DOMAIN_MONGODB && err->cause ? err->cause : 2;
+    BSON_APPEND_INT32(&e, "index", (int32_t)index);
+    BSON_APPEND_INT32(&e, "code", code);
+    if (extra) {
+        bson_concat(&e, extra);
+    }
+    BSON_APPEND_UTF8(&e, "errmsg", err->message);
+    append_idx_key(&wr->write_errors, wr->n_errors++, &e);
+    bson_destroy(&e);
+}
+
+static void wr_finish(write_result_t *wr, bson_t *reply, bool with_modified)
+{
+    BSON_APPEND_INT32(reply, "n", wr->n);
+    if (with_modified) {
+        if (wr->n_upserted) {
+            BSON_APPEND_ARRAY(reply, "upserted", &wr->upserted);
+        }
+        BSON_APPEND_INT32(reply, "nModified", wr->n_modified);
+    }
+    if (wr->n_errors) {
+        BSON_APPEND_ARRAY(reply, "writeErrors", &wr->write_errors);
+    }
+}
+
+/* The statements array of a write command; false (and an error reply) when malformed. */
+static bool statements(const bson_t *cmd, const char *cmdname, const char *field,
+                       bson_iter_t *items, uint32_t *count, bson_t *reply)
+{
+    bson_iter_t it, probe;
+    uint32_t n = 0;
+
+    if (!bson_iter_init_find(&it, cmd, field)) {
+        emu_reply_error(reply, 40414, "BSON field '%s.%s' is missing but a required field", cmdname,
+                        field);
+        return false;
+    }
+    if (!BSON_ITER_HOLDS_ARRAY(&it)) {
+        emu_reply_error(reply, 14,
+                        "BSON field '%s.%s' is the wrong type '%s', expected type "
+                        "'array'",
+                        cmdname, field, "non-array");
+        return false;
+    }
+    bson_iter_recurse(&it, &probe);
+    while (bson_iter_next(&probe)) {
+        if (!BSON_ITER_HOLDS_DOCUMENT(&probe)) {
+            emu_reply_error(reply, 14,
+                            "BSON field '%s.%s.%u' is the wrong type, expected "
+                            "type 'object'",
+                            cmdname, field, n);
+            return false;
+        }
+        n++;
+    }
+    if (n == 0 || n > EMU_MAX_WRITE_BATCH) {
+        emu_reply_error(reply, 16,
+                        "Write batch sizes must be between 1 and %d. Got %u "
+                        "operations.",
+                        EMU_MAX_WRITE_BATCH, n);
+        return false;
+    }
+    bson_iter_recurse(&it, items);
+    *count = n;
+    return true;
+}
+
+/* ---- insert ---- */
+
+void emu_cmd_insert(emu_conn_t *conn, const bson_t *cmd, const char *db, bson_t *reply)
+{
+    emu_server_t *srv = conn->srv;
+    const char *name = emu_cmd_collection(cmd, reply);
+    bool ordered = flag(cmd, "ordered", true);
+    bson_iter_t items;
+    uint32_t count, i = 0;
+    emu_coll_t *c;
+    write_result_t wr;
+    mc_error_t err;
+
+    if (!name || !statements(cmd, "insert", "documents", &items, &count, reply)) {
+        return;
+    }
+    c = emu_catalog_coll_get_or_create(srv, db, name, NULL, &err);
+    if (!c) {
+        emu_reply_error_from(reply, &err);
+        return;
+    }
+    wr_init(&wr);
+    for (; bson_iter_next(&items); i++) {
+        bson_t doc, tmp, dup = BSON_INITIALIZER;
+        bool used_tmp = false;
+        const bson_t *store;
+        int rc;
+
+        view_iter_doc(&items, &doc);
+        store = with_id_first(&doc, &tmp, &used_tmp, &err);
+        rc = store ? check_size(store, &err) : MC_EINVAL;
+        if (rc == 0) {
+            rc = emu_coll_insert(c, store, &dup, &err);
+        }
+        if (rc == 0) {
+            wr.n++;
+            record(srv, EMU_OP_INSERT, db, c, store, store, NULL, NULL);
+        } else {
+            wr_error(&wr, i, &err, &dup);
+        }
+        bson_destroy(&dup);
+        if (used_tmp) {
+            bson_destroy(&tmp);
+        }
+        if (rc && ordered) {
+            break;
+        }
+    }
+    wr_finish(&wr, reply, false);
+    wr_cleanup(&wr);
+}
+
+/* ---- update ---- */
+
+static int id_changed(const bson_t *before, const bson_t *after, mc_error_t *err)
+{
+    bson_iter_t a, b;
+    if (!bson_iter_init_find(&a, before, "_id")) {
+        return 0;
+    }
+    if (!bson_iter_init_find(&b, after, "_id") ||
+        mc_bson_value_compare(bson_iter_value(&a), bson_iter_value(&b)) != 0 ||
+        bson_iter_type(&a) != bson_iter_type(&b)) {
+        return mc_error_set(err, MC_EINVAL, MC_DOMAIN_MONGODB, 66,
+                            "After applying the update, the (immutable) field '_id' was found "
+                            "to have been altered");
+    }
+    return 0;
+}
+
+/* Applies `u` to the document in `slot`: stores it and records the change. *modified tells
+ * whether the document changed. `before_copy` (may be NULL) receives the old document. */
+static int update_slot(emu_server_t *srv, const char *db, emu_coll_t *c, size_t slot,
+                       const bson_value_t *u, emu_update_kind_t kind, bool *modified,
+                       bson_t *before_copy, bson_t *after_copy, bson_t *dup, mc_error_t *err)
+{
+    bson_t old, updated, pre;
+    emu_update_desc_t desc;
+    bool changed = false;
+    bool have_pre = false;
+    int rc;
+
+    emu_doc_view(&c->docs[slot], &old);
+    emu_update_desc_init(&desc);
+    rc = emu_update_apply(&old, u, false, &updated, &desc, &changed, err);
+    if (rc == 0) {
+        rc = id_changed(&old, &updated, err);
+    }
+    if (rc == 0) {
+        rc = check_size(&updated, err);
+    }
+    if (rc == 0 && before_copy) {
+        bson_copy_to(&old, before_copy);
+    }
+    if (rc == 0 && changed) {
+        /* the old bytes are overwritten by the replace: keep them for the pre-image */
+        if (c->images) {
+            bson_copy_to(&old, &pre);
+            have_pre = true;
+        }
+        rc = emu_coll_replace(c, slot, &updated, dup, err);
+        if (rc == 0) {
+            if (kind == EMU_UPDATE_REPLACEMENT) {
+                record(srv, EMU_OP_REPLACE, db, c, &updated, &updated, have_pre ? &pre : NULL,
+                       NULL);
+            } else {
+                bson_t wrap = BSON_INITIALIZER, ud;
+                bson_iter_t it;
+                emu_update_desc_append(&desc, &wrap, "u");
+                if (bson_iter_init_find(&it, &wrap, "u") && view_iter_doc(&it, &ud)) {
+                    record(srv, EMU_OP_UPDATE, db, c, &updated, &updated, have_pre ? &pre : NULL,
+                           &ud);
+                }
+                bson_destroy(&wrap);
+            }
+        } else if (before_copy) {
+            bson_destroy(before_copy);
+        }
+        if (have_pre) {
+            bson_destroy(&pre);
+        }
+    }
+    if (rc == 0 && after_copy) {
+        bson_copy_to(&updated, after_copy);
+    }
+    *modified = rc == 0 && changed;
+    bson_destroy(&updated);
+    emu_update_desc_cleanup(&desc);
+    return rc;
+}
+
+/* Builds and inserts the upsert document; fills *id_out's holder `upserted_id` with {_id}. */
+static int do_upsert(emu_server_t *srv, const char *db, const char *name, const bson_t *q,
+                     const bson_value_t *u, emu_update_kind_t kind, bson_t *id_doc,
+                     bson_t *after_copy, bson_t *dup, mc_error_t *err)
+{
+    bson_t seed, built, tmp;
+    const bson_t *store;
+    bool used_tmp = false;
+    emu_coll_t *c;
+    int rc;
+
+    rc = emu_upsert_seed(q, &seed, err);
+    if (rc) {
+        return rc;
+    }
+    if (kind == EMU_UPDATE_REPLACEMENT) {
+        bson_t repl;
+        bson_iter_t it;
+        bson_init(&built);
+        bson_init_static(&repl, u->value.v_doc.data, u->value.v_doc.data_len);
+        if (!bson_has_field(&repl, "_id") && bson_iter_init_find(&it, &seed, "_id")) {
+            bson_append_iter(&built, "_id", 3, &it);
+        }
+        bson_concat(&built, &repl);
+    } else {
+        rc = emu_update_apply(&seed, u, true, &built, NULL, NULL, err);
+        if (rc == 0) {
+            rc = id_changed(&seed, &built, err);
+        }
+    }
+    bson_destroy(&seed);
+    if (rc) {
+        bson_destroy(&built);
+        return rc;
+    }
+    store = with_id_first(&built, &tmp, &used_tmp, err);
+    rc = store ? check_size(store, err) : MC_EINVAL;
+    if (rc == 0) {
+        c = emu_catalog_coll_get_or_create(srv, db, name, NULL, err);
+        rc = c ? emu_coll_insert(c, store, dup, err) : MC_EINVAL;
+        if (rc == 0) {
+            record(srv, EMU_OP_INSERT, db, c, store, store, NULL, NULL);
+            document_key_of(store, id_doc);
+            if (after_copy) {
+                bson_copy_to(store, after_copy);
+            }
+        }
+    }
+    if (used_tmp) {
+        bson_destroy(&tmp);
+    }
+    bson_destroy(&built);
+    return rc;
+}
+
+static int update_value(const bson_t *stmt, bson_value_t *u, emu_update_kind_t *kind,
+                        mc_error_t *err)
+{
+    bson_iter_t it;
+    if (!bson_iter_init_find(&it, stmt, "u") ||
+        !(BSON_ITER_HOLDS_DOCUMENT(&it) || BSON_ITER_HOLDS_ARRAY(&it))) {
+        return mc_error_set(err, MC_EINVAL, MC_DOMAIN_MONGODB, 9,
+                            "BSON field 'update.updates.u' is missing or not an object or "
+                            "array");
+    }
+    *u = *bson_iter_value(&it);
+    return emu_update_kind(u, kind, err);
+}
+
+void emu_cmd_update(emu_conn_t *conn, const bson_t *cmd, const char *db, bson_t *reply)
+{
+    emu_server_t *srv = conn->srv;
+    const char *name = emu_cmd_collection(cmd, reply);
+    bool ordered = flag(cmd, "ordered", true);
+    bson_iter_t items;
+    uint32_t count, i = 0;
+    write_result_t wr;
+    slots_t slots = {0};
+
+    if (!name || !statements(cmd, "update", "updates", &items, &count, reply)) {
+        return;
+    }
+    wr_init(&wr);
+    for (; bson_iter_next(&items); i++) {
+        bson_t stmt, q, dup = BSON_INITIALIZER;
+        bson_value_t u;
+        emu_update_kind_t kind = EMU_UPDATE_OPERATORS;
+        bool multi, upsert;
+        matcher_t m = {0};
+        mc_error_t err;
+        emu_coll_t *c;
+        int rc = 0;
+
+        view_iter_doc(&items, &stmt);
+        multi = flag(&stmt, "multi", false);
+        upsert = flag(&stmt, "upsert", false);
+        if (!view_field_doc(&stmt, "q", &q)) {
+            rc = mc_error_set(&err, MC_EINVAL, MC_DOMAIN_MONGODB, 9,
+                              "BSON field 'update.updates.q' is missing or not an object");
+        }
+        if (rc == 0) {
+            rc = update_value(&stmt, &u, &kind, &err);
+        }
+        if (rc == 0 && bson_has_field(&stmt, "arrayFilters")) {
+            rc = mc_error_set(&err, MC_EINVAL, MC_DOMAIN_MONGODB, 2,
+                              "mongo-emulator does not support arrayFilters");
+        }
+        if (rc == 0 && multi && kind == EMU_UPDATE_REPLACEMENT) {
+            rc = mc_error_set(&err, MC_EINVAL, MC_DOMAIN_MONGODB, 9,
+                              "multi update is not supported for replacement-style update");
+        }
+        if (rc == 0) {
+            rc = matcher_init(&m, &q, &err);
+        }
+        if (rc == 0) {
+            c = emu_catalog_coll(srv, db, name);
+            collect(c, &m, multi ? ALL_MATCHES : 1, &slots);
+            for (size_t k = 0; k < slots.n && rc == 0; k++) {
+                bool modified;
+                rc = update_slot(srv, db, c, slots.v[k], &u, kind, &modified, NULL, NULL, &dup,
+                                 &err);
+                if (rc == 0) {
+                    wr.n++;
+                    wr.n_modified += modified ? 1 : 0;
+                }
+            }
+            if (rc == 0 && slots.n == 0 && upsert) {
+                bson_t id_doc = BSON_INITIALIZER;
+                rc = do_upsert(srv, db, name, &q, &u, kind, &id_doc, NULL, &dup, &err);
+                if (rc == 0) {
+                    bson_t e = BSON_INITIALIZER;
+                    BSON_APPEND_INT32(&e, "index", (int32_t)i);
+                    bson_concat(&e, &id_doc);
+                    append_idx_key(&wr.upserted, wr.n_upserted++, &e);
+                    bson_destroy(&e);
+                    wr.n++;
+                }
+                bson_destroy(&id_doc);
+            }
+        }
+        matcher_cleanup(&m);
+        if (rc) {
+            wr_error(&wr, i, &err, &dup);
+        }
+        bson_destroy(&dup);
+        if (rc && ordered) {
+            break;
+        }
+    }
+    bson_free(slots.v);
+    wr_finish(&wr, reply, true);
+    wr_cleanup(&wr);
+}
+
+/* ---- delete ---- */
+
+static void delete_slot(emu_server_t *srv, const char *db, emu_coll_t *c, size_t slot)
+{
+    bson_t doc;
+    emu_doc_view(&c->docs[slot], &doc);
+    /* recorded first: the pre-image is read from the stored bytes that the delete frees */
+    record(srv, EMU_OP_DELETE, db, c, &doc, NULL, &doc, NULL);
+    emu_coll_delete(c, slot);
+}
+
+void emu_cmd_delete(emu_conn_t *conn, const bson_t *cmd, const char *db, bson_t *reply)
+{
+    emu_server_t *srv = conn->srv;
+    const char *name = emu_cmd_collection(cmd, reply);
+    bool ordered = flag(cmd, "ordered", true);
+    bson_iter_t items;
+    uint32_t count, i = 0;
+    write_result_t wr;
+    slots_t slots = {0};
+
+    if (!name || !statements(cmd, "delete", "deletes", &items, &count, reply)) {
+        return;
+    }
+    wr_init(&wr);
+    for (; bson_iter_next(&items); i++) {
+        bson_t stmt, q;
+        bson_iter_t it;
+        int64_t limit = 0;
+        matcher_t m = {0};
+        mc_error_t err;
+        int rc = 0;
+
+        view_iter_doc(&items, &stmt);
+        if (!view_field_doc(&stmt, "q", &q)) {
+            rc = mc_error_set(&err, MC_EINVAL, MC_DOMAIN_MONGODB, 9,
+                              "BSON field 'delete.deletes.q' is missing or not an object");
+        }
+        if (rc == 0 && bson_iter_init_find(&it, &stmt, "limit")) {
+            limit = bson_iter_as_int64(&it);
+            if (limit != 0 && limit != 1) {
+                rc = mc_error_set(&err, MC_EINVAL, MC_DOMAIN_MONGODB, 9,
+                                  "The limit field in delete objects must be 0 or 1. Got %lld",
+                                  (long long)limit);
+            }
+        }
+        if (rc == 0) {
+            rc = matcher_init(&m, &q, &err);
+        }
+        if (rc == 0) {
+            emu_coll_t *c = emu_catalog_coll(srv, db, name);
+            collect(c, &m, limit == 1 ? 1 : ALL_MATCHES, &slots);
+            for (size_t k = 0; k < slots.n; k++) {
+                delete_slot(srv, db, c, slots.v[k]);
+                wr.n++;
+            }
+            if (c) {
+                emu_coll_maybe_compact(c);
+            }
+        }
+        matcher_cleanup(&m);
+        if (rc) {
+            wr_error(&wr, i, &err, NULL);
+            if (ordered) {
+                break;
+            }
+        }
+    }
+    bson_free(slots.v);
+    wr_finish(&wr, reply, false);
+    wr_cleanup(&wr);
+}
+
+/* ---- find ---- */
+
+static bool opt_doc(const bson_t *cmd, const char *name, bson_t *out, bson_t *reply,
+                    const char *cmdname)
+{
+    bson_iter_t it;
+    if (!bson_iter_init_find(&it, cmd, name) || BSON_ITER_HOLDS_NULL(&it)) {
+        bson_init(out);
+        return true;
+    }
+    if (!view_iter_doc(&it, out) || !BSON_ITER_HOLDS_DOCUMENT(&it)) {
+        emu_reply_error(reply, 14,
+                        "BSON field '%s.%s' is the wrong type, expected type "
+                        "'object'",
+                        cmdname, name);
+        return false;
+    }
+    return true;
+}
+
+static bool opt_int(const bson_t *cmd, const char *name, int64_t *out, bson_t *reply,
+                    const char *cmdname)
+{
+    bson_iter_t it;
+    if (!bson_iter_init_find(&it, cmd, name) || BSON_ITER_HOLDS_NULL(&it)) {
+        return true;
+    }
+    if (!BSON_ITER_HOLDS_NUMBER(&it)) {
+        emu_reply_error(reply, 14, "BSON field '%s.%s' is the wrong type, expected a number",
+                        cmdname, name);
+        return false;
+    }
+    *out = bson_iter_as_int64(&it);
+    return true;
+}
+
+/* Appends the documents of `slots` [from, to) to `out`, projected when `proj` has keys. */
+static int emit_docs(const emu_coll_t *c, const slots_t *s, size_t from, size_t to,
+                     const bson_t *proj, emu_bytes_t *out, mc_error_t *err)
+{
+    bool project = proj && !bson_empty(proj);
+    for (size_t k = from; k < to; k++) {
+        const emu_doc_t *d = &c->docs[s->v[k]];
+        if (project) {
+            bson_t doc, p;
+            emu_doc_view(d, &doc);
+            if (emu_projection_apply(proj, &doc, &p, err)) {
+                return MC_EINVAL;
+            }
+            if (!emu_bytes_append(out, bson_get_data(&p), p.len)) {
+                bson_destroy(&p);
+                return mc_error_set(err, MC_ENOMEM, MC_DOMAIN_MONGODB, 146, "result set too large");
+            }
+            bson_destroy(&p);
+        } else if (!emu_bytes_append(out, d->data, d->len)) {
+            return mc_error_set(err, MC_ENOMEM, MC_DOMAIN_MONGODB, 146, "result set too large");
+        }
+    }
+    return 0;
+}
+
+void emu_cmd_find(emu_conn_t *conn, const bson_t *cmd, const char *db, bson_t *reply)
+{
+    emu_server_t *srv = conn->srv;
+    const char *name = emu_cmd_collection(cmd, reply);
+    bson_t filter, sort, proj;
+    int64_t skip = 0, limit = 0, batch = -1;
+    bool single;
+    matcher_t m;
+    slots_t slots = {0};
+    emu_coll_t *c;
+    emu_bytes_t out = {0};
+    mc_error_t err;
+    char ns[400];
+    size_t from, to;
+
+    if (!name || !opt_doc(cmd, "filter", &filter, reply, "find") ||
+        !opt_doc(cmd, "sort", &sort, reply, "find") ||
+        !opt_doc(cmd, "projection", &proj, reply, "find") ||
+        !opt_int(cmd, "skip", &skip, reply, "find") ||
+        !opt_int(cmd, "limit", &limit, reply, "find") ||
+        !opt_int(cmd, "batchSize", &batch, reply, "find")) {
+        return;
+    }
+    single = flag(cmd, "singleBatch", false);
+    if (skip < 0) {
+        emu_reply_error(reply, 51024, "BSON field 'skip' value must be >= 0, actual value '%lld'",
+                        (long long)skip);
+        return;
+    }
+    if (limit < 0) {
+        /* legacy negative limit: one batch of at most |limit| */
+        limit = -limit;
+        single = true;
+    }
+    if (batch < -1) {
+        emu_reply_error(reply, 51024,
+                        "BSON field 'batchSize' value must be >= 0, actual value '%lld'",
+                        (long long)batch);
+        return;
+    }
+    if (flag(cmd, "tailable", false)) {
+        emu_reply_error(reply, 2,
+                        "error processing query: tailable cursor requested on non "
+                        "capped collection");
+        return;
+    }
+    if (!bson_empty(&proj) && emu_projection_check(&proj, &err)) {
+        emu_reply_error_from(reply, &err);
+        return;
+    }
+    if (matcher_init(&m, &filter, &err)) {
+        emu_reply_error_from(reply, &err);
+        return;
+    }
+    ns_of(ns, sizeof(ns), db, name);
+    c = emu_catalog_coll(srv, db, name);
+    if (bson_empty(&sort) && limit > 0) {
+        collect(c, &m, (size_t)(skip + limit), &slots);
+    } else {
+        collect(c, &m, ALL_MATCHES, &slots);
+    }
+    if (!bson_empty(&sort)) {
+        sort_slots(c, &sort, &slots);
+    }
+    from = (size_t)skip < slots.n ? (size_t)skip : slots.n;
+    to = limit > 0 && (size_t)limit < slots.n - from ? from + (size_t)limit : slots.n;
+    if (emit_docs(c, &slots, from, to, &proj, &out, &err)) {
+        emu_reply_error_from(reply, &err);
+        emu_bytes_free(&out);
+    } else {
+        if (limit > 0 && batch > limit) {
+            batch = limit;
+        }
+        emu_cursor_reply_first(srv, ns, out.data, out.len, (long)batch, single, reply);
+    }
+    bson_free(slots.v);
+    matcher_cleanup(&m);
+}
+
+/* ---- findAndModify ---- */
+
+static void append_value_doc(bson_t *reply, const bson_t *doc, const bson_t *fields,
+                             mc_error_t *err, bool *failed)
+{
+    if (!doc) {
+        BSON_APPEND_NULL(reply, "value");
+        return;
+    }
+    if (fields && !bson_empty(fields)) {
+        bson_t p;
+        if (emu_projection_apply(fields, doc, &p, err)) {
+            *failed = true;
+            return;
+        }
+        BSON_APPEND_DOCUMENT(reply, "value", &p);
+        bson_destroy(&p);
+    } else {
+        BSON_APPEND_DOCUMENT(reply, "value", doc);
+    }
+}
+
+void emu_cmd_find_and_modify(emu_conn_t *conn, const bson_t *cmd, const char *db, bson_t *reply)
+{
+    emu_server_t *srv = conn->srv;
+    const char *name = emu_cmd_collection(cmd, reply);
+    bson_t query, sort, fields, leo = BSON_INITIALIZER, value_doc, dup = BSON_INITIALIZER;
+    bool remove, want_new, upsert, have_value = false, failed = false;
+    bson_value_t u;
+    emu_update_kind_t kind = EMU_UPDATE_OPERATORS;
+    matcher_t m;
+    slots_t slots = {0};
+    emu_coll_t *c;
+    mc_error_t err;
+    int rc = 0;
+    bson_iter_t it;
+
+    memset(&u, 0, sizeof(u));
+
+    if (!name || !opt_doc(cmd, "query", &query, reply, "findAndModify") ||
+        !opt_doc(cmd, "sort", &sort, reply, "findAndModify") ||
+        !opt_doc(cmd, "fields", &fields, reply, "findAndModify")) {
+        bson_destroy(&leo);
+        bson_destroy(&dup);
+        return;
+    }
+    remove = flag(cmd, "remove", false);
+    want_new = flag(cmd, "new", false);
+    upsert = flag(cmd, "upsert", false);
+    if (remove && bson_has_field(cmd, "update")) {
+        emu_reply_error(reply, 9, "Cannot specify both an update and remove=true");
+        goto out;
+    }
+    if (!remove && !bson_has_field(cmd, "update")) {
+        emu_reply_error(reply, 9, "Either an update or remove=true must be specified");
+        goto out;
+    }
+    if (remove && (want_new || upsert)) {
+        emu_reply_error(reply, 9,
+                        "Cannot specify both new=true and remove=true; 'remove' always "
+                        "returns the deleted document");
+        goto out;
+    }
+    if (bson_has_field(cmd, "arrayFilters")) {
+        emu_reply_error(reply, 2, "mongo-emulator does not support arrayFilters");
+        goto out;
+    }
+    if (!remove) {
+        bson_iter_init_find(&it, cmd, "update");
+        if (!(BSON_ITER_HOLDS_DOCUMENT(&it) || BSON_ITER_HOLDS_ARRAY(&it))) {
+            emu_reply_error(reply, 14, "Update argument must be either an object or an array");
+            goto out;
+        }
+        u = *bson_iter_value(&it);
+        if (emu_update_kind(&u, &kind, &err)) {
+            emu_reply_error_from(reply, &err);
+            goto out;
+        }
+    }
+    if (!bson_empty(&fields) && emu_projection_check(&fields, &err)) {
+        emu_reply_error_from(reply, &err);
+        goto out;
+    }
+    if (matcher_init(&m, &query, &err)) {
+        emu_reply_error_from(reply, &err);
+        goto out;
+    }
+    c = emu_catalog_coll(srv, db, name);
+    collect(c, &m, bson_empty(&sort) ? 1 : ALL_MATCHES, &slots);
+    if (slots.n > 1) {
+        sort_slots(c, &sort, &slots);
+    }
+    if (slots.n > 0 && remove) {
+        bson_t doc;
+        emu_doc_view(&c->docs[slots.v[0]], &doc);
+        bson_copy_to(&doc, &value_doc);
+        have_value = true;
+        delete_slot(srv, db, c, slots.v[0]);
+        emu_coll_maybe_compact(c);
+        BSON_APPEND_INT32(&leo, "n", 1);
+    } else if (slots.n > 0) {
+        bool modified;
+        rc = update_slot(srv, db, c, slots.v[0], &u, kind, &modified, want_new ? NULL : &value_doc,
+                         want_new ? &value_doc : NULL, &dup, &err);
+        if (rc == 0) {
+            have_value = true;
+            BSON_APPEND_INT32(&leo, "n", 1);
+            BSON_APPEND_BOOL(&leo, "updatedExisting", true);
+        }
+    } else if (upsert && !remove) {
+        bson_t id_doc = BSON_INITIALIZER;
+        rc = do_upsert(srv, db, name, &query, &u, kind, &id_doc, want_new ? &value_doc : NULL, &dup,
+                       &err);
+        if (rc == 0) {
+            have_value = want_new;
+            BSON_APPEND_INT32(&leo, "n", 1);
+            BSON_APPEND_BOOL(&leo, "updatedExisting", false);
+            if (bson_iter_init_find(&it, &id_doc, "_id")) {
+                bson_append_iter(&leo, "upserted", -1, &it);
+            }
+        }
+        bson_destroy(&id_doc);
+    } else {
+        BSON_APPEND_INT32(&leo, "n", 0);
+        if (!remove) {
+            BSON_APPEND_BOOL(&leo, "updatedExisting", false);
+        }
+    }
+    if (rc) {
+        emu_reply_error_from(reply, &err);
+        if (!bson_empty(&dup)) {
+            bson_concat(reply, &dup);
+        }
+    } else {
+        BSON_APPEND_DOCUMENT(reply, "lastErrorObject", &leo);
+        append_value_doc(reply, have_value ? &value_doc : NULL, &fields, &err, &failed);
+        if (failed) {
+            emu_reply_error_from(reply, &err);
+        }
+    }
+    if (have_value) {
+        bson_destroy(&value_doc);
+    }
+    bson_free(slots.v);
+    matcher_cleanup(&m);
+out:
+    bson_destroy(&leo);
+    bson_destroy(&dup);
+}
+
+/* ---- count, distinct ---- */
+
+void emu_cmd_count(emu_conn_t *conn, const bson_t *cmd, const char *db, bson_t *reply)
+{
+    const char *name = emu_cmd_collection(cmd, reply);
+    bson_t query;
+    int64_t skip = 0, limit = 0, n;
+    matcher_t m;
+    slots_t slots = {0};
+    emu_coll_t *c;
+    mc_error_t err;
+
+    if (!name || !opt_doc(cmd, "query", &query, reply, "count") ||
+        !opt_int(cmd, "skip", &skip, reply, "count") ||
+        !opt_int(cmd, "limit", &limit, reply, "count")) {
+        return;
+    }
+    if (skip < 0) {
+        emu_reply_error(reply, 2, "skip value is negative in count query");
+        return;
+    }
+    c = emu_catalog_coll(conn->srv, db, name);
+    if (bson_empty(&query)) {
+        n = c ? (int64_t)c->n_live : 0;
+    } else {
+        if (matcher_init(&m, &query, &err)) {
+            emu_reply_error_from(reply, &err);
+            return;
+        }
+        collect(c, &m, ALL_MATCHES, &slots);
+        n = (int64_t)slots.n;
+        bson_free(slots.v);
+        matcher_cleanup(&m);
+    }
+    n = n > skip ? n - skip : 0;
+    if (limit != 0) {
+        int64_t l = limit < 0 ? -limit : limit;
+        n = n < l ? n : l;
+    }
+    BSON_APPEND_INT32(reply, "n", (int32_t)n);
+}
+
+typedef struct value_ref {
+    bson_value_t v;
+} value_ref_t;
+
+static int compare_values(const void *a, const void *b)
+{
+    return mc_bson_value_compare(&((const value_ref_t *)a)->v, &((const value_ref_t *)b)->v);
+}
+
+void emu_cmd_distinct(emu_conn_t *conn, const bson_t *cmd, const char *db, bson_t *reply)
+{
+    const char *name = emu_cmd_collection(cmd, reply);
+    bson_t query, arr;
+    bson_iter_t it;
+    const char *key;
+    matcher_t m;
+    slots_t slots = {0};
+    emu_coll_t *c;
+    mc_error_t err;
+    value_ref_t *vals = NULL;
+    size_t n = 0, cap = 0;
+    uint32_t out = 0;
+
+    if (!name || !opt_doc(cmd, "query", &query, reply, "distinct")) {
+        return;
+    }
+    if (!bson_iter_init_find(&it, cmd, "key") || !BSON_ITER_HOLDS_UTF8(&it)) {
+        emu_reply_error(reply, 40414,
+                        "BSON field 'distinct.key' is missing but a required "
+                        "field");
+        return;
+    }
+    key = bson_iter_utf8(&it, NULL);
+    if (matcher_init(&m, &query, &err)) {
+        emu_reply_error_from(reply, &err);
+        return;
+    }
+    c = emu_catalog_coll(conn->srv, db, name);
+    collect(c, &m, ALL_MATCHES, &slots);
+    for (size_t k = 0; k < slots.n; k++) {
+        bson_t doc;
+        bson_iter_t di, found;
+        emu_doc_view(&c->docs[slots.v[k]], &doc);
+        if (!bson_iter_init(&di, &doc) || !bson_iter_find_descendant(&di, key, &found)) {
+            continue;
+        }
+        if (BSON_ITER_HOLDS_ARRAY(&found)) {
+            bson_iter_t el;
+            bson_iter_recurse(&found, &el);
+            while (bson_iter_next(&el)) {
+                if (n == cap) {
+                    cap = cap ? cap * 2 : 64;
+                    vals = bson_realloc(vals, cap * sizeof(*vals));
+                }
+                vals[n++].v = *bson_iter_value(&el);
+            }
+        } else {
+            if (n == cap) {
+                cap = cap ? cap * 2 : 64;
+                vals = bson_realloc(vals, cap * sizeof(*vals));
+            }
+            vals[n++].v = *bson_iter_value(&found);
+        }
+    }
+    if (n > 1) {
+        qsort(vals, n, sizeof(*vals), compare_values);
+    }
+    BSON_APPEND_ARRAY_BEGIN(reply, "values", &arr);
+    for (size_t k = 0; k < n; k++) {
+        if (k > 0 && mc_bson_value_compare(&vals[k - 1].v, &vals[k].v) == 0) {
+            continue;
+        }
+        {
+            char keybuf[16];
+            const char *ak;
+            size_t klen = bson_uint32_to_string(out++, &ak, keybuf, sizeof(keybuf));
+            bson_append_value(&arr, ak, (int)klen, &vals[k].v);
+        }
+    }
+    bson_append_array_end(reply, &arr);
+    bson_free(vals);
+    bson_free(slots.v);
+    matcher_cleanup(&m);
+}
+
+/* ---- aggregate ---- */
+
+void emu_cmd_aggregate(emu_conn_t *conn, const bson_t *cmd, const char *db, bson_t *reply)
+{
+    emu_server_t *srv = conn->srv;
+    bson_iter_t it;
+    const char *name;
+    bson_t stages, cursor_opt;
+    emu_pipeline_t *p;
+    emu_coll_t *c;
+    mc_error_t err;
+    bson_t *views = NULL;
+    const bson_t **ptrs = NULL;
+    size_t n = 0;
+    bson_t **results = NULL;
+    size_t n_results = 0;
+    emu_bytes_t out = {0};
+    long batch = -1;
+    char ns[400];
+    mc_filter_t *pre = NULL;
+
+    bson_iter_init(&it, cmd);
+    bson_iter_next(&it);
+    if (!BSON_ITER_HOLDS_UTF8(&it)) {
+        emu_reply_error(reply, 73,
+                        "mongo-emulator supports {aggregate: 1} only with "
+                        "$changeStream");
+        return;
+    }
+    name = emu_cmd_collection(cmd, reply);
+    if (!name) {
+        return;
+    }
+    if (!bson_iter_init_find(&it, cmd, "pipeline") || !BSON_ITER_HOLDS_ARRAY(&it)) {
+        emu_reply_error(reply, 14, "'pipeline' option must be specified as an array");
+        return;
+    }
+    view_iter_doc(&it, &stages);
+    if (flag(cmd, "explain", false)) {
+        emu_reply_error(reply, 20, "mongo-emulator does not support explain");
+        return;
+    }
+    if (!view_field_doc(cmd, "cursor", &cursor_opt)) {
+        emu_reply_error(reply, 9,
+                        "The 'cursor' option is required, except for aggregate with the "
+                        "explain argument");
+        return;
+    }
+    if (bson_iter_init_find(&it, &cursor_opt, "batchSize") && BSON_ITER_HOLDS_NUMBER(&it)) {
+        int64_t b = bson_iter_as_int64(&it);
+        if (b < 0) {
+            emu_reply_error(reply, 51024,
+                            "BSON field 'batchSize' value must be >= 0, actual "
+                            "value '%lld'",
+                            (long long)b);
+            return;
+        }
+        batch = (long)b;
+    }
+    p = emu_pipeline_new(&stages, false, &err);
+    if (!p) {
+        emu_reply_error_from(reply, &err);
+        return;
+    }
+    /* A leading $match is applied here first, so that a selective pipeline over a large
+     * collection does not need a view of every document. */
+    {
+        bson_iter_t st, first;
+        bson_t q;
+        if (bson_iter_init(&st, &stages) && bson_iter_next(&st) && BSON_ITER_HOLDS_DOCUMENT(&st) &&
+            bson_iter_recurse(&st, &first) && bson_iter_next(&first) &&
+            strcmp(bson_iter_key(&first), "$match") == 0 && view_iter_doc(&first, &q) &&
+            BSON_ITER_HOLDS_DOCUMENT(&first)) {
+            pre = mc_filter_new(&q, NULL, NULL);
+        }
+    }
+    c = emu_catalog_coll(srv, db, name);
+    if (c && c->n_live) {
+        views = bson_malloc(c->n_live * sizeof(*views));
+        ptrs = bson_malloc(c->n_live * sizeof(*ptrs));
+        for (size_t s = 0; s < c->n_slots; s++) {
+            if (!c->docs[s].data) {
+                continue;
+            }
+            emu_doc_view(&c->docs[s], &views[n]);
+            if (pre && !mc_filter_match(pre, &views[n])) {
+                continue;
+            }
+            ptrs[n] = &views[n];
+            n++;
+        }
+    }
+    mc_filter_destroy(pre);
+    if (emu_pipeline_run(p, ptrs, n, &results, &n_results, &err)) {
+        emu_reply_error_from(reply, &err);
+    } else {
+        bool ok = true;
+        for (size_t k = 0; k < n_results; k++) {
+            ok = ok && emu_bytes_append(&out, bson_get_data(results[k]), results[k]->len);
+            bson_destroy(results[k]);
+        }
+        bson_free(results);
+        if (!ok) {
+            emu_bytes_free(&out);
+            emu_reply_error(reply, 146, "aggregation result too large");
+        } else {
+            ns_of(ns, sizeof(ns), db, name);
+            emu_cursor_reply_first(srv, ns, out.data, out.len, batch, false, reply);
+        }
+    }
+    bson_free(views);
+    bson_free(ptrs);
+    emu_pipeline_destroy(p);
+}
