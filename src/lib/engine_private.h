@@ -44,6 +44,12 @@ char *mc__event_render_raw(const mc_event_t *ev, size_t *len);
 /* Resolves a dotted recipient path in `change` as mc_event_new_change() documents. Returns a
  * bson_malloc'ed string or NULL. */
 char *mc__recipient_resolve(const bson_t *change, const char *path);
+/* Finds the value at a recipient path with the same pre-image rule (for lookups, which need
+ * the value with its BSON type). False when absent. */
+bool mc__recipient_find(const bson_t *change, const char *path, bson_iter_t *found);
+/* Replaces the event's recipient with `recipient` (bson_malloc'ed or NULL; taken). Only on
+ * the watcher thread that built the event, before it is shared. */
+void mc__event_set_recipient_take(mc_event_t *ev, char *recipient);
 
 /* ---- Bounded MPSC queue (push: watcher threads; pop: dispatch thread) ----------------- */
 

@@ -151,10 +151,10 @@ static bool field_present(const bson_t *doc, const char *key)
            !BSON_ITER_HOLDS_UNDEFINED(&it);
 }
 
-char *mc__recipient_resolve(const bson_t *change, const char *path)
+bool mc__recipient_find(const bson_t *change, const char *path, bson_iter_t *found)
 {
     if (!change || !path || !*path) {
-        return NULL;
+        return false;
     }
     static const char prefix[] = "fullDocument.";
     char *alt = NULL;
@@ -164,15 +164,26 @@ char *mc__recipient_resolve(const bson_t *change, const char *path)
         alt = bson_strdup_printf("fullDocumentBeforeChange.%s", path + sizeof(prefix) - 1);
         use = alt;
     }
-    bson_iter_t it, found;
-    char *out = NULL;
-    if (bson_iter_init(&it, change) && bson_iter_find_descendant(&it, use, &found)) {
-        if (render_scalar(&found, &out) != 0) {
-            out = NULL;
-        }
-    }
+    bson_iter_t it;
+    bool ok = bson_iter_init(&it, change) && bson_iter_find_descendant(&it, use, found);
     bson_free(alt);
+    return ok;
+}
+
+char *mc__recipient_resolve(const bson_t *change, const char *path)
+{
+    bson_iter_t found;
+    char *out = NULL;
+    if (mc__recipient_find(change, path, &found) && render_scalar(&found, &out) != 0) {
+        out = NULL;
+    }
     return out;
+}
+
+void mc__event_set_recipient_take(mc_event_t *ev, char *recipient)
+{
+    bson_free(ev->recipient);
+    ev->recipient = recipient;
 }
 
 static int fill_from_change(mc_event_t *ev, const bson_t *change, mc_error_t *err)

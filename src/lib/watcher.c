@@ -24,6 +24,7 @@
 #include <string.h>
 
 #include "engine_private.h"
+#include "recipient_lookup.h"
 
 #define PUSH_WAIT_MS 200
 
@@ -42,6 +43,8 @@ typedef struct watcher {
     bool first_open;           /* the ad hoc start option applies only before any position */
     mc__backoff_t backoff;
     mc_log_ratelimit_t rl;
+    mongoc_client_t *client;   /* the pool client the open stream runs on; NULL between */
+    mc__recipient_lookup_t *lookup; /* recipient: {path, lookup}; NULL otherwise */
 } watcher_t;
 
 static bool stopping(const watcher_t *w)
@@ -383,6 +386,15 @@ static read_result_t read_loop(watcher_t *w, mongoc_change_stream_t *cs, bson_er
                                "change event unusable: %s", eerr.message);
                 return READ_ERROR;
             }
+            if (s->cfg->lookup) {
+                /* The path's value is a reference (never the recipient itself, even when
+                 * the lookup object could not be built); the recipient lives in another
+                 * collection. Blocking here (not on the loop thread) is the design: the
+                 * cursor is idle between next() calls, so the same client can query. */
+                mc__event_set_recipient_take(
+                    ev, mc__recipient_lookup_resolve(w->lookup, w->client, mc_event_change(ev),
+                                                     s->cfg->recipient, &w->e->stopping));
+            }
             set_pos(w, mc_event_resume_token(ev), false);
             if (op) {
                 bson_strncpy(w->last_op_buf, op, sizeof(w->last_op_buf));
@@ -459,6 +471,9 @@ void *mc__watcher_main(void *arg)
     mc__backoff_init(&w.backoff, w.e->opts.backoff_initial_ms, w.e->opts.backoff_max_ms,
                      (uint64_t)mc__wall_ms() * 2654435761u + (uint64_t)s->index * 97 + 1);
     const char *name = s->cfg->name;
+    if (s->cfg->lookup && s->cfg->recipient) {
+        w.lookup = mc__recipient_lookup_new(s->cfg->lookup, name);
+    }
 
     bool failed;
     load_start_position(&w, &failed);
@@ -498,7 +513,9 @@ void *mc__watcher_main(void *arg)
                     break;
                 }
             }
+            w.client = client;
             rr = read_loop(&w, cs, &err, &reply);
+            w.client = NULL;
         }
         mongoc_change_stream_destroy(cs);
         mongoc_client_pool_push(w.e->pool, client);
@@ -556,5 +573,6 @@ void *mc__watcher_main(void *arg)
     }
     bson_destroy(&reply);
     mc__position_clear(&w.pos);
+    mc__recipient_lookup_destroy(w.lookup);
     return NULL;
 }

@@ -1,0 +1,607 @@
+/*
+ * auth.c: subscriber authentication (JWT) and the WebSocket Origin allowlist (auth.h).
+ *
+ * Thread: mcd_auth_new() runs at start-up; afterwards the object is read-only and
+ * mcd_auth_verify() may run on any thread (the loop thread in practice).
+ *
+ * Verification order, chosen so that nothing about a token's claims is revealed (or even
+ * parsed for decisions) before its signature holds:
+ *   1. shape: at most MAX_TOKEN_BYTES, exactly three non-empty base64url segments, the
+ *      header and payload each exactly one JSON object without duplicate keys;
+ *   2. the header's `alg` must equal the configured algorithm byte for byte. libjwt 1.10
+ *      trusts the header `alg` (it would verify an HS256 token whose HMAC key is our RSA
+ *      public key PEM, and accepts alg "none" when no key is passed), so the pin happens
+ *      here, before libjwt sees the token; `crit` is refused (we implement no extension);
+ *   3. jwt_decode() with the configured key checks the signature, and jwt_get_alg() must
+ *      still name the pinned algorithm (belt and braces against a libjwt parsing quirk);
+ *   4. claims, from our own parse of the same signed payload bytes: exp / nbf with
+ *      LEEWAY_S leeway, iss and aud when configured, the identity claim, `roles`.
+ * Refusal messages are fixed strings: they never echo token bytes or claim values.
+ *
+ * Invariant: an mcd_auth_t never changes after mcd_auth_new(), so no locking is needed.
+ */
+#include "auth.h"
+
+#include <jwt.h>
+#include <math.h>
+#include <openssl/evp.h>
+#include <openssl/pem.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+
+#include "json_object.h"
+
+#define MAX_TOKEN_BYTES 8192
+#define MAX_KEY_FILE_BYTES 65536
+#define LEEWAY_S 60
+/* RFC 7518 §3.2: an HS256 key must be at least as long as the hash output. */
+#define MIN_HS256_SECRET_BYTES 32
+#define MIN_RSA_BITS 2048
+
+struct mcd_auth {
+    bool enabled;
+    jwt_alg_t alg;
+    char alg_name[8];
+    unsigned char *key; /* HS256: the secret; RS256/ES256: the PEM text */
+    int key_len;
+    char *identity_claim;
+    char *admin_role; /* NULL: nobody is admin */
+    char *issuer;     /* NULL: not checked */
+    char *audience;   /* NULL: not checked */
+};
+
+/* ---- Construction ------------------------------------------------------------------- */
+
+static int read_key_file(const char *path, unsigned char **out, int *out_len, mc_error_t *err)
+{
+    FILE *f = fopen(path, "rb");
+    if (!f) {
+        return mc_error_set(err, MC_EIO, MC_DOMAIN_MONGOCAST, MC_EIO,
+                            "auth.jwt.public_key_file %s: cannot open", path);
+    }
+    unsigned char *buf = malloc(MAX_KEY_FILE_BYTES + 1);
+    if (!buf) {
+        fclose(f);
+        return mc_error_set(err, MC_ENOMEM, MC_DOMAIN_MONGOCAST, MC_ENOMEM, "out of memory");
+    }
+    size_t n = fread(buf, 1, MAX_KEY_FILE_BYTES + 1, f);
+    bool bad = ferror(f) != 0;
+    fclose(f);
+    if (bad || n == 0 || n > MAX_KEY_FILE_BYTES) {
+        free(buf);
+        return mc_error_set(err, MC_ECONFIG, MC_DOMAIN_MONGOCAST, MC_ECONFIG,
+                            "auth.jwt.public_key_file %s: %s", path,
+                            bad      ? "read error"
+                            : n == 0 ? "empty file"
+                                     : "larger than 64 KiB");
+    }
+    buf[n] = '\0';
+    *out = buf;
+    *out_len = (int)n;
+    return 0;
+}
+
+/* The key must be a PEM "PUBLIC KEY" of the kind the algorithm needs; finding out now turns
+ * a wrong file into a start-up error instead of every token failing with "bad signature". */
+static int check_public_key(const char *path, const unsigned char *pem, int len, jwt_alg_t alg,
+                            mc_error_t *err)
+{
+    BIO *bio = BIO_new_mem_buf(pem, len);
+    EVP_PKEY *pkey = bio ? PEM_read_bio_PUBKEY(bio, NULL, NULL, NULL) : NULL;
+    BIO_free(bio);
+    if (!pkey) {
+        return mc_error_set(err, MC_ECONFIG, MC_DOMAIN_MONGOCAST, MC_ECONFIG,
+                            "auth.jwt.public_key_file %s: not a PEM public key "
+                            "(-----BEGIN PUBLIC KEY-----)",
+                            path);
+    }
+    int rc = 0;
+    if (alg == JWT_ALG_RS256) {
+        if (EVP_PKEY_get_base_id(pkey) != EVP_PKEY_RSA) {
+            rc = mc_error_set(err, MC_ECONFIG, MC_DOMAIN_MONGOCAST, MC_ECONFIG,
+                              "auth.jwt.public_key_file %s: RS256 needs an RSA key", path);
+        } else if (EVP_PKEY_get_bits(pkey) < MIN_RSA_BITS) {
+            rc = mc_error_set(err, MC_ECONFIG, MC_DOMAIN_MONGOCAST, MC_ECONFIG,
+                              "auth.jwt.public_key_file %s: RSA key shorter than %d bits", path,
+                              MIN_RSA_BITS);
+        }
+    } else {
+        char group[64] = {0};
+        size_t glen = 0;
+        if (EVP_PKEY_get_base_id(pkey) != EVP_PKEY_EC ||
+            !EVP_PKEY_get_utf8_string_param(pkey, "group", group, sizeof(group), &glen) ||
+            (strcmp(group, "prime256v1") != 0 && strcmp(group, "P-256") != 0)) {
+            rc = mc_error_set(err, MC_ECONFIG, MC_DOMAIN_MONGOCAST, MC_ECONFIG,
+                              "auth.jwt.public_key_file %s: ES256 needs an EC P-256 key", path);
+        }
+    }
+    EVP_PKEY_free(pkey);
+    return rc;
+}
+
+static char *dup_or_null(const char *s)
+{
+    return s ? bson_strdup(s) : NULL;
+}
+
+mcd_auth_t *mcd_auth_new(const mc_config_t *config, mc_error_t *err)
+{
+    if (!config) {
+        mc_error_set(err, MC_EINVAL, MC_DOMAIN_MONGOCAST, MC_EINVAL, "mcd_auth_new: no config");
+        return NULL;
+    }
+    mcd_auth_t *a = calloc(1, sizeof(*a));
+    if (!a) {
+        mc_error_set(err, MC_ENOMEM, MC_DOMAIN_MONGOCAST, MC_ENOMEM, "out of memory");
+        return NULL;
+    }
+    if (!config->auth.enabled) {
+        return a;
+    }
+    const char *alg = config->auth.algorithm ? config->auth.algorithm : "";
+    if (strcmp(alg, "HS256") == 0) {
+        a->alg = JWT_ALG_HS256;
+    } else if (strcmp(alg, "RS256") == 0) {
+        a->alg = JWT_ALG_RS256;
+    } else if (strcmp(alg, "ES256") == 0) {
+        a->alg = JWT_ALG_ES256;
+    } else {
+        mc_error_set(err, MC_ECONFIG, MC_DOMAIN_MONGOCAST, MC_ECONFIG,
+                     "auth.jwt.algorithm must be HS256, RS256 or ES256");
+        goto fail;
+    }
+    bson_strncpy(a->alg_name, alg, sizeof(a->alg_name));
+    if (a->alg == JWT_ALG_HS256) {
+        const char *secret = config->auth.secret;
+        if (!secret || config->auth.public_key_file) {
+            mc_error_set(err, MC_ECONFIG, MC_DOMAIN_MONGOCAST, MC_ECONFIG,
+                         "auth.jwt: HS256 needs secret (and no public_key_file)");
+            goto fail;
+        }
+        size_t n = strlen(secret);
+        if (n < MIN_HS256_SECRET_BYTES) {
+            mc_error_set(err, MC_ECONFIG, MC_DOMAIN_MONGOCAST, MC_ECONFIG,
+                         "auth.jwt.secret is too short for HS256: %zu bytes, at least %d "
+                         "needed (RFC 7518 section 3.2); use a random value such as the output "
+                         "of `openssl rand -base64 48`",
+                         n, MIN_HS256_SECRET_BYTES);
+            goto fail;
+        }
+        if (n > MAX_KEY_FILE_BYTES) {
+            mc_error_set(err, MC_ECONFIG, MC_DOMAIN_MONGOCAST, MC_ECONFIG,
+                         "auth.jwt.secret is longer than 64 KiB");
+            goto fail;
+        }
+        a->key = (unsigned char *)bson_strdup(secret);
+        a->key_len = (int)n;
+    } else {
+        const char *path = config->auth.public_key_file;
+        if (!path || config->auth.secret) {
+            mc_error_set(err, MC_ECONFIG, MC_DOMAIN_MONGOCAST, MC_ECONFIG,
+                         "auth.jwt: %s needs public_key_file (and no secret)", alg);
+            goto fail;
+        }
+        unsigned char *pem = NULL;
+        int len = 0;
+        if (read_key_file(path, &pem, &len, err) != 0) {
+            goto fail;
+        }
+        /* Kept in malloc memory; freed in destroy through the same pointer. */
+        a->key = pem;
+        a->key_len = len;
+        if (check_public_key(path, pem, len, a->alg, err) != 0) {
+            goto fail;
+        }
+    }
+    a->identity_claim = bson_strdup(config->auth.identity_claim && *config->auth.identity_claim
+                                        ? config->auth.identity_claim
+                                        : "sub");
+    a->admin_role = dup_or_null(config->auth.admin_role);
+    a->issuer = dup_or_null(config->auth.issuer);
+    a->audience = dup_or_null(config->auth.audience);
+    a->enabled = true;
+    return a;
+fail:
+    mcd_auth_destroy(a);
+    return NULL;
+}
+
+void mcd_auth_destroy(mcd_auth_t *auth)
+{
+    if (!auth) {
+        return;
+    }
+    if (auth->key) {
+        /* The secret should not linger in freed heap memory. */
+        OPENSSL_cleanse(auth->key, (size_t)auth->key_len);
+        if (auth->alg == JWT_ALG_HS256) {
+            bson_free(auth->key);
+        } else {
+            free(auth->key);
+        }
+    }
+    bson_free(auth->identity_claim);
+    bson_free(auth->admin_role);
+    bson_free(auth->issuer);
+    bson_free(auth->audience);
+    free(auth);
+}
+
+bool mcd_auth_enabled(const mcd_auth_t *auth)
+{
+    return auth && auth->enabled;
+}
+
+/* ---- Token shape ------------------------------------------------------------------- */
+
+static int b64url_value(unsigned char c)
+{
+    if (c >= 'A' && c <= 'Z') {
+        return c - 'A';
+    }
+    if (c >= 'a' && c <= 'z') {
+        return c - 'a' + 26;
+    }
+    if (c >= '0' && c <= '9') {
+        return c - '0' + 52;
+    }
+    if (c == '-') {
+        return 62;
+    }
+    if (c == '_') {
+        return 63;
+    }
+    return -1;
+}
+
+/* Strict unpadded base64url (RFC 7515 §2): no '=', no whitespace, no stray bits, so that one
+ * token has exactly one spelling. Writes at most len*3/4 bytes to out. Returns the decoded
+ * length or -1. */
+static long b64url_decode(const char *in, size_t len, unsigned char *out)
+{
+    if (len % 4 == 1) {
+        return -1;
+    }
+    uint32_t acc = 0;
+    int bits = 0;
+    long n = 0;
+    for (size_t i = 0; i < len; i++) {
+        int v = b64url_value((unsigned char)in[i]);
+        if (v < 0) {
+            return -1;
+        }
+        acc = (acc << 6) | (uint32_t)v;
+        bits += 6;
+        if (bits >= 8) {
+            bits -= 8;
+            out[n++] = (unsigned char)(acc >> bits);
+            acc &= (1u << bits) - 1;
+        }
+    }
+    if (acc != 0) {
+        return -1; /* non-zero leftover bits: a second spelling of the same bytes */
+    }
+    return n;
+}
+
+/* Decodes one segment and parses it as one JSON object without duplicate keys. */
+static int segment_object(const char *seg, size_t len, bson_t *out)
+{
+    unsigned char buf[MAX_TOKEN_BYTES];
+    long n = b64url_decode(seg, len, buf);
+    if (n <= 0 || mcd_json_object_parse((const char *)buf, (size_t)n, out) != 0) {
+        return -1;
+    }
+    if (mcd_json_has_duplicate_keys(out)) {
+        /* libjwt (jansson) would keep the last value, we the first: refuse the ambiguity. */
+        bson_destroy(out);
+        return -1;
+    }
+    return 0;
+}
+
+/* ---- Claims ------------------------------------------------------------------------- */
+
+typedef enum num_result {
+    NUM_ABSENT = 0,
+    NUM_OK,
+    NUM_BAD,
+} num_result_t;
+
+/* A NumericDate (RFC 7519 §2): a JSON number of seconds, fractions allowed (floored). */
+static num_result_t numeric_date(const bson_t *claims, const char *name, int64_t *out)
+{
+    bson_iter_t it;
+    if (!bson_iter_init_find(&it, claims, name)) {
+        return NUM_ABSENT;
+    }
+    switch (bson_iter_type(&it)) {
+    case BSON_TYPE_INT32: *out = bson_iter_int32(&it); return NUM_OK;
+    case BSON_TYPE_INT64: *out = bson_iter_int64(&it); return NUM_OK;
+    case BSON_TYPE_DOUBLE: {
+        double d = bson_iter_double(&it);
+        if (!isfinite(d) || d > 9.0e15 || d < -9.0e15) {
+            return NUM_BAD;
+        }
+        *out = (int64_t)floor(d);
+        return NUM_OK;
+    }
+    default: return NUM_BAD;
+    }
+}
+
+static bool string_claim_equals(const bson_iter_t *it, const char *want)
+{
+    uint32_t len;
+    const char *s = bson_iter_utf8(it, &len);
+    return strlen(want) == len && memcmp(s, want, len) == 0;
+}
+
+/* aud may be one string or an array of strings (RFC 7519 §4.1.3); comparison is exact. */
+static bool audience_ok(const bson_t *claims, const char *want)
+{
+    bson_iter_t it, el;
+    if (!bson_iter_init_find(&it, claims, "aud")) {
+        return false;
+    }
+    if (BSON_ITER_HOLDS_UTF8(&it)) {
+        return string_claim_equals(&it, want);
+    }
+    if (!BSON_ITER_HOLDS_ARRAY(&it) || !bson_iter_recurse(&it, &el)) {
+        return false;
+    }
+    while (bson_iter_next(&el)) {
+        if (BSON_ITER_HOLDS_UTF8(&el) && string_claim_equals(&el, want)) {
+            return true;
+        }
+    }
+    return false;
+}
+
+/* `roles`: an array of strings, or one space-separated string (OAuth `scope` style). */
+static bool has_role(const bson_t *claims, const char *role)
+{
+    bson_iter_t it, el;
+    if (!role || !bson_iter_init_find(&it, claims, "roles")) {
+        return false;
+    }
+    if (BSON_ITER_HOLDS_ARRAY(&it) && bson_iter_recurse(&it, &el)) {
+        while (bson_iter_next(&el)) {
+            if (BSON_ITER_HOLDS_UTF8(&el) && string_claim_equals(&el, role)) {
+                return true;
+            }
+        }
+        return false;
+    }
+    if (!BSON_ITER_HOLDS_UTF8(&it)) {
+        return false;
+    }
+    uint32_t len;
+    const char *s = bson_iter_utf8(&it, &len);
+    size_t rlen = strlen(role);
+    size_t i = 0;
+    while (i < len) {
+        while (i < len && s[i] == ' ') {
+            i++;
+        }
+        size_t start = i;
+        while (i < len && s[i] != ' ') {
+            i++;
+        }
+        if (i - start == rlen && rlen > 0 && memcmp(s + start, role, rlen) == 0) {
+            return true;
+        }
+    }
+    return false;
+}
+
+/* The identity claim as the string an event's recipient is compared with: strings as they
+ * are, integers (and integral doubles, since JSON has one number type) in decimal, the same
+ * spelling event.c gives numeric recipients. */
+static int identity(const bson_t *claims, const char *claim, char *out, size_t cap,
+                    mcd_refusal_t *r)
+{
+    bson_iter_t it;
+    if (!bson_iter_init_find(&it, claims, claim)) {
+        return mcd_refuse(r, 401, "unauthorized", "identity claim missing");
+    }
+    switch (bson_iter_type(&it)) {
+    case BSON_TYPE_UTF8: {
+        uint32_t len;
+        const char *s = bson_iter_utf8(&it, &len);
+        if (len == 0) {
+            return mcd_refuse(r, 401, "unauthorized", "identity claim empty");
+        }
+        if (len >= cap) {
+            return mcd_refuse(r, 401, "unauthorized", "identity claim too long");
+        }
+        if (memchr(s, '\0', len)) {
+            return mcd_refuse(r, 401, "unauthorized", "identity claim invalid");
+        }
+        memcpy(out, s, len);
+        out[len] = '\0';
+        return 0;
+    }
+    case BSON_TYPE_INT32: snprintf(out, cap, "%d", bson_iter_int32(&it)); return 0;
+    case BSON_TYPE_INT64: snprintf(out, cap, "%" PRId64, bson_iter_int64(&it)); return 0;
+    case BSON_TYPE_DOUBLE: {
+        double d = bson_iter_double(&it);
+        if (isfinite(d) && d == floor(d) && fabs(d) < 9007199254740992.0) {
+            snprintf(out, cap, "%" PRId64, (int64_t)d);
+            return 0;
+        }
+        return mcd_refuse(r, 401, "unauthorized", "identity claim invalid");
+    }
+    case BSON_TYPE_NULL: return mcd_refuse(r, 401, "unauthorized", "identity claim missing");
+    default: return mcd_refuse(r, 401, "unauthorized", "identity claim invalid");
+    }
+}
+
+static int check_claims(const mcd_auth_t *a, const bson_t *claims, int64_t now, mcd_identity_t *id,
+                        mcd_refusal_t *r)
+{
+    int64_t exp = 0, nbf = 0;
+    num_result_t e = numeric_date(claims, "exp", &exp);
+    if (e == NUM_BAD) {
+        return mcd_refuse(r, 401, "unauthorized", "invalid exp claim");
+    }
+    /* RFC 7519 §4.1.4/4.1.5: not accepted on or after exp, nor before nbf, give or take the
+     * leeway. The bounds keep the additions from overflowing on absurd claim values. */
+    if (e == NUM_OK && exp < INT64_MAX - LEEWAY_S && now >= exp + LEEWAY_S) {
+        return mcd_refuse(r, 401, "unauthorized", "token expired");
+    }
+    num_result_t n = numeric_date(claims, "nbf", &nbf);
+    if (n == NUM_BAD) {
+        return mcd_refuse(r, 401, "unauthorized", "invalid nbf claim");
+    }
+    if (n == NUM_OK && nbf > INT64_MIN + LEEWAY_S && nbf - LEEWAY_S > now) {
+        return mcd_refuse(r, 401, "unauthorized", "token not yet valid");
+    }
+    if (a->issuer) {
+        bson_iter_t it;
+        if (!bson_iter_init_find(&it, claims, "iss") || !BSON_ITER_HOLDS_UTF8(&it) ||
+            !string_claim_equals(&it, a->issuer)) {
+            return mcd_refuse(r, 401, "unauthorized", "wrong issuer");
+        }
+    }
+    if (a->audience && !audience_ok(claims, a->audience)) {
+        return mcd_refuse(r, 401, "unauthorized", "wrong audience");
+    }
+    if (identity(claims, a->identity_claim, id->subject, sizeof(id->subject), r) != 0) {
+        return -1;
+    }
+    id->authenticated = true;
+    id->is_admin = has_role(claims, a->admin_role);
+    id->expires_at = e == NUM_OK ? exp : 0;
+    return 0;
+}
+
+/* ---- Verification --------------------------------------------------------------------- */
+
+int mcd_auth_verify(const mcd_auth_t *auth, const char *token, int64_t now, mcd_identity_t *id,
+                    mcd_refusal_t *r)
+{
+    mcd_identity_t scratch;
+    if (!id) {
+        id = &scratch;
+    }
+    memset(id, 0, sizeof(*id));
+    if (!auth || !auth->enabled) {
+        return mcd_refuse(r, 401, "unauthorized",
+                          "tokens are not accepted: authentication is not configured");
+    }
+    if (!token || !*token) {
+        return mcd_refuse(r, 401, "unauthorized", "missing token");
+    }
+    size_t len = strnlen(token, MAX_TOKEN_BYTES + 1);
+    if (len > MAX_TOKEN_BYTES) {
+        return mcd_refuse(r, 401, "unauthorized", "token too long");
+    }
+    const char *d1 = memchr(token, '.', len);
+    const char *d2 = d1 ? memchr(d1 + 1, '.', len - (size_t)(d1 + 1 - token)) : NULL;
+    if (!d1 || !d2 || memchr(d2 + 1, '.', len - (size_t)(d2 + 1 - token)) || d1 == token ||
+        d2 == d1 + 1) {
+        return mcd_refuse(r, 401, "unauthorized", "malformed token");
+    }
+    bson_t header, claims;
+    if (segment_object(token, (size_t)(d1 - token), &header) != 0) {
+        return mcd_refuse(r, 401, "unauthorized", "malformed token");
+    }
+    bson_iter_t it;
+    bool alg_ok = bson_iter_init_find(&it, &header, "alg") && BSON_ITER_HOLDS_UTF8(&it) &&
+                  string_claim_equals(&it, auth->alg_name);
+    bool crit = bson_iter_init_find(&it, &header, "crit");
+    bson_destroy(&header);
+    if (!alg_ok) {
+        return mcd_refuse(r, 401, "unauthorized", "algorithm not allowed");
+    }
+    if (crit) {
+        return mcd_refuse(r, 401, "unauthorized", "unsupported critical header");
+    }
+    /* Checked after the algorithm so that the usual unsigned token ("alg":"none" with an
+     * empty signature) is reported as what it is. libjwt decodes the signature itself. */
+    if (d2 + 1 == token + len) {
+        return mcd_refuse(r, 401, "unauthorized", "malformed token");
+    }
+    for (const char *p = d2 + 1; p < token + len; p++) {
+        if (b64url_value((unsigned char)*p) < 0) {
+            return mcd_refuse(r, 401, "unauthorized", "malformed token");
+        }
+    }
+    if (segment_object(d1 + 1, (size_t)(d2 - d1 - 1), &claims) != 0) {
+        return mcd_refuse(r, 401, "unauthorized", "malformed token");
+    }
+    jwt_t *jwt = NULL;
+    int rc = jwt_decode(&jwt, token, auth->key, auth->key_len);
+    if (rc != 0 || !jwt) {
+        jwt_free(jwt);
+        bson_destroy(&claims);
+        return mcd_refuse(r, 401, "unauthorized", "bad signature");
+    }
+    jwt_alg_t got = jwt_get_alg(jwt);
+    jwt_free(jwt);
+    if (got != auth->alg) {
+        bson_destroy(&claims);
+        return mcd_refuse(r, 401, "unauthorized", "algorithm not allowed");
+    }
+    rc = check_claims(auth, &claims, now, id, r);
+    bson_destroy(&claims);
+    if (rc != 0) {
+        memset(id, 0, sizeof(*id));
+    }
+    return rc;
+}
+
+int mcd_auth_subscriber(const mcd_auth_t *auth, const mc_stream_config_t *stream, const char *token,
+                        int64_t now, mcd_identity_t *id, mcd_refusal_t *r)
+{
+    mcd_identity_t scratch;
+    if (!id) {
+        id = &scratch;
+    }
+    memset(id, 0, sizeof(*id));
+    if (!stream) {
+        return mcd_refuse(r, 404, "unknown_stream", "unknown stream");
+    }
+    bool has_token = token && *token;
+    if (!mcd_auth_enabled(auth)) {
+        /* Without auth nothing is authorized per subscriber; a token is refused rather than
+         * ignored so that a forgotten `auth:` section fails loudly instead of silently
+         * serving every recipient's events to clients that believe they are filtered. */
+        if (has_token) {
+            return mcd_refuse(r, 401, "unauthorized",
+                              "tokens are not accepted: authentication is not configured");
+        }
+        id->auth_disabled = true;
+        return 0;
+    }
+    if (has_token) {
+        return mcd_auth_verify(auth, token, now, id, r);
+    }
+    if (stream->is_public) {
+        return 0;
+    }
+    return mcd_refuse(r, 401, "unauthorized", "missing token");
+}
+
+bool mcd_origin_allowed(const mc_config_t *config, const char *origin)
+{
+    if (!origin) {
+        return true;
+    }
+    if (!config) {
+        return false;
+    }
+    /* Exact (case-insensitive) match only: no wildcards, no prefix or suffix tricks such as
+     * https://app.example.com.evil.test. The opaque origin "null" (sandboxed iframes, file://)
+     * passes only when listed literally. */
+    for (size_t i = 0; i < config->server.n_allowed_origins; i++) {
+        const char *allowed = config->server.allowed_origins[i];
+        if (allowed && *allowed && strcasecmp(allowed, origin) == 0) {
+            return true;
+        }
+    }
+    return false;
+}

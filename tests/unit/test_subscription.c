@@ -1,0 +1,502 @@
+/*
+ * test_subscription.c: what one subscriber receives (src/daemon/subscription.c): $var binding
+ * and its refusals (unbound, operator injection, bad JSON, size), client filters and their
+ * refusals (code operators at any depth, depth and size limits, filters_not_allowed), the
+ * recipient rule (isolation, admins, public streams, deletes routed through the pre-image),
+ * control events, and the start-up check of $var stages. Main thread only.
+ */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <cmocka.h>
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "mongocast.h"
+#include "subscription.h"
+
+/* ---- Helpers --------------------------------------------------------------------------- */
+
+static bson_t *json(const char *s)
+{
+    bson_error_t e;
+    bson_t *b = bson_new_from_json((const uint8_t *)s, -1, &e);
+    if (!b) {
+        fail_msg("bad test JSON %s: %s", s, e.message);
+    }
+    return b;
+}
+
+static uint64_t seq;
+
+/* A change event with the given operationType, owner and tenant (NULL: field absent). For
+ * "delete" the owner lives only in the pre-image, as MongoDB reports it. */
+static mc_event_t *change(const char *op, const char *owner, const char *tenant)
+{
+    char doc[1024];
+    char fields[256] = "\"_id\":1";
+    if (owner) {
+        snprintf(fields + strlen(fields), sizeof(fields) - strlen(fields), ",\"owner\":\"%s\"",
+                 owner);
+    }
+    if (tenant) {
+        snprintf(fields + strlen(fields), sizeof(fields) - strlen(fields), ",\"tenant\":\"%s\"",
+                 tenant);
+    }
+    bool del = strcmp(op, "delete") == 0;
+    snprintf(doc, sizeof(doc),
+             "{\"_id\":{\"_data\":\"82%016llu\"},\"operationType\":\"%s\","
+             "\"ns\":{\"db\":\"shop\",\"coll\":\"orders\"},\"documentKey\":{\"_id\":1},"
+             "\"%s\":{%s}}",
+             (unsigned long long)++seq, op, del ? "fullDocumentBeforeChange" : "fullDocument",
+             fields);
+    bson_t *b = json(doc);
+    mc_error_t err = {0};
+    mc_event_t *ev = mc_event_new_change("orders", seq, b, "fullDocument.owner", &err);
+    bson_destroy(b);
+    if (!ev) {
+        fail_msg("event: %s", err.message);
+    }
+    return ev;
+}
+
+typedef struct fx {
+    mc_stream_config_t stream;
+    bson_t *pipeline;
+} fx_t;
+
+static int setup(void **state)
+{
+    fx_t *f = calloc(1, sizeof(*f));
+    f->pipeline = json("{\"0\":{\"$match\":{\"operationType\":{\"$ne\":\"drop\"}}},"
+                       "\"1\":{\"$match\":{\"fullDocument.tenant\":{\"$var\":\"t\"}}}}");
+    f->stream = (mc_stream_config_t){
+        .name = (char *)"orders",
+        .db = (char *)"shop",
+        .collection = (char *)"orders",
+        .pipeline = f->pipeline,
+        .recipient = (char *)"fullDocument.owner",
+        .client_filters = true,
+    };
+    *state = f;
+    return 0;
+}
+
+static int teardown(void **state)
+{
+    fx_t *f = *state;
+    bson_destroy(f->pipeline);
+    free(f);
+    return 0;
+}
+
+static void set_pipeline(fx_t *f, const char *p)
+{
+    bson_destroy(f->pipeline);
+    f->pipeline = json(p);
+    f->stream.pipeline = f->pipeline;
+}
+
+static mcd_identity_t user(const char *subject, bool admin)
+{
+    mcd_identity_t id;
+    memset(&id, 0, sizeof(id));
+    id.authenticated = true;
+    id.is_admin = admin;
+    snprintf(id.subject, sizeof(id.subject), "%s", subject);
+    return id;
+}
+
+static mcd_subscription_t *ok_sub(fx_t *f, const char *vars, const char *filter,
+                                  const mcd_identity_t *id)
+{
+    mcd_refusal_t r;
+    memset(&r, 0, sizeof(r));
+    mcd_subscription_t *s = mcd_subscription_new(&f->stream, vars, filter, id, &r);
+    if (!s) {
+        fail_msg("refused %d %s: %s (vars=%s filter=%s)", r.status, r.code, r.message,
+                 vars ? vars : "-", filter ? filter : "-");
+    }
+    return s;
+}
+
+/* Expects a refusal with status and code; returns its message (static). */
+static const char *refused(fx_t *f, const char *vars, const char *filter, const mcd_identity_t *id,
+                           int status, const char *code)
+{
+    static mcd_refusal_t r;
+    memset(&r, 0, sizeof(r));
+    mcd_subscription_t *s = mcd_subscription_new(&f->stream, vars, filter, id, &r);
+    if (s) {
+        mcd_subscription_destroy(s);
+        fail_msg("accepted vars=%s filter=%s", vars ? vars : "-", filter ? filter : "-");
+    }
+    if (r.status != status || strcmp(r.code, code) != 0) {
+        fail_msg("vars=%s filter=%s: got %d %s (%s), want %d %s", vars ? vars : "-",
+                 filter ? filter : "-", r.status, r.code, r.message, status, code);
+    }
+    return r.message;
+}
+
+static bool sees(const mcd_subscription_t *s, mc_event_t *ev)
+{
+    bool b = mcd_subscription_match(s, ev);
+    mc_event_unref(&ev);
+    return b;
+}
+
+/* ---- vars ------------------------------------------------------------------------------- */
+
+static void test_var_binding(void **state)
+{
+    fx_t *f = *state;
+    mcd_identity_t admin = user("root", true);
+    mcd_subscription_t *s = ok_sub(f, "{\"t\":\"acme\"}", NULL, &admin);
+    assert_true(sees(s, change("insert", "u1", "acme")));
+    assert_false(sees(s, change("insert", "u1", "beta")));
+    assert_false(sees(s, change("insert", "u1", NULL)));
+    mcd_subscription_destroy(s);
+    /* Unused extra variables are fine; types are kept (a number does not match a string). */
+    s = ok_sub(f, "{\"t\":1,\"unused\":\"x\"}", NULL, &admin);
+    assert_false(sees(s, change("insert", "u1", "1")));
+    mcd_subscription_destroy(s);
+    /* Extended JSON binds typed values. */
+    set_pipeline(f, "{\"0\":{\"$match\":{\"fullDocument.owner\":{\"$in\":{\"$var\":\"ids\"}}}}}");
+    s = ok_sub(f, "{\"ids\":[\"u1\",\"u3\"]}", NULL, &admin);
+    assert_true(sees(s, change("insert", "u1", NULL)));
+    assert_true(sees(s, change("insert", "u3", NULL)));
+    assert_false(sees(s, change("insert", "u2", NULL)));
+    mcd_subscription_destroy(s);
+}
+
+static void test_unbound_and_bad_vars(void **state)
+{
+    fx_t *f = *state;
+    mcd_identity_t u = user("u1", false);
+    assert_string_equal(refused(f, NULL, NULL, &u, 400, "invalid_vars"), "variable t not bound");
+    assert_string_equal(refused(f, "{}", NULL, &u, 400, "invalid_vars"), "variable t not bound");
+    assert_string_equal(refused(f, "{\"T\":\"acme\"}", NULL, &u, 400, "invalid_vars"),
+                        "variable t not bound");
+    static const char *not_objects[] = {
+        "[\"acme\"]", "1", "\"t\"", "{\"t\":", "{\"t\":1}{}", "{\"t\":1} x", "null", "{'t':1}"};
+    for (size_t i = 0; i < sizeof(not_objects) / sizeof(not_objects[0]); i++) {
+        assert_string_equal(refused(f, not_objects[i], NULL, &u, 400, "invalid_vars"),
+                            "vars must be a JSON object");
+    }
+    char *big = malloc(20000);
+    snprintf(big, 20000, "{\"t\":\"%0*d\"}", 16400, 0);
+    const char *m = refused(f, big, NULL, &u, 400, "invalid_vars");
+    assert_non_null(strstr(m, "larger than 16384"));
+    free(big);
+    /* Just under the limit is fine. */
+    big = malloc(20000);
+    snprintf(big, 20000, "{\"t\":\"%0*d\"}", 16000, 0);
+    mcd_subscription_t *s = ok_sub(f, big, NULL, &u);
+    mcd_subscription_destroy(s);
+    free(big);
+}
+
+static void test_operator_injection(void **state)
+{
+    fx_t *f = *state;
+    mcd_identity_t u = user("u1", false);
+    static const char *inject[] = {
+        "{\"t\":{\"$ne\":1}}",
+        "{\"t\":{\"$ne\":null}}",
+        "{\"t\":{\"$gt\":\"\"}}",
+        "{\"t\":{\"$exists\":true}}",
+        "{\"t\":{\"$in\":[\"acme\",\"beta\"]}}",
+        "{\"t\":{\"a\":{\"$gt\":1}}}",
+        "{\"t\":[{\"$ne\":1}]}",
+        "{\"t\":\"acme\",\"other\":{\"$where\":\"sleep(5000)\"}}",
+    };
+    for (size_t i = 0; i < sizeof(inject) / sizeof(inject[0]); i++) {
+        const char *m = refused(f, inject[i], NULL, &u, 400, "invalid_vars");
+        if (!strstr(m, "operators")) {
+            fail_msg("%s: %s", inject[i], m);
+        }
+    }
+    /* Regular expressions (legacy and canonical Extended JSON) would match as patterns. */
+    assert_non_null(strstr(refused(f, "{\"t\":{\"$regex\":\".*\"}}", NULL, &u, 400, "invalid_vars"),
+                           "regular expressions"));
+    assert_non_null(strstr(refused(f,
+                                   "{\"t\":{\"$regularExpression\":{\"pattern\":\".\","
+                                   "\"options\":\"\"}}}",
+                                   NULL, &u, 400, "invalid_vars"),
+                           "regular expressions"));
+    assert_non_null(
+        strstr(refused(f, "{\"t\":{\"$code\":\"1\"}}", NULL, &u, 400, "invalid_vars"), "code"));
+    assert_string_equal(refused(f, "{\"$where\":\"1\"}", NULL, &u, 400, "invalid_vars"),
+                        "invalid variable name");
+    /* Deep nesting of plain values is bounded too. */
+    char deep[256] = "{\"t\":";
+    for (int i = 0; i < 20; i++) {
+        strcat(deep, "[");
+    }
+    strcat(deep, "1");
+    for (int i = 0; i < 20; i++) {
+        strcat(deep, "]");
+    }
+    strcat(deep, "}");
+    assert_non_null(strstr(refused(f, deep, NULL, &u, 400, "invalid_vars"), "deeper"));
+}
+
+/* ---- client filters ------------------------------------------------------------------- */
+
+static void test_client_filter(void **state)
+{
+    fx_t *f = *state;
+    set_pipeline(f, "{}");
+    mcd_identity_t admin = user("root", true);
+    mcd_subscription_t *s = ok_sub(f, NULL, "{\"operationType\":\"insert\"}", &admin);
+    assert_true(sees(s, change("insert", "u1", NULL)));
+    assert_false(sees(s, change("update", "u1", NULL)));
+    mcd_subscription_destroy(s);
+    s = ok_sub(f, NULL,
+               "{\"$or\":[{\"fullDocument.tenant\":{\"$in\":[\"a\",\"b\"]}},"
+               "{\"fullDocumentBeforeChange.tenant\":\"c\"}]}",
+               &admin);
+    assert_true(sees(s, change("insert", "u1", "b")));
+    assert_true(sees(s, change("delete", "u1", "c")));
+    assert_false(sees(s, change("insert", "u1", "c")));
+    mcd_subscription_destroy(s);
+    /* Extended JSON values and regexes are fine in filters. */
+    s = ok_sub(f, NULL, "{\"fullDocument.owner\":{\"$regex\":\"^u[12]$\"}}", &admin);
+    assert_true(sees(s, change("insert", "u2", NULL)));
+    assert_false(sees(s, change("insert", "u12", NULL)));
+    mcd_subscription_destroy(s);
+    /* Empty means absent. */
+    s = ok_sub(f, "", "", &admin);
+    assert_true(sees(s, change("update", "u1", NULL)));
+    mcd_subscription_destroy(s);
+
+    f->stream.client_filters = false;
+    assert_string_equal(
+        refused(f, NULL, "{\"operationType\":\"insert\"}", &admin, 400, "filters_not_allowed"),
+        "this stream does not accept filters");
+}
+
+static void test_filter_refusals(void **state)
+{
+    fx_t *f = *state;
+    set_pipeline(f, "{}");
+    mcd_identity_t u = user("u1", false);
+    static const char *code_ops[] = {
+        "{\"$where\":\"sleep(5000)\"}",
+        "{\"$expr\":{\"$eq\":[1,1]}}",
+        "{\"$function\":{\"body\":\"1\",\"args\":[],\"lang\":\"js\"}}",
+        "{\"$accumulator\":{}}",
+        "{\"$and\":[{\"a\":1},{\"$where\":\"1\"}]}",
+        "{\"$or\":[{\"$and\":[{\"$nor\":[{\"$expr\":{\"$gt\":[\"$a\",1]}}]}]}]}",
+        "{\"$nor\":[{\"$function\":{}}]}",
+    };
+    for (size_t i = 0; i < sizeof(code_ops) / sizeof(code_ops[0]); i++) {
+        const char *m = refused(f, NULL, code_ops[i], &u, 400, "invalid_filter");
+        if (!strstr(m, "not allowed")) {
+            fail_msg("%s: %s", code_ops[i], m);
+        }
+    }
+    /* Code operators in field position or inside $elemMatch are not accepted either. */
+    refused(f, NULL, "{\"a\":{\"$elemMatch\":{\"$where\":\"1\"}}}", &u, 400, "invalid_filter");
+    refused(f, NULL, "{\"a\":{\"$where\":\"1\"}}", &u, 400, "invalid_filter");
+    refused(f, NULL, "{\"a\":{\"$not\":{\"$expr\":1}}}", &u, 400, "invalid_filter");
+    refused(f, NULL, "{\"a\":{\"$foo\":1}}", &u, 400, "invalid_filter");
+    refused(f, NULL, "{\"a\":{\"$var\":\"t\"}}", &u, 400, "invalid_filter");
+    /* Not one object. */
+    static const char *not_objects[] = {"[]", "1", "{\"a\":1}{\"$where\":\"1\"}", "{", "nul"};
+    for (size_t i = 0; i < sizeof(not_objects) / sizeof(not_objects[0]); i++) {
+        assert_string_equal(refused(f, NULL, not_objects[i], &u, 400, "invalid_filter"),
+                            "filter must be a JSON object");
+    }
+    /* Depth counts BSON nesting (each $and adds an array and a document): 7 nested $and
+     * reach level 15 of MCD_FILTER_MAX_DEPTH (16) and pass, 8 reach 17 and do not. */
+    char q[1024];
+    for (int depth = 7; depth <= 8; depth++) {
+        q[0] = '\0';
+        for (int i = 0; i < depth; i++) {
+            strcat(q, "{\"$and\":[");
+        }
+        strcat(q, "{\"a\":1}");
+        for (int i = 0; i < depth; i++) {
+            strcat(q, "]}");
+        }
+        mcd_refusal_t r;
+        mcd_subscription_t *s = mcd_subscription_new(&f->stream, NULL, q, &u, &r);
+        if (depth == 7) {
+            if (!s) {
+                fail_msg("depth 7 refused: %s", r.message);
+            }
+            mcd_subscription_destroy(s);
+        } else {
+            assert_null(s);
+            assert_string_equal(r.code, "invalid_filter");
+            assert_non_null(strstr(r.message, "deeper"));
+        }
+    }
+    /* Size. */
+    char *big = malloc(MCD_FILTER_MAX_BYTES + 100);
+    snprintf(big, MCD_FILTER_MAX_BYTES + 100, "{\"a\":\"%0*d\"}", MCD_FILTER_MAX_BYTES, 0);
+    assert_non_null(strstr(refused(f, NULL, big, &u, 400, "invalid_filter"), "larger than"));
+    free(big);
+    /* Predicate count is bounded too. */
+    big = malloc(20000);
+    strcpy(big, "{\"$or\":[");
+    for (int i = 0; i < 300; i++) {
+        sprintf(big + strlen(big), "%s{\"f%d\":1}", i ? "," : "", i);
+    }
+    strcat(big, "]}");
+    assert_non_null(strstr(refused(f, NULL, big, &u, 400, "invalid_filter"), "predicates"));
+    free(big);
+}
+
+/* ---- recipients ----------------------------------------------------------------------- */
+
+static void test_recipient_isolation(void **state)
+{
+    fx_t *f = *state;
+    set_pipeline(f, "{}");
+    mcd_identity_t u1 = user("u1", false), u2 = user("u2", false), admin = user("ops", true);
+    mcd_subscription_t *s1 = ok_sub(f, NULL, NULL, &u1);
+    mcd_subscription_t *s2 = ok_sub(f, NULL, NULL, &u2);
+    mcd_subscription_t *sa = ok_sub(f, NULL, NULL, &admin);
+    assert_true(sees(s1, change("insert", "u1", NULL)));
+    assert_false(sees(s2, change("insert", "u1", NULL)));
+    assert_true(sees(sa, change("insert", "u1", NULL)));
+    assert_false(sees(s1, change("update", "u2", NULL)));
+    assert_true(sees(s2, change("update", "u2", NULL)));
+    /* Prefixes and case do not match. */
+    assert_false(sees(s1, change("insert", "u10", NULL)));
+    assert_false(sees(s1, change("insert", "U1", NULL)));
+    /* No recipient (field absent): admins only. */
+    assert_false(sees(s1, change("insert", NULL, NULL)));
+    assert_false(sees(s2, change("insert", NULL, NULL)));
+    assert_true(sees(sa, change("insert", NULL, NULL)));
+    /* A delete is routed through the pre-image. */
+    assert_true(sees(s1, change("delete", "u1", NULL)));
+    assert_false(sees(s2, change("delete", "u1", NULL)));
+    assert_true(sees(sa, change("delete", "u1", NULL)));
+    /* A client filter cannot widen what the recipient rule allows. */
+    mcd_subscription_t *sf = ok_sub(f, NULL, "{\"fullDocument.owner\":\"u2\"}", &u1);
+    assert_false(sees(sf, change("insert", "u2", NULL)));
+    assert_false(sees(sf, change("insert", "u1", NULL)));
+    mcd_subscription_destroy(sf);
+    /* Control events always pass. */
+    assert_true(sees(s1, mc_event_new_control(MC_EVENT_READY, "orders", 99, NULL)));
+    assert_true(sees(s2, mc_event_new_control(MC_EVENT_RESET, "orders", 100, "history lost")));
+    bson_t *inv = json("{\"_id\":{\"_data\":\"82AA\"},\"operationType\":\"invalidate\"}");
+    assert_true(sees(s1, mc_event_new_invalidate("orders", 101, inv, "drop", NULL)));
+    bson_destroy(inv);
+    mcd_subscription_destroy(s1);
+    mcd_subscription_destroy(s2);
+    mcd_subscription_destroy(sa);
+
+    /* Anonymous on a private stream: refused here too (fail closed). */
+    mcd_identity_t anon;
+    memset(&anon, 0, sizeof(anon));
+    refused(f, NULL, NULL, &anon, 401, "unauthorized");
+    refused(f, NULL, NULL, NULL, 401, "unauthorized");
+    /* ...unless the server runs without auth: then nothing restricts. */
+    anon.auth_disabled = true;
+    mcd_subscription_t *sn = ok_sub(f, NULL, NULL, &anon);
+    assert_true(sees(sn, change("insert", "u1", NULL)));
+    assert_true(sees(sn, change("insert", NULL, NULL)));
+    mcd_subscription_destroy(sn);
+}
+
+static void test_public_stream(void **state)
+{
+    fx_t *f = *state;
+    set_pipeline(f, "{}");
+    f->stream.is_public = true;
+    mcd_identity_t anon, u1 = user("u1", false);
+    memset(&anon, 0, sizeof(anon));
+    mcd_subscription_t *sa = ok_sub(f, NULL, NULL, &anon);
+    mcd_subscription_t *s1 = ok_sub(f, NULL, NULL, &u1);
+    assert_true(sees(sa, change("insert", "u1", NULL)));
+    assert_true(sees(sa, change("insert", "u2", NULL)));
+    assert_true(sees(sa, change("insert", NULL, NULL)));
+    assert_true(sees(s1, change("insert", "u2", NULL)));
+    mcd_subscription_destroy(sa);
+    mcd_subscription_destroy(s1);
+    /* A stream without recipient never restricts authenticated users either. */
+    f->stream.is_public = false;
+    f->stream.recipient = NULL;
+    s1 = ok_sub(f, NULL, NULL, &u1);
+    assert_true(sees(s1, change("insert", "u2", NULL)));
+    mcd_subscription_destroy(s1);
+}
+
+static void test_var_and_filter_and_recipient_combined(void **state)
+{
+    fx_t *f = *state;
+    mcd_identity_t u1 = user("u1", false);
+    mcd_subscription_t *s = ok_sub(f, "{\"t\":\"acme\"}", "{\"operationType\":\"insert\"}", &u1);
+    assert_true(sees(s, change("insert", "u1", "acme")));
+    assert_false(sees(s, change("update", "u1", "acme")));
+    assert_false(sees(s, change("insert", "u2", "acme")));
+    assert_false(sees(s, change("insert", "u1", "beta")));
+    mcd_subscription_destroy(s);
+}
+
+/* ---- start-up check ------------------------------------------------------------------- */
+
+static void expect_stage_check(fx_t *f, const char *pipeline, const char *fragment)
+{
+    set_pipeline(f, pipeline);
+    mc_error_t err = {0};
+    int rc = mcd_stream_local_stages_check(&f->stream, &err);
+    if (!fragment) {
+        if (rc != 0) {
+            fail_msg("%s: %s", pipeline, err.message);
+        }
+        return;
+    }
+    if (rc != MC_ECONFIG || !strstr(err.message, fragment)) {
+        fail_msg("%s: rc %d '%s', want '%s'", pipeline, rc, err.message, fragment);
+    }
+}
+
+static void test_local_stages_check(void **state)
+{
+    fx_t *f = *state;
+    expect_stage_check(f, "{}", NULL);
+    expect_stage_check(f,
+                       "{\"0\":{\"$project\":{\"fullDocument\":1,\"operationType\":1}},"
+                       "\"1\":{\"$match\":{\"fullDocument.t\":{\"$var\":\"t\"}}},"
+                       "\"2\":{\"$match\":{\"operationType\":\"insert\"}}}",
+                       NULL);
+    expect_stage_check(f, "{\"0\":{\"$addFields\":{\"x\":{\"$var\":\"t\"}}}}",
+                       "only $match stages may use $var");
+    expect_stage_check(f, "{\"0\":{\"$match\":{\"a\":{\"$var\":1}}}}", "variable name");
+    expect_stage_check(f, "{\"0\":{\"$match\":{\"a\":{\"$var\":\"\"}}}}", "variable name");
+    expect_stage_check(f, "{\"0\":{\"$match\":{\"a\":{\"$var\":\"t\",\"x\":1}}}}", "only field");
+    expect_stage_check(f, "{\"0\":{\"$match\":{\"a\":{\"x\":1,\"$var\":\"t\"}}}}", "only field");
+    expect_stage_check(f,
+                       "{\"0\":{\"$match\":{\"a\":{\"$var\":\"t\"}}},"
+                       "\"1\":{\"$project\":{\"a\":1}}}",
+                       "follows stage 0");
+    expect_stage_check(f, "{\"0\":{\"$match\":{\"a\":1},\"$project\":{}}}", "exactly one key");
+    f->stream.pipeline = NULL;
+    mc_error_t err = {0};
+    assert_int_equal(mcd_stream_local_stages_check(&f->stream, &err), 0);
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test_setup_teardown(test_var_binding, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_unbound_and_bad_vars, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_operator_injection, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_client_filter, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_filter_refusals, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_recipient_isolation, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_public_stream, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_var_and_filter_and_recipient_combined, setup,
+                                        teardown),
+        cmocka_unit_test_setup_teardown(test_local_stages_check, setup, teardown),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
