@@ -1257,7 +1257,8 @@ void emu_cmd_aggregate(emu_conn_t *conn, const bson_t *cmd, const char *db, bson
     }
     c = emu_catalog_coll(srv, db, name);
     if (c && c->n_live) {
-        views = bson_malloc(c->n_live * sizeof(*views));
+        /* bson_t asks for 128-byte alignment, which malloc does not give. */
+        views = emu_zalloc_aligned(c->n_live * sizeof(*views));
         ptrs = bson_malloc(c->n_live * sizeof(*ptrs));
         for (size_t s = 0; s < c->n_slots; s++) {
             if (!c->docs[s].data) {
@@ -1289,7 +1290,7 @@ void emu_cmd_aggregate(emu_conn_t *conn, const bson_t *cmd, const char *db, bson
             emu_cursor_reply_first(srv, ns, out.data, out.len, batch, false, reply);
         }
     }
-    bson_free(views);
+    free(views);
     bson_free(ptrs);
     emu_pipeline_destroy(p);
 }
