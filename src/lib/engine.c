@@ -625,17 +625,27 @@ static void dispatch_event(mc_engine_t *engine, mc__stream_t *s, mc_event_t *ev)
                                sink->name, s->cfg->name, seq, mc_strerror(prc));
         }
     }
-    mc__checkpoint_published(s->checkpoint, seq);
 }
+
+/* An event counts as published (and so may be covered by a stored position when its stream
+ * has no durable sink) only once every sink has flushed it: a line still in a stdio buffer
+ * when the process is killed must not be behind the checkpoint. */
+typedef struct published {
+    mc__stream_t *stream;
+    uint64_t seq;
+} published_t;
 
 static size_t dispatch_items(mc_engine_t *engine, void **items, size_t n)
 {
+    published_t published[DISPATCH_BATCH];
     size_t events = 0;
     for (size_t k = 0; k < n; k++) {
         mc__item_t *item = items[k];
         mc__stream_t *s = &engine->streams[item->stream_index];
         if (item->type == MC__ITEM_EVENT) {
             dispatch_event(engine, s, item->ev);
+            published[events].stream = s;
+            published[events].seq = mc_event_seq(item->ev);
             events++;
         } else {
             mc__checkpoint_position(s->checkpoint, item->token, item->invalidate, item->ct_t,
@@ -650,6 +660,9 @@ static size_t dispatch_items(mc_engine_t *engine, void **items, size_t n)
                 sink->type->flush(sink);
             }
         }
+    }
+    for (size_t k = 0; k < events; k++) {
+        mc__checkpoint_published(published[k].stream->checkpoint, published[k].seq);
     }
     return events;
 }
