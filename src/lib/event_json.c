@@ -3,51 +3,71 @@
  * Extended JSON.
  *
  * Runs on whichever thread first asks for the text (usually the dispatch thread); the result
- * is cached in the event by event.c. The message is assembled as BSON and rendered by libbson
- * in one pass, so string escaping of stream names, ids and documents is libbson's, never
- * hand-rolled. If the change cannot be rendered (libbson refuses invalid UTF-8), the message
- * still goes out with "change": null and an "error" field rather than being lost silently.
+ * is cached in the event by event.c. The message is written straight into one buffer by the
+ * one-pass writer (json_writer.c), sized from the change's BSON length: no intermediate
+ * message document. The bytes are exactly those libbson 1.23's relaxed Extended JSON gives
+ * for the message document {type, stream, id, [recipient], change} (its spacing included),
+ * so consumers and the golden fixtures see no difference. Where libbson would refuse the
+ * message (invalid UTF-8 in the change or the recipient), the message still goes out with
+ * "change": null and an "error" field rather than being lost silently; only a stream name or
+ * id libbson could not render yields NULL, as before.
  */
 #include "engine_private.h"
+#include "json_writer.h"
 
-static char *render_doc(const bson_t *doc, size_t *len)
+static void put_field_string(mc__json_buf_t *b, const char *s)
 {
-    size_t n = 0;
-    char *s = bson_as_relaxed_extended_json(doc, &n);
-    if (s && len) {
-        *len = n;
-    }
-    return s;
+    mc__json_write_string(b, s, strlen(s));
+}
+
+/* The fallback when the change cannot be rendered: the message without a recipient. */
+static char *render_change_error(const mc_event_t *ev, size_t *len)
+{
+    mc__json_buf_t b;
+    mc__json_buf_init(&b, 256, 0);
+    MC__JSON_LIT(&b, "{ \"type\" : \"change\", \"stream\" : ");
+    put_field_string(&b, mc_event_stream(ev));
+    MC__JSON_LIT(&b, ", \"id\" : ");
+    put_field_string(&b, mc_event_id(ev));
+    MC__JSON_LIT(&b, ", \"change\" : null, \"error\" : "
+                     "\"change event could not be rendered as JSON\" }");
+    return mc__json_buf_steal(&b, len);
 }
 
 static char *render_change_message(const mc_event_t *ev, size_t *len)
 {
-    bson_t msg = BSON_INITIALIZER;
-    BSON_APPEND_UTF8(&msg, "type", "change");
-    BSON_APPEND_UTF8(&msg, "stream", mc_event_stream(ev));
-    BSON_APPEND_UTF8(&msg, "id", mc_event_id(ev));
+    const bson_t *change = mc_event_change(ev);
+    const char *stream = mc_event_stream(ev);
+    const char *id = mc_event_id(ev);
+    const char *recipient = mc_event_recipient(ev);
+    if (!change || !id) {
+        return NULL; /* a change event always has both (mc_event_new_change checks) */
+    }
+    size_t stream_len = strlen(stream), id_len = strlen(id);
+    size_t recipient_len = recipient ? strlen(recipient) : 0;
+    /* Relaxed JSON of a typical change is about 1.3x its BSON size; the envelope adds the
+     * three strings and ~80 bytes of keys and punctuation. One allocation in the usual case. */
+    mc__json_buf_t b;
+    mc__json_buf_init(
+        &b, (size_t)change->len + change->len / 2 + stream_len + id_len + recipient_len + 128, 0);
+    MC__JSON_LIT(&b, "{ \"type\" : \"change\", \"stream\" : ");
+    mc__json_write_string(&b, stream, stream_len);
+    MC__JSON_LIT(&b, ", \"id\" : ");
+    mc__json_write_string(&b, id, id_len);
     if (mc__event_recipient_configured(ev)) {
-        if (mc_event_recipient(ev)) {
-            BSON_APPEND_UTF8(&msg, "recipient", mc_event_recipient(ev));
+        MC__JSON_LIT(&b, ", \"recipient\" : ");
+        if (recipient) {
+            mc__json_write_string(&b, recipient, recipient_len);
         } else {
-            BSON_APPEND_NULL(&msg, "recipient");
+            MC__JSON_LIT(&b, "null");
         }
     }
-    BSON_APPEND_DOCUMENT(&msg, "change", mc_event_change(ev));
-    char *s = render_doc(&msg, len);
-    bson_destroy(&msg);
-    if (s) {
-        return s;
-    }
-    bson_init(&msg);
-    BSON_APPEND_UTF8(&msg, "type", "change");
-    BSON_APPEND_UTF8(&msg, "stream", mc_event_stream(ev));
-    BSON_APPEND_UTF8(&msg, "id", mc_event_id(ev));
-    BSON_APPEND_NULL(&msg, "change");
-    BSON_APPEND_UTF8(&msg, "error", "change event could not be rendered as JSON");
-    s = render_doc(&msg, len);
-    bson_destroy(&msg);
-    return s;
+    MC__JSON_LIT(&b, ", \"change\" : ");
+    /* The change is a value inside the top-level message document: parent depth 0. */
+    mc__json_write_embedded(&b, change, MC__JSON_RELAXED, 0);
+    MC__JSON_LIT(&b, " }");
+    char *s = mc__json_buf_steal(&b, len);
+    return s ? s : render_change_error(ev, len);
 }
 
 char *mc__event_render_json(const mc_event_t *ev, size_t *len)
@@ -56,15 +76,19 @@ char *mc__event_render_json(const mc_event_t *ev, size_t *len)
     if (kind == MC_EVENT_CHANGE) {
         return render_change_message(ev, len);
     }
-    bson_t msg = BSON_INITIALIZER;
-    BSON_APPEND_UTF8(&msg, "type", mc_event_kind_name(kind));
-    BSON_APPEND_UTF8(&msg, "stream", mc_event_stream(ev));
-    if ((kind == MC_EVENT_INVALIDATE || kind == MC_EVENT_RESET) && mc_event_reason(ev)) {
-        BSON_APPEND_UTF8(&msg, "reason", mc_event_reason(ev));
+    const char *reason = mc_event_reason(ev);
+    mc__json_buf_t b;
+    mc__json_buf_init(&b, 128 + strlen(mc_event_stream(ev)) + (reason ? strlen(reason) : 0), 0);
+    MC__JSON_LIT(&b, "{ \"type\" : ");
+    put_field_string(&b, mc_event_kind_name(kind));
+    MC__JSON_LIT(&b, ", \"stream\" : ");
+    put_field_string(&b, mc_event_stream(ev));
+    if ((kind == MC_EVENT_INVALIDATE || kind == MC_EVENT_RESET) && reason) {
+        MC__JSON_LIT(&b, ", \"reason\" : ");
+        put_field_string(&b, reason);
     }
-    char *s = render_doc(&msg, len);
-    bson_destroy(&msg);
-    return s;
+    MC__JSON_LIT(&b, " }");
+    return mc__json_buf_steal(&b, len);
 }
 
 char *mc__event_render_raw(const mc_event_t *ev, size_t *len)
@@ -73,10 +97,5 @@ char *mc__event_render_raw(const mc_event_t *ev, size_t *len)
     if (!change) {
         return NULL;
     }
-    size_t n = 0;
-    char *s = bson_as_canonical_extended_json(change, &n);
-    if (s && len) {
-        *len = n;
-    }
-    return s;
+    return mc__json_render(change, MC__JSON_CANONICAL, 0, len, NULL);
 }

@@ -1,0 +1,81 @@
+/*
+ * fuzz_json_writer.c: libFuzzer target for the one-pass Extended JSON writer. The input bytes
+ * are a BSON document (bson_init_static framing, the length prefix patched to the input size).
+ * It is rendered in relaxed and canonical mode by libbson 1.23 and by mc__json_render(), and
+ * nested in a wrapper document (mc__json_write_embedded); any difference in bytes, length or
+ * refusal aborts. Inputs are not filtered with bson_validate: documents that pass it (any
+ * flags) are a subset of what is compared here, and corrupt ones must be refused the same way
+ * by both renderers (libbson's renderer bounds-checks through bson_iter). Single-threaded.
+ */
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "json_writer.h"
+
+static void mismatch(const char *what, const char *want, const char *got)
+{
+    fprintf(stderr, "fuzz_json_writer: %s mismatch\n libbson: %s\n    ours: %s\n", what,
+            want ? want : "(NULL)", got ? got : "(NULL)");
+    abort();
+}
+
+static void compare(const bson_t *doc, mc__json_mode_t mode)
+{
+    size_t want_len = 0, got_len = 0;
+    char *want = mode == MC__JSON_CANONICAL ? bson_as_canonical_extended_json(doc, &want_len)
+                                            : bson_as_relaxed_extended_json(doc, &want_len);
+    char *got = mc__json_render(doc, mode, 0, &got_len, NULL);
+    if ((want == NULL) != (got == NULL) ||
+        (want && (want_len != got_len || memcmp(want, got, want_len) != 0))) {
+        mismatch(mode == MC__JSON_CANONICAL ? "canonical" : "relaxed", want, got);
+    }
+    bson_free(want);
+    bson_free(got);
+
+    bson_t wrap = BSON_INITIALIZER;
+    if (!bson_append_document(&wrap, "v", 1, doc)) {
+        bson_destroy(&wrap);
+        return;
+    }
+    want = mode == MC__JSON_CANONICAL ? bson_as_canonical_extended_json(&wrap, &want_len)
+                                      : bson_as_relaxed_extended_json(&wrap, &want_len);
+    mc__json_buf_t b;
+    mc__json_buf_init(&b, 0, 0);
+    MC__JSON_LIT(&b, "{ \"v\" : ");
+    mc__json_write_embedded(&b, doc, mode, 0);
+    MC__JSON_LIT(&b, " }");
+    got = mc__json_buf_steal(&b, &got_len);
+    if ((want == NULL) != (got == NULL) ||
+        (want && (want_len != got_len || memcmp(want, got, want_len) != 0))) {
+        mismatch(mode == MC__JSON_CANONICAL ? "embedded canonical" : "embedded relaxed", want, got);
+    }
+    bson_free(want);
+    bson_free(got);
+    bson_destroy(&wrap);
+}
+
+int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
+{
+    if (size < 5 || size > 1 << 20) {
+        return 0;
+    }
+    /* bson_init_static needs the length prefix to match; patch it so every input is framed
+     * and the fuzzer spends its time on the contents. */
+    uint8_t *copy = malloc(size);
+    if (!copy) {
+        return 0;
+    }
+    memcpy(copy, data, size);
+    uint32_t le = BSON_UINT32_TO_LE((uint32_t)size);
+    memcpy(copy, &le, 4);
+    bson_t doc;
+    if (bson_init_static(&doc, copy, size)) {
+        compare(&doc, MC__JSON_RELAXED);
+        compare(&doc, MC__JSON_CANONICAL);
+    }
+    free(copy);
+    return 0;
+}
