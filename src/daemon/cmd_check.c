@@ -1,0 +1,385 @@
+/*
+ * cmd_check.c: `mongocast check -c FILE`: validates a config and the deployment it points at,
+ * without running anything: the config (loader errors as FILE:LINE:COL: message, then the
+ * engine's own checks of stream and sink references), the checkpoint store, the connection,
+ * the replica set, each stream's change stream (opened once and closed) and, where a stream
+ * asks for them, the collection's pre-/post-images.
+ *
+ * Main thread only; blocking libmongoc calls with a short server selection timeout. Prints one
+ * line per check on stdout ("ok", "FAIL" or "warn" first); a config error is printed exactly as
+ * the loader reports it, on stderr. Invariants: nothing is written to MongoDB or to the
+ * checkpoint store; the exit status is 0 only when no check failed (warnings do not count).
+ */
+#include <errno.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "cli.h"
+
+enum { OPT_CONFIG = 1, OPT_TIMEOUT };
+
+static const mc_cli_opt_t check_opts[] = {
+    {"config", 'c', true, OPT_CONFIG},
+    {"timeout-ms", 0, true, OPT_TIMEOUT},
+    {NULL, 0, false, 0},
+};
+
+typedef struct checker {
+    int failures;
+    int warnings;
+} checker_t;
+
+static void report(checker_t *c, const char *tag, const char *fmt, ...)
+#if defined(__GNUC__)
+    __attribute__((format(printf, 3, 4)))
+#endif
+    ;
+
+static void report(checker_t *c, const char *tag, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    printf("%-5s ", tag);
+    vprintf(fmt, ap);
+    printf("\n");
+    va_end(ap);
+    fflush(stdout);
+    if (strcmp(tag, "FAIL") == 0) {
+        c->failures++;
+    } else if (strcmp(tag, "warn") == 0) {
+        c->warnings++;
+    }
+}
+
+/* The file store creates its directory (and parents) at start: it is usable when the
+ * directory, or its nearest existing ancestor, is a writable directory. */
+static void check_file_store(checker_t *c, const char *dir)
+{
+    char path[4096];
+    snprintf(path, sizeof(path), "%s", dir);
+    for (;;) {
+        struct stat st;
+        if (stat(path, &st) == 0) {
+            if (!S_ISDIR(st.st_mode)) {
+                report(c, "FAIL", "checkpoint: %s is not a directory", path);
+            } else if (access(path, W_OK | X_OK) != 0) {
+                report(c, "FAIL", "checkpoint: %s is not writable: %s", path, strerror(errno));
+            } else if (strcmp(path, dir) == 0) {
+                report(c, "ok", "checkpoint: file store %s (writable)", dir);
+            } else {
+                report(c, "ok", "checkpoint: file store %s (will be created in %s)", dir, path);
+            }
+            return;
+        }
+        char *slash = strrchr(path, '/');
+        if (!slash) {
+            snprintf(path, sizeof(path), ".");
+        } else if (slash == path) {
+            path[1] = '\0';
+        } else {
+            *slash = '\0';
+        }
+    }
+}
+
+static bool run_hello(checker_t *c, mongoc_client_t *client, const char *uri_shown)
+{
+    bson_t cmd = BSON_INITIALIZER;
+    bson_t reply;
+    bson_error_t err;
+    BSON_APPEND_INT32(&cmd, "hello", 1);
+    bool ok = mongoc_client_command_simple(client, "admin", &cmd, NULL, &reply, &err);
+    bson_destroy(&cmd);
+    if (!ok) {
+        report(c, "FAIL", "connect %s: %s", uri_shown, err.message);
+        bson_destroy(&reply);
+        return false;
+    }
+    report(c, "ok", "connect %s", uri_shown);
+    bson_iter_t it;
+    if (bson_iter_init_find(&it, &reply, "setName") && BSON_ITER_HOLDS_UTF8(&it)) {
+        const char *set = bson_iter_utf8(&it, NULL);
+        const char *primary = "?";
+        bson_iter_t pit;
+        if (bson_iter_init_find(&pit, &reply, "primary") && BSON_ITER_HOLDS_UTF8(&pit)) {
+            primary = bson_iter_utf8(&pit, NULL);
+        }
+        report(c, "ok", "replica set %s (primary %s)", set, primary);
+    } else if (bson_iter_init_find(&it, &reply, "msg") && BSON_ITER_HOLDS_UTF8(&it) &&
+               strcmp(bson_iter_utf8(&it, NULL), "isdbgrid") == 0) {
+        report(c, "ok", "sharded cluster (mongos)");
+    } else {
+        report(c, "FAIL", "not a replica set: the server's hello has no setName; change "
+                          "streams need a replica set or a sharded cluster");
+        bson_destroy(&reply);
+        return false;
+    }
+    bson_destroy(&reply);
+    return true;
+}
+
+static const char *full_document_name(mc_full_document_t f)
+{
+    switch (f) {
+    case MC_FULL_DOCUMENT_UPDATE_LOOKUP: return "updateLookup";
+    case MC_FULL_DOCUMENT_WHEN_AVAILABLE: return "whenAvailable";
+    case MC_FULL_DOCUMENT_REQUIRED: return "required";
+    default: return "default";
+    }
+}
+
+static const char *before_change_name(mc_before_change_t b)
+{
+    switch (b) {
+    case MC_BEFORE_CHANGE_WHEN_AVAILABLE: return "whenAvailable";
+    case MC_BEFORE_CHANGE_REQUIRED: return "required";
+    default: return "off";
+    }
+}
+
+static void describe_ns(const mc_stream_config_t *s, char *out, size_t cap)
+{
+    if (s->db && s->collection) {
+        snprintf(out, cap, "%s.%s", s->db, s->collection);
+    } else if (s->db) {
+        snprintf(out, cap, "database %s", s->db);
+    } else {
+        snprintf(out, cap, "the whole cluster");
+    }
+}
+
+/* Opens the stream's change stream once (the aggregate only: no event is read) so the server
+ * checks the namespace, the options and the server-side pipeline stages. */
+static void check_open(checker_t *c, mongoc_client_t *client, const mc_stream_config_t *s)
+{
+    char ns[300];
+    describe_ns(s, ns, sizeof(ns));
+    bson_t server, local;
+    mc_error_t merr;
+    if (mc_pipeline_split(s->pipeline, &server, &local, &merr) != 0) {
+        report(c, "FAIL", "stream %s: pipeline: %s", s->name, merr.message);
+        bson_destroy(&server);
+        bson_destroy(&local);
+        return;
+    }
+    bson_t opts = BSON_INITIALIZER;
+    if (s->full_document != MC_FULL_DOCUMENT_DEFAULT) {
+        BSON_APPEND_UTF8(&opts, "fullDocument", full_document_name(s->full_document));
+    }
+    if (s->full_document_before_change != MC_BEFORE_CHANGE_OFF) {
+        BSON_APPEND_UTF8(&opts, "fullDocumentBeforeChange",
+                         before_change_name(s->full_document_before_change));
+    }
+    /* The same shape the watcher sends: {pipeline: [...]}. */
+    bson_t pipeline = BSON_INITIALIZER;
+    BSON_APPEND_ARRAY(&pipeline, "pipeline", &server);
+    mongoc_change_stream_t *cs;
+    if (s->db && s->collection) {
+        mongoc_collection_t *coll = mongoc_client_get_collection(client, s->db, s->collection);
+        cs = mongoc_collection_watch(coll, &pipeline, &opts);
+        mongoc_collection_destroy(coll);
+    } else if (s->db) {
+        mongoc_database_t *db = mongoc_client_get_database(client, s->db);
+        cs = mongoc_database_watch(db, &pipeline, &opts);
+        mongoc_database_destroy(db);
+    } else {
+        cs = mongoc_client_watch(client, &pipeline, &opts);
+    }
+    bson_error_t err;
+    const bson_t *reply = NULL;
+    if (mongoc_change_stream_error_document(cs, &err, &reply)) {
+        report(c, "FAIL", "stream %s: cannot open a change stream on %s: %s (code %u)", s->name,
+               ns, err.message, err.code);
+    } else {
+        const char *local_note = bson_empty(&local) ? "" : " (subscriber $var stages checked "
+                                                           "when a subscriber binds them)";
+        report(c, "ok", "stream %s: change stream opens on %s%s", s->name, ns, local_note);
+    }
+    mongoc_change_stream_destroy(cs);
+    bson_destroy(&pipeline);
+    bson_destroy(&opts);
+    bson_destroy(&server);
+    bson_destroy(&local);
+}
+
+static bool needs_images(const mc_stream_config_t *s, char *why, size_t cap)
+{
+    why[0] = '\0';
+    if (s->full_document == MC_FULL_DOCUMENT_WHEN_AVAILABLE ||
+        s->full_document == MC_FULL_DOCUMENT_REQUIRED) {
+        snprintf(why, cap, "full_document: %s", full_document_name(s->full_document));
+    }
+    if (s->full_document_before_change != MC_BEFORE_CHANGE_OFF) {
+        size_t n = strlen(why);
+        snprintf(why + n, cap - n, "%sfull_document_before_change: %s", n ? ", " : "",
+                 before_change_name(s->full_document_before_change));
+    }
+    return why[0] != '\0';
+}
+
+static void check_images(checker_t *c, mongoc_client_t *client, const char *uri_shown,
+                         const mc_stream_config_t *s)
+{
+    char why[160];
+    if (!needs_images(s, why, sizeof(why))) {
+        return;
+    }
+    if (!s->db || !s->collection) {
+        char ns[300];
+        describe_ns(s, ns, sizeof(ns));
+        report(c, "warn",
+               "stream %s: pre-/post-images (%s) cannot be verified per collection for %s; "
+               "enable them on every collection it needs with: mongocast enable-images URI "
+               "DB [COLL...]",
+               s->name, why, ns);
+        return;
+    }
+    mongoc_database_t *db = mongoc_client_get_database(client, s->db);
+    bson_t opts = BSON_INITIALIZER;
+    bson_t filter;
+    BSON_APPEND_DOCUMENT_BEGIN(&opts, "filter", &filter);
+    BSON_APPEND_UTF8(&filter, "name", s->collection);
+    bson_append_document_end(&opts, &filter);
+    mongoc_cursor_t *cur = mongoc_database_find_collections_with_opts(db, &opts);
+    const bson_t *doc;
+    bool found = false, enabled = false;
+    while (mongoc_cursor_next(cur, &doc)) {
+        bson_iter_t it;
+        if (!bson_iter_init_find(&it, doc, "name") || !BSON_ITER_HOLDS_UTF8(&it) ||
+            strcmp(bson_iter_utf8(&it, NULL), s->collection) != 0) {
+            continue;
+        }
+        found = true;
+        bson_iter_t e;
+        if (bson_iter_init(&e, doc) &&
+            bson_iter_find_descendant(&e, "options.changeStreamPreAndPostImages.enabled", &e) &&
+            BSON_ITER_HOLDS_BOOL(&e)) {
+            enabled = bson_iter_bool(&e);
+        }
+    }
+    bson_error_t err;
+    if (mongoc_cursor_error(cur, &err)) {
+        report(c, "FAIL", "stream %s: cannot list collections of %s: %s", s->name, s->db,
+               err.message);
+    } else if (!found) {
+        report(c, "FAIL",
+               "stream %s: collection %s.%s does not exist, so pre-/post-images (%s) cannot "
+               "be enabled; create it, then run: mongocast enable-images '%s' %s %s",
+               s->name, s->db, s->collection, why, uri_shown, s->db, s->collection);
+    } else if (!enabled) {
+        report(c, "FAIL",
+               "stream %s: pre-/post-images are not enabled on %s.%s (needed by %s); run: "
+               "mongocast enable-images '%s' %s %s",
+               s->name, s->db, s->collection, why, uri_shown, s->db, s->collection);
+    } else {
+        report(c, "ok", "stream %s: pre-/post-images enabled on %s.%s", s->name, s->db,
+               s->collection);
+    }
+    mongoc_cursor_destroy(cur);
+    bson_destroy(&opts);
+    mongoc_database_destroy(db);
+}
+
+static void check_mongo_store(checker_t *c, mongoc_client_t *client, const mc_config_t *cfg)
+{
+    mongoc_collection_t *coll =
+        mongoc_client_get_collection(client, cfg->checkpoint.db, cfg->checkpoint.collection);
+    bson_t filter = BSON_INITIALIZER;
+    bson_t *opts = BCON_NEW("limit", BCON_INT64(1));
+    mongoc_cursor_t *cur = mongoc_collection_find_with_opts(coll, &filter, opts, NULL);
+    const bson_t *doc;
+    while (mongoc_cursor_next(cur, &doc)) {
+    }
+    bson_error_t err;
+    if (mongoc_cursor_error(cur, &err)) {
+        report(c, "FAIL", "checkpoint: cannot read %s.%s: %s", cfg->checkpoint.db,
+               cfg->checkpoint.collection, err.message);
+    } else {
+        report(c, "ok", "checkpoint: mongodb store %s.%s (readable)", cfg->checkpoint.db,
+               cfg->checkpoint.collection);
+    }
+    mongoc_cursor_destroy(cur);
+    bson_destroy(opts);
+    bson_destroy(&filter);
+    mongoc_collection_destroy(coll);
+}
+
+int mc_cmd_check(int argc, char **argv)
+{
+    mc_cli_parsed_t p;
+    int rc = mc_cli_parse("check", argc, argv, check_opts, &p);
+    if (rc != 0) {
+        return rc;
+    }
+    const char *path = NULL;
+    int64_t timeout_ms = 5000;
+    for (size_t i = 0; i < p.n_opts; i++) {
+        if (p.opts[i].id == OPT_CONFIG) {
+            path = p.opts[i].value;
+        } else if (p.opts[i].id == OPT_TIMEOUT &&
+                   !mc_cli_parse_int(p.opts[i].value, 1, 600000, &timeout_ms)) {
+            return mc_cli_usage_error("check", "--timeout-ms: '%s' is not 1 to 600000",
+                                      p.opts[i].value);
+        }
+    }
+    if (p.n_pos > 0) {
+        return mc_cli_usage_error("check", "unexpected argument '%s'", p.pos[0]);
+    }
+    if (!path) {
+        return mc_cli_usage_error("check", "a config file is required: -c FILE");
+    }
+
+    mc_error_t merr;
+    mc_error_clear(&merr);
+    mc_config_t *cfg = mc_config_load_file(path, &merr);
+    if (!cfg) {
+        fprintf(stderr, "%s\n", merr.message);
+        return MC_EXIT_FAIL;
+    }
+    /* The engine's own checks (stream names, pipeline shape, sink stream references) run at
+     * construction, which connects nothing. */
+    mc_cli_setup_logging(MC_LOG_WARN);
+    mc_engine_t *probe = mc_engine_new(cfg, NULL, &merr);
+    if (!probe) {
+        fprintf(stderr, "%s\n", merr.message);
+        mc_config_destroy(cfg);
+        return MC_EXIT_FAIL;
+    }
+    mc_engine_destroy(probe);
+
+    checker_t c = {0, 0};
+    report(&c, "ok", "config %s (%zu stream%s, %zu sink%s)", path, cfg->n_streams,
+           cfg->n_streams == 1 ? "" : "s", cfg->n_sinks, cfg->n_sinks == 1 ? "" : "s");
+    if (cfg->checkpoint.store == MC_CHECKPOINT_FILE) {
+        check_file_store(&c, cfg->checkpoint.path ? cfg->checkpoint.path : "./data/checkpoints");
+    }
+
+    char *shown = mc_cli_redact_uri(cfg->mongodb_uri);
+    bson_error_t berr;
+    mongoc_client_t *client =
+        mc_cli_client_new(cfg->mongodb_uri, (int32_t)timeout_ms, "mongocast-check", &berr);
+    if (!client) {
+        report(&c, "FAIL", "connect %s: %s", shown, berr.message);
+    } else if (run_hello(&c, client, shown)) {
+        if (cfg->checkpoint.store == MC_CHECKPOINT_MONGODB) {
+            check_mongo_store(&c, client, cfg);
+        }
+        for (size_t i = 0; i < cfg->n_streams; i++) {
+            check_open(&c, client, &cfg->streams[i]);
+            check_images(&c, client, shown, &cfg->streams[i]);
+        }
+    }
+    if (c.failures == 0) {
+        printf("check passed%s\n", c.warnings ? " with warnings" : "");
+    } else {
+        printf("check failed: %d problem%s\n", c.failures, c.failures == 1 ? "" : "s");
+    }
+    mongoc_client_destroy(client);
+    bson_free(shown);
+    mc_config_destroy(cfg);
+    mc_log_set_handler(NULL, NULL);
+    return c.failures == 0 ? MC_EXIT_OK : MC_EXIT_FAIL;
+}

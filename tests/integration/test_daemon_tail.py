@@ -1,0 +1,199 @@
+"""`mongocast tail`, `mongocast enable-images`, `version` and `help` against MongoDB (the
+emulator, or MONGODB_URI).
+
+What is asserted: tail prints one §4.3 message per change with the exact shape and the values
+the writer produced; --raw prints the change event itself in canonical Extended JSON; argument
+errors exit 2 with a message naming the argument; a stream that fails exits 1 with the server's
+reason; SIGINT/SIGTERM exit 0.
+"""
+
+import json
+import signal
+
+import pytest
+
+from daemon_util import *  # noqa: F401,F403  (fixtures: daemons, tails)
+
+
+def test_tail_prints_every_change_in_message_shape(tails, mongo_uri, db, db_name):
+    t = tails(mongo_uri, "%s.items" % db_name, "--max-await-ms", "100")
+    t.wait_open()
+    coll = db["items"]
+    coll.insert_one({"_id": 1, "name": "bolt", "qty": 5})
+    coll.update_one({"_id": 1}, {"$set": {"qty": 4}, "$unset": {"name": ""}})
+    coll.replace_one({"_id": 1}, {"name": "nut", "qty": 9})
+    coll.delete_one({"_id": 1})
+    db["other"].insert_one({"_id": 2})  # another collection: must not show up
+    msgs = t.wait_messages(4)
+    assert t.stop(signal.SIGINT) == 0
+    msgs = t.messages()
+    assert [m["change"]["operationType"] for m in msgs] == ["insert", "update", "replace",
+                                                            "delete"]
+    for m in msgs:
+        assert set(m) == {"type", "stream", "id", "change"}, m
+        assert m["type"] == "change" and m["stream"] == "tail"
+        assert m["id"] == m["change"]["_id"]["_data"]
+        assert m["change"]["ns"] == {"db": db_name, "coll": "items"}
+        assert m["change"]["documentKey"] == {"_id": 1}
+        assert "$timestamp" in m["change"]["clusterTime"]
+    ids = [m["id"] for m in msgs]
+    assert len(set(ids)) == 4 and ids == sorted(ids), "event ids must be distinct and ordered"
+    ins, upd, rep, dele = (m["change"] for m in msgs)
+    # Relaxed Extended JSON: plain numbers, not {"$numberInt": ...}.
+    assert ins["fullDocument"] == {"_id": 1, "name": "bolt", "qty": 5}
+    assert upd["updateDescription"]["updatedFields"] == {"qty": 4}
+    assert upd["updateDescription"]["removedFields"] == ["name"]
+    assert "fullDocument" not in upd  # default fullDocument mode
+    assert rep["fullDocument"] == {"_id": 1, "name": "nut", "qty": 9}
+    assert "fullDocument" not in dele
+    assert "watching %s.items" % db_name in t.stderr_text()
+
+
+def test_tail_raw_prints_canonical_extended_json(tails, mongo_uri, db, db_name):
+    t = tails(mongo_uri, "%s.items" % db_name, "--raw", "--full-document", "updateLookup",
+              "--max-await-ms", "100")
+    t.wait_open()
+    db["items"].insert_one({"_id": 7, "n": 42, "big": 1 << 40, "f": 1.5})
+    db["items"].update_one({"_id": 7}, {"$inc": {"n": 1}})
+    t.wait_messages(2)
+    assert t.stop(signal.SIGTERM) == 0
+    ins, upd = t.messages()[:2]
+    # The raw line is the change event itself, not the §4.3 envelope.
+    assert "type" not in ins and ins["operationType"] == "insert"
+    assert ins["fullDocument"] == {"_id": {"$numberInt": "7"}, "n": {"$numberInt": "42"},
+                                   "big": {"$numberLong": str(1 << 40)},
+                                   "f": {"$numberDouble": "1.5"}}
+    assert ins["documentKey"] == {"_id": {"$numberInt": "7"}}
+    assert "$numberLong" in ins["wallTime"]["$date"]
+    assert set(ins["_id"]) == {"_data"}
+    assert upd["operationType"] == "update"
+    assert upd["updateDescription"]["updatedFields"] == {"n": {"$numberInt": "43"}}
+    assert upd["fullDocument"]["n"] == {"$numberInt": "43"}  # updateLookup
+
+
+def test_tail_pipeline_and_resume_after(tails, mongo_uri, db, db_name):
+    pipeline = json.dumps([{"$match": {"operationType": "insert", "fullDocument.keep": True}}])
+    t = tails(mongo_uri, "%s.c" % db_name, "--pipeline", pipeline, "--max-await-ms", "100")
+    t.wait_open()
+    db["c"].insert_many([{"_id": i, "keep": i % 2 == 0} for i in range(6)])
+    db["c"].update_many({}, {"$set": {"x": 1}})
+    t.wait_messages(3)
+    db["c"].insert_one({"_id": 100, "keep": True})  # marker: everything before it arrived
+    t.wait_messages(4)
+    assert t.stop() == 0
+    msgs = t.messages()
+    assert [m["change"]["documentKey"]["_id"] for m in msgs] == [0, 2, 4, 100]
+
+    # Resume after the first event: the rest comes again, and nothing before it.
+    t2 = tails(mongo_uri, "%s.c" % db_name, "--pipeline", pipeline, "--resume-after",
+               msgs[0]["id"], "--max-await-ms", "100")
+    again = t2.wait_messages(3)
+    assert t2.stop() == 0
+    assert [m["change"]["documentKey"]["_id"] for m in again] == [2, 4, 100]
+    assert [m["id"] for m in again] == [m["id"] for m in msgs[1:]]
+
+
+def test_tail_whole_database(tails, mongo_uri, db, db_name):
+    t = tails(mongo_uri, db_name, "--max-await-ms", "100")
+    t.wait_open()
+    db["a"].insert_one({"_id": 1})
+    db["b"].insert_one({"_id": 2})
+    t.wait_messages(2)
+    assert t.stop() == 0
+    assert [m["change"]["ns"]["coll"] for m in t.messages()] == ["a", "b"]
+
+
+def test_tail_stream_failure_exits_1(tails, mongo_uri, db, db_name):
+    # Projecting out _id makes the server refuse the event (280 ChangeStreamFatalError on a
+    # real server); the stream fails for good and tail must say why and exit 1.
+    t = tails(mongo_uri, "%s.c" % db_name, "--pipeline", '[{"$project": {"_id": 0}}]',
+              "--max-await-ms", "100")
+    t.wait_open()
+    db["c"].insert_one({"_id": 1})
+    rc = t.proc.wait(30)
+    t.stop()
+    assert rc == 1, t.stderr_text()
+    err = t.stderr_text()
+    assert "change stream failed" in err, err
+    assert t.messages() == []
+
+
+@pytest.mark.parametrize("args, message", [
+    ([], "a MongoDB URI is required"),
+    (["mongodb://h:1/", "db.c", "extra"], "unexpected argument 'extra'"),
+    (["notaurl"], "invalid MongoDB URI"),
+    (["mongodb://h:1/", "bad$db"], "'bad$db' is not a valid database name"),
+    (["mongodb://h:1/", "db."], "'' is not a valid collection name"),
+    (["mongodb://h:1/", "db.c", "--full-document", "sometimes"],
+     "--full-document: unknown mode 'sometimes'"),
+    (["mongodb://h:1/", "db.c", "--before-change", "on"], "--before-change: unknown mode 'on'"),
+    (["mongodb://h:1/", "db.c", "--start-at", "yesterday"], "--start-at: 'yesterday' is not"),
+    (["mongodb://h:1/", "db.c", "--start-at", "5", "--resume-after", "82AB"],
+     "--resume-after and --start-at are mutually exclusive"),
+    (["mongodb://h:1/", "db.c", "--resume-after", "xyz"], "--resume-after: 'xyz' is not an "
+                                                          "event id"),
+    (["mongodb://h:1/", "db.c", "--pipeline", "[{"], "--pipeline is not valid JSON"),
+    (["mongodb://h:1/", "db.c", "--pipeline", '{"$match": {}}'],
+     "--pipeline must be a JSON array of stages"),
+    (["mongodb://h:1/", "db.c", "--pipeline", '[{"$match": {}, "$project": {}}]'],
+     "must have exactly one key"),
+    (["mongodb://h:1/", "db.c", "--pipeline", '[{"$match": {"a": {"$var": "x"}}}]'],
+     "placeholders are bound by subscribers"),
+    (["mongodb://h:1/", "db.c", "--bogus"], "unknown option '--bogus'"),
+    (["mongodb://h:1/", "db.c", "--pipeline"], "option '--pipeline' needs a value"),
+    (["mongodb://h:1/", "db.c", "--raw=yes"], "option '--raw' takes no value"),
+])
+def test_tail_usage_errors_exit_2(args, message):
+    p = run_cli("tail", *args)
+    assert p.returncode == 2, (p.stdout, p.stderr)
+    assert p.stderr.startswith("mongocast tail: ")
+    assert message in p.stderr, p.stderr
+    assert p.stdout == ""
+
+
+def test_enable_images(mongo_uri, db, db_name):
+    db.create_collection("a")
+    db.create_collection("b")
+    p = run_cli("enable-images", mongo_uri, db_name)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert sorted(p.stdout.splitlines()) == ["%s.a: ok" % db_name, "%s.b: ok" % db_name]
+    for name in ("a", "b"):
+        info = db.command("listCollections", filter={"name": name})["cursor"]["firstBatch"][0]
+        assert info["options"]["changeStreamPreAndPostImages"] == {"enabled": True}
+
+    db.create_collection("c")
+    p = run_cli("enable-images", mongo_uri, db_name, "c", "missing")
+    assert p.returncode == 1
+    lines = p.stdout.splitlines()
+    assert lines[0] == "%s.c: ok" % db_name
+    assert lines[1].startswith("%s.missing: error: " % db_name), lines
+
+    p = run_cli("enable-images", mongo_uri, db_name + "_empty")
+    assert p.returncode == 1
+    assert "has no collections" in p.stderr
+
+    p = run_cli("enable-images", mongo_uri)
+    assert p.returncode == 2 and "a MongoDB URI and a database are required" in p.stderr
+
+
+def test_enable_images_unreachable_server():
+    p = run_cli("enable-images", "mongodb://127.0.0.1:1/?serverSelectionTimeoutMS=300", "db")
+    assert p.returncode == 1
+    assert "cannot connect to mongodb://127.0.0.1:1/" in p.stderr
+
+
+def test_version_and_help():
+    p = run_cli("version")
+    assert p.returncode == 0 and p.stdout.startswith("mongocast 0.1.0 (libmongoc ")
+    p = run_cli("--help")
+    assert p.returncode == 0
+    for cmd in ("run -c FILE", "check -c FILE", "tail URI", "enable-images URI DB", "version"):
+        assert "mongocast " + cmd in p.stdout
+    p = run_cli("help", "tail")
+    assert p.returncode == 0 and "--resume-after ID" in p.stdout
+    p = run_cli("tail", "--help")
+    assert p.returncode == 0 and "--before-change MODE" in p.stdout
+    p = run_cli("frobnicate")
+    assert p.returncode == 2 and "unknown command 'frobnicate'" in p.stderr
+    p = run_cli("run")
+    assert p.returncode == 2 and "a config file is required" in p.stderr
