@@ -1,0 +1,267 @@
+/*
+ * cmd_run.c: `mongocast run -c FILE`: loads the config, runs an engine and the live delivery
+ * server (HTTP/WebSocket/SSE, server.c) for it, reloads both on SIGHUP and drains them on
+ * SIGTERM/SIGINT.
+ *
+ * Threads: the main thread owns the config, the engine and the server and does every
+ * lifecycle call; the engine runs its watcher and checkpoint threads, and the server's libuv
+ * loop thread is the engine's dispatch thread (external dispatch: the engine's notify hook
+ * wakes the loop, which calls mc_engine_dispatch() and, at shutdown, mc_engine_stop()).
+ * Signals are blocked before any thread starts and taken synchronously by the main loop
+ * (sigtimedwait), so no work happens in a signal handler. During the final drain a small
+ * watchdog thread waits for a second SIGTERM/SIGINT and then exits at once (an operator's
+ * "really stop now").
+ *
+ * Shutdown (SIGTERM/SIGINT): mcd_server_stop() has the loop thread stop the engine (what was
+ * read is dispatched, sinks drain, final checkpoint), then close every WebSocket client with
+ * 1001 after what was queued for it and end SSE streams; the process exits 0.
+ *
+ * Reload (SIGHUP): the new config is checked first (an invalid one never stops anything);
+ * then the server and the engine are both stopped (WebSocket clients get 1012 "server
+ * restarting", so they reconnect; the resume history is per run and starts empty) and a new
+ * server and engine start from the new config, listening on its server.listen. If they fail
+ * to start, the previous config is started again.
+ *
+ * Invariants: at most one engine and one server run at a time; a reload stops the old engine
+ * (which writes its final checkpoint) before the new one starts, so the new one resumes every
+ * stream from its stored position. The config an engine and a server run outlives them (both
+ * borrow it).
+ */
+#include <pthread.h>
+#include <signal.h>
+#include <stdio.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "cli.h"
+#include "server.h"
+
+enum { OPT_CONFIG = 1, OPT_LOG_LEVEL };
+
+static const mc_cli_opt_t run_opts[] = {
+    {"config", 'c', true, OPT_CONFIG},
+    {"log-level", 0, true, OPT_LOG_LEVEL},
+    {NULL, 0, false, 0},
+};
+
+typedef struct daemon_state {
+    const char *config_path;
+    bool cli_level_set;
+    mc_log_level_t cli_level;
+    mc_config_t *config;
+    mc_engine_t *engine;
+    mcd_server_t *server;
+} daemon_state_t;
+
+static void apply_log_level(const daemon_state_t *d, const mc_config_t *cfg)
+{
+    mc_log_level_t level = MC_LOG_INFO;
+    if (d->cli_level_set) {
+        level = d->cli_level;
+    } else if (cfg && cfg->log_level) {
+        /* The loader only accepts known names, so a parse failure keeps the default. */
+        mc_log_level_parse(cfg->log_level, &level);
+    }
+    mc_log_set_level(level);
+}
+
+/* Creates the server (binding server.listen) and an engine dispatched on its loop, and
+ * starts both. On failure nothing keeps running and err says why. */
+static int start_runtime(const mc_config_t *cfg, mcd_server_t **server_out,
+                         mc_engine_t **engine_out, mc_error_t *err)
+{
+    mcd_server_t *server = mcd_server_new(cfg, err);
+    if (!server) {
+        return -1;
+    }
+    mc_engine_opts_t opts;
+    memset(&opts, 0, sizeof(opts));
+    opts.app_name = "mongocast";
+    mcd_server_engine_opts(server, &opts);
+    mc_engine_t *engine = mc_engine_new(cfg, &opts, err);
+    if (!engine || mcd_server_attach(server, engine, err) != 0 ||
+        mc_engine_start(engine, err) != 0 || mcd_server_start(server, err) != 0) {
+        /* Stops the engine too when it did start (on this thread: the loop never ran). */
+        mcd_server_stop(server, 1001, NULL);
+        mc_engine_destroy(engine);
+        mcd_server_destroy(server);
+        return -1;
+    }
+    *server_out = server;
+    *engine_out = engine;
+    return 0;
+}
+
+/* Stops and frees the running server and engine; returns the mc_engine_stop() status. */
+static int stop_runtime(daemon_state_t *d, const char *why, uint16_t ws_code)
+{
+    mc_error_t err;
+    mc_error_clear(&err);
+    mc_log(MC_LOG_NOTICE, "daemon", "stopping engine (%s): draining sinks, final checkpoint",
+           why);
+    int rc = mcd_server_stop(d->server, ws_code, &err);
+    if (rc == MC_EAGAIN) {
+        mc_log(MC_LOG_WARN, "daemon",
+               "sinks did not drain in time; positions stored up to what was acknowledged: %s",
+               err.message);
+    } else if (rc != 0) {
+        mc_log(MC_LOG_ERROR, "daemon", "final checkpoint failed: %s", err.message);
+    }
+    mc_engine_destroy(d->engine);
+    mcd_server_destroy(d->server);
+    d->engine = NULL;
+    d->server = NULL;
+    return rc;
+}
+
+static void log_started(const mc_config_t *cfg, const char *what)
+{
+    mc_log(MC_LOG_NOTICE, "daemon", "%s config=%s streams=%zu sinks=%zu pid=%ld", what,
+           cfg->path ? cfg->path : "?", cfg->n_streams, cfg->n_sinks, (long)getpid());
+}
+
+/* SIGHUP: replace the running engine by one for the file's current content, or keep the
+ * running one when the file is not usable. Returns false only when nothing runs any more. */
+static bool reload(daemon_state_t *d)
+{
+    mc_error_t err;
+    mc_error_clear(&err);
+    mc_log(MC_LOG_NOTICE, "daemon", "SIGHUP: reloading %s", d->config_path);
+    mc_config_t *cfg = mc_config_load_file(d->config_path, &err);
+    if (!cfg) {
+        mc_log(MC_LOG_ERROR, "daemon", "reload failed, keeping the running configuration: %s",
+               err.message);
+        return true;
+    }
+    /* Check the new config before stopping anything (the engine checks streams, sinks and
+     * pipelines; the server's own settings are checked when it starts). */
+    mc_engine_t *probe = mc_engine_new(cfg, NULL, &err);
+    if (!probe) {
+        mc_log(MC_LOG_ERROR, "daemon", "reload failed, keeping the running configuration: %s",
+               err.message);
+        mc_config_destroy(cfg);
+        return true;
+    }
+    mc_engine_destroy(probe);
+    stop_runtime(d, "reload", 1012);
+    apply_log_level(d, cfg);
+    if (start_runtime(cfg, &d->server, &d->engine, &err) == 0) {
+        mc_config_destroy(d->config);
+        d->config = cfg;
+        log_started(cfg, "reloaded");
+        return true;
+    }
+    mc_log(MC_LOG_ERROR, "daemon",
+           "the new configuration failed to start (%s); going back to the previous one",
+           err.message);
+    mc_config_destroy(cfg);
+    apply_log_level(d, d->config);
+    mc_error_clear(&err);
+    if (start_runtime(d->config, &d->server, &d->engine, &err) != 0) {
+        mc_log(MC_LOG_ERROR, "daemon", "cannot restart the previous configuration: %s",
+               err.message);
+        return false;
+    }
+    log_started(d->config, "restarted");
+    return true;
+}
+
+static void *second_signal_watchdog(void *arg)
+{
+    (void)arg;
+    sigset_t set;
+    sigemptyset(&set);
+    sigaddset(&set, SIGINT);
+    sigaddset(&set, SIGTERM);
+    int sig = 0;
+    if (sigwait(&set, &sig) == 0) {
+        static const char msg[] = "mongocast: second signal during shutdown, exiting now\n";
+        ssize_t w = write(STDERR_FILENO, msg, sizeof(msg) - 1);
+        (void)w;
+        _exit(MC_EXIT_FAIL);
+    }
+    return NULL;
+}
+
+int mc_cmd_run(int argc, char **argv)
+{
+    mc_cli_parsed_t p;
+    int rc = mc_cli_parse("run", argc, argv, run_opts, &p);
+    if (rc != 0) {
+        return rc;
+    }
+    daemon_state_t d;
+    memset(&d, 0, sizeof(d));
+    for (size_t i = 0; i < p.n_opts; i++) {
+        if (p.opts[i].id == OPT_CONFIG) {
+            d.config_path = p.opts[i].value;
+        } else if (p.opts[i].id == OPT_LOG_LEVEL) {
+            if (mc_log_level_parse(p.opts[i].value, &d.cli_level) != 0) {
+                return mc_cli_usage_error("run",
+                                          "unknown log level '%s' (error, warn, notice, info, "
+                                          "debug, trace)",
+                                          p.opts[i].value);
+            }
+            d.cli_level_set = true;
+        }
+    }
+    if (p.n_pos > 0) {
+        return mc_cli_usage_error("run", "unexpected argument '%s'", p.pos[0]);
+    }
+    if (!d.config_path) {
+        return mc_cli_usage_error("run", "a config file is required: -c FILE");
+    }
+
+    mc_error_t err;
+    mc_error_clear(&err);
+    d.config = mc_config_load_file(d.config_path, &err);
+    if (!d.config) {
+        fprintf(stderr, "%s\n", err.message);
+        return MC_EXIT_FAIL;
+    }
+    mc_cli_setup_logging(MC_LOG_INFO);
+    apply_log_level(&d, d.config);
+    /* Before the engine spawns its threads, so that they all inherit the blocked mask. */
+    mc_cli_block_signals(true);
+
+    if (start_runtime(d.config, &d.server, &d.engine, &err) != 0) {
+        if (err.code == MC_ECONFIG) {
+            /* Same form as a loader error: FILE:LINE:COL: message, nothing else. */
+            fprintf(stderr, "%s\n", err.message);
+        } else {
+            mc_log(MC_LOG_ERROR, "daemon", "cannot start: %s", err.message);
+        }
+        mc_config_destroy(d.config);
+        return MC_EXIT_FAIL;
+    }
+    log_started(d.config, "running");
+
+    int status = MC_EXIT_OK;
+    for (;;) {
+        int sig = mc_cli_wait_signal(1000);
+        if (sig == 0) {
+            continue;
+        }
+        if (sig == SIGHUP) {
+            if (!reload(&d)) {
+                status = MC_EXIT_FAIL;
+                break;
+            }
+            continue;
+        }
+        pthread_t watchdog;
+        if (pthread_create(&watchdog, NULL, second_signal_watchdog, NULL) == 0) {
+            pthread_detach(watchdog);
+        }
+        /* A drain timeout still stored every acknowledged position: a clean stop. A failed
+         * checkpoint write did not, and the operator must know. */
+        if (stop_runtime(&d, sig == SIGINT ? "SIGINT" : "SIGTERM", 1001) == MC_EIO) {
+            status = MC_EXIT_FAIL;
+        }
+        break;
+    }
+    mc_config_destroy(d.config);
+    mc_log(MC_LOG_NOTICE, "daemon", "stopped");
+    mc_log_set_handler(NULL, NULL);
+    return status;
+}

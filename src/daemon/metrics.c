@@ -1,0 +1,221 @@
+/*
+ * metrics.c: /metrics in the Prometheus text exposition format (version 0.0.4).
+ *
+ * Thread: the server's loop thread (reads the server's counters without locks; the engine's
+ * per-stream status is copied out with mc_engine_stream_status(), which is thread-safe).
+ * Invariants: the output is rebuilt on every scrape from counters that only grow (…_total)
+ * or from current gauges; nothing is cached between scrapes.
+ *
+ * Gap: the engine exposes no time of its last stored checkpoint, so
+ * mongocast_checkpoint_age_seconds is the age (by wallTime) of the oldest event the stored
+ * position does not cover yet, found in the stream's history ring; 0 when the stored position
+ * is current, and absent when that event is no longer in the ring (or history is 0).
+ */
+#include <inttypes.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "server_internal.h"
+
+typedef struct out {
+    char *buf;
+    size_t len;
+    size_t cap;
+    bool failed;
+} out_t;
+
+static void put(out_t *o, const char *fmt, ...)
+#if defined(__GNUC__)
+    __attribute__((format(printf, 2, 3)))
+#endif
+    ;
+
+static void put(out_t *o, const char *fmt, ...)
+{
+    if (o->failed) {
+        return;
+    }
+    for (;;) {
+        va_list ap;
+        va_start(ap, fmt);
+        int n = vsnprintf(o->buf + o->len, o->cap - o->len, fmt, ap);
+        va_end(ap);
+        if (n < 0) {
+            o->failed = true;
+            return;
+        }
+        if ((size_t)n < o->cap - o->len) {
+            o->len += (size_t)n;
+            return;
+        }
+        size_t cap = o->cap * 2 + (size_t)n;
+        char *nb = realloc(o->buf, cap);
+        if (!nb) {
+            o->failed = true;
+            return;
+        }
+        o->buf = nb;
+        o->cap = cap;
+    }
+}
+
+/* Label values escape backslash, double quote and line feed. */
+static const char *label(const char *s, char *tmp, size_t cap)
+{
+    size_t n = 0;
+    for (; *s && n + 3 < cap; s++) {
+        if (*s == '\\' || *s == '"') {
+            tmp[n++] = '\\';
+            tmp[n++] = *s;
+        } else if (*s == '\n') {
+            tmp[n++] = '\\';
+            tmp[n++] = 'n';
+        } else {
+            tmp[n++] = *s;
+        }
+    }
+    tmp[n] = '\0';
+    return tmp;
+}
+
+static void help(out_t *o, const char *name, const char *type, const char *text)
+{
+    put(o, "# HELP %s %s\n# TYPE %s %s\n", name, text, name, type);
+}
+
+char *mcd_metrics_render(mcd_server_t *srv, size_t *len)
+{
+    out_t o = {.cap = 8192};
+    o.buf = malloc(o.cap);
+    if (!o.buf) {
+        return NULL;
+    }
+    o.buf[0] = '\0';
+    const mcd_stats_t *st = &srv->stats;
+    int64_t now = (int64_t)time(NULL) * 1000;
+    char l[400];
+
+    size_t n = srv->n_hubs;
+    mc_stream_status_t *ss = calloc(n ? n : 1, sizeof(*ss));
+    bool *have = calloc(n ? n : 1, sizeof(*have));
+    if (!ss || !have) {
+        free(ss);
+        free(have);
+        free(o.buf);
+        return NULL;
+    }
+    for (size_t i = 0; i < n; i++) {
+        have[i] = srv->engine &&
+                  mc_engine_stream_status(srv->engine, srv->hubs[i].cfg->name, &ss[i]) == 0;
+    }
+
+    help(&o, "mongocast_events_in_total", "counter", "Change events read from MongoDB per stream.");
+    for (size_t i = 0; i < n; i++) {
+        put(&o, "mongocast_events_in_total{stream=\"%s\"} %" PRIu64 "\n",
+            label(srv->hubs[i].cfg->name, l, sizeof(l)),
+            have[i] ? ss[i].events : srv->hubs[i].events);
+    }
+    help(&o, "mongocast_events_out_total", "counter",
+         "Events (changes and control events) published to a sink; the live WebSocket/SSE "
+         "fan-out is sink \"live-clients\".");
+    put(&o, "mongocast_events_out_total{sink=\"live-clients\"} %" PRIu64 "\n", st->fanout_events);
+    help(&o, "mongocast_deliveries_total", "counter",
+         "Messages queued to live subscribers, per transport.");
+    put(&o, "mongocast_deliveries_total{transport=\"ws\"} %" PRIu64 "\n", st->deliveries[MCD_T_WS]);
+    put(&o, "mongocast_deliveries_total{transport=\"sse\"} %" PRIu64 "\n",
+        st->deliveries[MCD_T_SSE]);
+    help(&o, "mongocast_connections", "gauge", "Open connections per transport.");
+    put(&o, "mongocast_connections{transport=\"http\"} %u\n", st->conns[MCD_T_HTTP]);
+    put(&o, "mongocast_connections{transport=\"ws\"} %u\n", st->conns[MCD_T_WS]);
+    put(&o, "mongocast_connections{transport=\"sse\"} %u\n", st->conns[MCD_T_SSE]);
+    help(&o, "mongocast_connections_accepted_total", "counter", "TCP connections accepted.");
+    put(&o, "mongocast_connections_accepted_total %" PRIu64 "\n", st->accepted);
+    help(&o, "mongocast_refusals_total", "counter",
+         "Requests answered with an error status before any upgrade.");
+    static const char *const statuses[] = {"400", "401", "403", "404", "503", "other"};
+    for (int k = 0; k < 6; k++) {
+        put(&o, "mongocast_refusals_total{status=\"%s\"} %" PRIu64 "\n", statuses[k],
+            st->refused[k]);
+    }
+    help(&o, "mongocast_queued_bytes", "gauge",
+         "Bytes queued for live subscribers and not yet written to their sockets.");
+    put(&o, "mongocast_queued_bytes %" PRIu64 "\n", st->queued_bytes);
+    help(&o, "mongocast_slow_consumer_disconnects_total", "counter",
+         "Subscribers disconnected because their send queue passed "
+         "server.max_send_queue_bytes.");
+    put(&o, "mongocast_slow_consumer_disconnects_total %" PRIu64 "\n", st->slow_disconnects);
+
+    help(&o, "mongocast_stream_subscribers", "gauge", "Live subscribers per stream.");
+    for (size_t i = 0; i < n; i++) {
+        put(&o, "mongocast_stream_subscribers{stream=\"%s\"} %u\n",
+            label(srv->hubs[i].cfg->name, l, sizeof(l)), srv->hubs[i].n_subs);
+    }
+    help(&o, "mongocast_stream_lag_seconds", "gauge",
+         "Now minus the wallTime of the stream's newest change.");
+    for (size_t i = 0; i < n; i++) {
+        int64_t wall = srv->hubs[i].last_wall_ms;
+        if (wall == INT64_MIN && have[i] && ss[i].last_event_ms > 0) {
+            wall = ss[i].last_event_ms;
+        }
+        if (wall == INT64_MIN) {
+            continue;
+        }
+        double lag = (double)(now - wall) / 1000.0;
+        put(&o, "mongocast_stream_lag_seconds{stream=\"%s\"} %.3f\n",
+            label(srv->hubs[i].cfg->name, l, sizeof(l)), lag < 0 ? 0.0 : lag);
+    }
+    help(&o, "mongocast_stream_resumes_total", "counter",
+         "Change stream reopens after an error (the driver's own resumes not counted).");
+    for (size_t i = 0; i < n; i++) {
+        if (have[i]) {
+            put(&o, "mongocast_stream_resumes_total{stream=\"%s\"} %" PRIu64 "\n",
+                label(srv->hubs[i].cfg->name, l, sizeof(l)), ss[i].resumes);
+        }
+    }
+    help(&o, "mongocast_client_resumes_total", "counter",
+         "Subscriber resumes (since= or Last-Event-ID): replayed from history or answered "
+         "with reset.");
+    for (size_t i = 0; i < n; i++) {
+        label(srv->hubs[i].cfg->name, l, sizeof(l));
+        put(&o, "mongocast_client_resumes_total{stream=\"%s\",result=\"replay\"} %" PRIu64 "\n", l,
+            srv->hubs[i].replays);
+        put(&o, "mongocast_client_resumes_total{stream=\"%s\",result=\"reset\"} %" PRIu64 "\n", l,
+            srv->hubs[i].resets);
+    }
+    help(&o, "mongocast_checkpoint_age_seconds", "gauge",
+         "Age (by wallTime) of the oldest event not yet covered by the stored resume "
+         "position; 0 when the position is current.");
+    for (size_t i = 0; i < n; i++) {
+        if (!have[i]) {
+            continue;
+        }
+        double age = 0.0;
+        if (ss[i].stored_seq < ss[i].last_seq) {
+            mc_event_t *ev = mcd_hub_first_after_seq(&srv->hubs[i], ss[i].stored_seq);
+            int64_t wall = ev ? mc_event_wall_time_ms(ev) : INT64_MIN;
+            if (wall == INT64_MIN) {
+                continue;
+            }
+            age = (double)(now - wall) / 1000.0;
+        }
+        put(&o, "mongocast_checkpoint_age_seconds{stream=\"%s\"} %.3f\n",
+            label(srv->hubs[i].cfg->name, l, sizeof(l)), age < 0 ? 0.0 : age);
+    }
+    help(&o, "mongocast_stream_up", "gauge", "1 when the stream's change stream is open.");
+    for (size_t i = 0; i < n; i++) {
+        put(&o, "mongocast_stream_up{stream=\"%s\"} %d\n",
+            label(srv->hubs[i].cfg->name, l, sizeof(l)),
+            have[i] && ss[i].state == MC_STREAM_OPEN ? 1 : 0);
+    }
+    free(ss);
+    free(have);
+    if (o.failed) {
+        free(o.buf);
+        return NULL;
+    }
+    *len = o.len;
+    return o.buf;
+}
