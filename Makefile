@@ -6,7 +6,7 @@ FUZZ_BUILD ?= build-fuzz
 PYTHON     ?= /usr/bin/python3
 JOBS       ?= $(shell nproc)
 
-.PHONY: all build deps test unit integration conformance fuzz-smoke bench demo clean
+.PHONY: all build deps browser-deps test unit integration conformance fuzz-smoke bench demo clean
 
 all: build
 
@@ -28,7 +28,13 @@ test: deps
 unit:
 	cd $(BUILD) && ctest -L unit --output-on-failure -j $(JOBS)
 
-integration:
+# Chromium (Debian's) and playwright-core for the viewer test in tests/integration; no browser
+# is ever downloaded.
+browser-deps:
+	@scripts/install-deps.sh --browser
+	cd tests/browser && PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 npm install --no-audit --no-fund --prefer-offline
+
+integration: browser-deps
 	MC_BUILD_DIR=$(abspath $(BUILD)) $(PYTHON) -m pytest -q tests/integration
 
 conformance:
