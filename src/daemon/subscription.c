@@ -30,12 +30,14 @@
 #define MAX_LOCAL_STAGES 32
 #define MAX_WALK_DEPTH 100
 
+/* Sized to what it holds: one of these lives as long as each connection, and an idle
+ * subscriber must cost well under 1 KiB. */
 struct mcd_subscription {
+    mc_filter_t **local;     /* n_local compiled $var stages; NULL when none */
+    mc_filter_t *client;     /* NULL: no client filter */
+    uint32_t n_local;
     bool restrict_recipient; /* only events whose recipient equals `subject` */
-    char subject[256];
-    mc_filter_t *local[MAX_LOCAL_STAGES];
-    size_t n_local;
-    mc_filter_t *client; /* NULL: no client filter */
+    char subject[];          /* the identity when restrict_recipient, else "" */
 };
 
 /* ---- vars ---------------------------------------------------------------------------- */
@@ -251,6 +253,18 @@ static int compile_local(mcd_subscription_t *sub, const mc_stream_config_t *stre
         /* mcd_stream_local_stages_check() at start-up keeps this from happening. */
         return mcd_refuse(r, 400, "invalid_vars", "stream pipeline cannot be evaluated");
     }
+    uint32_t n_stages = bson_count_keys(&local);
+    if (n_stages > MAX_LOCAL_STAGES) {
+        bson_destroy(&local);
+        return mcd_refuse(r, 400, "invalid_vars", "stream pipeline cannot be evaluated");
+    }
+    if (n_stages > 0) {
+        sub->local = calloc(n_stages, sizeof(*sub->local));
+        if (!sub->local) {
+            bson_destroy(&local);
+            return mcd_refuse(r, 503, "too_many_connections", "out of memory");
+        }
+    }
     bson_iter_t it;
     bson_iter_init(&it, &local);
     while (bson_iter_next(&it)) {
@@ -258,7 +272,7 @@ static int compile_local(mcd_subscription_t *sub, const mc_stream_config_t *stre
         const uint8_t *data;
         uint32_t len;
         bson_t query;
-        if (sub->n_local >= MAX_LOCAL_STAGES || !bson_iter_recurse(&it, &stage) ||
+        if (sub->n_local >= n_stages || !bson_iter_recurse(&it, &stage) ||
             !bson_iter_next(&stage) || strcmp(bson_iter_key(&stage), "$match") != 0 ||
             !BSON_ITER_HOLDS_DOCUMENT(&stage)) {
             bson_destroy(&local);
@@ -343,16 +357,17 @@ mcd_subscription_t *mcd_subscription_new(const mc_stream_config_t *stream, const
         mcd_refuse(r, 400, "filters_not_allowed", "this stream does not accept filters");
         return NULL;
     }
-    mcd_subscription_t *sub = calloc(1, sizeof(*sub));
+    /* Public streams and servers without auth: the recipient routes, it never authorizes. */
+    bool restrict_recipient =
+        stream->recipient && !stream->is_public && !id->auth_disabled && !id->is_admin;
+    size_t subject_len = restrict_recipient ? strnlen(id->subject, sizeof(id->subject) - 1) : 0;
+    mcd_subscription_t *sub = calloc(1, sizeof(*sub) + subject_len + 1);
     if (!sub) {
         mcd_refuse(r, 503, "too_many_connections", "out of memory");
         return NULL;
     }
-    /* Public streams and servers without auth: the recipient routes, it never authorizes. */
-    if (stream->recipient && !stream->is_public && !id->auth_disabled && !id->is_admin) {
-        sub->restrict_recipient = true;
-        bson_strncpy(sub->subject, id->subject, sizeof(sub->subject));
-    }
+    sub->restrict_recipient = restrict_recipient;
+    memcpy(sub->subject, id->subject, subject_len);
     bson_t vars;
     bool have_vars = false;
     if (vars_json) {
@@ -385,6 +400,7 @@ void mcd_subscription_destroy(mcd_subscription_t *sub)
     for (size_t i = 0; i < sub->n_local; i++) {
         mc_filter_destroy(sub->local[i]);
     }
+    free(sub->local);
     mc_filter_destroy(sub->client);
     free(sub);
 }
