@@ -243,6 +243,26 @@ void mc__checkpoint_published(mc__checkpoint_t *cp, uint64_t seq)
     pthread_mutex_unlock(&cp->lock);
 }
 
+void mc__checkpoint_published_range(mc__checkpoint_t *cp, uint64_t first, uint64_t last)
+{
+    pthread_mutex_lock(&cp->lock);
+    bool any = false;
+    for (uint64_t seq = first; seq <= last; seq++) {
+        cp_entry_t *e = find(cp, seq);
+        if (e) {
+            e->published = true;
+            any = true;
+        }
+        if (seq == UINT64_MAX) {
+            break; /* seq++ would wrap */
+        }
+    }
+    if (any) {
+        advance(cp);
+    }
+    pthread_mutex_unlock(&cp->lock);
+}
+
 void mc__checkpoint_ack(mc__checkpoint_t *cp, uint64_t seq, int bit)
 {
     if (bit < 0 || bit >= 64) {

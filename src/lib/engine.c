@@ -22,6 +22,9 @@
 
 #define DISPATCH_BATCH 256
 #define EAGAIN_RETRY_MS 5
+/* How long the consumer thread waits for a batch to build up once the queue is empty,
+ * before it sleeps until the next push (queue.c): bounds the latency this adds. */
+#define CONSUMER_LINGER_US 250
 
 /* ---- Pipeline split ------------------------------------------------------------------- */
 
@@ -167,6 +170,9 @@ int mc_engine_stream_status(mc_engine_t *engine, const char *name, mc_stream_sta
     pthread_mutex_lock(&s->lock);
     *out = s->status;
     pthread_mutex_unlock(&s->lock);
+    out->events = atomic_load_explicit(&s->stat_events, memory_order_relaxed);
+    out->last_seq = atomic_load_explicit(&s->stat_last_seq, memory_order_relaxed);
+    out->last_event_ms = atomic_load_explicit(&s->stat_last_event_ms, memory_order_relaxed);
     mc__position_t pos = {0};
     mc__checkpoint_stable(s->checkpoint, &pos);
     out->stored_seq = pos.seq;
@@ -450,6 +456,9 @@ mc_engine_t *mc_engine_new(const mc_config_t *config, const mc_engine_opts_t *op
         s->index = (int)i;
         s->cfg = sc;
         s->next_seq = 1;
+        atomic_init(&s->stat_events, 0);
+        atomic_init(&s->stat_last_seq, 0);
+        atomic_init(&s->stat_last_event_ms, 0);
         bson_init(&s->server_pipeline);
         pthread_mutex_init(&s->lock, NULL);
         engine->n_streams = i + 1; /* from here on engine_free() cleans this stream up */
@@ -577,6 +586,12 @@ void mc__item_free(void *p)
     if (!item) {
         return;
     }
+    if (item->embedded) {
+        /* The item is part of the event: read nothing from it after this unref. */
+        mc_event_t *ev = item->ev;
+        mc_event_unref(&ev);
+        return;
+    }
     mc_event_unref(&item->ev);
     if (item->token) {
         bson_destroy(item->token);
@@ -661,8 +676,16 @@ static size_t dispatch_items(mc_engine_t *engine, void **items, size_t n)
             }
         }
     }
-    for (size_t k = 0; k < events; k++) {
-        mc__checkpoint_published(published[k].stream->checkpoint, published[k].seq);
+    /* Runs of consecutive seqs of one stream (the usual case) take one lock each. */
+    for (size_t k = 0; k < events;) {
+        size_t j = k + 1;
+        while (j < events && published[j].stream == published[k].stream &&
+               published[j].seq == published[j - 1].seq + 1) {
+            j++;
+        }
+        mc__checkpoint_published_range(published[k].stream->checkpoint, published[k].seq,
+                                       published[j - 1].seq);
+        k = j;
     }
     return events;
 }
@@ -690,7 +713,8 @@ static void *consumer_main(void *arg)
     void *items[DISPATCH_BATCH];
     for (;;) {
         bool closed = false;
-        size_t n = mc__queue_pop(engine->queue, items, DISPATCH_BATCH, -1, &closed);
+        size_t n = mc__queue_pop_batch(engine->queue, items, DISPATCH_BATCH, CONSUMER_LINGER_US,
+                                       &closed);
         if (n == 0 && closed) {
             break;
         }

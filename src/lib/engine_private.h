@@ -69,6 +69,11 @@ int mc__queue_push(mc__queue_t *q, void *item, int64_t timeout_ms);
  * (0: no wait; < 0: forever). Returns the count; 0 with *closed set once closed and empty. */
 size_t mc__queue_pop(mc__queue_t *q, void **items, size_t max, int64_t timeout_ms,
                      bool *closed);
+/* The consumer thread's pop: takes what is queued; when nothing is, lingers up to linger_us
+ * (pushes do not wake it until a batch has built up), then waits without limit for the
+ * next push, which wakes it at once. Returns 0 only once closed and empty (*closed set). */
+size_t mc__queue_pop_batch(mc__queue_t *q, void **items, size_t max, int64_t linger_us,
+                           bool *closed);
 /* After close, pushes fail with MC_ECLOSED and waiting pushers wake; pops still drain. */
 void mc__queue_close(mc__queue_t *q);
 size_t mc__queue_len(mc__queue_t *q);
@@ -122,6 +127,8 @@ int mc__checkpoint_add(mc__checkpoint_t *cp, uint64_t seq, const bson_t *token, 
                        uint32_t ct_t, uint32_t ct_i, uint64_t required);
 /* Dispatch: every sink has been offered event `seq`. */
 void mc__checkpoint_published(mc__checkpoint_t *cp, uint64_t seq);
+/* The same for every registered seq in [first, last], under one lock. */
+void mc__checkpoint_published_range(mc__checkpoint_t *cp, uint64_t first, uint64_t last);
 /* Any thread: durable sink number `bit` acked `seq`. Ignores unknown/old seqs and repeats. */
 void mc__checkpoint_ack(mc__checkpoint_t *cp, uint64_t seq, int bit);
 /* Dispatch: a newer position without an event (post-batch resume token of a quiet stream);
@@ -188,13 +195,19 @@ typedef enum mc__item_type {
 typedef struct mc__item {
     mc__item_type_t type;
     int stream_index;
-    mc_event_t *ev;       /* EVENT */
+    bool embedded;        /* lives inside ev (mc__event_item()): freed with the event */
+    mc_event_t *ev;       /* EVENT: holds the queue's reference */
     bson_t *token;        /* POSITION (owned) */
     bool invalidate;      /* POSITION: token is an invalidate's */
     uint32_t ct_t, ct_i;  /* POSITION: clusterTime when known */
 } mc__item_t;
 
+/* Drops the item's event reference and frees a POSITION item. */
 void mc__item_free(void *item);
+
+/* The queue item embedded in every event, so pushing an event allocates nothing. An event
+ * is pushed at most once (by the watcher that built it), so the one slot is enough. */
+mc__item_t *mc__event_item(mc_event_t *ev);
 
 struct mc_sink {
     const mc_sink_type_t *type;  /* resolved by mc_engine_start() for config sinks */
@@ -230,6 +243,11 @@ typedef struct mc__stream {
 
     pthread_mutex_t lock;    /* guards status */
     mc_stream_status_t status;
+    /* Per-event status fields, written by the watcher alone without the lock and merged
+     * into the snapshot by mc_engine_stream_status() (status.events etc. stay 0). */
+    _Atomic uint64_t stat_events;
+    _Atomic uint64_t stat_last_seq;
+    _Atomic int64_t stat_last_event_ms;
 } mc__stream_t;
 
 typedef enum mc__engine_state {

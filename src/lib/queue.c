@@ -9,10 +9,25 @@
  * dropping: a slow sink slows the watcher down, and the watcher simply reads MongoDB later,
  * which is where the history is kept. The notify hook runs outside the lock on the
  * empty -> non-empty edge only, so an event loop gets one wakeup per burst.
+ *
+ * Wake-ups: a producer signals the consumer only when the consumer sleeps waiting for work
+ * (WAIT_IDLE), or lingers (WAIT_LINGER, mc__queue_pop_batch()) and the queue has reached
+ * `wake_at` items. A lingering consumer wakes up by itself after at most linger_us, so under
+ * load the consumer takes batches instead of being woken for each item, and an idle consumer
+ * is still woken by the first push at once. wake_at <= capacity, so a full queue (producers
+ * blocked) always has its consumer awake.
  */
 #include <errno.h>
 #include <stdlib.h>
 #include <time.h>
+
+#define WAKE_AT_ITEMS 64 /* a lingering consumer is woken once this many items wait */
+
+typedef enum consumer_state {
+    RUNNING = 0,  /* not waiting: producers need not signal */
+    WAIT_IDLE,    /* waiting for the next item: every push signals */
+    WAIT_LINGER,  /* waiting (timed) for a batch: pushes signal from wake_at items on */
+} consumer_state_t;
 
 #include "engine_private.h"
 
@@ -25,6 +40,8 @@ struct mc__queue {
     size_t head;              /* index of the oldest item */
     size_t count;
     bool closed;
+    consumer_state_t consumer;
+    size_t wake_at;
     mc__queue_notify_fn notify;
     void *notify_ud;
 };
@@ -44,6 +61,7 @@ mc__queue_t *mc__queue_new(size_t capacity)
         return NULL;
     }
     q->capacity = capacity;
+    q->wake_at = capacity < WAKE_AT_ITEMS ? capacity : WAKE_AT_ITEMS;
     pthread_mutex_init(&q->lock, NULL);
     pthread_condattr_t ca;
     pthread_condattr_init(&ca);
@@ -79,15 +97,20 @@ void mc__queue_set_notify(mc__queue_t *q, mc__queue_notify_fn fn, void *userdata
     pthread_mutex_unlock(&q->lock);
 }
 
-static void deadline_from_now(struct timespec *ts, int64_t timeout_ms)
+static void deadline_from_now_us(struct timespec *ts, int64_t timeout_us)
 {
     clock_gettime(CLOCK_MONOTONIC, ts);
-    ts->tv_sec += timeout_ms / 1000;
-    ts->tv_nsec += (timeout_ms % 1000) * 1000000L;
+    ts->tv_sec += timeout_us / 1000000;
+    ts->tv_nsec += (timeout_us % 1000000) * 1000L;
     if (ts->tv_nsec >= 1000000000L) {
         ts->tv_sec++;
         ts->tv_nsec -= 1000000000L;
     }
+}
+
+static void deadline_from_now(struct timespec *ts, int64_t timeout_ms)
+{
+    deadline_from_now_us(ts, timeout_ms * 1000);
 }
 
 /* Waits on `cond` until `ready` holds, the queue closes, or the deadline passes. Returns 0
@@ -138,7 +161,9 @@ int mc__queue_push(mc__queue_t *q, void *item, int64_t timeout_ms)
     bool was_empty = q->count == 1;
     mc__queue_notify_fn fn = q->notify;
     void *ud = q->notify_ud;
-    pthread_cond_signal(&q->not_empty);
+    if (q->consumer == WAIT_IDLE || (q->consumer == WAIT_LINGER && q->count >= q->wake_at)) {
+        pthread_cond_signal(&q->not_empty);
+    }
     pthread_mutex_unlock(&q->lock);
     if (was_empty && fn) {
         fn(ud);
@@ -146,13 +171,9 @@ int mc__queue_push(mc__queue_t *q, void *item, int64_t timeout_ms)
     return 0;
 }
 
-size_t mc__queue_pop(mc__queue_t *q, void **items, size_t max, int64_t timeout_ms, bool *closed)
+/* Takes up to max items and unlocks. */
+static size_t take_locked(mc__queue_t *q, void **items, size_t max, bool *closed)
 {
-    if (closed) {
-        *closed = false;
-    }
-    pthread_mutex_lock(&q->lock);
-    wait_until(q, &q->not_empty, has_items, timeout_ms);
     size_t n = 0;
     while (n < max && q->count > 0) {
         items[n++] = q->slots[q->head];
@@ -168,6 +189,44 @@ size_t mc__queue_pop(mc__queue_t *q, void **items, size_t max, int64_t timeout_m
     }
     pthread_mutex_unlock(&q->lock);
     return n;
+}
+
+size_t mc__queue_pop(mc__queue_t *q, void **items, size_t max, int64_t timeout_ms, bool *closed)
+{
+    if (closed) {
+        *closed = false;
+    }
+    pthread_mutex_lock(&q->lock);
+    q->consumer = WAIT_IDLE;
+    wait_until(q, &q->not_empty, has_items, timeout_ms);
+    q->consumer = RUNNING;
+    return take_locked(q, items, max, closed);
+}
+
+size_t mc__queue_pop_batch(mc__queue_t *q, void **items, size_t max, int64_t linger_us,
+                           bool *closed)
+{
+    if (closed) {
+        *closed = false;
+    }
+    pthread_mutex_lock(&q->lock);
+    /* Items already waiting are taken at once: only a sleep costs a wake-up. */
+    if (q->count == 0 && !q->closed && linger_us > 0) {
+        struct timespec deadline;
+        deadline_from_now_us(&deadline, linger_us);
+        q->consumer = WAIT_LINGER;
+        while (q->count < q->wake_at && !q->closed) {
+            if (pthread_cond_timedwait(&q->not_empty, &q->lock, &deadline) == ETIMEDOUT) {
+                break;
+            }
+        }
+    }
+    q->consumer = WAIT_IDLE;
+    while (q->count == 0 && !q->closed) {
+        pthread_cond_wait(&q->not_empty, &q->lock);
+    }
+    q->consumer = RUNNING;
+    return take_locked(q, items, max, closed);
 }
 
 void mc__queue_close(mc__queue_t *q)

@@ -22,6 +22,7 @@
  */
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "engine_private.h"
 #include "recipient_lookup.h"
@@ -37,7 +38,8 @@ typedef enum err_class {
 typedef struct watcher {
     mc__stream_t *s;
     mc_engine_t *e;
-    mc__position_t pos;        /* newest position handed to the queue */
+    mc__position_t pos;        /* newest position handed to the queue, when it is a token */
+    mc_event_t *pos_ev;        /* ... or a reference to the newest event pushed (see pos_token) */
     const char *last_op;       /* operationType of the previous event (invalidate reason) */
     char last_op_buf[32];
     bool first_open;           /* the ad hoc start option applies only before any position */
@@ -57,6 +59,19 @@ static void stream_count(mc__stream_t *s, uint64_t *field, uint64_t add)
     pthread_mutex_lock(&s->lock);
     *field += add;
     pthread_mutex_unlock(&s->lock);
+}
+
+/* The wall clock for last_event_ms: the coarse clock (a few ms of resolution, which a status
+ * field does not need more of) is a plain memory read, and this runs for every event. */
+static int64_t status_wall_ms(void)
+{
+#ifdef CLOCK_REALTIME_COARSE
+    struct timespec ts;
+    if (clock_gettime(CLOCK_REALTIME_COARSE, &ts) == 0) {
+        return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+    }
+#endif
+    return mc__wall_ms();
 }
 
 /* ---- Pushing ----------------------------------------------------------------------------- */
@@ -97,22 +112,21 @@ static bool push_event(watcher_t *w, mc_event_t *ev)
             logged = true;
         }
     }
-    mc__item_t *item = calloc(1, sizeof(*item));
-    if (!item) {
-        mc_event_unref(&ev);
-        return false;
-    }
+    /* The item lives in the event (no allocation); it carries the watcher's reference. */
+    mc__item_t *item = mc__event_item(ev);
     mc__event_set_stream_index(ev, s->index);
     item->type = MC__ITEM_EVENT;
     item->stream_index = s->index;
+    item->embedded = true;
     item->ev = ev;
-    pthread_mutex_lock(&s->lock);
-    s->status.last_seq = mc_event_seq(ev);
+    /* This watcher is the only writer of its stream's counters: plain stores, no lock. */
+    atomic_store_explicit(&s->stat_last_seq, mc_event_seq(ev), memory_order_relaxed);
     if (mc_event_kind(ev) == MC_EVENT_CHANGE) {
-        s->status.events++;
-        s->status.last_event_ms = mc__wall_ms();
+        atomic_store_explicit(&s->stat_events,
+                              atomic_load_explicit(&s->stat_events, memory_order_relaxed) + 1,
+                              memory_order_relaxed);
+        atomic_store_explicit(&s->stat_last_event_ms, status_wall_ms(), memory_order_relaxed);
     }
-    pthread_mutex_unlock(&s->lock);
     return push_item(w, item);
 }
 
@@ -159,10 +173,26 @@ static bool push_position(watcher_t *w, const bson_t *token)
     return push_item(w, item);
 }
 
+/* The watcher's position: an owned token (stored checkpoint, post-batch token, ad hoc
+ * start) or the newest event pushed, referenced rather than copied (events are immutable). */
+static const bson_t *pos_token(const watcher_t *w)
+{
+    return w->pos_ev ? mc_event_resume_token(w->pos_ev) : w->pos.token;
+}
+
 static void set_pos(watcher_t *w, const bson_t *token, bool invalidate)
 {
     mc__position_clear(&w->pos);
+    mc_event_unref(&w->pos_ev);
     w->pos.token = token ? bson_copy(token) : NULL;
+    w->pos.invalidate = invalidate;
+}
+
+static void set_pos_event(watcher_t *w, mc_event_t *ev, bool invalidate)
+{
+    mc__position_clear(&w->pos);
+    mc_event_unref(&w->pos_ev);
+    w->pos_ev = mc_event_ref(ev);
     w->pos.invalidate = invalidate;
 }
 
@@ -203,8 +233,9 @@ static bson_t *build_opts(watcher_t *w)
         BSON_APPEND_INT32(opts, "batchSize", c->batch_size);
     }
     BSON_APPEND_INT64(opts, "maxAwaitTimeMS", c->max_await_time_ms > 0 ? c->max_await_time_ms : 1000);
-    if (w->pos.token) {
-        BSON_APPEND_DOCUMENT(opts, w->pos.invalidate ? "startAfter" : "resumeAfter", w->pos.token);
+    const bson_t *pos = pos_token(w);
+    if (pos) {
+        BSON_APPEND_DOCUMENT(opts, w->pos.invalidate ? "startAfter" : "resumeAfter", pos);
     } else if (w->first_open && w->s->start_at_secs > 0) {
         BSON_APPEND_TIMESTAMP(opts, "startAtOperationTime", (uint32_t)w->s->start_at_secs, 0);
     }
@@ -359,7 +390,7 @@ static read_result_t read_loop(watcher_t *w, mongoc_change_stream_t *cs, bson_er
                                    "invalidate event unusable: %s", eerr.message);
                     return READ_ERROR;
                 }
-                set_pos(w, mc_event_resume_token(ev), true);
+                set_pos_event(w, ev, true);
                 mc_log(MC_LOG_NOTICE, "watcher", "invalidated stream=%s reason=%s, reopening",
                        s->cfg->name, mc_event_reason(ev));
                 stream_count(s, &s->status.invalidates, 1);
@@ -395,7 +426,7 @@ static read_result_t read_loop(watcher_t *w, mongoc_change_stream_t *cs, bson_er
                     ev, mc__recipient_lookup_resolve(w->lookup, w->client, mc_event_change(ev),
                                                      s->cfg->recipient, &w->e->stopping));
             }
-            set_pos(w, mc_event_resume_token(ev), false);
+            set_pos_event(w, ev, false);
             if (op) {
                 bson_strncpy(w->last_op_buf, op, sizeof(w->last_op_buf));
                 w->last_op = w->last_op_buf;
@@ -418,7 +449,8 @@ static read_result_t read_loop(watcher_t *w, mongoc_change_stream_t *cs, bson_er
         }
         /* An empty batch: the post-batch resume token moves on even when nothing matched. */
         const bson_t *tok = mongoc_change_stream_get_resume_token(cs);
-        if (tok && !bson_empty(tok) && !(w->pos.token && bson_equal(tok, w->pos.token))) {
+        const bson_t *pos = pos_token(w);
+        if (tok && !bson_empty(tok) && !(pos && bson_equal(tok, pos))) {
             set_pos(w, tok, false);
             if (!push_position(w, tok)) {
                 return READ_STOP;
@@ -573,6 +605,7 @@ void *mc__watcher_main(void *arg)
     }
     bson_destroy(&reply);
     mc__position_clear(&w.pos);
+    mc_event_unref(&w.pos_ev);
     mc__recipient_lookup_destroy(w.lookup);
     return NULL;
 }

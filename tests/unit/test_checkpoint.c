@@ -71,6 +71,31 @@ static void test_no_durable_sinks_advance_on_publish(void **state)
     mc__checkpoint_destroy(cp);
 }
 
+/* The dispatch thread marks a run of events published under one lock: same outcome as one
+ * call per event, including for durable entries that still wait for an ack and for seqs
+ * outside the ring. */
+static void test_published_range(void **state)
+{
+    (void)state;
+    mc__checkpoint_t *cp = mc__checkpoint_new(16);
+    add(cp, 1, "A", 0);
+    add(cp, 2, NULL, 0); /* a control event without a token */
+    add(cp, 3, "C", 0x1);
+    add(cp, 4, "D", 0);
+    mc__checkpoint_published_range(cp, 2, 4);
+    assert_stable(cp, NULL, 0); /* 1 is not published: nothing moves */
+    mc__checkpoint_published_range(cp, 1, 1);
+    assert_stable(cp, "A", 2); /* 3 waits for its durable ack; 2 carries no token */
+    assert_int_equal(mc__checkpoint_pending(cp), 2);
+    mc__checkpoint_ack(cp, 3, 0);
+    assert_stable(cp, "D", 4);
+    assert_int_equal(mc__checkpoint_pending(cp), 0);
+    add(cp, 5, "E", 0);
+    mc__checkpoint_published_range(cp, 3, 9); /* old and unknown seqs are ignored */
+    assert_stable(cp, "E", 5);
+    mc__checkpoint_destroy(cp);
+}
+
 static void test_low_watermark_out_of_order_acks(void **state)
 {
     (void)state;
@@ -270,6 +295,7 @@ int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_no_durable_sinks_advance_on_publish),
+        cmocka_unit_test(test_published_range),
         cmocka_unit_test(test_low_watermark_out_of_order_acks),
         cmocka_unit_test(test_ack_before_publish_and_unrequired_bits),
         cmocka_unit_test(test_control_events_keep_token),
