@@ -13,34 +13,11 @@
 #include <string.h>
 
 #include "auth.h"
+#include "../unit/b64url.h"
 
 #define SECRET "fuzz-secret-0123456789abcdef0123456789"
 
 static mcd_auth_t *auth;
-
-static void b64url(const unsigned char *in, size_t len, char *out)
-{
-    static const char tbl[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
-    size_t o = 0;
-    for (size_t i = 0; i < len; i += 3) {
-        uint32_t v = (uint32_t)in[i] << 16;
-        if (i + 1 < len) {
-            v |= (uint32_t)in[i + 1] << 8;
-        }
-        if (i + 2 < len) {
-            v |= in[i + 2];
-        }
-        out[o++] = tbl[(v >> 18) & 63];
-        out[o++] = tbl[(v >> 12) & 63];
-        if (i + 1 < len) {
-            out[o++] = tbl[(v >> 6) & 63];
-        }
-        if (i + 2 < len) {
-            out[o++] = tbl[v & 63];
-        }
-    }
-    out[o] = '\0';
-}
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {

@@ -23,6 +23,7 @@
 #include <unistd.h>
 
 #include "auth.h"
+#include "b64url.h"
 
 #define SECRET "0123456789abcdef0123456789abcdef-test-secret"
 #define NOW ((int64_t)1700000000)
@@ -32,30 +33,6 @@ static char rsa_pub_path[128], rsa2_pub_path[128], ec_pub_path[128];
 static EVP_PKEY *rsa_key, *rsa2_key, *ec_key;
 
 /* ---- Token forging ------------------------------------------------------------------- */
-
-static void b64url(const unsigned char *in, size_t len, char *out)
-{
-    static const char tbl[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
-    size_t o = 0;
-    for (size_t i = 0; i < len; i += 3) {
-        uint32_t v = (uint32_t)in[i] << 16;
-        if (i + 1 < len) {
-            v |= (uint32_t)in[i + 1] << 8;
-        }
-        if (i + 2 < len) {
-            v |= in[i + 2];
-        }
-        out[o++] = tbl[(v >> 18) & 63];
-        out[o++] = tbl[(v >> 12) & 63];
-        if (i + 1 < len) {
-            out[o++] = tbl[(v >> 6) & 63];
-        }
-        if (i + 2 < len) {
-            out[o++] = tbl[v & 63];
-        }
-    }
-    out[o] = '\0';
-}
 
 typedef enum sig_kind {
     SIG_NONE,  /* empty signature segment */

@@ -25,6 +25,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include "emu_fixture.h"
 #include "mongocast.h"
 
 typedef struct fixture {
@@ -41,65 +42,6 @@ typedef struct fixture {
     mc_config_t cfg;
     mc_engine_t *engine; /* owned here so a failed assertion cannot leak a running engine */
 } fixture_t;
-
-static char emulator_path[1024];
-
-static bool find_emulator(void)
-{
-    const char *env = getenv("MC_EMULATOR");
-    if (env) {
-        snprintf(emulator_path, sizeof(emulator_path), "%s", env);
-        return access(emulator_path, X_OK) == 0;
-    }
-    char self[900];
-    ssize_t n = readlink("/proc/self/exe", self, sizeof(self) - 1);
-    if (n <= 0) {
-        return false;
-    }
-    self[n] = '\0';
-    char *slash = strrchr(self, '/');
-    if (!slash) {
-        return false;
-    }
-    *slash = '\0';
-    snprintf(emulator_path, sizeof(emulator_path), "%s/../../tools/mongo-emulator/mongo-emulator",
-             self);
-    return access(emulator_path, X_OK) == 0;
-}
-
-static int start_emulator(fixture_t *f)
-{
-    int fds[2];
-    if (pipe(fds) != 0) {
-        return -1;
-    }
-    f->emu = fork();
-    if (f->emu == 0) {
-        dup2(fds[1], 1);
-        close(fds[0]);
-        close(fds[1]);
-        int devnull = open("/dev/null", 1);
-        if (devnull >= 0) {
-            dup2(devnull, 2);
-        }
-        execl(emulator_path, emulator_path, "--port", "0", (char *)NULL);
-        _exit(127);
-    }
-    close(fds[1]);
-    FILE *in = fdopen(fds[0], "r");
-    char line[256] = {0};
-    int port = 0;
-    if (fgets(line, sizeof(line), in)) {
-        char *colon = strrchr(line, ':');
-        port = colon ? atoi(colon + 1) : 0;
-    }
-    fclose(in);
-    if (port <= 0) {
-        return -1;
-    }
-    snprintf(f->uri, sizeof(f->uri), "mongodb://127.0.0.1:%d/?replicaSet=rs0", port);
-    return 0;
-}
 
 static void rm_dir(const char *dir)
 {
@@ -121,11 +63,12 @@ static void rm_dir(const char *dir)
 
 static int setup(void **state)
 {
-    if (!emulator_path[0]) {
+    if (!emu_fixture_path[0]) {
         return 0;
     }
     fixture_t *f = calloc(1, sizeof(*f));
-    if (start_emulator(f) != 0) {
+    f->emu = emu_fixture_start(f->uri, sizeof(f->uri));
+    if (f->emu < 0) {
         free(f);
         return -1;
     }
@@ -173,8 +116,7 @@ static int teardown(void **state)
     mongoc_client_destroy(f->cli);
     bson_destroy(f->pipeline);
     bson_destroy(f->sink.options);
-    kill(f->emu, SIGTERM);
-    waitpid(f->emu, NULL, 0);
+    emu_fixture_stop(f->emu);
     rm_dir(f->cpdir);
     free(f);
     return 0;
@@ -591,8 +533,7 @@ int main(void)
 {
     mongoc_init();
     mc_log_capture_mongoc(); /* libmongoc's chatter goes to our (unset) handler: silence */
-    if (!find_emulator()) {
-        emulator_path[0] = '\0';
+    if (!emu_fixture_find()) {
         fprintf(stderr, "mongo-emulator not found: engine tests are skipped\n");
     }
     signal(SIGPIPE, SIG_IGN);

@@ -13,57 +13,8 @@
 
 #include <cmocka.h>
 
+#include "dollar_json.h"
 #include "mongocast/filter.h"
-
-/* Copies `src` into `dst`, renaming keys that start with '%' to start with '$': libbson's JSON
- * reader takes {"$type": ...} and {"$regex": ..., "$options": ...} as legacy extended JSON, so
- * tests write %type and %options for the query operators. */
-static void dollarize(const bson_t *src, bson_t *dst)
-{
-    bson_iter_t it;
-    bson_iter_init(&it, src);
-    while (bson_iter_next(&it)) {
-        char key[64];
-        snprintf(key, sizeof(key), "%s", bson_iter_key(&it));
-        if (key[0] == '%') {
-            key[0] = '$';
-        }
-        if (BSON_ITER_HOLDS_DOCUMENT(&it) || BSON_ITER_HOLDS_ARRAY(&it)) {
-            const uint8_t *data;
-            uint32_t len;
-            bson_t sub, child;
-            if (BSON_ITER_HOLDS_DOCUMENT(&it)) {
-                bson_iter_document(&it, &len, &data);
-                bson_append_document_begin(dst, key, -1, &child);
-            } else {
-                bson_iter_array(&it, &len, &data);
-                bson_append_array_begin(dst, key, -1, &child);
-            }
-            bson_init_static(&sub, data, len);
-            dollarize(&sub, &child);
-            if (BSON_ITER_HOLDS_DOCUMENT(&it)) {
-                bson_append_document_end(dst, &child);
-            } else {
-                bson_append_array_end(dst, &child);
-            }
-        } else {
-            bson_append_value(dst, key, -1, bson_iter_value(&it));
-        }
-    }
-}
-
-static bson_t *json(const char *s)
-{
-    bson_error_t e;
-    bson_t *b = bson_new_from_json((const uint8_t *)s, -1, &e);
-    if (!b) {
-        fail_msg("bad JSON in test: %s: %s", s, e.message);
-    }
-    bson_t *out = bson_new();
-    dollarize(b, out);
-    bson_destroy(b);
-    return out;
-}
 
 typedef struct mcase {
     const char *filter;

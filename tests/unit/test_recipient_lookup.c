@@ -2,8 +2,8 @@
  * test_recipient_lookup.c: the lookup form of `recipient` (src/lib/recipient_lookup.c).
  *
  * The cache alone (LRU bound, TTL expiry, cached misses, typed keys), then the engine end to
- * end against mongo-emulator (spawned per test; skipped when the binary is missing, found
- * like test_engine.c does): inventory_items.owned_by -> businesses._id -> owner for inserts,
+ * end against mongo-emulator (spawned per test by emu_fixture.h; skipped when the binary is
+ * missing): inventory_items.owned_by -> businesses._id -> owner for inserts,
  * updates and deletes (pre-image), numeric and ObjectId keys, misses, values that are not
  * keys (an operator-looking document stored in the item), the TTL cache's staleness, and
  * cache_size 0. Main thread plus the engine's threads.
@@ -22,6 +22,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include "emu_fixture.h"
 #include "mongocast.h"
 #include "recipient_lookup.h"
 
@@ -128,76 +129,15 @@ typedef struct fixture {
     mc_engine_t *engine;
 } fixture_t;
 
-static char emulator_path[1024];
-
-static bool find_emulator(void)
-{
-    const char *env = getenv("MC_EMULATOR");
-    if (env) {
-        snprintf(emulator_path, sizeof(emulator_path), "%s", env);
-        return access(emulator_path, X_OK) == 0;
-    }
-    char self[900];
-    ssize_t n = readlink("/proc/self/exe", self, sizeof(self) - 1);
-    if (n <= 0) {
-        return false;
-    }
-    self[n] = '\0';
-    char *slash = strrchr(self, '/');
-    if (!slash) {
-        return false;
-    }
-    *slash = '\0';
-    snprintf(emulator_path, sizeof(emulator_path), "%s/../../tools/mongo-emulator/mongo-emulator",
-             self);
-    return access(emulator_path, X_OK) == 0;
-}
-
-/* The emulator prints "listening on 127.0.0.1:PORT" first; --port 0 picks a free port. */
-static int start_emulator(fixture_t *f)
-{
-    int fds[2];
-    if (pipe(fds) != 0) {
-        return -1;
-    }
-    f->emu = fork();
-    if (f->emu == 0) {
-        dup2(fds[1], 1);
-        close(fds[0]);
-        close(fds[1]);
-        FILE *devnull = fopen("/dev/null", "w");
-        if (devnull) {
-            dup2(fileno(devnull), 2);
-        }
-        execl(emulator_path, emulator_path, "--port", "0", (char *)NULL);
-        _exit(127);
-    }
-    close(fds[1]);
-    FILE *in = fdopen(fds[0], "r");
-    char line[256] = {0};
-    int port = 0;
-    if (fgets(line, sizeof(line), in)) {
-        char *colon = strrchr(line, ':');
-        port = colon ? atoi(colon + 1) : 0;
-    }
-    fclose(in);
-    if (port <= 0) {
-        kill(f->emu, SIGTERM);
-        waitpid(f->emu, NULL, 0);
-        return -1;
-    }
-    snprintf(f->uri, sizeof(f->uri), "mongodb://127.0.0.1:%d/?replicaSet=rs0", port);
-    return 0;
-}
-
 static int setup(void **state)
 {
     *state = NULL;
-    if (!emulator_path[0]) {
+    if (!emu_fixture_path[0]) {
         return 0;
     }
     fixture_t *f = calloc(1, sizeof(*f));
-    if (start_emulator(f) != 0) {
+    f->emu = emu_fixture_start(f->uri, sizeof(f->uri));
+    if (f->emu < 0) {
         free(f);
         return -1;
     }
@@ -241,8 +181,7 @@ static int teardown(void **state)
     mongoc_client_destroy(f->cli);
     bson_destroy(f->pipeline);
     bson_destroy(f->sink.options);
-    kill(f->emu, SIGTERM);
-    waitpid(f->emu, NULL, 0);
+    emu_fixture_stop(f->emu);
     free(f);
     return 0;
 }
@@ -432,7 +371,7 @@ static void test_cache_ttl_staleness_and_no_cache(void **state)
 
 int main(void)
 {
-    find_emulator();
+    emu_fixture_find();
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_cache_lru_and_ttl),
         cmocka_unit_test_setup_teardown(test_lookup_routes_events, setup, teardown),

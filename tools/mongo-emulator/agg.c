@@ -26,6 +26,8 @@
  */
 #include "agg.h"
 
+#include "bson_helpers.h"
+
 #include "mongocast/filter.h"
 
 #include <inttypes.h>
@@ -36,13 +38,6 @@
 
 #define MAX_SPEC_DEPTH 100
 #define MAX_PATH_COMPONENTS 128
-
-/* Malformed BSON can hold a zero-length sub-document, which bson_value_copy turns into a NULL
- * pointer that bson_iter_init_from_data would assert on: treat it as unreadable instead. */
-static bool safe_iter_init(bson_iter_t *it, const uint8_t *data, size_t len)
-{
-    return data && bson_iter_init_from_data(it, data, len);
-}
 
 static int fail(mc_error_t *err, int cause, const char *fmt, ...)
 #if defined(__GNUC__)
@@ -165,7 +160,7 @@ static void path_free(path_t *p)
 
 static bool doc_find(const uint8_t *data, uint32_t len, const char *key, bson_iter_t *it)
 {
-    if (!safe_iter_init(it, data, len)) {
+    if (!emu_safe_iter_init(it, data, len)) {
         return false;
     }
     while (bson_iter_next(it)) {
@@ -195,7 +190,7 @@ static bool expr_path_get(const bson_value_t *v, const path_t *p, size_t ci, bso
         bson_t arr = BSON_INITIALIZER;
         bson_iter_t it;
         uint32_t i = 0;
-        if (safe_iter_init(&it, v->value.v_doc.data, v->value.v_doc.data_len)) {
+        if (emu_safe_iter_init(&it, v->value.v_doc.data, v->value.v_doc.data_len)) {
             while (bson_iter_next(&it)) {
                 const bson_value_t *e = bson_iter_value(&it);
                 bson_value_t r;
@@ -239,7 +234,7 @@ static int eval_args(ectx_t *c, const bson_value_t *arg, bson_value_t *vals, boo
         return rc;
     }
     bson_iter_t it;
-    if (!safe_iter_init(&it, arg->value.v_doc.data, arg->value.v_doc.data_len)) {
+    if (!emu_safe_iter_init(&it, arg->value.v_doc.data, arg->value.v_doc.data_len)) {
         return fail(c->err, 2, "malformed expression arguments");
     }
     while (bson_iter_next(&it)) {
@@ -451,7 +446,7 @@ static int eval_operator(ectx_t *c, const char *op, const bson_value_t *arg, bso
         bson_value_t copies[3];
         if (arg->value_type == BSON_TYPE_ARRAY || arg->value_type == BSON_TYPE_DOCUMENT) {
             size_t i = 0;
-            safe_iter_init(&it, arg->value.v_doc.data, arg->value.v_doc.data_len);
+            emu_safe_iter_init(&it, arg->value.v_doc.data, arg->value.v_doc.data_len);
             while (bson_iter_next(&it)) {
                 int slot = -1;
                 if (arg->value_type == BSON_TYPE_ARRAY) {
@@ -635,7 +630,7 @@ static int eval(ectx_t *c, const bson_value_t *e, bson_value_t *out, bool *missi
     }
     if (e->value_type == BSON_TYPE_DOCUMENT || e->value_type == BSON_TYPE_ARRAY) {
         bson_iter_t it;
-        if (!safe_iter_init(&it, e->value.v_doc.data, e->value.v_doc.data_len)) {
+        if (!emu_safe_iter_init(&it, e->value.v_doc.data, e->value.v_doc.data_len)) {
             return fail(c->err, 2, "malformed expression");
         }
         bool is_doc = e->value_type == BSON_TYPE_DOCUMENT;
@@ -805,7 +800,7 @@ static bool is_expression_doc(const bson_value_t *v)
 {
     bson_iter_t it;
     return v->value_type == BSON_TYPE_DOCUMENT &&
-           safe_iter_init(&it, v->value.v_doc.data, v->value.v_doc.data_len) &&
+           emu_safe_iter_init(&it, v->value.v_doc.data, v->value.v_doc.data_len) &&
            bson_iter_next(&it) && bson_iter_key(&it)[0] == '$';
 }
 
@@ -813,7 +808,7 @@ static bool is_expression_doc(const bson_value_t *v)
 static const char *find_projection_operator(const bson_value_t *v)
 {
     bson_iter_t it;
-    if (!safe_iter_init(&it, v->value.v_doc.data, v->value.v_doc.data_len) ||
+    if (!emu_safe_iter_init(&it, v->value.v_doc.data, v->value.v_doc.data_len) ||
         !bson_iter_next(&it)) {
         return NULL;
     }
@@ -840,7 +835,7 @@ static int proj_parse_fields(projection_t *pr, const bson_value_t *spec, const c
     if (depth > MAX_SPEC_DEPTH) {
         return fail(err, 2, "projection nested too deeply");
     }
-    if (!safe_iter_init(&it, spec->value.v_doc.data, spec->value.v_doc.data_len)) {
+    if (!emu_safe_iter_init(&it, spec->value.v_doc.data, spec->value.v_doc.data_len)) {
         return fail(err, 2, "malformed projection");
     }
     while (bson_iter_next(&it)) {
@@ -1017,7 +1012,7 @@ static int apply_array(papply_t *a, const pnode_t *k, pmode_t mode, const bson_v
     bson_iter_t it;
     uint32_t i = 0;
     bson_append_array_begin(out, k->name, -1, &child);
-    if (safe_iter_init(&it, arr->value.v_doc.data, arr->value.v_doc.data_len)) {
+    if (emu_safe_iter_init(&it, arr->value.v_doc.data, arr->value.v_doc.data_len)) {
         while (bson_iter_next(&it)) {
             const bson_value_t *e = bson_iter_value(&it);
             char key[16];
@@ -1077,7 +1072,7 @@ static int apply_level(papply_t *a, const pnode_t *spec, pmode_t mode, const bso
             bson_append_value(out, "_id", 3, bson_iter_value(&idit));
         }
     }
-    if (!safe_iter_init(&it, in->value.v_doc.data, in->value.v_doc.data_len)) {
+    if (!emu_safe_iter_init(&it, in->value.v_doc.data, in->value.v_doc.data_len)) {
         bson_free(seen);
         return fail(a->err, 2, "malformed document");
     }
@@ -1194,7 +1189,7 @@ static void sort_collect(const bson_value_t *v, const path_t *p, size_t ci, sort
     if (ci == p->n) {
         if (v->value_type == BSON_TYPE_ARRAY) {
             bool any = false;
-            if (safe_iter_init(&it, v->value.v_doc.data, v->value.v_doc.data_len)) {
+            if (emu_safe_iter_init(&it, v->value.v_doc.data, v->value.v_doc.data_len)) {
                 while (bson_iter_next(&it)) {
                     any = true;
                     sort_offer(b, bson_iter_value(&it));
@@ -1218,7 +1213,7 @@ static void sort_collect(const bson_value_t *v, const path_t *p, size_t ci, sort
     }
     if (v->value_type == BSON_TYPE_ARRAY) {
         bool any = false;
-        if (safe_iter_init(&it, v->value.v_doc.data, v->value.v_doc.data_len)) {
+        if (emu_safe_iter_init(&it, v->value.v_doc.data, v->value.v_doc.data_len)) {
             while (bson_iter_next(&it)) {
                 const bson_value_t *e = bson_iter_value(&it);
                 if (e->value_type == BSON_TYPE_DOCUMENT) {
@@ -1272,7 +1267,7 @@ static int sort_spec_check(const bson_value_t *spec, mc_error_t *err)
     bson_iter_t it;
     int n = 0;
     if (spec->value_type != BSON_TYPE_DOCUMENT ||
-        !safe_iter_init(&it, spec->value.v_doc.data, spec->value.v_doc.data_len)) {
+        !emu_safe_iter_init(&it, spec->value.v_doc.data, spec->value.v_doc.data_len)) {
         return fail(err, 15973, "the $sort key specification must be an object");
     }
     while (bson_iter_next(&it)) {
@@ -1367,7 +1362,7 @@ static int parse_group(stage_t *s, const bson_value_t *v, mc_error_t *err)
     bson_iter_t it;
     bool have_id = false;
     if (v->value_type != BSON_TYPE_DOCUMENT ||
-        !safe_iter_init(&it, v->value.v_doc.data, v->value.v_doc.data_len)) {
+        !emu_safe_iter_init(&it, v->value.v_doc.data, v->value.v_doc.data_len)) {
         return fail(err, 15947, "a group's fields must be specified in an object");
     }
     size_t cap = 0;
@@ -1437,7 +1432,7 @@ static int parse_stage(stage_t *s, const bson_value_t *sv, bool per_doc, mc_erro
 {
     bson_iter_t it;
     if (sv->value_type != BSON_TYPE_DOCUMENT ||
-        !safe_iter_init(&it, sv->value.v_doc.data, sv->value.v_doc.data_len) ||
+        !emu_safe_iter_init(&it, sv->value.v_doc.data, sv->value.v_doc.data_len) ||
         !bson_iter_next(&it)) {
         return fail(err, 40323,
                     "A pipeline stage specification object must contain exactly "
@@ -1494,7 +1489,7 @@ static int parse_stage(stage_t *s, const bson_value_t *sv, bool per_doc, mc_erro
             bson_append_int32(&spec, v.value.v_utf8.str, -1, 0);
         } else if (v.value_type == BSON_TYPE_ARRAY) {
             bson_iter_t a;
-            safe_iter_init(&a, v.value.v_doc.data, v.value.v_doc.data_len);
+            emu_safe_iter_init(&a, v.value.v_doc.data, v.value.v_doc.data_len);
             while (bson_iter_next(&a)) {
                 if (!BSON_ITER_HOLDS_UTF8(&a)) {
                     rc = fail(err, 31120,
@@ -1525,7 +1520,7 @@ static int parse_stage(stage_t *s, const bson_value_t *sv, bool per_doc, mc_erro
         s->kind = S_REPLACE;
         bson_iter_t r;
         if (v.value_type != BSON_TYPE_DOCUMENT ||
-            !safe_iter_init(&r, v.value.v_doc.data, v.value.v_doc.data_len) ||
+            !emu_safe_iter_init(&r, v.value.v_doc.data, v.value.v_doc.data_len) ||
             !bson_iter_next(&r) || strcmp(bson_iter_key(&r), "newRoot") != 0) {
             return fail(err, 40231, "no newRoot specified for the $replaceRoot stage");
         }

@@ -96,6 +96,14 @@ static void kb_u32(keybuf_t *k, uint32_t v)
     kb_put(k, &v, sizeof(v));
 }
 
+/* Length first, so that adjacent variable-length values cannot run into each other ("ab", "c"
+ * and "a", "bc" encode differently). */
+static void kb_counted(keybuf_t *k, const void *data, uint32_t n)
+{
+    kb_u32(k, n);
+    kb_put(k, data, n);
+}
+
 static void kb_value(keybuf_t *k, const bson_value_t *v)
 {
     switch (v->value_type) {
@@ -129,13 +137,11 @@ static void kb_value(keybuf_t *k, const bson_value_t *v)
         break;
     case BSON_TYPE_UTF8:
         kb_tag(k, 'S');
-        kb_u32(k, v->value.v_utf8.len);
-        kb_put(k, v->value.v_utf8.str, v->value.v_utf8.len);
+        kb_counted(k, v->value.v_utf8.str, v->value.v_utf8.len);
         break;
     case BSON_TYPE_SYMBOL:
         kb_tag(k, 'S');
-        kb_u32(k, v->value.v_symbol.len);
-        kb_put(k, v->value.v_symbol.symbol, v->value.v_symbol.len);
+        kb_counted(k, v->value.v_symbol.symbol, v->value.v_symbol.len);
         break;
     case BSON_TYPE_NULL:
     case BSON_TYPE_UNDEFINED:
@@ -143,14 +149,12 @@ static void kb_value(keybuf_t *k, const bson_value_t *v)
     case BSON_TYPE_DOCUMENT:
     case BSON_TYPE_ARRAY:
         kb_tag(k, v->value_type == BSON_TYPE_DOCUMENT ? 'd' : 'a');
-        kb_u32(k, v->value.v_doc.data_len);
-        kb_put(k, v->value.v_doc.data, v->value.v_doc.data_len);
+        kb_counted(k, v->value.v_doc.data, v->value.v_doc.data_len);
         break;
     case BSON_TYPE_BINARY:
         kb_tag(k, 'b');
         kb_tag(k, (char)v->value.v_binary.subtype);
-        kb_u32(k, v->value.v_binary.data_len);
-        kb_put(k, v->value.v_binary.data, v->value.v_binary.data_len);
+        kb_counted(k, v->value.v_binary.data, v->value.v_binary.data_len);
         break;
     case BSON_TYPE_OID:
         kb_tag(k, 'o');
@@ -173,13 +177,11 @@ static void kb_value(keybuf_t *k, const bson_value_t *v)
         break;
     case BSON_TYPE_CODE:
         kb_tag(k, 'c');
-        kb_u32(k, v->value.v_code.code_len);
-        kb_put(k, v->value.v_code.code, v->value.v_code.code_len);
+        kb_counted(k, v->value.v_code.code, v->value.v_code.code_len);
         break;
     case BSON_TYPE_CODEWSCOPE:
         kb_tag(k, 'w');
-        kb_u32(k, v->value.v_codewscope.code_len);
-        kb_put(k, v->value.v_codewscope.code, v->value.v_codewscope.code_len);
+        kb_counted(k, v->value.v_codewscope.code, v->value.v_codewscope.code_len);
         kb_put(k, v->value.v_codewscope.scope_data, v->value.v_codewscope.scope_len);
         break;
     case BSON_TYPE_DBPOINTER:

@@ -26,6 +26,7 @@
 #include <time.h>
 
 #include "agg.h"
+#include "bson_helpers.h"
 #include "cstoken.h"
 
 #define CS_DEFAULT_OPLOG_MAX 1000000
@@ -154,35 +155,6 @@ static bool str_eq(const char *a, const char *b)
     return a && b && strcmp(a, b) == 0;
 }
 
-static const char *type_name(bson_type_t t)
-{
-    switch (t) {
-    case BSON_TYPE_DOUBLE: return "double";
-    case BSON_TYPE_UTF8: return "string";
-    case BSON_TYPE_DOCUMENT: return "object";
-    case BSON_TYPE_ARRAY: return "array";
-    case BSON_TYPE_BINARY: return "binData";
-    case BSON_TYPE_UNDEFINED: return "undefined";
-    case BSON_TYPE_OID: return "objectId";
-    case BSON_TYPE_BOOL: return "bool";
-    case BSON_TYPE_DATE_TIME: return "date";
-    case BSON_TYPE_NULL: return "null";
-    case BSON_TYPE_REGEX: return "regex";
-    case BSON_TYPE_DBPOINTER: return "dbPointer";
-    case BSON_TYPE_CODE: return "javascript";
-    case BSON_TYPE_SYMBOL: return "symbol";
-    case BSON_TYPE_CODEWSCOPE: return "javascriptWithScope";
-    case BSON_TYPE_INT32: return "int";
-    case BSON_TYPE_TIMESTAMP: return "timestamp";
-    case BSON_TYPE_INT64: return "long";
-    case BSON_TYPE_DECIMAL128: return "decimal";
-    case BSON_TYPE_MINKEY: return "minKey";
-    case BSON_TYPE_MAXKEY: return "maxKey";
-    case BSON_TYPE_EOD:
-    default: return "missing";
-    }
-}
-
 static int set_err(mc_error_t *err, int code, const char *fmt, ...)
 #if defined(__GNUC__)
     __attribute__((format(printf, 3, 4)))
@@ -230,6 +202,25 @@ static bool iter_as_int64(const bson_iter_t *it, int64_t *out)
     }
     default: return false;
     }
+}
+
+/* A change-stream cursor's batchSize: a number, not negative. `field` and `expected` name the
+ * field and its types the way the server's error for that command does. */
+static bool read_batch_size(const bson_iter_t *it, const char *field, const char *expected,
+                            int64_t *out, bson_t *reply)
+{
+    if (!iter_as_int64(it, out)) {
+        emu_reply_error(reply, 14, "BSON field '%s' is the wrong type '%s', expected %s", field,
+                        emu_type_name(bson_iter_type(it)), expected);
+        return false;
+    }
+    if (*out < 0) {
+        emu_reply_error(reply, 51024,
+                        "BSON field 'batchSize' value must be >= 0, actual value '%lld'",
+                        (long long)*out);
+        return false;
+    }
+    return true;
 }
 
 /* ---- oplog storage ---- */
@@ -1050,7 +1041,7 @@ static int spec_type_error(mc_error_t *err, const char *field, const bson_iter_t
     return set_err(err, 14,
                    "BSON field '$changeStream.%s' is the wrong type '%s', expected type "
                    "'%s'",
-                   field, type_name(bson_iter_type(it)), expected);
+                   field, emu_type_name(bson_iter_type(it)), expected);
 }
 
 static int parse_enum(const bson_iter_t *it, const char *field, const char *const *names, int n,
@@ -1355,27 +1346,16 @@ void emu_cs_aggregate(emu_conn_t *conn, const bson_t *cmd, const char *db, bson_
         emu_reply_error(reply, 14,
                         "BSON field 'aggregate.cursor' is the wrong type '%s', "
                         "expected type 'object'",
-                        type_name(bson_iter_type(&it)));
+                        emu_type_name(bson_iter_type(&it)));
         return;
     }
     {
         bson_iter_t cur;
         bson_iter_recurse(&it, &cur);
-        if (bson_iter_find(&cur, "batchSize")) {
-            if (!iter_as_int64(&cur, &batch_size)) {
-                emu_reply_error(reply, 14,
-                                "BSON field 'cursor.batchSize' is the wrong type "
-                                "'%s', expected types '[long, int, decimal, double]'",
-                                type_name(bson_iter_type(&cur)));
-                return;
-            }
-            if (batch_size < 0) {
-                emu_reply_error(reply, 51024,
-                                "BSON field 'batchSize' value must be >= 0, actual "
-                                "value '%lld'",
-                                (long long)batch_size);
-                return;
-            }
+        if (bson_iter_find(&cur, "batchSize") &&
+            !read_batch_size(&cur, "cursor.batchSize", "types '[long, int, decimal, double]'",
+                             &batch_size, reply)) {
+            return;
         }
     }
     {
@@ -1529,7 +1509,7 @@ void emu_cs_getmore(emu_conn_t *conn, const bson_t *cmd, const char *db, bson_t 
             emu_reply_error(reply, 14,
                             "BSON field 'getMore.collection' is the wrong type '%s', "
                             "expected type 'string'",
-                            type_name(bson_iter_type(&it)));
+                            emu_type_name(bson_iter_type(&it)));
             return;
         }
         coll = bson_iter_utf8(&it, NULL);
@@ -1538,28 +1518,16 @@ void emu_cs_getmore(emu_conn_t *conn, const bson_t *cmd, const char *db, bson_t 
                         "BSON field 'getMore.collection' is missing but a required field");
         return;
     }
-    if (bson_iter_init_find(&it, cmd, "batchSize")) {
-        if (!iter_as_int64(&it, &batch_size)) {
-            emu_reply_error(reply, 14,
-                            "BSON field 'getMore.batchSize' is the wrong type '%s', "
-                            "expected type 'long'",
-                            type_name(bson_iter_type(&it)));
-            return;
-        }
-        if (batch_size < 0) {
-            emu_reply_error(reply, 51024,
-                            "BSON field 'batchSize' value must be >= 0, actual "
-                            "value '%lld'",
-                            (long long)batch_size);
-            return;
-        }
+    if (bson_iter_init_find(&it, cmd, "batchSize") &&
+        !read_batch_size(&it, "getMore.batchSize", "type 'long'", &batch_size, reply)) {
+        return;
     }
     if (bson_iter_init_find(&it, cmd, "maxTimeMS")) {
         if (!iter_as_int64(&it, &max_time_ms)) {
             emu_reply_error(reply, 14,
                             "BSON field 'getMore.maxTimeMS' is the wrong type '%s', "
                             "expected type 'long'",
-                            type_name(bson_iter_type(&it)));
+                            emu_type_name(bson_iter_type(&it)));
             return;
         }
         if (max_time_ms < 0) {

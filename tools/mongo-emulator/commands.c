@@ -333,10 +333,9 @@ const char *emu_code_name(int code)
     return location;
 }
 
-bool emu_code_is_resumable_change_stream_error(int code)
+bool emu_code_is_retriable_error(int code)
 {
     switch (code) {
-    /* NetworkError and RetriableError categories */
     case 6:
     case 7:
     case 89:
@@ -349,7 +348,17 @@ bool emu_code_is_resumable_change_stream_error(int code)
     case 11600:
     case 11602:
     case 13435:
-    case 13436:
+    case 13436: return true;
+    default: return false;
+    }
+}
+
+bool emu_code_is_resumable_change_stream_error(int code)
+{
+    if (emu_code_is_retriable_error(code)) {
+        return true;
+    }
+    switch (code) {
     /* NeedRetargettingError (StaleShardVersion was 63 up to 6.0) */
     case 63:
     case 150:

@@ -95,6 +95,10 @@ void emu_reply_error_from(bson_t *reply, const mc_error_t *err);
 void emu_reply_add_labels(bson_t *reply, const char *const *labels, size_t n);
 /* The codeName MongoDB uses for `code`, or "UnknownError"-style fallback. Never NULL. */
 const char *emu_code_name(int code);
+/* True for the retryable-writes spec's error codes (from MongoDB's NetworkError and
+ * RetriableError categories): a retryable write failing with one gets the label
+ * RetryableWriteError, and a change stream failing with one is resumable. */
+bool emu_code_is_retriable_error(int code);
 /* True when a change-stream aggregate/getMore failing with `code` gets the label
  * ResumableChangeStreamError from a real server (error_labels.cpp). */
 bool emu_code_is_resumable_change_stream_error(int code);

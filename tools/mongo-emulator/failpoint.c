@@ -95,6 +95,20 @@ static void parse_mode(fp_t *fp, const bson_t *cmd)
     }
 }
 
+/* Appends the fields of the sub-document `src.key` to `dst`; false when there is none. */
+static bool copy_doc_field(const bson_t *src, const char *key, bson_t *dst)
+{
+    bson_iter_t it;
+    const uint8_t *d;
+    uint32_t l;
+    bson_t sub;
+    if (!bson_iter_init_find(&it, src, key) || !BSON_ITER_HOLDS_DOCUMENT(&it)) {
+        return false;
+    }
+    bson_iter_document(&it, &l, &d);
+    return bson_init_static(&sub, d, l) && bson_concat(dst, &sub);
+}
+
 void emu_cmd_configure_fail_point(emu_conn_t *conn, const bson_t *cmd, const char *db,
                                   bson_t *reply)
 {
@@ -121,15 +135,7 @@ void emu_cmd_configure_fail_point(emu_conn_t *conn, const bson_t *cmd, const cha
     fp->entered = 0;
     parse_mode(fp, cmd);
     bson_reinit(&fp->data);
-    if (bson_iter_init_find(&it, cmd, "data") && BSON_ITER_HOLDS_DOCUMENT(&it)) {
-        const uint8_t *d;
-        uint32_t l;
-        bson_t data;
-        bson_iter_document(&it, &l, &d);
-        if (bson_init_static(&data, d, l)) {
-            bson_concat(&fp->data, &data);
-        }
-    }
+    copy_doc_field(cmd, "data", &fp->data);
     (void)db;
 }
 
@@ -225,26 +231,6 @@ static bool is_change_stream_aggregate(const char *name, const bson_t *cmd)
            bson_iter_find_descendant(&it, "pipeline.0.$changeStream", &it);
 }
 
-static bool is_retryable_write_code(int code)
-{
-    switch (code) {
-    case 6:
-    case 7:
-    case 89:
-    case 91:
-    case 189:
-    case 262:
-    case 9001:
-    case 10107:
-    case 11600:
-    case 11602:
-    case 13435:
-    case 13436:
-    case 134: return true;
-    default: return false;
-    }
-}
-
 static void append_computed_labels(const char *name, const bson_t *cmd, int code, bson_t *reply)
 {
     const char *label = NULL;
@@ -257,7 +243,7 @@ static void append_computed_labels(const char *name, const bson_t *cmd, int code
         }
     } else if ((strcmp(name, "insert") == 0 || strcmp(name, "update") == 0 ||
                 strcmp(name, "delete") == 0 || strcmp(name, "findAndModify") == 0) &&
-               bson_has_field(cmd, "txnNumber") && is_retryable_write_code(code)) {
+               bson_has_field(cmd, "txnNumber") && emu_code_is_retriable_error(code)) {
         label = "RetryableWriteError";
     }
     if (label) {
@@ -308,17 +294,7 @@ void emu_failpoint_check(emu_conn_t *conn, const char *name, const char *db, con
             append_computed_labels(name, cmd, code ? code : 8, &d->error);
         }
     } else {
-        bson_iter_t it;
-        if (bson_iter_init_find(&it, data, "writeConcernError") && BSON_ITER_HOLDS_DOCUMENT(&it)) {
-            const uint8_t *wd;
-            uint32_t wl;
-            bson_t w;
-            bson_iter_document(&it, &wl, &wd);
-            if (bson_init_static(&w, wd, wl)) {
-                bson_concat(&d->wce, &w);
-                d->write_concern_error = true;
-            }
-        }
+        d->write_concern_error = copy_doc_field(data, "writeConcernError", &d->wce);
     }
 }
 

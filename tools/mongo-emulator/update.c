@@ -38,6 +38,7 @@
 #include "update.h"
 
 #include "agg.h"
+#include "bson_helpers.h"
 #include "mongocast/filter.h"
 
 #include <inttypes.h>
@@ -49,13 +50,6 @@
 #define MAX_PATH_COMPONENTS 128
 #define MAX_DIFF_DEPTH 100
 #define MAX_PAD 1500000 /* MongoDB refuses to pad an array past 1500000 nulls too */
-
-/* Malformed BSON can hold a zero-length sub-document, which bson_value_copy turns into a NULL
- * pointer that bson_iter_init_from_data would assert on: treat it as unreadable instead. */
-static bool safe_iter_init(bson_iter_t *it, const uint8_t *data, size_t len)
-{
-    return data && bson_iter_init_from_data(it, data, len);
-}
 
 static int fail(mc_error_t *err, int cause, const char *fmt, ...)
 #if defined(__GNUC__)
@@ -94,28 +88,6 @@ void emu_update_desc_append(const emu_update_desc_t *desc, bson_t *parent, const
     bson_append_array(&child, "removedFields", -1, &desc->removed_fields);
     bson_append_array(&child, "truncatedArrays", -1, &desc->truncated_arrays);
     bson_append_document_end(parent, &child);
-}
-
-static const char *type_name(bson_type_t t)
-{
-    switch (t) {
-    case BSON_TYPE_DOUBLE: return "double";
-    case BSON_TYPE_UTF8: return "string";
-    case BSON_TYPE_DOCUMENT: return "object";
-    case BSON_TYPE_ARRAY: return "array";
-    case BSON_TYPE_BINARY: return "binData";
-    case BSON_TYPE_UNDEFINED: return "undefined";
-    case BSON_TYPE_OID: return "objectId";
-    case BSON_TYPE_BOOL: return "bool";
-    case BSON_TYPE_DATE_TIME: return "date";
-    case BSON_TYPE_NULL: return "null";
-    case BSON_TYPE_REGEX: return "regex";
-    case BSON_TYPE_INT32: return "int";
-    case BSON_TYPE_TIMESTAMP: return "timestamp";
-    case BSON_TYPE_INT64: return "long";
-    case BSON_TYPE_DECIMAL128: return "decimal";
-    default: return "other";
-    }
 }
 
 static bool is_number(bson_type_t t)
@@ -165,7 +137,7 @@ int emu_update_kind(const bson_value_t *update, emu_update_kind_t *kind, mc_erro
         return 0;
     }
     if (update->value_type != BSON_TYPE_DOCUMENT ||
-        !safe_iter_init(&it, update->value.v_doc.data, update->value.v_doc.data_len)) {
+        !emu_safe_iter_init(&it, update->value.v_doc.data, update->value.v_doc.data_len)) {
         return fail(err, 9, "Update argument must be either an object or an array");
     }
     int ops = 0, plain = 0;
@@ -270,7 +242,7 @@ static void expand(mnode_t *m)
     if (m->expanded || !is_container(m)) {
         return;
     }
-    if (safe_iter_init(&it, m->v.value.v_doc.data, m->v.value.v_doc.data_len)) {
+    if (emu_safe_iter_init(&it, m->v.value.v_doc.data, m->v.value.v_doc.data_len)) {
         while (bson_iter_next(&it)) {
             mnode_push(m, mnode_new(bson_iter_key(&it), bson_iter_value(&it)), m->n);
         }
@@ -768,7 +740,7 @@ static void put_array(ustate_t *u, const upath_t *p, target_t *t, bson_t *arr)
     bson_iter_t oi, ni;
     bool append_only = true;
     uint32_t n_old = 0;
-    safe_iter_init(&oi, old.value.v_doc.data, old.value.v_doc.data_len);
+    emu_safe_iter_init(&oi, old.value.v_doc.data, old.value.v_doc.data_len);
     bson_iter_init(&ni, arr);
     while (bson_iter_next(&oi)) {
         n_old++;
@@ -818,7 +790,7 @@ static void vl_push(vlist_t *l, const bson_value_t *v)
 static void vl_from_array(vlist_t *l, const bson_value_t *arr)
 {
     bson_iter_t it;
-    if (arr && safe_iter_init(&it, arr->value.v_doc.data, arr->value.v_doc.data_len)) {
+    if (arr && emu_safe_iter_init(&it, arr->value.v_doc.data, arr->value.v_doc.data_len)) {
         while (bson_iter_next(&it)) {
             vl_push(l, bson_iter_value(&it));
         }
@@ -896,12 +868,12 @@ static int apply_push(ustate_t *u, const entry_t *e, target_t *t, const bson_val
     int rc = 0;
     bool modifiers = false;
     if (v->value_type == BSON_TYPE_DOCUMENT &&
-        safe_iter_init(&it, v->value.v_doc.data, v->value.v_doc.data_len) && bson_iter_next(&it) &&
-        strcmp(bson_iter_key(&it), "$each") == 0) {
+        emu_safe_iter_init(&it, v->value.v_doc.data, v->value.v_doc.data_len) &&
+        bson_iter_next(&it) && strcmp(bson_iter_key(&it), "$each") == 0) {
         modifiers = true;
     }
     if (modifiers) {
-        safe_iter_init(&it, v->value.v_doc.data, v->value.v_doc.data_len);
+        emu_safe_iter_init(&it, v->value.v_doc.data, v->value.v_doc.data_len);
         while (rc == 0 && bson_iter_next(&it)) {
             const char *k = bson_iter_key(&it);
             const bson_value_t *m = bson_iter_value(&it);
@@ -910,7 +882,7 @@ static int apply_push(ustate_t *u, const entry_t *e, target_t *t, const bson_val
                     rc = fail(u->err, 2,
                               "The argument to $each in $push must be an array but it "
                               "was of type: %s",
-                              type_name(m->value_type));
+                              emu_type_name(m->value_type));
                 } else {
                     vl_from_array(&items, m);
                 }
@@ -919,7 +891,7 @@ static int apply_push(ustate_t *u, const entry_t *e, target_t *t, const bson_val
                     rc = fail(u->err, 2,
                               "The value for $slice must be an integer value but was "
                               "given type: %s",
-                              type_name(m->value_type));
+                              emu_type_name(m->value_type));
                 }
                 have_slice = true;
             } else if (strcmp(k, "$position") == 0) {
@@ -927,7 +899,7 @@ static int apply_push(ustate_t *u, const entry_t *e, target_t *t, const bson_val
                     rc = fail(u->err, 2,
                               "The value for $position must be an integer value, not "
                               "of type: %s",
-                              type_name(m->value_type));
+                              emu_type_name(m->value_type));
                 }
                 have_position = true;
             } else if (strcmp(k, "$sort") == 0) {
@@ -1011,13 +983,13 @@ static int apply_add_to_set(ustate_t *u, const entry_t *e, target_t *t, const bs
     bson_iter_t it;
     const bson_value_t *v = &e->val;
     if (v->value_type == BSON_TYPE_DOCUMENT &&
-        safe_iter_init(&it, v->value.v_doc.data, v->value.v_doc.data_len) && bson_iter_next(&it) &&
-        strcmp(bson_iter_key(&it), "$each") == 0) {
+        emu_safe_iter_init(&it, v->value.v_doc.data, v->value.v_doc.data_len) &&
+        bson_iter_next(&it) && strcmp(bson_iter_key(&it), "$each") == 0) {
         if (!BSON_ITER_HOLDS_ARRAY(&it)) {
             return fail(u->err, 2,
                         "The argument to $each in $addToSet must be an array but it "
                         "was of type %s",
-                        type_name(bson_iter_type(&it)));
+                        emu_type_name(bson_iter_type(&it)));
         }
         vl_from_array(&items, bson_iter_value(&it));
     } else {
@@ -1053,12 +1025,12 @@ static int apply_pull(ustate_t *u, const entry_t *e, target_t *t, const bson_val
     if (e->op == OP_PULL && v->value_type == BSON_TYPE_DOCUMENT) {
         bson_iter_t it;
         cond = true;
-        as_query = !(safe_iter_init(&it, v->value.v_doc.data, v->value.v_doc.data_len) &&
+        as_query = !(emu_safe_iter_init(&it, v->value.v_doc.data, v->value.v_doc.data_len) &&
                      bson_iter_next(&it) && bson_iter_key(&it)[0] == '$');
     }
     if (e->op == OP_PULLALL && v->value_type != BSON_TYPE_ARRAY) {
         return fail(u->err, 2, "$pullAll requires an array argument but was given a %s",
-                    type_name(v->value_type));
+                    emu_type_name(v->value_type));
     }
     if (cond) {
         bson_t q = BSON_INITIALIZER;
@@ -1173,7 +1145,7 @@ static int apply_entry(ustate_t *u, const entry_t *e)
             rc = fail(u->err, 14,
                       "Cannot apply %s to a value of non-numeric type. %s has the "
                       "field '%s' of non-numeric type %s",
-                      e->opname, id, p->c[p->n - 1], type_name(cur.value_type));
+                      e->opname, id, p->c[p->n - 1], emu_type_name(cur.value_type));
             break;
         }
         if ((rc = arith(u, e, &cur, &nv)) == 0) {
@@ -1196,7 +1168,7 @@ static int apply_entry(ustate_t *u, const entry_t *e)
         bool timestamp = false;
         if (e->val.value_type == BSON_TYPE_DOCUMENT) {
             bson_iter_t it;
-            safe_iter_init(&it, e->val.value.v_doc.data, e->val.value.v_doc.data_len);
+            emu_safe_iter_init(&it, e->val.value.v_doc.data, e->val.value.v_doc.data_len);
             while (bson_iter_next(&it)) {
                 if (strcmp(bson_iter_key(&it), "$type") == 0 && BSON_ITER_HOLDS_UTF8(&it) &&
                     strcmp(bson_iter_utf8(&it, NULL), "timestamp") == 0) {
@@ -1222,11 +1194,11 @@ static int apply_entry(ustate_t *u, const entry_t *e)
             rc = e->op == OP_PUSH ? fail(u->err, 2,
                                          "The field '%s' must be an array but is of type %s in "
                                          "document %s",
-                                         p->full, type_name(cur.value_type), id)
+                                         p->full, emu_type_name(cur.value_type), id)
                                   : fail(u->err, 2,
                                          "Cannot apply $addToSet to non-array field. Field named "
                                          "'%s' has non-array type %s",
-                                         p->c[p->n - 1], type_name(cur.value_type));
+                                         p->c[p->n - 1], emu_type_name(cur.value_type));
             break;
         }
         rc = e->op == OP_PUSH ? apply_push(u, e, &t, exists ? &cur : NULL)
@@ -1249,7 +1221,7 @@ static int apply_entry(ustate_t *u, const entry_t *e)
         }
         if (cur.value_type != BSON_TYPE_ARRAY) {
             rc = fail(u->err, 14, "Path '%s' contains an element of non-array type '%s'", p->full,
-                      type_name(cur.value_type));
+                      emu_type_name(cur.value_type));
             break;
         }
         vlist_t all = {0};
@@ -1359,7 +1331,7 @@ static int validate_operand(mc_error_t *err, entry_t *e)
         if (v->value_type == BSON_TYPE_DOCUMENT) {
             bson_iter_t it;
             bool ok = false;
-            safe_iter_init(&it, v->value.v_doc.data, v->value.v_doc.data_len);
+            emu_safe_iter_init(&it, v->value.v_doc.data, v->value.v_doc.data_len);
             while (bson_iter_next(&it)) {
                 if (strcmp(bson_iter_key(&it), "$type") != 0) {
                     return fail(err, 2, "Unrecognized $currentDate option: %s", bson_iter_key(&it));
@@ -1378,7 +1350,7 @@ static int validate_operand(mc_error_t *err, entry_t *e)
         return fail(err, 2,
                     "%s is not valid type for $currentDate. Please use a boolean "
                     "('true') or a $type expression ({$type: 'timestamp/date'}).",
-                    type_name(v->value_type));
+                    emu_type_name(v->value_type));
     case OP_RENAME:
         if (v->value_type != BSON_TYPE_UTF8) {
             render(v, buf, sizeof(buf));
@@ -1405,7 +1377,7 @@ static int parse_entries(const bson_value_t *update, entry_t **out, size_t *nout
     entry_t *es = NULL;
     size_t n = 0, cap = 0;
     int rc = 0;
-    safe_iter_init(&it, update->value.v_doc.data, update->value.v_doc.data_len);
+    emu_safe_iter_init(&it, update->value.v_doc.data, update->value.v_doc.data_len);
     while (rc == 0 && bson_iter_next(&it)) {
         const char *opname = bson_iter_key(&it);
         uop_t op;
@@ -1424,7 +1396,7 @@ static int parse_entries(const bson_value_t *update, entry_t **out, size_t *nout
             rc = fail(err, 9,
                       "Modifiers operate on fields but we found type %s instead. For "
                       "example: {$mod: {<field>: ...}} not {%s: %s}",
-                      type_name(bson_iter_type(&it)), opname, buf);
+                      emu_type_name(bson_iter_type(&it)), opname, buf);
             break;
         }
         bson_iter_t f;
@@ -1743,8 +1715,8 @@ static ddiff_t *compute_diff(const bson_value_t *pre, const bson_value_t *post, 
     bool is_array = post->value_type == BSON_TYPE_ARRAY;
     ddiff_t *d = ddiff_new(is_array);
     bson_iter_t pi, qi;
-    safe_iter_init(&pi, pre->value.v_doc.data, pre->value.v_doc.data_len);
-    safe_iter_init(&qi, post->value.v_doc.data, post->value.v_doc.data_len);
+    emu_safe_iter_init(&pi, pre->value.v_doc.data, pre->value.v_doc.data_len);
+    emu_safe_iter_init(&qi, post->value.v_doc.data, post->value.v_doc.data_len);
     bool pm = bson_iter_next(&pi), qm = bson_iter_next(&qi);
     if (is_array) {
         uint32_t idx = 0;
@@ -1854,6 +1826,35 @@ static void diff_to_desc(const ddiff_t *d, const char *prefix, emu_update_desc_t
     }
 }
 
+/* Appends `repl` to `out` as the new version of `doc`: _id stays first and may not change, and
+ * a replacement without _id keeps the original one. */
+static int append_replacement(const bson_t *doc, const bson_t *repl, bson_t *out, mc_error_t *err)
+{
+    bson_iter_t it, oid, nid;
+    bool had = bson_iter_init_find(&oid, doc, "_id");
+    bool has = bson_iter_init_find(&nid, repl, "_id");
+    if (had && has && !binary_equal(bson_iter_value(&oid), bson_iter_value(&nid))) {
+        char v[200];
+        render(bson_iter_value(&nid), v, sizeof(v));
+        return fail(err, 66,
+                    "After applying the update, the (immutable) field '_id' was found "
+                    "to have been altered to _id: %s",
+                    v);
+    }
+    if (had) {
+        bson_append_value(out, "_id", 3, bson_iter_value(&oid));
+    } else if (has) {
+        bson_append_value(out, "_id", 3, bson_iter_value(&nid));
+    }
+    bson_iter_init(&it, repl);
+    while (bson_iter_next(&it)) {
+        if (strcmp(bson_iter_key(&it), "_id") != 0) {
+            bson_append_value(out, bson_iter_key(&it), -1, bson_iter_value(&it));
+        }
+    }
+    return 0;
+}
+
 static const char *const update_stages[] = {"$set",     "$addFields",   "$unset",
                                             "$project", "$replaceRoot", "$replaceWith"};
 
@@ -1891,32 +1892,12 @@ static int apply_pipeline(const bson_t *doc, const bson_value_t *update, bson_t 
         bson_destroy(&res);
         return rc;
     }
-    /* _id stays first and may not change; a result without _id keeps the original one, as the
-     * server's replacement step does. */
-    bson_iter_t oid, nid;
-    bool had = bson_iter_init_find(&oid, doc, "_id");
-    bool has = bson_iter_init_find(&nid, &res, "_id");
-    if (had && has && !binary_equal(bson_iter_value(&oid), bson_iter_value(&nid))) {
-        char v[200];
-        render(bson_iter_value(&nid), v, sizeof(v));
-        bson_destroy(&res);
-        return fail(err, 66,
-                    "After applying the update, the (immutable) field '_id' was found "
-                    "to have been altered to _id: %s",
-                    v);
-    }
-    if (had) {
-        bson_append_value(out, "_id", 3, bson_iter_value(&oid));
-    } else if (has) {
-        bson_append_value(out, "_id", 3, bson_iter_value(&nid));
-    }
-    bson_iter_init(&it, &res);
-    while (bson_iter_next(&it)) {
-        if (strcmp(bson_iter_key(&it), "_id") != 0) {
-            bson_append_value(out, bson_iter_key(&it), -1, bson_iter_value(&it));
-        }
-    }
+    /* the pipeline's result replaces the document, as the server's replacement step does */
+    rc = append_replacement(doc, &res, out, err);
     bson_destroy(&res);
+    if (rc < 0) {
+        return rc;
+    }
     bool changed =
         out->len != doc->len || memcmp(bson_get_data(out), bson_get_data(doc), doc->len) != 0;
     if (modified) {
@@ -1939,28 +1920,10 @@ static int apply_replacement(const bson_t *doc, const bson_value_t *update, bson
                              bool *modified, mc_error_t *err)
 {
     bson_t repl;
-    bson_iter_t it, oid, nid;
     bson_init_static(&repl, update->value.v_doc.data, update->value.v_doc.data_len);
-    bool had = bson_iter_init_find(&oid, doc, "_id");
-    bool has = bson_iter_init_find(&nid, &repl, "_id");
-    if (had && has && !binary_equal(bson_iter_value(&oid), bson_iter_value(&nid))) {
-        char v[200];
-        render(bson_iter_value(&nid), v, sizeof(v));
-        return fail(err, 66,
-                    "After applying the update, the (immutable) field '_id' was found "
-                    "to have been altered to _id: %s",
-                    v);
-    }
-    if (had) {
-        bson_append_value(out, "_id", 3, bson_iter_value(&oid));
-    } else if (has) {
-        bson_append_value(out, "_id", 3, bson_iter_value(&nid));
-    }
-    bson_iter_init(&it, &repl);
-    while (bson_iter_next(&it)) {
-        if (strcmp(bson_iter_key(&it), "_id") != 0) {
-            bson_append_value(out, bson_iter_key(&it), -1, bson_iter_value(&it));
-        }
+    int rc = append_replacement(doc, &repl, out, err);
+    if (rc < 0) {
+        return rc;
     }
     if (modified) {
         *modified =
@@ -2057,14 +2020,14 @@ static int seed_from(mnode_t *root, const bson_value_t *q, int depth, mc_error_t
     if (depth > 32) {
         return 0;
     }
-    safe_iter_init(&it, q->value.v_doc.data, q->value.v_doc.data_len);
+    emu_safe_iter_init(&it, q->value.v_doc.data, q->value.v_doc.data_len);
     while (bson_iter_next(&it)) {
         const char *k = bson_iter_key(&it);
         bson_value_t v = *bson_iter_value(&it);
         int rc = 0;
         if (strcmp(k, "$and") == 0 && v.value_type == BSON_TYPE_ARRAY) {
             bson_iter_t a;
-            safe_iter_init(&a, v.value.v_doc.data, v.value.v_doc.data_len);
+            emu_safe_iter_init(&a, v.value.v_doc.data, v.value.v_doc.data_len);
             while (rc == 0 && bson_iter_next(&a)) {
                 if (BSON_ITER_HOLDS_DOCUMENT(&a)) {
                     bson_value_t sub = *bson_iter_value(&a);
@@ -2077,10 +2040,10 @@ static int seed_from(mnode_t *root, const bson_value_t *q, int depth, mc_error_t
             continue;
         } else if (v.value_type == BSON_TYPE_DOCUMENT) {
             bson_iter_t o;
-            safe_iter_init(&o, v.value.v_doc.data, v.value.v_doc.data_len);
+            emu_safe_iter_init(&o, v.value.v_doc.data, v.value.v_doc.data_len);
             if (bson_iter_next(&o) && bson_iter_key(&o)[0] == '$') {
                 /* operator document: only $eq contributes */
-                safe_iter_init(&o, v.value.v_doc.data, v.value.v_doc.data_len);
+                emu_safe_iter_init(&o, v.value.v_doc.data, v.value.v_doc.data_len);
                 while (rc == 0 && bson_iter_next(&o)) {
                     if (strcmp(bson_iter_key(&o), "$eq") == 0) {
                         rc = seed_set(root, k, bson_iter_value(&o), err);
