@@ -7,11 +7,26 @@
 #   bench_emulator: BENCH_DOCS (200000), BENCH_DOC_BYTES (200)
 #   bench_intake:   INTAKE_DOCS (200000), INTAKE_DOC_BYTES (1024); the engine's stdout sink
 #                   writes to /dev/null (docs/PERFORMANCE.md, "Engine intake")
+#   bench_fanout:   (docs/PERFORMANCE.md, "Fan-out") each phase of each run gets a fresh
+#                   emulator and a fresh `mongocast run` with a generated config (one public
+#                   stream on bench.fanout, server.listen 127.0.0.1:0, max_connections 20000).
+#                   FANOUT_PHASES (default "throughput latency idle idle_max"),
+#                   FANOUT_CLIENTS (1000), FANOUT_PROCS (2), FANOUT_DOC_BYTES (200),
+#                   throughput: FANOUT_EVENTS (20000) at FANOUT_RATE events/s (2000; 0: as
+#                   fast as the writer can) in insert_many batches of FANOUT_BATCH (10);
+#                   latency: FANOUT_LAT_RATE (1000) events/s for FANOUT_LAT_SECONDS (10);
+#                   idle: FANOUT_CLIENTS connections; idle_max: FANOUT_IDLE_MAX (19000)
+#                   connections over FANOUT_IDLE_PROCS (4) client processes.
+#                   FANOUT_CLIENT_POLL_US (0): >0 makes the clients poll every that many µs
+#                   instead of waiting in epoll (no receiver wake-ups charged to the daemon).
+#                   FANOUT_DAEMON_WRAP: a command prefix that exec()s the daemon in place
+#                   (e.g. "valgrind --tool=callgrind"), so that $! is still the daemon's pid.
 set -euo pipefail
 build=${1:-build}
 runs=${2:-5}
 select=${BENCH_SELECT:-emulator intake}
 emu="$build/tools/mongo-emulator/mongo-emulator"
+daemon="$build/src/daemon/mongocast"
 [ -x "$emu" ] || { echo "bench: build first (make build)" >&2; exit 1; }
 for b in $select; do
   [ -x "$build/bench/bench_$b" ] || {
@@ -26,9 +41,13 @@ field() { grep "phase=$1 " "$out" | sed -n "s/.* $2=\([0-9.-]*\).*/\1/p" | media
 
 out=$(mktemp)
 pid=
+dpid=
+work=
 cleanup() {
+  if [ -n "$dpid" ]; then kill "$dpid" 2>/dev/null || true; fi
   if [ -n "$pid" ]; then kill "$pid" 2>/dev/null || true; fi
   rm -f "$out" "$out.emu"
+  if [ -n "$work" ]; then rm -rf "$work"; fi
 }
 trap cleanup EXIT
 
@@ -46,9 +65,92 @@ stop_emulator() {
   pid=
 }
 
+# Starts `mongocast run` on the running emulator with a generated config; sets dpid, dport.
+start_daemon() {
+  work=$(mktemp -d)
+  cat >"$work/fanout.yaml" <<EOF
+mongodb:
+  uri: "mongodb://127.0.0.1:$port/?replicaSet=rs0"
+checkpoint:
+  store: file
+  path: "$work/checkpoints"
+server:
+  listen: 127.0.0.1:0
+  max_connections: 20000
+streams:
+  fan:
+    db: bench
+    collection: fanout
+    public: true
+sinks: []
+EOF
+  # shellcheck disable=SC2086  # FANOUT_DAEMON_WRAP is a command prefix, split on purpose
+  ${FANOUT_DAEMON_WRAP:-} "$daemon" run -c "$work/fanout.yaml" >"$work/daemon.out" \
+    2>"$work/daemon.err" &
+  dpid=$!
+  dport=
+  for _ in $(seq 600); do
+    dport=$(sed -n 's/.*server listening on [^ ]*:\([0-9]*\).*/\1/p' "$work/daemon.err" | head -1)
+    [ -n "$dport" ] && break
+    sleep 0.05
+  done
+  [ -n "$dport" ] || { echo "bench: mongocast did not start" >&2; cat "$work/daemon.err" >&2; exit 1; }
+  for _ in $(seq 600); do
+    curl -sf "http://127.0.0.1:$dport/readyz" >/dev/null && return 0
+    sleep 0.05
+  done
+  echo "bench: mongocast not ready" >&2; cat "$work/daemon.err" >&2; exit 1
+}
+
+stop_daemon() {
+  kill "$dpid"; wait "$dpid" || true
+  dpid=
+  rm -rf "$work"
+  work=
+}
+
+# One fan-out phase against a fresh emulator and daemon; its report line goes to $out.
+fanout_phase() {
+  start_emulator
+  start_daemon
+  local common=(--url "ws://127.0.0.1:$dport/v1/streams/fan"
+    --uri "mongodb://127.0.0.1:$port/?replicaSet=rs0" --daemon-pid "$dpid" --emulator-pid "$pid"
+    --size "${FANOUT_DOC_BYTES:-200}" --client-poll-us "${FANOUT_CLIENT_POLL_US:-0}")
+  local rc=0
+  case $1 in
+    throughput)
+      "$build/bench/bench_fanout" throughput "${common[@]}" --clients "${FANOUT_CLIENTS:-1000}" \
+        --procs "${FANOUT_PROCS:-2}" --events "${FANOUT_EVENTS:-20000}" \
+        --rate "${FANOUT_RATE:-2000}" --batch "${FANOUT_BATCH:-10}" >>"$out" || rc=$?
+      ;;
+    latency)
+      "$build/bench/bench_fanout" latency "${common[@]}" --clients "${FANOUT_CLIENTS:-1000}" \
+        --procs "${FANOUT_PROCS:-2}" --rate "${FANOUT_LAT_RATE:-1000}" \
+        --seconds "${FANOUT_LAT_SECONDS:-10}" >>"$out" || rc=$?
+      ;;
+    idle)
+      "$build/bench/bench_fanout" idle "${common[@]}" --clients "${FANOUT_CLIENTS:-1000}" \
+        --procs "${FANOUT_PROCS:-2}" >>"$out" || rc=$?
+      ;;
+    idle_max)
+      "$build/bench/bench_fanout" idle "${common[@]}" --clients "${FANOUT_IDLE_MAX:-19000}" \
+        --procs "${FANOUT_IDLE_PROCS:-4}" >"$out.one" || rc=$?
+      sed 's/^phase=idle /phase=idle_max /' "$out.one" >>"$out"
+      rm -f "$out.one"
+      ;;
+  esac
+  [ "$rc" = 0 ] || echo "bench: fanout phase $1 failed (rc=$rc)" >&2
+  stop_daemon
+  stop_emulator
+}
+
 for b in $select; do
   : >"$out"
   for i in $(seq "$runs"); do
+    if [ "$b" = fanout ]; then
+      for ph in ${FANOUT_PHASES:-throughput latency idle idle_max}; do fanout_phase "$ph"; done
+      continue
+    fi
     start_emulator
     uri="mongodb://127.0.0.1:$port/?replicaSet=rs0"
     case $b in
@@ -94,6 +196,42 @@ for b in $select; do
         "$(field breakdown residual_us)" "$(field breakdown e2e_us)"
       printf "    (c') one-pass JSON prototype %s   (same bytes as (c); mismatches: %s)\n" \
         "$(field stages json_onepass_prototype_us)" "$(field stages prototype_mismatches)"
+      ;;
+    fanout)
+      # mrange PHASE KEY: "median (min-max, n runs)" of KEY over the lines of phase PHASE
+      mrange() {
+        grep "phase=$1 " "$out" | sed -n "s/.* $2=\([0-9.-]*\).*/\1/p" | sort -n |
+          awk '{a[NR]=$1} END {if (NR) printf "%s (%s-%s, %d runs)",
+            (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2), a[1], a[NR], NR}'
+      }
+      echo "bench_fanout, $runs runs, medians (min-max):"
+      for ph in ${FANOUT_PHASES:-throughput latency idle idle_max}; do
+        echo "  $ph:"
+        case $ph in
+          throughput | latency)
+            for key in complete deliveries_per_daemon_cpu_s deliveries_per_wall_s daemon_cpu_s \
+              daemon_sys_s daemon_cpu_us_per_delivery daemon_cpu_util daemon_runq_wait_s \
+              clients_cpu_s emulator_cpu_s msg_bytes missing slow_closes; do
+              printf '    %-34s %s\n' "$key" "$(mrange "$ph" "$key")"
+            done
+            lat="lat_insert_to_client"
+            [ "$ph" = latency ] && lat="$lat lat_insert_to_arrival lat_insert_to_ref \
+              lat_ref_to_arrival lat_ref_to_first fanout_spread"
+            for h in $lat; do
+              for q in p50 p99 p999 max; do
+                printf '    %-34s %s\n' "${h}_${q}_ms" "$(mrange "$ph" "${h}_${q}_ms")"
+              done
+            done
+            ;;
+          idle | idle_max)
+            for key in clients subscribed rss_before_kib rss_kib rss_bytes_per_conn \
+              anon_bytes_per_conn pss_kib kernel_tcp_bytes_per_conn_both_ends \
+              kernel_slab_bytes_per_conn_both_ends daemon_fds; do
+              printf '    %-34s %s\n' "$key" "$(mrange "$ph" "$key")"
+            done
+            ;;
+        esac
+      done
       ;;
   esac
 done
