@@ -123,11 +123,13 @@ int mc__cfg_interpolate(const char *in, size_t len, char **out, size_t *out_len,
             break;
         }
         /* in[i] == '$' */
-        if (i + 1 < len && in[i + 1] == '$') {
-            if (sbuf_add(&b, "$", 1) != 0) {
+        /* "$${" is a literal "${". Any other "$$" stays as written, so that aggregation
+         * variables such as $$ROOT and $$NOW need no escaping in pipelines. */
+        if (i + 2 < len && in[i + 1] == '$' && in[i + 2] == '{') {
+            if (sbuf_add(&b, "${", 2) != 0) {
                 goto too_long;
             }
-            i += 2;
+            i += 3;
             continue;
         }
         if (i + 1 >= len || in[i + 1] != '{') {
@@ -141,7 +143,7 @@ int mc__cfg_interpolate(const char *in, size_t len, char **out, size_t *out_len,
         const char *start = in + i + 2;
         const char *close = memchr(start, '}', len - (i + 2));
         if (!close) {
-            snprintf(msg, msg_size, "unterminated '${' (a literal '$' is written '$$')");
+            snprintf(msg, msg_size, "unterminated '${' (a literal '${' is written '$${')");
             goto fail;
         }
         size_t inner = (size_t)(close - start);

@@ -303,18 +303,19 @@ static void test_env_interpolation(void **state)
     assert_int_equal(s->history, 77);                    /* substituted before typing: an integer */
     assert_true(s->is_public);                           /* ... and a boolean */
     assert_string_equal(s->recipient, "fullDocument.x"); /* empty counts as unset for :- */
-    /* Keys are never substituted; $$ is a literal $; a quoted substitution stays a string. */
+    /* Keys are never substituted; $${ is a literal ${ and any other $$ stays as written; a
+     * quoted substitution stays a string. */
     assert_json(s->pipeline, "{ \"0\" : { \"$match\" : { \"price\" : { \"$$gt\" : 5 }, \"tag\" : "
                              "\"${MC_TEST_DB}\", \"v\" : \"77\", \"d\" : \"$fullDocument.a\", "
                              "\"e\" : \"cost$\" } } }");
-    assert_json(cfg->sinks[0].options, "{ \"prefix\" : \"|$||\" }");
+    assert_json(cfg->sinks[0].options, "{ \"prefix\" : \"|$$||\" }");
     mc_config_destroy(cfg);
 
     /* Positions of substitution errors are those of the scalar holding them. */
     expect_error("streams:\n  s:\n    db: x${MC_TEST_UNSET}\n",
                  "t.yaml:3:9: environment variable MC_TEST_UNSET is not set");
     expect_error("streams:\n  s: {db: \"${MC_TEST_DB\"}\n",
-                 "t.yaml:2:11: unterminated '${' (a literal '$' is written '$$')");
+                 "t.yaml:2:11: unterminated '${' (a literal '${' is written '$${')");
     expect_error("streams:\n  s:\n    db: ${1X}\n",
                  "t.yaml:3:9: invalid variable reference '${1X}' (expected ${NAME} or "
                  "${NAME:-default})");
@@ -351,9 +352,11 @@ static void test_interpolate_direct(void **state)
         {"${MC_TEST_UNSET:-d:e-f}", "d:e-f"},
         {"${MC_TEST_UNSET:-}", ""},
         {"${MC_TEST_V:-d}", "val"},
-        {"$$", "$"},
-        {"$$$$ROOT", "$$ROOT"},
+        {"$$", "$$"},
+        {"$$ROOT", "$$ROOT"},
+        {"$$$$ROOT", "$$$$ROOT"},
         {"$${MC_TEST_V}", "${MC_TEST_V}"},
+        {"$$${MC_TEST_V}", "$${MC_TEST_V}"},
         {"$", "$"},
         {"a$", "a$"},
         {"$match", "$match"},
