@@ -14,9 +14,9 @@
  *     position (the low-watermark of durable acks) to the token store (file or MongoDB).
  *
  * Lifecycle: mc_engine_new() -> [mc_engine_register_sink_type(), mc_engine_add_sink()] ->
- * mc_engine_start() -> ... -> mc_engine_stop() -> mc_engine_destroy(). Lifecycle calls must
- * not run concurrently with each other; the status and lookup functions may be called from
- * any thread at any time between new and destroy.
+ * [mc_engine_validate()] -> mc_engine_start() -> ... -> mc_engine_stop() ->
+ * mc_engine_destroy(). Lifecycle calls must not run concurrently with each other; the status
+ * and lookup functions may be called from any thread at any time between new and destroy.
  *
  * Failure policy per stream: errors libmongoc resumes are invisible; other transient errors
  * (network, election, server selection) are retried with capped exponential backoff and full
@@ -70,7 +70,33 @@ typedef struct mc_stream_status {
     uint64_t stored_seq;   /* newest event covered by the stable (acked) position */
     int64_t last_event_ms; /* wall clock (ms since epoch) of the last change, 0 if none */
     bool has_position;     /* a resume position is known (stored or received) */
+    /* Token-store writes of this stream's position (all 0 without a token store). A stream
+     * whose position does not move has nothing new to write, so checkpoint_written_ms only
+     * advances when the position does (on MongoDB even an idle stream's post-batch token
+     * moves, at least every few seconds). */
+    int64_t checkpoint_written_ms;   /* wall clock (ms since epoch) of the last successful
+                                        write; 0 before the first one */
+    int64_t checkpoint_event_ms;     /* time of the change at the position that write stored:
+                                        its clusterTime (second resolution) in ms since epoch;
+                                        0 when unknown */
+    uint64_t checkpoint_written_seq; /* newest event covered by that write (0: none, e.g. a
+                                        post-batch token before the first event) */
+    uint64_t checkpoint_failures;    /* failed writes (each one is retried at the next
+                                        interval) */
 } mc_stream_status_t;
+
+/* Counters of one sink instance, copied out by mc_engine_sink_stats(). Every event offered to
+ * the sink ends in exactly one of published, skipped and failed. */
+typedef struct mc_sink_stats {
+    const char *name;   /* the instance's name (borrowed; lives as long as the engine) */
+    const char *type;   /* its type's name (borrowed; the config's spelling until
+                           mc_engine_start() resolved it) */
+    uint64_t published; /* publish() returned 0 */
+    uint64_t skipped;   /* publish() returned MC_SINK_SKIP */
+    uint64_t failed;    /* publish() returned an error (or MC_EAGAIN until the engine gave up
+                           retrying during mc_engine_stop()) */
+    uint64_t retries;   /* MC_EAGAIN answers (back-pressure): the same event offered again */
+} mc_sink_stats_t;
 
 /* Called on a watcher thread whenever a stream changes state. Must be quick and thread-safe;
  * may call mc_engine_stream_status() but no lifecycle function. */
@@ -154,6 +180,19 @@ int mc_engine_add_sink(mc_engine_t *engine, const mc_sink_type_t *type, const ch
                        void *userdata, mc_error_t *err);
 
 /*
+ * Checks every sink without starting anything, for `mongocast check`: each config sink's
+ * type is registered (built-in or mc_engine_register_sink_type()) and each sink accepts its
+ * options, by the type's validate() when it has one, otherwise by init() and then destroy()
+ * on a scratch instance (see mc_sink_type_t). Connects nothing, spawns no thread, touches no
+ * token store and leaves the engine as it was: it may still be started. Before
+ * mc_engine_start() only. Returns 0 or the first problem, with the message
+ * mc_engine_start() would give: MC_ECONFIG ("FILE:LINE:COL: sink NAME: unknown sink type
+ * 'x'" or "FILE:LINE:COL: sink NAME: <the type's option error>"; "sink NAME: ..." for sinks
+ * added with mc_engine_add_sink()), MC_EINVAL (engine already started), MC_ENOMEM.
+ */
+int mc_engine_validate(mc_engine_t *engine, mc_error_t *err);
+
+/*
  * Initialises and starts every sink, opens the token store, then spawns the watcher, consumer
  * and checkpoint threads. Returns as soon as the threads run (streams open asynchronously;
  * watch mc_engine_stream_status() or the on_state callback). On error nothing keeps running
@@ -196,6 +235,15 @@ bool mc_engine_finished(mc_engine_t *engine);
 
 /* The sink instance named `name` (borrowed), or NULL. Valid after mc_engine_start(). */
 mc_sink_t *mc_engine_sink(mc_engine_t *engine, const char *name);
+
+/* Number of sink instances (config sinks in config order, then those added with
+ * mc_engine_add_sink()). The table is fixed once mc_engine_start() ran. */
+size_t mc_engine_sink_count(const mc_engine_t *engine);
+
+/* Copies the counters of the i-th sink instance into *out. Returns 0 or MC_ENOTFOUND (i out
+ * of range). Any thread, also while events flow: the counters are atomics, each read on its
+ * own, so a snapshot taken mid-dispatch may be one event apart between fields. */
+int mc_engine_sink_stats(mc_engine_t *engine, size_t i, mc_sink_stats_t *out);
 
 /* The config the engine runs (borrowed; the built one for ad hoc engines). */
 const mc_config_t *mc_engine_config(const mc_engine_t *engine);

@@ -9,7 +9,15 @@
  *
  * Threads and order:
  *   - init, start and destroy run on the thread that calls mc_engine_start() /
- *     mc_engine_destroy() (start failures are reported by mc_engine_start()).
+ *     mc_engine_destroy() (start failures are reported by mc_engine_start()); validate, or
+ *     init and destroy on a scratch instance, on the thread that calls mc_engine_validate().
+ *
+ * Validation (`mongocast check`): mc_engine_validate() checks a sink's options without
+ * running anything. It calls the type's validate() when the type has one; otherwise it calls
+ * init() on a scratch instance and destroy() right after. So init() must either be free of
+ * side effects outside its ctx (parse and store options, init locks) or have them fully
+ * undone by destroy(); files are opened, connections made and workers spawned in start(). A
+ * type that cannot keep init that cheap provides validate().
  *   - publish, flush and drain run on the engine's dispatch thread (one thread for all sinks;
  *     the consumer thread today, the daemon's libuv loop thread when it owns dispatching).
  *     Events of one stream reach publish() in sequence order; events of different streams
@@ -87,6 +95,13 @@ typedef struct mc_sink_type {
 
     /* Optional. Frees what ctx holds (not ctx itself). Cannot fail. */
     void (*destroy)(mc_sink_t *sink);
+
+    /* Optional (appended to ABI 1: initialisers that predate it leave it NULL). Checks
+     * `options` exactly as init() would and reports the same errors, with no side effect at
+     * all. Called by mc_engine_validate() on a scratch instance (zeroed ctx_size bytes, the
+     * real name, streams and userdata) instead of init(); neither init() nor destroy() is
+     * called for that instance, so validate must acquire nothing that destroy would free. */
+    int (*validate)(mc_sink_t *sink, const bson_t *options, mc_error_t *err);
 } mc_sink_type_t;
 
 /* The instance's private state (ctx_size bytes, zeroed at creation); NULL when ctx_size is 0. */

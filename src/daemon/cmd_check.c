@@ -1,7 +1,8 @@
 /*
  * cmd_check.c: `mongocast check -c FILE`: validates a config and the deployment it points at,
  * without running anything: the config (loader errors as FILE:LINE:COL: message, then the
- * engine's own checks of stream and sink references), the checkpoint store, the connection,
+ * engine's own checks of stream and sink references, sink types and sink options), the
+ * checkpoint store, the connection,
  * the replica set, each stream's change stream (opened once and closed) and, where a stream
  * asks for them, the collection's pre-/post-images.
  *
@@ -340,11 +341,13 @@ int mc_cmd_check(int argc, char **argv)
         return MC_EXIT_FAIL;
     }
     /* The engine's own checks (stream names, pipeline shape, sink stream references) run at
-     * construction, which connects nothing. */
+     * construction, and mc_engine_validate() checks each sink's type and options (what `run`
+     * would only find out when it starts the engine); neither connects nor starts anything. */
     mc_cli_setup_logging(MC_LOG_WARN);
     mc_engine_t *probe = mc_engine_new(cfg, NULL, &merr);
-    if (!probe) {
+    if (!probe || mc_engine_validate(probe, &merr) != 0) {
         fprintf(stderr, "%s\n", merr.message);
+        mc_engine_destroy(probe);
         mc_config_destroy(cfg);
         return MC_EXIT_FAIL;
     }

@@ -3,13 +3,11 @@
  *
  * Thread: the server's loop thread (reads the server's counters without locks; the engine's
  * per-stream status is copied out with mc_engine_stream_status(), which is thread-safe).
+ * Per-sink counters come from mc_engine_sink_stats() (atomics, so also safe while the
+ * library's own consumer thread dispatches) and the checkpoint age from the time of the last
+ * successful token-store write that mc_engine_stream_status() reports.
  * Invariants: the output is rebuilt on every scrape from counters that only grow (…_total)
  * or from current gauges; nothing is cached between scrapes.
- *
- * Gap: the engine exposes no time of its last stored checkpoint, so
- * mongocast_checkpoint_age_seconds is the age (by wallTime) of the oldest event the stored
- * position does not cover yet, found in the stream's history ring; 0 when the stored position
- * is current, and absent when that event is no longer in the ring (or history is 0).
  */
 #include <inttypes.h>
 #include <stdarg.h>
@@ -96,6 +94,11 @@ char *mcd_metrics_render(mcd_server_t *srv, size_t *len)
     o.buf[0] = '\0';
     const mcd_stats_t *st = &srv->stats;
     int64_t now = (int64_t)time(NULL) * 1000;
+    /* Millisecond wall clock for the checkpoint age, which is short (about the checkpoint
+     * interval) and would be off by up to a second with time(). */
+    struct timespec rt;
+    clock_gettime(CLOCK_REALTIME, &rt);
+    int64_t now_ms = (int64_t)rt.tv_sec * 1000 + rt.tv_nsec / 1000000;
     char l[400];
 
     size_t n = srv->n_hubs;
@@ -119,9 +122,37 @@ char *mcd_metrics_render(mcd_server_t *srv, size_t *len)
             have[i] ? ss[i].events : srv->hubs[i].events);
     }
     help(&o, "mongocast_events_out_total", "counter",
-         "Events (changes and control events) published to a sink; the live WebSocket/SSE "
-         "fan-out is sink \"live-clients\".");
-    put(&o, "mongocast_events_out_total{sink=\"live-clients\"} %" PRIu64 "\n", st->fanout_events);
+         "Events (changes and control events) a sink accepted, per sink instance; the live "
+         "WebSocket/SSE fan-out is sink \"live-clients\".");
+    size_t n_sinks = srv->engine ? mc_engine_sink_count(srv->engine) : 0;
+    mc_sink_stats_t sk;
+    for (size_t k = 0; k < n_sinks; k++) {
+        if (mc_engine_sink_stats(srv->engine, k, &sk) == 0) {
+            put(&o, "mongocast_events_out_total{sink=\"%s\"} %" PRIu64 "\n",
+                label(sk.name, l, sizeof(l)), sk.published);
+        }
+    }
+    if (!srv->engine) {
+        /* A server without an engine (tests) still counts what its fan-out received. */
+        put(&o, "mongocast_events_out_total{sink=\"live-clients\"} %" PRIu64 "\n",
+            st->fanout_events);
+    }
+    help(&o, "mongocast_events_skipped_total", "counter",
+         "Events a sink did not take (e.g. control events it ignores), per sink instance.");
+    for (size_t k = 0; k < n_sinks; k++) {
+        if (mc_engine_sink_stats(srv->engine, k, &sk) == 0) {
+            put(&o, "mongocast_events_skipped_total{sink=\"%s\"} %" PRIu64 "\n",
+                label(sk.name, l, sizeof(l)), sk.skipped);
+        }
+    }
+    help(&o, "mongocast_publish_failures_total", "counter",
+         "Events a sink failed to publish (logged), per sink instance.");
+    for (size_t k = 0; k < n_sinks; k++) {
+        if (mc_engine_sink_stats(srv->engine, k, &sk) == 0) {
+            put(&o, "mongocast_publish_failures_total{sink=\"%s\"} %" PRIu64 "\n",
+                label(sk.name, l, sizeof(l)), sk.failed);
+        }
+    }
     help(&o, "mongocast_deliveries_total", "counter",
          "Messages queued to live subscribers, per transport.");
     put(&o, "mongocast_deliveries_total{transport=\"ws\"} %" PRIu64 "\n", st->deliveries[MCD_T_WS]);
@@ -186,23 +217,24 @@ char *mcd_metrics_render(mcd_server_t *srv, size_t *len)
             srv->hubs[i].resets);
     }
     help(&o, "mongocast_checkpoint_age_seconds", "gauge",
-         "Age (by wallTime) of the oldest event not yet covered by the stored resume "
-         "position; 0 when the position is current.");
+         "Seconds since the stream's resume position was last written to the checkpoint "
+         "store; absent before the first write.");
     for (size_t i = 0; i < n; i++) {
-        if (!have[i]) {
+        if (!have[i] || ss[i].checkpoint_written_ms <= 0) {
             continue;
         }
-        double age = 0.0;
-        if (ss[i].stored_seq < ss[i].last_seq) {
-            mc_event_t *ev = mcd_hub_first_after_seq(&srv->hubs[i], ss[i].stored_seq);
-            int64_t wall = ev ? mc_event_wall_time_ms(ev) : INT64_MIN;
-            if (wall == INT64_MIN) {
-                continue;
-            }
-            age = (double)(now - wall) / 1000.0;
-        }
+        double age = (double)(now_ms - ss[i].checkpoint_written_ms) / 1000.0;
         put(&o, "mongocast_checkpoint_age_seconds{stream=\"%s\"} %.3f\n",
             label(srv->hubs[i].cfg->name, l, sizeof(l)), age < 0 ? 0.0 : age);
+    }
+    help(&o, "mongocast_checkpoint_write_failures_total", "counter",
+         "Failed writes of the stream's resume position to the checkpoint store (each is "
+         "retried at the next interval).");
+    for (size_t i = 0; i < n; i++) {
+        if (have[i]) {
+            put(&o, "mongocast_checkpoint_write_failures_total{stream=\"%s\"} %" PRIu64 "\n",
+                label(srv->hubs[i].cfg->name, l, sizeof(l)), ss[i].checkpoint_failures);
+        }
     }
     help(&o, "mongocast_stream_up", "gauge", "1 when the stream's change stream is open.");
     for (size_t i = 0; i < n; i++) {

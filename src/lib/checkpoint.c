@@ -116,22 +116,11 @@ void mc__checkpoint_set_initial(mc__checkpoint_t *cp, const mc__position_t *pos)
     pthread_mutex_unlock(&cp->lock);
 }
 
-static void deadline_in(struct timespec *ts, int64_t ms)
-{
-    clock_gettime(CLOCK_MONOTONIC, ts);
-    ts->tv_sec += ms / 1000;
-    ts->tv_nsec += (ms % 1000) * 1000000L;
-    if (ts->tv_nsec >= 1000000000L) {
-        ts->tv_sec++;
-        ts->tv_nsec -= 1000000000L;
-    }
-}
-
 int mc__checkpoint_reserve(mc__checkpoint_t *cp, int64_t timeout_ms)
 {
     struct timespec deadline;
     if (timeout_ms > 0) {
-        deadline_in(&deadline, timeout_ms);
+        mc__deadline_after_ms(&deadline, timeout_ms);
     }
     pthread_mutex_lock(&cp->lock);
     while (!cp->closed && cp->inflight >= cp->capacity) {
@@ -341,7 +330,7 @@ uint32_t mc__checkpoint_pending(mc__checkpoint_t *cp)
 int mc__checkpoint_wait_idle(mc__checkpoint_t *cp, int64_t timeout_ms)
 {
     struct timespec deadline;
-    deadline_in(&deadline, timeout_ms > 0 ? timeout_ms : 0);
+    mc__deadline_after_ms(&deadline, timeout_ms > 0 ? timeout_ms : 0);
     pthread_mutex_lock(&cp->lock);
     while (cp->count > 0) {
         if (pthread_cond_timedwait(&cp->cond, &cp->lock, &deadline) == ETIMEDOUT) {

@@ -1,6 +1,7 @@
 /*
- * engine.c: mc_engine_t: builds streams and sinks from a config, runs the consumer
- * (dispatch) and checkpoint threads, and owns the lifecycle.
+ * engine.c: mc_engine_t: builds streams and sinks from a config, validates sinks without
+ * starting them (`mongocast check`), runs the consumer (dispatch) and checkpoint threads, owns
+ * the lifecycle, and keeps the per-sink and per-stream checkpoint counters of the status API.
  *
  * Threads: lifecycle functions run on the caller's thread; the consumer thread runs
  * consumer_main() -> dispatch_items() (or the embedder's thread runs mc_engine_dispatch());
@@ -173,6 +174,11 @@ int mc_engine_stream_status(mc_engine_t *engine, const char *name, mc_stream_sta
     out->events = atomic_load_explicit(&s->stat_events, memory_order_relaxed);
     out->last_seq = atomic_load_explicit(&s->stat_last_seq, memory_order_relaxed);
     out->last_event_ms = atomic_load_explicit(&s->stat_last_event_ms, memory_order_relaxed);
+    out->checkpoint_written_ms = atomic_load_explicit(&s->stat_cp_written_ms,
+                                                      memory_order_acquire);
+    out->checkpoint_event_ms = atomic_load_explicit(&s->stat_cp_event_ms, memory_order_relaxed);
+    out->checkpoint_written_seq = atomic_load_explicit(&s->stat_cp_seq, memory_order_relaxed);
+    out->checkpoint_failures = atomic_load_explicit(&s->stat_cp_failures, memory_order_relaxed);
     mc__position_t pos = {0};
     mc__checkpoint_stable(s->checkpoint, &pos);
     out->stored_seq = pos.seq;
@@ -222,6 +228,34 @@ mc_sink_t *mc_engine_sink(mc_engine_t *engine, const char *name)
     return NULL;
 }
 
+size_t mc_engine_sink_count(const mc_engine_t *engine)
+{
+    return engine ? engine->n_sinks : 0;
+}
+
+int mc_engine_sink_stats(mc_engine_t *engine, size_t i, mc_sink_stats_t *out)
+{
+    if (!engine || !out || i >= engine->n_sinks) {
+        return MC_ENOTFOUND;
+    }
+    const mc_sink_t *sink = engine->sinks[i];
+    out->name = sink->name;
+    out->type = sink->type ? sink->type->name : sink->cfg->type;
+    out->published = atomic_load_explicit(&sink->stat_published, memory_order_relaxed);
+    out->skipped = atomic_load_explicit(&sink->stat_skipped, memory_order_relaxed);
+    out->failed = atomic_load_explicit(&sink->stat_failed, memory_order_relaxed);
+    out->retries = atomic_load_explicit(&sink->stat_retries, memory_order_relaxed);
+    return 0;
+}
+
+/* For counters with a single writer thread: a plain load and store is enough (readers only
+ * need to see some recent value) and avoids a locked read-modify-write per event. */
+static void bump(_Atomic uint64_t *counter)
+{
+    atomic_store_explicit(counter, atomic_load_explicit(counter, memory_order_relaxed) + 1,
+                          memory_order_relaxed);
+}
+
 const mc_config_t *mc_engine_config(const mc_engine_t *engine)
 {
     return engine->config;
@@ -230,13 +264,7 @@ const mc_config_t *mc_engine_config(const mc_engine_t *engine)
 bool mc__engine_sleep(mc_engine_t *engine, int64_t ms)
 {
     struct timespec deadline;
-    clock_gettime(CLOCK_MONOTONIC, &deadline);
-    deadline.tv_sec += ms / 1000;
-    deadline.tv_nsec += (ms % 1000) * 1000000L;
-    if (deadline.tv_nsec >= 1000000000L) {
-        deadline.tv_sec++;
-        deadline.tv_nsec -= 1000000000L;
-    }
+    mc__deadline_after_ms(&deadline, ms);
     pthread_mutex_lock(&engine->stop_lock);
     while (!atomic_load(&engine->stopping)) {
         if (pthread_cond_timedwait(&engine->stop_cond, &engine->stop_lock, &deadline) ==
@@ -310,7 +338,7 @@ static void sink_free(mc_sink_t *sink)
     if (!sink) {
         return;
     }
-    if (sink->type && sink->type->destroy && sink->ctx) {
+    if (sink->init_called && sink->type->destroy) {
         sink->type->destroy(sink);
     }
     free(sink->ctx);
@@ -339,6 +367,10 @@ static mc_sink_t *sink_alloc(mc_engine_t *engine, const char *name, const bson_t
     for (size_t i = 0; i < engine->n_streams; i++) {
         sink->bit[i] = -1;
     }
+    atomic_init(&sink->stat_published, 0);
+    atomic_init(&sink->stat_skipped, 0);
+    atomic_init(&sink->stat_failed, 0);
+    atomic_init(&sink->stat_retries, 0);
     return sink;
 }
 
@@ -459,6 +491,10 @@ mc_engine_t *mc_engine_new(const mc_config_t *config, const mc_engine_opts_t *op
         atomic_init(&s->stat_events, 0);
         atomic_init(&s->stat_last_seq, 0);
         atomic_init(&s->stat_last_event_ms, 0);
+        atomic_init(&s->stat_cp_written_ms, 0);
+        atomic_init(&s->stat_cp_event_ms, 0);
+        atomic_init(&s->stat_cp_seq, 0);
+        atomic_init(&s->stat_cp_failures, 0);
         bson_init(&s->server_pipeline);
         pthread_mutex_init(&s->lock, NULL);
         engine->n_streams = i + 1; /* from here on engine_free() cleans this stream up */
@@ -626,15 +662,22 @@ static void dispatch_event(mc_engine_t *engine, mc__stream_t *s, mc_event_t *ev)
         mc_sink_t *sink = s->sinks[k];
         int prc = sink->type->publish(sink, ev);
         while (prc == MC_EAGAIN && !give_up_retrying(engine)) {
+            bump(&sink->stat_retries);
             struct timespec ts = {0, EAGAIN_RETRY_MS * 1000000L};
             nanosleep(&ts, NULL);
             prc = sink->type->publish(sink, ev);
         }
         int bit = sink->bit[s->index];
-        if (prc == MC_SINK_SKIP && bit >= 0) {
-            mc__checkpoint_ack(s->checkpoint, seq, bit);
-        } else if (prc < 0) {
-            sink->publish_errors++;
+        if (prc == 0) {
+            bump(&sink->stat_published);
+        } else if (prc == MC_SINK_SKIP) {
+            bump(&sink->stat_skipped);
+            if (bit >= 0) {
+                mc__checkpoint_ack(s->checkpoint, seq, bit);
+            }
+        } else {
+            /* Errors, and positive values the contract does not define. */
+            bump(&sink->stat_failed);
             mc_log_ratelimited(&rl, MC_LOG_WARN, "engine",
                                "publish failed sink=%s stream=%s seq=%" PRIu64 " error=%s",
                                sink->name, s->cfg->name, seq, mc_strerror(prc));
@@ -738,10 +781,17 @@ static int write_positions(mc_engine_t *engine)
         mc_error_t err = {0};
         if (mc__token_store_save(engine->store, s->cfg->name, &pos, &err) != 0) {
             mc__checkpoint_set_dirty(s->checkpoint);
+            bump(&s->stat_cp_failures);
             mc_log_ratelimited(&rl, MC_LOG_WARN, "checkpoint",
                                "write failed stream=%s: %s", s->cfg->name, err.message);
             result = MC_EIO;
         } else {
+            atomic_store_explicit(&s->stat_cp_event_ms, (int64_t)pos.ct_t * 1000,
+                                  memory_order_relaxed);
+            atomic_store_explicit(&s->stat_cp_seq, pos.seq, memory_order_relaxed);
+            /* Last, so a reader that sees the new time also sees the position it stored
+             * (readers load it first). */
+            atomic_store_explicit(&s->stat_cp_written_ms, mc__wall_ms(), memory_order_release);
             mc_log(MC_LOG_DEBUG, "checkpoint", "stored stream=%s seq=%" PRIu64, s->cfg->name,
                    pos.seq);
         }
@@ -759,13 +809,7 @@ static void *checkpoint_main(void *arg)
     }
     while (!atomic_load(&engine->checkpoint_quit)) {
         struct timespec deadline;
-        clock_gettime(CLOCK_MONOTONIC, &deadline);
-        deadline.tv_sec += interval / 1000;
-        deadline.tv_nsec += (long)(interval % 1000) * 1000000L;
-        if (deadline.tv_nsec >= 1000000000L) {
-            deadline.tv_sec++;
-            deadline.tv_nsec -= 1000000000L;
-        }
+        mc__deadline_after_ms(&deadline, interval);
         pthread_mutex_lock(&engine->cp_lock);
         while (!atomic_load(&engine->checkpoint_quit)) {
             if (pthread_cond_timedwait(&engine->cp_cond, &engine->cp_lock, &deadline) ==
@@ -790,19 +834,93 @@ static void queue_notify(void *userdata)
     engine->opts.notify(engine, engine->opts.notify_userdata);
 }
 
-static int resolve_and_init_sinks(mc_engine_t *engine, mc_error_t *err)
+/* A sink's error as start and validate report it: with the config position when the sink
+ * comes from the config. A type answering > 0 (not an error code) gets MC_ECONFIG. */
+static int report_sink_error(const mc_engine_t *engine, const mc_sink_t *sink, int rc,
+                             const char *message, mc_error_t *err)
 {
-    const mc_config_t *config = engine->config;
+    if (rc >= 0) {
+        rc = MC_ECONFIG;
+    }
+    if (sink->cfg) {
+        return mc_error_set(err, rc, MC_DOMAIN_MONGOCAST, rc, "%s:%d:%d: sink %s: %s",
+                            config_name(engine->config), sink->cfg->pos.line,
+                            sink->cfg->pos.col, sink->name, message);
+    }
+    return mc_error_set(err, rc, MC_DOMAIN_MONGOCAST, rc, "sink %s: %s", sink->name, message);
+}
+
+/* The sink's type: set for mc_engine_add_sink() sinks, looked up by name for config sinks
+ * (NULL when no type of that name is registered). */
+static const mc_sink_type_t *sink_type(const mc_engine_t *engine, const mc_sink_t *sink)
+{
+    return sink->type ? sink->type : find_type(engine, sink->cfg->type);
+}
+
+static int unknown_type_error(const mc_engine_t *engine, const mc_sink_t *sink, mc_error_t *err)
+{
+    char msg[300];
+    snprintf(msg, sizeof(msg), "unknown sink type '%s'", sink->cfg->type);
+    return report_sink_error(engine, sink, MC_ECONFIG, msg, err);
+}
+
+/* Runs the type's option checks on a scratch copy of `sink`: the copy shares the name,
+ * options and stream tables (read-only here) but has its own zeroed ctx, so the real
+ * instance is untouched and can still be initialised by mc_engine_start(). */
+static int validate_sink(mc_engine_t *engine, mc_sink_t *sink, const mc_sink_type_t *type,
+                         mc_error_t *err)
+{
+    mc_sink_t scratch = *sink;
+    scratch.type = type;
+    scratch.ctx = NULL;
+    scratch.init_called = scratch.initialised = scratch.started = false;
+    if (type->ctx_size) {
+        scratch.ctx = calloc(1, type->ctx_size);
+        if (!scratch.ctx) {
+            return mc_error_set(err, MC_ENOMEM, MC_DOMAIN_MONGOCAST, MC_ENOMEM, "out of memory");
+        }
+    }
+    mc_error_t serr = {0};
+    int rc;
+    if (type->validate) {
+        rc = type->validate(&scratch, scratch.options, &serr);
+    } else {
+        rc = type->init(&scratch, scratch.options, &serr);
+        if (type->destroy) {
+            type->destroy(&scratch);
+        }
+    }
+    free(scratch.ctx);
+    return rc == 0 ? 0 : report_sink_error(engine, sink, rc, serr.message, err);
+}
+
+int mc_engine_validate(mc_engine_t *engine, mc_error_t *err)
+{
+    if (!engine || engine->state != MC__ENGINE_NEW) {
+        return mc_error_set(err, MC_EINVAL, MC_DOMAIN_MONGOCAST, MC_EINVAL,
+                            "mc_engine_validate: engine was already started");
+    }
     for (size_t k = 0; k < engine->n_sinks; k++) {
         mc_sink_t *sink = engine->sinks[k];
+        const mc_sink_type_t *type = sink_type(engine, sink);
+        if (!type) {
+            return unknown_type_error(engine, sink, err);
+        }
+        int rc = validate_sink(engine, sink, type, err);
+        if (rc != 0) {
+            return rc;
+        }
+    }
+    return 0;
+}
+
+static int resolve_and_init_sinks(mc_engine_t *engine, mc_error_t *err)
+{
+    for (size_t k = 0; k < engine->n_sinks; k++) {
+        mc_sink_t *sink = engine->sinks[k];
+        sink->type = sink_type(engine, sink);
         if (!sink->type) {
-            sink->type = find_type(engine, sink->cfg->type);
-            if (!sink->type) {
-                return mc_error_set(err, MC_ECONFIG, MC_DOMAIN_MONGOCAST, MC_ECONFIG,
-                                    "%s:%d:%d: sink %s: unknown sink type '%s'",
-                                    config_name(config), sink->cfg->pos.line,
-                                    sink->cfg->pos.col, sink->name, sink->cfg->type);
-            }
+            return unknown_type_error(engine, sink, err);
         }
     }
     /* Per-stream sink lists and durable bits, before any init so a failing init leaves
@@ -849,15 +967,10 @@ static int resolve_and_init_sinks(mc_engine_t *engine, mc_error_t *err)
             }
         }
         mc_error_t serr = {0};
+        sink->init_called = true;
         int rc = sink->type->init(sink, sink->options, &serr);
         if (rc != 0) {
-            if (sink->cfg) {
-                return mc_error_set(err, rc, MC_DOMAIN_MONGOCAST, rc, "%s:%d:%d: sink %s: %s",
-                                    config_name(config), sink->cfg->pos.line,
-                                    sink->cfg->pos.col, sink->name, serr.message);
-            }
-            return mc_error_set(err, rc, MC_DOMAIN_MONGOCAST, rc, "sink %s: %s", sink->name,
-                                serr.message);
+            return report_sink_error(engine, sink, rc, serr.message, err);
         }
         sink->initialised = true;
     }

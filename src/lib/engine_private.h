@@ -14,6 +14,7 @@
 #include <stdatomic.h>
 #include <stdbool.h>
 #include <stdint.h>
+#include <time.h>
 
 #include "mongocast/config.h"
 #include "mongocast/engine.h"
@@ -26,6 +27,11 @@
 
 int64_t mc__now_ms(void);      /* monotonic */
 int64_t mc__wall_ms(void);     /* realtime, ms since epoch */
+/* The CLOCK_MONOTONIC time `ms` (or `us`) from now, for pthread_cond_timedwait on the
+ * library's condition variables (all created with CLOCK_MONOTONIC). A negative timeout gives
+ * "now"; absurdly long ones are capped so the sum cannot overflow. */
+void mc__deadline_after_ms(struct timespec *ts, int64_t ms);
+void mc__deadline_after_us(struct timespec *ts, int64_t us);
 
 /* ---- Event internals (watcher thread builds, then immutable) -------------------------- */
 
@@ -219,9 +225,15 @@ struct mc_sink {
     bson_t *options;
     bool *takes_stream;      /* [n_streams] */
     int *bit;                /* [n_streams]: bit in the stream's durable mask, -1 if none */
-    bool initialised;        /* init() succeeded (destroy is called either way) */
+    bool init_called;        /* init() ran, so destroy() is owed whatever it returned */
+    bool initialised;        /* init() succeeded */
     bool started;
-    uint64_t publish_errors; /* dispatch thread */
+    /* mc_engine_sink_stats() counters: written by the dispatch thread alone (load + store,
+     * no read-modify-write needed), read by any thread. */
+    _Atomic uint64_t stat_published;
+    _Atomic uint64_t stat_skipped;
+    _Atomic uint64_t stat_failed;
+    _Atomic uint64_t stat_retries;
 };
 
 typedef struct mc__stream {
@@ -248,6 +260,12 @@ typedef struct mc__stream {
     _Atomic uint64_t stat_events;
     _Atomic uint64_t stat_last_seq;
     _Atomic int64_t stat_last_event_ms;
+    /* Token-store writes, written by whichever thread runs write_positions() (the checkpoint
+     * thread, then mc_engine_stop() after joining it: one writer at a time). */
+    _Atomic int64_t stat_cp_written_ms;
+    _Atomic int64_t stat_cp_event_ms;
+    _Atomic uint64_t stat_cp_seq;
+    _Atomic uint64_t stat_cp_failures;
 } mc__stream_t;
 
 typedef enum mc__engine_state {

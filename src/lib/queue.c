@@ -97,22 +97,6 @@ void mc__queue_set_notify(mc__queue_t *q, mc__queue_notify_fn fn, void *userdata
     pthread_mutex_unlock(&q->lock);
 }
 
-static void deadline_from_now_us(struct timespec *ts, int64_t timeout_us)
-{
-    clock_gettime(CLOCK_MONOTONIC, ts);
-    ts->tv_sec += timeout_us / 1000000;
-    ts->tv_nsec += (timeout_us % 1000000) * 1000L;
-    if (ts->tv_nsec >= 1000000000L) {
-        ts->tv_sec++;
-        ts->tv_nsec -= 1000000000L;
-    }
-}
-
-static void deadline_from_now(struct timespec *ts, int64_t timeout_ms)
-{
-    deadline_from_now_us(ts, timeout_ms * 1000);
-}
-
 /* Waits on `cond` until `ready` holds, the queue closes, or the deadline passes. Returns 0
  * when the wait ended for a reason other than the timeout. Called with the lock held. */
 static int wait_until(mc__queue_t *q, pthread_cond_t *cond, bool (*ready)(const mc__queue_t *),
@@ -120,7 +104,7 @@ static int wait_until(mc__queue_t *q, pthread_cond_t *cond, bool (*ready)(const 
 {
     struct timespec deadline;
     if (timeout_ms > 0) {
-        deadline_from_now(&deadline, timeout_ms);
+        mc__deadline_after_ms(&deadline, timeout_ms);
     }
     while (!ready(q) && !q->closed) {
         if (timeout_ms == 0) {
@@ -213,7 +197,7 @@ size_t mc__queue_pop_batch(mc__queue_t *q, void **items, size_t max, int64_t lin
     /* Items already waiting are taken at once: only a sleep costs a wake-up. */
     if (q->count == 0 && !q->closed && linger_us > 0) {
         struct timespec deadline;
-        deadline_from_now_us(&deadline, linger_us);
+        mc__deadline_after_us(&deadline, linger_us);
         q->consumer = WAIT_LINGER;
         while (q->count < q->wake_at && !q->closed) {
             if (pthread_cond_timedwait(&q->not_empty, &q->lock, &deadline) == ETIMEDOUT) {

@@ -89,15 +89,35 @@ def test_check_missing_file(tmp_path):
     assert p.stderr == "%s: No such file or directory\n" % (tmp_path / "nope.yaml")
 
 
-def test_run_reports_sink_errors_with_position(tmp_path):
-    """Sink types check their own options when the engine starts: run (not check) reports
-    them, in the same FILE:LINE:COL form."""
-    path = tmp_path / "s.yaml"
+SINK_ERRORS = [
+    ("unknown_type", "  - {name: out, type: stdout}\n  - {name: bad, type: nosuch}\n",
+     "8:5: sink bad: unknown sink type 'nosuch'"),
+    ("stdout_option", "  - {name: out, type: stdout, rwa: true}\n",
+     "7:5: sink out: unknown option 'rwa' for sink type stdout (known: raw, ready)"),
+    ("stdout_option_type", "  - {name: out, type: stdout, raw: 1}\n",
+     "7:5: sink out: option raw must be true or false"),
+    ("memory_option", "  - {name: m, type: memory, max_events: 0}\n",
+     "7:5: sink m: bad option 'max_events' for sink type memory (known: auto_ack bool, "
+     "control bool, max_events 1..100000000)"),
+]
+
+
+@pytest.mark.parametrize("name, sinks, expected", SINK_ERRORS, ids=[e[0] for e in SINK_ERRORS])
+def test_sink_errors_with_position(tmp_path, name, sinks, expected):
+    """Sink types and options are checked by the sink types themselves (the config loader does
+    not know them): check validates them without starting anything, and run refuses the same
+    file with the same FILE:LINE:COL line when it starts the engine."""
+    path = tmp_path / ("%s.yaml" % name)
     path.write_text("mongodb:\n  uri: %s\ncheckpoint: {path: ./cp}\nstreams:\n  a: {db: shop}\n"
-                    "sinks:\n  - {name: out, type: nosuch}\n" % DEAD)
+                    "sinks:\n%s" % (DEAD, sinks))
+    p = run_cli("check", "-c", path, cwd=tmp_path)
+    assert p.returncode == 1, (p.stdout, p.stderr)
+    assert p.stdout == ""  # refused before connecting anywhere
+    assert p.stderr == "%s:%s\n" % (path, expected)
+    assert not (tmp_path / "cp").exists()  # validation started nothing, created nothing
     r = run_cli("run", "-c", path, cwd=tmp_path, timeout=30)
     assert r.returncode == 1
-    assert r.stderr == "%s:7:5: sink out: unknown sink type 'nosuch'\n" % path
+    assert r.stderr == "%s:%s\n" % (path, expected)
 
 
 def _lines(stdout):

@@ -170,13 +170,7 @@ int mc_sink_memory_wait(mc_sink_t *sink, size_t n, int64_t timeout_ms)
         return MC_EINVAL;
     }
     struct timespec deadline;
-    clock_gettime(CLOCK_MONOTONIC, &deadline);
-    deadline.tv_sec += timeout_ms / 1000;
-    deadline.tv_nsec += (timeout_ms % 1000) * 1000000L;
-    if (deadline.tv_nsec >= 1000000000L) {
-        deadline.tv_sec++;
-        deadline.tv_nsec -= 1000000000L;
-    }
+    mc__deadline_after_ms(&deadline, timeout_ms);
     pthread_mutex_lock(&ctx->lock);
     while (ctx->n < n) {
         if (pthread_cond_timedwait(&ctx->cond, &ctx->lock, &deadline) == ETIMEDOUT) {
