@@ -7,6 +7,7 @@
  * and MC_EXIT_USAGE (2) for every command.
  */
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <uv.h>
 
@@ -159,6 +160,10 @@ int main(int argc, char **argv)
     if (strcmp(c->name, "version") == 0) {
         return cmd_version(argc - 2, argv + 2);
     }
+    /* libmongoc's shared-memory counters leave a /dev/shm/mongoc-PID file behind whenever the
+     * process is killed, and a later process that gets the same pid logs "Falling back to
+     * malloc for counters". mongocast exports its own metrics, so it does not use them. */
+    setenv("MONGOC_DISABLE_SHM", "1", 0);
     mongoc_init();
     /* Silence libmongoc until the command installs its handler: its own complaints while
      * parsing a URI would duplicate the error the command prints itself. */
