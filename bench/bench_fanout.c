@@ -21,7 +21,15 @@
  *               reference (what happens before the daemon), reference -> arrival per event and
  *               client (an estimate of daemon-receive -> client), reference -> first client
  *               arrival (hand-off into the fan-out), and the fan-out spread (first to last
- *               client arrival of the same event).
+ *               client arrival of the same event). stamp_shared_frac: the share of change
+ *               messages that shared a read with a later one (their arrival time is late);
+ *               lat_ref_to_arrival_exact: reference -> arrival of only the messages that ended
+ *               their read, whose arrival stamps are exact; lat_ref_to_arrival_low: every
+ *               message, a late stamp replaced by a lower bound (the start of the client's
+ *               previous read, which took everything that had arrived): the true
+ *               distribution lies between _low and lat_ref_to_arrival.
+ *               --client-nice N runs the client processes at nice N (19: the daemon gets the
+ *               CPU first, as if the clients were on other machines).
  *   idle        C subscribers that only hold their connection; daemon RSS and RssAnon before
  *               and after (/proc/PID/status, smaps_rollup), per connection. The baseline is
  *               taken after one warm-up subscriber came and went. Kernel memory (socket
@@ -70,6 +78,7 @@
 #define WS_ACCEPT "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=" /* RFC 6455 §1.3's example pair */
 #define READ_BUF 262144
 #define MAX_LEFTOVER (4u << 20) /* a partial frame bigger than this is a protocol error */
+#define RECV_EXACT 0x80000000u  /* recv_us flag: the message ended its read (exact stamp) */
 
 /* Latency histogram in microseconds: 1 µs buckets below 1 ms, 10 µs buckets up to 200 ms,
  * then one overflow bucket. The exact maximum is kept aside. */
@@ -100,10 +109,15 @@ typedef struct slot {
     _Atomic uint64_t others;    /* other messages (ready, reset, invalidate) */
     _Atomic uint64_t bytes;     /* WebSocket payload bytes of change messages */
     _Atomic uint64_t pings;
-    _Atomic int done;   /* histograms final (after CMD_FINISH) */
-    hist_t lat_insert;  /* insert -> the client process reads it */
-    hist_t lat_arrival; /* insert -> the bytes arrive in the client's socket (kernel time) */
-    hist_t lat_ref;     /* reference watcher -> arrival in the client's socket */
+    /* change messages that were not the last one of their read: the read's receive timestamp
+     * is that of its last segment, so theirs is late (an upper bound), never early */
+    _Atomic uint64_t stamp_shared;
+    _Atomic int done;     /* histograms final (after CMD_FINISH) */
+    hist_t lat_insert;    /* insert -> the client process reads it */
+    hist_t lat_arrival;   /* insert -> the bytes arrive in the client's socket (kernel time) */
+    hist_t lat_ref;       /* reference watcher -> arrival in the client's socket */
+    hist_t lat_ref_exact; /* the same, only messages that ended their read (exact stamps) */
+    hist_t lat_ref_low;   /* the same with each late stamp replaced by its lower bound */
 } slot_t;
 
 typedef struct shared {
@@ -439,6 +453,8 @@ typedef struct client {
     uint8_t state;
     uint32_t index; /* within this process */
     uint8_t *buf;   /* bytes of an incomplete frame (or handshake answer) */
+    int64_t
+        prev_read; /* when the previous read started (it took all that had arrived), 0: unknown */
     size_t len;
     size_t cap;
 } client_t;
@@ -456,9 +472,13 @@ typedef struct proc {
     size_t request_len;
     uint8_t rbuf[READ_BUF];
     uint32_t *recv_us; /* latency mode: [client][seq] receive time (µs after t_base) + 1 */
+    uint32_t *low_us;  /* the same shape: a lower bound of the arrival (the previous read) + 1 */
+    int64_t low;       /* lower bound for the read being parsed (0: unknown) */
     int64_t t_base;
-    int64_t now;     /* when the read being parsed returned */
-    int64_t arrival; /* when its last byte arrived in the socket (kernel), else `now` */
+    int64_t now;           /* when the read being parsed returned */
+    int64_t arrival;       /* when its last byte arrived in the socket (kernel), else `now` */
+    uint32_t read_changes; /* change messages parsed from the read being parsed */
+    uint32_t *last_slot;   /* recv_us entry of the read's latest change message, or NULL */
     struct sockaddr_in addr;
 } proc_t;
 
@@ -537,6 +557,7 @@ static void on_text(client_t *c, const char *msg, size_t len)
     const char *t = json_after_key(msg, len, "\"type\"");
     if (t && (size_t)(msg + len - t) >= 8 && memcmp(t, "\"change\"", 8) == 0) {
         atomic_fetch_add_explicit(&P->slot->changes, 1, memory_order_relaxed);
+        P->read_changes++;
         atomic_fetch_add_explicit(&P->slot->bytes, len, memory_order_relaxed);
         bool ok1 = false, ok2 = false;
         int64_t seq = json_int(msg, len, "\"bench_seq\"", &ok1);
@@ -549,8 +570,14 @@ static void on_text(client_t *c, const char *msg, size_t len)
             atomic_min_i64(&FIRST_ARRIVAL(seq), P->arrival);
             atomic_max_i64(&LAST_ARRIVAL(seq), P->arrival);
             int64_t us = (P->arrival - P->t_base) / 1000;
-            if (us >= 0 && us < UINT32_MAX - 1) {
-                P->recv_us[(size_t)c->index * (size_t)S->n_events + (size_t)seq] = (uint32_t)us + 1;
+            if (us >= 0 && us < (int64_t)RECV_EXACT - 1) {
+                uint32_t *e = &P->recv_us[(size_t)c->index * (size_t)S->n_events + (size_t)seq];
+                *e = (uint32_t)us + 1;
+                P->last_slot = e;
+                int64_t low_us = (P->low - P->t_base) / 1000;
+                if (P->low > 0 && low_us >= 0 && low_us < us) {
+                    P->low_us[e - P->recv_us] = (uint32_t)low_us + 1;
+                }
             }
         }
         return;
@@ -720,6 +747,7 @@ static void on_readable(client_t *c)
     mh.msg_iovlen = 1;
     mh.msg_control = ctl.buf;
     mh.msg_controllen = sizeof(ctl.buf);
+    int64_t started = now_ns();
     ssize_t n = recvmsg(c->fd, &mh, MSG_DONTWAIT);
     if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)) {
         return;
@@ -737,7 +765,23 @@ static void on_readable(client_t *c)
             P->arrival = (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
         }
     }
+    P->read_changes = 0;
+    P->last_slot = NULL;
+    /* What this read returned was not there when the previous read started (that read took
+     * everything, unless it filled the buffer): a lower bound of its arrival. */
+    P->low = c->prev_read;
+    c->prev_read = (size_t)n < READ_BUF ? started : 0;
     consume(c, P->rbuf, (size_t)n);
+    if (P->last_slot) {
+        /* The read's timestamp is its last segment's: exact for the message that ends the
+         * read (frames never straddle a read here unless a frame is split, which then makes
+         * the stamp late, never early). */
+        *P->last_slot |= RECV_EXACT;
+    }
+    if (P->read_changes > 1) {
+        atomic_fetch_add_explicit(&P->slot->stamp_shared, P->read_changes - 1,
+                                  memory_order_relaxed);
+    }
 }
 
 static void on_io(uv_poll_t *h, int status, int events)
@@ -813,12 +857,23 @@ static void finish_histograms(void)
     for (int i = 0; i < P->n; i++) {
         for (int64_t seq = 0; seq < S->n_events; seq++) {
             uint32_t r = P->recv_us[(size_t)i * (size_t)S->n_events + (size_t)seq];
+            bool exact = r & RECV_EXACT;
+            r &= ~RECV_EXACT;
             int64_t ref = atomic_load(&S->ref_recv[seq]);
             if (!r || !ref) {
                 continue;
             }
             int64_t recv_ns = P->t_base + (int64_t)(r - 1) * 1000;
             hist_add(&P->slot->lat_ref, recv_ns - ref);
+            if (exact) {
+                hist_add(&P->slot->lat_ref_exact, recv_ns - ref);
+                hist_add(&P->slot->lat_ref_low, recv_ns - ref);
+            } else {
+                uint32_t lo = P->low_us[(size_t)i * (size_t)S->n_events + (size_t)seq];
+                if (lo) {
+                    hist_add(&P->slot->lat_ref_low, P->t_base + (int64_t)(lo - 1) * 1000 - ref);
+                }
+            }
         }
     }
 }
@@ -860,7 +915,8 @@ static void client_main(int id, int n, int64_t t_base)
     P->request_len = (size_t)rl;
     if (O.mode == MODE_LATENCY && S->n_events > 0) {
         P->recv_us = calloc((size_t)n * (size_t)S->n_events, sizeof(uint32_t));
-        if (!P->recv_us) {
+        P->low_us = calloc((size_t)n * (size_t)S->n_events, sizeof(uint32_t));
+        if (!P->recv_us || !P->low_us) {
             fprintf(stderr, "bench_fanout: no memory for %d x %" PRId64 " receive times\n", n,
                     S->n_events);
             _exit(1);
@@ -1177,11 +1233,13 @@ static int run_writer_phase(void)
             sleep_ms(5);
         }
     }
-    static hist_t h_ins, h_arr, h_ref;
+    static hist_t h_ins, h_arr, h_ref, h_ref_exact, h_ref_low;
     for (int i = 0; i < O.procs; i++) {
         hist_merge(&h_ins, &S->slots[i].lat_insert);
         hist_merge(&h_arr, &S->slots[i].lat_arrival);
         hist_merge(&h_ref, &S->slots[i].lat_ref);
+        hist_merge(&h_ref_exact, &S->slots[i].lat_ref_exact);
+        hist_merge(&h_ref_low, &S->slots[i].lat_ref_low);
     }
     uint64_t got = SUM64(changes);
     double wall = (double)(w1.t - w0.t) / 1e9;
@@ -1209,6 +1267,8 @@ static int run_writer_phase(void)
         print_hist("lat_insert_to_arrival", &h_arr);
         print_hist("lat_insert_to_ref", &ref.hist);
         print_hist("lat_ref_to_arrival", &h_ref);
+        print_hist("lat_ref_to_arrival_exact", &h_ref_exact);
+        print_hist("lat_ref_to_arrival_low", &h_ref_low);
         static hist_t h_first, h_spread;
         for (int64_t q = 0; q < S->n_events; q++) {
             int64_t ref_t = atomic_load(&S->ref_recv[q]);
@@ -1224,6 +1284,7 @@ static int run_writer_phase(void)
         print_hist("lat_ref_to_first", &h_first);
         print_hist("fanout_spread", &h_spread);
         printf(" lat_ref_to_arrival_negative=%" PRIu64, h_ref.below_zero);
+        printf(" stamp_shared_frac=%.4f", got ? (double)SUM64(stamp_shared) / (double)got : 0.0);
     }
     printf("\n");
     fflush(stdout);

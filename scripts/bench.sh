@@ -19,6 +19,10 @@
 #                   connections over FANOUT_IDLE_PROCS (4) client processes.
 #                   FANOUT_CLIENT_POLL_US (0): >0 makes the clients poll every that many µs
 #                   instead of waiting in epoll (no receiver wake-ups charged to the daemon).
+#                   FANOUT_CLIENT_NICE (0): nice value of the client processes; 19 lets the
+#                   daemon (and the emulator and writer) have the CPU first whenever both are
+#                   runnable, so that on a shared machine the clients stand in for clients on
+#                   other machines. Reported as client_nice= in every line.
 #                   FANOUT_DAEMON_WRAP: a command prefix that exec()s the daemon in place
 #                   (e.g. "valgrind --tool=callgrind"), so that $! is still the daemon's pid.
 set -euo pipefail
@@ -115,7 +119,8 @@ fanout_phase() {
   start_daemon
   local common=(--url "ws://127.0.0.1:$dport/v1/streams/fan"
     --uri "mongodb://127.0.0.1:$port/?replicaSet=rs0" --daemon-pid "$dpid" --emulator-pid "$pid"
-    --size "${FANOUT_DOC_BYTES:-200}" --client-poll-us "${FANOUT_CLIENT_POLL_US:-0}")
+    --size "${FANOUT_DOC_BYTES:-200}" --client-poll-us "${FANOUT_CLIENT_POLL_US:-0}"
+    --client-nice "${FANOUT_CLIENT_NICE:-0}")
   local rc=0
   case $1 in
     throughput)
@@ -204,19 +209,20 @@ for b in $select; do
           awk '{a[NR]=$1} END {if (NR) printf "%s (%s-%s, %d runs)",
             (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2), a[1], a[NR], NR}'
       }
-      echo "bench_fanout, $runs runs, medians (min-max):"
+      echo "bench_fanout, $runs runs, medians (min-max), client processes at nice" \
+        "${FANOUT_CLIENT_NICE:-0}:"
       for ph in ${FANOUT_PHASES:-throughput latency idle idle_max}; do
         echo "  $ph:"
         case $ph in
           throughput | latency)
             for key in complete deliveries_per_daemon_cpu_s deliveries_per_wall_s daemon_cpu_s \
               daemon_sys_s daemon_cpu_us_per_delivery daemon_cpu_util daemon_runq_wait_s \
-              clients_cpu_s emulator_cpu_s msg_bytes missing slow_closes; do
+              clients_cpu_s emulator_cpu_s msg_bytes missing slow_closes stamp_shared_frac; do
               printf '    %-34s %s\n' "$key" "$(mrange "$ph" "$key")"
             done
             lat="lat_insert_to_client"
             [ "$ph" = latency ] && lat="$lat lat_insert_to_arrival lat_insert_to_ref \
-              lat_ref_to_arrival lat_ref_to_first fanout_spread"
+              lat_ref_to_arrival lat_ref_to_arrival_exact lat_ref_to_arrival_low lat_ref_to_first fanout_spread"
             for h in $lat; do
               for q in p50 p99 p999 max; do
                 printf '    %-34s %s\n' "${h}_${q}_ms" "$(mrange "$ph" "${h}_${q}_ms")"

@@ -93,7 +93,7 @@ void mcd_msg_unref(mcd_msg_t *msg)
 
 static const char sse_end[] = "\n\n";
 
-size_t mcd_msg_size(mcd_msg_t *msg, mcd_transport_t t)
+size_t mcd_msg_size_any(mcd_msg_t *msg, mcd_transport_t t)
 {
     if (msg->flags & MCD_MSG_RAW) {
         return msg->body_len;
@@ -284,6 +284,11 @@ int mcd_hub_subscribe(mcd_hub_t *hub, mcd_conn_t *conn, const char *since)
         }
     }
     conn->hub = hub;
+    if (mcd_subscription_matches_all(conn->sub)) {
+        conn->flags |= MCD_CF_MATCH_ALL;
+    } else {
+        conn->flags &= (uint8_t)~MCD_CF_MATCH_ALL;
+    }
     conn->sub_index = hub->n_subs;
     hub->subs[hub->n_subs++] = conn;
     return 0;
@@ -333,11 +338,16 @@ static void hub_publish(mcd_hub_t *hub, mc_event_t *ev)
         break;
     case MC_EVENT_READY: hub->open = true; break;
     }
+    /* Subscribers flagged MCD_CF_MATCH_ALL (no recipient rule, no $var stage, no filter)
+     * skip the per-subscriber match: for them mcd_subscription_match() is true for every
+     * event except a change without a change document, decided here once per event. */
+    bool check = kind == MC_EVENT_CHANGE;
+    uint8_t skip_check = check && mc_event_change(ev) ? MCD_CF_MATCH_ALL : 0;
     /* Backwards: closing a slow consumer swaps the last subscriber into its slot, which this
      * loop has already visited. */
     for (uint32_t i = hub->n_subs; i-- > 0;) {
         mcd_conn_t *c = hub->subs[i];
-        if (kind == MC_EVENT_CHANGE && !mcd_subscription_match(c->sub, ev)) {
+        if (check && !(c->flags & skip_check) && !mcd_subscription_match(c->sub, ev)) {
             continue;
         }
         mcd_conn_send(c, msg, false);

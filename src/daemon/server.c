@@ -8,7 +8,8 @@
  * Invariants:
  *   - a connection holds no read buffer (all reads land in srv->rbuf and are consumed in the
  *     read callback), no HTTP parser once its request is answered, and no queue storage
- *     while nothing is queued;
+ *     beyond its inline slot once it has had nothing queued for a whole housekeeping tick
+ *     (an active connection keeps its ring: no malloc/free per delivery);
  *   - queued messages normally reach a socket from flush_cb (the check phase, once per loop
  *     pass: every message queued during one pass leaves in one write per connection, by
  *     uv_try_write and, for what the kernel does not take, one uv_write) and from on_write
@@ -128,21 +129,26 @@ static void mark_dirty(mcd_conn_t *c)
 static int q_push(mcd_conn_t *c, mcd_msg_t *msg, size_t size, bool replay)
 {
     if (c->q_len == c->q_cap) {
-        uint32_t cap = c->q_cap ? c->q_cap * 2 : 8;
+        /* Full: the inline slot, or a heap ring, overflows into a heap ring twice as big (at
+         * least 8). Caps stay powers of two, so positions wrap with a mask. */
+        uint32_t cap = c->q_cap > 1 ? c->q_cap * 2 : 8;
         mcd_msg_t **nq = malloc(cap * sizeof(*nq));
         if (!nq) {
             return MC_ENOMEM;
         }
         for (uint32_t i = 0; i < c->q_len; i++) {
-            nq[i] = c->q[(c->q_head + i) % c->q_cap];
+            nq[i] = c->q[(c->q_head + i) & (c->q_cap - 1)];
         }
-        free(c->q);
+        if (c->q != &c->q_one) {
+            free(c->q);
+        }
         c->q = nq;
         c->q_cap = cap;
         c->q_head = 0;
     }
-    c->q[(c->q_head + c->q_len) % c->q_cap] = mcd_msg_ref(msg);
+    c->q[(c->q_head + c->q_len) & (c->q_cap - 1)] = mcd_msg_ref(msg);
     c->q_len++;
+    c->flags |= MCD_CF_Q_USED;
     c->queued_bytes += (uint32_t)size;
     c->pending_bytes += (uint32_t)size;
     if (replay) {
@@ -153,19 +159,35 @@ static int q_push(mcd_conn_t *c, mcd_msg_t *msg, size_t size, bool replay)
     return 0;
 }
 
+/* The heap ring stays when the queue empties (no malloc/free per delivery while traffic
+ * flows); see q_trim() for when it goes. */
 static mcd_msg_t *q_pop(mcd_conn_t *c)
 {
     mcd_msg_t *m = c->q[c->q_head];
-    c->q_head = (c->q_head + 1) % c->q_cap;
     c->q_len--;
-    if (c->q_len == 0) {
-        /* An idle subscriber keeps no queue storage. */
+    c->q_head = c->q_len ? (c->q_head + 1) & (c->q_cap - 1) : 0;
+    return m;
+}
+
+/* Returns an empty connection's heap ring and goes back to the inline slot. */
+static void q_release(mcd_conn_t *c)
+{
+    if (c->q != &c->q_one && c->q_len == 0) {
         free(c->q);
-        c->q = NULL;
-        c->q_cap = 0;
+        c->q = &c->q_one;
+        c->q_cap = 1;
         c->q_head = 0;
     }
-    return m;
+}
+
+/* Housekeeping: a heap ring that stayed empty for a whole tick is released, so an idle
+ * subscriber holds no queue storage beyond its inline slot. */
+static void q_trim(mcd_conn_t *c)
+{
+    if (c->q != &c->q_one && c->q_len == 0 && !(c->flags & MCD_CF_Q_USED)) {
+        q_release(c);
+    }
+    c->flags &= (uint8_t)~MCD_CF_Q_USED;
 }
 
 /* Releases queued-bytes accounting for `bytes` that left the queue (written or dropped).
@@ -274,6 +296,9 @@ static void slow_consumer(mcd_conn_t *c)
  * callback ran. */
 static uint64_t unsent_bytes(mcd_conn_t *c)
 {
+    if (!c->n_writes) {
+        return c->pending_bytes; /* the per-delivery case: skip the call into libuv */
+    }
     return c->pending_bytes + uv_stream_get_write_queue_size((uv_stream_t *)&c->tcp);
 }
 
@@ -510,6 +535,7 @@ static void on_close(uv_handle_t *h)
         }
     }
     drop_pending(c);
+    q_release(c);
     if (c->req) {
         mcd_http_req_cleanup(c->req);
         free(c->req);
@@ -1029,6 +1055,8 @@ static void on_connection(uv_stream_t *listener, int status)
     if (!c) {
         return;
     }
+    c->q = &c->q_one;
+    c->q_cap = 1;
     uv_tcp_init(&srv->loop, &c->tcp);
     if (uv_accept(listener, (uv_stream_t *)&c->tcp) != 0) {
         uv_close((uv_handle_t *)&c->tcp, free_handle);
@@ -1080,6 +1108,7 @@ static void on_tick(uv_timer_t *t)
     int64_t wall_s = wall_ms() / 1000;
     for (uint32_t i = srv->n_conns; i-- > 0;) {
         mcd_conn_t *c = srv->conns[i];
+        q_trim(c);
         switch (c->state) {
         case MCD_ST_HTTP:
             if (c->deadline_ms && now >= c->deadline_ms) {

@@ -59,7 +59,15 @@ static inline mcd_msg_t *mcd_msg_ref(mcd_msg_t *msg)
 }
 /* Bytes `msg` takes on `t`; builds the SSE head on first SSE use (0 when that allocation
  * fails). Call it before mcd_msg_bufs(). */
-size_t mcd_msg_size(mcd_msg_t *msg, mcd_transport_t t);
+size_t mcd_msg_size_any(mcd_msg_t *msg, mcd_transport_t t);
+/* The same, inline for the per-delivery case (an event on a WebSocket). */
+static inline size_t mcd_msg_size(mcd_msg_t *msg, mcd_transport_t t)
+{
+    if (t == MCD_T_WS && !(msg->flags & MCD_MSG_RAW)) {
+        return (size_t)msg->ws_hdr_len + msg->body_len;
+    }
+    return mcd_msg_size_any(msg, t);
+}
 /* Fills up to 3 buffers for sending `msg` on `t`; returns how many. */
 unsigned mcd_msg_bufs(mcd_msg_t *msg, mcd_transport_t t, uv_buf_t out[3]);
 
@@ -72,22 +80,32 @@ typedef enum mcd_conn_state {
     MCD_ST_CLOSING,  /* final bytes queued; then shutdown, discard input, close */
 } mcd_conn_state_t;
 
-#define MCD_CF_DIRTY 0x01    /* in the server's dirty list (write at the end of this pass) */
-#define MCD_CF_CLOSED 0x02   /* uv_close() called; only close_cb remains */
-#define MCD_CF_LINGER 0x04   /* close once the queue is written */
-#define MCD_CF_PING_OUT 0x08 /* ping sent, pong awaited until deadline_ms */
-#define MCD_CF_SHUTDOWN 0x10 /* uv_shutdown() issued */
+#define MCD_CF_DIRTY 0x01     /* in the server's dirty list (write at the end of this pass) */
+#define MCD_CF_CLOSED 0x02    /* uv_close() called; only close_cb remains */
+#define MCD_CF_LINGER 0x04    /* close once the queue is written */
+#define MCD_CF_PING_OUT 0x08  /* ping sent, pong awaited until deadline_ms */
+#define MCD_CF_SHUTDOWN 0x10  /* uv_shutdown() issued */
+#define MCD_CF_Q_USED 0x20    /* something was queued since the last housekeeping tick */
+#define MCD_CF_MATCH_ALL 0x40 /* the subscription passes every change (fan-out skips matching) */
 
 struct mcd_hub;
 
 /* One TCP connection. Kept small: an idle WebSocket subscriber is this struct, its
- * subscription and nothing else (no read buffer, no HTTP parser, no queue storage). */
+ * subscription and nothing else (no read buffer, no HTTP parser, no queue storage beyond the
+ * one inline slot).
+ *
+ * The send queue is a ring of q_cap (a power of two) slots at q. While at most one message
+ * is queued it is the inline slot q_one (cap 1, no allocation: the common case of one event
+ * per loop pass). A heap ring, once needed, stays while the connection is active, so that
+ * steady traffic costs no malloc/free per delivery; the housekeeping tick returns it (and
+ * the connection to q_one) after a whole tick in which nothing was queued. */
 typedef struct mcd_conn {
     uv_tcp_t tcp;        /* first member: the handle's address is the conn's */
     mcd_http_req_t *req; /* while a request is being read, else NULL */
     struct mcd_hub *hub; /* subscribed stream, or NULL */
     mcd_subscription_t *sub;
-    mcd_msg_t **q;        /* pending messages (ring), NULL while empty */
+    mcd_msg_t **q;        /* pending messages (ring): &q_one or a heap ring */
+    mcd_msg_t *q_one;     /* the inline one-slot ring */
     int64_t deadline_ms;  /* request timeout, pong deadline or close deadline */
     int64_t next_beat_ms; /* next ping (WS) or heartbeat comment (SSE) */
     uint32_t q_head;

@@ -33,10 +33,11 @@
 /* Sized to what it holds: one of these lives as long as each connection, and an idle
  * subscriber must cost well under 1 KiB. */
 struct mcd_subscription {
-    mc_filter_t **local;     /* n_local compiled $var stages; NULL when none */
-    mc_filter_t *client;     /* NULL: no client filter */
+    mc_filter_t **local; /* n_local compiled $var stages; NULL when none */
+    mc_filter_t *client; /* NULL: no client filter */
     uint32_t n_local;
     bool restrict_recipient; /* only events whose recipient equals `subject` */
+    bool matches_all;        /* none of the three conditions: see matches_all() */
     char subject[];          /* the identity when restrict_recipient, else "" */
 };
 
@@ -386,6 +387,7 @@ mcd_subscription_t *mcd_subscription_new(const mc_stream_config_t *stream, const
     if (filter_json && compile_client(sub, filter_json, r) != 0) {
         goto fail;
     }
+    sub->matches_all = !sub->restrict_recipient && sub->n_local == 0 && !sub->client;
     return sub;
 fail:
     mcd_subscription_destroy(sub);
@@ -430,4 +432,9 @@ bool mcd_subscription_match(const mcd_subscription_t *sub, const mc_event_t *ev)
         }
     }
     return !sub->client || mc_filter_match(sub->client, change);
+}
+
+bool mcd_subscription_matches_all(const mcd_subscription_t *sub)
+{
+    return sub && sub->matches_all;
 }

@@ -43,6 +43,12 @@ void mcd_subscription_destroy(mcd_subscription_t *sub);
 /* True when this subscriber receives `ev`. Never fails. */
 bool mcd_subscription_match(const mcd_subscription_t *sub, const mc_event_t *ev);
 
+/* True when the subscription has no condition at all (no recipient restriction, no $var
+ * stage, no client filter): mcd_subscription_match() is then true for every event that
+ * has a change document, so the fan-out may skip calling it. False for NULL. Fixed at
+ * creation. (Additive function.) */
+bool mcd_subscription_matches_all(const mcd_subscription_t *sub);
+
 /* Checks, once at start-up (`mongocast check`, `run`), that the stream's per-subscriber stages
  * (those mc_pipeline_split() keeps local because they use {$var: name}) can be evaluated by
  * the daemon: each must be a {$match: {...}} whose {$var: ...} values are well formed
