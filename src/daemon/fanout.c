@@ -208,17 +208,6 @@ static mcd_msg_t *ring_at(const mcd_hub_t *hub, uint32_t i)
     return hub->ring[(hub->ring_head + i) % hub->ring_cap];
 }
 
-mc_event_t *mcd_hub_first_after_seq(const mcd_hub_t *hub, uint64_t seq)
-{
-    for (uint32_t i = 0; i < hub->ring_len; i++) {
-        mcd_msg_t *m = ring_at(hub, i);
-        if (mc_event_seq(m->ev) > seq) {
-            return m->ev;
-        }
-    }
-    return NULL;
-}
-
 static bool stream_open_now(mcd_hub_t *hub)
 {
     if (!hub->open) {

@@ -157,8 +157,6 @@ void mcd_hub_cleanup(mcd_hub_t *hub);
  * history, ready when the stream is open, replay of what follows `since`, then live. */
 int mcd_hub_subscribe(mcd_hub_t *hub, mcd_conn_t *conn, const char *since);
 void mcd_hub_unsubscribe(mcd_conn_t *conn);
-/* The oldest history event with seq > `seq` (NULL when none is kept). */
-mc_event_t *mcd_hub_first_after_seq(const mcd_hub_t *hub, uint64_t seq);
 
 /* The fan-out sink type (attached with mc_engine_add_sink; userdata = the server). */
 extern const mc_sink_type_t mcd_fanout_sink_type;
