@@ -30,6 +30,15 @@
  *               distribution lies between _low and lat_ref_to_arrival.
  *               --client-nice N runs the client processes at nice N (19: the daemon gets the
  *               CPU first, as if the clients were on other machines).
+ *               --exact-reads 1: each connection reads one frame at a time (header, extended
+ *               length, then exactly the payload), so every change message ends its own read
+ *               and gets the stamp of the segment that completed it (read_boundary_frac: the
+ *               share that did). A stamp can still be late when the kernel merged queued
+ *               segments (it keeps the newest stamp); then two successive change messages of
+ *               a connection carry the same stamp, and stamp_shared_frac counts the earlier
+ *               ones (in this mode _exact are the others, _low bounds the shared ones by the
+ *               connection's previous different stamp). Two to three system calls per frame
+ *               instead of one per wake-up: more client CPU.
  *   idle        C subscribers that only hold their connection; daemon RSS and RssAnon before
  *               and after (/proc/PID/status, smaps_rollup), per connection. The baseline is
  *               taken after one warm-up subscriber came and went. Kernel memory (socket
@@ -112,6 +121,8 @@ typedef struct slot {
     /* change messages that were not the last one of their read: the read's receive timestamp
      * is that of its last segment, so theirs is late (an upper bound), never early */
     _Atomic uint64_t stamp_shared;
+    /* --exact-reads: change messages whose frame ended exactly where their read ended */
+    _Atomic uint64_t read_boundary;
     _Atomic int done;     /* histograms final (after CMD_FINISH) */
     hist_t lat_insert;    /* insert -> the client process reads it */
     hist_t lat_arrival;   /* insert -> the bytes arrive in the client's socket (kernel time) */
@@ -168,6 +179,7 @@ typedef struct opts {
     double timeout;
     int client_nice;
     int client_poll_us;
+    int exact_reads;
     char host[256];
     int port;
     char path[1024];
@@ -457,6 +469,16 @@ typedef struct client {
         prev_read; /* when the previous read started (it took all that had arrived), 0: unknown */
     size_t len;
     size_t cap;
+    /* --exact-reads: the frame being read, one recvmsg per part (header, extended length,
+     * payload), so that the read completing a frame ends exactly at its last byte */
+    uint8_t hdr[10];
+    uint8_t hlen;       /* header bytes read so far */
+    uint8_t hneed;      /* header bytes needed: 2, then 4 or 10 once the length code is known */
+    uint64_t plen;      /* payload length, valid once hlen == hneed */
+    size_t got;         /* payload bytes read so far (into buf) */
+    int64_t last_stamp; /* kernel stamp of this connection's latest change message */
+    int64_t prev_stamp; /* the stamp before last_stamp that differed from it (0: none) */
+    uint32_t *pend;     /* recv_us entry of the latest change message, not yet known exact */
 } client_t;
 
 typedef struct proc {
@@ -605,6 +627,30 @@ static void send_pong(client_t *c, const uint8_t *payload, size_t len)
     }
 }
 
+/* Handles one complete server frame; false when it was a close. */
+static bool on_frame(client_t *c, uint8_t b0, const uint8_t *pl, size_t plen)
+{
+    if (!(b0 & 0x80)) {
+        atomic_fetch_add(&P->slot->errors, 1); /* the server never fragments */
+    }
+    switch (b0 & 0x0f) {
+    case 0x1: on_text(c, (const char *)pl, plen); break;
+    case 0x8: {
+        unsigned code = plen >= 2 ? ((unsigned)pl[0] << 8) | pl[1] : 1005;
+        if (code == 4002) {
+            atomic_fetch_add(&P->slot->slow, 1);
+        }
+        return false;
+    }
+    case 0x9:
+        atomic_fetch_add(&P->slot->pings, 1);
+        send_pong(c, pl, plen);
+        break;
+    default: break;
+    }
+    return true;
+}
+
 /* Consumes complete frames (and the handshake answer) from data; returns bytes used, or
  * SIZE_MAX when the connection must die. */
 static size_t parse(client_t *c, uint8_t *data, size_t len)
@@ -659,25 +705,8 @@ static size_t parse(client_t *c, uint8_t *data, size_t len)
         if (len - pos < hl + plen) {
             break;
         }
-        uint8_t *pl = data + pos + hl;
-        uint8_t op = b0 & 0x0f;
-        if (!(b0 & 0x80)) {
-            atomic_fetch_add(&P->slot->errors, 1); /* the server never fragments */
-        }
-        switch (op) {
-        case 0x1: on_text(c, (const char *)pl, (size_t)plen); break;
-        case 0x8: {
-            unsigned code = plen >= 2 ? ((unsigned)pl[0] << 8) | pl[1] : 1005;
-            if (code == 4002) {
-                atomic_fetch_add(&P->slot->slow, 1);
-            }
+        if (!on_frame(c, b0, data + pos + hl, (size_t)plen)) {
             return SIZE_MAX - 1; /* closed by the server */
-        }
-        case 0x9:
-            atomic_fetch_add(&P->slot->pings, 1);
-            send_pong(c, pl, (size_t)plen);
-            break;
-        default: break;
         }
         pos += hl + (size_t)plen;
     }
@@ -784,6 +813,182 @@ static void on_readable(client_t *c)
     }
 }
 
+/* One recvmsg of at most want bytes; *stamp gets the kernel receive timestamp of the last
+ * segment the read touched (0 without one). Returns the byte count, 0 when nothing is there
+ * yet, -1 when the connection is gone. */
+static ssize_t recv_stamped(client_t *c, uint8_t *dst, size_t want, int flags, int64_t *stamp)
+{
+    union {
+        char buf[CMSG_SPACE(sizeof(struct timespec))];
+        struct cmsghdr align;
+    } ctl;
+    struct iovec iov = {dst, want};
+    struct msghdr mh;
+    memset(&mh, 0, sizeof(mh));
+    mh.msg_iov = &iov;
+    mh.msg_iovlen = 1;
+    mh.msg_control = ctl.buf;
+    mh.msg_controllen = sizeof(ctl.buf);
+    ssize_t n = recvmsg(c->fd, &mh, MSG_DONTWAIT | flags);
+    if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)) {
+        return 0;
+    }
+    if (n <= 0) {
+        return -1;
+    }
+    *stamp = 0;
+    for (struct cmsghdr *cm = CMSG_FIRSTHDR(&mh); cm; cm = CMSG_NXTHDR(&mh, cm)) {
+        if (cm->cmsg_level == SOL_SOCKET && cm->cmsg_type == SCM_TIMESTAMPNS) {
+            struct timespec ts;
+            memcpy(&ts, CMSG_DATA(cm), sizeof(ts));
+            *stamp = (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+        }
+    }
+    return n;
+}
+
+/* A frame read by on_readable_exact is complete; `stamp` is the kernel stamp of the read that
+ * ended at its last byte. Returns false when the connection must die. */
+static bool exact_frame_done(client_t *c, int64_t stamp, uint8_t b0, const uint8_t *pl,
+                             size_t plen)
+{
+    P->now = now_ns();
+    P->arrival = stamp ? stamp : P->now;
+    P->read_changes = 0;
+    P->last_slot = NULL;
+    /* Segments arrive in order, so this frame's last segment came no earlier than the latest
+     * stamp of this connection that differs from its own: a lower bound when its stamp turns
+     * out to be shared (late). */
+    P->low = P->arrival != c->last_stamp ? c->last_stamp : c->prev_stamp;
+    if (!on_frame(c, b0, pl, plen)) {
+        return false;
+    }
+    c->hlen = 0;
+    c->hneed = 2;
+    c->got = 0;
+    if (P->read_changes == 0) {
+        return true;
+    }
+    atomic_fetch_add_explicit(&P->slot->read_boundary, 1, memory_order_relaxed);
+    if (P->arrival == c->last_stamp) {
+        /* The kernel merges queued segments and keeps the newest stamp: the previous change
+         * message of this connection carries this one's stamp, so its own is late. */
+        atomic_fetch_add_explicit(&P->slot->stamp_shared, 1, memory_order_relaxed);
+    } else {
+        if (c->pend) {
+            *c->pend |= RECV_EXACT;
+        }
+        c->prev_stamp = c->last_stamp;
+        c->last_stamp = P->arrival;
+    }
+    c->pend = P->last_slot;
+    return true;
+}
+
+/* --exact-reads: one recvmsg per frame part (the 2-byte header, the extended length, then
+ * exactly the payload), so the read that completes a frame ends at the frame's last byte and
+ * its kernel stamp is that of the segment holding that byte, whatever follows in the socket.
+ * Costs two or three system calls per frame instead of one per wake-up. At most EXACT_BUDGET
+ * frames per wake-up, so that one busy connection does not hold up the others. */
+#define EXACT_BUDGET 64
+static void on_readable_exact(client_t *c)
+{
+    int64_t st = 0;
+    if (c->state == C_HANDSHAKE) {
+        /* Peek for the end of the 101 answer and take exactly that, so that no frame byte
+         * is read along with it. */
+        ssize_t n = recv_stamped(c, P->rbuf, 8192, MSG_PEEK, &st);
+        if (n < 0) {
+            client_dead(c, true);
+            return;
+        }
+        const uint8_t *end = memmem(P->rbuf, (size_t)n, "\r\n\r\n", 4);
+        if (!end) {
+            if (n >= 8192) {
+                client_dead(c, true);
+            }
+            return;
+        }
+        size_t hl = (size_t)(end - P->rbuf) + 4;
+        if (recv(c->fd, P->rbuf, hl, MSG_DONTWAIT) != (ssize_t)hl || parse(c, P->rbuf, hl) != hl) {
+            client_dead(c, true);
+            return;
+        }
+        c->hlen = 0;
+        c->hneed = 2;
+        return;
+    }
+    for (int frames = 0; frames < EXACT_BUDGET && c->state == C_OPEN;) {
+        ssize_t n;
+        if (c->hlen < c->hneed) {
+            n = recv_stamped(c, c->hdr + c->hlen, (size_t)(c->hneed - c->hlen), 0, &st);
+            if (n <= 0) {
+                if (n < 0) {
+                    client_dead(c, true);
+                }
+                return;
+            }
+            c->hlen = (uint8_t)(c->hlen + n);
+            if (c->hlen < c->hneed) {
+                continue;
+            }
+            if (c->hneed == 2) {
+                if (c->hdr[1] & 0x80) {
+                    atomic_fetch_add(&P->slot->errors, 1); /* servers must not mask */
+                    client_dead(c, true);
+                    return;
+                }
+                uint8_t code = c->hdr[1] & 0x7f;
+                if (code == 126 || code == 127) {
+                    c->hneed = code == 126 ? 4 : 10;
+                    continue;
+                }
+                c->plen = code;
+            } else {
+                c->plen = 0;
+                for (int i = 2; i < c->hneed; i++) {
+                    c->plen = (c->plen << 8) | c->hdr[i];
+                }
+            }
+            if (c->plen > MAX_LEFTOVER) {
+                atomic_fetch_add(&P->slot->errors, 1);
+                client_dead(c, true);
+                return;
+            }
+            if (c->plen > c->cap) {
+                uint8_t *nb = realloc(c->buf, (size_t)c->plen);
+                if (!nb) {
+                    client_dead(c, true);
+                    return;
+                }
+                c->buf = nb;
+                c->cap = (size_t)c->plen;
+            }
+            c->got = 0;
+            if (c->plen > 0) {
+                continue;
+            }
+        } else {
+            n = recv_stamped(c, c->buf + c->got, (size_t)c->plen - c->got, 0, &st);
+            if (n <= 0) {
+                if (n < 0) {
+                    client_dead(c, true);
+                }
+                return;
+            }
+            c->got += (size_t)n;
+            if (c->got < c->plen) {
+                continue;
+            }
+        }
+        if (!exact_frame_done(c, st, c->hdr[0], c->plen ? c->buf : P->rbuf, (size_t)c->plen)) {
+            client_dead(c, true);
+            return;
+        }
+        frames++;
+    }
+}
+
 static void on_io(uv_poll_t *h, int status, int events)
 {
     client_t *c = (client_t *)h;
@@ -814,7 +1019,11 @@ static void on_io(uv_poll_t *h, int status, int events)
         return;
     }
     if (events & UV_READABLE) {
-        on_readable(c);
+        if (O.exact_reads) {
+            on_readable_exact(c);
+        } else {
+            on_readable(c);
+        }
     }
 }
 
@@ -853,6 +1062,13 @@ static void finish_histograms(void)
 {
     if (!P->recv_us) {
         return;
+    }
+    for (int i = 0; i < P->n && O.exact_reads; i++) {
+        /* A connection's last change message shares its stamp with no later one. */
+        if (P->clients[i].pend) {
+            *P->clients[i].pend |= RECV_EXACT;
+            P->clients[i].pend = NULL;
+        }
     }
     for (int i = 0; i < P->n; i++) {
         for (int64_t seq = 0; seq < S->n_events; seq++) {
@@ -1285,6 +1501,10 @@ static int run_writer_phase(void)
         print_hist("fanout_spread", &h_spread);
         printf(" lat_ref_to_arrival_negative=%" PRIu64, h_ref.below_zero);
         printf(" stamp_shared_frac=%.4f", got ? (double)SUM64(stamp_shared) / (double)got : 0.0);
+        if (O.exact_reads) {
+            printf(" exact_reads=%d read_boundary_frac=%.4f", O.exact_reads,
+                   got ? (double)SUM64(read_boundary) / (double)got : 0.0);
+        }
     }
     printf("\n");
     fflush(stdout);
@@ -1378,7 +1598,8 @@ static void usage(void)
             "         --daemon-pid PID [--emulator-pid PID] [--uri MONGODB_URI] [--db bench]\n"
             "         [--coll fanout] [--clients 1000] [--procs 2] [--events N] [--rate R]\n"
             "         [--seconds S] [--size 200] [--batch B] [--hold S] [--concurrency 128]\n"
-            "         [--timeout 20] [--client-nice N] [--client-poll-us US]\n");
+            "         [--timeout 20] [--client-nice N] [--client-poll-us US]\n"
+            "         [--exact-reads 0|1]\n");
     exit(2);
 }
 
@@ -1465,6 +1686,11 @@ int main(int argc, char **argv)
             O.timeout = atof(v);
         } else if (!strcmp(k, "--client-poll-us")) {
             O.client_poll_us = atoi(v);
+        } else if (!strcmp(k, "--exact-reads")) {
+            O.exact_reads = atoi(v);
+            if (O.exact_reads < 0 || O.exact_reads > 1) {
+                usage();
+            }
         } else if (!strcmp(k, "--client-nice")) {
             O.client_nice = atoi(v);
         } else {

@@ -23,6 +23,11 @@
 #                   daemon (and the emulator and writer) have the CPU first whenever both are
 #                   runnable, so that on a shared machine the clients stand in for clients on
 #                   other machines. Reported as client_nice= in every line.
+#                   FANOUT_EXACT_READS (0): 1 makes each client connection read one WebSocket
+#                   frame at a time (header, then exactly the payload), so that every change
+#                   message ends its own read and gets its own kernel receive stamp (latency
+#                   phase; costs the clients 2-3 system calls per message). Adds
+#                   read_boundary_frac to the latency summary.
 #                   FANOUT_DAEMON_WRAP: a command prefix that exec()s the daemon in place
 #                   (e.g. "valgrind --tool=callgrind"), so that $! is still the daemon's pid.
 set -euo pipefail
@@ -94,7 +99,9 @@ EOF
   dpid=$!
   dport=
   for _ in $(seq 600); do
-    dport=$(sed -n 's/.*server listening on [^ ]*:\([0-9]*\).*/\1/p' "$work/daemon.err" | head -1)
+    # daemon.err may not exist yet (the background job opens it): no match, try again
+    dport=$(sed -n 's/.*server listening on [^ ]*:\([0-9]*\).*/\1/p' "$work/daemon.err" \
+      2>/dev/null | head -1 || true)
     [ -n "$dport" ] && break
     sleep 0.05
   done
@@ -120,7 +127,7 @@ fanout_phase() {
   local common=(--url "ws://127.0.0.1:$dport/v1/streams/fan"
     --uri "mongodb://127.0.0.1:$port/?replicaSet=rs0" --daemon-pid "$dpid" --emulator-pid "$pid"
     --size "${FANOUT_DOC_BYTES:-200}" --client-poll-us "${FANOUT_CLIENT_POLL_US:-0}"
-    --client-nice "${FANOUT_CLIENT_NICE:-0}")
+    --client-nice "${FANOUT_CLIENT_NICE:-0}" --exact-reads "${FANOUT_EXACT_READS:-0}")
   local rc=0
   case $1 in
     throughput)
@@ -217,7 +224,8 @@ for b in $select; do
           throughput | latency)
             for key in complete deliveries_per_daemon_cpu_s deliveries_per_wall_s daemon_cpu_s \
               daemon_sys_s daemon_cpu_us_per_delivery daemon_cpu_util daemon_runq_wait_s \
-              clients_cpu_s emulator_cpu_s msg_bytes missing slow_closes stamp_shared_frac; do
+              clients_cpu_s emulator_cpu_s msg_bytes missing slow_closes stamp_shared_frac \
+              $([ "${FANOUT_EXACT_READS:-0}" = 0 ] || echo read_boundary_frac); do
               printf '    %-34s %s\n' "$key" "$(mrange "$ph" "$key")"
             done
             lat="lat_insert_to_client"
