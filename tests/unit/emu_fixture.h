@@ -1,6 +1,7 @@
 /*
  * emu_fixture.h: mongo-emulator as a child process, for the unit tests that run the engine end
- * to end (test_engine.c, test_recipient_lookup.c). Header-only: each test is one executable.
+ * to end (test_engine.c, test_engine_stats.c, test_recipient_lookup.c), and the removal of
+ * their checkpoint directories. Header-only: each test is one executable.
  *
  * The binary is found through MC_EMULATOR or next to the build tree
  * (tools/mongo-emulator/mongo-emulator relative to the test executable's ../..); a test without
@@ -9,6 +10,7 @@
 #ifndef MC_TEST_EMU_FIXTURE_H
 #define MC_TEST_EMU_FIXTURE_H
 
+#include <dirent.h>
 #include <signal.h>
 #include <stdbool.h>
 #include <stdio.h>
@@ -100,6 +102,27 @@ static inline void emu_fixture_stop(pid_t pid)
 {
     kill(pid, SIGTERM);
     waitpid(pid, NULL, 0);
+}
+
+/* Removes a test's checkpoint directory and the files in it (one level deep, which is all a
+ * file token store writes). A test may have replaced the directory by a file: removed too. */
+static inline void emu_fixture_rm_dir(const char *dir)
+{
+    DIR *d = opendir(dir);
+    if (!d) {
+        unlink(dir);
+        return;
+    }
+    struct dirent *de;
+    while ((de = readdir(d))) {
+        if (strcmp(de->d_name, ".") && strcmp(de->d_name, "..")) {
+            char p[400];
+            snprintf(p, sizeof(p), "%s/%s", dir, de->d_name);
+            unlink(p);
+        }
+    }
+    closedir(d);
+    rmdir(dir);
 }
 
 #endif

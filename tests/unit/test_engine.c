@@ -16,7 +16,6 @@
 #include <cmocka.h>
 
 #include <mongoc/mongoc.h>
-#include <dirent.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -42,24 +41,6 @@ typedef struct fixture {
     mc_config_t cfg;
     mc_engine_t *engine; /* owned here so a failed assertion cannot leak a running engine */
 } fixture_t;
-
-static void rm_dir(const char *dir)
-{
-    DIR *d = opendir(dir);
-    if (!d) {
-        return;
-    }
-    struct dirent *de;
-    while ((de = readdir(d))) {
-        if (strcmp(de->d_name, ".") && strcmp(de->d_name, "..")) {
-            char p[400];
-            snprintf(p, sizeof(p), "%s/%s", dir, de->d_name);
-            unlink(p);
-        }
-    }
-    closedir(d);
-    rmdir(dir);
-}
 
 static int setup(void **state)
 {
@@ -117,7 +98,7 @@ static int teardown(void **state)
     bson_destroy(f->pipeline);
     bson_destroy(f->sink.options);
     emu_fixture_stop(f->emu);
-    rm_dir(f->cpdir);
+    emu_fixture_rm_dir(f->cpdir);
     free(f);
     return 0;
 }

@@ -19,7 +19,6 @@
 #include <cmocka.h>
 
 #include <mongoc/mongoc.h>
-#include <dirent.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -193,25 +192,6 @@ typedef struct fixture {
     mc_engine_t *engine; /* destroyed by teardown, so a failed assertion leaks nothing */
 } fixture_t;
 
-static void rm_dir(const char *dir)
-{
-    DIR *d = opendir(dir);
-    if (!d) {
-        unlink(dir); /* a test may have put a file in its place */
-        return;
-    }
-    struct dirent *de;
-    while ((de = readdir(d))) {
-        if (strcmp(de->d_name, ".") && strcmp(de->d_name, "..")) {
-            char p[400];
-            snprintf(p, sizeof(p), "%s/%s", dir, de->d_name);
-            unlink(p);
-        }
-    }
-    closedir(d);
-    rmdir(dir);
-}
-
 /* One stream "s0" on shop.c0 and `n` config sinks (name, type, options taken). */
 static void config(fixture_t *f, size_t n, ...)
 {
@@ -303,7 +283,7 @@ static int teardown(void **state)
         }
     }
     bson_destroy(f->pipeline);
-    rm_dir(f->cpdir);
+    emu_fixture_rm_dir(f->cpdir);
     free(f);
     return 0;
 }
@@ -611,7 +591,7 @@ static void test_checkpoint_status(void **state)
     assert_int_equal(access(path, F_OK), 0);
 
     /* Break the store: its directory becomes a file, so every write fails. */
-    rm_dir(f->cpdir);
+    emu_fixture_rm_dir(f->cpdir);
     FILE *fp = fopen(f->cpdir, "w");
     assert_non_null(fp);
     fclose(fp);
