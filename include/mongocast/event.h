@@ -16,6 +16,14 @@
  *   MC_EVENT_RESET       the stream lost its place (history lost with on_history_lost:
  *                        restart) and restarted from "now": consumers must resync.
  *   MC_EVENT_READY       the server-side change stream is open: writes from now on reach it.
+ *   MC_EVENT_ERROR       the stream failed for good (state MC_STREAM_FAILED: a fatal server
+ *                        error, history lost with on_history_lost: fail, an unusable stored
+ *                        checkpoint): it is the stream's last event in this run of the
+ *                        engine. It carries a stable code name (mc_event_error_code()), the
+ *                        server's numeric code when MongoDB gave one (mc_event_server_code())
+ *                        and a fixed human-readable reason; the server's own error text goes
+ *                        to the log and to mc_engine_stream_status(), never into the event,
+ *                        because the event reaches every subscriber of the stream.
  *
  * Every event of a stream carries a sequence number, 1, 2, 3, ... in delivery order within one
  * run of the engine (not persisted; use the resume token as a durable id).
@@ -45,9 +53,10 @@ typedef enum mc_event_kind {
     MC_EVENT_INVALIDATE = 1,
     MC_EVENT_RESET = 2,
     MC_EVENT_READY = 3,
+    MC_EVENT_ERROR = 4,
 } mc_event_kind_t;
 
-/* "change", "invalidate", "reset", "ready" (the `type` of the DESIGN §4.3 message). */
+/* "change", "invalidate", "reset", "ready", "error" (the `type` of the DESIGN §4.3 message). */
 const char *mc_event_kind_name(mc_event_kind_t kind);
 
 /*
@@ -77,6 +86,19 @@ mc_event_t *mc_event_new_invalidate(const char *stream, uint64_t seq, const bson
 mc_event_t *mc_event_new_control(mc_event_kind_t kind, const char *stream, uint64_t seq,
                                  const char *reason);
 
+/* The code names of an error event (mc_event_new_error(); docs/protocol.md lists them). */
+#define MC_EVENT_ERROR_HISTORY_LOST "history_lost"   /* 286 with on_history_lost: fail */
+#define MC_EVENT_ERROR_CHECKPOINT "checkpoint_error" /* the stored position is unusable */
+#define MC_EVENT_ERROR_FATAL "change_stream_error"   /* an error that retrying cannot fix */
+#define MC_EVENT_ERROR_FAILED "stream_failed"        /* any other failure */
+
+/* Builds an error control event (kind MC_EVENT_ERROR). `code` is a short stable name (NULL
+ * means MC_EVENT_ERROR_FAILED), `server_code` MongoDB's error code or 0, `reason` a fixed
+ * human-readable text (NULL means "stream failed"); both strings are copied. Returns NULL
+ * only for a NULL stream or when memory runs out. */
+mc_event_t *mc_event_new_error(const char *stream, uint64_t seq, const char *code, int server_code,
+                               const char *reason);
+
 /* Adds a reference and returns `ev` (NULL-safe). */
 mc_event_t *mc_event_ref(mc_event_t *ev);
 
@@ -87,12 +109,12 @@ mc_event_kind_t mc_event_kind(const mc_event_t *ev);
 uint64_t mc_event_seq(const mc_event_t *ev);
 const char *mc_event_stream(const mc_event_t *ev);
 
-/* The change's operationType ("insert", ..., "invalidate"); NULL for reset and ready, and
- * when the stream's pipeline removed it. */
+/* The change's operationType ("insert", ..., "invalidate"); NULL for reset, ready and error,
+ * and when the stream's pipeline removed it. */
 const char *mc_event_operation_type(const mc_event_t *ev);
 
 /* ns.db and ns.coll of the change; NULL when absent (dropDatabase has no coll; invalidate,
- * reset and ready have no namespace). */
+ * reset, ready and error have no namespace). */
 const char *mc_event_db(const mc_event_t *ev);
 const char *mc_event_coll(const mc_event_t *ev);
 
@@ -100,7 +122,7 @@ const char *mc_event_coll(const mc_event_t *ev);
 const bson_t *mc_event_document_key(const mc_event_t *ev);
 
 /* The resume token: `_id._data` (the event id used by SSE, idempotency keys and `since=`) and
- * the whole `_id` document. NULL for reset and ready. */
+ * the whole `_id` document. NULL for reset, ready and error. */
 const char *mc_event_id(const mc_event_t *ev);
 const bson_t *mc_event_resume_token(const mc_event_t *ev);
 
@@ -113,11 +135,17 @@ int64_t mc_event_wall_time_ms(const mc_event_t *ev);
 /* The resolved recipient, or NULL. */
 const char *mc_event_recipient(const mc_event_t *ev);
 
-/* For invalidate and reset: the reason; NULL otherwise. */
+/* For invalidate, reset and error: the reason; NULL otherwise. */
 const char *mc_event_reason(const mc_event_t *ev);
 
+/* For error: the code name ("history_lost", ...); NULL otherwise. */
+const char *mc_event_error_code(const mc_event_t *ev);
+
+/* For error: MongoDB's error code, or 0 when the failure did not come with one. */
+int mc_event_server_code(const mc_event_t *ev);
+
 /* The change document as MongoDB produced it (after the server-side pipeline); NULL for
- * reset and ready. */
+ * reset, ready and error. */
 const bson_t *mc_event_change(const mc_event_t *ev);
 
 /*
@@ -129,13 +157,15 @@ const bson_t *mc_event_change(const mc_event_t *ev);
  *   invalidate: {"type":"invalidate","stream":S,"reason":"drop"}
  *   reset:      {"type":"reset","stream":S,"reason":"..."}
  *   ready:      {"type":"ready","stream":S}
+ *   error:      {"type":"error","stream":S,"code":"history_lost","server_code":286,
+ *                "reason":"..."} ("server_code" only when it is not 0)
  * Returns the NUL-terminated JSON (borrowed, lives as long as the event) and its length in
  * *len when len is not NULL. Returns NULL only when memory runs out.
  */
 const char *mc_event_json(mc_event_t *ev, size_t *len);
 
 /* The change document in canonical Extended JSON (for `tail --raw`), rendered once and cached
- * like mc_event_json(). NULL for reset and ready events. */
+ * like mc_event_json(). NULL for reset, ready and error events. */
 const char *mc_event_raw_json(mc_event_t *ev, size_t *len);
 
 #ifdef __cplusplus

@@ -13,7 +13,9 @@
  *     afterwards reaches both the ring and the live subscribers in the same publish(), so a
  *     resume has no gap and no duplicate;
  *   - the ring only holds events of the current run of the stream: a reset event clears it
- *     (ids from before it can no longer be resumed exactly).
+ *     (ids from before it can no longer be resumed exactly);
+ *   - an error event (the stream failed) is the last a hub's subscribers get: each is ended
+ *     after it (mcd_conn_end()).
  */
 #include <inttypes.h>
 #include <stdlib.h>
@@ -326,6 +328,7 @@ static void hub_publish(mcd_hub_t *hub, mc_event_t *ev)
         }
         break;
     case MC_EVENT_READY: hub->open = true; break;
+    case MC_EVENT_ERROR: hub->open = false; break;
     }
     /* Subscribers flagged MCD_CF_MATCH_ALL (no recipient rule, no $var stage, no filter)
      * skip the per-subscriber match: for them mcd_subscription_match() is true for every
@@ -340,6 +343,13 @@ static void hub_publish(mcd_hub_t *hub, mc_event_t *ev)
             continue;
         }
         mcd_conn_send(c, msg, false);
+    }
+    if (kind == MC_EVENT_ERROR) {
+        /* The stream's last event in this run: end every subscriber once the message is
+         * written rather than leave it waiting (WebSocket close 4010, SSE end of stream). */
+        for (uint32_t i = hub->n_subs; i-- > 0;) {
+            mcd_conn_end(hub->subs[i], MCD_WS_CLOSE_STREAM_FAILED, "stream failed");
+        }
     }
     mcd_msg_unref(msg);
 }

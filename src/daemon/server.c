@@ -291,6 +291,16 @@ static void slow_consumer(mcd_conn_t *c)
     }
 }
 
+void mcd_conn_end(mcd_conn_t *c, uint16_t ws_code, const char *reason)
+{
+    mcd_hub_unsubscribe(c);
+    if (c->state == MCD_ST_WS) {
+        ws_close(c, ws_code, reason, false);
+    } else if (c->state == MCD_ST_SSE) {
+        linger(c);
+    }
+}
+
 /* Bytes the kernel has not taken yet: our ring plus what libuv still holds of the writes in
  * flight. A write whose bytes all reached the socket buffer no longer counts, even before its
  * callback ran. */

@@ -130,6 +130,11 @@ typedef struct mcd_conn {
  * until they are written. Closing connections drop the message and return 0. */
 int mcd_conn_send(mcd_conn_t *conn, mcd_msg_t *msg, bool replay);
 
+/* Unsubscribes `conn` and ends it once what is queued for it is written: a WebSocket with a
+ * close frame (ws_code, reason), an SSE stream by closing the connection. For subscribers of
+ * a stream that will not deliver again (fanout.c). */
+void mcd_conn_end(mcd_conn_t *conn, uint16_t ws_code, const char *reason);
+
 /* ---- Stream hubs (fanout.c) ---------------------------------------------------------------- */
 
 typedef struct mcd_hub {

@@ -2,9 +2,9 @@
  * sse.c: Server-Sent Events framing (text/event-stream).
  *
  * Each message is "id: <event id>\nevent: <type>\ndata: <json>\n\n"; control messages that
- * have no id (ready, reset) omit the id line so that a browser's Last-Event-ID keeps naming
- * the last change it saw. The stream starts with "retry: 2000" and a comment line is sent as
- * heartbeat. The head of a message is built once per event (fanout.c caches it).
+ * have no id (ready, reset, error) omit the id line so that a browser's Last-Event-ID keeps
+ * naming the last change it saw. The stream starts with "retry: 2000" and a comment line is
+ * sent as heartbeat. The head of a message is built once per event (fanout.c caches it).
  *
  * Thread: any (pure functions, constant data).
  */

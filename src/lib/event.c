@@ -47,6 +47,8 @@ struct mc_event {
     const char *recipient;     /* in the change, in the block, recipient_owned or NULL */
     char *recipient_owned;     /* bson_malloc'ed by mc__event_set_recipient_take() */
     const char *reason;        /* in the block */
+    const char *error_code;    /* in the block; error events only */
+    int server_code;           /* error events: MongoDB's code, or 0 */
     const bson_t *change;      /* &change_view, or NULL for reset/ready */
     /* Render caches: the text pointer is published by CAS; its length is stored before the
      * CAS by every renderer. Renderings of one event are byte-identical (pure functions of
@@ -70,6 +72,7 @@ const char *mc_event_kind_name(mc_event_kind_t kind)
     case MC_EVENT_INVALIDATE: return "invalidate";
     case MC_EVENT_RESET: return "reset";
     case MC_EVENT_READY: return "ready";
+    case MC_EVENT_ERROR: return "error";
     default: return "unknown";
     }
 }
@@ -463,6 +466,30 @@ mc_event_t *mc_event_new_invalidate(const char *stream, uint64_t seq, const bson
                              reason ? reason : "invalidate", err);
 }
 
+/* A control event: the stream name, an optional reason and an optional error code name,
+ * all in the block. */
+static mc_event_t *control_event(mc_event_kind_t kind, const char *stream, uint64_t seq,
+                                 const char *reason, const char *code)
+{
+    size_t stream_len = strlen(stream);
+    size_t reason_len = reason ? strlen(reason) : 0;
+    size_t code_len = code ? strlen(code) : 0;
+    mc_event_t *ev = event_alloc(
+        kind, seq, stream_len + 1 + (reason ? reason_len + 1 : 0) + (code ? code_len + 1 : 0));
+    if (!ev) {
+        return NULL;
+    }
+    char *tail = (char *)(ev + 1);
+    ev->stream = put_string(&tail, stream, stream_len);
+    if (reason) {
+        ev->reason = put_string(&tail, reason, reason_len);
+    }
+    if (code) {
+        ev->error_code = put_string(&tail, code, code_len);
+    }
+    return ev;
+}
+
 mc_event_t *mc_event_new_control(mc_event_kind_t kind, const char *stream, uint64_t seq,
                                  const char *reason)
 {
@@ -474,16 +501,19 @@ mc_event_t *mc_event_new_control(mc_event_kind_t kind, const char *stream, uint6
     } else if (kind == MC_EVENT_READY) {
         reason = NULL;
     }
-    size_t stream_len = strlen(stream);
-    size_t reason_len = reason ? strlen(reason) : 0;
-    mc_event_t *ev = event_alloc(kind, seq, stream_len + 1 + (reason ? reason_len + 1 : 0));
-    if (!ev) {
+    return control_event(kind, stream, seq, reason, NULL);
+}
+
+mc_event_t *mc_event_new_error(const char *stream, uint64_t seq, const char *code, int server_code,
+                               const char *reason)
+{
+    if (!stream) {
         return NULL;
     }
-    char *tail = (char *)(ev + 1);
-    ev->stream = put_string(&tail, stream, stream_len);
-    if (reason) {
-        ev->reason = put_string(&tail, reason, reason_len);
+    mc_event_t *ev = control_event(MC_EVENT_ERROR, stream, seq, reason ? reason : "stream failed",
+                                   code ? code : MC_EVENT_ERROR_FAILED);
+    if (ev) {
+        ev->server_code = server_code;
     }
     return ev;
 }
@@ -587,6 +617,16 @@ bool mc__event_recipient_configured(const mc_event_t *ev)
 const char *mc_event_reason(const mc_event_t *ev)
 {
     return ev->reason;
+}
+
+const char *mc_event_error_code(const mc_event_t *ev)
+{
+    return ev->error_code;
+}
+
+int mc_event_server_code(const mc_event_t *ev)
+{
+    return ev->server_code;
 }
 
 const bson_t *mc_event_change(const mc_event_t *ev)

@@ -83,7 +83,19 @@ char *mc__event_render_json(const mc_event_t *ev, size_t *len)
     put_field_string(&b, mc_event_kind_name(kind));
     MC__JSON_LIT(&b, ", \"stream\" : ");
     put_field_string(&b, mc_event_stream(ev));
-    if ((kind == MC_EVENT_INVALIDATE || kind == MC_EVENT_RESET) && reason) {
+    if (kind == MC_EVENT_ERROR) {
+        /* Code first: a client switches on it; the reason is for people. */
+        MC__JSON_LIT(&b, ", \"code\" : ");
+        put_field_string(&b, mc_event_error_code(ev));
+        if (mc_event_server_code(ev) != 0) {
+            char num[16];
+            int n = snprintf(num, sizeof(num), "%d", mc_event_server_code(ev));
+            MC__JSON_LIT(&b, ", \"server_code\" : ");
+            mc__json_buf_append(&b, num, (size_t)n);
+        }
+    }
+    if ((kind == MC_EVENT_INVALIDATE || kind == MC_EVENT_RESET || kind == MC_EVENT_ERROR) &&
+        reason) {
         MC__JSON_LIT(&b, ", \"reason\" : ");
         put_field_string(&b, reason);
     }

@@ -19,6 +19,8 @@
  * libmongoc resumes the errors it classifies as resumable by itself, once per error; what it
  * hands back is classified here: transient -> backoff and reopen; 286 -> on_history_lost;
  * everything else that says "this will never work" -> the stream fails, the others go on.
+ * A stream that fails says so in its last event, an error event (announce_failure()), with a
+ * fixed reason: the server's own text goes only to the log and the stream's status.
  */
 #include <stdlib.h>
 #include <string.h>
@@ -47,6 +49,9 @@ typedef struct watcher {
     mc_log_ratelimit_t rl;
     mongoc_client_t *client;   /* the pool client the open stream runs on; NULL between */
     mc__recipient_lookup_t *lookup; /* recipient: {path, lookup}; NULL otherwise */
+    const char *fail_code;   /* why the stream failed, for its error event (static strings); */
+    const char *fail_reason; /* NULL: the generic MC_EVENT_ERROR_FAILED */
+    int fail_server_code;
 } watcher_t;
 
 static bool stopping(const watcher_t *w)
@@ -333,6 +338,33 @@ static bool emit_control(watcher_t *w, mc_event_kind_t kind, const char *reason)
     return ev && push_event(w, ev);
 }
 
+/* Remembers why the stream fails (its state, set by the caller, has the details). */
+static void note_failure(watcher_t *w, const char *code, int server_code, const char *reason)
+{
+    w->fail_code = code;
+    w->fail_server_code = server_code;
+    w->fail_reason = reason;
+}
+
+/* A failed stream's last event: one error event to every sink and subscriber, so that none is
+ * left waiting on a stream that will not deliver again. Every exit into MC_STREAM_FAILED gets
+ * one, including failures nobody noted (then with the generic code). */
+static void announce_failure(watcher_t *w)
+{
+    mc__stream_t *s = w->s;
+    pthread_mutex_lock(&s->lock);
+    bool failed = s->status.state == MC_STREAM_FAILED;
+    pthread_mutex_unlock(&s->lock);
+    if (!failed) {
+        return;
+    }
+    mc_event_t *ev = mc_event_new_error(s->cfg->name, s->next_seq++, w->fail_code,
+                                        w->fail_server_code, w->fail_reason);
+    if (ev) {
+        push_event(w, ev);
+    }
+}
+
 static const char *invalidate_reason(const watcher_t *w)
 {
     if (w->last_op && (strcmp(w->last_op, "drop") == 0 || strcmp(w->last_op, "rename") == 0 ||
@@ -482,6 +514,7 @@ static void load_start_position(watcher_t *w, bool *failed)
                    s->cfg->name, err.message);
             mc__stream_set_state(s, MC_STREAM_FAILED, 0, "cannot read checkpoint: %s",
                                  err.message);
+            note_failure(w, MC_EVENT_ERROR_CHECKPOINT, 0, "the stored checkpoint cannot be used");
             *failed = true;
             return;
         }
@@ -585,12 +618,17 @@ void *mc__watcher_main(void *arg)
                                  "history lost (code 286): resume point no longer in the oplog; "
                                  "on_history_lost is fail: %s",
                                  err.message);
+            note_failure(&w, MC_EVENT_ERROR_HISTORY_LOST, code,
+                         "history lost: the resume point is no longer in the oplog "
+                         "(on_history_lost: fail)");
             break;
         }
         if (cls == ERR_FATAL) {
             mc_log(MC_LOG_ERROR, "watcher", "change stream failed stream=%s code=%d: %s", name,
                    code, err.message);
             mc__stream_set_state(s, MC_STREAM_FAILED, code, "%s (code %d)", err.message, code);
+            note_failure(&w, MC_EVENT_ERROR_FATAL, code,
+                         "the change stream failed with an error that retrying cannot fix");
             break;
         }
         uint32_t delay = mc__backoff_next(&w.backoff);
@@ -603,6 +641,7 @@ void *mc__watcher_main(void *arg)
             break;
         }
     }
+    announce_failure(&w);
     bson_destroy(&reply);
     mc__position_clear(&w.pos);
     mc_event_unref(&w.pos_ev);

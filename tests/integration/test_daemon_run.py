@@ -238,9 +238,9 @@ def test_quiet_stream_token_advances(tmp_path, daemons, mongo_uri, db, db_name):
 def test_history_lost_while_stopped(tmp_path, daemons, mongo_uri, client, db, db_name):
     """Both policies at once: while the daemon is down the oplog loses everything after the
     stored positions (emulatorTruncateOplog). On restart, stream `failing` (on_history_lost:
-    fail) stops with a clear log line and delivers nothing more; stream `restarting`
-    (restart) sends a reset and then new events; a stream without history problems
-    (`fresh`, added at the restart) keeps delivering."""
+    fail) stops with a clear log line and delivers nothing more but its error message; stream
+    `restarting` (restart) sends a reset and then new events; a stream without history
+    problems (`fresh`, added at the restart) keeps delivering."""
     cp = tmp_path / "cp"
     cfg = tmp_path / "c.yaml"
     streams = {"failing": stream(db_name, "f", on_history_lost="fail"),
@@ -278,7 +278,11 @@ def test_history_lost_while_stopped(tmp_path, daemons, mongo_uri, client, db, db
     r_msgs = [m for m in after if m["stream"] == "restarting"]
     assert r_msgs[0] == {"type": "reset", "stream": "restarting", "reason": "history lost"}
     assert seqs(r_msgs, "restarting") == [2], "only changes after the restart (1 was lost)"
-    assert [m for m in after if m["stream"] == "failing"] == []
+    # The failed stream's only message is its error, the last word on it.
+    assert [m for m in after if m["stream"] == "failing"] == [
+        {"type": "error", "stream": "failing", "code": "history_lost", "server_code": 286,
+         "reason": "history lost: the resume point is no longer in the oplog "
+                   "(on_history_lost: fail)"}]
     assert seqs(after, "fresh") == [0]
     assert d2.alive()
 

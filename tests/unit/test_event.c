@@ -224,6 +224,72 @@ static void test_control_events(void **state)
     assert_null(mc_event_new_control(MC_EVENT_READY, NULL, 1, NULL));
 }
 
+/* The error message is the bytes libbson's relaxed Extended JSON gives the same document (the
+ * convention of every message), with server_code only when there is one. */
+static void test_error_event(void **state)
+{
+    (void)state;
+    mc_event_t *ev = mc_event_new_error("or\"ders", 7, MC_EVENT_ERROR_HISTORY_LOST, 286,
+                                        "history lost: \xc3\xa9\n");
+    assert_non_null(ev);
+    assert_int_equal(mc_event_kind(ev), MC_EVENT_ERROR);
+    assert_string_equal(mc_event_kind_name(MC_EVENT_ERROR), "error");
+    assert_int_equal(mc_event_seq(ev), 7);
+    assert_string_equal(mc_event_stream(ev), "or\"ders");
+    assert_string_equal(mc_event_error_code(ev), "history_lost");
+    assert_int_equal(mc_event_server_code(ev), 286);
+    assert_string_equal(mc_event_reason(ev), "history lost: \xc3\xa9\n");
+    assert_null(mc_event_id(ev));
+    assert_null(mc_event_change(ev));
+    assert_null(mc_event_raw_json(ev, NULL));
+    assert_null(mc_event_operation_type(ev));
+    assert_null(mc_event_recipient(ev));
+    bson_t *want_doc =
+        BCON_NEW("type", "error", "stream", "or\"ders", "code", "history_lost", "server_code",
+                 BCON_INT32(286), "reason", "history lost: \xc3\xa9\n");
+    char *want = bson_as_relaxed_extended_json(want_doc, NULL);
+    size_t len = 0;
+    const char *got = mc_event_json(ev, &len);
+    assert_string_equal(got, want);
+    assert_int_equal(len, strlen(want));
+    assert_string_equal(got, "{ \"type\" : \"error\", \"stream\" : \"or\\\"ders\", \"code\" : "
+                             "\"history_lost\", \"server_code\" : 286, \"reason\" : "
+                             "\"history lost: \xc3\xa9\\n\" }");
+    bson_free(want);
+    bson_destroy(want_doc);
+    mc_event_unref(&ev);
+
+    /* Without a server code (and with the extremes of an int) */
+    ev = mc_event_new_error("s", 1, MC_EVENT_ERROR_CHECKPOINT, 0,
+                            "the stored checkpoint cannot be used");
+    char *sq = squeeze(mc_event_json(ev, NULL));
+    assert_string_equal(sq, "{\"type\":\"error\",\"stream\":\"s\",\"code\":\"checkpoint_error\","
+                            "\"reason\":\"the stored checkpoint cannot be used\"}");
+    free(sq);
+    mc_event_unref(&ev);
+    ev = mc_event_new_error("s", 1, "x", INT32_MIN, "r");
+    sq = squeeze(mc_event_json(ev, NULL));
+    assert_string_equal(sq, "{\"type\":\"error\",\"stream\":\"s\",\"code\":\"x\","
+                            "\"server_code\":-2147483648,\"reason\":\"r\"}");
+    free(sq);
+    mc_event_unref(&ev);
+
+    /* Defaults */
+    ev = mc_event_new_error("s", 2, NULL, 0, NULL);
+    assert_string_equal(mc_event_error_code(ev), MC_EVENT_ERROR_FAILED);
+    assert_string_equal(mc_event_reason(ev), "stream failed");
+    assert_int_equal(mc_event_server_code(ev), 0);
+    mc_event_unref(&ev);
+    assert_null(mc_event_new_error(NULL, 1, "x", 1, "r"));
+
+    /* Other kinds have no error code. */
+    ev = mc_event_new_control(MC_EVENT_RESET, "s", 1, "history");
+    assert_null(mc_event_error_code(ev));
+    assert_int_equal(mc_event_server_code(ev), 0);
+    mc_event_unref(&ev);
+    assert_null(mc_event_new_control(MC_EVENT_ERROR, "s", 1, "r"));
+}
+
 static void test_refcount(void **state)
 {
     (void)state;
@@ -363,6 +429,7 @@ int main(void)
         cmocka_unit_test(test_golden_messages),
         cmocka_unit_test(test_invalidate_message),
         cmocka_unit_test(test_control_events),
+        cmocka_unit_test(test_error_event),
         cmocka_unit_test(test_refcount),
         cmocka_unit_test(test_bad_change),
         cmocka_unit_test(test_recipient_types),

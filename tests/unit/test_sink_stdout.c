@@ -236,6 +236,38 @@ static void test_raw_and_ready(void **state)
     bson_destroy(opts);
 }
 
+/* A failed stream's error event is printed in both modes, even when ready events are not:
+ * whoever reads the output must learn that the stream will not deliver again. */
+static void test_error_printed(void **state)
+{
+    (void)state;
+    bson_t *raw = BCON_NEW("raw", BCON_BOOL(true));
+    const bson_t *modes[] = {NULL, raw};
+    for (size_t m = 0; m < 2; m++) {
+        redirect_t r;
+        redirect_begin(&r, NULL);
+        mc_sink_t sink;
+        sink_open(&sink, modes[m]);
+        mc_event_t *ready = mc_event_new_control(MC_EVENT_READY, "s", 1, NULL);
+        mc_event_t *error = mc_event_new_error("s", 2, MC_EVENT_ERROR_FATAL, 280, "failed");
+        assert_int_equal(sink.type->publish(&sink, ready), MC_SINK_SKIP);
+        assert_int_equal(sink.type->publish(&sink, error), 0);
+        sink.type->flush(&sink);
+        char *want = bson_strdup_printf("%s\n", mc_event_json(error, NULL));
+        size_t got_len = 0;
+        char *got = file_read(&r, &got_len);
+        assert_string_equal(got, want);
+        assert_non_null(strstr(got, "\"type\" : \"error\""));
+        free(got);
+        bson_free(want);
+        sink_close(&sink);
+        redirect_end(&r);
+        mc_event_unref(&ready);
+        mc_event_unref(&error);
+    }
+    bson_destroy(raw);
+}
+
 static void test_write_error(void **state)
 {
     (void)state;
@@ -262,6 +294,7 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_batches_and_order),
         cmocka_unit_test(test_raw_and_ready),
+        cmocka_unit_test(test_error_printed),
         cmocka_unit_test(test_write_error),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);

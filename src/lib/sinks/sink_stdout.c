@@ -96,8 +96,10 @@ static int stdout_publish(mc_sink_t *sink, mc_event_t *ev)
     if (ctx->raw) {
         text = mc_event_raw_json(ev, &len);
         if (!text && mc_event_change(ev) == NULL) {
-            /* reset and ready carry no change document: only ready has a raw form. */
-            if (kind != MC_EVENT_READY) {
+            /* Control events carry no change document. Ready and error are printed as their
+             * message (a reader of raw changes must still learn that the stream died); reset
+             * has no raw form. */
+            if (kind != MC_EVENT_READY && kind != MC_EVENT_ERROR) {
                 return MC_SINK_SKIP;
             }
             text = mc_event_json(ev, &len);
