@@ -1317,6 +1317,27 @@ fail:
     return NULL;
 }
 
+/* What a path that is not a regular file is, for the error message. */
+static const char *file_kind(mode_t mode)
+{
+    if (S_ISDIR(mode)) {
+        return "a directory";
+    }
+    if (S_ISFIFO(mode)) {
+        return "a FIFO (named pipe)";
+    }
+    if (S_ISCHR(mode)) {
+        return "a character device";
+    }
+    if (S_ISBLK(mode)) {
+        return "a block device";
+    }
+    if (S_ISSOCK(mode)) {
+        return "a socket";
+    }
+    return "not a regular file";
+}
+
 mc_config_t *mc_config_load_file(const char *path, mc_error_t *err)
 {
     mc_error_clear(err);
@@ -1324,7 +1345,10 @@ mc_config_t *mc_config_load_file(const char *path, mc_error_t *err)
         mc_error_set(err, MC_EINVAL, MC_DOMAIN_MONGOCAST, MC_EINVAL, "no configuration file given");
         return NULL;
     }
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    /* O_NONBLOCK: opening a FIFO for reading would otherwise wait for a writer (forever, in
+     * `check -c FIFO`); the file type is then checked on what was opened, not on the path. A
+     * configuration is read again on reload, so only a regular file will do. */
+    int fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK | O_NOCTTY);
     struct stat st;
     char *buf = NULL;
     size_t len = 0;
@@ -1333,14 +1357,26 @@ mc_config_t *mc_config_load_file(const char *path, mc_error_t *err)
         e = errno;
         goto io_error;
     }
-    if (fstat(fd, &st) == 0 && S_ISREG(st.st_mode) && st.st_size > (off_t)MC__CFG_MAX_BYTES) {
+    if (fstat(fd, &st) != 0) {
+        e = errno;
+        close(fd);
+        goto io_error;
+    }
+    if (!S_ISREG(st.st_mode)) {
+        close(fd);
+        mc_error_set(err, MC_EIO, MC_DOMAIN_MONGOCAST, MC_EINVAL,
+                     "%s: is %s; the configuration must be a regular file", path,
+                     file_kind(st.st_mode));
+        return NULL;
+    }
+    if (st.st_size > (off_t)MC__CFG_MAX_BYTES) {
         close(fd);
         mc_error_set(err, MC_ECONFIG, MC_DOMAIN_MONGOCAST, MC_ELIMIT,
                      "%s:1:1: configuration is larger than the %u MiB limit", path,
                      MC__CFG_MAX_BYTES / (1024u * 1024u));
         return NULL;
     }
-    /* Read one byte past the limit so that pipes and special files are bounded too. */
+    /* Read one byte past the limit: the file may have grown since fstat. */
     buf = bson_malloc(MC__CFG_MAX_BYTES + 1);
     while (len < MC__CFG_MAX_BYTES + 1) {
         ssize_t n = read(fd, buf + len, MC__CFG_MAX_BYTES + 1 - len);

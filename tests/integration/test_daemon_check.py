@@ -9,6 +9,7 @@ Good configs: check connects, verifies the replica set, opens each stream's chan
 verifies pre-/post-images where a stream needs them, prints one line per check and exits 0 or 1.
 """
 
+import os
 import re
 
 import pytest
@@ -87,6 +88,25 @@ def test_check_missing_file(tmp_path):
     p = run_cli("check", "-c", tmp_path / "nope.yaml")
     assert p.returncode == 1
     assert p.stderr == "%s: No such file or directory\n" % (tmp_path / "nope.yaml")
+
+
+@pytest.mark.parametrize("kind", ["fifo", "directory"])
+def test_check_and_run_refuse_non_regular_files(tmp_path, kind):
+    """A FIFO without a writer used to block check (and run) forever in open(2); a directory
+    or a device is no configuration either. Both commands refuse at once, naming the path."""
+    path = tmp_path / "config.yaml"
+    if kind == "fifo":
+        os.mkfifo(str(path))
+        what = "a FIFO (named pipe)"
+    else:
+        path.mkdir()
+        what = "a directory"
+    want = "%s: is %s; the configuration must be a regular file\n" % (path, what)
+    for cmd in ("check", "run"):
+        p = run_cli(cmd, "-c", path, cwd=tmp_path, timeout=20)
+        assert p.returncode == 1, (cmd, p.stdout, p.stderr)
+        assert p.stdout == ""
+        assert p.stderr == want, cmd
 
 
 SINK_ERRORS = [

@@ -14,6 +14,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include "config_internal.h"
@@ -732,9 +733,30 @@ static void test_load_file(void **state)
     assert_int_equal(err.code, MC_EIO);
     assert_string_equal(err.message, "/nonexistent/mongocast.yaml: No such file or directory");
 
+    /* Only regular files: a FIFO without a writer is refused at once (it used to block in
+     * open), and so are directories and devices. */
     assert_null(mc_config_load_file("/tmp", &err));
     assert_int_equal(err.code, MC_EIO);
-    assert_string_equal(err.message, "/tmp: Is a directory");
+    assert_string_equal(err.message,
+                        "/tmp: is a directory; the configuration must be a regular file");
+    assert_null(mc_config_load_file("/dev/null", &err));
+    assert_int_equal(err.code, MC_EIO);
+    assert_string_equal(err.message,
+                        "/dev/null: is a character device; the configuration must be a regular "
+                        "file");
+    char dir[] = "/tmp/mc_test_fifo_XXXXXX";
+    assert_non_null(mkdtemp(dir));
+    char fifo[64];
+    snprintf(fifo, sizeof(fifo), "%s/config.yaml", dir);
+    assert_int_equal(mkfifo(fifo, 0600), 0);
+    assert_null(mc_config_load_file(fifo, &err));
+    assert_int_equal(err.code, MC_EIO);
+    char fifo_msg[160];
+    snprintf(fifo_msg, sizeof(fifo_msg),
+             "%s: is a FIFO (named pipe); the configuration must be a regular file", fifo);
+    assert_string_equal(err.message, fifo_msg);
+    unlink(fifo);
+    rmdir(dir);
 
     char path[] = "/tmp/mc_test_config_XXXXXX";
     int fd = mkstemp(path);
