@@ -1,9 +1,10 @@
 /*
  * auth.h: who a subscriber is. JWT verification with the configured algorithm pinned
- * (HS256 | RS256 | ES256 via libjwt 1.10; a token whose header names any other algorithm,
- * "none" included, is refused), exp/nbf checked with at most 60 s leeway, iss/aud checked
- * when configured, the identity taken from the configured claim and admin status from the
- * `roles` claim holding auth.jwt.admin_role. Also the WebSocket Origin allowlist.
+ * (HS256 | RS256 | ES256, signatures checked with OpenSSL; a token whose header names any
+ * other algorithm, "none" included, is refused), exp/nbf/iat checked with at most 60 s
+ * leeway, iss/aud checked when configured, the identity taken from the configured claim and
+ * admin status from the `roles` claim holding auth.jwt.admin_role. Also the WebSocket Origin
+ * allowlist.
  *
  * Thread: built at start-up, then used read-only on the loop thread (safe from any thread).
  */

@@ -6,7 +6,9 @@
  * ({"a":1}{"$where":...} parses as {"a":1}) and turns a top-level array into a document;
  * both are ambiguities an attacker can play with, so this wrapper accepts exactly one JSON
  * object and nothing after it but whitespace. Extended JSON ($oid, $date, ...) is still
- * interpreted, as libbson does. Any thread; no global state.
+ * interpreted, as libbson does. An integer literal int64 cannot hold becomes a double (as in
+ * MongoDB's relaxed Extended JSON) instead of being refused or wrapped around by libbson's
+ * reader. Any thread; no global state.
  */
 #ifndef MONGOCAST_DAEMON_JSON_OBJECT_H
 #define MONGOCAST_DAEMON_JSON_OBJECT_H

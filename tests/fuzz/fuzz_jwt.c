@@ -1,8 +1,8 @@
 /*
  * fuzz_jwt.c: libFuzzer target for JWT verification (mcd_auth_verify) with an HS256 auth.
  * Byte 0 picks the mode: even = the rest is a compact token as received (shape, base64url,
- * header parsing, libjwt); odd = the rest is "header\0payload" JSON, which is signed here with
- * the configured secret so that the claim checks (exp, nbf, iss, aud, identity, roles) run on
+ * header parsing, signature check); odd = the rest is "header\0payload" JSON, which is signed here
+ * with the configured secret so that the claim checks (exp, nbf, iss, aud, identity, roles) run on
  * tokens whose signature holds. Every refusal must be a 401 with a message that does not
  * contain the token. Single-threaded.
  */

@@ -101,6 +101,13 @@ BAD_TOKENS = [
                                            "exp": int(time.time()) + 60}), r"(?i)identity"),
     ("garbage", lambda: "not.a.jwt", None),
     ("tampered_payload", lambda: _tamper(hs256(SECRET, good_claims("bob"))), r"(?i)signature"),
+    # Validly signed, each with its own reason (these used to read "bad signature").
+    ("exp_2_pow_64", lambda: hs256(SECRET, good_claims(exp_in=None, exp=2 ** 64)),
+     r"^exp out of range$"),
+    ("nul_in_sub", lambda: hs256(SECRET, good_claims("u3\u0000evil")),
+     r"^identity claim contains NUL$"),
+    ("issued_in_future", lambda: hs256(SECRET, good_claims(iat=int(time.time()) + 3600)),
+     r"^token issued in the future$"),
 ]
 
 

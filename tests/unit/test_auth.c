@@ -19,6 +19,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -365,13 +366,120 @@ static void test_exp_nbf_leeway(void **state)
     check(f->auth, hs("{\"sub\":\"u\",\"exp\":9223372036854775807}"), "ok");
     check(f->auth, hs("{\"sub\":\"u\",\"exp\":-9223372036854775807}"), "token expired");
     check(f->auth, hs("{\"sub\":\"u\",\"nbf\":9223372036854775807}"), "token not yet valid");
-    check(f->auth, hs("{\"sub\":\"u\",\"exp\":1e300}"), "invalid exp claim");
+    check(f->auth, hs("{\"sub\":\"u\",\"exp\":1e300}"), "exp out of range");
     /* No exp at all: accepted, expires_at 0 (documented in docs/protocol.md). */
     mcd_identity_t id;
     char *t = hs("{\"sub\":\"u\"}");
     assert_string_equal(verify(f->auth, t, NOW, &id), "ok");
     assert_int_equal(id.expires_at, 0);
     free(t);
+}
+
+/* Claims whose values used to be refused with the wrong reason ("bad signature": libjwt
+ * parsed the payload with jansson, which refuses integers past 2^63 and "\u0000", before it
+ * checked the signature) or misread (libbson's reader wraps 2^64 to 0). Each now has its own
+ * reason, given only once the signature holds. */
+static void test_claim_reasons(void **state)
+{
+    fx_t *f = *state;
+    check(f->auth, hs("{\"sub\":\"u\",\"exp\":18446744073709551616}"), "exp out of range");
+    check(f->auth, hs("{\"sub\":\"u\",\"exp\":9223372036854775808}"), "exp out of range");
+    check(f->auth, hs("{\"sub\":\"u\",\"exp\":-18446744073709551616}"), "exp out of range");
+    /* 2^64 + NOW + 1000 would wrap to a valid-looking NOW + 1000. */
+    check(f->auth, hs("{\"sub\":\"u\",\"exp\":18446744075409552616}"), "exp out of range");
+    check(f->auth, hs("{\"sub\":\"u\",\"nbf\":18446744073709551616}"), "nbf out of range");
+    check(f->auth, hs("{\"sub\":\"u\",\"nbf\":-1e300}"), "nbf out of range");
+    check(f->auth, hs("{\"sub\":\"u3\\u0000evil\"}"), "identity claim contains NUL");
+    check(f->auth, hs("{\"sub\":\"\\u0000\"}"), "identity claim contains NUL");
+    /* An identity past int64 is a double now, not 0. */
+    check(f->auth, hs("{\"sub\":18446744073709551616}"), "identity claim invalid");
+    /* The same claims under a forged signature: only the signature is reported. */
+    const char *h = "{\"alg\":\"HS256\"}";
+    check(f->auth,
+          forge(h, "{\"sub\":\"u\",\"exp\":18446744073709551616}", SIG_JUNK, NULL, 0, NULL),
+          "bad signature");
+    check(f->auth, forge(h, "{\"sub\":\"u3\\u0000evil\"}", SIG_JUNK, NULL, 0, NULL),
+          "bad signature");
+    check(f->auth,
+          forge(h, "{\"sub\":\"u3\\u0000evil\"}", SIG_HMAC, "another secret of the same length....",
+                37, NULL),
+          "bad signature");
+
+    /* iat: up to 60 s in the future is clock skew, beyond that the token is refused. */
+    char p[160];
+    snprintf(p, sizeof(p), "{\"sub\":\"u\",\"iat\":%lld}", (long long)(NOW + 61));
+    check(f->auth, hs(p), "token issued in the future");
+    snprintf(p, sizeof(p), "{\"sub\":\"u\",\"iat\":%lld.5}", (long long)(NOW + 60));
+    check(f->auth, hs(p), "ok");
+    snprintf(p, sizeof(p), "{\"sub\":\"u\",\"iat\":%lld,\"exp\":%lld}", (long long)(NOW - 86400),
+             (long long)(NOW + 60));
+    check(f->auth, hs(p), "ok");
+    check(f->auth, hs("{\"sub\":\"u\",\"iat\":9223372036854775807}"), "token issued in the future");
+    check(f->auth, hs("{\"sub\":\"u\",\"iat\":-9223372036854775807}"), "ok");
+    check(f->auth, hs("{\"sub\":\"u\",\"iat\":18446744073709551616}"), "iat out of range");
+    check(f->auth, hs("{\"sub\":\"u\",\"iat\":\"now\"}"), "invalid iat claim");
+    check(f->auth, hs("{\"sub\":\"u\",\"iat\":null}"), "invalid iat claim");
+    /* A token expired and issued in the future: the expiry is reported first. */
+    snprintf(p, sizeof(p), "{\"sub\":\"u\",\"iat\":%lld,\"exp\":1}", (long long)(NOW + 600));
+    check(f->auth, hs(p), "token expired");
+
+    /* The reasons never carry the claim values. */
+    char *t = hs("{\"sub\":\"SENSITIVE\\u0000X\",\"iat\":99999999999}");
+    const char *msg = verify(f->auth, t, NOW, NULL);
+    assert_null(strstr(msg, "SENSITIVE"));
+    assert_null(strstr(msg, "99999999999"));
+    free(t);
+}
+
+/* The signature check itself (OpenSSL, no JWT library): wrong lengths and truncations. */
+static void test_signature_lengths(void **state)
+{
+    fx_t *f = *state;
+    /* An HMAC cut to 31 bytes, or with a byte more. */
+    char *t = hs("{\"sub\":\"u\"}");
+    char *sig = strrchr(t, '.') + 1;
+    size_t n = strlen(sig);
+    assert_int_equal(n, 43);
+    char shorter[256];
+    memcpy(shorter, t, (size_t)(sig - t));
+    unsigned char mac[33];
+    memset(mac, 0, sizeof(mac));
+    b64url(mac, 31, shorter + (sig - t));
+    check(f->auth, strdup(shorter), "bad signature");
+    b64url(mac, 33, shorter + (sig - t));
+    check(f->auth, strdup(shorter), "bad signature");
+    free(t);
+
+    mc_config_t c;
+    base_config(&c, "ES256");
+    mcd_auth_t *a = make_auth(&c);
+    const char *hdr = "{\"alg\":\"ES256\"}";
+    t = forge(hdr, "{\"sub\":\"bob\",\"exp\":18446744073709551616}", SIG_ECDSA, NULL, 0, ec_key);
+    assert_string_equal(verify(a, t, NOW, NULL), "exp out of range");
+    free(t);
+    /* R || S must be exactly 64 bytes: the DER form, or one byte short, is refused. */
+    check(a, forge(hdr, "{\"sub\":\"bob\"}", SIG_RSA, NULL, 0, ec_key), "bad signature");
+    t = forge(hdr, "{\"sub\":\"bob\"}", SIG_ECDSA, NULL, 0, ec_key);
+    sig = strrchr(t, '.') + 1;
+    assert_int_equal(strlen(sig), 86);
+    sig[84] = '\0'; /* 63 bytes */
+    assert_string_equal(verify(a, t, NOW, NULL), "bad signature");
+    free(t);
+    /* R = S = 0 */
+    t = forge(hdr, "{\"sub\":\"bob\"}", SIG_ECDSA, NULL, 0, ec_key);
+    sig = strrchr(t, '.') + 1;
+    unsigned char zero[64] = {0};
+    b64url(zero, 64, sig);
+    assert_string_equal(verify(a, t, NOW, NULL), "bad signature");
+    free(t);
+    mcd_auth_destroy(a);
+
+    base_config(&c, "RS256");
+    a = make_auth(&c);
+    t = forge("{\"alg\":\"RS256\"}", "{\"sub\":\"a\\u0000b\"}", SIG_RSA, NULL, 0, rsa_key);
+    assert_string_equal(verify(a, t, NOW, NULL), "identity claim contains NUL");
+    free(t);
+    mcd_auth_destroy(a);
 }
 
 static void test_iss_aud(void **state)
@@ -683,6 +791,12 @@ static void test_bad_configs(void **state)
     fclose(fp);
     expect_new_error(&c, "not a PEM public key");
     unlink(bad);
+    /* A FIFO (no writer) or a directory as the key file: refused at once, never waited on. */
+    assert_int_equal(mkfifo(bad, 0600), 0);
+    expect_new_error(&c, "not a regular file");
+    unlink(bad);
+    c.auth.public_key_file = tmpdir;
+    expect_new_error(&c, "not a regular file");
 }
 
 int main(void)
@@ -694,6 +808,8 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_alg_none_and_other_algs, setup_hs, teardown),
         cmocka_unit_test(test_hs_rs_confusion),
         cmocka_unit_test_setup_teardown(test_exp_nbf_leeway, setup_hs, teardown),
+        cmocka_unit_test_setup_teardown(test_claim_reasons, setup_hs, teardown),
+        cmocka_unit_test_setup_teardown(test_signature_lengths, setup_hs, teardown),
         cmocka_unit_test_setup_teardown(test_iss_aud, setup_hs, teardown),
         cmocka_unit_test_setup_teardown(test_identity_claim, setup_hs, teardown),
         cmocka_unit_test_setup_teardown(test_roles, setup_hs, teardown),
