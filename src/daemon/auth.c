@@ -540,43 +540,45 @@ static int identity(const bson_t *claims, const char *claim, char *out, size_t c
     }
 }
 
+/* Reads the NumericDate claim `name` into *out: 1 when present, 0 when absent; a value that
+ * is not a number or out of range is refused (-1) with the claim's name, never its value. */
+static int date_claim(const bson_t *claims, const char *name, int64_t *out, mcd_refusal_t *r)
+{
+    switch (numeric_date(claims, name, out)) {
+    case NUM_OK: return 1;
+    case NUM_ABSENT: return 0;
+    case NUM_BAD: return mcd_refuse(r, 401, "unauthorized", "invalid %s claim", name);
+    default: return mcd_refuse(r, 401, "unauthorized", "%s out of range", name);
+    }
+}
+
 static int check_claims(const mcd_auth_t *a, const bson_t *claims, int64_t now, mcd_identity_t *id,
                         mcd_refusal_t *r)
 {
-    int64_t exp = 0, nbf = 0, iat = 0;
-    num_result_t e = numeric_date(claims, "exp", &exp);
-    if (e == NUM_BAD) {
-        return mcd_refuse(r, 401, "unauthorized", "invalid exp claim");
-    }
-    if (e == NUM_RANGE) {
-        return mcd_refuse(r, 401, "unauthorized", "exp out of range");
+    int64_t exp = 0;
+    int has_exp = date_claim(claims, "exp", &exp, r);
+    if (has_exp < 0) {
+        return -1;
     }
     /* RFC 7519 §4.1.4/4.1.5: not accepted on or after exp, nor before nbf, give or take the
      * leeway. The bounds keep the additions from overflowing on absurd claim values. */
-    if (e == NUM_OK && exp < INT64_MAX - LEEWAY_S && now >= exp + LEEWAY_S) {
+    if (has_exp && exp < INT64_MAX - LEEWAY_S && now >= exp + LEEWAY_S) {
         return mcd_refuse(r, 401, "unauthorized", "token expired");
     }
-    num_result_t n = numeric_date(claims, "nbf", &nbf);
-    if (n == NUM_BAD) {
-        return mcd_refuse(r, 401, "unauthorized", "invalid nbf claim");
-    }
-    if (n == NUM_RANGE) {
-        return mcd_refuse(r, 401, "unauthorized", "nbf out of range");
-    }
-    if (n == NUM_OK && nbf > INT64_MIN + LEEWAY_S && nbf - LEEWAY_S > now) {
-        return mcd_refuse(r, 401, "unauthorized", "token not yet valid");
-    }
-    /* RFC 7519 §4.1.6 only informs; a token "issued" beyond the leeway in the future comes
-     * from a clock far off or from a forger's template, and is refused like an early nbf. */
-    num_result_t i = numeric_date(claims, "iat", &iat);
-    if (i == NUM_BAD) {
-        return mcd_refuse(r, 401, "unauthorized", "invalid iat claim");
-    }
-    if (i == NUM_RANGE) {
-        return mcd_refuse(r, 401, "unauthorized", "iat out of range");
-    }
-    if (i == NUM_OK && iat > INT64_MIN + LEEWAY_S && iat - LEEWAY_S > now) {
-        return mcd_refuse(r, 401, "unauthorized", "token issued in the future");
+    /* iat only informs (§4.1.6), but a token "issued" beyond the leeway in the future comes
+     * from a clock far off or from a forger's template: refused like an early nbf. */
+    static const struct {
+        const char *claim, *refusal;
+    } not_ahead[] = {{"nbf", "token not yet valid"}, {"iat", "token issued in the future"}};
+    for (size_t k = 0; k < sizeof(not_ahead) / sizeof(not_ahead[0]); k++) {
+        int64_t t = 0;
+        int has = date_claim(claims, not_ahead[k].claim, &t, r);
+        if (has < 0) {
+            return -1;
+        }
+        if (has && t > INT64_MIN + LEEWAY_S && t - LEEWAY_S > now) {
+            return mcd_refuse(r, 401, "unauthorized", "%s", not_ahead[k].refusal);
+        }
     }
     if (a->issuer) {
         bson_iter_t it;
@@ -593,7 +595,7 @@ static int check_claims(const mcd_auth_t *a, const bson_t *claims, int64_t now, 
     }
     id->authenticated = true;
     id->is_admin = has_role(claims, a->admin_role);
-    id->expires_at = e == NUM_OK ? exp : 0;
+    id->expires_at = has_exp ? exp : 0;
     return 0;
 }
 

@@ -331,6 +331,28 @@ static void test_restart_resumes_exactly(void **state)
     finish(f);
 }
 
+/* The error event a failed stream ends with: the last event the sink holds. */
+static void expect_error_event(mc_sink_t *m, const char *stream, const char *code, int server_code)
+{
+    mc_event_t *ev = NULL;
+    for (int i = 0; i < 500; i++) {
+        size_t n = mc_sink_memory_count(m);
+        ev = n ? mc_sink_memory_get(m, n - 1) : NULL;
+        if (ev && mc_event_kind(ev) == MC_EVENT_ERROR && strcmp(mc_event_stream(ev), stream) == 0) {
+            break;
+        }
+        mc_event_unref(&ev);
+        usleep(10000);
+    }
+    if (!ev) {
+        fail_msg("no error event for stream %s", stream);
+    }
+    assert_string_equal(mc_event_error_code(ev), code);
+    assert_int_equal(mc_event_server_code(ev), server_code);
+    assert_non_null(mc_event_reason(ev));
+    mc_event_unref(&ev);
+}
+
 static void test_history_lost(void **state)
 {
     NEED_EMULATOR();
@@ -351,6 +373,9 @@ static void test_history_lost(void **state)
     assert_int_equal(st.server_code, 286);
     assert_non_null(strstr(st.message, "history lost"));
     assert_true(mc_engine_finished(e));
+    /* The stream never opened: its only event is the error. */
+    expect_error_event(mc_engine_sink(e, "mem"), "s0", MC_EVENT_ERROR_HISTORY_LOST, 286);
+    assert_int_equal(mc_sink_memory_count(mc_engine_sink(e, "mem")), 1);
     finish(f);
 
     f->streams[0].on_history_lost = MC_ON_HISTORY_LOST_RESTART;
@@ -364,6 +389,28 @@ static void test_history_lost(void **state)
     assert_string_equal(recipient_at(m, 2, b), "u30");
     mc_engine_stream_status(e, "s0", &st);
     assert_int_equal(st.resets, 1);
+    finish(f);
+}
+
+/* A stored checkpoint that cannot be read fails the stream (starting from "now" would skip
+ * what happened since), and the stream's error event says so. */
+static void test_unreadable_checkpoint(void **state)
+{
+    NEED_EMULATOR();
+    char path[256];
+    snprintf(path, sizeof(path), "%s/s0.json", f->cpdir);
+    FILE *fp = fopen(path, "w");
+    assert_non_null(fp);
+    fputs("{ not json", fp);
+    fclose(fp);
+    mc_error_t err = {0};
+    mc_engine_t *e = mc_engine_new(&f->cfg, NULL, &err);
+    assert_non_null(e);
+    f->engine = e;
+    assert_int_equal(mc_engine_start(e, &err), 0);
+    mc_stream_status_t st;
+    assert_int_equal(wait_state(e, "s0", MC_STREAM_FAILED, &st), MC_STREAM_FAILED);
+    expect_error_event(mc_engine_sink(e, "mem"), "s0", MC_EVENT_ERROR_CHECKPOINT, 0);
     finish(f);
 }
 
@@ -436,6 +483,7 @@ static void test_fatal_error_isolated(void **state)
     assert_false(mc_engine_ready(e));
     assert_false(mc_engine_finished(e));
     mc_sink_t *m = mc_engine_sink(e, "mem");
+    expect_error_event(m, failed == &s0 ? "s0" : "s1", MC_EVENT_ERROR_FATAL, 280);
     size_t before = mc_sink_memory_count(m);
     insert(f, alive, 7, "u7");
     assert_int_equal(mc_sink_memory_wait(m, before + 1, 5000), 0);
@@ -520,10 +568,10 @@ int main(void)
     signal(SIGPIPE, SIG_IGN);
     const struct CMUnitTest tests[] = {
         cmocka_unit_test_setup_teardown(test_changes_in_order, setup, teardown),
-        cmocka_unit_test_setup_teardown(test_invalidate_then_continue_and_restart, setup,
-                                        teardown),
+        cmocka_unit_test_setup_teardown(test_invalidate_then_continue_and_restart, setup, teardown),
         cmocka_unit_test_setup_teardown(test_restart_resumes_exactly, setup, teardown),
         cmocka_unit_test_setup_teardown(test_history_lost, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_unreadable_checkpoint, setup, teardown),
         cmocka_unit_test_setup_teardown(test_retry_after_unresumed_error, setup, teardown),
         cmocka_unit_test_setup_teardown(test_fatal_error_isolated, setup, teardown),
         cmocka_unit_test_setup_teardown(test_durable_ack_gates_checkpoint, setup, teardown),
