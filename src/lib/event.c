@@ -40,7 +40,7 @@ struct mc_event {
     uint32_t ct_t, ct_i;
     int64_t wall_ms;           /* INT64_MIN when absent */
     const char *stream;        /* in the block */
-    const char *op;            /* operationType in the change; NULL for reset/ready */
+    const char *op;            /* operationType in the change; NULL for reset/ready/error */
     const char *db;            /* ns.db in the change, or NULL */
     const char *coll;          /* ns.coll in the change, or NULL */
     const char *id;            /* _id._data in the change */
@@ -49,7 +49,7 @@ struct mc_event {
     const char *reason;        /* in the block */
     const char *error_code;    /* in the block; error events only */
     int server_code;           /* error events: MongoDB's code, or 0 */
-    const bson_t *change;      /* &change_view, or NULL for reset/ready */
+    const bson_t *change;      /* &change_view, or NULL for reset/ready/error */
     /* Render caches: the text pointer is published by CAS; its length is stored before the
      * CAS by every renderer. Renderings of one event are byte-identical (pure functions of
      * immutable data), so racing renderers store the same length. */

@@ -49,8 +49,10 @@ typedef struct watcher {
     mc_log_ratelimit_t rl;
     mongoc_client_t *client;   /* the pool client the open stream runs on; NULL between */
     mc__recipient_lookup_t *lookup; /* recipient: {path, lookup}; NULL otherwise */
-    const char *fail_code;   /* why the stream failed, for its error event (static strings); */
-    const char *fail_reason; /* NULL: the generic MC_EVENT_ERROR_FAILED */
+    /* Why the stream failed, for its error event: static strings (NULL: the generic code and
+     * reason) and MongoDB's code or 0. */
+    const char *fail_code;
+    const char *fail_reason;
     int fail_server_code;
 } watcher_t;
 
