@@ -26,8 +26,8 @@
  *    Dates: date + number, date - number, date - date (milliseconds).
  *
  * Invariants: evaluation recursion is bounded by the compiled depth (max_depth) plus the
- * nesting of arrays a field path crosses (bounded by MC__PATH_MAX_ARRAY_DEPTH); every owned
- * value is released exactly once; every built value respects max_value bytes.
+ * number of components of a field path; every owned value is released exactly once; every
+ * built value respects max_value bytes.
  */
 #include "expr_private.h"
 
@@ -43,7 +43,6 @@
 #include <time.h>
 
 #define MAX_PATH_COMPONENTS 128
-#define MC__PATH_MAX_ARRAY_DEPTH 200
 
 typedef enum xop {
     X_CONST,
@@ -612,11 +611,13 @@ static bool find_field(const bson_value_t *doc, const char *key, uint32_t klen, 
     return false;
 }
 
-/* Aggregation field-path semantics: through an array, the rest of the path is applied to each
- * element that is a document or an array, and the results that are not missing form an
- * array. Any other value before the end of the path gives missing. */
+/* Aggregation field-path semantics (MongoDB's ExpressionFieldPath): through an array, the
+ * rest of the path is applied to each element that is a document, and the results that are
+ * not missing form an array; other elements, nested arrays included, are skipped. Any other
+ * value before the end of the path gives missing. Every level of recursion consumes a path
+ * component, so the depth is bounded by the path. */
 static int path_get(const ectx_t *c, const mc__xnode_t *n, const bson_value_t *v, size_t ci,
-                    int array_depth, mc__xval_t *out)
+                    mc__xval_t *out)
 {
     bson_iter_t it;
     if (ci == n->ncomp) {
@@ -628,9 +629,9 @@ static int path_get(const ectx_t *c, const mc__xnode_t *n, const bson_value_t *v
             xv_missing(out);
             return 0;
         }
-        return path_get(c, n, bson_iter_value(&it), ci + 1, array_depth, out);
+        return path_get(c, n, bson_iter_value(&it), ci + 1, out);
     }
-    if (v->value_type != BSON_TYPE_ARRAY || array_depth >= MC__PATH_MAX_ARRAY_DEPTH) {
+    if (v->value_type != BSON_TYPE_ARRAY) {
         xv_missing(out);
         return 0;
     }
@@ -639,11 +640,11 @@ static int path_get(const ectx_t *c, const mc__xnode_t *n, const bson_value_t *v
     if (safe_iter_init(&it, v->value.v_doc.data, v->value.v_doc.data_len)) {
         while (bson_iter_next(&it)) {
             const bson_value_t *e = bson_iter_value(&it);
-            if (e->value_type != BSON_TYPE_DOCUMENT && e->value_type != BSON_TYPE_ARRAY) {
+            if (e->value_type != BSON_TYPE_DOCUMENT) {
                 continue;
             }
             mc__xval_t r;
-            int rc = path_get(c, n, e, ci, array_depth + 1, &r);
+            int rc = path_get(c, n, e, ci, &r);
             if (rc < 0) {
                 bson_destroy(&arr);
                 return rc;
@@ -1092,7 +1093,7 @@ static int eval(const ectx_t *c, const mc__xnode_t *n, mc__xval_t *out)
     switch (n->op) {
     case X_CONST: xv_view(out, &n->cval); return 0;
     case X_REMOVE: return 0;
-    case X_PATH: return path_get(c, n, &c->root, 0, 0, out);
+    case X_PATH: return path_get(c, n, &c->root, 0, out);
     case X_OBJECT:
     case X_ARRAY: return eval_literal(c, n, out);
     case X_AND:
