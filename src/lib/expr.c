@@ -1033,21 +1033,18 @@ static int compare_op(const mc__xnode_t *n, const mc__xval_t *a, const mc__xval_
     return 0;
 }
 
-/* Operators whose operands are all evaluated first (at most two of them, or a list). */
+/* Operators whose operands are all evaluated first. */
 static int eval_strict(const ectx_t *c, const mc__xnode_t *n, mc__xval_t *out)
 {
-    mc__xval_t small[2];
+    mc__xval_t small[8]; /* operators rarely take more: no allocation for them */
     mc__xval_t *vals = small;
-    if (n->nkids > 2) {
-        vals = malloc(n->nkids * sizeof(*vals));
-        if (!vals) {
-            return oom(c->err);
-        }
+    if (n->nkids > 8) {
+        vals = bson_malloc(n->nkids * sizeof(*vals));
     }
     int rc = eval_all(c, n, vals);
     if (rc < 0) {
         if (vals != small) {
-            free(vals);
+            bson_free(vals);
         }
         return rc;
     }
@@ -1079,7 +1076,7 @@ static int eval_strict(const ectx_t *c, const mc__xnode_t *n, mc__xval_t *out)
     }
     release_all(vals, n->nkids);
     if (vals != small) {
-        free(vals);
+        bson_free(vals);
     }
     if (rc < 0) {
         mc__xval_release(out);
