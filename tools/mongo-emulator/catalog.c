@@ -2,7 +2,15 @@
  * catalog.c: the in-memory catalog of mongo-emulator (databases -> collections -> documents,
  * indexes) and the DDL commands over it (create, collMod, drop, dropDatabase,
  * renameCollection, listCollections, listDatabases, createIndexes, listIndexes, dropIndexes,
- * collStats, dbStats).
+ * collStats, dbStats), with the change events each DDL change records: drop, rename (with the
+ * operationDescription showExpandedEvents shows) and MongoDB 6.0's expanded events create,
+ * createIndexes, dropIndexes and modify.
+ *
+ * Known differences: views are definitions only. `create` with viewOn stores one (listed by
+ * listCollections, removed by drop and dropDatabase, reported to showExpandedEvents database
+ * and cluster streams), but every command that needs a collection refuses a view with 166
+ * instead of reading or writing through its pipeline, and collMod of a view is refused. Time
+ * series and clustered collections are refused (20).
  *
  * Runs on connection threads with srv->lock held. Invariants: a database exists exactly while
  * it has a collection; every collection has the _id_ index first; every live document has an

@@ -6,6 +6,12 @@
  * blocking point is a getMore with nothing to return, which waits on srv->oplog_cond
  * (pthread_cond_timedwait releases the lock, so writers can append meanwhile).
  *
+ * showExpandedEvents follows MongoDB 6.0: DDL entries (create, createIndexes, dropIndexes,
+ * modify, and everything about views) are seen only by streams that ask for them, events carry
+ * collectionUUID, rename an operationDescription; on 7.0 (--wire-version 21) updates also get
+ * disambiguatedPaths. Known differences: no sharding events (shardCollection, ...), no
+ * startIndexBuild/abortIndexBuild, no nsType (8.1+).
+ *
  * Invariants:
  * - Oplog entries carry strictly increasing cluster times and sequence numbers; the retained
  *   entries are seq in [first_seq, next_seq), stored in a power-of-two ring at seq & mask.
