@@ -65,6 +65,11 @@ void mc_filter_destroy(mc_filter_t *filter);
  * MaxKey; numbers compare by value across int32/int64/double/decimal128). Returns <0, 0, >0. */
 int mc_bson_value_compare(const bson_value_t *a, const bson_value_t *b);
 
+/* MongoDB's name of a BSON type, as the $type operators use it ("int", "objectId", "date",
+ * ...); "missing" for BSON_TYPE_EOD (how expressions represent a missing field) and for
+ * unknown types. A static string. */
+const char *mc_bson_type_name(bson_type_t type);
+
 #ifdef __cplusplus
 }
 #endif

@@ -18,13 +18,6 @@
 #include <stdlib.h>
 #include <string.h>
 
-/* Malformed BSON can hold a zero-length sub-document, which bson_value_copy turns into a NULL
- * pointer that bson_iter_init_from_data would assert on: treat it as unreadable instead. */
-static bool safe_iter_init(bson_iter_t *it, const uint8_t *data, size_t len)
-{
-    return data && bson_iter_init_from_data(it, data, len);
-}
-
 int mc__bson_canon_rank(bson_type_t type)
 {
     switch (type) {
@@ -54,7 +47,7 @@ int mc__bson_canon_rank(bson_type_t type)
     }
 }
 
-const char *mc__bson_type_name(bson_type_t type)
+const char *mc_bson_type_name(bson_type_t type)
 {
     switch (type) {
     case BSON_TYPE_DOUBLE: return "double";
@@ -202,8 +195,8 @@ int mc__bson_doc_compare(const uint8_t *a, uint32_t alen, const uint8_t *b, uint
     if (depth <= 0) {
         return cmp_bytes(a, alen, b, blen);
     }
-    bool oka = safe_iter_init(&ia, a, alen);
-    bool okb = safe_iter_init(&ib, b, blen);
+    bool oka = mc__bson_iter_init_safe(&ia, a, alen);
+    bool okb = mc__bson_iter_init_safe(&ib, b, blen);
     if (!oka || !okb) {
         return cmp_bytes(a, alen, b, blen);
     }

@@ -108,13 +108,7 @@ static const struct {
     {"$isArray", X_ISARRAY, 1, 1}, {"$type", X_TYPE, 1, 1},       {"$toString", X_TOSTRING, 1, 1},
 };
 
-static int fail(mc_error_t *err, int cause, const char *fmt, ...)
-#if defined(__GNUC__)
-    __attribute__((format(printf, 3, 4)))
-#endif
-    ;
-
-static int fail(mc_error_t *err, int cause, const char *fmt, ...)
+int mc__expr_fail(mc_error_t *err, int cause, const char *fmt, ...)
 {
     va_list ap;
     va_start(ap, fmt);
@@ -127,11 +121,6 @@ static int too_large(mc_error_t *err, const char *what)
 {
     return mc_error_set(err, MC_ELIMIT, MC_DOMAIN_MONGODB, 10334,
                         "%s would exceed the maximum value size", what);
-}
-
-static bool safe_iter_init(bson_iter_t *it, const uint8_t *data, size_t len)
-{
-    return data && bson_iter_init_from_data(it, data, len);
 }
 
 /* ---------------------------------------------------------------- values */
@@ -248,7 +237,7 @@ bool mc__xval_truthy(const mc__xval_t *x)
 
 static const char *type_name(const mc__xval_t *x)
 {
-    return mc__bson_type_name(x->v.value_type);
+    return mc_bson_type_name(x->v.value_type);
 }
 
 /* ---------------------------------------------------------------- compilation */
@@ -318,7 +307,7 @@ bool mc__expr_is_operator_doc(const bson_value_t *v)
 {
     bson_iter_t it;
     return v->value_type == BSON_TYPE_DOCUMENT &&
-           safe_iter_init(&it, v->value.v_doc.data, v->value.v_doc.data_len) &&
+           mc__bson_iter_init_safe(&it, v->value.v_doc.data, v->value.v_doc.data_len) &&
            bson_iter_next(&it) && bson_iter_key(&it)[0] == '$';
 }
 
@@ -336,14 +325,14 @@ static int compile_path(mc__xnode_t *n, const char *s, const char *what, mc_erro
     char *c = n->path;
     for (;;) {
         if (n->ncomp == MAX_PATH_COMPONENTS) {
-            return fail(err, 2, "field path '%s' has too many components", what);
+            return mc__expr_fail(err, 2, "field path '%s' has too many components", what);
         }
         char *dot = strchr(c, '.');
         if (dot) {
             *dot = '\0';
         }
         if (!*c) {
-            return fail(err, 15998, "FieldPath field names may not be empty strings.");
+            return mc__expr_fail(err, 15998, "FieldPath field names may not be empty strings.");
         }
         n->comp[n->ncomp] = c;
         n->comp_len[n->ncomp] = (uint32_t)strlen(c);
@@ -362,7 +351,7 @@ static int compile_string_ref(mc__xprog_t *prog, const bson_value_t *spec, mc__x
     mc__xnode_t *n;
     if (s[1] != '$') {
         if (!s[1]) {
-            return fail(err, 16872, "'$' by itself is not a valid FieldPath");
+            return mc__expr_fail(err, 16872, "'$' by itself is not a valid FieldPath");
         }
         int nrc = node_new(prog, X_PATH, &n, err);
     if (nrc < 0) {
@@ -375,13 +364,13 @@ static int compile_string_ref(mc__xprog_t *prog, const bson_value_t *spec, mc__x
     const char *name = s + 2;
     size_t nlen = strcspn(name, ".");
     if (nlen == 0) {
-        return fail(err, 16869, "empty variable names are not allowed");
+        return mc__expr_fail(err, 16869, "empty variable names are not allowed");
     }
     bool root = (nlen == 4 && memcmp(name, "ROOT", 4) == 0) ||
                 (nlen == 7 && memcmp(name, "CURRENT", 7) == 0);
     bool remove = nlen == 6 && memcmp(name, "REMOVE", 6) == 0;
     if (!root && !remove) {
-        return fail(err, 17276, "Use of undefined variable: %.*s", (int)nlen, name);
+        return mc__expr_fail(err, 17276, "Use of undefined variable: %.*s", (int)nlen, name);
     }
     int nrc = node_new(prog, remove ? X_REMOVE : X_PATH, &n, err);
     if (nrc < 0) {
@@ -436,8 +425,8 @@ static int compile_args(mc__xprog_t *prog, mc__xnode_t *n, const bson_value_t *a
         return add_kid(n, &cap, kid, NULL, err);
     }
     bson_iter_t it;
-    if (!safe_iter_init(&it, arg->value.v_doc.data, arg->value.v_doc.data_len)) {
-        return fail(err, 2, "malformed expression arguments");
+    if (!mc__bson_iter_init_safe(&it, arg->value.v_doc.data, arg->value.v_doc.data_len)) {
+        return mc__expr_fail(err, 2, "malformed expression arguments");
     }
     while (bson_iter_next(&it)) {
         if ((rc = compile_any(prog, bson_iter_value(&it), depth, &kid, err)) < 0 ||
@@ -458,8 +447,8 @@ static int compile_cond(mc__xprog_t *prog, mc__xnode_t *n, const bson_value_t *a
     const bson_value_t *parts[3] = {NULL, NULL, NULL};
     bson_value_t views[3];
     bson_iter_t it;
-    if (!safe_iter_init(&it, arg->value.v_doc.data, arg->value.v_doc.data_len)) {
-        return fail(err, 2, "malformed $cond");
+    if (!mc__bson_iter_init_safe(&it, arg->value.v_doc.data, arg->value.v_doc.data_len)) {
+        return mc__expr_fail(err, 2, "malformed $cond");
     }
     while (bson_iter_next(&it)) {
         const char *k = bson_iter_key(&it);
@@ -468,13 +457,13 @@ static int compile_cond(mc__xprog_t *prog, mc__xnode_t *n, const bson_value_t *a
                    : strcmp(k, "else") == 0 ? 2
                                             : -1;
         if (slot < 0) {
-            return fail(err, 17083, "Unrecognized parameter to $cond: %s", k);
+            return mc__expr_fail(err, 17083, "Unrecognized parameter to $cond: %s", k);
         }
         views[slot] = *bson_iter_value(&it);
         parts[slot] = &views[slot];
     }
     if (!parts[0] || !parts[1] || !parts[2]) {
-        return fail(err, !parts[0] ? 17080 : (!parts[1] ? 17081 : 17082),
+        return mc__expr_fail(err, !parts[0] ? 17080 : (!parts[1] ? 17081 : 17082),
                     "Missing '%s' parameter to $cond",
                     !parts[0] ? "if" : (!parts[1] ? "then" : "else"));
     }
@@ -507,7 +496,7 @@ static int compile_operator(mc__xprog_t *prog, const char *name, const bson_valu
         k++;
     }
     if (k == nops) {
-        return fail(err, 168, "Unrecognized expression '%s'", name);
+        return mc__expr_fail(err, 168, "Unrecognized expression '%s'", name);
     }
     int nrc = node_new(prog, op_table[k].op, &n, err);
     if (nrc < 0) {
@@ -522,10 +511,10 @@ static int compile_operator(mc__xprog_t *prog, const char *name, const bson_valu
     }
     int min = op_table[k].min, max = op_table[k].max;
     if (n->op == X_IFNULL && (int)n->nkids < min) {
-        return fail(err, 1257300, "$ifNull needs at least two arguments, had: %zu", n->nkids);
+        return mc__expr_fail(err, 1257300, "$ifNull needs at least two arguments, had: %zu", n->nkids);
     }
     if ((int)n->nkids < min || (max >= 0 && (int)n->nkids > max)) {
-        return fail(err, 16020, "Expression %s takes exactly %d arguments. %zu were passed in.",
+        return mc__expr_fail(err, 16020, "Expression %s takes exactly %d arguments. %zu were passed in.",
                     name, min, n->nkids);
     }
     return 0;
@@ -552,15 +541,15 @@ static int compile_any(mc__xprog_t *prog, const bson_value_t *spec, int depth, m
         return 0;
     }
     bson_iter_t it;
-    if (!safe_iter_init(&it, spec->value.v_doc.data, spec->value.v_doc.data_len)) {
-        return fail(err, 2, "malformed expression");
+    if (!mc__bson_iter_init_safe(&it, spec->value.v_doc.data, spec->value.v_doc.data_len)) {
+        return mc__expr_fail(err, 2, "malformed expression");
     }
     bool is_doc = spec->value_type == BSON_TYPE_DOCUMENT;
     if (is_doc && mc__expr_is_operator_doc(spec)) {
         bson_iter_next(&it);
         bson_iter_t rest = it;
         if (bson_iter_next(&rest)) {
-            return fail(err, 15983,
+            return mc__expr_fail(err, 15983,
                         "An object representing an expression must have exactly one field");
         }
         return compile_operator(prog, bson_iter_key(&it), bson_iter_value(&it), depth, out, err);
@@ -600,7 +589,7 @@ static int eval(const ectx_t *c, const mc__xnode_t *n, mc__xval_t *out);
 
 static bool find_field(const bson_value_t *doc, const char *key, uint32_t klen, bson_iter_t *it)
 {
-    if (!safe_iter_init(it, doc->value.v_doc.data, doc->value.v_doc.data_len)) {
+    if (!mc__bson_iter_init_safe(it, doc->value.v_doc.data, doc->value.v_doc.data_len)) {
         return false;
     }
     while (bson_iter_next(it)) {
@@ -637,7 +626,7 @@ static int path_get(const ectx_t *c, const mc__xnode_t *n, const bson_value_t *v
     }
     bson_t arr = BSON_INITIALIZER;
     uint32_t i = 0;
-    if (safe_iter_init(&it, v->value.v_doc.data, v->value.v_doc.data_len)) {
+    if (mc__bson_iter_init_safe(&it, v->value.v_doc.data, v->value.v_doc.data_len)) {
         while (bson_iter_next(&it)) {
             const bson_value_t *e = bson_iter_value(&it);
             if (e->value_type != BSON_TYPE_DOCUMENT) {
@@ -788,19 +777,19 @@ static int arith(const ectx_t *c, const mc__xnode_t *n, const mc__xval_t *vals, 
             continue;
         }
         if (!is_number(t)) {
-            return fail(c->err, code, "%s only supports numeric%s types, not %s", n->name,
+            return mc__expr_fail(c->err, code, "%s only supports numeric%s types, not %s", n->name,
                         dates_ok ? " or date" : "", type_name(&vals[i]));
         }
         use_double |= t == BSON_TYPE_DOUBLE || t == BSON_TYPE_DECIMAL128;
         use_long |= t == BSON_TYPE_INT64;
     }
     if (op == X_ADD && n_dates > 1) {
-        return fail(c->err, 16612, "only one date allowed in an $add expression");
+        return mc__expr_fail(c->err, 16612, "only one date allowed in an $add expression");
     }
     if (op == X_DIVIDE) {
         double d = as_double(&vals[1]);
         if (d == 0) {
-            return fail(c->err, 2, "can't $divide by zero");
+            return mc__expr_fail(c->err, 2, "can't $divide by zero");
         }
         xv_double(out, as_double(&vals[0]) / d);
         return 0;
@@ -851,7 +840,7 @@ static int eval_mod(const ectx_t *c, const mc__xval_t *a, const mc__xval_t *b, m
         return 0;
     }
     if (!is_number(a->v.value_type) || !is_number(b->v.value_type)) {
-        return fail(c->err, 16611, "$mod only supports numeric types, not %s and %s", type_name(a),
+        return mc__expr_fail(c->err, 16611, "$mod only supports numeric types, not %s and %s", type_name(a),
                     type_name(b));
     }
     bson_type_t ta = a->v.value_type, tb = b->v.value_type;
@@ -860,14 +849,14 @@ static int eval_mod(const ectx_t *c, const mc__xval_t *a, const mc__xval_t *b, m
     if (dbl) {
         double y = as_double(b);
         if (y == 0) {
-            return fail(c->err, 16610, "can't $mod by zero");
+            return mc__expr_fail(c->err, 16610, "can't $mod by zero");
         }
         xv_double(out, fmod(as_double(a), y));
         return 0;
     }
     int64_t x = as_int64(a), y = as_int64(b);
     if (y == 0) {
-        return fail(c->err, 16610, "can't $mod by zero");
+        return mc__expr_fail(c->err, 16610, "can't $mod by zero");
     }
     int64_t r = y == -1 ? 0 : x % y; /* avoids INT64_MIN % -1 */
     bool use_long = ta == BSON_TYPE_INT64 || tb == BSON_TYPE_INT64;
@@ -885,7 +874,7 @@ static int eval_unary_math(const ectx_t *c, const mc__xnode_t *n, const mc__xval
     }
     bson_type_t t = a->v.value_type;
     if (!is_number(t)) {
-        return fail(c->err, 28765, "%s only supports numeric types, not %s", n->name,
+        return mc__expr_fail(c->err, 28765, "%s only supports numeric types, not %s", n->name,
                     type_name(a));
     }
     if (t == BSON_TYPE_INT32 || t == BSON_TYPE_INT64) {
@@ -895,7 +884,7 @@ static int eval_unary_math(const ectx_t *c, const mc__xnode_t *n, const mc__xval
             return 0;
         }
         if (i == INT64_MIN) {
-            return fail(c->err, 28680, "can't take $abs of long long min");
+            return mc__expr_fail(c->err, 28680, "can't take $abs of long long min");
         }
         set_number(out, false, t == BSON_TYPE_INT64, false, (double)-i, -i);
         return 0;
@@ -921,7 +910,7 @@ static int eval_concat(const ectx_t *c, const mc__xnode_t *n, const mc__xval_t *
             return 0;
         }
         if (vals[i].v.value_type != BSON_TYPE_UTF8) {
-            return fail(c->err, 16702, "$concat only supports strings, not %s", type_name(&vals[i]));
+            return mc__expr_fail(c->err, 16702, "$concat only supports strings, not %s", type_name(&vals[i]));
         }
         total += vals[i].v.value.v_utf8.len;
     }
@@ -973,7 +962,7 @@ static int eval_to_string(const ectx_t *c, mc__xval_t *a, mc__xval_t *out)
         break;
     }
     default:
-        return fail(c->err, 241,
+        return mc__expr_fail(c->err, 241,
                     "Unsupported conversion from %s to string in $convert with no onError value",
                     type_name(a));
     }
@@ -986,11 +975,11 @@ static int eval_in(const ectx_t *c, const mc__xval_t *needle, const mc__xval_t *
 {
     bson_iter_t it;
     if (arr->v.value_type != BSON_TYPE_ARRAY) {
-        return fail(c->err, 40081, "$in requires an array as a second argument, found: %s",
+        return mc__expr_fail(c->err, 40081, "$in requires an array as a second argument, found: %s",
                     type_name(arr));
     }
     bool found = false;
-    if (safe_iter_init(&it, arr->v.value.v_doc.data, arr->v.value.v_doc.data_len)) {
+    if (mc__bson_iter_init_safe(&it, arr->v.value.v_doc.data, arr->v.value.v_doc.data_len)) {
         while (!found && bson_iter_next(&it)) {
             found = mc_bson_value_compare(&needle->v, bson_iter_value(&it)) == 0;
         }
@@ -1003,11 +992,11 @@ static int eval_size(const ectx_t *c, const mc__xval_t *a, mc__xval_t *out)
 {
     bson_iter_t it;
     if (a->v.value_type != BSON_TYPE_ARRAY) {
-        return fail(c->err, 17124, "The argument to $size must be an array. Type of argument: %s",
+        return mc__expr_fail(c->err, 17124, "The argument to $size must be an array. Type of argument: %s",
                     type_name(a));
     }
     int32_t n = 0;
-    if (safe_iter_init(&it, a->v.value.v_doc.data, a->v.value.v_doc.data_len)) {
+    if (mc__bson_iter_init_safe(&it, a->v.value.v_doc.data, a->v.value.v_doc.data_len)) {
         while (bson_iter_next(&it)) {
             n++;
         }
@@ -1072,7 +1061,7 @@ static int eval_strict(const ectx_t *c, const mc__xnode_t *n, mc__xval_t *out)
     case X_ISARRAY: xv_bool(out, vals[0].v.value_type == BSON_TYPE_ARRAY); break;
     case X_TYPE: xv_static_string(out, type_name(&vals[0])); break;
     case X_TOSTRING: rc = eval_to_string(c, &vals[0], out); break;
-    default: rc = fail(c->err, 2, "internal error: operator %d", (int)n->op); break;
+    default: rc = mc__expr_fail(c->err, 2, "internal error: operator %d", (int)n->op); break;
     }
     release_all(vals, n->nkids);
     if (vals != small) {
@@ -1173,7 +1162,7 @@ void mc_expr_destroy(mc_expr_t *expr)
 mc_expr_t *mc_expr_new(const bson_value_t *spec, const mc_expr_opts_t *opts, mc_error_t *err)
 {
     if (!spec) {
-        fail(err, 2, "expression missing");
+        mc__expr_fail(err, 2, "expression missing");
         return NULL;
     }
     mc_expr_t *e = calloc(1, sizeof(*e));
@@ -1203,7 +1192,7 @@ int mc_expr_eval(const mc_expr_t *expr, const bson_t *root, bson_value_t *out, m
     memset(out, 0, sizeof(*out));
     out->value_type = BSON_TYPE_EOD;
     if (!expr || !root) {
-        return fail(err, 2, "no expression or document");
+        return mc__expr_fail(err, 2, "no expression or document");
     }
     int rc = mc__expr_eval(&expr->prog, expr->root, bson_get_data(root), root->len, &v, err);
     if (rc < 0) {
@@ -1225,7 +1214,7 @@ int mc_expr_eval_bool(const mc_expr_t *expr, const bson_t *root, bool *out, mc_e
     mc__xval_t v;
     *out = false;
     if (!expr || !root) {
-        return fail(err, 2, "no expression or document");
+        return mc__expr_fail(err, 2, "no expression or document");
     }
     int rc = mc__expr_eval(&expr->prog, expr->root, bson_get_data(root), root->len, &v, err);
     if (rc < 0) {

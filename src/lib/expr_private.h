@@ -55,6 +55,13 @@ int mc__expr_compile(mc__xprog_t *prog, const bson_value_t *spec, int depth, mc_
 int mc__expr_eval(const mc__xprog_t *prog, const mc__xnode_t *n, const uint8_t *root,
                   uint32_t root_len, mc__xval_t *out, mc_error_t *err);
 
+/* mc_error_set(err, MC_EINVAL, MC_DOMAIN_MONGODB, cause, ...): a MongoDB error with its code. */
+int mc__expr_fail(mc_error_t *err, int cause, const char *fmt, ...)
+#if defined(__GNUC__)
+    __attribute__((format(printf, 3, 4)))
+#endif
+    ;
+
 void mc__xval_release(mc__xval_t *v);
 bool mc__xval_truthy(const mc__xval_t *v);
 

@@ -36,35 +36,15 @@
 #define MAX_SPEC_DEPTH 100
 #define MAX_PATH_COMPONENTS 128
 
-static int fail(mc_error_t *err, int cause, const char *fmt, ...)
-#if defined(__GNUC__)
-    __attribute__((format(printf, 3, 4)))
-#endif
-    ;
-
-static int fail(mc_error_t *err, int cause, const char *fmt, ...)
-{
-    va_list ap;
-    va_start(ap, fmt);
-    mc_error_vset(err, MC_EINVAL, MC_DOMAIN_MONGODB, cause, fmt, ap);
-    va_end(ap);
-    return MC_EINVAL;
-}
-
 static int too_large(mc_error_t *err)
 {
     return mc_error_set(err, MC_ELIMIT, MC_DOMAIN_MONGODB, 10334,
                         "the document built by the pipeline would exceed the maximum size");
 }
 
-static bool safe_iter_init(bson_iter_t *it, const uint8_t *data, size_t len)
-{
-    return data && bson_iter_init_from_data(it, data, len);
-}
-
 static bool doc_find(const bson_value_t *doc, const char *key, bson_iter_t *it)
 {
-    if (!safe_iter_init(it, doc->value.v_doc.data, doc->value.v_doc.data_len)) {
+    if (!mc__bson_iter_init_safe(it, doc->value.v_doc.data, doc->value.v_doc.data_len)) {
         return false;
     }
     while (bson_iter_next(it)) {
@@ -152,24 +132,24 @@ static int proj_insert(mc__xprog_t *prog, pnode_t *root, const char *path, pkind
     const char *p = path;
     int depth = 0;
     if (!*path) {
-        return fail(err, 40352, "FieldPath cannot be constructed with empty string");
+        return mc__expr_fail(err, 40352, "FieldPath cannot be constructed with empty string");
     }
     for (;;) {
         const char *dot = strchr(p, '.');
         size_t len = dot ? (size_t)(dot - p) : strlen(p);
         if (len == 0) {
-            return fail(err, 15998, "FieldPath field names may not be empty strings.");
+            return mc__expr_fail(err, 15998, "FieldPath field names may not be empty strings.");
         }
         if (p[0] == '$') {
-            return fail(err, 16410, "FieldPath field names may not start with '$'.");
+            return mc__expr_fail(err, 16410, "FieldPath field names may not start with '$'.");
         }
         if (++depth > MAX_PATH_COMPONENTS) {
-            return fail(err, 2, "projection path too long");
+            return mc__expr_fail(err, 2, "projection path too long");
         }
         pnode_t *k = pnode_child(n, p, len);
         if (!dot) {
             if (k) {
-                return fail(err, 31250, "Path collision at %s", path);
+                return mc__expr_fail(err, 31250, "Path collision at %s", path);
             }
             k = pnode_add(n, p, len, kind);
             return expr ? mc__expr_compile(prog, expr, spec_depth, &k->expr, err) : 0;
@@ -177,7 +157,7 @@ static int proj_insert(mc__xprog_t *prog, pnode_t *root, const char *path, pkind
         if (!k) {
             k = pnode_add(n, p, len, PK_SUB);
         } else if (k->kind != PK_SUB) {
-            return fail(err, 31250, "Path collision at %s", path);
+            return mc__expr_fail(err, 31250, "Path collision at %s", path);
         }
         n = k;
         p = dot + 1;
@@ -188,7 +168,7 @@ static int proj_insert(mc__xprog_t *prog, pnode_t *root, const char *path, pkind
 static const char *find_projection_operator(const bson_value_t *v)
 {
     bson_iter_t it;
-    if (!safe_iter_init(&it, v->value.v_doc.data, v->value.v_doc.data_len) ||
+    if (!mc__bson_iter_init_safe(&it, v->value.v_doc.data, v->value.v_doc.data_len) ||
         !bson_iter_next(&it)) {
         return NULL;
     }
@@ -213,10 +193,10 @@ static int proj_parse_fields(mc__xprog_t *prog, projection_t *pr, const bson_val
 {
     bson_iter_t it;
     if (depth > MAX_SPEC_DEPTH) {
-        return fail(err, 2, "projection nested too deeply");
+        return mc__expr_fail(err, 2, "projection nested too deeply");
     }
-    if (!safe_iter_init(&it, spec->value.v_doc.data, spec->value.v_doc.data_len)) {
-        return fail(err, 2, "malformed projection");
+    if (!mc__bson_iter_init_safe(&it, spec->value.v_doc.data, spec->value.v_doc.data_len)) {
+        return mc__expr_fail(err, 2, "malformed projection");
     }
     while (bson_iter_next(&it)) {
         const char *key = bson_iter_key(&it);
@@ -227,12 +207,12 @@ static int proj_parse_fields(mc__xprog_t *prog, projection_t *pr, const bson_val
         if (key[0] == '$') {
             rc =
                 find && (strcmp(key, "$slice") == 0 || strcmp(key, "$elemMatch") == 0)
-                    ? fail(err, 2, "projection operator %s is not supported by mongo-emulator", key)
-                    : fail(err, 16410,
+                    ? mc__expr_fail(err, 2, "projection operator %s is not supported by mongo-emulator", key)
+                    : mc__expr_fail(err, 16410,
                            "FieldPath field names may not start with '$'. "
                            "Consider using $getField or $setField.");
         } else if (find && mc__expr_is_operator_doc(v) && find_projection_operator(v)) {
-            rc = fail(err, 2, "projection operator %s is not supported by mongo-emulator",
+            rc = mc__expr_fail(err, 2, "projection operator %s is not supported by mongo-emulator",
                       find_projection_operator(v));
         } else if (add) {
             if (v->value_type == BSON_TYPE_DOCUMENT && !mc__expr_is_operator_doc(v) &&
@@ -244,7 +224,7 @@ static int proj_parse_fields(mc__xprog_t *prog, projection_t *pr, const bson_val
             }
         } else if (v->value_type == BSON_TYPE_DOCUMENT && !mc__expr_is_operator_doc(v)) {
             if (v->value.v_doc.data_len <= 5) {
-                rc = fail(err, 51270,
+                rc = mc__expr_fail(err, 51270,
                           "An empty sub-projection is not a valid value. Found "
                           "empty object at path");
             } else {
@@ -263,9 +243,9 @@ static int proj_parse_fields(mc__xprog_t *prog, projection_t *pr, const bson_val
                 if (rc == 0 && *n_incl && *n_excl) {
                     rc =
                         incl
-                            ? fail(err, 31253,
+                            ? mc__expr_fail(err, 31253,
                                    "Cannot do inclusion on field %s in exclusion projection", full)
-                            : fail(err, 31254,
+                            : mc__expr_fail(err, 31254,
                                    "Cannot do exclusion on field %s in inclusion projection", full);
                 }
             }
@@ -277,7 +257,7 @@ static int proj_parse_fields(mc__xprog_t *prog, projection_t *pr, const bson_val
             (*n_incl)++;
             rc = proj_insert(prog, &pr->root, full, PK_COMPUTED, v, depth + 1, err);
             if (rc == 0 && *n_excl) {
-                rc = fail(err, 31252,
+                rc = mc__expr_fail(err, 31252,
                           "Invalid $project :: caused by :: Cannot use expression other than "
                           "$meta in exclusion projection");
             }
@@ -296,7 +276,7 @@ static int projection_parse(mc__xprog_t *prog, projection_t *pr, const bson_valu
     memset(pr, 0, sizeof(*pr));
     int n_incl = 0, n_excl = 0;
     if (spec->value_type != BSON_TYPE_DOCUMENT) {
-        return fail(err, 2, "projection must be an object");
+        return mc__expr_fail(err, 2, "projection must be an object");
     }
     int rc = proj_parse_fields(prog, pr, spec, NULL, forced == PM_ADD, find, 0, &n_incl, &n_excl,
                                err);
@@ -315,7 +295,7 @@ static int projection_parse(mc__xprog_t *prog, projection_t *pr, const bson_valu
     } else if (pr->include_id) {
         pr->mode = PM_INCLUSION; /* {_id: 1} alone keeps only _id */
     } else if (!find) {
-        return fail(err, 51272,
+        return mc__expr_fail(err, 51272,
                     "Invalid $project :: caused by :: projection specification must "
                     "have at least one field");
     } else {
@@ -403,7 +383,7 @@ static int apply_array(papply_t *a, const pnode_t *k, pmode_t mode, const bson_v
     bson_iter_t it;
     uint32_t i = 0;
     bson_append_array_begin(out, k->name, -1, &child);
-    if (safe_iter_init(&it, arr->value.v_doc.data, arr->value.v_doc.data_len)) {
+    if (mc__bson_iter_init_safe(&it, arr->value.v_doc.data, arr->value.v_doc.data_len)) {
         while (bson_iter_next(&it)) {
             const bson_value_t *e = bson_iter_value(&it);
             char key[16];
@@ -464,11 +444,11 @@ static int apply_level(papply_t *a, const pnode_t *spec, pmode_t mode, const bso
             bson_append_value(out, "_id", 3, bson_iter_value(&idit));
         }
     }
-    if (!safe_iter_init(&it, in->value.v_doc.data, in->value.v_doc.data_len)) {
+    if (!mc__bson_iter_init_safe(&it, in->value.v_doc.data, in->value.v_doc.data_len)) {
         if (seen != seen_small) {
             bson_free(seen);
         }
-        return fail(a->err, 2, "malformed document");
+        return mc__expr_fail(a->err, 2, "malformed document");
     }
     while (rc == 0 && bson_iter_next(&it)) {
         const char *key = bson_iter_key(&it);
@@ -586,7 +566,7 @@ mc_projection_t *mc_projection_new(const bson_t *spec, mc_projection_kind_t kind
                                    const mc_expr_opts_t *opts, mc_error_t *err)
 {
     if (!spec) {
-        fail(err, 2, "projection must be an object");
+        mc__expr_fail(err, 2, "projection must be an object");
         return NULL;
     }
     mc_projection_t *p = calloc(1, sizeof(*p));
@@ -610,7 +590,7 @@ int mc_projection_apply(const mc_projection_t *p, const bson_t *doc, bson_t *out
 {
     bson_init(out);
     if (!p || !doc) {
-        return fail(err, 2, "no projection or document");
+        return mc__expr_fail(err, 2, "no projection or document");
     }
     return projection_write(&p->prog, &p->proj, doc, out, err);
 }
@@ -659,12 +639,12 @@ static int parse_unset(mc_pipeline_t *p, stage_t *s, const bson_value_t *v, mc_e
         bson_append_int32(&spec, v->value.v_utf8.str, -1, 0);
     } else if (v->value_type == BSON_TYPE_ARRAY) {
         bson_iter_t a;
-        if (!safe_iter_init(&a, v->value.v_doc.data, v->value.v_doc.data_len)) {
-            rc = fail(err, 31002, "$unset specification must be a string or an array");
+        if (!mc__bson_iter_init_safe(&a, v->value.v_doc.data, v->value.v_doc.data_len)) {
+            rc = mc__expr_fail(err, 31002, "$unset specification must be a string or an array");
         }
         while (rc == 0 && bson_iter_next(&a)) {
             if (!BSON_ITER_HOLDS_UTF8(&a)) {
-                rc = fail(err, 31120,
+                rc = mc__expr_fail(err, 31120,
                           "$unset specification must be a string or an array containing only "
                           "string values");
             } else {
@@ -672,10 +652,10 @@ static int parse_unset(mc_pipeline_t *p, stage_t *s, const bson_value_t *v, mc_e
             }
         }
     } else {
-        rc = fail(err, 31002, "$unset specification must be a string or an array");
+        rc = mc__expr_fail(err, 31002, "$unset specification must be a string or an array");
     }
     if (rc == 0 && bson_count_keys(&spec) == 0) {
-        rc = fail(err, 31119,
+        rc = mc__expr_fail(err, 31119,
                   "$unset specification must be a string or an array with at least one field");
     }
     if (rc == 0) {
@@ -692,14 +672,14 @@ static int parse_stage(mc_pipeline_t *p, stage_t *s, const bson_value_t *sv,
 {
     bson_iter_t it;
     if (sv->value_type != BSON_TYPE_DOCUMENT ||
-        !safe_iter_init(&it, sv->value.v_doc.data, sv->value.v_doc.data_len) ||
+        !mc__bson_iter_init_safe(&it, sv->value.v_doc.data, sv->value.v_doc.data_len) ||
         !bson_iter_next(&it)) {
-        return fail(err, 40323,
+        return mc__expr_fail(err, 40323,
                     "A pipeline stage specification object must contain exactly one field.");
     }
     bson_iter_t more = it;
     if (bson_iter_next(&more)) {
-        return fail(err, 40323,
+        return mc__expr_fail(err, 40323,
                     "A pipeline stage specification object must contain exactly one field.");
     }
     const char *name = bson_iter_key(&it);
@@ -707,11 +687,11 @@ static int parse_stage(mc_pipeline_t *p, stage_t *s, const bson_value_t *sv,
     if (strcmp(name, "$match") == 0) {
         s->kind = S_MATCH;
         if (v->value_type != BSON_TYPE_DOCUMENT) {
-            return fail(err, 15959, "the match filter must be an expression in an object");
+            return mc__expr_fail(err, 15959, "the match filter must be an expression in an object");
         }
         bson_t q;
         if (!bson_init_static(&q, v->value.v_doc.data, v->value.v_doc.data_len)) {
-            return fail(err, 15959, "the match filter must be an expression in an object");
+            return mc__expr_fail(err, 15959, "the match filter must be an expression in an object");
         }
         mc_filter_opts_t fopts = {.vars = opts ? opts->vars : NULL};
         s->filter = mc_filter_new(&q, &fopts, err);
@@ -730,7 +710,7 @@ static int parse_stage(mc_pipeline_t *p, stage_t *s, const bson_value_t *sv,
     if (strcmp(name, "$addFields") == 0 || strcmp(name, "$set") == 0) {
         s->kind = S_ADD_FIELDS;
         if (v->value_type != BSON_TYPE_DOCUMENT) {
-            return fail(err, 40272, "%s specification stage must be an object", name);
+            return mc__expr_fail(err, 40272, "%s specification stage must be an object", name);
         }
         return projection_parse(&p->prog, &s->proj, v, PM_ADD, false, err);
     }
@@ -741,9 +721,9 @@ static int parse_stage(mc_pipeline_t *p, stage_t *s, const bson_value_t *sv,
         s->kind = S_REPLACE;
         bson_iter_t r;
         if (v->value_type != BSON_TYPE_DOCUMENT ||
-            !safe_iter_init(&r, v->value.v_doc.data, v->value.v_doc.data_len) ||
+            !mc__bson_iter_init_safe(&r, v->value.v_doc.data, v->value.v_doc.data_len) ||
             !bson_iter_next(&r) || strcmp(bson_iter_key(&r), "newRoot") != 0) {
-            return fail(err, 40231, "no newRoot specified for the $replaceRoot stage");
+            return mc__expr_fail(err, 40231, "no newRoot specified for the $replaceRoot stage");
         }
         return mc__expr_compile(&p->prog, bson_iter_value(&r), 1, &s->expr, err);
     }
@@ -751,7 +731,7 @@ static int parse_stage(mc_pipeline_t *p, stage_t *s, const bson_value_t *sv,
         s->kind = S_REPLACE;
         return mc__expr_compile(&p->prog, v, 1, &s->expr, err);
     }
-    return fail(err, 40324, "Unrecognized pipeline stage name: '%s'", name);
+    return mc__expr_fail(err, 40324, "Unrecognized pipeline stage name: '%s'", name);
 }
 
 mc_pipeline_t *mc_pipeline_new(const bson_t *stages, const mc_pipeline_opts_t *opts,
@@ -759,7 +739,7 @@ mc_pipeline_t *mc_pipeline_new(const bson_t *stages, const mc_pipeline_opts_t *o
 {
     bson_iter_t it;
     if (!stages || !bson_iter_init(&it, stages)) {
-        fail(err, 14, "'pipeline' option must be specified as an array");
+        mc__expr_fail(err, 14, "'pipeline' option must be specified as an array");
         return NULL;
     }
     mc_pipeline_t *p = calloc(1, sizeof(*p));
@@ -815,16 +795,16 @@ static int reshape(const mc_pipeline_t *p, const stage_t *s, const bson_t *doc, 
     }
     if (v.v.value_type != BSON_TYPE_DOCUMENT) {
         bool missing = v.v.value_type == BSON_TYPE_EOD;
-        rc = fail(err, 40228,
+        rc = mc__expr_fail(err, 40228,
                   "'replacement document' must evaluate to an object, but resulting value was: "
                   "%s. Type of resulting value: '%s'.",
-                  missing ? "MISSING" : "a non-object", mc__bson_type_name(v.v.value_type));
+                  missing ? "MISSING" : "a non-object", mc_bson_type_name(v.v.value_type));
     } else {
         bson_t view;
         if (bson_init_static(&view, v.v.value.v_doc.data, v.v.value.v_doc.data_len)) {
             bson_concat(out, &view);
         } else {
-            rc = fail(err, 2, "malformed document");
+            rc = mc__expr_fail(err, 2, "malformed document");
         }
     }
     mc__xval_release(&v);
@@ -835,7 +815,7 @@ int mc_pipeline_apply(const mc_pipeline_t *p, const bson_t *doc, bson_t *out, mc
 {
     if (!p || !doc) {
         bson_init(out);
-        return fail(err, 2, "no pipeline or document");
+        return mc__expr_fail(err, 2, "no pipeline or document");
     }
     bson_t scratch[2];
     bool used[2] = {false, false};

@@ -1079,15 +1079,13 @@ static void record_ddl(emu_server_t *srv, emu_op_t op, const char *db, const cha
                        const uint8_t *uuid, const bson_t *desc, const bson_t *state_before,
                        bool view)
 {
-    emu_change_t ch;
-    memset(&ch, 0, sizeof(ch));
-    ch.op = op;
-    ch.db = db;
-    ch.coll = coll;
-    ch.coll_uuid = uuid;
-    ch.operation_description = desc;
-    ch.state_before = state_before;
-    ch.view = view;
+    emu_change_t ch = {.op = op,
+                       .db = db,
+                       .coll = coll,
+                       .coll_uuid = uuid,
+                       .operation_description = desc,
+                       .state_before = state_before,
+                       .view = view};
     emu_oplog_append(srv, &ch);
 }
 
@@ -1341,7 +1339,6 @@ int emu_catalog_rename(emu_server_t *srv, const char *db, const char *coll, cons
     emu_coll_t *c = emu_catalog_coll(srv, db, coll);
     emu_coll_t *target;
     emu_db_t *from, *to;
-    emu_change_t ch;
 
     if (!c) {
         return mc_error_set(err, MC_EINVAL, MC_DOMAIN_MONGODB, 26,
@@ -1369,15 +1366,14 @@ int emu_catalog_rename(emu_server_t *srv, const char *db, const char *coll, cons
     if (target) {
         BSON_APPEND_BINARY(&desc, "dropTarget", BSON_SUBTYPE_UUID, target->uuid, 16);
     }
-    memset(&ch, 0, sizeof(ch));
-    ch.op = EMU_OP_RENAME;
-    ch.db = db;
-    ch.coll = coll;
-    ch.to_db = to_db;
-    ch.to_coll = to_coll;
-    ch.coll_uuid = c->uuid;
-    ch.images_enabled = c->images;
-    ch.operation_description = &desc;
+    emu_change_t ch = {.op = EMU_OP_RENAME,
+                       .db = db,
+                       .coll = coll,
+                       .to_db = to_db,
+                       .to_coll = to_coll,
+                       .coll_uuid = c->uuid,
+                       .images_enabled = c->images,
+                       .operation_description = &desc};
     emu_oplog_append(srv, &ch);
     bson_destroy(&desc);
 
