@@ -156,8 +156,8 @@ static void run_case(const bench_case_t *c, const bson_t *event, long iters)
     double ns = cpu_ns() - t0;
     size_t allocs = n_allocs - allocs0;
     if (passed != iters) {
-        fprintf(stderr, "bench_expr: %s: the event should pass every time (%ld of %ld)\n",
-                c->name, passed, iters);
+        fprintf(stderr, "bench_expr: %s: the event should pass every time (%ld of %ld)\n", c->name,
+                passed, iters);
         exit(1);
     }
     printf("phase=expr case=%s ns_per_event=%.1f allocs_per_event=%.2f\n", c->name, ns / iters,

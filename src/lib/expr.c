@@ -84,12 +84,12 @@ struct mc__xnode {
     const char *name; /* the operator as written, for error messages */
     mc__xnode_t **kids;
     size_t nkids;
-    const char **keys;    /* X_OBJECT: field names, borrowed from the specification */
-    bson_value_t cval;    /* X_CONST: a view into the specification */
-    char *path;           /* X_PATH: components separated by '\0' (owned) */
-    const char **comp;    /* X_PATH: components */
-    uint32_t *comp_len;   /* X_PATH */
-    size_t ncomp;         /* X_PATH: 0 for $$ROOT itself */
+    const char **keys;  /* X_OBJECT: field names, borrowed from the specification */
+    bson_value_t cval;  /* X_CONST: a view into the specification */
+    char *path;         /* X_PATH: components separated by '\0' (owned) */
+    const char **comp;  /* X_PATH: components */
+    uint32_t *comp_len; /* X_PATH */
+    size_t ncomp;       /* X_PATH: 0 for $$ROOT itself */
 };
 
 static const struct {
@@ -97,15 +97,33 @@ static const struct {
     xop_t op;
     int min, max; /* argument count; max -1: any */
 } op_table[] = {
-    {"$concat", X_CONCAT, 0, -1},  {"$add", X_ADD, 0, -1},        {"$subtract", X_SUBTRACT, 2, 2},
-    {"$multiply", X_MULTIPLY, 0, -1}, {"$divide", X_DIVIDE, 2, 2}, {"$mod", X_MOD, 2, 2},
-    {"$abs", X_ABS, 1, 1},         {"$ceil", X_CEIL, 1, 1},       {"$floor", X_FLOOR, 1, 1},
-    {"$trunc", X_TRUNC, 1, 1},     {"$eq", X_EQ, 2, 2},           {"$ne", X_NE, 2, 2},
-    {"$gt", X_GT, 2, 2},           {"$gte", X_GTE, 2, 2},         {"$lt", X_LT, 2, 2},
-    {"$lte", X_LTE, 2, 2},         {"$cmp", X_CMP, 2, 2},         {"$and", X_AND, 0, -1},
-    {"$or", X_OR, 0, -1},          {"$not", X_NOT, 1, 1},         {"$cond", X_COND, 3, 3},
-    {"$ifNull", X_IFNULL, 2, -1},  {"$in", X_IN, 2, 2},           {"$size", X_SIZE, 1, 1},
-    {"$isArray", X_ISARRAY, 1, 1}, {"$type", X_TYPE, 1, 1},       {"$toString", X_TOSTRING, 1, 1},
+    {"$concat", X_CONCAT, 0, -1},
+    {"$add", X_ADD, 0, -1},
+    {"$subtract", X_SUBTRACT, 2, 2},
+    {"$multiply", X_MULTIPLY, 0, -1},
+    {"$divide", X_DIVIDE, 2, 2},
+    {"$mod", X_MOD, 2, 2},
+    {"$abs", X_ABS, 1, 1},
+    {"$ceil", X_CEIL, 1, 1},
+    {"$floor", X_FLOOR, 1, 1},
+    {"$trunc", X_TRUNC, 1, 1},
+    {"$eq", X_EQ, 2, 2},
+    {"$ne", X_NE, 2, 2},
+    {"$gt", X_GT, 2, 2},
+    {"$gte", X_GTE, 2, 2},
+    {"$lt", X_LT, 2, 2},
+    {"$lte", X_LTE, 2, 2},
+    {"$cmp", X_CMP, 2, 2},
+    {"$and", X_AND, 0, -1},
+    {"$or", X_OR, 0, -1},
+    {"$not", X_NOT, 1, 1},
+    {"$cond", X_COND, 3, 3},
+    {"$ifNull", X_IFNULL, 2, -1},
+    {"$in", X_IN, 2, 2},
+    {"$size", X_SIZE, 1, 1},
+    {"$isArray", X_ISARRAY, 1, 1},
+    {"$type", X_TYPE, 1, 1},
+    {"$toString", X_TOSTRING, 1, 1},
 };
 
 int mc__expr_fail(mc_error_t *err, int cause, const char *fmt, ...)
@@ -245,8 +263,7 @@ static const char *type_name(const mc__xval_t *x)
 void mc__xprog_init(mc__xprog_t *prog, const mc_expr_opts_t *opts)
 {
     memset(prog, 0, sizeof(*prog));
-    prog->max_depth =
-        opts && opts->max_depth > 0 ? opts->max_depth : MC__EXPR_DEFAULT_MAX_DEPTH;
+    prog->max_depth = opts && opts->max_depth > 0 ? opts->max_depth : MC__EXPR_DEFAULT_MAX_DEPTH;
     prog->max_nodes = opts && opts->max_nodes ? opts->max_nodes : MC__EXPR_DEFAULT_MAX_NODES;
     prog->max_value =
         opts && opts->max_value_bytes ? opts->max_value_bytes : MC__EXPR_DEFAULT_MAX_VALUE;
@@ -281,8 +298,7 @@ static int node_new(mc__xprog_t *prog, xop_t op, mc__xnode_t **out, mc_error_t *
 {
     if (prog->n >= prog->max_nodes) {
         return mc_error_set(err, MC_ELIMIT, MC_DOMAIN_MONGODB, 2,
-                            "expression has more than %zu operators and operands",
-                            prog->max_nodes);
+                            "expression has more than %zu operators and operands", prog->max_nodes);
     }
     if (prog->n == prog->cap) {
         size_t cap = prog->cap ? prog->cap * 2 : 8;
@@ -354,9 +370,9 @@ static int compile_string_ref(mc__xprog_t *prog, const bson_value_t *spec, mc__x
             return mc__expr_fail(err, 16872, "'$' by itself is not a valid FieldPath");
         }
         int nrc = node_new(prog, X_PATH, &n, err);
-    if (nrc < 0) {
-        return nrc;
-    }
+        if (nrc < 0) {
+            return nrc;
+        }
         *out = n;
         return compile_path(n, s + 1, s, err);
     }
@@ -464,8 +480,8 @@ static int compile_cond(mc__xprog_t *prog, mc__xnode_t *n, const bson_value_t *a
     }
     if (!parts[0] || !parts[1] || !parts[2]) {
         return mc__expr_fail(err, !parts[0] ? 17080 : (!parts[1] ? 17081 : 17082),
-                    "Missing '%s' parameter to $cond",
-                    !parts[0] ? "if" : (!parts[1] ? "then" : "else"));
+                             "Missing '%s' parameter to $cond",
+                             !parts[0] ? "if" : (!parts[1] ? "then" : "else"));
     }
     size_t cap = 0;
     for (int i = 0; i < 3; i++) {
@@ -478,15 +494,15 @@ static int compile_cond(mc__xprog_t *prog, mc__xnode_t *n, const bson_value_t *a
     return 0;
 }
 
-static int compile_operator(mc__xprog_t *prog, const char *name, const bson_value_t *arg,
-                            int depth, mc__xnode_t **out, mc_error_t *err)
+static int compile_operator(mc__xprog_t *prog, const char *name, const bson_value_t *arg, int depth,
+                            mc__xnode_t **out, mc_error_t *err)
 {
     mc__xnode_t *n;
     if (strcmp(name, "$literal") == 0) {
         int nrc = node_new(prog, X_CONST, &n, err);
-    if (nrc < 0) {
-        return nrc;
-    }
+        if (nrc < 0) {
+            return nrc;
+        }
         n->cval = *arg;
         *out = n;
         return 0;
@@ -511,11 +527,13 @@ static int compile_operator(mc__xprog_t *prog, const char *name, const bson_valu
     }
     int min = op_table[k].min, max = op_table[k].max;
     if (n->op == X_IFNULL && (int)n->nkids < min) {
-        return mc__expr_fail(err, 1257300, "$ifNull needs at least two arguments, had: %zu", n->nkids);
+        return mc__expr_fail(err, 1257300, "$ifNull needs at least two arguments, had: %zu",
+                             n->nkids);
     }
     if ((int)n->nkids < min || (max >= 0 && (int)n->nkids > max)) {
-        return mc__expr_fail(err, 16020, "Expression %s takes exactly %d arguments. %zu were passed in.",
-                    name, min, n->nkids);
+        return mc__expr_fail(err, 16020,
+                             "Expression %s takes exactly %d arguments. %zu were passed in.", name,
+                             min, n->nkids);
     }
     return 0;
 }
@@ -533,9 +551,9 @@ static int compile_any(mc__xprog_t *prog, const bson_value_t *spec, int depth, m
     }
     if (spec->value_type != BSON_TYPE_DOCUMENT && spec->value_type != BSON_TYPE_ARRAY) {
         int nrc = node_new(prog, X_CONST, &n, err);
-    if (nrc < 0) {
-        return nrc;
-    }
+        if (nrc < 0) {
+            return nrc;
+        }
         n->cval = *spec;
         *out = n;
         return 0;
@@ -549,8 +567,8 @@ static int compile_any(mc__xprog_t *prog, const bson_value_t *spec, int depth, m
         bson_iter_next(&it);
         bson_iter_t rest = it;
         if (bson_iter_next(&rest)) {
-            return mc__expr_fail(err, 15983,
-                        "An object representing an expression must have exactly one field");
+            return mc__expr_fail(
+                err, 15983, "An object representing an expression must have exactly one field");
         }
         return compile_operator(prog, bson_iter_key(&it), bson_iter_value(&it), depth, out, err);
     }
@@ -778,7 +796,7 @@ static int arith(const ectx_t *c, const mc__xnode_t *n, const mc__xval_t *vals, 
         }
         if (!is_number(t)) {
             return mc__expr_fail(c->err, code, "%s only supports numeric%s types, not %s", n->name,
-                        dates_ok ? " or date" : "", type_name(&vals[i]));
+                                 dates_ok ? " or date" : "", type_name(&vals[i]));
         }
         use_double |= t == BSON_TYPE_DOUBLE || t == BSON_TYPE_DECIMAL128;
         use_long |= t == BSON_TYPE_INT64;
@@ -840,12 +858,12 @@ static int eval_mod(const ectx_t *c, const mc__xval_t *a, const mc__xval_t *b, m
         return 0;
     }
     if (!is_number(a->v.value_type) || !is_number(b->v.value_type)) {
-        return mc__expr_fail(c->err, 16611, "$mod only supports numeric types, not %s and %s", type_name(a),
-                    type_name(b));
+        return mc__expr_fail(c->err, 16611, "$mod only supports numeric types, not %s and %s",
+                             type_name(a), type_name(b));
     }
     bson_type_t ta = a->v.value_type, tb = b->v.value_type;
-    bool dbl = ta == BSON_TYPE_DOUBLE || ta == BSON_TYPE_DECIMAL128 ||
-               tb == BSON_TYPE_DOUBLE || tb == BSON_TYPE_DECIMAL128;
+    bool dbl = ta == BSON_TYPE_DOUBLE || ta == BSON_TYPE_DECIMAL128 || tb == BSON_TYPE_DOUBLE ||
+               tb == BSON_TYPE_DECIMAL128;
     if (dbl) {
         double y = as_double(b);
         if (y == 0) {
@@ -875,7 +893,7 @@ static int eval_unary_math(const ectx_t *c, const mc__xnode_t *n, const mc__xval
     bson_type_t t = a->v.value_type;
     if (!is_number(t)) {
         return mc__expr_fail(c->err, 28765, "%s only supports numeric types, not %s", n->name,
-                    type_name(a));
+                             type_name(a));
     }
     if (t == BSON_TYPE_INT32 || t == BSON_TYPE_INT64) {
         int64_t i = as_int64(a);
@@ -910,7 +928,8 @@ static int eval_concat(const ectx_t *c, const mc__xnode_t *n, const mc__xval_t *
             return 0;
         }
         if (vals[i].v.value_type != BSON_TYPE_UTF8) {
-            return mc__expr_fail(c->err, 16702, "$concat only supports strings, not %s", type_name(&vals[i]));
+            return mc__expr_fail(c->err, 16702, "$concat only supports strings, not %s",
+                                 type_name(&vals[i]));
         }
         total += vals[i].v.value.v_utf8.len;
     }
@@ -950,7 +969,9 @@ static int eval_to_string(const ectx_t *c, mc__xval_t *a, mc__xval_t *out)
     case BSON_TYPE_INT64: snprintf(buf, sizeof(buf), "%" PRId64, v->value.v_int64); break;
     case BSON_TYPE_DOUBLE: snprintf(buf, sizeof(buf), "%.17g", v->value.v_double); break;
     case BSON_TYPE_DECIMAL128: bson_decimal128_to_string(&v->value.v_decimal128, buf); break;
-    case BSON_TYPE_BOOL: snprintf(buf, sizeof(buf), "%s", v->value.v_bool ? "true" : "false"); break;
+    case BSON_TYPE_BOOL:
+        snprintf(buf, sizeof(buf), "%s", v->value.v_bool ? "true" : "false");
+        break;
     case BSON_TYPE_OID: bson_oid_to_string(&v->value.v_oid, buf); break;
     case BSON_TYPE_DATE_TIME: {
         int64_t ms = v->value.v_datetime;
@@ -962,9 +983,10 @@ static int eval_to_string(const ectx_t *c, mc__xval_t *a, mc__xval_t *out)
         break;
     }
     default:
-        return mc__expr_fail(c->err, 241,
-                    "Unsupported conversion from %s to string in $convert with no onError value",
-                    type_name(a));
+        return mc__expr_fail(
+            c->err, 241,
+            "Unsupported conversion from %s to string in $convert with no onError value",
+            type_name(a));
     }
     set_cstring(out, buf);
     return 0;
@@ -976,7 +998,7 @@ static int eval_in(const ectx_t *c, const mc__xval_t *needle, const mc__xval_t *
     bson_iter_t it;
     if (arr->v.value_type != BSON_TYPE_ARRAY) {
         return mc__expr_fail(c->err, 40081, "$in requires an array as a second argument, found: %s",
-                    type_name(arr));
+                             type_name(arr));
     }
     bool found = false;
     if (mc__bson_iter_init_safe(&it, arr->v.value.v_doc.data, arr->v.value.v_doc.data_len)) {
@@ -992,8 +1014,9 @@ static int eval_size(const ectx_t *c, const mc__xval_t *a, mc__xval_t *out)
 {
     bson_iter_t it;
     if (a->v.value_type != BSON_TYPE_ARRAY) {
-        return mc__expr_fail(c->err, 17124, "The argument to $size must be an array. Type of argument: %s",
-                    type_name(a));
+        return mc__expr_fail(c->err, 17124,
+                             "The argument to $size must be an array. Type of argument: %s",
+                             type_name(a));
     }
     int32_t n = 0;
     if (mc__bson_iter_init_safe(&it, a->v.value.v_doc.data, a->v.value.v_doc.data_len)) {

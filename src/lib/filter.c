@@ -1707,9 +1707,8 @@ static int substitute(parse_ctx_t *c, const uint8_t *data, uint32_t len, bson_t 
                 if (!ok) {
                     return bad(c, "filter too large%s", "");
                 }
-                int rc =
-                    substitute(c, v->value.v_doc.data, v->value.v_doc.data_len, &child, depth + 1,
-                               in_expr || strcmp(key, "$expr") == 0);
+                int rc = substitute(c, v->value.v_doc.data, v->value.v_doc.data_len, &child,
+                                    depth + 1, in_expr || strcmp(key, "$expr") == 0);
                 if (rc < 0) {
                     return rc;
                 }

@@ -205,34 +205,35 @@ static int proj_parse_fields(mc__xprog_t *prog, projection_t *pr, const bson_val
         int rc = 0;
         bool is_id = strcmp(full, "_id") == 0;
         if (key[0] == '$') {
-            rc =
-                find && (strcmp(key, "$slice") == 0 || strcmp(key, "$elemMatch") == 0)
-                    ? mc__expr_fail(err, 2, "projection operator %s is not supported by mongo-emulator", key)
-                    : mc__expr_fail(err, 16410,
-                           "FieldPath field names may not start with '$'. "
-                           "Consider using $getField or $setField.");
+            rc = find && (strcmp(key, "$slice") == 0 || strcmp(key, "$elemMatch") == 0)
+                     ? mc__expr_fail(
+                           err, 2, "projection operator %s is not supported by mongo-emulator", key)
+                     : mc__expr_fail(err, 16410,
+                                     "FieldPath field names may not start with '$'. "
+                                     "Consider using $getField or $setField.");
         } else if (find && mc__expr_is_operator_doc(v) && find_projection_operator(v)) {
             rc = mc__expr_fail(err, 2, "projection operator %s is not supported by mongo-emulator",
-                      find_projection_operator(v));
+                               find_projection_operator(v));
         } else if (add) {
             if (v->value_type == BSON_TYPE_DOCUMENT && !mc__expr_is_operator_doc(v) &&
                 v->value.v_doc.data_len > 5) {
-                rc = proj_parse_fields(prog, pr, v, full, add, find, depth + 1, n_incl, n_excl,
-                                       err);
+                rc =
+                    proj_parse_fields(prog, pr, v, full, add, find, depth + 1, n_incl, n_excl, err);
             } else {
                 rc = proj_insert(prog, &pr->root, full, PK_COMPUTED, v, depth + 1, err);
             }
         } else if (v->value_type == BSON_TYPE_DOCUMENT && !mc__expr_is_operator_doc(v)) {
             if (v->value.v_doc.data_len <= 5) {
                 rc = mc__expr_fail(err, 51270,
-                          "An empty sub-projection is not a valid value. Found "
-                          "empty object at path");
+                                   "An empty sub-projection is not a valid value. Found "
+                                   "empty object at path");
             } else {
-                rc = proj_parse_fields(prog, pr, v, full, add, find, depth + 1, n_incl, n_excl,
-                                       err);
+                rc =
+                    proj_parse_fields(prog, pr, v, full, add, find, depth + 1, n_incl, n_excl, err);
             }
         } else if (v->value_type == BSON_TYPE_BOOL || mc__bson_is_number(v->value_type)) {
-            bool incl = v->value_type == BSON_TYPE_BOOL ? v->value.v_bool : mc__bson_value_as_double(v) != 0;
+            bool incl = v->value_type == BSON_TYPE_BOOL ? v->value.v_bool
+                                                        : mc__bson_value_as_double(v) != 0;
             if (is_id) {
                 pr->exclude_id = !incl;
                 pr->include_id = incl;
@@ -241,11 +242,12 @@ static int proj_parse_fields(mc__xprog_t *prog, projection_t *pr, const bson_val
                 rc = proj_insert(prog, &pr->root, full, incl ? PK_INCLUDE : PK_EXCLUDE, NULL, 0,
                                  err);
                 if (rc == 0 && *n_incl && *n_excl) {
-                    rc =
-                        incl
-                            ? mc__expr_fail(err, 31253,
+                    rc = incl
+                             ? mc__expr_fail(
+                                   err, 31253,
                                    "Cannot do inclusion on field %s in exclusion projection", full)
-                            : mc__expr_fail(err, 31254,
+                             : mc__expr_fail(
+                                   err, 31254,
                                    "Cannot do exclusion on field %s in inclusion projection", full);
                 }
             }
@@ -257,9 +259,10 @@ static int proj_parse_fields(mc__xprog_t *prog, projection_t *pr, const bson_val
             (*n_incl)++;
             rc = proj_insert(prog, &pr->root, full, PK_COMPUTED, v, depth + 1, err);
             if (rc == 0 && *n_excl) {
-                rc = mc__expr_fail(err, 31252,
-                          "Invalid $project :: caused by :: Cannot use expression other than "
-                          "$meta in exclusion projection");
+                rc = mc__expr_fail(
+                    err, 31252,
+                    "Invalid $project :: caused by :: Cannot use expression other than "
+                    "$meta in exclusion projection");
             }
         }
         bson_free(full);
@@ -278,8 +281,8 @@ static int projection_parse(mc__xprog_t *prog, projection_t *pr, const bson_valu
     if (spec->value_type != BSON_TYPE_DOCUMENT) {
         return mc__expr_fail(err, 2, "projection must be an object");
     }
-    int rc = proj_parse_fields(prog, pr, spec, NULL, forced == PM_ADD, find, 0, &n_incl, &n_excl,
-                               err);
+    int rc =
+        proj_parse_fields(prog, pr, spec, NULL, forced == PM_ADD, find, 0, &n_incl, &n_excl, err);
     if (rc < 0) {
         pnode_free_kids(&pr->root);
         return rc;
@@ -296,8 +299,8 @@ static int projection_parse(mc__xprog_t *prog, projection_t *pr, const bson_valu
         pr->mode = PM_INCLUSION; /* {_id: 1} alone keeps only _id */
     } else if (!find) {
         return mc__expr_fail(err, 51272,
-                    "Invalid $project :: caused by :: projection specification must "
-                    "have at least one field");
+                             "Invalid $project :: caused by :: projection specification must "
+                             "have at least one field");
     } else {
         pr->mode = PM_EXCLUSION; /* find with {} returns whole documents */
     }
@@ -439,8 +442,7 @@ static int apply_level(papply_t *a, const pnode_t *spec, pmode_t mode, const bso
     if (top && mode == PM_INCLUSION && !pr->exclude_id) {
         /* _id comes first in inclusion projections. */
         bson_iter_t idit;
-        if (doc_find(in, "_id", &idit) &&
-            !pnode_child((pnode_t *)spec, "_id", 3)) {
+        if (doc_find(in, "_id", &idit) && !pnode_child((pnode_t *)spec, "_id", 3)) {
             bson_append_value(out, "_id", 3, bson_iter_value(&idit));
         }
     }
@@ -515,8 +517,8 @@ static int apply_level(papply_t *a, const pnode_t *spec, pmode_t mode, const bso
         }
     }
     if (seen != seen_small) {
-            bson_free(seen);
-        }
+        bson_free(seen);
+    }
     return rc;
 }
 
@@ -644,9 +646,10 @@ static int parse_unset(mc_pipeline_t *p, stage_t *s, const bson_value_t *v, mc_e
         }
         while (rc == 0 && bson_iter_next(&a)) {
             if (!BSON_ITER_HOLDS_UTF8(&a)) {
-                rc = mc__expr_fail(err, 31120,
-                          "$unset specification must be a string or an array containing only "
-                          "string values");
+                rc = mc__expr_fail(
+                    err, 31120,
+                    "$unset specification must be a string or an array containing only "
+                    "string values");
             } else {
                 bson_append_int32(&spec, bson_iter_utf8(&a, NULL), -1, 0);
             }
@@ -655,8 +658,9 @@ static int parse_unset(mc_pipeline_t *p, stage_t *s, const bson_value_t *v, mc_e
         rc = mc__expr_fail(err, 31002, "$unset specification must be a string or an array");
     }
     if (rc == 0 && bson_count_keys(&spec) == 0) {
-        rc = mc__expr_fail(err, 31119,
-                  "$unset specification must be a string or an array with at least one field");
+        rc = mc__expr_fail(
+            err, 31119,
+            "$unset specification must be a string or an array with at least one field");
     }
     if (rc == 0) {
         bson_value_t sv;
@@ -674,13 +678,13 @@ static int parse_stage(mc_pipeline_t *p, stage_t *s, const bson_value_t *sv,
     if (sv->value_type != BSON_TYPE_DOCUMENT ||
         !mc__bson_iter_init_safe(&it, sv->value.v_doc.data, sv->value.v_doc.data_len) ||
         !bson_iter_next(&it)) {
-        return mc__expr_fail(err, 40323,
-                    "A pipeline stage specification object must contain exactly one field.");
+        return mc__expr_fail(
+            err, 40323, "A pipeline stage specification object must contain exactly one field.");
     }
     bson_iter_t more = it;
     if (bson_iter_next(&more)) {
-        return mc__expr_fail(err, 40323,
-                    "A pipeline stage specification object must contain exactly one field.");
+        return mc__expr_fail(
+            err, 40323, "A pipeline stage specification object must contain exactly one field.");
     }
     const char *name = bson_iter_key(&it);
     const bson_value_t *v = bson_iter_value(&it);
@@ -795,10 +799,11 @@ static int reshape(const mc_pipeline_t *p, const stage_t *s, const bson_t *doc, 
     }
     if (v.v.value_type != BSON_TYPE_DOCUMENT) {
         bool missing = v.v.value_type == BSON_TYPE_EOD;
-        rc = mc__expr_fail(err, 40228,
-                  "'replacement document' must evaluate to an object, but resulting value was: "
-                  "%s. Type of resulting value: '%s'.",
-                  missing ? "MISSING" : "a non-object", mc_bson_type_name(v.v.value_type));
+        rc = mc__expr_fail(
+            err, 40228,
+            "'replacement document' must evaluate to an object, but resulting value was: "
+            "%s. Type of resulting value: '%s'.",
+            missing ? "MISSING" : "a non-object", mc_bson_type_name(v.v.value_type));
     } else {
         bson_t view;
         if (bson_init_static(&view, v.v.value.v_doc.data, v.v.value.v_doc.data_len)) {

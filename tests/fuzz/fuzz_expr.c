@@ -151,8 +151,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
                     if (v->value_type == BSON_TYPE_ARRAY) {
                         run_pipeline(&sub, in);
                     } else {
-                        run_projection(&sub, n & 1 ? MC_PROJECTION_FIND
-                                                   : MC_PROJECTION_ADD_FIELDS, in);
+                        run_projection(&sub, n & 1 ? MC_PROJECTION_FIND : MC_PROJECTION_ADD_FIELDS,
+                                       in);
                     }
                 }
             }

@@ -525,10 +525,11 @@ static void test_pipeline(void **state)
     expect_apply(p, "{\"a\": 1}", 0, NULL);
     mc_pipeline_destroy(p);
 
-    p = pipeline("[{\"$set\": {\"low\": {\"$lte\": [\"$q\", \"$r\"]}, \"q\": \"$$REMOVE\"}}, "
-                 "{\"$match\": {\"low\": true}}, {\"$unset\": \"r\"}, "
-                 "{\"$replaceWith\": {\"doc\": \"$$ROOT\", \"k\": {\"$concat\": [\"k\", \"$id\"]}}}]",
-                 NULL);
+    p = pipeline(
+        "[{\"$set\": {\"low\": {\"$lte\": [\"$q\", \"$r\"]}, \"q\": \"$$REMOVE\"}}, "
+        "{\"$match\": {\"low\": true}}, {\"$unset\": \"r\"}, "
+        "{\"$replaceWith\": {\"doc\": \"$$ROOT\", \"k\": {\"$concat\": [\"k\", \"$id\"]}}}]",
+        NULL);
     expect_apply(p, "{\"id\": \"1\", \"q\": 1, \"r\": 2}", 1,
                  "{\"doc\": {\"id\": \"1\", \"low\": true}, \"k\": \"k1\"}");
     expect_apply(p, "{\"id\": \"1\", \"q\": 3, \"r\": 2}", 0, NULL);
@@ -593,12 +594,12 @@ static void test_projection(void **state)
 int main(void)
 {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_type_order),      cmocka_unit_test(test_missing_and_null),
-        cmocka_unit_test(test_field_paths),     cmocka_unit_test(test_arithmetic),
-        cmocka_unit_test(test_logic),           cmocka_unit_test(test_compile_errors),
-        cmocka_unit_test(test_limits),          cmocka_unit_test(test_eval_bool),
-        cmocka_unit_test(test_filter_expr),     cmocka_unit_test(test_filter_expr_vars),
-        cmocka_unit_test(test_pipeline),        cmocka_unit_test(test_projection),
+        cmocka_unit_test(test_type_order),  cmocka_unit_test(test_missing_and_null),
+        cmocka_unit_test(test_field_paths), cmocka_unit_test(test_arithmetic),
+        cmocka_unit_test(test_logic),       cmocka_unit_test(test_compile_errors),
+        cmocka_unit_test(test_limits),      cmocka_unit_test(test_eval_bool),
+        cmocka_unit_test(test_filter_expr), cmocka_unit_test(test_filter_expr_vars),
+        cmocka_unit_test(test_pipeline),    cmocka_unit_test(test_projection),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -1090,8 +1090,8 @@ static void record_ddl(emu_server_t *srv, emu_op_t op, const char *db, const cha
 }
 
 /* {indexes: [spec]}: createIndexes and dropIndexes describe the indexes they touched. */
-static void record_index_event(emu_server_t *srv, emu_op_t op, const char *db,
-                               const emu_coll_t *c, const bson_t *const *specs, size_t n)
+static void record_index_event(emu_server_t *srv, emu_op_t op, const char *db, const emu_coll_t *c,
+                               const bson_t *const *specs, size_t n)
 {
     bson_t desc = BSON_INITIALIZER, arr;
     BSON_APPEND_ARRAY_BEGIN(&desc, "indexes", &arr);
@@ -1150,8 +1150,8 @@ static int view_create(emu_server_t *srv, const char *db, const char *name, cons
                             "'viewOn' option must be a non-empty string");
     }
     if (emu_catalog_coll(srv, db, name) || view_find(srv, db, name)) {
-        return mc_error_set(err, MC_EINVAL, MC_DOMAIN_MONGODB, 48,
-                            "Namespace %s.%s already exists", db, name);
+        return mc_error_set(err, MC_EINVAL, MC_DOMAIN_MONGODB, 48, "Namespace %s.%s already exists",
+                            db, name);
     }
     bson_t *def = bson_new();
     BSON_APPEND_UTF8(def, "viewOn", bson_iter_utf8(&it, NULL));
@@ -1181,8 +1181,8 @@ bool emu_catalog_refuse_view(emu_server_t *srv, const char *command, const char 
                              const bson_t *cmd, bson_t *reply)
 {
     static const char *const on_collections[] = {
-        "insert",        "update", "delete",        "find",          "findAndModify",
-        "findandmodify", "count",  "distinct",      "aggregate",     "createIndexes",
+        "insert",        "update",      "delete",        "find",      "findAndModify",
+        "findandmodify", "count",       "distinct",      "aggregate", "createIndexes",
         "dropIndexes",   "listIndexes", "deleteIndexes", "collStats"};
     bson_iter_t it;
     if (!srv->catalog->views || !bson_iter_init(&it, cmd) || !bson_iter_next(&it) ||
@@ -1831,8 +1831,8 @@ void emu_cmd_list_databases(emu_conn_t *conn, const bson_t *cmd, const char *db,
 }
 
 /* createIndexes events for the indexes from position `from` on (the ones just added). */
-static void record_new_indexes(emu_server_t *srv, const char *db, const emu_coll_t *c,
-                               size_t from, bool each)
+static void record_new_indexes(emu_server_t *srv, const char *db, const emu_coll_t *c, size_t from,
+                               bool each)
 {
     const bson_t *specs[MAX_INDEXES];
     size_t n = 0;

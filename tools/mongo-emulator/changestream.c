@@ -522,7 +522,8 @@ static void add_if_ambiguous(const char *path, const bson_t *doc, bson_t *out)
         ambiguous |= !index[i] && i > 0 && numeric_component(comp[i], len[i]);
         bool found = false;
         while (have && bson_iter_next(&it)) {
-            if (bson_iter_key_len(&it) == len[i] && memcmp(bson_iter_key(&it), comp[i], len[i]) == 0) {
+            if (bson_iter_key_len(&it) == len[i] &&
+                memcmp(bson_iter_key(&it), comp[i], len[i]) == 0) {
                 found = true;
                 break;
             }
