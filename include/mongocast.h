@@ -8,7 +8,8 @@
  * log.h     log handler, levels, rate-limited logging
  * config.h  the YAML configuration (mc_config_t)
  * event.h   mc_event_t: one immutable, refcounted, normalised event
- * filter.h  MongoDB query matching (subscriber filters, $var stages)
+ * filter.h  MongoDB query matching (subscriber filters, $var stages, $expr)
+ * pipeline.h aggregation expressions, projections and per-document stages
  * sink.h    mc_sink_type_t: the sink vtable; built-in stdout and memory sinks
  * engine.h  mc_engine_t: watchers, dispatch, checkpoints
  *
@@ -24,6 +25,7 @@
 #include "mongocast/config.h"
 #include "mongocast/event.h"
 #include "mongocast/filter.h"
+#include "mongocast/pipeline.h"
 #include "mongocast/sink.h"
 #include "mongocast/engine.h"
 

@@ -5,6 +5,8 @@
 #   BENCH_SELECT   which benchmarks, default "emulator intake"
 #   BENCH_RAW      if set, every run's raw key=value lines are appended to this file
 #   bench_emulator: BENCH_DOCS (200000), BENCH_DOC_BYTES (200)
+#   bench_expr:     EXPR_ITERATIONS (1000000); needs no server (docs/PERFORMANCE.md,
+#                   "Expressions and per-document stages")
 #   bench_intake:   INTAKE_DOCS (200000), INTAKE_DOC_BYTES (1024); the engine's stdout sink
 #                   writes to /dev/null (docs/PERFORMANCE.md, "Engine intake")
 #   bench_fanout:   (docs/PERFORMANCE.md, "Fan-out") each phase of each run gets a fresh
@@ -163,6 +165,10 @@ for b in $select; do
       for ph in ${FANOUT_PHASES:-throughput latency idle idle_max}; do fanout_phase "$ph"; done
       continue
     fi
+    if [ "$b" = expr ]; then
+      "$build/bench/bench_expr" --iterations "${EXPR_ITERATIONS:-1000000}" >>"$out"
+      continue
+    fi
     start_emulator
     uri="mongodb://127.0.0.1:$port/?replicaSet=rs0"
     case $b in
@@ -180,6 +186,14 @@ for b in $select; do
   done
   if [ -n "${BENCH_RAW:-}" ]; then sed "s/^/bench=$b /" "$out" >>"$BENCH_RAW"; fi
   case $b in
+    expr)
+      echo "bench_expr, $runs runs, medians (CPU ns and libbson allocations per event):"
+      for c in $(sed -n 's/.* case=\([a-z_]*\) .*/\1/p' "$out" | sort -u); do
+        printf '  %-26s ns_per_event %-8s allocs_per_event %s\n' "$c" \
+          "$(grep "case=$c " "$out" | sed -n 's/.* ns_per_event=\([0-9.]*\).*/\1/p' | median)" \
+          "$(grep "case=$c " "$out" | sed -n 's/.* allocs_per_event=\([0-9.]*\).*/\1/p' | median)"
+      done
+      ;;
     emulator)
       echo "bench_emulator, $runs runs, medians:"
       for key in docs_per_wall_s docs_per_emulator_cpu_s; do

@@ -5,9 +5,8 @@ A multi-user inventory app in the database `mongocast_demo`. alice and bob own t
 each (businesses); every shop stocks items (inventory_items, owned_by = the shop's _id);
 customers place orders (orders, owner_id = the shop's owner) that lower the stock. Orders move
 placed -> paid -> shipped, some are cancelled (deleted, their stock returned), and items that
-fall to their reorder point get restocked a little later. Every stock write keeps
-`below_reorder_point` equal to quantity_in_stock <= reorder_point, which the demo's
-low_stock stream matches on the server (see demo.yaml for why not $expr).
+fall to their reorder point get restocked a little later; the demo's low_stock stream finds them
+with the seed app's $expr (quantity_in_stock <= reorder_point), evaluated on the server.
 
     demo_writer.py URI setup     drop and recreate the demo database with its starting data
     demo_writer.py URI run [--interval S] [--seconds N] [--seed N]
@@ -37,6 +36,7 @@ SHOPS = [
      [("inner tube", 7.0), ("bell", 5.5), ("chain oil", 8.0), ("lights", 19.0)]),
 ]
 OWNER = {bid: owner for bid, _, owner, _ in SHOPS}
+LOW_STOCK = {"$expr": {"$lte": ["$quantity_in_stock", "$reorder_point"]}}
 
 
 def say(msg):
@@ -55,15 +55,13 @@ def setup(db):
             reorder = rng.randint(3, 5)
             db.inventory_items.insert_one({
                 "_id": "%s/%s" % (bid, item.replace(" ", "-")), "name": item, "owned_by": bid,
-                "price": price, "quantity_in_stock": qty, "reorder_point": reorder,
-                "below_reorder_point": qty <= reorder})
+                "price": price, "quantity_in_stock": qty, "reorder_point": reorder})
     say("created %d businesses (alice and bob) with %d items in database %s" % (
         db.businesses.count_documents({}), db.inventory_items.count_documents({}), DB))
 
 
 def set_stock(db, item, qty):
-    db.inventory_items.update_one({"_id": item["_id"]}, {"$set": {
-        "quantity_in_stock": qty, "below_reorder_point": qty <= item["reorder_point"]}})
+    db.inventory_items.update_one({"_id": item["_id"]}, {"$set": {"quantity_in_stock": qty}})
 
 
 def place_order(db, rng):
@@ -114,7 +112,7 @@ def cancel_order(db, rng):
 
 
 def restock(db, rng):
-    low = list(db.inventory_items.find({"below_reorder_point": True}))
+    low = list(db.inventory_items.find(LOW_STOCK))
     if not low:
         return place_order(db, rng)
     item = rng.choice(low)

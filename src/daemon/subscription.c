@@ -9,7 +9,8 @@
  * Invariants:
  *   - everything a subscriber sends is parsed, validated and compiled here, once, before
  *     the upgrade; mcd_subscription_match() only reads compiled filters and allocates nothing
- *     (POSIX regexec may allocate internally for $regex);
+ *     (POSIX regexec may allocate internally for $regex, and a config stage's $expr when it
+ *     builds a string or crosses an array);
  *   - a subscription keeps no pointer into the stream config (a reload may replace it);
  *   - fail closed: a subscriber that is neither authenticated nor on a public stream (or on
  *     a server without auth) is refused here too, even though mcd_auth_subscriber() already
@@ -284,8 +285,10 @@ static int compile_local(mcd_subscription_t *sub, const mc_stream_config_t *stre
             bson_destroy(&local);
             return mcd_refuse(r, 400, "invalid_vars", "stream pipeline cannot be evaluated");
         }
+        /* The stage comes from the operator's config, so $expr is allowed here; what the
+         * subscriber binds is a value (the matcher makes it a literal inside $expr), and
+         * $where/$function/$accumulator are not supported by the matcher at all. */
         mc_filter_opts_t opts = {
-            .refuse_code_operators = true,
             .vars = vars,
         };
         mc_filter_t *f = mc_filter_new(&query, &opts, &err);

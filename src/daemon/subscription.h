@@ -8,7 +8,8 @@
  *      and never authorizes, so anonymous subscribers see every event);
  *   2. the stream's `$match` stages that use {$var: name}, bound with the subscriber's `vars`
  *      (a JSON object; an unbound name is refused with 400 "variable NAME not bound", a value
- *      holding an operator key such as {$ne: ...} with 400);
+ *      holding an operator key such as {$ne: ...} with 400; these stages come from the config
+ *      and may use $expr, where a bound value is always a literal);
  *   3. the subscriber's `filter` (a JSON MongoDB query over the change event, when the stream
  *      allows client filters; $where $function $accumulator $expr refused; bounded in size
  *      and depth).

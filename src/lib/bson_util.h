@@ -18,6 +18,13 @@
  * timestamp 47 < regex 50 < dbPointer 55 < code 60 < code with scope 65 < MaxKey 100). */
 int mc__bson_canon_rank(bson_type_t type);
 
+/* bson_iter_init_from_data that refuses a NULL buffer: malformed BSON can hold a zero-length
+ * sub-document, which bson_value_copy turns into a NULL pointer that libbson would assert on. */
+static inline bool mc__bson_iter_init_safe(bson_iter_t *it, const uint8_t *data, size_t len)
+{
+    return data && bson_iter_init_from_data(it, data, len);
+}
+
 /* True for int32, int64, double and decimal128. */
 bool mc__bson_is_number(bson_type_t type);
 

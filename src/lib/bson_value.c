@@ -18,13 +18,6 @@
 #include <stdlib.h>
 #include <string.h>
 
-/* Malformed BSON can hold a zero-length sub-document, which bson_value_copy turns into a NULL
- * pointer that bson_iter_init_from_data would assert on: treat it as unreadable instead. */
-static bool safe_iter_init(bson_iter_t *it, const uint8_t *data, size_t len)
-{
-    return data && bson_iter_init_from_data(it, data, len);
-}
-
 int mc__bson_canon_rank(bson_type_t type)
 {
     switch (type) {
@@ -51,6 +44,34 @@ int mc__bson_canon_rank(bson_type_t type)
     case BSON_TYPE_CODEWSCOPE: return 65;
     case BSON_TYPE_MAXKEY: return 100;
     default: return 101;
+    }
+}
+
+const char *mc_bson_type_name(bson_type_t type)
+{
+    switch (type) {
+    case BSON_TYPE_DOUBLE: return "double";
+    case BSON_TYPE_UTF8: return "string";
+    case BSON_TYPE_DOCUMENT: return "object";
+    case BSON_TYPE_ARRAY: return "array";
+    case BSON_TYPE_BINARY: return "binData";
+    case BSON_TYPE_UNDEFINED: return "undefined";
+    case BSON_TYPE_OID: return "objectId";
+    case BSON_TYPE_BOOL: return "bool";
+    case BSON_TYPE_DATE_TIME: return "date";
+    case BSON_TYPE_NULL: return "null";
+    case BSON_TYPE_REGEX: return "regex";
+    case BSON_TYPE_DBPOINTER: return "dbPointer";
+    case BSON_TYPE_CODE: return "javascript";
+    case BSON_TYPE_SYMBOL: return "symbol";
+    case BSON_TYPE_CODEWSCOPE: return "javascriptWithScope";
+    case BSON_TYPE_INT32: return "int";
+    case BSON_TYPE_TIMESTAMP: return "timestamp";
+    case BSON_TYPE_INT64: return "long";
+    case BSON_TYPE_DECIMAL128: return "decimal";
+    case BSON_TYPE_MINKEY: return "minKey";
+    case BSON_TYPE_MAXKEY: return "maxKey";
+    default: return "missing";
     }
 }
 
@@ -174,8 +195,8 @@ int mc__bson_doc_compare(const uint8_t *a, uint32_t alen, const uint8_t *b, uint
     if (depth <= 0) {
         return cmp_bytes(a, alen, b, blen);
     }
-    bool oka = safe_iter_init(&ia, a, alen);
-    bool okb = safe_iter_init(&ib, b, blen);
+    bool oka = mc__bson_iter_init_safe(&ia, a, alen);
+    bool okb = mc__bson_iter_init_safe(&ib, b, blen);
     if (!oka || !okb) {
         return cmp_bytes(a, alen, b, blen);
     }

@@ -28,12 +28,17 @@
  *    "Regular expression is invalid"): lookaround, backreferences, inline flags (?i), \] and
  *    \- inside a bracket expression. Nested repetition counts are capped so that a hostile
  *    pattern cannot make regcomp build a huge automaton.
+ *  - $expr compiles its aggregation expression (expr.c) into filter->xprog and matches when
+ *    the value is truthy; it is refused inside $elemMatch (MongoDB: top-level document only).
+ *    An evaluation error (e.g. $add on a string) makes the document not match; the pipeline
+ *    stages use mc__filter_eval() to report it instead.
  * Invariants: a compiled filter never changes; every node belongs to filter->nodes and is
  * freed from there, never recursively.
  */
 #include "mongocast/filter.h"
 
 #include "bson_util.h"
+#include "expr_private.h"
 
 #include <math.h>
 #include <regex.h>
@@ -74,6 +79,7 @@ typedef enum node_kind {
     P_MOD,
     P_ELEM_OBJ, /* kids[0]: doc-level node applied to each document element */
     P_ELEM_VAL, /* kids[0]: value-level node (AND of predicates) applied to each element */
+    N_EXPR,     /* $expr: an aggregation expression over the whole document, true if truthy */
 } node_kind_t;
 
 typedef struct rx {
@@ -103,6 +109,7 @@ struct node {
     bool types[256]; /* P_TYPE, indexed by (uint8_t)bson_type_t; MinKey is 0xFF */
     bool type_number;
     int64_t num, num2; /* P_SIZE count; P_MOD divisor, remainder */
+    mc__xnode_t *expr; /* N_EXPR, owned by filter->xprog */
 };
 
 struct mc_filter {
@@ -114,12 +121,14 @@ struct mc_filter {
     rx_t **rxs;
     size_t nrxs, caprxs;
     int npredicates;
+    mc__xprog_t xprog; /* the $expr expressions */
 };
 
 typedef struct parse_ctx {
     mc_filter_t *f;
     const mc_filter_opts_t *opts;
     int max_depth;
+    int in_elem_match; /* > 0 while parsing the query of an $elemMatch */
     mc_error_t *err;
 } parse_ctx_t;
 
@@ -594,7 +603,14 @@ static bool rx_match_value(const rx_t *rx, const bson_value_t *v)
 
 /* ---------------------------------------------------------------- matching */
 
-static bool eval_doc(const node_t *n, const uint8_t *data, uint32_t len);
+/* What a match reports besides true/false: the first $expr evaluation error. */
+typedef struct match {
+    const mc__xprog_t *xprog;
+    mc_error_t *err;
+    bool failed;
+} match_t;
+
+static bool eval_doc(const node_t *n, const uint8_t *data, uint32_t len, match_t *m);
 static bool eval_value(const node_t *n, const bson_value_t *v);
 
 static bool values_equal(const bson_value_t *a, const bson_value_t *b)
@@ -708,7 +724,7 @@ static bool test_pred(const node_t *p, const bson_value_t *v)
             const bson_value_t *e = bson_iter_value(&it);
             if (p->kind == P_ELEM_OBJ) {
                 if ((e->value_type == BSON_TYPE_DOCUMENT || e->value_type == BSON_TYPE_ARRAY) &&
-                    eval_doc(p->kids[0], e->value.v_doc.data, e->value.v_doc.data_len)) {
+                    eval_doc(p->kids[0], e->value.v_doc.data, e->value.v_doc.data_len, NULL)) {
                     return true;
                 }
             } else if (eval_value(p->kids[0], e)) {
@@ -866,31 +882,51 @@ static bool visit_value(const node_t *pn, const bson_value_t *v, size_t ci)
     return test_leaf(pn->pred, NULL);
 }
 
-static bool eval_doc(const node_t *n, const uint8_t *data, uint32_t len)
+/* $expr: the expression's value, converted to a boolean. An evaluation error makes the
+ * document not match and is reported through `m` (NULL inside $elemMatch, which refuses
+ * $expr at parse time). */
+static bool eval_expr(const node_t *n, const uint8_t *data, uint32_t len, match_t *m)
+{
+    mc__xval_t v;
+    mc_error_t local;
+    if (!m || m->failed) {
+        return false;
+    }
+    if (mc__expr_eval(m->xprog, n->expr, data, len, &v, m->err ? m->err : &local) < 0) {
+        m->failed = true;
+        return false;
+    }
+    bool t = mc__xval_truthy(&v);
+    mc__xval_release(&v);
+    return t;
+}
+
+static bool eval_doc(const node_t *n, const uint8_t *data, uint32_t len, match_t *m)
 {
     switch (n->kind) {
     case N_AND:
         for (size_t i = 0; i < n->nkids; i++) {
-            if (!eval_doc(n->kids[i], data, len)) {
+            if (!eval_doc(n->kids[i], data, len, m)) {
                 return false;
             }
         }
         return true;
     case N_OR:
         for (size_t i = 0; i < n->nkids; i++) {
-            if (eval_doc(n->kids[i], data, len)) {
+            if (eval_doc(n->kids[i], data, len, m)) {
                 return true;
             }
         }
         return false;
     case N_NOR:
         for (size_t i = 0; i < n->nkids; i++) {
-            if (eval_doc(n->kids[i], data, len)) {
+            if (eval_doc(n->kids[i], data, len, m)) {
                 return false;
             }
         }
         return true;
-    case N_NOT: return !eval_doc(n->kids[0], data, len);
+    case N_NOT: return !eval_doc(n->kids[0], data, len, m);
+    case N_EXPR: return eval_expr(n, data, len, m);
     case N_PATH: return visit_doc(n, data, len, 0);
     default: return false;
     }
@@ -1215,7 +1251,10 @@ static node_t *parse_elem_match(parse_ctx_t *c, const bson_value_t *v, int depth
         }
     } else {
         p = pred_new(c, P_ELEM_OBJ);
-        if (!p || parse_query(c, v, depth + 1, &inner) < 0) {
+        c->in_elem_match++;
+        int rc = p ? parse_query(c, v, depth + 1, &inner) : MC_ENOMEM;
+        c->in_elem_match--;
+        if (rc < 0) {
             return NULL;
         }
     }
@@ -1493,6 +1532,26 @@ static int parse_logical(parse_ctx_t *c, const char *op, const bson_value_t *v, 
     return node_add(c, into, n);
 }
 
+/* {$expr: <aggregation expression>}: compiled into the filter's expression program. */
+static int parse_expr(parse_ctx_t *c, const bson_value_t *v, int depth, node_t *into)
+{
+    if (c->in_elem_match) {
+        return bad(c, "%s can only be applied to the top-level document", "$expr");
+    }
+    node_t *n = node_new(c, N_EXPR);
+    if (!n) {
+        return MC_ENOMEM;
+    }
+    int rc = mc__expr_compile(&c->f->xprog, v, depth + 1, &n->expr, c->err);
+    if (rc < 0) {
+        return rc;
+    }
+    if (count_predicate(c) < 0) {
+        return MC_ELIMIT;
+    }
+    return node_add(c, into, n);
+}
+
 static int parse_query(parse_ctx_t *c, const bson_value_t *doc, int depth, node_t **out)
 {
     bson_iter_t it;
@@ -1526,6 +1585,8 @@ static int parse_query(parse_ctx_t *c, const bson_value_t *doc, int depth, node_
                 rc = n ? (count_predicate(c) < 0 ? MC_ELIMIT : node_add(c, and, n)) : MC_ENOMEM;
             } else if (code_op && c->opts && c->opts->refuse_code_operators) {
                 rc = bad(c, "%s is not allowed in this filter", key);
+            } else if (strcmp(key, "$expr") == 0) {
+                rc = parse_expr(c, v, depth, and);
             } else if (code_op) {
                 rc = bad(c, "%s is not supported by this matcher", key);
             } else if (in_list(key, unsupported_ops, sizeof(unsupported_ops) / sizeof(char *))) {
@@ -1585,8 +1646,11 @@ static int check_var_value(parse_ctx_t *c, const char *name, const bson_value_t 
     return 0;
 }
 
-/* Copies the elements of `src` into `dst`, replacing {$var: name} values. */
-static int substitute(parse_ctx_t *c, const uint8_t *data, uint32_t len, bson_t *dst, int depth)
+/* Copies the elements of `src` into `dst`, replacing {$var: name} values. Inside $expr
+ * (`in_expr`) the bound value becomes {$literal: value}: a string such as "$secret" or "$$ROOT"
+ * from a subscriber must stay a value, never turn into a field path. */
+static int substitute(parse_ctx_t *c, const uint8_t *data, uint32_t len, bson_t *dst, int depth,
+                      bool in_expr)
 {
     bson_iter_t it;
     if (depth > c->max_depth) {
@@ -1625,7 +1689,14 @@ static int substitute(parse_ctx_t *c, const uint8_t *data, uint32_t len, bson_t 
                 if (rc < 0) {
                     return rc;
                 }
-                ok = bson_append_value(dst, key, klen, bound);
+                if (in_expr) {
+                    bson_t lit;
+                    ok = bson_append_document_begin(dst, key, klen, &lit) &&
+                         bson_append_value(&lit, "$literal", 8, bound) &&
+                         bson_append_document_end(dst, &lit);
+                } else {
+                    ok = bson_append_value(dst, key, klen, bound);
+                }
             } else {
                 bson_t child;
                 if (v->value_type == BSON_TYPE_DOCUMENT) {
@@ -1636,8 +1707,8 @@ static int substitute(parse_ctx_t *c, const uint8_t *data, uint32_t len, bson_t 
                 if (!ok) {
                     return bad(c, "filter too large%s", "");
                 }
-                int rc =
-                    substitute(c, v->value.v_doc.data, v->value.v_doc.data_len, &child, depth + 1);
+                int rc = substitute(c, v->value.v_doc.data, v->value.v_doc.data_len, &child,
+                                    depth + 1, in_expr || strcmp(key, "$expr") == 0);
                 if (rc < 0) {
                     return rc;
                 }
@@ -1670,7 +1741,9 @@ mc_filter_t *mc_filter_new(const bson_t *query, const mc_filter_opts_t *opts, mc
     f->query = bson_new();
     parse_ctx_t c = {.f = f, .opts = opts, .err = err};
     c.max_depth = opts && opts->max_depth > 0 ? opts->max_depth : DEFAULT_MAX_DEPTH;
-    if (substitute(&c, bson_get_data(query), query->len, f->query, 1) < 0) {
+    mc_expr_opts_t xopts = {.max_depth = c.max_depth + 1};
+    mc__xprog_init(&f->xprog, &xopts);
+    if (substitute(&c, bson_get_data(query), query->len, f->query, 1, false) < 0) {
         mc_filter_destroy(f);
         return NULL;
     }
@@ -1689,7 +1762,21 @@ bool mc_filter_match(const mc_filter_t *filter, const bson_t *doc)
     if (!filter || !doc) {
         return false;
     }
-    return eval_doc(filter->root, bson_get_data(doc), doc->len);
+    match_t m = {.xprog = &filter->xprog};
+    return eval_doc(filter->root, bson_get_data(doc), doc->len, &m) && !m.failed;
+}
+
+int mc__filter_eval(const mc_filter_t *filter, const bson_t *doc, mc_error_t *err)
+{
+    if (!filter || !doc) {
+        return mc_error_set(err, MC_EINVAL, MC_DOMAIN_MONGODB, BAD_VALUE, "no filter or document");
+    }
+    match_t m = {.xprog = &filter->xprog, .err = err};
+    bool r = eval_doc(filter->root, bson_get_data(doc), doc->len, &m);
+    if (m.failed) {
+        return err && err->code < 0 ? err->code : MC_EINVAL;
+    }
+    return r ? 1 : 0;
 }
 
 bool mc_filter_is_empty(const mc_filter_t *filter)
@@ -1713,6 +1800,7 @@ void mc_filter_destroy(mc_filter_t *filter)
     }
     free(filter->nodes);
     free(filter->rxs);
+    mc__xprog_free(&filter->xprog);
     bson_destroy(filter->query);
     free(filter);
 }

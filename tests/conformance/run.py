@@ -4,7 +4,6 @@ use. It measures how faithfully mongo-emulator (or a real server) behaves like M
 when driven by pymongo 3.11.
 
 Usage: /usr/bin/python3 tests/conformance/run.py [-k SUBSTRING] [--file NAME] [-v]
-                                                 [--include-expanded]
 
 Test data: $MC_CONFORMANCE_DIR, else <repo>/../shared/conformance/change-streams (never copied
 into this repository). Server: $MONGODB_URI if set, else mongo-emulator from $MC_BUILD_DIR
@@ -17,10 +16,9 @@ Output: one line per test, "PASS|FAIL|SKIP file:description [reason]", then
 "N passed, N failed, N skipped". Exit status 1 if any test failed.
 
 What pymongo 3.11 cannot express is sent as raw commands: change streams with
-fullDocumentBeforeChange or comment are opened with a raw aggregate and iterated with raw getMore
-commands in one session, with the change-stream spec's resume rules. showExpandedEvents is not
-sendable by pymongo 3.11 nor by libmongoc 1.23 (the daemon's driver); tests using it are skipped
-unless --include-expanded is given (then it is sent raw as well).
+fullDocumentBeforeChange, comment or showExpandedEvents (which neither pymongo 3.11 nor
+libmongoc 1.23, the daemon's driver, can send) are opened with a raw aggregate and iterated with
+raw getMore commands in one session, with the change-stream spec's resume rules.
 """
 
 import argparse
@@ -626,11 +624,10 @@ def op_result_update(r):
 
 
 class TestRun:
-    def __init__(self, file_doc, test, server, include_expanded, verbose):
+    def __init__(self, file_doc, test, server, verbose):
         self.file = file_doc
         self.test = test
         self.server = server
-        self.include_expanded = include_expanded
         self.verbose = verbose
         self.entities = {}
         self.entity_kind = {}
@@ -731,8 +728,6 @@ class TestRun:
     def op_createChangeStream(self, target, kind, args):
         args = dict(args)
         pipeline = args.pop("pipeline", [])
-        if "showExpandedEvents" in args and not self.include_expanded:
-            raise Skip("showExpandedEvents: pymongo 3.11 (and libmongoc 1.23) cannot send it")
         raw = any(k in args for k in ("fullDocumentBeforeChange", "comment",
                                       "showExpandedEvents"))
         known = {"fullDocument", "fullDocumentBeforeChange", "resumeAfter", "startAfter",
@@ -1039,8 +1034,6 @@ def main(argv=None):
     ap.add_argument("-k", dest="keyword", help="run tests whose description contains this")
     ap.add_argument("--file", help="run files whose name contains this")
     ap.add_argument("-v", "--verbose", action="store_true", help="print tracebacks")
-    ap.add_argument("--include-expanded", action="store_true",
-                    help="also run showExpandedEvents tests (sent as raw commands)")
     opts = ap.parse_args(argv)
 
     directory = conformance_dir()
@@ -1111,7 +1104,7 @@ def run_one(doc, test, servers, opts):
         reason = reason or why
     if server is None:
         return "SKIP", reason
-    run = TestRun(doc, test, server, opts.include_expanded, opts.verbose)
+    run = TestRun(doc, test, server, opts.verbose)
     status, detail = "PASS", None
     try:
         run.run()

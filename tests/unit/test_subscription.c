@@ -172,6 +172,24 @@ static void test_var_binding(void **state)
     mcd_subscription_destroy(s);
 }
 
+/* A stream's own $var stage may use $expr (the config is trusted); what a subscriber binds
+ * stays a value there: "$fullDocument.owner" is a string, not a field path to every owner. */
+static void test_var_in_expr(void **state)
+{
+    fx_t *f = *state;
+    mcd_identity_t admin = user("root", true);
+    set_pipeline(f, "{\"0\":{\"$match\":{\"$expr\":{\"$eq\":[\"$fullDocument.owner\","
+                    "{\"$var\":\"o\"}]}}}}");
+    mcd_subscription_t *s = ok_sub(f, "{\"o\":\"u1\"}", NULL, &admin);
+    assert_true(sees(s, change("insert", "u1", NULL)));
+    assert_false(sees(s, change("insert", "u2", NULL)));
+    mcd_subscription_destroy(s);
+    s = ok_sub(f, "{\"o\":\"$fullDocument.owner\"}", NULL, &admin);
+    assert_false(sees(s, change("insert", "u1", NULL)));
+    assert_false(sees(s, change("insert", "u2", NULL)));
+    mcd_subscription_destroy(s);
+}
+
 static void test_unbound_and_bad_vars(void **state)
 {
     fx_t *f = *state;
@@ -488,6 +506,7 @@ int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test_setup_teardown(test_var_binding, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_var_in_expr, setup, teardown),
         cmocka_unit_test_setup_teardown(test_unbound_and_bad_vars, setup, teardown),
         cmocka_unit_test_setup_teardown(test_operator_injection, setup, teardown),
         cmocka_unit_test_setup_teardown(test_client_filter, setup, teardown),

@@ -5,8 +5,8 @@
  * documents (the aggregate command: $match $project $addFields $set $unset $replaceRoot
  * $replaceWith $sort $skip $limit $group $count) or applied to one document at a time (the
  * stages a change stream may carry after $changeStream: the per-document ones only).
- * Expressions: "$field.path", literals, {$literal: v}, and in $group the accumulators $sum
- * $avg $min $max $first $last $push $addToSet.
+ * Per-document stages, expressions and projections are libmongocast's (mongocast/pipeline.h);
+ * $group's accumulators are $sum $avg $min $max $first $last $push $addToSet.
  *
  * Pure functions, any thread. Errors: mc_error_t, domain MC_DOMAIN_MONGODB, `cause` the
  * server's code (40324 unrecognized stage, 15958/... for bad stage arguments, 2 BadValue).

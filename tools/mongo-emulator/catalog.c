@@ -2,7 +2,15 @@
  * catalog.c: the in-memory catalog of mongo-emulator (databases -> collections -> documents,
  * indexes) and the DDL commands over it (create, collMod, drop, dropDatabase,
  * renameCollection, listCollections, listDatabases, createIndexes, listIndexes, dropIndexes,
- * collStats, dbStats).
+ * collStats, dbStats), with the change events each DDL change records: drop, rename (with the
+ * operationDescription showExpandedEvents shows) and MongoDB 6.0's expanded events create,
+ * createIndexes, dropIndexes and modify.
+ *
+ * Known differences: views are definitions only. `create` with viewOn stores one (listed by
+ * listCollections, removed by drop and dropDatabase, reported to showExpandedEvents database
+ * and cluster streams), but every command that needs a collection refuses a view with 166
+ * instead of reading or writing through its pipeline, and collMod of a view is refused. Time
+ * series and clustered collections are refused (20).
  *
  * Runs on connection threads with srv->lock held. Invariants: a database exists exactly while
  * it has a collection; every collection has the _id_ index first; every live document has an
@@ -28,8 +36,17 @@ struct emu_index_entry {
 #define EMPTY_SLOT UINT32_MAX
 #define MAX_INDEXES 64
 
+/* A view: a definition only (see the file comment). */
+typedef struct emu_view {
+    char *db;
+    char *name;
+    bson_t *def; /* {viewOn, pipeline}, as listCollections shows its options */
+    struct emu_view *next;
+} emu_view_t;
+
 struct emu_catalog {
     emu_db_t *dbs;
+    emu_view_t *views;
     uint64_t rng;
 };
 
@@ -907,6 +924,14 @@ static void db_destroy(emu_db_t *d)
     bson_free(d);
 }
 
+static void view_free(emu_view_t *v)
+{
+    bson_free(v->db);
+    bson_free(v->name);
+    bson_destroy(v->def);
+    bson_free(v);
+}
+
 void emu_catalog_destroy(emu_catalog_t *cat)
 {
     if (!cat) {
@@ -916,6 +941,11 @@ void emu_catalog_destroy(emu_catalog_t *cat)
         emu_db_t *n = cat->dbs->next;
         db_destroy(cat->dbs);
         cat->dbs = n;
+    }
+    while (cat->views) {
+        emu_view_t *n = cat->views->next;
+        view_free(cat->views);
+        cat->views = n;
     }
     bson_free(cat);
 }
@@ -1041,6 +1071,139 @@ static void db_unlink_coll(emu_server_t *srv, emu_db_t *d, emu_coll_t *c)
     }
 }
 
+/* ---- DDL events ---- */
+
+/* Records a DDL change that carries an operationDescription (MongoDB 6.0's expanded events,
+ * and rename's description). Everything is borrowed. */
+static void record_ddl(emu_server_t *srv, emu_op_t op, const char *db, const char *coll,
+                       const uint8_t *uuid, const bson_t *desc, const bson_t *state_before,
+                       bool view)
+{
+    emu_change_t ch = {.op = op,
+                       .db = db,
+                       .coll = coll,
+                       .coll_uuid = uuid,
+                       .operation_description = desc,
+                       .state_before = state_before,
+                       .view = view};
+    emu_oplog_append(srv, &ch);
+}
+
+/* {indexes: [spec]}: createIndexes and dropIndexes describe the indexes they touched. */
+static void record_index_event(emu_server_t *srv, emu_op_t op, const char *db, const emu_coll_t *c,
+                               const bson_t *const *specs, size_t n)
+{
+    bson_t desc = BSON_INITIALIZER, arr;
+    BSON_APPEND_ARRAY_BEGIN(&desc, "indexes", &arr);
+    for (size_t i = 0; i < n; i++) {
+        char key[16];
+        const char *k;
+        bson_uint32_to_string((uint32_t)i, &k, key, sizeof(key));
+        bson_append_document(&arr, k, -1, specs[i]);
+    }
+    bson_append_array_end(&desc, &arr);
+    record_ddl(srv, op, db, c->name, c->uuid, &desc, NULL, false);
+    bson_destroy(&desc);
+}
+
+/* ---- views ---- */
+
+static emu_view_t *view_find(emu_server_t *srv, const char *db, const char *name)
+{
+    for (emu_view_t *v = srv->catalog->views; v; v = v->next) {
+        if (strcmp(v->db, db) == 0 && strcmp(v->name, name) == 0) {
+            return v;
+        }
+    }
+    return NULL;
+}
+
+static void view_unlink(emu_server_t *srv, emu_view_t *v)
+{
+    for (emu_view_t **p = &srv->catalog->views; *p; p = &(*p)->next) {
+        if (*p == v) {
+            *p = v->next;
+            return;
+        }
+    }
+}
+
+/* Drops a view: a drop event that only showExpandedEvents database and cluster streams see. */
+static void view_drop(emu_server_t *srv, emu_view_t *v)
+{
+    view_unlink(srv, v);
+    record_ddl(srv, EMU_OP_DROP, v->db, v->name, NULL, NULL, NULL, true);
+    view_free(v);
+}
+
+/* create {viewOn, pipeline}: checks the definition, stores it and records a create event. */
+static int view_create(emu_server_t *srv, const char *db, const char *name, const bson_t *cmd,
+                       mc_error_t *err)
+{
+    bson_iter_t it;
+    if (emu_check_db_name(db, err) || emu_check_coll_name(name, err)) {
+        return MC_EINVAL;
+    }
+    if (!bson_iter_init_find(&it, cmd, "viewOn") || !BSON_ITER_HOLDS_UTF8(&it) ||
+        !bson_iter_utf8(&it, NULL)[0]) {
+        return mc_error_set(err, MC_EINVAL, MC_DOMAIN_MONGODB, 14,
+                            "'viewOn' option must be a non-empty string");
+    }
+    if (emu_catalog_coll(srv, db, name) || view_find(srv, db, name)) {
+        return mc_error_set(err, MC_EINVAL, MC_DOMAIN_MONGODB, 48, "Namespace %s.%s already exists",
+                            db, name);
+    }
+    bson_t *def = bson_new();
+    BSON_APPEND_UTF8(def, "viewOn", bson_iter_utf8(&it, NULL));
+    if (bson_iter_init_find(&it, cmd, "pipeline")) {
+        if (!BSON_ITER_HOLDS_ARRAY(&it)) {
+            bson_destroy(def);
+            return mc_error_set(err, MC_EINVAL, MC_DOMAIN_MONGODB, 14,
+                                "'pipeline' option must be an array");
+        }
+        bson_append_iter(def, "pipeline", -1, &it);
+    } else {
+        bson_t empty;
+        BSON_APPEND_ARRAY_BEGIN(def, "pipeline", &empty);
+        bson_append_array_end(def, &empty);
+    }
+    emu_view_t *v = bson_malloc0(sizeof(*v));
+    v->db = bson_strdup(db);
+    v->name = bson_strdup(name);
+    v->def = def;
+    v->next = srv->catalog->views;
+    srv->catalog->views = v;
+    record_ddl(srv, EMU_OP_CREATE, db, name, NULL, def, NULL, true);
+    return 0;
+}
+
+bool emu_catalog_refuse_view(emu_server_t *srv, const char *command, const char *db,
+                             const bson_t *cmd, bson_t *reply)
+{
+    static const char *const on_collections[] = {
+        "insert",        "update",      "delete",        "find",      "findAndModify",
+        "findandmodify", "count",       "distinct",      "aggregate", "createIndexes",
+        "dropIndexes",   "listIndexes", "deleteIndexes", "collStats"};
+    bson_iter_t it;
+    if (!srv->catalog->views || !bson_iter_init(&it, cmd) || !bson_iter_next(&it) ||
+        !BSON_ITER_HOLDS_UTF8(&it)) {
+        return false;
+    }
+    bool listed = false;
+    for (size_t i = 0; i < sizeof(on_collections) / sizeof(on_collections[0]); i++) {
+        listed = listed || strcmp(command, on_collections[i]) == 0;
+    }
+    const char *name = bson_iter_utf8(&it, NULL);
+    if (!listed || !view_find(srv, db, name)) {
+        return false;
+    }
+    emu_reply_error(reply, 166,
+                    "Namespace %s.%s is a view, not a collection (mongo-emulator keeps view "
+                    "definitions but does not read or write through them)",
+                    db, name);
+    return true;
+}
+
 static bool images_option(const bson_t *options)
 {
     bson_iter_t it;
@@ -1058,7 +1221,7 @@ emu_coll_t *emu_catalog_create(emu_server_t *srv, const char *db, const char *co
     if (emu_check_db_name(db, err) || emu_check_coll_name(coll, err)) {
         return NULL;
     }
-    if (emu_catalog_coll(srv, db, coll)) {
+    if (emu_catalog_coll(srv, db, coll) || view_find(srv, db, coll)) {
         mc_error_set(err, MC_EINVAL, MC_DOMAIN_MONGODB, 48, "Collection %s.%s already exists.", db,
                      coll);
         return NULL;
@@ -1078,6 +1241,12 @@ emu_coll_t *emu_catalog_create(emu_server_t *srv, const char *db, const char *co
     c->indexes[0] = id_index_new();
     c->n_indexes = 1;
     db_link_coll(d, c);
+    /* MongoDB's create oplog entry: the options, then the _id index. */
+    bson_t desc;
+    bson_copy_to(&c->options, &desc);
+    BSON_APPEND_DOCUMENT(&desc, "idIndex", &c->indexes[0]->spec);
+    record_ddl(srv, EMU_OP_CREATE, db, coll, c->uuid, &desc, NULL, false);
+    bson_destroy(&desc);
     return c;
 }
 
@@ -1090,6 +1259,11 @@ emu_coll_t *emu_catalog_coll_get_or_create(emu_server_t *srv, const char *db, co
     }
     if (c) {
         return c;
+    }
+    if (view_find(srv, db, coll)) {
+        mc_error_set(err, MC_EINVAL, MC_DOMAIN_MONGODB, 166,
+                     "Namespace %s.%s is a view, not a collection", db, coll);
+        return NULL;
     }
     c = emu_catalog_create(srv, db, coll, NULL, err);
     if (c && created) {
@@ -1132,6 +1306,15 @@ void emu_catalog_drop_database(emu_server_t *srv, const char *db)
         return;
     }
     name = bson_strdup(db); /* `db` may point into the database being destroyed */
+    for (emu_view_t **p = &srv->catalog->views; *p;) {
+        emu_view_t *v = *p;
+        if (strcmp(v->db, name) == 0) {
+            *p = v->next;
+            view_free(v);
+        } else {
+            p = &v->next;
+        }
+    }
     while (d->colls) {
         emu_coll_t *c = d->colls;
         bool last = c->next == NULL;
@@ -1156,7 +1339,6 @@ int emu_catalog_rename(emu_server_t *srv, const char *db, const char *coll, cons
     emu_coll_t *c = emu_catalog_coll(srv, db, coll);
     emu_coll_t *target;
     emu_db_t *from, *to;
-    emu_change_t ch;
 
     if (!c) {
         return mc_error_set(err, MC_EINVAL, MC_DOMAIN_MONGODB, 26,
@@ -1171,19 +1353,29 @@ int emu_catalog_rename(emu_server_t *srv, const char *db, const char *coll, cons
                             "Can't rename a collection to itself");
     }
     target = emu_catalog_coll(srv, to_db, to_coll);
-    if (target && !drop_target) {
+    if ((target && !drop_target) || view_find(srv, to_db, to_coll)) {
         return mc_error_set(err, MC_EINVAL, MC_DOMAIN_MONGODB, 48, "target namespace exists");
     }
-    /* One oplog entry: a real server records dropTarget inside the rename entry. */
-    memset(&ch, 0, sizeof(ch));
-    ch.op = EMU_OP_RENAME;
-    ch.db = db;
-    ch.coll = coll;
-    ch.to_db = to_db;
-    ch.to_coll = to_coll;
-    ch.coll_uuid = c->uuid;
-    ch.images_enabled = c->images;
+    /* One oplog entry: a real server records dropTarget (the dropped collection's UUID)
+     * inside the rename entry, which showExpandedEvents streams see as operationDescription. */
+    bson_t desc = BSON_INITIALIZER, to_ns;
+    BSON_APPEND_DOCUMENT_BEGIN(&desc, "to", &to_ns);
+    BSON_APPEND_UTF8(&to_ns, "db", to_db);
+    BSON_APPEND_UTF8(&to_ns, "coll", to_coll);
+    bson_append_document_end(&desc, &to_ns);
+    if (target) {
+        BSON_APPEND_BINARY(&desc, "dropTarget", BSON_SUBTYPE_UUID, target->uuid, 16);
+    }
+    emu_change_t ch = {.op = EMU_OP_RENAME,
+                       .db = db,
+                       .coll = coll,
+                       .to_db = to_db,
+                       .to_coll = to_coll,
+                       .coll_uuid = c->uuid,
+                       .images_enabled = c->images,
+                       .operation_description = &desc};
     emu_oplog_append(srv, &ch);
+    bson_destroy(&desc);
 
     emu_cursors_kill_ns(srv, c->ns);
     if (target) {
@@ -1320,11 +1512,17 @@ void emu_cmd_create(emu_conn_t *conn, const bson_t *cmd, const char *db, bson_t 
         bson_destroy(&options);
         return;
     }
-    if (bson_has_field(cmd, "viewOn") || bson_has_field(cmd, "timeseries") ||
-        bson_has_field(cmd, "clusteredIndex")) {
+    if (bson_has_field(cmd, "timeseries") || bson_has_field(cmd, "clusteredIndex")) {
         emu_reply_error(reply, 20,
-                        "mongo-emulator supports plain collections only (no views, "
-                        "time series or clustered collections)");
+                        "mongo-emulator supports plain collections and view definitions only "
+                        "(no time series or clustered collections)");
+        bson_destroy(&options);
+        return;
+    }
+    if (bson_has_field(cmd, "viewOn")) {
+        if (view_create(conn->srv, db, name, cmd, &err)) {
+            emu_reply_error_from(reply, &err);
+        }
         bson_destroy(&options);
         return;
     }
@@ -1360,7 +1558,11 @@ void emu_cmd_coll_mod(emu_conn_t *conn, const bson_t *cmd, const char *db, bson_
     }
     c = emu_catalog_coll(conn->srv, db, name);
     if (!c) {
-        emu_reply_error(reply, 26, "ns does not exist: %s.%s", db, name);
+        emu_reply_error(reply, view_find(conn->srv, db, name) ? 166 : 26,
+                        view_find(conn->srv, db, name)
+                            ? "mongo-emulator does not modify views: %s.%s"
+                            : "ns does not exist: %s.%s",
+                        db, name);
         bson_destroy(&options);
         return;
     }
@@ -1384,10 +1586,26 @@ void emu_cmd_coll_mod(emu_conn_t *conn, const bson_t *cmd, const char *db, bson_
             bson_append_iter(&options, k, -1, &it);
         }
     }
+    /* The modify event: what collMod asked for, and the options before it. */
+    bson_t desc = BSON_INITIALIZER, before = BSON_INITIALIZER, old;
+    bson_iter_init(&it, cmd);
+    bson_iter_next(&it);
+    while (bson_iter_next(&it)) {
+        if (!is_generic_field(bson_iter_key(&it))) {
+            bson_append_iter(&desc, bson_iter_key(&it), -1, &it);
+        }
+    }
+    BSON_APPEND_DOCUMENT_BEGIN(&before, "collectionOptions", &old);
+    BSON_APPEND_BINARY(&old, "uuid", BSON_SUBTYPE_UUID, c->uuid, 16);
+    bson_concat(&old, &c->options);
+    bson_append_document_end(&before, &old);
     bson_destroy(&c->options);
     bson_copy_to(&options, &c->options);
     bson_destroy(&options);
     c->images = images_option(&c->options);
+    record_ddl(conn->srv, EMU_OP_MODIFY, db, c->name, c->uuid, &desc, &before, false);
+    bson_destroy(&desc);
+    bson_destroy(&before);
 }
 
 void emu_cmd_drop(emu_conn_t *conn, const bson_t *cmd, const char *db, bson_t *reply)
@@ -1400,6 +1618,10 @@ void emu_cmd_drop(emu_conn_t *conn, const bson_t *cmd, const char *db, bson_t *r
     }
     c = emu_catalog_coll(conn->srv, db, name);
     if (!c) {
+        emu_view_t *v = view_find(conn->srv, db, name);
+        if (v) {
+            view_drop(conn->srv, v);
+        }
         return; /* like MongoDB 7.0: dropping a missing collection succeeds */
     }
     BSON_APPEND_INT32(reply, "nIndexesWas", (int32_t)c->n_indexes);
@@ -1542,6 +1764,24 @@ void emu_cmd_list_collections(emu_conn_t *conn, const bson_t *cmd, const char *d
         }
         bson_destroy(&e);
     }
+    for (emu_view_t *v = conn->srv->catalog->views; v; v = v->next) {
+        if (strcmp(v->db, db) != 0) {
+            continue;
+        }
+        bson_t e = BSON_INITIALIZER, sub;
+        BSON_APPEND_UTF8(&e, "name", v->name);
+        BSON_APPEND_UTF8(&e, "type", "view");
+        if (!name_only) {
+            BSON_APPEND_DOCUMENT(&e, "options", v->def);
+            BSON_APPEND_DOCUMENT_BEGIN(&e, "info", &sub);
+            BSON_APPEND_BOOL(&sub, "readOnly", true);
+            bson_append_document_end(&e, &sub);
+        }
+        if (mc_filter_match(f, &e)) {
+            append_out_doc(&out, &e);
+        }
+        bson_destroy(&e);
+    }
     mc_filter_destroy(f);
     snprintf(ns, sizeof(ns), "%s.$cmd.listCollections", db);
     emu_cursor_reply_first(conn->srv, ns, out.data, out.len, batch_size_of(cmd), false, reply);
@@ -1590,6 +1830,45 @@ void emu_cmd_list_databases(emu_conn_t *conn, const bson_t *cmd, const char *db,
     (void)db;
 }
 
+/* createIndexes events for the indexes from position `from` on (the ones just added). */
+static void record_new_indexes(emu_server_t *srv, const char *db, const emu_coll_t *c, size_t from,
+                               bool each)
+{
+    const bson_t *specs[MAX_INDEXES];
+    size_t n = 0;
+    for (size_t i = from; i < c->n_indexes && n < MAX_INDEXES; i++) {
+        specs[n++] = &c->indexes[i]->spec;
+    }
+    if (n == 0) {
+        return;
+    }
+    for (size_t i = 0; each && i < n; i++) {
+        record_index_event(srv, EMU_OP_CREATE_INDEXES, db, c, &specs[i], 1);
+    }
+    if (!each) {
+        record_index_event(srv, EMU_OP_CREATE_INDEXES, db, c, specs, n);
+    }
+}
+
+/* Drops one index and records its dropIndexes event (one per index, as MongoDB logs them). */
+static int drop_index(emu_server_t *srv, const char *db, emu_coll_t *c, const char *name,
+                      mc_error_t *err)
+{
+    bson_t spec = BSON_INITIALIZER;
+    for (size_t i = 1; i < c->n_indexes; i++) {
+        if (strcmp(c->indexes[i]->name, name) == 0) {
+            bson_concat(&spec, &c->indexes[i]->spec);
+        }
+    }
+    int rc = emu_coll_drop_index(c, name, err);
+    if (rc == 0) {
+        const bson_t *one = &spec;
+        record_index_event(srv, EMU_OP_DROP_INDEXES, db, c, &one, 1);
+    }
+    bson_destroy(&spec);
+    return rc;
+}
+
 void emu_cmd_create_indexes(emu_conn_t *conn, const bson_t *cmd, const char *db, bson_t *reply)
 {
     const char *name = emu_cmd_collection(cmd, reply);
@@ -1616,6 +1895,9 @@ void emu_cmd_create_indexes(emu_conn_t *conn, const bson_t *cmd, const char *db,
         return;
     }
     before = c->n_indexes;
+    /* MongoDB logs one createIndexes entry per index on an empty collection, and one
+     * commitIndexBuild listing every index otherwise: the events follow the same split. */
+    bool each = c->n_live == 0;
     while (bson_iter_next(&ix)) {
         bson_t spec;
         const uint8_t *d;
@@ -1628,11 +1910,13 @@ void emu_cmd_create_indexes(emu_conn_t *conn, const bson_t *cmd, const char *db,
         bson_iter_document(&ix, &l, &d);
         bson_init_static(&spec, d, l);
         if (emu_coll_add_index(c, &spec, &added, &err)) {
+            record_new_indexes(conn->srv, db, c, before, each);
             emu_reply_error_from(reply, &err);
             return;
         }
         added_count += added ? 1 : 0;
     }
+    record_new_indexes(conn->srv, db, c, before, each);
     BSON_APPEND_INT32(reply, "numIndexesBefore", (int32_t)before);
     BSON_APPEND_INT32(reply, "numIndexesAfter", (int32_t)c->n_indexes);
     BSON_APPEND_BOOL(reply, "createdCollectionAutomatically", created);
@@ -1688,14 +1972,14 @@ void emu_cmd_drop_indexes(emu_conn_t *conn, const bson_t *cmd, const char *db, b
     }
     if (BSON_ITER_HOLDS_UTF8(&it) && strcmp(bson_iter_utf8(&it, NULL), "*") == 0) {
         while (c->n_indexes > 1) {
-            emu_coll_drop_index(c, c->indexes[1]->name, &err);
+            drop_index(conn->srv, db, c, c->indexes[1]->name, &err);
         }
         BSON_APPEND_INT32(reply, "nIndexesWas", was);
         BSON_APPEND_UTF8(reply, "msg", "non-_id indexes dropped for collection");
         return;
     }
     if (BSON_ITER_HOLDS_UTF8(&it)) {
-        if (emu_coll_drop_index(c, bson_iter_utf8(&it, NULL), &err)) {
+        if (drop_index(conn->srv, db, c, bson_iter_utf8(&it, NULL), &err)) {
             emu_reply_error_from(reply, &err);
             return;
         }
@@ -1713,7 +1997,7 @@ void emu_cmd_drop_indexes(emu_conn_t *conn, const bson_t *cmd, const char *db, b
             emu_reply_error(reply, 27, "can't find index with key: %s", keytext);
             return;
         }
-        if (emu_coll_drop_index(c, ixname, &err)) {
+        if (drop_index(conn->srv, db, c, ixname, &err)) {
             emu_reply_error_from(reply, &err);
             return;
         }
@@ -1737,7 +2021,7 @@ void emu_cmd_drop_indexes(emu_conn_t *conn, const bson_t *cmd, const char *db, b
         }
         bson_iter_recurse(&it, &names);
         while (bson_iter_next(&names)) {
-            emu_coll_drop_index(c, bson_iter_utf8(&names, NULL), &err);
+            drop_index(conn->srv, db, c, bson_iter_utf8(&names, NULL), &err);
         }
     } else {
         emu_reply_error(reply, 14, "BSON field 'dropIndexes.index' is the wrong type");

@@ -6,6 +6,12 @@
  * blocking point is a getMore with nothing to return, which waits on srv->oplog_cond
  * (pthread_cond_timedwait releases the lock, so writers can append meanwhile).
  *
+ * showExpandedEvents follows MongoDB 6.0: DDL entries (create, createIndexes, dropIndexes,
+ * modify, and everything about views) are seen only by streams that ask for them, events carry
+ * collectionUUID, rename an operationDescription; on 7.0 (--wire-version 21) updates also get
+ * disambiguatedPaths. Known differences: no sharding events (shardCollection, ...), no
+ * startIndexBuild/abortIndexBuild, no nsType (8.1+).
+ *
  * Invariants:
  * - Oplog entries carry strictly increasing cluster times and sequence numbers; the retained
  *   entries are seq in [first_seq, next_seq), stored in a power-of-two ring at seq & mask.
@@ -59,6 +65,11 @@ typedef struct cs_entry {
     bson_t *event;      /* the shared event document */
     uint8_t *token;
     size_t token_len;
+    bson_t *op_desc;    /* rename's operationDescription for showExpandedEvents, or NULL */
+    bson_t *disamb;     /* update: the disambiguatedPaths of showExpandedEvents on 6.1+ ({}
+                         * when NULL) */
+    bool expanded_only; /* only streams opened with showExpandedEvents see it */
+    bool view;          /* an event about a view: never seen by a collection stream */
 } cs_entry_t;
 
 struct emu_oplog {
@@ -245,6 +256,12 @@ static void entry_free(cs_entry_t *e)
     if (e->event) {
         bson_destroy(e->event);
     }
+    if (e->op_desc) {
+        bson_destroy(e->op_desc);
+    }
+    if (e->disamb) {
+        bson_destroy(e->disamb);
+    }
     free(e->token);
     memset(e, 0, sizeof *e);
 }
@@ -370,6 +387,10 @@ static const char *op_name(emu_op_t op)
     case EMU_OP_DROP: return "drop";
     case EMU_OP_RENAME: return "rename";
     case EMU_OP_DROP_DATABASE: return "dropDatabase";
+    case EMU_OP_CREATE: return "create";
+    case EMU_OP_CREATE_INDEXES: return "createIndexes";
+    case EMU_OP_DROP_INDEXES: return "dropIndexes";
+    case EMU_OP_MODIFY: return "modify";
     default: return "unknown";
     }
 }
@@ -406,6 +427,13 @@ static void build_event(cs_entry_t *e, const emu_change_t *ch)
     }
     if (e->doc_key) {
         BSON_APPEND_DOCUMENT(ev, "documentKey", e->doc_key);
+    }
+    if (e->expanded_only && ch->operation_description) {
+        /* Only showExpandedEvents streams see these, so the shared event has them already. */
+        BSON_APPEND_DOCUMENT(ev, "operationDescription", ch->operation_description);
+    }
+    if (e->op == EMU_OP_MODIFY && ch->state_before) {
+        BSON_APPEND_DOCUMENT(ev, "stateBeforeChange", ch->state_before);
     }
     if (e->op == EMU_OP_UPDATE) {
         if (ch->update_description) {
@@ -455,6 +483,111 @@ static char *dup_names(const emu_change_t *ch, cs_entry_t *e)
     return e->db;
 }
 
+/* MongoDB's strict numeric path component: digits without a leading zero ("0" itself is). */
+static bool numeric_component(const char *s, size_t n)
+{
+    if (n == 0 || (n > 1 && s[0] == '0')) {
+        return false;
+    }
+    for (size_t i = 0; i < n; i++) {
+        if (s[i] < '0' || s[i] > '9') {
+            return false;
+        }
+    }
+    return true;
+}
+
+/* Adds `path` to `out` when it is ambiguous (6.1+'s disambiguatedPaths): a numeric field name
+ * after the first component, told apart from array indices by the containers `doc` has along
+ * the path. Entries list the components, array indices as int32. */
+static void add_if_ambiguous(const char *path, const bson_t *doc, bson_t *out)
+{
+    const char *comp[128];
+    size_t len[128], n = 0;
+    for (const char *p = path; n < 128;) {
+        const char *dot = strchr(p, '.');
+        comp[n] = p;
+        len[n++] = dot ? (size_t)(dot - p) : strlen(p);
+        if (!dot) {
+            break;
+        }
+        p = dot + 1;
+    }
+    bool index[128] = {false}, ambiguous = false;
+    bson_iter_t it;
+    bool have = bson_iter_init(&it, doc);
+    bson_type_t container = BSON_TYPE_DOCUMENT;
+    for (size_t i = 0; i < n; i++) {
+        index[i] = container == BSON_TYPE_ARRAY && numeric_component(comp[i], len[i]);
+        ambiguous |= !index[i] && i > 0 && numeric_component(comp[i], len[i]);
+        bool found = false;
+        while (have && bson_iter_next(&it)) {
+            if (bson_iter_key_len(&it) == len[i] &&
+                memcmp(bson_iter_key(&it), comp[i], len[i]) == 0) {
+                found = true;
+                break;
+            }
+        }
+        container = found ? bson_iter_type(&it) : BSON_TYPE_EOD;
+        bson_iter_t child;
+        have = found && (container == BSON_TYPE_DOCUMENT || container == BSON_TYPE_ARRAY) &&
+               bson_iter_recurse(&it, &child);
+        if (have) {
+            it = child;
+        }
+    }
+    if (!ambiguous) {
+        return;
+    }
+    bson_t arr;
+    bson_append_array_begin(out, path, -1, &arr);
+    for (size_t i = 0; i < n; i++) {
+        char key[16];
+        const char *k;
+        bson_uint32_to_string((uint32_t)i, &k, key, sizeof(key));
+        if (index[i]) {
+            bson_append_int32(&arr, k, -1, (int32_t)strtol(comp[i], NULL, 10));
+        } else {
+            bson_append_utf8(&arr, k, -1, comp[i], (int)len[i]);
+        }
+    }
+    bson_append_array_end(out, &arr);
+}
+
+/* The disambiguatedPaths of an update ({updatedFields, removedFields, truncatedArrays}) whose
+ * result is `post`; NULL when no path is ambiguous (the event then shows {}). */
+static bson_t *disambiguated_paths(const bson_t *ud, const bson_t *post)
+{
+    bson_t *out = bson_new();
+    bson_iter_t it, f;
+    if (bson_iter_init_find(&it, ud, "updatedFields") && bson_iter_recurse(&it, &f)) {
+        while (bson_iter_next(&f)) {
+            add_if_ambiguous(bson_iter_key(&f), post, out);
+        }
+    }
+    if (bson_iter_init_find(&it, ud, "removedFields") && bson_iter_recurse(&it, &f)) {
+        while (bson_iter_next(&f)) {
+            if (BSON_ITER_HOLDS_UTF8(&f)) {
+                add_if_ambiguous(bson_iter_utf8(&f, NULL), post, out);
+            }
+        }
+    }
+    if (bson_iter_init_find(&it, ud, "truncatedArrays") && bson_iter_recurse(&it, &f)) {
+        while (bson_iter_next(&f)) {
+            bson_iter_t t;
+            if (BSON_ITER_HOLDS_DOCUMENT(&f) && bson_iter_recurse(&f, &t) &&
+                bson_iter_find(&t, "field") && BSON_ITER_HOLDS_UTF8(&t)) {
+                add_if_ambiguous(bson_iter_utf8(&t, NULL), post, out);
+            }
+        }
+    }
+    if (bson_empty(out)) {
+        bson_destroy(out);
+        return NULL;
+    }
+    return out;
+}
+
 void emu_oplog_append(emu_server_t *srv, const emu_change_t *ch)
 {
     emu_oplog_t *log = srv->oplog;
@@ -483,9 +616,18 @@ void emu_oplog_append(emu_server_t *srv, const emu_change_t *ch)
     if (!dup_names(ch, e)) {
         return; /* out of memory: the change is not recorded */
     }
-    if (ch->coll_uuid && ch->op != EMU_OP_DROP_DATABASE) {
+    if (ch->coll_uuid && ch->op != EMU_OP_DROP_DATABASE && !ch->view) {
         e->has_uuid = true;
         memcpy(e->uuid, ch->coll_uuid, 16);
+    }
+    e->view = ch->view;
+    e->expanded_only = ch->view || ch->op == EMU_OP_CREATE || ch->op == EMU_OP_CREATE_INDEXES ||
+                       ch->op == EMU_OP_DROP_INDEXES || ch->op == EMU_OP_MODIFY;
+    if (ch->op == EMU_OP_RENAME && ch->operation_description) {
+        e->op_desc = bson_copy(ch->operation_description);
+    }
+    if (ch->op == EMU_OP_UPDATE && ch->update_description && ch->full_document) {
+        e->disamb = disambiguated_paths(ch->update_description, ch->full_document);
     }
     bool crud = ch->op == EMU_OP_INSERT || ch->op == EMU_OP_UPDATE || ch->op == EMU_OP_REPLACE ||
                 ch->op == EMU_OP_DELETE;
@@ -581,6 +723,9 @@ static void reap_idle(emu_server_t *srv)
 /* 0: the stream does not see the entry; 1: it does; 2: it does and the entry invalidates it. */
 static int visibility(const cs_cursor_t *c, const cs_entry_t *e)
 {
+    if (e->expanded_only && (!c->show_expanded || (e->view && c->scope == SCOPE_COLL))) {
+        return 0;
+    }
     switch (c->scope) {
     case SCOPE_COLL:
         if (e->op == EMU_OP_DROP_DATABASE) {
@@ -640,8 +785,10 @@ static const bson_t *lookup_current(emu_server_t *srv, const cs_entry_t *e)
     return emu_catalog_find_by_id(srv, e->db, e->coll, bson_iter_value(&it));
 }
 
-/* Copies `base` into `out`, inserting collectionUUID after clusterTime (showExpandedEvents). */
-static void copy_with_uuid(const bson_t *base, const cs_entry_t *e, bson_t *out)
+/* Copies `base` into `out`, inserting collectionUUID after clusterTime and, for a rename, its
+ * operationDescription (showExpandedEvents); from 6.1 on (`disamb`) an update's
+ * updateDescription also gets disambiguatedPaths. */
+static void copy_with_uuid(const bson_t *base, const cs_entry_t *e, bool disamb, bson_t *out)
 {
     bson_iter_t it;
     bson_init(out);
@@ -649,16 +796,30 @@ static void copy_with_uuid(const bson_t *base, const cs_entry_t *e, bson_t *out)
         return;
     }
     while (bson_iter_next(&it)) {
+        if (disamb && e->op == EMU_OP_UPDATE && BSON_ITER_HOLDS_DOCUMENT(&it) &&
+            strcmp(bson_iter_key(&it), "updateDescription") == 0) {
+            bson_t ud, dp;
+            bson_iter_t f;
+            BSON_APPEND_DOCUMENT_BEGIN(out, "updateDescription", &ud);
+            bson_iter_recurse(&it, &f);
+            while (bson_iter_next(&f)) {
+                bson_append_iter(&ud, bson_iter_key(&f), -1, &f);
+            }
+            BSON_APPEND_DOCUMENT_BEGIN(&ud, "disambiguatedPaths", &dp);
+            if (e->disamb) {
+                bson_concat(&dp, e->disamb);
+            }
+            bson_append_document_end(&ud, &dp);
+            bson_append_document_end(out, &ud);
+            continue;
+        }
         bson_append_iter(out, bson_iter_key(&it), -1, &it);
         if (strcmp(bson_iter_key(&it), "clusterTime") == 0 && e->has_uuid) {
             bson_append_binary(out, "collectionUUID", -1, BSON_SUBTYPE_UUID, e->uuid, 16);
         }
     }
-    if (e->op == EMU_OP_RENAME) {
-        bson_t od;
-        BSON_APPEND_DOCUMENT_BEGIN(out, "operationDescription", &od);
-        append_ns(&od, "to", e->to_db, e->to_coll);
-        bson_append_document_end(out, &od);
+    if (e->op == EMU_OP_RENAME && e->op_desc) {
+        BSON_APPEND_DOCUMENT(out, "operationDescription", e->op_desc);
     }
 }
 
@@ -676,7 +837,7 @@ static int make_event(emu_server_t *srv, const cs_cursor_t *c, const cs_entry_t 
         return 0;
     }
     if (c->show_expanded) {
-        copy_with_uuid(e->event, e, scratch);
+        copy_with_uuid(e->event, e, srv->opts.max_wire_version >= 18, scratch);
     } else {
         bson_init(scratch);
         bson_concat(scratch, e->event);

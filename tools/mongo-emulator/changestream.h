@@ -19,6 +19,11 @@ typedef enum emu_op {
     EMU_OP_DROP,          /* one per dropped collection, also for each collection of a dropDatabase */
     EMU_OP_RENAME,        /* db.coll renamed to to_db.to_coll */
     EMU_OP_DROP_DATABASE, /* after the EMU_OP_DROP of each of its collections */
+    /* Seen only by streams opened with showExpandedEvents (MongoDB 6.0's expanded events): */
+    EMU_OP_CREATE,         /* a collection (or a view) was created, explicitly or implicitly */
+    EMU_OP_CREATE_INDEXES, /* operation_description: {indexes: [spec, ...]} */
+    EMU_OP_DROP_INDEXES,   /* operation_description: {indexes: [spec]} */
+    EMU_OP_MODIFY,         /* collMod; state_before: {collectionOptions: {...}} */
 } emu_op_t;
 
 /* One change as a writer describes it. Everything is borrowed; emu_oplog_append copies. */
@@ -34,6 +39,12 @@ typedef struct emu_change {
     const bson_t *pre_image;        /* update/replace/delete: the document before the write */
     bool images_enabled;            /* changeStreamPreAndPostImages was on for the collection */
     const bson_t *update_description; /* update: {updatedFields, removedFields, truncatedArrays} */
+    /* DDL events: the event's operationDescription (rename: shown only with
+     * showExpandedEvents), and for modify its stateBeforeChange. */
+    const bson_t *operation_description;
+    const bson_t *state_before;
+    bool view; /* the namespace is a view: only database and cluster streams with
+                * showExpandedEvents see it, and it has no collectionUUID */
 } emu_change_t;
 
 /* Creates and destroys the oplog and cursor tables in srv (called once at start and exit). */

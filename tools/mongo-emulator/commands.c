@@ -731,6 +731,9 @@ static void dispatch(emu_conn_t *conn, const emu_wire_request_t *req, const char
         emu_reply_error(reply, 20, "mongo-emulator does not support multi-document transactions");
         return;
     }
+    if (emu_catalog_refuse_view(conn->srv, name, req->db, &req->body, reply)) {
+        return;
+    }
     c->fn(conn, &req->body, req->db, reply);
     emu_reply_ok(reply);
 }

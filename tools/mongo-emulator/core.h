@@ -124,6 +124,10 @@ typedef struct emu_db {
 } emu_db_t;
 
 emu_catalog_t *emu_catalog_new(void);
+/* Commands that need a collection refuse a view (166 CommandNotSupportedOnView): true when
+ * `cmd` names a view of `db` and `reply` now holds that error. */
+bool emu_catalog_refuse_view(emu_server_t *srv, const char *command, const char *db,
+                             const bson_t *cmd, bson_t *reply);
 void emu_catalog_destroy(emu_catalog_t *cat);
 
 /* Name checks with MongoDB's rules; fill err with code 73 InvalidNamespace. */
