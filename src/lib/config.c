@@ -864,6 +864,17 @@ static int check_stream(cfg_ctx_t *ctx, const mc__cfg_node_t *map, void *base,
         return fail(ctx, found_node(&stream_table, found, "collection"),
                     "collection requires db (omit both to watch the whole cluster)");
     }
+    if (s->recipient && s->full_document == MC_FULL_DOCUMENT_UPDATE_LOOKUP) {
+        /* updateLookup reads the document when the event is read, not as the write left it:
+         * a later owner would receive an earlier owner's write. */
+        return fail(ctx, found_node(&stream_table, found, "full_document"),
+                    "full_document: updateLookup cannot be used with recipient: it reads the "
+                    "document as it is later, so a change could reach the next owner. Use "
+                    "full_document: whenAvailable (or required) with changeStreamPreAndPostImages "
+                    "enabled on the collection (mongocast enable-images), and "
+                    "full_document_before_change: whenAvailable (or required) so that deletes "
+                    "and ownership changes are routed from the pre-image");
+    }
     if (!s->pipeline) {
         s->pipeline = bson_new();
     }
