@@ -724,7 +724,8 @@ static const opt_t lookup_opts[] = {
      .def_num = 10000,
      .min = 0,
      .max = 10000000,
-     .doc = "lookups cached (LRU); 0 disables the cache"},
+     .doc = "lookup keys cached (LRU), kept exact by a change stream on the lookup "
+            "collection; 0 disables the cache"},
 };
 static const opt_table_t lookup_table = {lookup_opts, N_OPTS(lookup_opts), "", NULL, NULL};
 

@@ -149,7 +149,10 @@ bool mc_identity_from_value(const bson_value_t *v, mc_identity_t *out)
     case BSON_TYPE_UTF8: {
         uint32_t len = v->value.v_utf8.len;
         const char *s = v->value.v_utf8.str;
-        if (len > MC_IDENTITY_MAX - 1 || !bson_utf8_validate(s, len, true)) {
+        if (len > MC_IDENTITY_MAX - 1 || !bson_utf8_validate(s, len, true) ||
+            memchr(s, 0xC0, len) || memchr(s, 0xC1, len)) {
+            /* 0xC0 and 0xC1 never occur in UTF-8; libbson's validator lets the overlong NUL
+             * C0 80 through, but no JSON spelling exists for it. */
             return false;
         }
         out->bytes[0] = TAG_STRING;

@@ -84,6 +84,9 @@ static void test_what_is_an_identity(void **state)
     v.value.v_utf8.str = (char *)"\xff\xfe";
     v.value.v_utf8.len = 2;
     assert_false(mc_identity_from_value(&v, &id));
+    v.value.v_utf8.str = (char *)"a\xc0\x80"; /* the overlong NUL has no JSON spelling */
+    v.value.v_utf8.len = 3;
+    assert_false(mc_identity_from_value(&v, &id));
     static char big[MC_IDENTITY_MAX + 1];
     memset(big, 'x', sizeof(big));
     v.value.v_utf8.str = big;
