@@ -1,6 +1,6 @@
 /*
  * watcher.c: one thread per stream that owns the change stream: open, read, normalise,
- * push, and heal.
+ * route, push, and heal.
  *
  * Watcher thread only (one per stream); it shares nothing with other watchers except the
  * queue, the client pool and the stream's status (locked in engine.c).
@@ -16,6 +16,11 @@
  *   - After an invalidate the stream is destroyed and reopened with startAfter the
  *     invalidate token before next() is called again: libmongoc 1.23 would otherwise resume
  *     with resumeAfter that token and the server would answer 260 (wire notes §3.6).
+ * Routing happens here, before an event is shared: mc_event_new_change() decides a path
+ * recipient from the write itself; the lookup form (recipient_lookup.c) reads its own change
+ * stream on the lookup collection up to the event's cluster time, so events must be routed
+ * in stream order, one at a time, on this thread. An event whose recipient cannot be decided
+ * is counted (status.unresolved_recipients) and logged, rate-limited.
  * libmongoc resumes the errors it classifies as resumable by itself, once per error; what it
  * hands back is classified here: transient -> backoff and reopen; 286 -> on_history_lost;
  * everything else that says "this will never work" -> the stream fails, the others go on.
