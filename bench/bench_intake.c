@@ -926,7 +926,8 @@ static void jb_change_message(jbuf_t *b, mc_event_t *ev)
     jb_string(b, mc_event_id(ev), strlen(mc_event_id(ev)));
     JB_LIT(b, ", \"recipient\" : ");
     if (mc_event_recipient(ev)) {
-        jb_string(b, mc_event_recipient(ev), strlen(mc_event_recipient(ev)));
+        /* Already JSON (the identity's relaxed Extended JSON). */
+        jb_put(b, mc_event_recipient(ev), strlen(mc_event_recipient(ev)));
     } else {
         JB_LIT(b, "null");
     }

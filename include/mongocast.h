@@ -23,6 +23,7 @@
 #include "mongocast/error.h"
 #include "mongocast/log.h"
 #include "mongocast/config.h"
+#include "mongocast/identity.h"
 #include "mongocast/event.h"
 #include "mongocast/filter.h"
 #include "mongocast/pipeline.h"

@@ -94,7 +94,7 @@ setup_data() {
     "$PY" "$ROOT/scripts/demo_writer.py" "$MONGODB_URI" setup
     # Deletes are routed to their owner through the pre-image, and the streams read exact
     # post-images (full_document: whenAvailable): both need images on every collection.
-    "$MONGOCAST" enable-images "$MONGODB_URI" mongocast_demo inventory_items orders |
+    "$MONGOCAST" enable-images "$MONGODB_URI" mongocast_demo inventory_items orders businesses |
         sed 's/^/enable-images: /' >&2
 }
 

@@ -83,6 +83,9 @@ typedef struct mc_stream_status {
                                         post-batch token before the first event) */
     uint64_t checkpoint_failures;    /* failed writes (each one is retried at the next
                                         interval) */
+    uint64_t unresolved_recipients;  /* changes whose recipient could not be decided from the
+                                        write (or proven through the lookup) and went to
+                                        admins only (mongocast/event.h) */
 } mc_stream_status_t;
 
 /* Counters of one sink instance, copied out by mc_engine_sink_stats(). Every event offered to

@@ -41,6 +41,7 @@
 #include <stdint.h>
 
 #include "mongocast/error.h"
+#include "mongocast/identity.h"
 
 #ifdef __cplusplus
 extern "C" {
@@ -61,11 +62,19 @@ const char *mc_event_kind_name(mc_event_kind_t kind);
 
 /*
  * Builds a change event from a change document `change` (copied; the caller keeps it).
- * `recipient_path` is the stream's dotted recipient path or NULL: when it starts with
- * "fullDocument." and the event has no fullDocument (deletes), the same path is read under
- * "fullDocumentBeforeChange." instead. A string, int32, int64, double (integral values print
- * without a fraction), decimal128 or ObjectId (24 hex digits) value becomes the recipient;
- * any other type, or a missing value, leaves it NULL.
+ * `recipient_path` is the stream's dotted recipient path or NULL. The recipient is decided
+ * from the document as that write left it, never from a later read:
+ *   - a path "fullDocument.<p>" is read from the change's fullDocument: the inserted or
+ *     replacing document, or an update's post-image (full_document whenAvailable/required).
+ *     A delete is read from its pre-image (fullDocumentBeforeChange.<p>). An insert, update
+ *     or replace without a fullDocument, or a delete without a pre-image, has an
+ *     unresolved recipient (admins only; see mc_event_recipient_unresolved());
+ *   - an update or replace that also carries a pre-image has a previous recipient, read
+ *     from fullDocumentBeforeChange.<p>: when it differs from the new one the write moved
+ *     the document from one owner to another (see mc_event_view_for());
+ *   - any other path is read from the change as it is.
+ * The value found becomes the recipient when it is an identity (mongocast/identity.h);
+ * anything else, or a missing value, leaves the event without one.
  *
  * Errors (returns NULL and fills err with MC_EINVAL): `change` has no `_id` document with a
  * string `_data` (the resume token). A missing operationType (removed by a user $project) is
@@ -132,8 +141,58 @@ bool mc_event_cluster_time(const mc_event_t *ev, uint32_t *t, uint32_t *i);
 /* wallTime in milliseconds since the epoch, or INT64_MIN when absent. */
 int64_t mc_event_wall_time_ms(const mc_event_t *ev);
 
-/* The resolved recipient, or NULL. */
+/* The recipient as relaxed Extended JSON text of its canonical identity ("u1", 5,
+ * { "$oid" : "..." }; mongocast/identity.h), or NULL when the event has none. Two events
+ * are for the same recipient exactly when these texts are byte-equal. */
 const char *mc_event_recipient(const mc_event_t *ev);
+
+/* The recipient's canonical identity bytes (borrowed) and their length in *len; NULL (and
+ * *len 0) when the event has none. */
+const uint8_t *mc_event_recipient_identity(const mc_event_t *ev, size_t *len);
+
+/* True when the stream has a recipient but this change's could not be decided from the
+ * write itself (an update without a post-image, a delete without a pre-image, a lookup that
+ * could not be proven exact): it goes to admins only. */
+bool mc_event_recipient_unresolved(const mc_event_t *ev);
+
+/*
+ * What a subscriber restricted to one identity receives of an event (admins and subscribers
+ * of public streams receive MC_EVENT_VIEW_FULL of everything):
+ *   MC_EVENT_VIEW_FULL     the event as MongoDB produced it: the identity is the recipient,
+ *                          and it owned the previous version too (or the event carries none)
+ *   MC_EVENT_VIEW_ENTERED  the write moved the document to this identity from another owner
+ *                          (or from none, or from an owner that could not be decided): the
+ *                          change without the previous version, i.e. without
+ *                          fullDocumentBeforeChange, with updateDescription.removedFields and
+ *                          truncatedArrays emptied, and with only MongoDB's own change fields
+ *                          (_id operationType clusterTime wallTime ns documentKey fullDocument
+ *                          updateDescription.updatedFields txnNumber lsid collectionUUID)
+ *   MC_EVENT_VIEW_LEFT     the write moved the document away from this identity: only
+ *                          {"type":"left","stream":S,"_id":<documentKey._id>}, without the new
+ *                          version, the new recipient or the rest of the documentKey
+ *   MC_EVENT_VIEW_NONE     nothing
+ * Control events (ready, invalidate, reset) are MC_EVENT_VIEW_FULL for everyone. `id` is a
+ * canonical identity (mc_identity_t bytes). Thread: any.
+ */
+typedef enum mc_event_view {
+    MC_EVENT_VIEW_NONE = 0,
+    MC_EVENT_VIEW_FULL = 1,
+    MC_EVENT_VIEW_ENTERED = 2,
+    MC_EVENT_VIEW_LEFT = 3,
+} mc_event_view_t;
+
+mc_event_view_t mc_event_view_for(const mc_event_t *ev, const uint8_t *id, size_t id_len);
+
+/* The change document of a view: mc_event_change() for FULL, the reduced change for ENTERED
+ * (NULL when the event has no such view), NULL for LEFT and NONE. Filters of a subscriber
+ * are evaluated on exactly the document its view carries. */
+const bson_t *mc_event_change_view(const mc_event_t *ev, mc_event_view_t view);
+
+/* The message of a view, rendered once per event and view and cached like mc_event_json()
+ * (FULL is mc_event_json()). ENTERED is the change message with "entered" : true after
+ * "recipient"; LEFT is { "type" : "left", "stream" : S, "_id" : ... }. NULL for NONE, for a
+ * view the event does not have, or when memory runs out. */
+const char *mc_event_json_view(mc_event_t *ev, mc_event_view_t view, size_t *len);
 
 /* For invalidate, reset and error: the reason; NULL otherwise. */
 const char *mc_event_reason(const mc_event_t *ev);
@@ -153,7 +212,7 @@ const bson_t *mc_event_change(const mc_event_t *ev);
  * safe; one rendering wins, the others are discarded):
  *   change:     {"type":"change","stream":S,"id":<_data>,"recipient":R,"change":{...}}
  *               (change in relaxed Extended JSON; "recipient" is present only when the stream
- *               has a recipient path and is null when it did not resolve)
+ *               has a recipient path: the identity as mc_event_recipient() spells it, or null)
  *   invalidate: {"type":"invalidate","stream":S,"reason":"drop"}
  *   reset:      {"type":"reset","stream":S,"reason":"..."}
  *   ready:      {"type":"ready","stream":S}

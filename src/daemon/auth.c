@@ -497,12 +497,15 @@ static bool has_role(const bson_t *claims, const char *role)
     return false;
 }
 
-/* The identity claim as the string an event's recipient is compared with: strings as they
- * are, integers (and integral doubles, since JSON has one number type) in decimal, the same
- * spelling event.c gives numeric recipients. */
-static int identity(const bson_t *claims, const char *claim, char *out, size_t cap,
+/* The identity claim: its canonical identity (mongocast/identity.h), compared with an event's
+ * recipient, and a display form. A JSON string is a string identity, a JSON integer (or an
+ * integral number) an integer identity, an Extended JSON {"$oid": "<24 hex>"} an ObjectId;
+ * "5" and 5 are different identities. */
+static int identity(const bson_t *claims, const char *claim, mcd_identity_t *id,
                     mcd_refusal_t *r)
 {
+    char *out = id->subject;
+    size_t cap = sizeof(id->subject);
     bson_iter_t it;
     if (!bson_iter_init_find(&it, claims, claim)) {
         return mcd_refuse(r, 401, "unauthorized", "identity claim missing");
@@ -523,21 +526,28 @@ static int identity(const bson_t *claims, const char *claim, char *out, size_t c
         }
         memcpy(out, s, len);
         out[len] = '\0';
-        return 0;
+        break;
     }
-    case BSON_TYPE_INT32: snprintf(out, cap, "%d", bson_iter_int32(&it)); return 0;
-    case BSON_TYPE_INT64: snprintf(out, cap, "%" PRId64, bson_iter_int64(&it)); return 0;
+    case BSON_TYPE_INT32: snprintf(out, cap, "%d", bson_iter_int32(&it)); break;
+    case BSON_TYPE_INT64: snprintf(out, cap, "%" PRId64, bson_iter_int64(&it)); break;
     case BSON_TYPE_DOUBLE: {
+        /* JSON has one number type: 5.0 or 5e0 is the integer 5 (the identity rule). */
         double d = bson_iter_double(&it);
-        if (isfinite(d) && d == floor(d) && fabs(d) < 9007199254740992.0) {
+        if (isfinite(d) && d == floor(d) && d >= -9223372036854775808.0 &&
+            d < 9223372036854775808.0) {
             snprintf(out, cap, "%" PRId64, (int64_t)d);
-            return 0;
+            break;
         }
         return mcd_refuse(r, 401, "unauthorized", "identity claim invalid");
     }
+    case BSON_TYPE_OID: bson_oid_to_string(bson_iter_oid(&it), out); break;
     case BSON_TYPE_NULL: return mcd_refuse(r, 401, "unauthorized", "identity claim missing");
     default: return mcd_refuse(r, 401, "unauthorized", "identity claim invalid");
     }
+    if (!mc_identity_from_iter(&it, &id->identity)) {
+        return mcd_refuse(r, 401, "unauthorized", "identity claim invalid");
+    }
+    return 0;
 }
 
 /* Reads the NumericDate claim `name` into *out: 1 when present, 0 when absent; a value that
@@ -590,7 +600,7 @@ static int check_claims(const mcd_auth_t *a, const bson_t *claims, int64_t now, 
     if (a->audience && !audience_ok(claims, a->audience)) {
         return mcd_refuse(r, 401, "unauthorized", "wrong audience");
     }
-    if (identity(claims, a->identity_claim, id->subject, sizeof(id->subject), r) != 0) {
+    if (identity(claims, a->identity_claim, id, r) != 0) {
         return -1;
     }
     id->authenticated = true;

@@ -16,13 +16,17 @@
 
 #include "mongocast/config.h"
 #include "mongocast/error.h"
+#include "mongocast/identity.h"
 #include "refusal.h"
 
 typedef struct mcd_auth mcd_auth_t;
 
 typedef struct mcd_identity {
     bool authenticated;  /* false: anonymous (no token given) */
-    char subject[256];   /* the identity claim's value (strings as-is, numbers rendered) */
+    char subject[256];   /* the identity claim's value for display and logs only (strings
+                            as-is, numbers in decimal, ObjectIds in hex): never compare it */
+    mc_identity_t identity; /* the claim's canonical identity (mongocast/identity.h): what an
+                               event's recipient is compared with */
     bool is_admin;       /* `roles` holds admin_role */
     int64_t expires_at;  /* exp in seconds since the epoch, 0 when the token has none */
     /* Set by mcd_auth_subscriber() when the server has no `auth` section: no per-subscriber

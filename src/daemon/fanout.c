@@ -6,8 +6,12 @@
  * the daemon runs the engine in external dispatch mode (mc_engine_dispatch() from the loop's
  * async callback); init/destroy run on the owner's thread and touch no loop state.
  * Invariants:
- *   - encode once: every event becomes one mcd_msg_t whose WebSocket header and SSE head
- *     are built at most once; the ring and every subscriber queue hold references to it;
+ *   - encode once: every event becomes one mcd_msg_t per view a subscriber receives (FULL,
+ *     and ENTERED / LEFT when a write moved a document between owners), each with its
+ *     WebSocket header and SSE head built at most once; the FULL message owns the others, the
+ *     ring holds the FULL one, and every subscriber queue holds references;
+ *   - the view a subscriber gets is decided by mcd_subscription_view() in one place, for live
+ *     delivery and for history replay alike;
  *   - a subscriber is either in hub->subs (live) or not subscribed at all: replay and
  *     joining happen in one call on the loop thread, and every event the engine dispatches
  *     afterwards reaches both the ring and the live subscribers in the same publish(), so a
@@ -25,10 +29,10 @@
 
 /* ---- Messages ------------------------------------------------------------------------------- */
 
-mcd_msg_t *mcd_msg_new_event(mc_event_t *ev)
+static mcd_msg_t *msg_new(mc_event_t *ev, mc_event_view_t view)
 {
     size_t len = 0;
-    const char *json = mc_event_json(ev, &len);
+    const char *json = mc_event_json_view(ev, view, &len);
     if (!json || len > UINT32_MAX) {
         return NULL;
     }
@@ -37,6 +41,7 @@ mcd_msg_t *mcd_msg_new_event(mc_event_t *ev)
         return NULL;
     }
     msg->refs = 1;
+    msg->view = (uint8_t)view;
     msg->ev = mc_event_ref(ev);
     msg->body = json;
     msg->body_len = (uint32_t)len;
@@ -58,6 +63,27 @@ mcd_msg_t *mcd_msg_new_event(mc_event_t *ev)
     }
     msg->ws_hdr_len = (uint8_t)mcd_ws_frame_header(msg->ws_hdr, MCD_WS_OP_TEXT, len);
     return msg;
+}
+
+mcd_msg_t *mcd_msg_new_event(mc_event_t *ev)
+{
+    return msg_new(ev, MC_EVENT_VIEW_FULL);
+}
+
+mcd_msg_t *mcd_msg_view(mcd_msg_t *full, mc_event_view_t view)
+{
+    if (view == MC_EVENT_VIEW_FULL) {
+        return full;
+    }
+    if ((view != MC_EVENT_VIEW_ENTERED && view != MC_EVENT_VIEW_LEFT) || !full->ev ||
+        full->view != MC_EVENT_VIEW_FULL) {
+        return NULL;
+    }
+    mcd_msg_t **slot = &full->views[view == MC_EVENT_VIEW_ENTERED ? 0 : 1];
+    if (!*slot) {
+        *slot = msg_new(full->ev, view);
+    }
+    return *slot;
 }
 
 mcd_msg_t *mcd_msg_new_raw(const void *bytes, size_t len)
@@ -87,10 +113,25 @@ void mcd_msg_unref(mcd_msg_t *msg)
     if (--msg->refs > 0) {
         return;
     }
+    mcd_msg_unref(msg->views[0]);
+    mcd_msg_unref(msg->views[1]);
     mc_event_unref(&msg->ev);
     free(msg->sse_head);
     free(msg->owned);
     free(msg);
+}
+
+/* A LEFT message has no id line: its event id names a change the subscriber did not receive,
+ * and a resume from it must not skip what that subscriber missed before it. */
+static char *left_sse_head(uint32_t *len)
+{
+    static const char head[] = "event: left\ndata: ";
+    char *out = malloc(sizeof(head));
+    if (out) {
+        memcpy(out, head, sizeof(head));
+        *len = (uint32_t)(sizeof(head) - 1);
+    }
+    return out;
 }
 
 static const char sse_end[] = "\n\n";
@@ -102,7 +143,9 @@ size_t mcd_msg_size_any(mcd_msg_t *msg, mcd_transport_t t)
     }
     if (t == MCD_T_SSE) {
         if (!msg->sse_head) {
-            msg->sse_head = mcd_sse_head(msg->ev, &msg->sse_head_len);
+            msg->sse_head = msg->view == MC_EVENT_VIEW_LEFT
+                                ? left_sse_head(&msg->sse_head_len)
+                                : mcd_sse_head(msg->ev, &msg->sse_head_len);
             if (!msg->sse_head) {
                 return 0;
             }
@@ -265,11 +308,16 @@ int mcd_hub_subscribe(mcd_hub_t *hub, mcd_conn_t *conn, const char *since)
     if (found >= 0) {
         for (uint32_t i = (uint32_t)found + 1; i < hub->ring_len; i++) {
             mcd_msg_t *m = ring_at(hub, i);
-            if (mc_event_kind(m->ev) == MC_EVENT_CHANGE &&
-                !mcd_subscription_match(conn->sub, m->ev)) {
+            /* The same decision as live delivery (hub_publish). */
+            mc_event_view_t view = mcd_subscription_view(conn->sub, m->ev);
+            if (view == MC_EVENT_VIEW_NONE) {
                 continue;
             }
-            if (mcd_conn_send(conn, m, true) != 0) {
+            mcd_msg_t *vm = mcd_msg_view(m, view);
+            if (!vm) {
+                continue;
+            }
+            if (mcd_conn_send(conn, vm, true) != 0) {
                 return -1;
             }
         }
@@ -331,7 +379,7 @@ static void hub_publish(mcd_hub_t *hub, mc_event_t *ev)
     case MC_EVENT_ERROR: hub->open = false; break;
     }
     /* Subscribers flagged MCD_CF_MATCH_ALL (no recipient rule, no $var stage, no filter)
-     * skip the per-subscriber match: for them mcd_subscription_match() is true for every
+     * skip the per-subscriber decision: for them mcd_subscription_view() is FULL for every
      * event except a change without a change document, decided here once per event. */
     bool check = kind == MC_EVENT_CHANGE;
     uint8_t skip_check = check && mc_event_change(ev) ? MCD_CF_MATCH_ALL : 0;
@@ -339,10 +387,21 @@ static void hub_publish(mcd_hub_t *hub, mc_event_t *ev)
      * loop has already visited. */
     for (uint32_t i = hub->n_subs; i-- > 0;) {
         mcd_conn_t *c = hub->subs[i];
-        if (check && !(c->flags & skip_check) && !mcd_subscription_match(c->sub, ev)) {
-            continue;
+        mcd_msg_t *m = msg;
+        if (check && !(c->flags & skip_check)) {
+            mc_event_view_t view = mcd_subscription_view(c->sub, ev);
+            if (view == MC_EVENT_VIEW_NONE) {
+                continue;
+            }
+            m = mcd_msg_view(msg, view);
+            if (!m) {
+                static mc_log_ratelimit_t rl = MC_LOG_RATELIMIT_INIT(10000);
+                mc_log_ratelimited(&rl, MC_LOG_ERROR, "server",
+                                   "out of memory: message dropped stream=%s", hub->cfg->name);
+                continue;
+            }
         }
-        mcd_conn_send(c, msg, false);
+        mcd_conn_send(c, m, false);
     }
     if (kind == MC_EVENT_ERROR) {
         /* The stream's last event in this run: end every subscriber once the message is

@@ -206,6 +206,15 @@ char *mcd_metrics_render(mcd_server_t *srv, size_t *len)
                 label(srv->hubs[i].cfg->name, l, sizeof(l)), ss[i].resumes);
         }
     }
+    help(&o, "mongocast_recipient_unresolved_total", "counter",
+         "Changes whose recipient could not be decided from the write (or proven through the "
+         "lookup) and went to admins only.");
+    for (size_t i = 0; i < n; i++) {
+        if (have[i]) {
+            put(&o, "mongocast_recipient_unresolved_total{stream=\"%s\"} %" PRIu64 "\n",
+                label(srv->hubs[i].cfg->name, l, sizeof(l)), ss[i].unresolved_recipients);
+        }
+    }
     help(&o, "mongocast_client_resumes_total", "counter",
          "Subscriber resumes (since= or Last-Event-ID): replayed from history or answered "
          "with reset.");

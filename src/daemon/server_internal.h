@@ -29,12 +29,17 @@
 /* One message as it goes on the wire, built once and shared by every connection that sends
  * it (a connection's queue holds references, never copies). For an event, the WebSocket
  * frame is ws_hdr + body and the SSE event is sse_head + body + "\n\n"; both are unmasked
- * server encodings, so one message serves every subscriber of a transport. */
+ * server encodings, so one message serves every subscriber of a transport. An event has one
+ * message per view (mongocast/event.h): the FULL one is made for every event and owns the
+ * ENTERED and LEFT ones, made on first use (an ownership change), so each view is encoded
+ * once for live delivery and history replay alike. */
 typedef struct mcd_msg {
     uint32_t refs;
     uint8_t flags;
+    uint8_t view; /* mc_event_view_t of body */
     uint8_t ws_hdr_len;
     uint8_t ws_hdr[10];
+    struct mcd_msg *views[2]; /* FULL only: the ENTERED and LEFT messages, or NULL */
     uint32_t body_len;
     uint32_t sse_head_len;
     const char *body; /* the event's §4.3 JSON (borrowed from ev) or raw bytes */
@@ -50,6 +55,10 @@ typedef enum mcd_transport {
 } mcd_transport_t;
 
 mcd_msg_t *mcd_msg_new_event(mc_event_t *ev);
+/* The message of `view` of the event of `full` (a FULL message): `full` itself, or the view's
+ * message owned by `full` (made on first use). Borrowed; NULL when the event has no such view
+ * or memory runs out. */
+mcd_msg_t *mcd_msg_view(mcd_msg_t *full, mc_event_view_t view);
 mcd_msg_t *mcd_msg_new_raw(const void *bytes, size_t len);
 void mcd_msg_unref(mcd_msg_t *msg);
 static inline mcd_msg_t *mcd_msg_ref(mcd_msg_t *msg)

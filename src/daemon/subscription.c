@@ -3,12 +3,12 @@
  * stream's per-subscriber `$match` stages bound with the subscriber's `vars`, and the
  * subscriber's own `filter`.
  *
- * Thread: mcd_subscription_new() and mcd_subscription_match() run on the loop thread;
+ * Thread: mcd_subscription_new() and mcd_subscription_view() run on the loop thread;
  * mcd_stream_local_stages_check() at start-up. A subscription is immutable once built.
  *
  * Invariants:
  *   - everything a subscriber sends is parsed, validated and compiled here, once, before
- *     the upgrade; mcd_subscription_match() only reads compiled filters and allocates nothing
+ *     the upgrade; mcd_subscription_view() only reads compiled filters and allocates nothing
  *     (POSIX regexec may allocate internally for $regex, and a config stage's $expr when it
  *     builds a string or crosses an array);
  *   - a subscription keeps no pointer into the stream config (a reload may replace it);
@@ -37,9 +37,10 @@ struct mcd_subscription {
     mc_filter_t **local; /* n_local compiled $var stages; NULL when none */
     mc_filter_t *client; /* NULL: no client filter */
     uint32_t n_local;
-    bool restrict_recipient; /* only events whose recipient equals `subject` */
+    bool restrict_recipient; /* only what mc_event_view_for() gives `identity` */
     bool matches_all;        /* none of the three conditions: see matches_all() */
-    char subject[];          /* the identity when restrict_recipient, else "" */
+    uint16_t identity_len;   /* bytes of identity; 0 unless restrict_recipient */
+    uint8_t identity[];      /* the subscriber's canonical identity (mongocast/identity.h) */
 };
 
 /* ---- vars ---------------------------------------------------------------------------- */
@@ -364,14 +365,19 @@ mcd_subscription_t *mcd_subscription_new(const mc_stream_config_t *stream, const
     /* Public streams and servers without auth: the recipient routes, it never authorizes. */
     bool restrict_recipient =
         stream->recipient && !stream->is_public && !id->auth_disabled && !id->is_admin;
-    size_t subject_len = restrict_recipient ? strnlen(id->subject, sizeof(id->subject) - 1) : 0;
-    mcd_subscription_t *sub = calloc(1, sizeof(*sub) + subject_len + 1);
+    /* An identity that is empty (a hand-built mcd_identity_t) matches no recipient. */
+    size_t identity_len = 0;
+    if (restrict_recipient && id->identity.len <= MC_IDENTITY_MAX) {
+        identity_len = id->identity.len;
+    }
+    mcd_subscription_t *sub = calloc(1, sizeof(*sub) + identity_len);
     if (!sub) {
         mcd_refuse(r, 503, "too_many_connections", "out of memory");
         return NULL;
     }
     sub->restrict_recipient = restrict_recipient;
-    memcpy(sub->subject, id->subject, subject_len);
+    sub->identity_len = (uint16_t)identity_len;
+    memcpy(sub->identity, id->identity.bytes, identity_len);
     bson_t vars;
     bool have_vars = false;
     if (vars_json) {
@@ -410,31 +416,46 @@ void mcd_subscription_destroy(mcd_subscription_t *sub)
     free(sub);
 }
 
-bool mcd_subscription_match(const mcd_subscription_t *sub, const mc_event_t *ev)
+mc_event_view_t mcd_subscription_view(const mcd_subscription_t *sub, const mc_event_t *ev)
 {
     if (!sub || !ev) {
-        return false;
+        return MC_EVENT_VIEW_NONE;
     }
     if (mc_event_kind(ev) != MC_EVENT_CHANGE) {
-        return true;
+        return MC_EVENT_VIEW_FULL;
     }
+    mc_event_view_t view = MC_EVENT_VIEW_FULL;
     if (sub->restrict_recipient) {
-        const char *rcpt = mc_event_recipient(ev);
-        /* No recipient (unresolved, lookup miss): admins only. */
-        if (!rcpt || strcmp(rcpt, sub->subject) != 0) {
-            return false;
+        /* No recipient (unresolved, lookup miss, not an identity): admins only. */
+        view = mc_event_view_for(ev, sub->identity, sub->identity_len);
+        if (view == MC_EVENT_VIEW_NONE) {
+            return view;
+        }
+        if (view == MC_EVENT_VIEW_LEFT) {
+            /* Filters are not evaluated: they could only be evaluated on the new owner's
+             * version, and the answer would tell the old owner something about it. */
+            return view;
         }
     }
-    const bson_t *change = mc_event_change(ev);
+    /* Filters see exactly the document this subscriber would receive. */
+    const bson_t *change = mc_event_change_view(ev, view);
     if (!change) {
-        return false;
+        return MC_EVENT_VIEW_NONE;
     }
     for (size_t i = 0; i < sub->n_local; i++) {
         if (!mc_filter_match(sub->local[i], change)) {
-            return false;
+            return MC_EVENT_VIEW_NONE;
         }
     }
-    return !sub->client || mc_filter_match(sub->client, change);
+    if (sub->client && !mc_filter_match(sub->client, change)) {
+        return MC_EVENT_VIEW_NONE;
+    }
+    return view;
+}
+
+bool mcd_subscription_match(const mcd_subscription_t *sub, const mc_event_t *ev)
+{
+    return mcd_subscription_view(sub, ev) != MC_EVENT_VIEW_NONE;
 }
 
 bool mcd_subscription_matches_all(const mcd_subscription_t *sub)

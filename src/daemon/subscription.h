@@ -3,9 +3,11 @@
  *
  * A stream's server-side change stream is shared by all its subscribers; each subscriber's
  * view is decided here, in the daemon, per event:
- *   1. recipient: on a stream with `recipient`, only events whose recipient equals the
- *      subscriber's identity (admins see all; on a public stream the recipient only routes
- *      and never authorizes, so anonymous subscribers see every event);
+ *   1. recipient: on a stream with `recipient`, only what mc_event_view_for() gives the
+ *      subscriber's identity: its own changes, the change that moved a document to it
+ *      without the previous owner's version, a "left" notice for a document that moved away
+ *      (admins see all; on a public stream the recipient only routes and never authorizes,
+ *      so anonymous subscribers see every event);
  *   2. the stream's `$match` stages that use {$var: name}, bound with the subscriber's `vars`
  *      (a JSON object; an unbound name is refused with 400 "variable NAME not bound", a value
  *      holding an operator key such as {$ne: ...} with 400; these stages come from the config
@@ -13,7 +15,8 @@
  *   3. the subscriber's `filter` (a JSON MongoDB query over the change event, when the stream
  *      allows client filters; $where $function $accumulator $expr refused; bounded in size
  *      and depth).
- * Control events (ready, invalidate, reset) always pass.
+ * Control events (ready, invalidate, reset) always pass. Filters (2 and 3) are evaluated on
+ * the change the subscriber's view carries, and not at all for a "left" notice.
  *
  * Thread: built and matched on the loop thread. Immutable after creation.
  */
@@ -41,12 +44,15 @@ mcd_subscription_t *mcd_subscription_new(const mc_stream_config_t *stream, const
                                          mcd_refusal_t *r);
 void mcd_subscription_destroy(mcd_subscription_t *sub);
 
-/* True when this subscriber receives `ev`. Never fails. */
+/* What this subscriber receives of `ev` (MC_EVENT_VIEW_NONE: nothing). Never fails. */
+mc_event_view_t mcd_subscription_view(const mcd_subscription_t *sub, const mc_event_t *ev);
+
+/* mcd_subscription_view() != MC_EVENT_VIEW_NONE. */
 bool mcd_subscription_match(const mcd_subscription_t *sub, const mc_event_t *ev);
 
 /* True when the subscription has no condition at all (no recipient restriction, no $var
- * stage, no client filter): mcd_subscription_match() is then true for every event that
- * has a change document, so the fan-out may skip calling it. False for NULL. Fixed at
+ * stage, no client filter): mcd_subscription_view() is then MC_EVENT_VIEW_FULL for every
+ * event that has a change document, so the fan-out may skip calling it. False for NULL. Fixed at
  * creation. (Additive function.) */
 bool mcd_subscription_matches_all(const mcd_subscription_t *sub);
 

@@ -724,7 +724,8 @@ static const opt_t lookup_opts[] = {
      .def_num = 10000,
      .min = 0,
      .max = 10000000,
-     .doc = "lookups cached (LRU); 0 disables the cache"},
+     .doc = "lookup keys cached (LRU), kept exact by a change stream on the lookup "
+            "collection; 0 disables the cache"},
 };
 static const opt_table_t lookup_table = {lookup_opts, N_OPTS(lookup_opts), "", NULL, NULL};
 
@@ -863,6 +864,17 @@ static int check_stream(cfg_ctx_t *ctx, const mc__cfg_node_t *map, void *base,
     if (s->collection && !s->db) {
         return fail(ctx, found_node(&stream_table, found, "collection"),
                     "collection requires db (omit both to watch the whole cluster)");
+    }
+    if (s->recipient && s->full_document == MC_FULL_DOCUMENT_UPDATE_LOOKUP) {
+        /* updateLookup reads the document when the event is read, not as the write left it:
+         * a later owner would receive an earlier owner's write. */
+        return fail(ctx, found_node(&stream_table, found, "full_document"),
+                    "full_document: updateLookup cannot be used with recipient: it reads the "
+                    "document as it is later, so a change could reach the next owner. Use "
+                    "full_document: whenAvailable (or required) with changeStreamPreAndPostImages "
+                    "enabled on the collection (mongocast enable-images), and "
+                    "full_document_before_change: whenAvailable (or required) so that deletes "
+                    "and ownership changes are routed from the pre-image");
     }
     if (!s->pipeline) {
         s->pipeline = bson_new();

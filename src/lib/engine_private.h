@@ -42,20 +42,56 @@ int mc__event_stream_index(const mc_event_t *ev);
 /* True when the event was built with a recipient path (the message then has "recipient"). */
 bool mc__event_recipient_configured(const mc_event_t *ev);
 
-/* Renders the §4.3 message / the raw change; called once by the caching accessors. The
- * returned string is bson_malloc'ed. */
+/* Renders the §4.3 message, the ENTERED and LEFT messages of mc_event_json_view(), the raw
+ * change; called once by the caching accessors. The returned string is bson_malloc'ed. */
 char *mc__event_render_json(const mc_event_t *ev, size_t *len);
+char *mc__event_render_entered(const mc_event_t *ev, size_t *len);
+char *mc__event_render_left(const mc_event_t *ev, size_t *len);
 char *mc__event_render_raw(const mc_event_t *ev, size_t *len);
+/* The recipient's JSON text and length (NULL when none), for the renderers. */
+const char *mc__event_recipient_json(const mc_event_t *ev, size_t *len);
 
-/* Resolves a dotted recipient path in `change` as mc_event_new_change() documents. Returns a
- * bson_malloc'ed string or NULL. */
-char *mc__recipient_resolve(const bson_t *change, const char *path);
-/* Finds the value at a recipient path with the same pre-image rule (for lookups, which need
- * the value with its BSON type). False when absent. */
-bool mc__recipient_find(const bson_t *change, const char *path, bson_iter_t *found);
-/* Replaces the event's recipient with `recipient` (bson_malloc'ed or NULL; taken). Only on
- * the watcher thread that built the event, before it is shared. */
-void mc__event_set_recipient_take(mc_event_t *ev, char *recipient);
+/* ---- Routing: who an event is for (watcher thread, before the event is shared) ---------- */
+
+/* What a recipient path designates in one version of the document. */
+typedef enum mc__vstate {
+    MC__V_ABSENT = 0,     /* the event carries no such version (no pre-image) */
+    MC__V_MISSING = 1,    /* the version is there, the path holds nothing */
+    MC__V_FOUND = 2,      /* the path holds a value (any type) */
+    MC__V_UNRESOLVED = 3, /* the version this write left is needed but not in the event */
+} mc__vstate_t;
+
+/* The values `path` designates after the write (*post) and before it (*prev, update and
+ * replace only) under the rules of mc_event_new_change(). The iterators are valid when their
+ * state is MC__V_FOUND and point into `change`. */
+void mc__recipient_values(const bson_t *change, const char *path, bson_iter_t *post,
+                          mc__vstate_t *post_st, bson_iter_t *prev, mc__vstate_t *prev_st);
+
+/* A decided recipient. */
+typedef enum mc__rstate {
+    MC__R_NONE = 0,       /* owned by nobody (no value, or a value that is not an identity) */
+    MC__R_KNOWN = 1,      /* the identity in the matching mc_identity_t */
+    MC__R_UNRESOLVED = 2, /* could not be decided exactly: admins only, counted */
+    MC__R_ABSENT = 3,     /* prev only: the event carries no previous version */
+} mc__rstate_t;
+
+typedef struct mc__routing {
+    mc__rstate_t post, prev;
+    mc_identity_t post_id, prev_id;
+} mc__routing_t;
+
+/* Sets the routing of an event built without a recipient path (the lookup form): the
+ * recipient, the previous recipient, and the reduced change for a new owner when the write
+ * moved the document. Only on the watcher thread that built the event, before it is shared.
+ * On MC_ENOMEM the event is left unresolved (admins only). */
+int mc__event_set_routing(mc_event_t *ev, const mc__routing_t *r);
+
+/* The cluster time at the head of a resume token's _data (MongoDB's and the emulator's
+ * KeyString layout); 0, 0 when the token is opaque (watcher.c). */
+void mc__token_cluster_time(const bson_t *token, uint32_t *t, uint32_t *i);
+
+/* The state of an event's recipient (MC__R_NONE for events of streams without one). */
+mc__rstate_t mc__event_recipient_state(const mc_event_t *ev);
 
 /* ---- Bounded MPSC queue (push: watcher threads; pop: dispatch thread) ----------------- */
 

@@ -5,10 +5,18 @@
  * mongoc_change_stream_next() call can overwrite it: one walk over the change's top-level keys
  * finds every field the engine and the sinks look at (operation type, namespace, token,
  * clusterTime, recipient), then the document is copied once into the event's single block,
- * so nothing parses BSON on the dispatch thread's hot path. Invariant: after construction
- * nothing in the struct changes except the refcount, the two render caches (filled at most
- * once by compare-and-swap) and the embedded queue item (owned by whoever holds the event's
- * queue reference); the last unref frees the whole block on whatever thread drops it.
+ * so nothing parses BSON on the dispatch thread's hot path.
+ *
+ * Routing is decided here, from the write itself (mongocast/event.h): the recipient after the
+ * write, the recipient before it when the event carries the previous version, and, when the
+ * write moved the document from one owner to another, the reduced change a new owner gets
+ * (built on the watcher thread, so the loop never copies BSON for it).
+ *
+ * Invariant: after construction (and mc__event_set_routing() on the watcher thread, before
+ * the event is shared) nothing in the struct changes except the refcount, the render caches
+ * (filled at most once by compare-and-swap) and the embedded queue item (owned by whoever
+ * holds the event's queue reference); the last unref frees the whole block on whatever
+ * thread drops it.
  */
 #include <math.h>
 #include <stdatomic.h>
@@ -21,8 +29,8 @@
 /*
  * One event is one heap block: this struct (at a 128-byte boundary inside the block, because
  * libbson declares bson_t 128-byte aligned and the struct embeds three bson_t views), then
- * the copied change document, then the stream name, the reason and a formatted recipient.
- * op, db, coll, id and a string recipient point into the copied change: libbson strings are
+ * the copied change document, then the stream name, the reason and the recipient's identity
+ * bytes and JSON text. op, db, coll and id point into the copied change: libbson strings are
  * NUL-terminated in place and the copy never changes. One block means one allocation on the
  * watcher thread and one cross-thread free on the dispatch thread per event, instead of a
  * dozen (each of which used to take the watcher's malloc arena lock).
@@ -37,6 +45,10 @@ struct mc_event {
     bool has_token;
     bool has_ct;
     bool recipient_configured; /* the stream has a recipient path */
+    uint8_t post_state;        /* mc__rstate_t of the recipient */
+    uint8_t prev_state;        /* mc__rstate_t of the previous recipient */
+    bool entered;              /* a new owner gets the ENTERED view */
+    bool left;                 /* the previous owner gets the LEFT view */
     uint32_t ct_t, ct_i;
     int64_t wall_ms;           /* INT64_MIN when absent */
     const char *stream;        /* in the block */
@@ -44,8 +56,12 @@ struct mc_event {
     const char *db;            /* ns.db in the change, or NULL */
     const char *coll;          /* ns.coll in the change, or NULL */
     const char *id;            /* _id._data in the change */
-    const char *recipient;     /* in the change, in the block, recipient_owned or NULL */
-    char *recipient_owned;     /* bson_malloc'ed by mc__event_set_recipient_take() */
+    const uint8_t *rid;        /* recipient identity (block or routing_owned), or NULL */
+    const uint8_t *pid;        /* previous recipient identity, or NULL */
+    const char *rjson;         /* recipient as JSON text, or NULL */
+    uint32_t rid_len, pid_len, rjson_len;
+    void *routing_owned;       /* storage of mc__event_set_routing() */
+    bson_t *entered_change;    /* the ENTERED view's change (owned), or NULL */
     const char *reason;        /* in the block */
     const char *error_code;    /* in the block; error events only */
     int server_code;           /* error events: MongoDB's code, or 0 */
@@ -55,8 +71,12 @@ struct mc_event {
      * immutable data), so racing renderers store the same length. */
     _Atomic(char *) json;
     _Atomic(char *) raw;
+    _Atomic(char *) json_entered;
+    _Atomic(char *) json_left;
     atomic_size_t json_len;
     atomic_size_t raw_len;
+    atomic_size_t json_entered_len;
+    atomic_size_t json_left_len;
     mc__item_t item;           /* the queue item that carries this event (engine.c) */
     bson_t change_view;        /* static view of the change bytes that follow the struct */
     bson_t doc_key;            /* static view into the change */
@@ -100,8 +120,12 @@ static mc_event_t *event_alloc(mc_event_kind_t kind, uint64_t seq, size_t extra)
     ev->wall_ms = INT64_MIN;
     atomic_init(&ev->json, NULL);
     atomic_init(&ev->raw, NULL);
+    atomic_init(&ev->json_entered, NULL);
+    atomic_init(&ev->json_left, NULL);
     atomic_init(&ev->json_len, 0);
     atomic_init(&ev->raw_len, 0);
+    atomic_init(&ev->json_entered_len, 0);
+    atomic_init(&ev->json_left_len, 0);
     return ev;
 }
 
@@ -119,100 +143,13 @@ static void event_free(mc_event_t *ev)
 {
     bson_free(atomic_load_explicit(&ev->json, memory_order_relaxed));
     bson_free(atomic_load_explicit(&ev->raw, memory_order_relaxed));
-    bson_free(ev->recipient_owned);
+    bson_free(atomic_load_explicit(&ev->json_entered, memory_order_relaxed));
+    bson_free(atomic_load_explicit(&ev->json_left, memory_order_relaxed));
+    if (ev->entered_change) {
+        bson_destroy(ev->entered_change);
+    }
+    free(ev->routing_owned);
     free(ev->block);
-}
-
-/* Formats a recipient value. A string is returned in place (it points into the document,
- * where it is NUL-terminated); the other scalars are printed into buf. NULL when the type
- * cannot be a recipient. */
-static const char *format_scalar(const bson_iter_t *it, char buf[64])
-{
-    switch (bson_iter_type(it)) {
-    case BSON_TYPE_UTF8:
-        return bson_iter_utf8(it, NULL);
-    case BSON_TYPE_INT32:
-        bson_snprintf(buf, 64, "%d", bson_iter_int32(it));
-        return buf;
-    case BSON_TYPE_INT64:
-        bson_snprintf(buf, 64, "%" PRId64, bson_iter_int64(it));
-        return buf;
-    case BSON_TYPE_DOUBLE: {
-        double d = bson_iter_double(it);
-        if (!isfinite(d)) {
-            return NULL;
-        }
-        /* Owner ids stored as doubles (JavaScript clients) should match their integer
-         * spelling in a JWT claim, so integral values print without a fraction. */
-        if (d == floor(d) && fabs(d) < 9007199254740992.0) {
-            bson_snprintf(buf, 64, "%" PRId64, (int64_t)d);
-        } else {
-            bson_snprintf(buf, 64, "%.17g", d);
-        }
-        return buf;
-    }
-    case BSON_TYPE_DECIMAL128: {
-        bson_decimal128_t dec;
-        bson_iter_decimal128(it, &dec);
-        _Static_assert(BSON_DECIMAL128_STRING <= 64, "decimal128 string fits the buffer");
-        bson_decimal128_to_string(&dec, buf);
-        return buf;
-    }
-    case BSON_TYPE_OID:
-        bson_oid_to_string(bson_iter_oid(it), buf);
-        return buf;
-    default:
-        return NULL;
-    }
-}
-
-static bool field_present(const bson_t *doc, const char *key)
-{
-    bson_iter_t it;
-    return bson_iter_init_find(&it, doc, key) && !BSON_ITER_HOLDS_NULL(&it) &&
-           !BSON_ITER_HOLDS_UNDEFINED(&it);
-}
-
-static bool iter_present(const bson_iter_t *it)
-{
-    return !BSON_ITER_HOLDS_NULL(it) && !BSON_ITER_HOLDS_UNDEFINED(it);
-}
-
-bool mc__recipient_find(const bson_t *change, const char *path, bson_iter_t *found)
-{
-    if (!change || !path || !*path) {
-        return false;
-    }
-    static const char prefix[] = "fullDocument.";
-    char *alt = NULL;
-    const char *use = path;
-    /* Deletes carry no fullDocument: the owner is only known from the pre-image. */
-    if (strncmp(path, prefix, sizeof(prefix) - 1) == 0 && !field_present(change, "fullDocument")) {
-        alt = bson_strdup_printf("fullDocumentBeforeChange.%s", path + sizeof(prefix) - 1);
-        use = alt;
-    }
-    bson_iter_t it;
-    bool ok = bson_iter_init(&it, change) && bson_iter_find_descendant(&it, use, found);
-    bson_free(alt);
-    return ok;
-}
-
-char *mc__recipient_resolve(const bson_t *change, const char *path)
-{
-    bson_iter_t found;
-    char buf[64];
-    const char *v = NULL;
-    if (mc__recipient_find(change, path, &found)) {
-        v = format_scalar(&found, buf);
-    }
-    return v ? bson_strdup(v) : NULL;
-}
-
-void mc__event_set_recipient_take(mc_event_t *ev, char *recipient)
-{
-    bson_free(ev->recipient_owned);
-    ev->recipient_owned = recipient;
-    ev->recipient = recipient;
 }
 
 /* What one walk over the change's top-level keys finds. Like bson_iter_init_find() and
@@ -335,30 +272,234 @@ static void scan_change(scan_t *sc, bson_iter_t *it)
     }
 }
 
-/* mc__recipient_find() on the scanned change, without walking its top level again for the
+/* ---- Routing ---------------------------------------------------------------------------- */
+
+static bool op_is(const char *op, const char *name)
+{
+    return op && strcmp(op, name) == 0;
+}
+
+/* A version of the document (fullDocument, fullDocumentBeforeChange) is in the event when the
+ * field holds a document; null (no post-image, a deleted document) means it is not. */
+static bool version_present(const scan_t *sc, unsigned bit, const bson_iter_t *it)
+{
+    return (sc->seen & bit) && BSON_ITER_HOLDS_DOCUMENT(it);
+}
+
+static mc__vstate_t value_in(const bson_iter_t *version, const char *rest, bson_iter_t *found)
+{
+    bson_iter_t child;
+    return bson_iter_recurse(version, &child) && bson_iter_find_descendant(&child, rest, found)
+               ? MC__V_FOUND
+               : MC__V_MISSING;
+}
+
+/* mc__recipient_values() on the scanned change, without walking its top level again for the
  * usual "fullDocument.<path>" recipients. */
-static bool scan_recipient(const scan_t *sc, const bson_t *change, const char *path,
-                           bson_iter_t *found)
+static void scan_values(const scan_t *sc, const bson_t *change, const char *path,
+                        bson_iter_t *post, mc__vstate_t *post_st, bson_iter_t *prev,
+                        mc__vstate_t *prev_st)
 {
     static const char prefix[] = "fullDocument.";
-    if (!*path) {
-        return false;
+    *post_st = MC__V_MISSING;
+    *prev_st = MC__V_ABSENT;
+    if (!path || !*path) {
+        return;
     }
     if (strncmp(path, prefix, sizeof(prefix) - 1) != 0) {
         bson_iter_t it;
-        return bson_iter_init(&it, change) && bson_iter_find_descendant(&it, path, found);
+        if (bson_iter_init(&it, change) && bson_iter_find_descendant(&it, path, post)) {
+            *post_st = MC__V_FOUND;
+        }
+        return;
     }
-    /* Deletes carry no fullDocument: the owner is only known from the pre-image. */
-    const bson_iter_t *top = NULL;
-    if ((sc->seen & SEEN_FULL_DOC) && iter_present(&sc->full_doc)) {
-        top = &sc->full_doc;
-    } else if (sc->seen & SEEN_BEFORE) {
-        top = &sc->before;
+    const char *rest = path + sizeof(prefix) - 1;
+    if (!*rest) {
+        return;
     }
-    bson_iter_t child;
-    return top && (BSON_ITER_HOLDS_DOCUMENT(top) || BSON_ITER_HOLDS_ARRAY(top)) &&
-           bson_iter_recurse(top, &child) &&
-           bson_iter_find_descendant(&child, path + sizeof(prefix) - 1, found);
+    const char *op = sc->op;
+    bool has_full = version_present(sc, SEEN_FULL_DOC, &sc->full_doc);
+    bool has_before = version_present(sc, SEEN_BEFORE, &sc->before);
+    if (op_is(op, "delete")) {
+        /* A delete leaves no document: it belongs to whoever owned the last version. */
+        *post_st = has_before ? value_in(&sc->before, rest, post) : MC__V_UNRESOLVED;
+        return;
+    }
+    if (!has_full) {
+        /* A write whose resulting document is not in the event (an update without a
+         * post-image): reading it now would route by a later state, so nobody gets it. */
+        bool writes = !op || op_is(op, "insert") || op_is(op, "update") || op_is(op, "replace");
+        *post_st = writes ? MC__V_UNRESOLVED : MC__V_MISSING;
+        return;
+    }
+    *post_st = value_in(&sc->full_doc, rest, post);
+    if (has_before && (!op || op_is(op, "update") || op_is(op, "replace"))) {
+        *prev_st = value_in(&sc->before, rest, prev);
+    }
+}
+
+void mc__recipient_values(const bson_t *change, const char *path, bson_iter_t *post,
+                          mc__vstate_t *post_st, bson_iter_t *prev, mc__vstate_t *prev_st)
+{
+    scan_t sc;
+    memset(&sc, 0, sizeof(sc));
+    bson_iter_t it;
+    if (change && bson_iter_init(&it, change)) {
+        scan_change(&sc, &it);
+    }
+    scan_values(&sc, change, path, post, post_st, prev, prev_st);
+}
+
+static mc__rstate_t rstate_of(mc__vstate_t st, const bson_iter_t *it, mc_identity_t *id)
+{
+    id->len = 0;
+    switch (st) {
+    case MC__V_FOUND: return mc_identity_from_iter(it, id) ? MC__R_KNOWN : MC__R_NONE;
+    case MC__V_UNRESOLVED: return MC__R_UNRESOLVED;
+    case MC__V_ABSENT: return MC__R_ABSENT;
+    default: return MC__R_NONE;
+    }
+}
+
+/* Which views beyond FULL the event has (see mc_event_view_for()). */
+static void derive_views(const mc__routing_t *r, bool *entered, bool *left)
+{
+    bool same = r->post == MC__R_KNOWN && r->prev == MC__R_KNOWN &&
+                mc_identity_equal(r->post_id.bytes, r->post_id.len, r->prev_id.bytes,
+                                  r->prev_id.len);
+    /* The new owner is entitled to the version this write made, not to the one before it
+     * unless that was its own. */
+    *entered = r->post == MC__R_KNOWN && r->prev != MC__R_ABSENT && !same;
+    /* The old owner learns that the document left, unless who has it now is unknown (then it
+     * may still be theirs, and saying anything would be a guess). */
+    *left = r->prev == MC__R_KNOWN && r->post != MC__R_UNRESOLVED && !same;
+}
+
+/* Top-level fields of a change event that MongoDB itself defines and that describe only the
+ * write or its result. Anything else (fullDocumentBeforeChange, fields a stream pipeline
+ * added, which may be computed from the previous version) stays out of the ENTERED view. */
+static bool entered_keeps(const char *k)
+{
+    static const char *const keep[] = {"_id",          "operationType", "clusterTime",
+                                       "wallTime",     "ns",            "documentKey",
+                                       "fullDocument", "txnNumber",     "lsid",
+                                       "collectionUUID"};
+    for (size_t i = 0; i < sizeof(keep) / sizeof(keep[0]); i++) {
+        if (strcmp(k, keep[i]) == 0) {
+            return true;
+        }
+    }
+    return false;
+}
+
+/* The change a new owner receives: MongoDB's own fields, updateDescription reduced to its
+ * updatedFields (values this write set, i.e. part of the new version) with removedFields and
+ * truncatedArrays emptied (they describe the previous version). First occurrence of a key
+ * only, like the scan. */
+static bson_t *build_entered_change(const bson_t *change)
+{
+    bson_t *out = bson_sized_new(change->len);
+    bson_iter_t it;
+    if (!bson_iter_init(&it, change)) {
+        return out;
+    }
+    while (bson_iter_next(&it)) {
+        const char *k = bson_iter_key(&it);
+        if (bson_has_field(out, k)) {
+            continue;
+        }
+        if (strcmp(k, "updateDescription") == 0) {
+            bson_t ud, arr;
+            bson_iter_t sub;
+            bson_append_document_begin(out, k, -1, &ud);
+            if (BSON_ITER_HOLDS_DOCUMENT(&it) && bson_iter_recurse(&it, &sub) &&
+                bson_iter_find(&sub, "updatedFields")) {
+                bson_append_iter(&ud, "updatedFields", -1, &sub);
+            }
+            bson_append_array_begin(&ud, "removedFields", -1, &arr);
+            bson_append_array_end(&ud, &arr);
+            bson_append_array_begin(&ud, "truncatedArrays", -1, &arr);
+            bson_append_array_end(&ud, &arr);
+            bson_append_document_end(out, &ud);
+        } else if (entered_keeps(k)) {
+            bson_append_iter(out, k, -1, &it);
+        }
+    }
+    return out;
+}
+
+/* Bytes put_routing() stores. */
+static size_t routing_bytes(const mc__routing_t *r, size_t rjson_len)
+{
+    size_t n = 0;
+    if (r->post == MC__R_KNOWN) {
+        n += r->post_id.len + rjson_len + 1;
+    }
+    if (r->prev == MC__R_KNOWN) {
+        n += r->prev_id.len;
+    }
+    return n;
+}
+
+/* Stores the routing at *tail (routing_bytes() bytes) and derives the views; builds the
+ * reduced change when a new owner gets one. ev->change_view must be set. */
+static void put_routing(mc_event_t *ev, char **tail, const mc__routing_t *r, const char *rjson,
+                        size_t rjson_len)
+{
+    ev->post_state = (uint8_t)r->post;
+    ev->prev_state = (uint8_t)r->prev;
+    ev->rid = ev->pid = NULL;
+    ev->rjson = NULL;
+    ev->rid_len = ev->pid_len = ev->rjson_len = 0;
+    if (r->post == MC__R_KNOWN) {
+        memcpy(*tail, r->post_id.bytes, r->post_id.len);
+        ev->rid = (const uint8_t *)*tail;
+        ev->rid_len = r->post_id.len;
+        *tail += r->post_id.len;
+        if (rjson_len) {
+            ev->rjson = put_string(tail, rjson, rjson_len);
+            ev->rjson_len = (uint32_t)rjson_len;
+        } else {
+            *tail += 1; /* counted by routing_bytes() */
+        }
+    }
+    if (r->prev == MC__R_KNOWN) {
+        memcpy(*tail, r->prev_id.bytes, r->prev_id.len);
+        ev->pid = (const uint8_t *)*tail;
+        ev->pid_len = r->prev_id.len;
+        *tail += r->prev_id.len;
+    }
+    derive_views(r, &ev->entered, &ev->left);
+    if (ev->entered_change) {
+        bson_destroy(ev->entered_change);
+        ev->entered_change = NULL;
+    }
+    if (ev->entered) {
+        ev->entered_change = build_entered_change(&ev->change_view);
+    }
+}
+
+int mc__event_set_routing(mc_event_t *ev, const mc__routing_t *r)
+{
+    char rjson[MC_IDENTITY_JSON_MAX];
+    size_t rjson_len = 0;
+    if (r->post == MC__R_KNOWN) {
+        rjson_len = mc_identity_json(r->post_id.bytes, r->post_id.len, rjson);
+    }
+    size_t n = routing_bytes(r, rjson_len);
+    char *mem = malloc(n ? n : 1);
+    ev->recipient_configured = true;
+    if (!mem) {
+        mc__routing_t unresolved = {.post = MC__R_UNRESOLVED, .prev = MC__R_ABSENT};
+        char *tail = NULL;
+        put_routing(ev, &tail, &unresolved, NULL, 0);
+        return MC_ENOMEM;
+    }
+    free(ev->routing_owned);
+    ev->routing_owned = mem;
+    char *tail = mem;
+    put_routing(ev, &tail, r, rjson, rjson_len);
+    return 0;
 }
 
 static mc_event_t *einval(mc_error_t *err, const char *msg)
@@ -393,21 +534,31 @@ static mc_event_t *event_from_change(mc_event_kind_t kind, const char *stream, u
     }
     const char *id = bson_iter_utf8(&tk, NULL);
 
-    /* The recipient: a string stays in the change; anything else is printed to rbuf and
-     * copied into the block. */
-    char rbuf[64];
-    const char *rec = NULL;
-    bson_iter_t found;
-    if (recipient_path && scan_recipient(&sc, change, recipient_path, &found)) {
-        rec = format_scalar(&found, rbuf);
+    /* Routing by path, decided now from the write; the identities and the recipient's text
+     * go into the block. */
+    mc__routing_t r;
+    size_t rjson_len = 0;
+    char rjson[MC_IDENTITY_JSON_MAX];
+    if (recipient_path) {
+        bson_iter_t post, prev;
+        mc__vstate_t post_st, prev_st;
+        scan_values(&sc, change, recipient_path, &post, &post_st, &prev, &prev_st);
+        r.post = rstate_of(post_st, &post, &r.post_id);
+        r.prev = rstate_of(prev_st, &prev, &r.prev_id);
+        if (r.post == MC__R_KNOWN) {
+            rjson_len = mc_identity_json(r.post_id.bytes, r.post_id.len, rjson);
+        }
+    } else {
+        r.post = MC__R_NONE;
+        r.prev = MC__R_ABSENT;
+        r.post_id.len = r.prev_id.len = 0;
     }
     const uint8_t *data = bson_get_data(change);
     uint32_t len = change->len;
     size_t stream_len = strlen(stream);
     size_t reason_len = reason ? strlen(reason) : 0;
-    size_t rec_len = rec == rbuf ? strlen(rbuf) : 0;
     size_t extra = (size_t)len + stream_len + 1 + (reason ? reason_len + 1 : 0) +
-                   (rec == rbuf ? rec_len + 1 : 0);
+                   routing_bytes(&r, rjson_len);
     mc_event_t *ev = event_alloc(kind, seq, extra);
     if (!ev) {
         mc_error_set(err, MC_ENOMEM, MC_DOMAIN_MONGOCAST, MC_ENOMEM, "out of memory");
@@ -421,12 +572,10 @@ static mc_event_t *event_from_change(mc_event_kind_t kind, const char *stream, u
     if (reason) {
         ev->reason = put_string(&tail, reason, reason_len);
     }
-    if (rec == rbuf) {
-        ev->recipient = put_string(&tail, rbuf, rec_len);
-    } else {
-        ev->recipient = MOVED(rec);
-    }
     ev->recipient_configured = recipient_path != NULL;
+    /* The reduced change is built from the copy, which the event keeps. */
+    bson_init_static(&ev->change_view, copy, len);
+    put_routing(ev, &tail, &r, rjson, rjson_len);
     ev->op = MOVED(sc.op);
     ev->db = MOVED(sc.db);
     ev->coll = MOVED(sc.coll);
@@ -436,7 +585,6 @@ static mc_event_t *event_from_change(mc_event_kind_t kind, const char *stream, u
     ev->ct_i = sc.ct_i;
     ev->wall_ms = sc.wall_ms;
     /* The views cannot fail: the same bytes were accepted above, only their address moved. */
-    bson_init_static(&ev->change_view, copy, len);
     ev->change = &ev->change_view;
     ev->has_token = bson_init_static(&ev->token, (const uint8_t *)MOVED(sc.id_doc), sc.id_len);
     if (sc.doc_key) {
@@ -606,7 +754,56 @@ int64_t mc_event_wall_time_ms(const mc_event_t *ev)
 
 const char *mc_event_recipient(const mc_event_t *ev)
 {
-    return ev->recipient;
+    return ev->rjson;
+}
+
+const uint8_t *mc_event_recipient_identity(const mc_event_t *ev, size_t *len)
+{
+    if (len) {
+        *len = ev->rid_len;
+    }
+    return ev->rid;
+}
+
+bool mc_event_recipient_unresolved(const mc_event_t *ev)
+{
+    return ev->recipient_configured && ev->post_state == MC__R_UNRESOLVED;
+}
+
+mc__rstate_t mc__event_recipient_state(const mc_event_t *ev)
+{
+    return (mc__rstate_t)ev->post_state;
+}
+
+const char *mc__event_recipient_json(const mc_event_t *ev, size_t *len)
+{
+    if (len) {
+        *len = ev->rjson_len;
+    }
+    return ev->rjson;
+}
+
+mc_event_view_t mc_event_view_for(const mc_event_t *ev, const uint8_t *id, size_t id_len)
+{
+    if (ev->kind != MC_EVENT_CHANGE) {
+        return MC_EVENT_VIEW_FULL;
+    }
+    if (mc_identity_equal(ev->rid, ev->rid_len, id, id_len)) {
+        return ev->entered ? MC_EVENT_VIEW_ENTERED : MC_EVENT_VIEW_FULL;
+    }
+    if (ev->left && mc_identity_equal(ev->pid, ev->pid_len, id, id_len)) {
+        return MC_EVENT_VIEW_LEFT;
+    }
+    return MC_EVENT_VIEW_NONE;
+}
+
+const bson_t *mc_event_change_view(const mc_event_t *ev, mc_event_view_t view)
+{
+    switch (view) {
+    case MC_EVENT_VIEW_FULL: return ev->change;
+    case MC_EVENT_VIEW_ENTERED: return ev->entered_change;
+    default: return NULL;
+    }
 }
 
 bool mc__event_recipient_configured(const mc_event_t *ev)
@@ -677,6 +874,22 @@ static const char *cached(_Atomic(char *) *slot, atomic_size_t *len_slot, const 
 const char *mc_event_json(mc_event_t *ev, size_t *len)
 {
     return cached(&ev->json, &ev->json_len, ev, mc__event_render_json, len);
+}
+
+const char *mc_event_json_view(mc_event_t *ev, mc_event_view_t view, size_t *len)
+{
+    switch (view) {
+    case MC_EVENT_VIEW_FULL: return mc_event_json(ev, len);
+    case MC_EVENT_VIEW_ENTERED:
+        return ev->entered_change ? cached(&ev->json_entered, &ev->json_entered_len, ev,
+                                           mc__event_render_entered, len)
+                                  : NULL;
+    case MC_EVENT_VIEW_LEFT:
+        return ev->left && ev->kind == MC_EVENT_CHANGE
+                   ? cached(&ev->json_left, &ev->json_left_len, ev, mc__event_render_left, len)
+                   : NULL;
+    default: return NULL;
+    }
 }
 
 const char *mc_event_raw_json(mc_event_t *ev, size_t *len)

@@ -1,6 +1,6 @@
 /*
- * event_json.c: renders an event as the DESIGN §4.3 subscriber message and as raw canonical
- * Extended JSON.
+ * event_json.c: renders an event as the DESIGN §4.3 subscriber message (and its ENTERED and
+ * LEFT views, mongocast/event.h) and as raw canonical Extended JSON.
  *
  * Runs on whichever thread first asks for the text (usually the dispatch thread); the result
  * is cached in the event by event.c. The message is written straight into one buffer by the
@@ -34,17 +34,18 @@ static char *render_change_error(const mc_event_t *ev, size_t *len)
     return mc__json_buf_steal(&b, len);
 }
 
-static char *render_change_message(const mc_event_t *ev, size_t *len)
+/* The change message for `change` (the event's own, or its ENTERED view's with "entered"). */
+static char *render_change_message(const mc_event_t *ev, const bson_t *change, bool entered,
+                                   size_t *len)
 {
-    const bson_t *change = mc_event_change(ev);
     const char *stream = mc_event_stream(ev);
     const char *id = mc_event_id(ev);
-    const char *recipient = mc_event_recipient(ev);
+    size_t recipient_len = 0;
+    const char *recipient = mc__event_recipient_json(ev, &recipient_len);
     if (!change || !id) {
         return NULL; /* a change event always has both (mc_event_new_change checks) */
     }
     size_t stream_len = strlen(stream), id_len = strlen(id);
-    size_t recipient_len = recipient ? strlen(recipient) : 0;
     /* Relaxed JSON of a typical change is about 1.3x its BSON size; the envelope adds the
      * three strings and ~80 bytes of keys and punctuation. One allocation in the usual case. */
     mc__json_buf_t b;
@@ -57,10 +58,14 @@ static char *render_change_message(const mc_event_t *ev, size_t *len)
     if (mc__event_recipient_configured(ev)) {
         MC__JSON_LIT(&b, ", \"recipient\" : ");
         if (recipient) {
-            mc__json_write_string(&b, recipient, recipient_len);
+            /* Already JSON: the identity's canonical spelling (identity.c). */
+            mc__json_buf_append(&b, recipient, recipient_len);
         } else {
             MC__JSON_LIT(&b, "null");
         }
+    }
+    if (entered) {
+        MC__JSON_LIT(&b, ", \"entered\" : true");
     }
     MC__JSON_LIT(&b, ", \"change\" : ");
     /* The change is a value inside the top-level message document: parent depth 0. */
@@ -74,7 +79,7 @@ char *mc__event_render_json(const mc_event_t *ev, size_t *len)
 {
     mc_event_kind_t kind = mc_event_kind(ev);
     if (kind == MC_EVENT_CHANGE) {
-        return render_change_message(ev, len);
+        return render_change_message(ev, mc_event_change(ev), false, len);
     }
     const char *reason = mc_event_reason(ev);
     mc__json_buf_t b;
@@ -101,6 +106,31 @@ char *mc__event_render_json(const mc_event_t *ev, size_t *len)
     }
     MC__JSON_LIT(&b, " }");
     return mc__json_buf_steal(&b, len);
+}
+
+char *mc__event_render_entered(const mc_event_t *ev, size_t *len)
+{
+    return render_change_message(ev, mc_event_change_view(ev, MC_EVENT_VIEW_ENTERED), true, len);
+}
+
+/* { "type" : "left", "stream" : S, "_id" : <documentKey._id or null> }: rare, so built as a
+ * document and rendered by the writer. */
+char *mc__event_render_left(const mc_event_t *ev, size_t *len)
+{
+    bson_t msg;
+    bson_init(&msg);
+    BSON_APPEND_UTF8(&msg, "type", "left");
+    BSON_APPEND_UTF8(&msg, "stream", mc_event_stream(ev));
+    const bson_t *key = mc_event_document_key(ev);
+    bson_iter_t it;
+    if (key && bson_iter_init_find(&it, key, "_id")) {
+        bson_append_iter(&msg, "_id", 3, &it);
+    } else {
+        BSON_APPEND_NULL(&msg, "_id");
+    }
+    char *s = mc__json_render(&msg, MC__JSON_RELAXED, 0, len, NULL);
+    bson_destroy(&msg);
+    return s;
 }
 
 char *mc__event_render_raw(const mc_event_t *ev, size_t *len)

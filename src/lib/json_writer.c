@@ -59,6 +59,16 @@ void mc__json_buf_init(mc__json_buf_t *b, size_t reserve, size_t max)
     }
 }
 
+void mc__json_buf_init_fixed(mc__json_buf_t *b, char *mem, size_t cap)
+{
+    /* grow() never needs more than len + n + 1 <= max + 1 = cap bytes: no realloc. */
+    b->data = mem;
+    b->len = 0;
+    b->cap = cap;
+    b->max = cap - 1;
+    b->err = MC__JSON_OK;
+}
+
 void mc__json_buf_destroy(mc__json_buf_t *b)
 {
     bson_free(b->data);

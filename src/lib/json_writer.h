@@ -47,6 +47,11 @@ typedef struct mc__json_buf {
  * maximum of `max` bytes (0: MC__JSON_MAX_DEFAULT). */
 void mc__json_buf_init(mc__json_buf_t *b, size_t reserve, size_t max);
 
+/* Prepares an empty buffer over caller-owned memory `mem` of `cap` bytes (cap >= 1): output
+ * longer than cap - 1 bytes fails with MC__JSON_ETOOBIG, so the buffer never reallocates; do
+ * not destroy or steal it. For short texts rendered on a hot path without an allocation. */
+void mc__json_buf_init_fixed(mc__json_buf_t *b, char *mem, size_t cap);
+
 /* Frees the buffer's memory; the buffer may be initialised again. */
 void mc__json_buf_destroy(mc__json_buf_t *b);
 

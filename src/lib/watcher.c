@@ -1,6 +1,6 @@
 /*
  * watcher.c: one thread per stream that owns the change stream: open, read, normalise,
- * push, and heal.
+ * route, push, and heal.
  *
  * Watcher thread only (one per stream); it shares nothing with other watchers except the
  * queue, the client pool and the stream's status (locked in engine.c).
@@ -16,6 +16,11 @@
  *   - After an invalidate the stream is destroyed and reopened with startAfter the
  *     invalidate token before next() is called again: libmongoc 1.23 would otherwise resume
  *     with resumeAfter that token and the server would answer 260 (wire notes §3.6).
+ * Routing happens here, before an event is shared: mc_event_new_change() decides a path
+ * recipient from the write itself; the lookup form (recipient_lookup.c) reads its own change
+ * stream on the lookup collection up to the event's cluster time, so events must be routed
+ * in stream order, one at a time, on this thread. An event whose recipient cannot be decided
+ * is counted (status.unresolved_recipients) and logged, rate-limited.
  * libmongoc resumes the errors it classifies as resumable by itself, once per error; what it
  * hands back is classified here: transient -> backoff and reopen; 286 -> on_history_lost;
  * everything else that says "this will never work" -> the stream fails, the others go on.
@@ -47,7 +52,7 @@ typedef struct watcher {
     bool first_open;           /* the ad hoc start option applies only before any position */
     mc__backoff_t backoff;
     mc_log_ratelimit_t rl;
-    mongoc_client_t *client;   /* the pool client the open stream runs on; NULL between */
+    mc_log_ratelimit_t rl_unresolved;
     mc__recipient_lookup_t *lookup; /* recipient: {path, lookup}; NULL otherwise */
     /* Why the stream failed, for its error event: static strings (NULL: the generic code and
      * reason) and MongoDB's code or 0. */
@@ -139,8 +144,9 @@ static bool push_event(watcher_t *w, mc_event_t *ev)
 
 /* Post-batch tokens have no clusterTime beside them; MongoDB's tokens (and the emulator's)
  * start with the KeyString timestamp "82" + 8 hex secs + 8 hex inc, which is what the stored
- * record's clusterTime is for (operators reading the checkpoint). Opaque otherwise: 0, 0. */
-static void token_cluster_time(const bson_t *token, uint32_t *t, uint32_t *i)
+ * record's clusterTime is for (operators reading the checkpoint) and what the recipient
+ * lookup's stream measures its progress with. Opaque otherwise: 0, 0. */
+void mc__token_cluster_time(const bson_t *token, uint32_t *t, uint32_t *i)
 {
     *t = *i = 0;
     bson_iter_t it;
@@ -176,7 +182,7 @@ static bool push_position(watcher_t *w, const bson_t *token)
     item->stream_index = w->s->index;
     item->token = bson_copy(token);
     item->invalidate = false;
-    token_cluster_time(token, &item->ct_t, &item->ct_i);
+    mc__token_cluster_time(token, &item->ct_t, &item->ct_i);
     return push_item(w, item);
 }
 
@@ -396,6 +402,60 @@ static bool is_own_checkpoint_write(const watcher_t *w, const bson_t *doc)
            strcmp(bson_iter_utf8(&v, NULL), c->checkpoint.collection) == 0;
 }
 
+/* ---- Routing through a lookup ------------------------------------------------------------ */
+
+static mc__rstate_t lookup_value(watcher_t *w, mc__vstate_t st, const bson_iter_t *ref,
+                                 uint64_t ct, mc_identity_t *out)
+{
+    out->len = 0;
+    switch (st) {
+    case MC__V_FOUND:
+        /* The path's value is a reference, never the recipient itself, even when the lookup
+         * could not be built (then nobody but admins gets the event). */
+        if (!w->lookup) {
+            return MC__R_UNRESOLVED;
+        }
+        return mc__recipient_lookup_at(w->lookup, bson_iter_value((bson_iter_t *)ref), ct, out,
+                                       &w->e->stopping);
+    case MC__V_UNRESOLVED: return MC__R_UNRESOLVED;
+    case MC__V_ABSENT: return MC__R_ABSENT;
+    default: return MC__R_NONE;
+    }
+}
+
+/* The lookup form: the references after and before the write are looked up as of the
+ * event's cluster time (blocking on MongoDB here, on the watcher thread, never on the loop).
+ * Events arrive in cluster-time order, which the lookup requires. */
+static void route_by_lookup(watcher_t *w, mc_event_t *ev)
+{
+    bson_iter_t post, prev;
+    mc__vstate_t post_st, prev_st;
+    mc__recipient_values(mc_event_change(ev), w->s->cfg->recipient, &post, &post_st, &prev,
+                         &prev_st);
+    uint32_t t = 0, i = 0;
+    uint64_t ct = mc_event_cluster_time(ev, &t, &i) ? mc__ct(t, i) : 0;
+    mc__routing_t r;
+    r.post = lookup_value(w, post_st, &post, ct, &r.post_id);
+    r.prev = lookup_value(w, prev_st, &prev, ct, &r.prev_id);
+    mc__event_set_routing(ev, &r);
+}
+
+/* An event whose recipient could not be decided: counted, logged (rate-limited), and left
+ * to admins. */
+static void note_unresolved(watcher_t *w, const mc_event_t *ev)
+{
+    stream_count(w->s, &w->s->status.unresolved_recipients, 1);
+    const char *op = mc_event_operation_type(ev);
+    const char *why = w->s->cfg->lookup ? "the recipient lookup could not be proven exact"
+                      : op && strcmp(op, "delete") == 0
+                          ? "a delete without a pre-image (full_document_before_change)"
+                          : "a write without its resulting document (an update needs "
+                            "full_document: whenAvailable or required)";
+    mc_log_ratelimited(&w->rl_unresolved, MC_LOG_WARN, "watcher",
+                       "recipient unresolved stream=%s op=%s: %s; event goes to admins only",
+                       w->s->cfg->name, op ? op : "?", why);
+}
+
 typedef enum read_result {
     READ_STOP = 0,   /* engine stopping */
     READ_REOPEN,     /* invalidate seen: reopen at once with startAfter */
@@ -452,13 +512,10 @@ static read_result_t read_loop(watcher_t *w, mongoc_change_stream_t *cs, bson_er
                 return READ_ERROR;
             }
             if (s->cfg->lookup) {
-                /* The path's value is a reference (never the recipient itself, even when
-                 * the lookup object could not be built); the recipient lives in another
-                 * collection. Blocking here (not on the loop thread) is the design: the
-                 * cursor is idle between next() calls, so the same client can query. */
-                mc__event_set_recipient_take(
-                    ev, mc__recipient_lookup_resolve(w->lookup, w->client, mc_event_change(ev),
-                                                     s->cfg->recipient, &w->e->stopping));
+                route_by_lookup(w, ev);
+            }
+            if (mc_event_recipient_unresolved(ev)) {
+                note_unresolved(w, ev);
             }
             set_pos_event(w, ev, false);
             if (op) {
@@ -535,11 +592,12 @@ void *mc__watcher_main(void *arg)
     w.e = s->engine;
     w.first_open = true;
     w.rl = (mc_log_ratelimit_t)MC_LOG_RATELIMIT_INIT(10000);
+    w.rl_unresolved = (mc_log_ratelimit_t)MC_LOG_RATELIMIT_INIT(10000);
     mc__backoff_init(&w.backoff, w.e->opts.backoff_initial_ms, w.e->opts.backoff_max_ms,
                      (uint64_t)mc__wall_ms() * 2654435761u + (uint64_t)s->index * 97 + 1);
     const char *name = s->cfg->name;
     if (s->cfg->lookup && s->cfg->recipient) {
-        w.lookup = mc__recipient_lookup_new(s->cfg->lookup, name);
+        w.lookup = mc__recipient_lookup_new(s->cfg->lookup, name, w.e->pool);
     }
 
     bool failed;
@@ -580,9 +638,7 @@ void *mc__watcher_main(void *arg)
                     break;
                 }
             }
-            w.client = client;
             rr = read_loop(&w, cs, &err, &reply);
-            w.client = NULL;
         }
         mongoc_change_stream_destroy(cs);
         mongoc_client_pool_push(w.e->pool, client);

@@ -2,8 +2,10 @@
  * fuzz_subscription.c: libFuzzer target for a subscriber's query values: `vars` and `filter`
  * JSON as the daemon receives them, through mcd_subscription_new() (strict JSON object
  * parsing, var checks, $var binding into the stream's local $match stages, filter limits)
- * and, when accepted, mcd_subscription_match() against fixed events (insert, delete with a
- * pre-image, control). Input: byte 0 picks the identity (user / admin / anonymous on a
+ * and, when accepted, mcd_subscription_view() against fixed events (insert, delete with a
+ * pre-image, update, control, and an update that moves a document from u2 to u1): control
+ * events always pass, u2's delete never reaches u1, and u1 never gets u2's version of the
+ * moved document (only the ENTERED view, whose message holds nothing of it). Input: byte 0 picks the identity (user / admin / anonymous on a
  * public stream / no auth) and whether client filters are allowed; the rest is
  * "vars\0filter" (a missing part is absent). Single-threaded.
  */
@@ -15,7 +17,8 @@
 #include "mongocast.h"
 #include "subscription.h"
 
-static mc_event_t *events[4];
+#define N_EVENTS 5
+static mc_event_t *events[N_EVENTS];
 static bson_t *pipeline;
 
 static void init(void)
@@ -30,9 +33,17 @@ static void init(void)
         "{\"_id\":{\"_data\":\"8203\"},\"operationType\":\"update\",\"ns\":{\"db\":\"shop\","
         "\"coll\":\"orders\"},\"updateDescription\":{\"updatedFields\":{\"n\":6},"
         "\"removedFields\":[]},\"documentKey\":{\"_id\":1}}",
+        "{\"_id\":{\"_data\":\"8205\"},\"operationType\":\"update\",\"ns\":{\"db\":\"shop\","
+        "\"coll\":\"orders\"},\"updateDescription\":{\"updatedFields\":{\"owner\":\"u1\"},"
+        "\"removedFields\":[\"note\"]},\"documentKey\":{\"_id\":3},\"fullDocument\":{"
+        "\"_id\":3,\"owner\":\"u1\",\"tenant\":\"acme\",\"n\":5},"
+        "\"fullDocumentBeforeChange\":{\"_id\":3,\"owner\":\"u2\",\"tenant\":\"beta\","
+        "\"note\":\"u2-secret\",\"n\":6}}",
     };
-    for (size_t i = 0; i < 3; i++) {
-        bson_t *b = bson_new_from_json((const uint8_t *)changes[i], -1, NULL);
+    static const size_t change_at[] = {0, 1, 2, 4};
+    for (size_t k = 0; k < 4; k++) {
+        size_t i = change_at[k];
+        bson_t *b = bson_new_from_json((const uint8_t *)changes[k], -1, NULL);
         events[i] = mc_event_new_change("orders", i + 1, b, "fullDocument.owner", NULL);
         bson_destroy(b);
         if (!events[i]) {
@@ -73,15 +84,22 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     };
     mcd_identity_t id;
     memset(&id, 0, sizeof(id));
+    bson_value_t who = {.value_type = BSON_TYPE_UTF8};
     switch (mode & 3) {
     case 0:
         id.authenticated = true;
         strcpy(id.subject, "u1");
+        who.value.v_utf8.str = id.subject;
+        who.value.v_utf8.len = 2;
+        mc_identity_from_value(&who, &id.identity);
         break;
     case 1:
         id.authenticated = true;
         id.is_admin = true;
         strcpy(id.subject, "ops");
+        who.value.v_utf8.str = id.subject;
+        who.value.v_utf8.len = 3;
+        mc_identity_from_value(&who, &id.identity);
         break;
     case 2: break; /* anonymous, public stream */
     default: id.auth_disabled = true; break;
@@ -90,8 +108,18 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     mcd_subscription_t *sub =
         mcd_subscription_new(&stream, (mode & 8) ? NULL : vars, filter, &id, &r);
     if (sub) {
-        for (size_t i = 0; i < 4; i++) {
-            bool m = mcd_subscription_match(sub, events[i]);
+        for (size_t i = 0; i < N_EVENTS; i++) {
+            mc_event_view_t v = mcd_subscription_view(sub, events[i]);
+            bool m = v != MC_EVENT_VIEW_NONE;
+            if (i == 4 && (mode & 3) == 0) {
+                if (v == MC_EVENT_VIEW_FULL || v == MC_EVENT_VIEW_LEFT) {
+                    abort(); /* u1 is the new owner: never u2's version, never "left" */
+                }
+                const char *j = mc_event_json_view(events[i], MC_EVENT_VIEW_ENTERED, NULL);
+                if (m && (!j || strstr(j, "u2"))) {
+                    abort();
+                }
+            }
             if (i == 3 && !m) {
                 abort(); /* control events always pass */
             }

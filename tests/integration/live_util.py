@@ -411,6 +411,8 @@ class SseSubscriber(_Collector):
             self.error = "SSE event: %r but type %r" % (ev.get("event"), msg.get("type"))
         if msg.get("type") == "change" and ev.get("id") != msg.get("id"):
             self.error = "SSE id: %r but message id %r" % (ev.get("id"), msg.get("id"))
+        if msg.get("type") == "left" and "id" in ev:
+            self.error = "SSE left notice with an id line: %r" % ev.get("id")
         self._add(msg)
 
     def close(self):

@@ -5,13 +5,15 @@ seeded random mix of inserts, updates (some of which hand a document to another 
 deletes runs on the stream's collection. From the writes alone the test derives, for every
 subscriber, the exact sequence it must receive: each user exactly the changes whose recipient
 is that user (the owner after an insert or update, the owner before a delete, read from the
-pre-image), in write order; the admin every change; nobody anything else. Documents owned by
-someone who is not subscribed, or by nobody, go to the admin only.
+pre-image), in write order; an update that hands a document over reaches its new owner marked
+"entered" and its previous owner as a "left" notice; the admin every change; nobody anything
+else. Documents owned by someone who is not subscribed, or by nobody, go to the admin only.
 
 The collection has pre- and post-images on and the stream uses full_document: whenAvailable,
-so each event's fullDocument is the document right after that write (updateLookup would read
-the current document and race with later writes). Runs unchanged against a real replica set
-(MONGODB_URI; MongoDB 6.0+ for pre-/post-images).
+so each event's fullDocument is the document right after that write (the daemon refuses
+updateLookup on a recipient stream: it would read a later state). Runs unchanged against a
+real replica set (MONGODB_URI; MongoDB 6.0+ for pre-/post-images). The randomized, larger
+version of this test is test_ownership_property.py.
 """
 
 import random
@@ -30,8 +32,8 @@ OWNERS = USERS + ["u4", None]  # u4 never subscribes; None: a document without a
 
 def plan_ops(rng, n):
     """The writes, and per write the change it must produce:
-    (op, _id, version, recipient). `version` is the write's index, stored in the document so
-    that each received insert/update names the write it came from."""
+    (op, _id, version, recipient, previous recipient). `version` is the write's index, stored
+    in the document so that each received insert/update names the write it came from."""
     live = {}  # _id -> owner
     next_id = 0
     ops = []
@@ -42,21 +44,22 @@ def plan_ops(rng, n):
             next_id += 1
             owner = rng.choice(OWNERS)
             live[_id] = owner
-            ops.append(("insert", _id, v, owner))
+            ops.append(("insert", _id, v, owner, owner))
         elif r < 0.8:
             _id = rng.choice(sorted(live))
+            before = live[_id]
             if rng.random() < 0.3:
                 live[_id] = rng.choice(OWNERS)  # handed over: the new owner receives it
-            ops.append(("update", _id, v, live[_id]))
+            ops.append(("update", _id, v, live[_id], before))
         else:
             _id = rng.choice(sorted(live))
             owner = live.pop(_id)
-            ops.append(("delete", _id, v, owner))
+            ops.append(("delete", _id, v, owner, owner))
     return ops
 
 
 def apply_op(coll, op):
-    kind, _id, v, owner = op
+    kind, _id, v, owner, _ = op
     if kind == "insert":
         doc = {"_id": _id, "v": v, "qty": v % 17}
         if owner is not None:
@@ -72,9 +75,13 @@ def apply_op(coll, op):
 
 
 def observed(msgs):
-    """What a subscriber got, in the terms of plan_ops: (op, _id, version or None, recipient)."""
+    """What a subscriber got, in the terms of plan_ops: (op, _id, version or None, recipient,
+    entered) for changes, ("left", _id) for left notices."""
     out = []
     for m in msgs:
+        if m.get("type") == "left":
+            out.append(("left", m["_id"]))
+            continue
         if m.get("type") != "change":
             continue
         ch = m["change"]
@@ -84,15 +91,23 @@ def observed(msgs):
             v = None
         else:
             v = ch["fullDocument"]["v"]
-        out.append((op, _id, v, m.get("recipient")))
+        if m.get("entered"):
+            assert "fullDocumentBeforeChange" not in ch, m
+        out.append((op, _id, v, m.get("recipient"), bool(m.get("entered"))))
     return out
 
 
 def expected_for(ops, who):
     exp = []
-    for kind, _id, v, owner in ops:
-        if who == "admin" or owner == who:
-            exp.append((kind, _id, None if kind == "delete" else v, owner))
+    for kind, _id, v, owner, before in ops:
+        v = None if kind == "delete" else v
+        moved = kind == "update" and before != owner
+        if who == "admin":
+            exp.append((kind, _id, v, owner, False))
+        elif owner == who:
+            exp.append((kind, _id, v, owner, moved))
+        elif moved and before == who:
+            exp.append(("left", _id))
     return exp
 
 
@@ -121,16 +136,19 @@ def test_each_subscriber_gets_exactly_its_events_in_order(tmp_path, daemons, mon
         s.wait_ready()
 
     ops = plan_ops(random.Random(SEED), N_OPS)
-    kinds = {k for k, _, _, _ in ops}
+    kinds = {k for k, _, _, _, _ in ops}
     assert kinds == {"insert", "update", "delete"}, "the seed must exercise every operation"
-    assert any(o is None for _, _, _, o in ops) and any(o == "u4" for _, _, _, o in ops)
+    assert any(o is None for _, _, _, o, _ in ops) and any(o == "u4" for _, _, _, o, _ in ops)
+    assert any(k == "update" and o != b and b in USERS for k, _, _, o, b in ops)
     for op in ops:
         apply_op(coll, op)
 
     subs["admin"].wait_changes(N_OPS, timeout=60)
     for who, s in everyone.items():
         user = "u2" if who == "sse-u2" else who
-        s.wait_changes(len(expected_for(ops, user)), timeout=30)
+        n = len(expected_for(ops, user))
+        s.wait(lambda ms: sum(1 for m in ms if m.get("type") in ("change", "left")) >= n,
+               30, "%d messages" % n)
     # Anything wrongly routed would have been sent before the admin's last event (one stream,
     # one order), but leave a moment for a stray late frame to show up.
     time.sleep(0.5)
@@ -155,6 +173,6 @@ def test_each_subscriber_gets_exactly_its_events_in_order(tmp_path, daemons, mon
     users_ids = set()
     for u in USERS:
         users_ids |= {m["id"] for m in subs[u].changes()}
-    orphan = sum(1 for _, _, _, o in ops if o not in USERS)
+    orphan = sum(1 for _, _, _, o, _ in ops if o not in USERS)
     assert len(users_ids) == N_OPS - orphan
     assert d.alive()

@@ -532,6 +532,29 @@ static void test_identity_claim(void **state)
     assert_string_equal(id.subject, "-7");
     free(t);
     check(f->auth, hs("{\"sub\":1.5}"), "identity claim invalid");
+    /* The identity keeps the claim's JSON type: 42 and "42" are different identities, an
+     * Extended JSON ObjectId is an ObjectId, not its hex string. */
+    mcd_identity_t sid;
+    t = hs("{\"sub\":\"42\"}");
+    assert_string_equal(verify(f->auth, t, NOW, &sid), "ok");
+    free(t);
+    t = hs("{\"sub\":42}");
+    assert_string_equal(verify(f->auth, t, NOW, &id), "ok");
+    free(t);
+    assert_string_equal(sid.subject, id.subject);
+    assert_false(mc_identity_equal(sid.identity.bytes, sid.identity.len, id.identity.bytes,
+                                   id.identity.len));
+    t = hs("{\"sub\":42.0}");
+    assert_string_equal(verify(f->auth, t, NOW, &sid), "ok");
+    free(t);
+    assert_true(mc_identity_equal(sid.identity.bytes, sid.identity.len, id.identity.bytes,
+                                  id.identity.len));
+    t = hs("{\"sub\":{\"$oid\":\"64a7f2d1aabbccddeeff0099\"}}");
+    assert_string_equal(verify(f->auth, t, NOW, &id), "ok");
+    free(t);
+    assert_string_equal(id.subject, "64a7f2d1aabbccddeeff0099");
+    assert_int_equal(id.identity.len, 13);
+    assert_int_equal(id.identity.bytes[0], 'o');
     check(f->auth, hs("{\"user\":\"u1\"}"), "identity claim missing");
     check(f->auth, hs("{\"sub\":null}"), "identity claim missing");
     check(f->auth, hs("{\"sub\":\"\"}"), "identity claim empty");

@@ -100,7 +100,7 @@ static const char full_config[] =
     "          quoted: \"42\"\n"
     "          big: 5000000000\n"
     "          neg: -7\n"
-    "    full_document: updateLookup\n"
+    "    full_document: required\n"
     "    full_document_before_change: required\n"
     "    recipient:\n"
     "      path: fullDocument.business_id\n"
@@ -173,7 +173,7 @@ static void test_full_config(void **state)
     assert_true(bson_iter_init(&it, s->pipeline));
     assert_true(bson_iter_find_descendant(&it, "1.$project.fullDocument", &it));
     assert_int_equal(bson_iter_type(&it), BSON_TYPE_INT32);
-    assert_int_equal(s->full_document, MC_FULL_DOCUMENT_UPDATE_LOOKUP);
+    assert_int_equal(s->full_document, MC_FULL_DOCUMENT_REQUIRED);
     assert_int_equal(s->full_document_before_change, MC_BEFORE_CHANGE_REQUIRED);
     assert_string_equal(s->recipient, "fullDocument.business_id");
     assert_non_null(s->lookup);
@@ -528,6 +528,25 @@ static void test_errors_types_and_bounds(void **state)
     expect_error("streams:\n  s:\n    full_document: updatelookup\n",
                  "t.yaml:3:20: full_document must be one of: default, updateLookup, "
                  "whenAvailable, required (got 'updatelookup')");
+    /* Routing by a later state of the document is refused (write-time routing). */
+    static const char updatelookup_msg[] =
+        "full_document: updateLookup cannot be used with recipient: it reads the document as it "
+        "is later, so a change could reach the next owner. Use full_document: whenAvailable (or "
+        "required) with changeStreamPreAndPostImages enabled on the collection (mongocast "
+        "enable-images), and full_document_before_change: whenAvailable (or required) so that "
+        "deletes and ownership changes are routed from the pre-image";
+    char want[600];
+    snprintf(want, sizeof(want), "t.yaml:3:20: %s", updatelookup_msg);
+    expect_error("streams:\n  s:\n    full_document: updateLookup\n    recipient: fullDocument.o\n",
+                 want);
+    snprintf(want, sizeof(want), "t.yaml:5:20: %s", updatelookup_msg);
+    expect_error("streams:\n  s:\n    recipient: {path: fullDocument.b, lookup: {db: d, "
+                 "collection: c, recipient: r}}\n\n    full_document: updateLookup\n",
+                 want);
+    mc_config_t *ok = load("streams:\n  s:\n    full_document: updateLookup\n");
+    mc_config_destroy(ok);
+    ok = load("streams:\n  s:\n    full_document: whenAvailable\n    recipient: fullDocument.o\n");
+    mc_config_destroy(ok);
     expect_error("streams:\n  s:\n    full_document_before_change: false\n",
                  "t.yaml:3:34: full_document_before_change must be one of: off, whenAvailable, "
                  "required (got 'false')");

@@ -185,10 +185,16 @@ static const char *what(mc_sink_t *m, size_t i, char *buf)
     return buf;
 }
 
+/* The recipient of the i-th event; a string recipient without its JSON quotes. */
 static const char *recipient_at(mc_sink_t *m, size_t i, char *buf)
 {
     mc_event_t *ev = mc_sink_memory_get(m, i);
-    snprintf(buf, 64, "%s", ev && mc_event_recipient(ev) ? mc_event_recipient(ev) : "-");
+    const char *r = ev ? mc_event_recipient(ev) : NULL;
+    if (r && r[0] == '"') {
+        snprintf(buf, 64, "%.*s", (int)strlen(r) - 2, r + 1);
+    } else {
+        snprintf(buf, 64, "%s", r ? r : "-");
+    }
     mc_event_unref(&ev);
     return buf;
 }

@@ -16,6 +16,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "engine_private.h"
 #include "mongocast/event.h"
 
 static char *read_file(const char *name)
@@ -84,10 +85,11 @@ typedef struct golden {
 } golden_t;
 
 static const golden_t goldens[] = {
-    {"insert", "fullDocument.owner_id", "u1", "orders", true},
+    {"insert", "fullDocument.owner_id", "\"u1\"", "orders", true},
     {"update", "fullDocument.owner_id", "42", "orders", true},
-    {"replace", "fullDocument.owner_id", "64a7f2d1aabbccddeeff0099", "orders", true},
-    {"delete", "fullDocument.owner_id", "u9", "orders", true},
+    {"replace", "fullDocument.owner_id", "{ \"$oid\" : \"64a7f2d1aabbccddeeff0099\" }", "orders",
+     true},
+    {"delete", "fullDocument.owner_id", "\"u9\"", "orders", true},
     {"drop", "fullDocument.owner_id", NULL, "orders", false},
     {"rename", NULL, NULL, "orders", false},
     {"dropDatabase", NULL, NULL, NULL, false},
@@ -358,23 +360,30 @@ static void test_recipient_types(void **state)
 #define R(body, path, want)                                                                        \
     snprintf(buf, sizeof(buf), "%s%s}", pre, body);                                                \
     check_recipient(buf, path, want)
+    /* Identities (mongocast/identity.h): integers whatever their BSON type, strings quoted. */
     R("\"fullDocument\":{\"o\":{\"$numberLong\":\"-9000000000\"}}", "fullDocument.o",
       "-9000000000");
     R("\"fullDocument\":{\"o\":{\"$numberDouble\":\"12.0\"}}", "fullDocument.o", "12");
-    R("\"fullDocument\":{\"o\":{\"$numberDouble\":\"1.5\"}}", "fullDocument.o", "1.5");
-    R("\"fullDocument\":{\"o\":{\"$numberDecimal\":\"7.25\"}}", "fullDocument.o", "7.25");
+    R("\"fullDocument\":{\"o\":{\"$numberDecimal\":\"1.20E+1\"}}", "fullDocument.o", "12");
+    R("\"fullDocument\":{\"o\":\"12\"}", "fullDocument.o", "\"12\"");
+    /* Not identities: fractions, booleans, documents, arrays, null. */
+    R("\"fullDocument\":{\"o\":{\"$numberDouble\":\"1.5\"}}", "fullDocument.o", NULL);
+    R("\"fullDocument\":{\"o\":{\"$numberDecimal\":\"7.25\"}}", "fullDocument.o", NULL);
     R("\"fullDocument\":{\"o\":true}", "fullDocument.o", NULL);
     R("\"fullDocument\":{\"o\":{\"a\":1}}", "fullDocument.o", NULL);
-    R("\"fullDocument\":{\"o\":{\"a\":\"deep\"}}", "fullDocument.o.a", "deep");
+    R("\"fullDocument\":{\"o\":[\"u1\",\"u2\"]}", "fullDocument.o", NULL);
+    R("\"fullDocument\":{\"o\":null}", "fullDocument.o", NULL);
+    R("\"fullDocument\":{\"o\":{\"a\":\"deep\"}}", "fullDocument.o.a", "\"deep\"");
     R("\"fullDocument\":{\"p\":1}", "fullDocument.o", NULL);
-    /* fullDocument null (updateLookup of a deleted doc): fall back to the pre-image. */
+    /* An update without its post-image is not routed by its pre-image: the write may have
+     * changed the owner. */
     R("\"fullDocument\":null,\"fullDocumentBeforeChange\":{\"o\":\"pre\"}", "fullDocument.o",
-      "pre");
+      NULL);
     /* fullDocument present: the pre-image is not consulted even if the field is missing. */
     R("\"fullDocument\":{\"x\":1},\"fullDocumentBeforeChange\":{\"o\":\"pre\"}",
       "fullDocument.o", NULL);
     /* A path outside fullDocument is read as is. */
-    R("\"ns\":{\"db\":\"d\",\"coll\":\"c\"}", "ns.coll", "c");
+    R("\"ns\":{\"db\":\"d\",\"coll\":\"c\"}", "ns.coll", "\"c\"");
     R("\"fullDocument\":{\"o\":\"x\"}", "", NULL);
 #undef R
 }
@@ -390,6 +399,203 @@ static void test_recipient_null_vs_absent(void **state)
     mc_event_unref(&with);
     mc_event_unref(&without);
     bson_destroy(b);
+}
+
+/* ---- Views: what each identity receives of an event ------------------------------------ */
+
+static bson_t *json_bson(const char *json)
+{
+    bson_error_t e;
+    bson_t *b = bson_new_from_json((const uint8_t *)json, -1, &e);
+    if (!b) {
+        fail_msg("bad json %s: %s", json, e.message);
+    }
+    return b;
+}
+
+static mc_identity_t ident(const char *value_json)
+{
+    char doc[256];
+    snprintf(doc, sizeof(doc), "{\"v\":%s}", value_json);
+    bson_t *b = json_bson(doc);
+    bson_iter_t it;
+    mc_identity_t id;
+    assert_true(bson_iter_init_find(&it, b, "v"));
+    assert_true(mc_identity_from_iter(&it, &id));
+    bson_destroy(b);
+    return id;
+}
+
+static mc_event_view_t view_of(const mc_event_t *ev, const char *value_json)
+{
+    mc_identity_t id = ident(value_json);
+    return mc_event_view_for(ev, id.bytes, id.len);
+}
+
+/* An update event on document 7 whose versions are given as JSON objects (or NULL). */
+static mc_event_t *update_event(const char *before, const char *after, const char *extra)
+{
+    char json[2048];
+    snprintf(json, sizeof(json),
+             "{\"_id\":{\"_data\":\"8201\"},\"operationType\":\"update\",\"clusterTime\":"
+             "{\"$timestamp\":{\"t\":5,\"i\":1}},\"ns\":{\"db\":\"shop\",\"coll\":"
+             "\"orders\"},\"documentKey\":{\"_id\":7},\"updateDescription\":{"
+             "\"updatedFields\":{\"owner\":\"bob\",\"n\":2},\"removedFields\":[\"note\"],"
+             "\"truncatedArrays\":[{\"field\":\"arr\",\"newSize\":1}],"
+             "\"disambiguatedPaths\":{}}%s%s%s%s%s}",
+             after ? ",\"fullDocument\":" : "", after ? after : "",
+             before ? ",\"fullDocumentBeforeChange\":" : "", before ? before : "",
+             extra ? extra : "");
+    bson_t *b = json_bson(json);
+    mc_event_t *ev = mc_event_new_change("orders", 1, b, "fullDocument.owner", NULL);
+    assert_non_null(ev);
+    bson_destroy(b);
+    return ev;
+}
+
+static void test_transfer_views(void **state)
+{
+    (void)state;
+    /* alice's version had a note; the write removed it and handed the order to bob. A
+     * stream pipeline also copied the old note to a top-level field. */
+    mc_event_t *ev = update_event("{\"_id\":7,\"owner\":\"alice\",\"note\":\"alice-secret\","
+                                  "\"arr\":[1,2,3]}",
+                                  "{\"_id\":7,\"owner\":\"bob\",\"n\":2,\"arr\":[1]}",
+                                  ",\"oldNote\":\"alice-secret\"");
+    assert_int_equal(view_of(ev, "\"bob\""), MC_EVENT_VIEW_ENTERED);
+    assert_int_equal(view_of(ev, "\"alice\""), MC_EVENT_VIEW_LEFT);
+    assert_int_equal(view_of(ev, "\"carol\""), MC_EVENT_VIEW_NONE);
+    assert_string_equal(mc_event_recipient(ev), "\"bob\"");
+
+    /* The new owner's change: nothing of alice's version, MongoDB's own fields kept. */
+    const bson_t *entered = mc_event_change_view(ev, MC_EVENT_VIEW_ENTERED);
+    assert_non_null(entered);
+    assert_false(bson_has_field(entered, "fullDocumentBeforeChange"));
+    assert_false(bson_has_field(entered, "oldNote"));
+    assert_true(bson_has_field(entered, "fullDocument"));
+    assert_true(bson_has_field(entered, "documentKey"));
+    assert_true(bson_has_field(entered, "clusterTime"));
+    assert_true(bson_has_field(entered, "updateDescription.updatedFields.owner"));
+    assert_false(bson_has_field(entered, "updateDescription.disambiguatedPaths"));
+    bson_iter_t it, sub;
+    assert_true(bson_iter_init(&it, entered) &&
+                bson_iter_find_descendant(&it, "updateDescription.removedFields", &sub));
+    assert_true(BSON_ITER_HOLDS_ARRAY(&sub));
+    uint32_t alen;
+    const uint8_t *adata;
+    bson_iter_array(&sub, &alen, &adata);
+    assert_int_equal(alen, 5); /* empty array */
+    assert_true(bson_iter_init(&it, entered) &&
+                bson_iter_find_descendant(&it, "updateDescription.truncatedArrays", &sub));
+    bson_iter_array(&sub, &alen, &adata);
+    assert_int_equal(alen, 5);
+
+    size_t len = 0;
+    const char *ej = mc_event_json_view(ev, MC_EVENT_VIEW_ENTERED, &len);
+    assert_non_null(ej);
+    assert_int_equal(len, strlen(ej));
+    assert_null(strstr(ej, "alice"));
+    assert_null(strstr(ej, "note"));
+    assert_non_null(strstr(ej, "\"recipient\" : \"bob\", \"entered\" : true, \"change\""));
+    /* Encoded once per view. */
+    assert_ptr_equal(mc_event_json_view(ev, MC_EVENT_VIEW_ENTERED, NULL), ej);
+
+    const char *lj = mc_event_json_view(ev, MC_EVENT_VIEW_LEFT, &len);
+    assert_string_equal(lj, "{ \"type\" : \"left\", \"stream\" : \"orders\", \"_id\" : 7 }");
+    assert_ptr_equal(mc_event_json_view(ev, MC_EVENT_VIEW_LEFT, NULL), lj);
+    assert_null(mc_event_change_view(ev, MC_EVENT_VIEW_LEFT));
+
+    /* Admins get everything, alice's note included. */
+    assert_ptr_equal(mc_event_json_view(ev, MC_EVENT_VIEW_FULL, NULL), mc_event_json(ev, NULL));
+    assert_non_null(strstr(mc_event_json(ev, NULL), "alice-secret"));
+    assert_null(mc_event_json_view(ev, MC_EVENT_VIEW_NONE, NULL));
+    mc_event_unref(&ev);
+
+    /* The same owner before and after: the whole event. */
+    ev = update_event("{\"owner\":\"bob\",\"note\":\"x\"}", "{\"owner\":\"bob\"}", NULL);
+    assert_int_equal(view_of(ev, "\"bob\""), MC_EVENT_VIEW_FULL);
+    assert_int_equal(view_of(ev, "\"alice\""), MC_EVENT_VIEW_NONE);
+    assert_null(mc_event_json_view(ev, MC_EVENT_VIEW_ENTERED, NULL));
+    assert_null(mc_event_json_view(ev, MC_EVENT_VIEW_LEFT, NULL));
+    mc_event_unref(&ev);
+
+    /* From nobody to bob: bob was not entitled to the unowned version. */
+    ev = update_event("{\"note\":\"x\"}", "{\"owner\":\"bob\"}", NULL);
+    assert_int_equal(view_of(ev, "\"bob\""), MC_EVENT_VIEW_ENTERED);
+    assert_null(mc_event_json_view(ev, MC_EVENT_VIEW_LEFT, NULL));
+    mc_event_unref(&ev);
+
+    /* From alice to nobody: alice is told it left; nobody else gets anything. */
+    ev = update_event("{\"owner\":\"alice\"}", "{\"owner\":[\"a\",\"b\"]}", NULL);
+    assert_null(mc_event_recipient(ev));
+    assert_int_equal(view_of(ev, "\"alice\""), MC_EVENT_VIEW_LEFT);
+    assert_int_equal(view_of(ev, "\"a\""), MC_EVENT_VIEW_NONE);
+    assert_false(mc_event_recipient_unresolved(ev));
+    mc_event_unref(&ev);
+
+    /* No pre-image: the previous owner is unknown; the event carries nothing of it. */
+    ev = update_event(NULL, "{\"owner\":\"bob\"}", NULL);
+    assert_int_equal(view_of(ev, "\"bob\""), MC_EVENT_VIEW_FULL);
+    assert_int_equal(view_of(ev, "\"alice\""), MC_EVENT_VIEW_NONE);
+    mc_event_unref(&ev);
+
+    /* No post-image: unresolved, nobody but admins (not even the pre-image's owner). */
+    ev = update_event("{\"owner\":\"alice\"}", NULL, NULL);
+    assert_true(mc_event_recipient_unresolved(ev));
+    assert_int_equal(view_of(ev, "\"alice\""), MC_EVENT_VIEW_NONE);
+    assert_int_equal(view_of(ev, "\"bob\""), MC_EVENT_VIEW_NONE);
+    assert_non_null(strstr(mc_event_json(ev, NULL), "\"recipient\" : null"));
+    mc_event_unref(&ev);
+
+    /* Typed identities: 5 is Int64(5) and 5.0, not "5"; "u3" is not "u3\0evil". */
+    ev = update_event(NULL, "{\"owner\":{\"$numberLong\":\"5\"}}", NULL);
+    assert_int_equal(view_of(ev, "5"), MC_EVENT_VIEW_FULL);
+    assert_int_equal(view_of(ev, "5.0"), MC_EVENT_VIEW_FULL);
+    assert_int_equal(view_of(ev, "\"5\""), MC_EVENT_VIEW_NONE);
+    mc_event_unref(&ev);
+    ev = update_event(NULL, "{\"owner\":\"u3\\u0000evil\"}", NULL);
+    assert_int_equal(view_of(ev, "\"u3\""), MC_EVENT_VIEW_NONE);
+    assert_int_equal(view_of(ev, "\"u3\\u0000evil\""), MC_EVENT_VIEW_FULL);
+    assert_string_equal(mc_event_recipient(ev), "\"u3\\u0000evil\"");
+    mc_event_unref(&ev);
+    ev = update_event(NULL, "{\"owner\":{\"$oid\":\"64a7f2d1aabbccddeeff0099\"}}", NULL);
+    assert_int_equal(view_of(ev, "{\"$oid\":\"64a7f2d1aabbccddeeff0099\"}"), MC_EVENT_VIEW_FULL);
+    assert_int_equal(view_of(ev, "\"64a7f2d1aabbccddeeff0099\""), MC_EVENT_VIEW_NONE);
+    mc_event_unref(&ev);
+
+    /* Control events are for everyone. */
+    mc_event_t *ready = mc_event_new_control(MC_EVENT_READY, "orders", 1, NULL);
+    assert_int_equal(view_of(ready, "\"bob\""), MC_EVENT_VIEW_FULL);
+    mc_event_unref(&ready);
+}
+
+static void test_routing_set_later(void **state)
+{
+    (void)state;
+    /* The lookup form: the event is built without a path, the watcher sets the routing. */
+    bson_t *b = json_bson("{\"_id\":{\"_data\":\"8202\"},\"operationType\":\"replace\","
+                  "\"documentKey\":{\"_id\":\"x\"},\"fullDocument\":{\"b\":2},"
+                  "\"fullDocumentBeforeChange\":{\"b\":1,\"secret\":\"s\"}}");
+    mc_event_t *ev = mc_event_new_change("items", 1, b, NULL, NULL);
+    bson_destroy(b);
+    mc__routing_t r = {.post = MC__R_KNOWN, .prev = MC__R_KNOWN};
+    r.post_id = ident("\"bob\"");
+    r.prev_id = ident("\"alice\"");
+    assert_int_equal(mc__event_set_routing(ev, &r), 0);
+    assert_string_equal(mc_event_recipient(ev), "\"bob\"");
+    assert_int_equal(view_of(ev, "\"bob\""), MC_EVENT_VIEW_ENTERED);
+    assert_int_equal(view_of(ev, "\"alice\""), MC_EVENT_VIEW_LEFT);
+    assert_null(strstr(mc_event_json_view(ev, MC_EVENT_VIEW_ENTERED, NULL), "secret"));
+    assert_non_null(strstr(mc_event_json(ev, NULL), "\"recipient\" : \"bob\""));
+    assert_string_equal(mc_event_json_view(ev, MC_EVENT_VIEW_LEFT, NULL),
+                        "{ \"type\" : \"left\", \"stream\" : \"items\", \"_id\" : \"x\" }");
+    /* Set again (unresolved): the views go away. */
+    mc__routing_t u = {.post = MC__R_UNRESOLVED, .prev = MC__R_ABSENT};
+    assert_int_equal(mc__event_set_routing(ev, &u), 0);
+    assert_true(mc_event_recipient_unresolved(ev));
+    assert_int_equal(view_of(ev, "\"bob\""), MC_EVENT_VIEW_NONE);
+    assert_int_equal(view_of(ev, "\"alice\""), MC_EVENT_VIEW_NONE);
+    mc_event_unref(&ev);
 }
 
 #define RACERS 8
@@ -435,6 +641,8 @@ int main(void)
         cmocka_unit_test(test_recipient_types),
         cmocka_unit_test(test_recipient_null_vs_absent),
         cmocka_unit_test(test_concurrent_first_render),
+        cmocka_unit_test(test_transfer_views),
+        cmocka_unit_test(test_routing_set_later),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -953,7 +953,17 @@ static char *old_message(mc_event_t *ev)
     BSON_APPEND_UTF8(&msg, "id", mc_event_id(ev));
     if (mc__event_recipient_configured(ev)) {
         if (mc_event_recipient(ev)) {
-            BSON_APPEND_UTF8(&msg, "recipient", mc_event_recipient(ev));
+            /* The recipient's JSON, read back as BSON, renders the same through libbson. */
+            char *doc = bson_strdup_printf("{\"r\": %s}", mc_event_recipient(ev));
+            bson_error_t e;
+            bson_t *r = bson_new_from_json((const uint8_t *)doc, -1, &e);
+            bson_iter_t it;
+            if (!r || !bson_iter_init_find(&it, r, "r")) {
+                fail_msg("recipient %s is not JSON: %s", mc_event_recipient(ev), e.message);
+            }
+            bson_append_iter(&msg, "recipient", -1, &it);
+            bson_destroy(r);
+            bson_free(doc);
         } else {
             BSON_APPEND_NULL(&msg, "recipient");
         }

@@ -107,6 +107,10 @@ static mcd_identity_t user(const char *subject, bool admin)
     id.authenticated = true;
     id.is_admin = admin;
     snprintf(id.subject, sizeof(id.subject), "%s", subject);
+    bson_value_t v = {.value_type = BSON_TYPE_UTF8};
+    v.value.v_utf8.str = (char *)subject;
+    v.value.v_utf8.len = (uint32_t)strlen(subject);
+    mc_identity_from_value(&v, &id.identity);
     return id;
 }
 
@@ -459,6 +463,83 @@ static void test_var_and_filter_and_recipient_combined(void **state)
     mcd_subscription_destroy(s);
 }
 
+/* An update that hands document 9 from `from` to `to`; the old version carries a note. */
+static mc_event_t *moved(const char *from, const char *to, const char *tenant)
+{
+    char doc[1024];
+    snprintf(doc, sizeof(doc),
+             "{\"_id\":{\"_data\":\"82%016llu\"},\"operationType\":\"update\","
+             "\"ns\":{\"db\":\"shop\",\"coll\":\"orders\"},\"documentKey\":{\"_id\":9},"
+             "\"updateDescription\":{\"updatedFields\":{\"owner\":\"%s\"},"
+             "\"removedFields\":[\"note\"]},"
+             "\"fullDocument\":{\"_id\":9,\"owner\":\"%s\",\"tenant\":\"%s\"},"
+             "\"fullDocumentBeforeChange\":{\"_id\":9,\"owner\":\"%s\",\"tenant\":\"%s\","
+             "\"note\":\"secret\"}}",
+             (unsigned long long)++seq, to, to, tenant, from, tenant);
+    bson_t *b = json(doc);
+    mc_event_t *ev = mc_event_new_change("orders", seq, b, "fullDocument.owner", NULL);
+    bson_destroy(b);
+    assert_non_null(ev);
+    return ev;
+}
+
+static mc_event_view_t view(const mcd_subscription_t *s, mc_event_t *ev)
+{
+    mc_event_view_t v = mcd_subscription_view(s, ev);
+    mc_event_unref(&ev);
+    return v;
+}
+
+static void test_ownership_transfer_views(void **state)
+{
+    fx_t *f = *state;
+    mcd_identity_t u1 = user("u1", false), u2 = user("u2", false), admin = user("ops", true);
+    mcd_subscription_t *s1 = ok_sub(f, "{\"t\":\"acme\"}", NULL, &u1);
+    mcd_subscription_t *s2 = ok_sub(f, "{\"t\":\"acme\"}", NULL, &u2);
+    mcd_subscription_t *sa = ok_sub(f, "{\"t\":\"acme\"}", NULL, &admin);
+    assert_int_equal(view(s1, moved("u2", "u1", "acme")), MC_EVENT_VIEW_ENTERED);
+    assert_int_equal(view(s2, moved("u2", "u1", "acme")), MC_EVENT_VIEW_LEFT);
+    assert_int_equal(view(sa, moved("u2", "u1", "acme")), MC_EVENT_VIEW_FULL);
+    /* The stream's $var stage is evaluated on what each one receives; "left" is not filtered
+     * (its filter could only be evaluated on the new owner's version). */
+    assert_int_equal(view(s1, moved("u2", "u1", "beta")), MC_EVENT_VIEW_NONE);
+    assert_int_equal(view(s2, moved("u2", "u1", "beta")), MC_EVENT_VIEW_LEFT);
+    mcd_subscription_destroy(s1);
+    mcd_subscription_destroy(s2);
+    mcd_subscription_destroy(sa);
+    /* A filter cannot probe the previous owner's version: it sees the ENTERED change. */
+    set_pipeline(f, "{}");
+    s1 = ok_sub(f, NULL, "{\"fullDocumentBeforeChange.note\":\"secret\"}", &u1);
+    assert_int_equal(view(s1, moved("u2", "u1", "acme")), MC_EVENT_VIEW_NONE);
+    mcd_subscription_destroy(s1);
+    s1 = ok_sub(f, NULL, "{\"updateDescription.removedFields\":\"note\"}", &u1);
+    assert_int_equal(view(s1, moved("u2", "u1", "acme")), MC_EVENT_VIEW_NONE);
+    mcd_subscription_destroy(s1);
+    sa = ok_sub(f, NULL, "{\"fullDocumentBeforeChange.note\":\"secret\"}", &admin);
+    assert_int_equal(view(sa, moved("u2", "u1", "acme")), MC_EVENT_VIEW_FULL);
+    mcd_subscription_destroy(sa);
+    /* Typed identities: a token whose claim is the number 7 is not the string "7". */
+    mcd_identity_t n7 = user("x", false);
+    bson_value_t seven = {.value_type = BSON_TYPE_INT32};
+    seven.value.v_int32 = 7;
+    assert_true(mc_identity_from_value(&seven, &n7.identity));
+    mcd_subscription_t *sn = ok_sub(f, NULL, NULL, &n7);
+    assert_false(sees(sn, change("insert", "7", NULL)));
+    mcd_subscription_destroy(sn);
+    mcd_identity_t s7 = user("7", false);
+    sn = ok_sub(f, NULL, NULL, &s7);
+    assert_true(sees(sn, change("insert", "7", NULL)));
+    mcd_subscription_destroy(sn);
+    /* A hand-built identity without a canonical form matches nothing. */
+    mcd_identity_t bare;
+    memset(&bare, 0, sizeof(bare));
+    bare.authenticated = true;
+    snprintf(bare.subject, sizeof(bare.subject), "u1");
+    sn = ok_sub(f, NULL, NULL, &bare);
+    assert_false(sees(sn, change("insert", "u1", NULL)));
+    mcd_subscription_destroy(sn);
+}
+
 /* ---- start-up check ------------------------------------------------------------------- */
 
 static void expect_stage_check(fx_t *f, const char *pipeline, const char *fragment)
@@ -513,6 +594,7 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_filter_refusals, setup, teardown),
         cmocka_unit_test_setup_teardown(test_recipient_isolation, setup, teardown),
         cmocka_unit_test_setup_teardown(test_public_stream, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_ownership_transfer_views, setup, teardown),
         cmocka_unit_test_setup_teardown(test_var_and_filter_and_recipient_combined, setup,
                                         teardown),
         cmocka_unit_test_setup_teardown(test_local_stages_check, setup, teardown),

@@ -55,6 +55,10 @@ static mcd_identity_t user(const char *subject, bool admin)
     id.authenticated = true;
     id.is_admin = admin;
     snprintf(id.subject, sizeof(id.subject), "%s", subject);
+    bson_value_t v = {.value_type = BSON_TYPE_UTF8};
+    v.value.v_utf8.str = (char *)subject;
+    v.value.v_utf8.len = (uint32_t)strlen(subject);
+    mc_identity_from_value(&v, &id.identity);
     return id;
 }
 

@@ -22,6 +22,7 @@
 #include "core.h"
 
 #include "changestream.h"
+#include "mongocast/identity.h"
 
 #include <math.h>
 #include <string.h>
@@ -148,10 +149,25 @@ static void kb_value(keybuf_t *k, const bson_value_t *v)
         }
         break;
     }
-    case BSON_TYPE_DECIMAL128:
+    case BSON_TYPE_DECIMAL128: {
+        /* An integral decimal is the same index key as that int or double (MongoDB compares
+         * numbers by value: {_id: NumberDecimal("7")} finds _id 7). Other decimals keep
+         * their bits, so a fractional decimal and an equal double still differ here. */
+        mc_identity_t id;
+        if (mc_identity_from_value(v, &id) && id.len == 9 && id.bytes[0] == 'i') {
+            uint64_t u = 0;
+            for (int b = 1; b < 9; b++) {
+                u = (u << 8) | id.bytes[b];
+            }
+            int64_t i = (int64_t)u;
+            kb_tag(k, 'I');
+            kb_put(k, &i, sizeof(i));
+            break;
+        }
         kb_tag(k, 'X');
         kb_put(k, &v->value.v_decimal128, sizeof(v->value.v_decimal128));
         break;
+    }
     case BSON_TYPE_UTF8:
         kb_tag(k, 'S');
         kb_counted(k, v->value.v_utf8.str, v->value.v_utf8.len);
