@@ -115,6 +115,10 @@ typedef struct emu_coll {
     emu_index_t **indexes; /* [0] is always _id_ */
     size_t n_indexes;
     struct emu_coll *next;
+    /* The earliest cluster time a snapshot read can see this collection at: the first tick after
+     * it was created or renamed (MongoDB's "minimum visible snapshot"). */
+    uint32_t min_t;
+    uint32_t min_i;
 } emu_coll_t;
 
 typedef struct emu_db {
@@ -211,6 +215,12 @@ void emu_cursors_destroy(emu_cursors_t *cs);
  * the first batch stays in a new cursor. batch_size < 0: default (101). */
 void emu_cursor_reply_first(emu_server_t *srv, const char *ns, uint8_t *docs, size_t len,
                             long batch_size, bool single_batch, bson_t *reply);
+/* The same for a snapshot read: with `at` ({t, i}, may be NULL) every batch of the cursor
+ * carries atClusterTime, as a real server's do. The rest of the result is already computed, so
+ * getMore continues at the same snapshot by construction. */
+void emu_cursor_reply_first_at(emu_server_t *srv, const char *ns, uint8_t *docs, size_t len,
+                               long batch_size, bool single_batch, const uint32_t *at,
+                               bson_t *reply);
 void emu_cmd_get_more(emu_conn_t *conn, const bson_t *cmd, const char *db, bson_t *reply);
 void emu_cmd_kill_cursors(emu_conn_t *conn, const bson_t *cmd, const char *db, bson_t *reply);
 /* Drops the cursors reading namespace ns (its collection was dropped). */

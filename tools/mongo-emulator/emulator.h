@@ -32,6 +32,9 @@ typedef struct emu_oplog emu_oplog_t;           /* changestream.c: bounded histo
 typedef struct emu_cs_cursors emu_cs_cursors_t; /* changestream.c: open change-stream cursors */
 typedef struct emu_cursors emu_cursors_t;       /* cursors.c: find/aggregate cursors */
 typedef struct emu_failpoints emu_failpoints_t; /* failpoint.c */
+typedef struct emu_history emu_history_t;       /* history.c: versions for snapshot reads */
+typedef struct emu_sessions emu_sessions_t;     /* txn.c: logical sessions, transactions */
+typedef struct emu_txn emu_txn_t;               /* txn.c: one multi-document transaction */
 
 typedef struct emu_options {
     const char *bind;        /* default "127.0.0.1" */
@@ -41,6 +44,8 @@ typedef struct emu_options {
     int max_wire_version;    /* 17 (6.0, default) or 21 (7.0) */
     size_t oplog_max_events; /* history kept for change streams; default 1000000 */
     const char *log_path;    /* JSON line per request and reply; NULL: no log */
+    size_t snapshot_history_bytes; /* budget of the version history; 0: 256 MiB */
+    int64_t snapshot_window_secs;  /* minSnapshotHistoryWindowInSeconds; 0: 300, < 0: 0 s */
 } emu_options_t;
 
 typedef struct emu_server {
@@ -54,6 +59,8 @@ typedef struct emu_server {
     emu_cs_cursors_t *cs_cursors;
     emu_cursors_t *cursors;
     emu_failpoints_t *failpoints;
+    emu_history_t *history;   /* versions behind snapshot reads and transactions */
+    emu_sessions_t *sessions; /* sessions with a transaction or retryable-write state */
     uint32_t clock_secs; /* last cluster time handed out (Timestamp t, i) */
     uint32_t clock_inc;
     int64_t next_cursor_id;
@@ -72,6 +79,7 @@ typedef struct emu_conn {
     int64_t id;          /* connectionId reported in hello */
     char app_name[128];  /* client.application.name from the handshake, "" if none */
     bool close_after_reply; /* set by a fail point: drop the connection instead of replying */
+    emu_txn_t *txn;         /* the transaction the running command belongs to, or NULL */
 } emu_conn_t;
 
 /* ---- server.c / commands.c ---- */
