@@ -2,11 +2,14 @@
  * emulator.h: the shared state of mongo-emulator and the helpers every command module uses.
  *
  * Threads: one accept thread plus one thread per client connection (server.c). Every command
- * handler runs with `srv->lock` held; that single lock guards the catalog, the oplog, all
- * cursors, the fail points and the cluster clock, so a handler sees a consistent database.
- * The only place a handler waits is a change-stream getMore, which waits on `srv->oplog_cond`
- * (pthread_cond_timedwait releases the lock), so a waiting getMore never holds up another
- * connection. Fail-point blocking (blockConnection) happens before the lock is taken.
+ * handler runs with `srv->lock` held; that single lock guards the catalog, the oplog, the
+ * version history, sessions and transactions, all cursors, the fail points and the cluster
+ * clock, so a handler sees a consistent database. A handler waits in two places only, both on
+ * `srv->oplog_cond` (pthread_cond_timedwait releases the lock, so a waiter never holds up
+ * another connection): a change-stream getMore with nothing to return, and a write outside
+ * transactions to a document an open transaction has written (until that transaction ends;
+ * the writer then redoes its statement). Fail-point blocking (blockConnection) happens before
+ * the lock is taken.
  *
  * Errors inside the emulator use mc_error_t with domain MC_DOMAIN_MONGODB and `cause` set to
  * the MongoDB server error code that the client must see; `message` is the errmsg.
