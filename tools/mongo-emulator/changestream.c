@@ -24,6 +24,11 @@
  *   transaction keeps the last event's token).
  * - With $changeStreamSplitLargeEvent, the fragments of one event are queued in the cursor and
  *   returned before any later entry is examined; each carries its own (v2) resume token.
+ *
+ * Differences from MongoDB: tokens are v1, as 6.0 makes them, except a split event's fragments,
+ * whose fragmentNum MongoDB only allows in v2 tokens (7.0 makes every token v2). Splitting
+ * follows 7.0.0: an event of up to 16793600 - 8192 bytes passes whole (later releases also count
+ * the size of its resume token).
  */
 #include "changestream.h"
 

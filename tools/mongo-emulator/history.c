@@ -7,6 +7,10 @@
  * seqs [first, next), stored at seq & mask; `floor` is the time of the newest record dropped,
  * so every read at a time >= floor finds all the records it must undo; `bytes` is the memory
  * held by the retained records and never exceeds the budget after a record is added.
+ *
+ * Differences from MongoDB: the window is measured in the seconds of cluster times (which the
+ * emulator takes from its wall clock), and the byte budget (--snapshot-history-mb) stands in
+ * for WiredTiger's cache pressure, which can also end the history early.
  */
 #include "history.h"
 

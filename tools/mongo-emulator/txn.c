@@ -18,6 +18,20 @@
  * SES_TXN_OPEN; every txn_doc in the lock table belongs to an open transaction and is freed when
  * it ends; a transaction's bytes never exceed EMU_TXN_MAX_BYTES; at most EMU_MAX_SESSIONS
  * sessions exist.
+ *
+ * Differences from MongoDB 6.0:
+ * - create and createIndexes are refused in a transaction (263); MongoDB runs them.
+ * - Unique indexes other than _id_ are checked when the transaction commits: a violation then
+ *   fails commitTransaction with WriteConflict (112, TransientTransactionError) and applies
+ *   nothing, where MongoDB reports DuplicateKey at the statement.
+ * - drop and renameCollection do not wait for transactions that wrote the collection; such a
+ *   transaction's commit fails with WriteConflict instead.
+ * - A retried retryable write (same txnNumber) runs again; MongoDB replays its first result.
+ * - No prepared transactions, no txnRetryCounter, no recoveryToken (single node only).
+ * - Only sessions that sent a txnNumber are tracked (at most EMU_MAX_SESSIONS); the lsid's uid
+ *   is always the unauthenticated user's, SHA-256 of "".
+ * - A transaction holds at most EMU_TXN_MAX_BYTES of pre- and post-images (257
+ *   TransactionTooLarge); MongoDB 6.0 bounds it by cache pressure.
  */
 #include "txn.h"
 

@@ -7,6 +7,10 @@
  * history records after that time; a lookup by _id costs O(h). Invariant: every document of the
  * view appears once: a document changed since the view's time is shown in its older version (or
  * not at all) and a document of the transaction in its newest version, never both.
+ *
+ * Differences from MongoDB 6.0: a collection dropped after the view's time reads as empty (as
+ * on 6.0; 7.0's point-in-time catalog would still show it); index definitions are not versioned
+ * (the emulator scans, so only unique-index checks could tell).
  */
 #include "view.h"
 
