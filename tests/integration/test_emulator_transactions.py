@@ -11,7 +11,7 @@ import time
 
 import pytest
 from bson import Int64, SON
-from pymongo.errors import DuplicateKeyError, OperationFailure
+from pymongo.errors import DuplicateKeyError, NotMasterError, OperationFailure
 
 from test_emulator_change_streams import AWAIT_MS, assert_no_more, changes, next_change
 
@@ -471,3 +471,51 @@ def test_many_transactions_deliver_every_committed_write_once(client, db):
     # the counters add up to the committed increments
     total = sum(d["n"] for d in db.c.find({}))
     assert total == n
+
+
+# ---- retried commits, as drivers retry them ----
+
+def fail_commit_once(client, **data):
+    data["failCommands"] = ["commitTransaction"]
+    try:
+        client.admin.command(SON([("configureFailPoint", "failCommand"),
+                                  ("mode", {"times": 1}), ("data", data)]))
+    except OperationFailure as exc:
+        if exc.code == 59:
+            pytest.skip("server has no configureFailPoint (enableTestCommands)")
+        raise
+
+
+@pytest.mark.parametrize("failure", [{"closeConnection": True}, {"errorCode": 91}],
+                         ids=["network-error", "ShutdownInProgress"])
+def test_commit_is_retried_once_and_applies_once(client, db, failure):
+    fail_commit_once(client, **failure)
+    try:
+        with db.c.watch(max_await_time_ms=AWAIT_MS) as stream:
+            with client.start_session() as s:
+                with s.start_transaction():
+                    db.c.insert_one({"_id": 1}, session=s)
+                    db.c.insert_one({"_id": 2}, session=s)
+            evs = changes(stream, 2)
+            assert_no_more(stream, 1)
+    finally:
+        client.admin.command(SON([("configureFailPoint", "failCommand"), ("mode", "off")]))
+    assert [e["documentKey"]["_id"] for e in evs] == [1, 2]
+    assert db.c.count_documents({}) == 2
+
+
+def test_retryable_error_label_on_commit(client, make_client, db):
+    fail_commit_once(client, errorCode=91)
+    c, rdb, s = raw_session(make_client, db)
+    try:
+        txn_cmd(rdb, s, insert_cmd("c", {"_id": 1}), 1, start=True)
+        # pymongo raises code 91 as NotMasterError, with the reply in `details`
+        with pytest.raises((OperationFailure, NotMasterError)) as exc:
+            end_txn(c, s, "commitTransaction", 1)
+        assert exc.value.details["code"] == 91
+        assert "RetryableWriteError" in labels(exc.value)
+        assert end_txn(c, s, "commitTransaction", 1)["ok"] == 1  # the retry commits
+    finally:
+        client.admin.command(SON([("configureFailPoint", "failCommand"), ("mode", "off")]))
+        s.end_session()
+    assert db.c.count_documents({}) == 1
