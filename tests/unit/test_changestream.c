@@ -36,6 +36,17 @@ void emu_clock_tick(emu_server_t *srv, uint32_t *t, uint32_t *i)
     *i = srv->clock_inc;
 }
 
+void emu_deadline_after_ms(struct timespec *ts, int64_t ms)
+{
+    clock_gettime(CLOCK_REALTIME, ts);
+    ts->tv_sec += (time_t)(ms / 1000);
+    ts->tv_nsec += (long)(ms % 1000) * 1000000L;
+    if (ts->tv_nsec >= 1000000000L) {
+        ts->tv_sec++;
+        ts->tv_nsec -= 1000000000L;
+    }
+}
+
 int64_t emu_new_cursor_id(emu_server_t *srv)
 {
     return ++srv->next_cursor_id * 1000;
@@ -1283,14 +1294,13 @@ static int setup_standalone(void **state)
     return setup_opts(state, 100, true);
 }
 
-
 /* ---- transactions ---- */
 
 static const uint8_t txn_lsid_id[16] = {0xAA, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
 
 /* One committed transaction: op k writes _id ids[k] in db.colls[k] (insert, or the op given). */
-static void append_txn(fixture_t *f, const emu_op_t *ops, const char *const *colls,
-                       const int *ids, int n, int64_t txn_number)
+static void append_txn(fixture_t *f, const emu_op_t *ops, const char *const *colls, const int *ids,
+                       int n, int64_t txn_number)
 {
     emu_change_t ch[8];
     bson_t *keys[8], *docs[8], *pres[8], *uds[8];
@@ -1480,8 +1490,8 @@ static void test_txn_resume_inside(void **state)
 static void test_txn_pbrt_never_goes_back(void **state)
 {
     fixture_t *f = *state;
-    bson_t *stages = BCON_NEW("0", "{", "$match", "{", "operationType", BCON_UTF8("insert"), "}",
-                              "}");
+    bson_t *stages =
+        BCON_NEW("0", "{", "$match", "{", "operationType", BCON_UTF8("insert"), "}", "}");
     bson_t *r = aggregate(f, "db", "coll", NULL, stages, -1);
     batch_view_t v;
     view(r, &v);
@@ -1725,8 +1735,8 @@ static void test_split_large_event(void **state)
 static void test_split_stage_errors(void **state)
 {
     fixture_t *f = *state;
-    bson_t *stages = BCON_NEW("0", "{", "$changeStreamSplitLargeEvent", "{", "x", BCON_INT32(1),
-                              "}", "}");
+    bson_t *stages =
+        BCON_NEW("0", "{", "$changeStreamSplitLargeEvent", "{", "x", BCON_INT32(1), "}", "}");
     expect_error(aggregate(f, "db", "coll", NULL, stages, -1), 7182800);
     bson_destroy(stages);
     stages = BCON_NEW("0", "{", "$changeStreamSplitLargeEvent", "{", "}", "}", "1", "{", "$match",

@@ -411,15 +411,14 @@ static void test_append(void **state)
     emu_kbuf_destroy(&b);
 }
 
-
 /* The events of one transaction share the cluster time and sort by txnOpIndex (whatever their
  * documentKey), all after the events before and before the events after; the parser returns the
  * index and where the fromInvalidate byte is. */
 static void test_txn_op_index_ordering(void **state)
 {
     (void)state;
-    static const uint32_t idx[] = {0, 1, 2, 63, 64, 127, 128, 255, 256, 1000, 65535, 70000,
-                                   16777215, 16777216, 2147483647};
+    static const uint32_t idx[] = {0,   1,    2,     63,    64,       127,      128,       255,
+                                   256, 1000, 65535, 70000, 16777215, 16777216, 2147483647};
     enum { N = sizeof idx / sizeof idx[0] };
     emu_kbuf_t t[N + 2];
     /* Later operations get smaller keys: the order must not come from the documentKey. */
@@ -427,22 +426,20 @@ static void test_txn_op_index_ordering(void **state)
         emu_kbuf_init(&t[k]);
     }
     bson_t *last = BCON_NEW("_id", BCON_INT32(1000000));
-    assert_int_equal(emu_cstoken_encode_txn_event(&t[0], 500, 7, 2147483647, false, probe_uuid,
-                                                  last, NULL),
-                     0);
+    assert_int_equal(
+        emu_cstoken_encode_txn_event(&t[0], 500, 7, 2147483647, false, probe_uuid, last, NULL), 0);
     for (int k = 0; k < N; k++) {
         bson_t *key = BCON_NEW("_id", BCON_INT32(N - k));
-        assert_int_equal(emu_cstoken_encode_txn_event(&t[k + 1], 500, 8, idx[k], false,
-                                                      probe_uuid, key, NULL),
-                         0);
+        assert_int_equal(
+            emu_cstoken_encode_txn_event(&t[k + 1], 500, 8, idx[k], false, probe_uuid, key, NULL),
+            0);
         bson_destroy(key);
     }
     bson_t *first = BCON_NEW("_id", BCON_INT32(-5));
     assert_int_equal(
         emu_cstoken_encode_txn_event(&t[N + 1], 500, 9, 0, false, probe_uuid, first, NULL), 0);
     for (int k = 0; k + 1 < N + 2; k++) {
-        assert_int_equal(emu_cstoken_compare(t[k].data, t[k].len, t[k + 1].data, t[k + 1].len),
-                         -1);
+        assert_int_equal(emu_cstoken_compare(t[k].data, t[k].len, t[k + 1].data, t[k + 1].len), -1);
         char *a = hex_of(&t[k]);
         char *b = hex_of(&t[k + 1]);
         assert_true(strcmp(a, b) < 0);
@@ -555,12 +552,18 @@ static void test_fragment_tokens(void **state)
 int main(void)
 {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_event_token_layout), cmocka_unit_test(test_hwm_and_drop_layout),
-        cmocka_unit_test(test_round_trip),         cmocka_unit_test(test_all_types_round_trip),
-        cmocka_unit_test(test_canonical_numbers),  cmocka_unit_test(test_key_ordering),
-        cmocka_unit_test(test_token_ordering),     cmocka_unit_test(test_malformed_tokens),
-        cmocka_unit_test(test_deep_key_rejected),  cmocka_unit_test(test_append),
-        cmocka_unit_test(test_txn_op_index_ordering), cmocka_unit_test(test_fragment_tokens),
+        cmocka_unit_test(test_event_token_layout),
+        cmocka_unit_test(test_hwm_and_drop_layout),
+        cmocka_unit_test(test_round_trip),
+        cmocka_unit_test(test_all_types_round_trip),
+        cmocka_unit_test(test_canonical_numbers),
+        cmocka_unit_test(test_key_ordering),
+        cmocka_unit_test(test_token_ordering),
+        cmocka_unit_test(test_malformed_tokens),
+        cmocka_unit_test(test_deep_key_rejected),
+        cmocka_unit_test(test_append),
+        cmocka_unit_test(test_txn_op_index_ordering),
+        cmocka_unit_test(test_fragment_tokens),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -1252,8 +1252,7 @@ static int history_lost(mc_error_t *err)
 }
 
 /* Remembers the token of the last event returned (see append_pbrt). */
-static void note_last_token(cs_cursor_t *c, const uint8_t *tok, size_t len, uint32_t t,
-                            uint32_t i)
+static void note_last_token(cs_cursor_t *c, const uint8_t *tok, size_t len, uint32_t t, uint32_t i)
 {
     c->last_token.len = 0;
     if (c->last_token.cap < len) {
@@ -2015,17 +2014,6 @@ bool emu_cs_owns_cursor(emu_server_t *srv, int64_t cursor_id)
     return cursor_find(srv, cursor_id) != NULL;
 }
 
-static void deadline_in(struct timespec *ts, int64_t ms)
-{
-    clock_gettime(CLOCK_REALTIME, ts);
-    ts->tv_sec += (time_t)(ms / 1000);
-    ts->tv_nsec += (long)(ms % 1000) * 1000000L;
-    if (ts->tv_nsec >= 1000000000L) {
-        ts->tv_sec++;
-        ts->tv_nsec -= 1000000000L;
-    }
-}
-
 static bool deadline_passed(const struct timespec *ts)
 {
     struct timespec now;
@@ -2114,7 +2102,7 @@ void emu_cs_getmore(emu_conn_t *conn, const bson_t *cmd, const char *db, bson_t 
     }
 
     struct timespec deadline;
-    deadline_in(&deadline, max_time_ms);
+    emu_deadline_after_ms(&deadline, max_time_ms);
     cs_batch_t b;
     batch_init(&b);
     c->busy = true;

@@ -37,6 +37,26 @@ int64_t emu_now_ms(void)
     return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
 }
 
+void emu_deadline_after_ms(struct timespec *ts, int64_t ms)
+{
+    clock_gettime(CLOCK_REALTIME, ts);
+    ts->tv_sec += (time_t)(ms / 1000);
+    ts->tv_nsec += (long)(ms % 1000) * 1000000L;
+    if (ts->tv_nsec >= 1000000000L) {
+        ts->tv_sec++;
+        ts->tv_nsec -= 1000000000L;
+    }
+}
+
+int emu_server_error(mc_error_t *err, int code, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    mc_error_vset(err, MC_ESERVER, MC_DOMAIN_MONGODB, code, fmt, ap);
+    va_end(ap);
+    return MC_ESERVER;
+}
+
 /* ---- clock and cursor ids ---- */
 
 void emu_clock_tick(emu_server_t *srv, uint32_t *t, uint32_t *i)
@@ -612,8 +632,8 @@ static void cmd_set_parameter(emu_conn_t *conn, const bson_t *cmd, const char *d
             return;
         }
         if (!BSON_ITER_HOLDS_NUMBER(&it) || (v = bson_iter_as_int64(&it)) < p->min) {
-            emu_reply_error(reply, 2, "Invalid value for parameter %s: must be a number >= %lld",
-                            k, (long long)p->min);
+            emu_reply_error(reply, 2, "Invalid value for parameter %s: must be a number >= %lld", k,
+                            (long long)p->min);
             return;
         }
         break;

@@ -45,6 +45,7 @@ void emu_reply_parse_error(emu_conn_t *conn, const mc_error_t *err, bson_t *repl
 void emu_reply_ok(bson_t *reply);
 /* Wall-clock milliseconds since the epoch. Any thread. */
 int64_t emu_now_ms(void);
+
 /* Appends {"cursor": {<batch_key>: <batch>, "id": id, "ns": ns}} to reply. */
 void emu_reply_cursor(bson_t *reply, const char *batch_key, const bson_t *batch, int64_t id,
                       const char *ns);

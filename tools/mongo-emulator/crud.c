@@ -236,8 +236,7 @@ static void tgt_doc(const target_t *t, size_t ref, bson_t *out)
 }
 
 /* Collects up to `limit` refs of matching documents, in natural order. */
-static int tgt_collect(target_t *t, const matcher_t *m, size_t limit, slots_t *out,
-                       mc_error_t *err)
+static int tgt_collect(target_t *t, const matcher_t *m, size_t limit, slots_t *out, mc_error_t *err)
 {
     out->n = 0;
     if (limit == 0) {
@@ -271,8 +270,8 @@ static int tgt_collect(target_t *t, const matcher_t *m, size_t limit, slots_t *o
         emu_vdoc_t d;
         bool found = false;
         tgt_cleanup(t);
-        if (emu_view_find_id(t->srv, t->db, t->name, t->t, t->i, t->txn, &m->id, &d, &found,
-                             err) != 0) {
+        if (emu_view_find_id(t->srv, t->db, t->name, t->t, t->i, t->txn, &m->id, &d, &found, err) !=
+            0) {
             return MC_ESERVER;
         }
         t->v_kind = VIEW_ONE;
@@ -357,23 +356,16 @@ static void cmd_deadline(const bson_t *cmd, struct timespec *ts)
     bson_iter_t it;
     ts->tv_sec = 0;
     ts->tv_nsec = 0;
-    if (bson_iter_init_find(&it, cmd, "maxTimeMS") && BSON_ITER_HOLDS_NUMBER(&it)) {
-        int64_t ms = bson_iter_as_int64(&it);
-        if (ms > 0) {
-            clock_gettime(CLOCK_REALTIME, ts);
-            ts->tv_sec += (time_t)(ms / 1000);
-            ts->tv_nsec += (long)(ms % 1000) * 1000000L;
-            if (ts->tv_nsec >= 1000000000L) {
-                ts->tv_sec++;
-                ts->tv_nsec -= 1000000000L;
-            }
-        }
+    if (bson_iter_init_find(&it, cmd, "maxTimeMS") && BSON_ITER_HOLDS_NUMBER(&it) &&
+        bson_iter_as_int64(&it) > 0) {
+        emu_deadline_after_ms(ts, bson_iter_as_int64(&it));
     }
 }
 
 /* For a live write about to change `doc`: 0 when no open transaction has written it; MC_EAGAIN
  * after waiting for one to end (the caller redoes its statement: the lock was released, so
- * collections and slots may have changed); MC_ESERVER when the wait failed (maxTimeMS, shutdown). */
+ * collections and slots may have changed); MC_ESERVER when the wait failed (maxTimeMS, shutdown).
+ */
 static int wait_doc_unlocked(target_t *t, const bson_t *doc, const struct timespec *deadline,
                              mc_error_t *err)
 {
@@ -539,8 +531,8 @@ static int tgt_insert(target_t *t, const bson_t *store, bson_t *dup,
         if (!bson_iter_init_find(&it, store, "_id")) {
             return mc_error_set(err, MC_EINVAL, MC_DOMAIN_MONGODB, 2, "document has no _id");
         }
-        if (emu_view_find_id(t->srv, t->db, t->name, t->t, t->i, t->txn, bson_iter_value(&it),
-                             &d, &found, err) != 0) {
+        if (emu_view_find_id(t->srv, t->db, t->name, t->t, t->i, t->txn, bson_iter_value(&it), &d,
+                             &found, err) != 0) {
             return MC_ESERVER;
         }
         if (found) {
@@ -1207,9 +1199,9 @@ void emu_cmd_find(emu_conn_t *conn, const bson_t *cmd, const char *db, bson_t *r
         return;
     }
     ns_of(ns, sizeof(ns), db, name);
-    int rc = tgt_collect(&t, &m,
-                         bson_empty(&sort) && limit > 0 ? (size_t)(skip + limit) : ALL_MATCHES,
-                         &slots, &err);
+    int rc =
+        tgt_collect(&t, &m, bson_empty(&sort) && limit > 0 ? (size_t)(skip + limit) : ALL_MATCHES,
+                    &slots, &err);
     if (rc == 0 && !bson_empty(&sort)) {
         sort_slots(&t, &sort, &slots);
     }
@@ -1320,8 +1312,8 @@ void emu_cmd_find_and_modify(emu_conn_t *conn, const bson_t *cmd, const char *db
     cmd_deadline(cmd, &deadline);
     tgt_init(&t, conn, db, name);
     for (;;) {
-        rc = collect_for_write(&t, &m, bson_empty(&sort) ? 1 : ALL_MATCHES, &slots, &deadline,
-                               &err);
+        rc =
+            collect_for_write(&t, &m, bson_empty(&sort) ? 1 : ALL_MATCHES, &slots, &deadline, &err);
         if (rc == MC_EAGAIN) {
             continue;
         }
@@ -1672,8 +1664,8 @@ void emu_cmd_aggregate(emu_conn_t *conn, const bson_t *cmd, const char *db, bson
             emu_reply_error(reply, 146, "aggregation result too large");
         } else {
             ns_of(ns, sizeof(ns), db, name);
-            emu_cursor_reply_first_at(srv, ns, out.data, out.len, batch, false,
-                                      has_at ? at : NULL, reply);
+            emu_cursor_reply_first_at(srv, ns, out.data, out.len, batch, false, has_at ? at : NULL,
+                                      reply);
         }
     }
     bson_destroy(&first_match);

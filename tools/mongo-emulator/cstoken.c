@@ -409,7 +409,8 @@ int emu_cstoken_encode_fragment(emu_kbuf_t *out, uint32_t ts_t, uint32_t ts_i,
         BSON_APPEND_DOCUMENT(&ident, "documentKey", document_key);
     } else {
         bson_t empty = BSON_INITIALIZER;
-        BSON_APPEND_DOCUMENT(&ident, "operationDescription", op_description ? op_description : &empty);
+        BSON_APPEND_DOCUMENT(&ident, "operationDescription",
+                             op_description ? op_description : &empty);
         bson_destroy(&empty);
     }
     kbuf_byte(out, KS_OBJECT);

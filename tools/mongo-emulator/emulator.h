@@ -22,6 +22,7 @@
 #include <stdbool.h>
 #include <stdint.h>
 #include <stdio.h>
+#include <time.h>
 
 #include "mongocast/error.h"
 
@@ -93,6 +94,16 @@ void emu_clock_tick(emu_server_t *srv, uint32_t *t, uint32_t *i);
 void emu_reply_append_cluster_time(emu_server_t *srv, bson_t *reply);
 /* A new non-zero cursor id (lock held). */
 int64_t emu_new_cursor_id(emu_server_t *srv);
+/* The CLOCK_REALTIME instant `ms` milliseconds from now, for pthread_cond_timedwait. Any
+ * thread. */
+void emu_deadline_after_ms(struct timespec *ts, int64_t ms);
+/* Fills `err` with the MongoDB error `code` (domain MC_DOMAIN_MONGODB) and returns MC_ESERVER,
+ * so that `return emu_server_error(err, 112, "...")` reads well. Any thread. */
+int emu_server_error(mc_error_t *err, int code, const char *fmt, ...)
+#if defined(__GNUC__)
+    __attribute__((format(printf, 3, 4)))
+#endif
+    ;
 
 /* Fills `reply` as an error: ok 0, errmsg, code, codeName. Never code 0. */
 void emu_reply_error(bson_t *reply, int code, const char *fmt, ...)
@@ -138,7 +149,8 @@ emu_fp_action_t emu_failpoint_after_checkout(emu_conn_t *conn, bson_t *reply);
 
 /* ---- log.c ---- */
 
-/* Writes one JSON line {"t":..,"conn":..,"dir":"in"|"out","op":..,"doc":{...}}; no-op without a log. */
+/* Writes one JSON line {"t":..,"conn":..,"dir":"in"|"out","op":..,"doc":{...}}; no-op without a
+ * log. */
 void emu_log_doc(emu_server_t *srv, const emu_conn_t *conn, const char *dir, int opcode,
                  const bson_t *doc);
 

@@ -74,7 +74,7 @@ int emu_history_init(emu_server_t *srv, mc_error_t *err)
     h->max_bytes = srv->opts.snapshot_history_bytes ? srv->opts.snapshot_history_bytes
                                                     : EMU_HISTORY_DEFAULT_MAX_BYTES;
     /* options: 0 means the default, a negative value a window of 0 seconds */
-    h->window_secs = srv->opts.snapshot_window_secs == 0 ? EMU_HISTORY_DEFAULT_WINDOW_SECS
+    h->window_secs = srv->opts.snapshot_window_secs == 0  ? EMU_HISTORY_DEFAULT_WINDOW_SECS
                      : srv->opts.snapshot_window_secs < 0 ? 0
                                                           : srv->opts.snapshot_window_secs;
     srv->history = h;
@@ -228,8 +228,8 @@ int emu_history_check_readable(emu_server_t *srv, uint32_t t, uint32_t i, mc_err
 {
     emu_history_t *h = srv->history;
     expire(srv);
-    bool too_old = ts_cmp(t, i, h->floor_t, h->floor_i) < 0 ||
-                   (int64_t)t < now_secs(srv) - h->window_secs;
+    bool too_old =
+        ts_cmp(t, i, h->floor_t, h->floor_i) < 0 || (int64_t)t < now_secs(srv) - h->window_secs;
     if (too_old) {
         return mc_error_set(err, MC_ESERVER, MC_DOMAIN_MONGODB, 239,
                             "Read timestamp Timestamp(%u, %u) is older than the oldest available "

@@ -23,14 +23,14 @@
 typedef struct emu_history emu_history_t;
 
 typedef struct emu_hist_rec {
-    uint32_t t, i;        /* cluster time of the write */
-    uint8_t uuid[16];     /* collection */
-    uint8_t *key;         /* canonical KeyString of the _id value (see emu_id_key) */
+    uint32_t t, i;    /* cluster time of the write */
+    uint8_t uuid[16]; /* collection */
+    uint8_t *key;     /* canonical KeyString of the _id value (see emu_id_key) */
     uint32_t key_len;
-    uint64_t hash;        /* of key */
-    uint8_t *id_doc;      /* {_id: value} */
+    uint64_t hash;   /* of key */
+    uint8_t *id_doc; /* {_id: value} */
     uint32_t id_doc_len;
-    uint8_t *before;      /* the document before the write; NULL: it did not exist */
+    uint8_t *before; /* the document before the write; NULL: it did not exist */
     uint32_t before_len;
 } emu_hist_rec_t;
 

@@ -121,21 +121,6 @@ static const uint8_t no_auth_uid[32] = {
     0xE3, 0xB0, 0xC4, 0x42, 0x98, 0xFC, 0x1C, 0x14, 0x9A, 0xFB, 0xF4, 0xC8, 0x99, 0x6F, 0xB9, 0x24,
     0x27, 0xAE, 0x41, 0xE4, 0x64, 0x9B, 0x93, 0x4C, 0xA4, 0x95, 0x99, 0x1B, 0x78, 0x52, 0xB8, 0x55};
 
-static int set_err(mc_error_t *err, int code, const char *fmt, ...)
-#if defined(__GNUC__)
-    __attribute__((format(printf, 3, 4)))
-#endif
-    ;
-
-static int set_err(mc_error_t *err, int code, const char *fmt, ...)
-{
-    va_list ap;
-    va_start(ap, fmt);
-    mc_error_vset(err, MC_ESERVER, MC_DOMAIN_MONGODB, code, fmt, ap);
-    va_end(ap);
-    return MC_ESERVER;
-}
-
 static int ts_cmp(uint32_t at, uint32_t ai, uint32_t bt, uint32_t bi)
 {
     if (at != bt) {
@@ -165,7 +150,7 @@ int emu_read_concern_parse(const bson_t *cmd, emu_read_concern_t *rc, mc_error_t
         return 0;
     }
     if (!BSON_ITER_HOLDS_DOCUMENT(&it)) {
-        return set_err(err, 9, "readConcern field should be an object");
+        return emu_server_error(err, 9, "readConcern field should be an object");
     }
     rc->present = true;
     bson_iter_recurse(&it, &f);
@@ -173,8 +158,9 @@ int emu_read_concern_parse(const bson_t *cmd, emu_read_concern_t *rc, mc_error_t
         const char *k = bson_iter_key(&f);
         if (strcmp(k, "level") == 0) {
             if (!BSON_ITER_HOLDS_UTF8(&f)) {
-                return set_err(err, 14, "\"level\" had the wrong type. Expected string, found %s",
-                               emu_type_name(bson_iter_type(&f)));
+                return emu_server_error(err, 14,
+                                        "\"level\" had the wrong type. Expected string, found %s",
+                                        emu_type_name(bson_iter_type(&f)));
             }
             const char *s = bson_iter_utf8(&f, NULL);
             bool known = false;
@@ -185,15 +171,16 @@ int emu_read_concern_parse(const bson_t *cmd, emu_read_concern_t *rc, mc_error_t
                 }
             }
             if (!known) {
-                return set_err(err, 9,
-                               "readConcern.level must be either 'local', 'majority', "
-                               "'linearizable', 'available', or 'snapshot'");
+                return emu_server_error(err, 9,
+                                        "readConcern.level must be either 'local', 'majority', "
+                                        "'linearizable', 'available', or 'snapshot'");
             }
             rc->has_level = true;
         } else if (strcmp(k, "atClusterTime") == 0 || strcmp(k, "afterClusterTime") == 0) {
             if (!BSON_ITER_HOLDS_TIMESTAMP(&f)) {
-                return set_err(err, 14, "\"%s\" had the wrong type. Expected timestamp, found %s",
-                               k, emu_type_name(bson_iter_type(&f)));
+                return emu_server_error(err, 14,
+                                        "\"%s\" had the wrong type. Expected timestamp, found %s",
+                                        k, emu_type_name(bson_iter_type(&f)));
             }
             if (k[1] == 't') {
                 bson_iter_timestamp(&f, &rc->at_t, &rc->at_i);
@@ -206,31 +193,34 @@ int emu_read_concern_parse(const bson_t *cmd, emu_read_concern_t *rc, mc_error_t
                    strcmp(k, "$_allowTransactionTableSnapshot") == 0) {
             /* accepted and ignored: a single node is always up to date */
         } else {
-            return set_err(err, 72, "Unrecognized option in readConcern: %s", k);
+            return emu_server_error(err, 72, "Unrecognized option in readConcern: %s", k);
         }
     }
     if (rc->has_after && rc->has_at) {
-        return set_err(err, 72,
-                       "Specifying a timestamp for readConcern snapshot in a causally consistent "
-                       "session is not allowed. See "
-                       "https://docs.mongodb.com/manual/core/read-isolation-consistency-recency/"
-                       "#causal-consistency");
+        return emu_server_error(
+            err, 72,
+            "Specifying a timestamp for readConcern snapshot in a causally consistent "
+            "session is not allowed. See "
+            "https://docs.mongodb.com/manual/core/read-isolation-consistency-recency/"
+            "#causal-consistency");
     }
     emu_rc_level_t level = rc->has_level ? rc->level : EMU_RC_LOCAL;
     if (rc->has_after && level != EMU_RC_MAJORITY && level != EMU_RC_LOCAL &&
         level != EMU_RC_SNAPSHOT) {
-        return set_err(err, 72,
-                       "afterClusterTime field can be set only if level is equal to majority, "
-                       "local, or snapshot");
+        return emu_server_error(
+            err, 72,
+            "afterClusterTime field can be set only if level is equal to majority, "
+            "local, or snapshot");
     }
     if (rc->has_at && level != EMU_RC_SNAPSHOT) {
-        return set_err(err, 72, "atClusterTime field can be set only if level is equal to snapshot");
+        return emu_server_error(
+            err, 72, "atClusterTime field can be set only if level is equal to snapshot");
     }
     if (rc->has_at && rc->at_t == 0 && rc->at_i == 0) {
-        return set_err(err, 72, "atClusterTime cannot be a null timestamp");
+        return emu_server_error(err, 72, "atClusterTime cannot be a null timestamp");
     }
     if (rc->has_after && rc->after_t == 0 && rc->after_i == 0) {
-        return set_err(err, 72, "afterClusterTime cannot be a null timestamp");
+        return emu_server_error(err, 72, "afterClusterTime cannot be a null timestamp");
     }
     return 0;
 }
@@ -240,11 +230,12 @@ static int check_not_future(emu_server_t *srv, const char *what, uint32_t t, uin
                             mc_error_t *err)
 {
     if (ts_cmp(t, i, srv->clock_secs, srv->clock_inc) > 0) {
-        return set_err(err, 72,
-                       "readConcern %s value must not be greater than the current clusterTime. "
-                       "Requested clusterTime: Timestamp(%u, %u); current clusterTime: "
-                       "Timestamp(%u, %u)",
-                       what, t, i, srv->clock_secs, srv->clock_inc);
+        return emu_server_error(
+            err, 72,
+            "readConcern %s value must not be greater than the current clusterTime. "
+            "Requested clusterTime: Timestamp(%u, %u); current clusterTime: "
+            "Timestamp(%u, %u)",
+            what, t, i, srv->clock_secs, srv->clock_inc);
     }
     return 0;
 }
@@ -264,13 +255,15 @@ int emu_read_at(emu_server_t *srv, const char *cmd_name, const bson_t *cmd, bool
         return 0;
     }
     if (!supports_snapshot) {
-        return set_err(err, 72,
-                       "Command %s does not support { readConcern: { level: \"snapshot\" } } :: "
-                       "caused by :: read concern snapshot not supported",
-                       cmd_name);
+        return emu_server_error(
+            err, 72,
+            "Command %s does not support { readConcern: { level: \"snapshot\" } } :: "
+            "caused by :: read concern snapshot not supported",
+            cmd_name);
     }
     if (srv->opts.standalone) {
-        return set_err(err, 123, "node needs to be a replica set member to use readConcern: snapshot");
+        return emu_server_error(
+            err, 123, "node needs to be a replica set member to use readConcern: snapshot");
     }
     if (rc.has_at) {
         if (check_not_future(srv, "atClusterTime", rc.at_t, rc.at_i, err) != 0) {
@@ -395,14 +388,15 @@ static emu_session_t *session_get(emu_server_t *srv, const uint8_t id[16], mc_er
             expire_sessions(srv);
         }
         if (srv->sessions->count >= EMU_MAX_SESSIONS) {
-            set_err(err, 261,
-                    "Unable to add session into the cache because the number of active sessions "
-                    "is too high");
+            emu_server_error(
+                err, 261,
+                "Unable to add session into the cache because the number of active sessions "
+                "is too high");
             return NULL;
         }
         ses = calloc(1, sizeof *ses);
         if (!ses) {
-            set_err(err, 146, "out of memory");
+            emu_server_error(err, 146, "out of memory");
             return NULL;
         }
         memcpy(ses->id, id, 16);
@@ -421,11 +415,12 @@ static void session_text(const uint8_t id[16], char *buf, size_t size)
 {
     char uid[65];
     emu_cstoken_hex(no_auth_uid, 32, uid);
-    snprintf(buf, size,
-             "{ id: UUID(\"%02x%02x%02x%02x-%02x%02x-%02x%02x-%02x%02x-%02x%02x%02x%02x%02x%02x\"), "
-             "uid: BinData(0, %s) }",
-             id[0], id[1], id[2], id[3], id[4], id[5], id[6], id[7], id[8], id[9], id[10], id[11],
-             id[12], id[13], id[14], id[15], uid);
+    snprintf(
+        buf, size,
+        "{ id: UUID(\"%02x%02x%02x%02x-%02x%02x-%02x%02x-%02x%02x-%02x%02x%02x%02x%02x%02x\"), "
+        "uid: BinData(0, %s) }",
+        id[0], id[1], id[2], id[3], id[4], id[5], id[6], id[7], id[8], id[9], id[10], id[11],
+        id[12], id[13], id[14], id[15], uid);
 }
 
 /* ---- the lock table ---- */
@@ -441,12 +436,12 @@ static uint64_t doc_hash(const char *db, const char *coll, uint64_t key_hash)
 static bool doc_is(const txn_doc_t *d, const char *db, const char *coll, const uint8_t *key,
                    size_t key_len)
 {
-    return d->key_len == key_len && memcmp(d->key, key, key_len) == 0 &&
-           strcmp(d->ns, db) == 0 && strcmp(d->ns + d->db_len + 1, coll) == 0;
+    return d->key_len == key_len && memcmp(d->key, key, key_len) == 0 && strcmp(d->ns, db) == 0 &&
+           strcmp(d->ns + d->db_len + 1, coll) == 0;
 }
 
-static txn_doc_t *lock_find(emu_sessions_t *s, const char *db, const char *coll,
-                            const uint8_t *key, size_t key_len, uint64_t key_hash)
+static txn_doc_t *lock_find(emu_sessions_t *s, const char *db, const char *coll, const uint8_t *key,
+                            size_t key_len, uint64_t key_hash)
 {
     uint64_t h = doc_hash(db, coll, key_hash);
     for (txn_doc_t *d = s->locks[h & s->lock_mask]; d; d = d->next_hash) {
@@ -557,8 +552,8 @@ static void txn_abort(emu_server_t *srv, emu_session_t *ses)
     }
 }
 
-static emu_txn_t *txn_start(emu_server_t *srv, emu_session_t *ses, int64_t txn_number,
-                            uint32_t t, uint32_t i)
+static emu_txn_t *txn_start(emu_server_t *srv, emu_session_t *ses, int64_t txn_number, uint32_t t,
+                            uint32_t i)
 {
     emu_txn_t *txn = calloc(1, sizeof *txn);
     if (!txn) {
@@ -613,9 +608,8 @@ void emu_txn_read_time(const emu_txn_t *txn, uint32_t *t, uint32_t *i)
     *i = txn->read_i;
 }
 
-bool emu_txn_own_version(const emu_txn_t *txn, const char *db, const char *coll,
-                         const uint8_t *key, size_t key_len, uint64_t hash, const bson_t **doc,
-                         const bson_t **id_doc)
+bool emu_txn_own_version(const emu_txn_t *txn, const char *db, const char *coll, const uint8_t *key,
+                         size_t key_len, uint64_t hash, const bson_t **doc, const bson_t **id_doc)
 {
     (void)hash;
     for (const txn_doc_t *d = txn->docs; d; d = d->next_own) {
@@ -642,9 +636,10 @@ void emu_txn_each_own(const emu_txn_t *txn, const char *db, const char *coll, em
 
 static int write_conflict(mc_error_t *err)
 {
-    return set_err(err, 112,
-                   "WriteConflict error: this operation conflicted with another operation. Please "
-                   "retry your operation or multi-document transaction.");
+    return emu_server_error(
+        err, 112,
+        "WriteConflict error: this operation conflicted with another operation. Please "
+        "retry your operation or multi-document transaction.");
 }
 
 static bson_t *copy_or_null(const bson_t *b)
@@ -661,12 +656,12 @@ int emu_txn_write(emu_server_t *srv, emu_txn_t *txn, const emu_txn_write_t *w, m
     int rc = 0;
 
     if (!with_id || !bson_iter_init_find(&it, with_id, "_id")) {
-        return set_err(err, 2, "document has no _id");
+        return emu_server_error(err, 2, "document has no _id");
     }
     emu_kbuf_init(&key);
     if (!emu_id_key(with_id, &key)) {
         emu_kbuf_destroy(&key);
-        return set_err(err, 15, "_id nested too deeply");
+        return emu_server_error(err, 15, "_id nested too deeply");
     }
     uint64_t kh = emu_key_hash(key.data, key.len);
     txn_doc_t *d = lock_find(s, w->db, w->coll, key.data, key.len, kh);
@@ -682,25 +677,25 @@ int emu_txn_write(emu_server_t *srv, emu_txn_t *txn, const emu_txn_write_t *w, m
             rc = MC_ESERVER;
             goto done;
         }
-        if (emu_view_changed_since(srv, c->uuid, key.data, key.len, kh, txn->read_t,
-                                   txn->read_i)) {
+        if (emu_view_changed_since(srv, c->uuid, key.data, key.len, kh, txn->read_t, txn->read_i)) {
             rc = write_conflict(err);
             goto done;
         }
     }
     size_t add = (w->pre ? w->pre->len : 0) + (w->post ? w->post->len : 0);
     if (txn->bytes + add > EMU_TXN_MAX_BYTES) {
-        rc = set_err(err, 257,
-                     "Total size of all transaction operations must be less than %zu. Actual "
-                     "size is %zu",
-                     EMU_TXN_MAX_BYTES, txn->bytes + add);
+        rc = emu_server_error(
+            err, 257,
+            "Total size of all transaction operations must be less than %zu. Actual "
+            "size is %zu",
+            EMU_TXN_MAX_BYTES, txn->bytes + add);
         goto done;
     }
     if (txn->n_ops == txn->cap_ops) {
         size_t cap = txn->cap_ops ? txn->cap_ops * 2 : 8;
         txn_op_t *ops = realloc(txn->ops, cap * sizeof *ops);
         if (!ops) {
-            rc = set_err(err, 146, "out of memory");
+            rc = emu_server_error(err, 146, "out of memory");
             goto done;
         }
         txn->ops = ops;
@@ -730,7 +725,7 @@ int emu_txn_write(emu_server_t *srv, emu_txn_t *txn, const emu_txn_write_t *w, m
         if (!d || !ns) {
             free(d);
             free(ns);
-            rc = set_err(err, 146, "out of memory");
+            rc = emu_server_error(err, 146, "out of memory");
             goto done;
         }
         memcpy(ns, w->db, dl + 1);
@@ -758,8 +753,8 @@ done:
     return rc;
 }
 
-bool emu_txn_doc_locked(emu_server_t *srv, const emu_txn_t *self, const char *db,
-                        const char *coll, const bson_t *id_doc)
+bool emu_txn_doc_locked(emu_server_t *srv, const emu_txn_t *self, const char *db, const char *coll,
+                        const bson_t *id_doc)
 {
     emu_sessions_t *s = srv->sessions;
     emu_kbuf_t key;
@@ -769,8 +764,7 @@ bool emu_txn_doc_locked(emu_server_t *srv, const emu_txn_t *self, const char *db
     emu_kbuf_init(&key);
     bool locked = false;
     if (emu_id_key(id_doc, &key)) {
-        txn_doc_t *d =
-            lock_find(s, db, coll, key.data, key.len, emu_key_hash(key.data, key.len));
+        txn_doc_t *d = lock_find(s, db, coll, key.data, key.len, emu_key_hash(key.data, key.len));
         locked = d && d->owner != self;
     }
     emu_kbuf_destroy(&key);
@@ -792,18 +786,18 @@ int emu_txn_wait(emu_conn_t *conn, const struct timespec *deadline, mc_error_t *
         until = *deadline;
     }
     if (srv->shutting_down) {
-        return set_err(err, 11600, "interrupted at shutdown");
+        return emu_server_error(err, 11600, "interrupted at shutdown");
     }
     int w = pthread_cond_timedwait(&srv->oplog_cond, &srv->lock, &until);
     if (srv->shutting_down) {
-        return set_err(err, 11600, "interrupted at shutdown");
+        return emu_server_error(err, 11600, "interrupted at shutdown");
     }
     emu_txn_reap(srv);
     if (w == ETIMEDOUT && deadline->tv_sec != 0) {
         clock_gettime(CLOCK_REALTIME, &now);
         if (now.tv_sec > deadline->tv_sec ||
             (now.tv_sec == deadline->tv_sec && now.tv_nsec >= deadline->tv_nsec)) {
-            return set_err(err, 50, "operation exceeded time limit");
+            return emu_server_error(err, 50, "operation exceeded time limit");
         }
     }
     return 0;
@@ -905,7 +899,7 @@ static int txn_commit(emu_server_t *srv, emu_session_t *ses, mc_error_t *err)
     if (n && (!colls || !ch)) {
         free(colls);
         free(ch);
-        return set_err(err, 146, "out of memory committing the transaction");
+        return emu_server_error(err, 146, "out of memory committing the transaction");
     }
     size_t applied = 0;
     for (; applied < n; applied++) {
@@ -977,17 +971,36 @@ static bool is_commit_or_abort(const char *name)
  * are on it too; the emulator refuses them, see docs/ARCHITECTURE.md). */
 static bool allowed_in_txn(const char *name)
 {
-    static const char *const ok[] = {"abortTransaction", "aggregate", "commitTransaction",
-                                     "delete",           "distinct",  "find",
-                                     "findandmodify",    "findAndModify",
-                                     "getMore",          "insert",    "killCursors",
-                                     "update"};
+    static const char *const ok[] = {"abortTransaction", "aggregate",     "commitTransaction",
+                                     "delete",           "distinct",      "find",
+                                     "findandmodify",    "findAndModify", "getMore",
+                                     "insert",           "killCursors",   "update"};
     for (size_t k = 0; k < sizeof ok / sizeof ok[0]; k++) {
         if (strcmp(name, ok[k]) == 0) {
             return true;
         }
     }
     return false;
+}
+
+/* An optional boolean session field: *present and *value; 14 for another type. */
+static int bool_field(const bson_t *cmd, const char *name, bool *present, bool *value,
+                      mc_error_t *err)
+{
+    bson_iter_t it;
+    if (!bson_iter_init_find(&it, cmd, name)) {
+        return 0;
+    }
+    if (!BSON_ITER_HOLDS_BOOL(&it)) {
+        return emu_server_error(
+            err, 14,
+            "BSON field 'OperationSessionInfo.%s' is the wrong type '%s', expected "
+            "type 'bool'",
+            name, emu_type_name(bson_iter_type(&it)));
+    }
+    *present = true;
+    *value = bson_iter_bool(&it);
+    return 0;
 }
 
 /* Reads lsid, txnNumber, autocommit and startTransaction with their types checked. */
@@ -998,16 +1011,18 @@ static int parse_session_fields(const bson_t *cmd, emu_cmd_session_t *cs, bool *
     if (bson_iter_init_find(&it, cmd, "lsid")) {
         bson_iter_t f;
         if (!BSON_ITER_HOLDS_DOCUMENT(&it)) {
-            return set_err(err, 14,
-                           "BSON field 'OperationSessionInfo.lsid' is the wrong type '%s', "
-                           "expected type 'object'",
-                           emu_type_name(bson_iter_type(&it)));
+            return emu_server_error(
+                err, 14,
+                "BSON field 'OperationSessionInfo.lsid' is the wrong type '%s', "
+                "expected type 'object'",
+                emu_type_name(bson_iter_type(&it)));
         }
         bson_iter_recurse(&it, &f);
         if (!bson_iter_find(&f, "id")) {
-            return set_err(err, 40414,
-                           "BSON field 'OperationSessionInfo.lsid.id' is missing but a required "
-                           "field");
+            return emu_server_error(
+                err, 40414,
+                "BSON field 'OperationSessionInfo.lsid.id' is missing but a required "
+                "field");
         }
         bson_subtype_t sub = BSON_SUBTYPE_BINARY;
         uint32_t len = 0;
@@ -1016,7 +1031,8 @@ static int parse_session_fields(const bson_t *cmd, emu_cmd_session_t *cs, bool *
             bson_iter_binary(&f, &sub, &len, &data);
         }
         if (!BSON_ITER_HOLDS_BINARY(&f) || sub != BSON_SUBTYPE_UUID || len != 16) {
-            return set_err(err, 207, "BSON field 'OperationSessionInfo.lsid.id' must be a UUID");
+            return emu_server_error(err, 207,
+                                    "BSON field 'OperationSessionInfo.lsid.id' must be a UUID");
         }
         memcpy(cs->lsid, data, 16);
         cs->has_lsid = true;
@@ -1027,32 +1043,17 @@ static int parse_session_fields(const bson_t *cmd, emu_cmd_session_t *cs, bool *
         } else if (BSON_ITER_HOLDS_INT32(&it)) {
             cs->txn_number = bson_iter_int32(&it);
         } else {
-            return set_err(err, 14,
-                           "BSON field 'OperationSessionInfo.txnNumber' is the wrong type '%s', "
-                           "expected type 'long'",
-                           emu_type_name(bson_iter_type(&it)));
+            return emu_server_error(
+                err, 14,
+                "BSON field 'OperationSessionInfo.txnNumber' is the wrong type '%s', "
+                "expected type 'long'",
+                emu_type_name(bson_iter_type(&it)));
         }
         cs->has_txn_number = true;
     }
-    if (bson_iter_init_find(&it, cmd, "autocommit")) {
-        if (!BSON_ITER_HOLDS_BOOL(&it)) {
-            return set_err(err, 14,
-                           "BSON field 'OperationSessionInfo.autocommit' is the wrong type '%s', "
-                           "expected type 'bool'",
-                           emu_type_name(bson_iter_type(&it)));
-        }
-        cs->has_autocommit = true;
-        *autocommit = bson_iter_bool(&it);
-    }
-    if (bson_iter_init_find(&it, cmd, "startTransaction")) {
-        if (!BSON_ITER_HOLDS_BOOL(&it)) {
-            return set_err(err, 14,
-                           "BSON field 'OperationSessionInfo.startTransaction' is the wrong type "
-                           "'%s', expected type 'bool'",
-                           emu_type_name(bson_iter_type(&it)));
-        }
-        cs->has_start = true;
-        *start = bson_iter_bool(&it);
+    if (bool_field(cmd, "autocommit", &cs->has_autocommit, autocommit, err) != 0 ||
+        bool_field(cmd, "startTransaction", &cs->has_start, start, err) != 0) {
+        return MC_ESERVER;
     }
     return 0;
 }
@@ -1062,31 +1063,58 @@ static int check_session_fields(emu_server_t *srv, const emu_cmd_session_t *cs, 
                                 bool start, mc_error_t *err)
 {
     if (!cs->has_lsid && cs->has_txn_number) {
-        return set_err(err, 72, "Transaction number requires a session ID to also be specified");
+        return emu_server_error(err, 72,
+                                "Transaction number requires a session ID to also be specified");
     }
     if (cs->has_txn_number && srv->opts.standalone) {
-        return set_err(err, 20,
-                       "Transaction numbers are only allowed on a replica set member or mongos");
+        return emu_server_error(
+            err, 20, "Transaction numbers are only allowed on a replica set member or mongos");
     }
     if (cs->has_txn_number && cs->txn_number < 0) {
-        return set_err(err, 72, "Transaction number cannot be negative");
+        return emu_server_error(err, 72, "Transaction number cannot be negative");
     }
     if (!cs->has_txn_number && cs->has_autocommit) {
-        return set_err(err, 72,
-                       "'autocommit' field requires a transaction number to also be specified");
+        return emu_server_error(
+            err, 72, "'autocommit' field requires a transaction number to also be specified");
     }
     if (cs->has_autocommit && autocommit) {
-        return set_err(err, 72, "Specifying autocommit=true is not allowed.");
+        return emu_server_error(err, 72, "Specifying autocommit=true is not allowed.");
     }
     if (!cs->has_autocommit && cs->has_start) {
-        return set_err(err, 72,
-                       "'startTransaction' field requires 'autocommit' field to also be "
-                       "specified");
+        return emu_server_error(err, 72,
+                                "'startTransaction' field requires 'autocommit' field to also be "
+                                "specified");
     }
     if (cs->has_start && !start) {
-        return set_err(err, 72, "Specifying startTransaction=false is not allowed.");
+        return emu_server_error(err, 72, "Specifying startTransaction=false is not allowed.");
     }
     return 0;
+}
+
+/* The command's session. A txnNumber older than the session's active one is refused with
+ * TransactionTooOld (225), worded for a retryable write or for a transaction. */
+static emu_session_t *session_for(emu_server_t *srv, const emu_cmd_session_t *cs, bool retryable,
+                                  mc_error_t *err)
+{
+    emu_session_t *ses = session_get(srv, cs->lsid, err);
+    if (ses && cs->txn_number < ses->active) {
+        char text[200];
+        session_text(cs->lsid, text, sizeof text);
+        if (retryable) {
+            emu_server_error(err, 225,
+                             "Retryable write with txnNumber %lld is prohibited on session %s "
+                             "because a newer transaction with txnNumber %lld has already started "
+                             "on this session.",
+                             (long long)cs->txn_number, text, (long long)ses->active);
+        } else {
+            emu_server_error(err, 225,
+                             "Cannot start transaction %lld on session %s because a newer "
+                             "transaction %lld has already started.",
+                             (long long)cs->txn_number, text, (long long)ses->active);
+        }
+        return NULL;
+    }
+    return ses;
 }
 
 /* A retryable write's txnNumber (the emulator does not replay a retried write's result). */
@@ -1094,36 +1122,28 @@ static int begin_retryable(emu_server_t *srv, const char *name, const emu_cmd_se
                            mc_error_t *err)
 {
     if (!is_retryable_write_command(name) && !is_commit_or_abort(name)) {
-        return set_err(err, 50768,
-                       "txnNumber may only be provided for multi-document transactions and "
-                       "retryable write commands. autocommit:false was not provided, and %s is "
-                       "not a retryable write command.",
-                       name);
+        return emu_server_error(
+            err, 50768,
+            "txnNumber may only be provided for multi-document transactions and "
+            "retryable write commands. autocommit:false was not provided, and %s is "
+            "not a retryable write command.",
+            name);
     }
     if (is_commit_or_abort(name)) {
         return 0; /* the command itself reports that it needs a transaction */
     }
-    emu_session_t *ses = session_get(srv, cs->lsid, err);
+    emu_session_t *ses = session_for(srv, cs, true, err);
     if (!ses) {
         return MC_ESERVER;
-    }
-    if (cs->txn_number < ses->active) {
-        char text[200];
-        session_text(cs->lsid, text, sizeof text);
-        return set_err(err, 225,
-                       "Retryable write with txnNumber %lld is prohibited on session %s because "
-                       "a newer transaction with txnNumber %lld has already started on this "
-                       "session.",
-                       (long long)cs->txn_number, text, (long long)ses->active);
     }
     if (cs->txn_number > ses->active) {
         txn_abort(srv, ses);
         ses->active = cs->txn_number;
         ses->state = SES_RETRYABLE;
     } else if (ses->state != SES_RETRYABLE) {
-        return set_err(err, 217,
-                       "Cannot retry a retryable write that has been converted into a "
-                       "transaction");
+        return emu_server_error(err, 217,
+                                "Cannot retry a retryable write that has been converted into a "
+                                "transaction");
     }
     return 0;
 }
@@ -1138,9 +1158,10 @@ static int txn_read_time(emu_server_t *srv, const bson_t *cmd, uint32_t *t, uint
     }
     if (rc.has_level && rc.level != EMU_RC_LOCAL && rc.level != EMU_RC_MAJORITY &&
         rc.level != EMU_RC_SNAPSHOT) {
-        return set_err(err, 72,
-                       "The readConcern level must be either 'local' (default), 'majority' or "
-                       "'snapshot' in order to run in a transaction");
+        return emu_server_error(
+            err, 72,
+            "The readConcern level must be either 'local' (default), 'majority' or "
+            "'snapshot' in order to run in a transaction");
     }
     if (rc.has_after && check_not_future(srv, "afterClusterTime", rc.after_t, rc.after_i, err)) {
         return MC_ESERVER;
@@ -1163,36 +1184,30 @@ static int begin_in_txn(emu_conn_t *conn, const char *name, const char *db, cons
 {
     emu_server_t *srv = conn->srv;
     if (strcmp(name, "count") == 0) {
-        return set_err(err, 263,
-                       "Cannot run 'count' in a multi-document transaction. Please see "
-                       "http://dochub.mongodb.org/core/transaction-count for a recommended "
-                       "alternative.");
+        return emu_server_error(
+            err, 263,
+            "Cannot run 'count' in a multi-document transaction. Please see "
+            "http://dochub.mongodb.org/core/transaction-count for a recommended "
+            "alternative.");
     }
     if (!allowed_in_txn(name)) {
-        return set_err(err, 263, "Cannot run '%s' in a multi-document transaction.", name);
+        return emu_server_error(err, 263, "Cannot run '%s' in a multi-document transaction.", name);
     }
     if (strcmp(db, "config") == 0 || strcmp(db, "local") == 0 ||
         (strcmp(db, "admin") == 0 && !is_commit_or_abort(name))) {
-        return set_err(err, 263, "Cannot run command against the '%s' database in a transaction.",
-                       db);
+        return emu_server_error(
+            err, 263, "Cannot run command against the '%s' database in a transaction.", db);
     }
-    emu_session_t *ses = session_get(srv, cs->lsid, err);
+    emu_session_t *ses = session_for(srv, cs, false, err);
     if (!ses) {
         return MC_ESERVER;
     }
-    if (cs->txn_number < ses->active) {
-        char text[200];
-        session_text(cs->lsid, text, sizeof text);
-        return set_err(err, 225,
-                       "Cannot start transaction %lld on session %s because a newer transaction "
-                       "%lld has already started.",
-                       (long long)cs->txn_number, text, (long long)ses->active);
-    }
     if (cs->has_start) {
         if (cs->txn_number == ses->active) {
-            return set_err(err, 117,
-                           "Only servers in a sharded cluster can start a new transaction at the "
-                           "active transaction number");
+            return emu_server_error(
+                err, 117,
+                "Only servers in a sharded cluster can start a new transaction at the "
+                "active transaction number");
         }
         uint32_t t, i;
         if (txn_read_time(srv, cmd, &t, &i, err) != 0) {
@@ -1200,31 +1215,34 @@ static int begin_in_txn(emu_conn_t *conn, const char *name, const char *db, cons
         }
         txn_abort(srv, ses); /* a newer transaction aborts the open one */
         if (!txn_start(srv, ses, cs->txn_number, t, i)) {
-            return set_err(err, 146, "out of memory starting a transaction");
+            return emu_server_error(err, 146, "out of memory starting a transaction");
         }
     } else {
         if (cs->txn_number != ses->active || ses->state == SES_RETRYABLE ||
             ses->state == SES_NONE) {
-            return set_err(err, 251,
-                           "Given transaction number %lld does not match any in-progress "
-                           "transactions. The active transaction number is %lld",
-                           (long long)cs->txn_number, (long long)ses->active);
+            return emu_server_error(err, 251,
+                                    "Given transaction number %lld does not match any in-progress "
+                                    "transactions. The active transaction number is %lld",
+                                    (long long)cs->txn_number, (long long)ses->active);
         }
         if (ses->state == SES_TXN_ABORTED) {
-            return set_err(err, 251, "Transaction with { txnNumber: %lld } has been aborted.",
-                           (long long)cs->txn_number);
+            return emu_server_error(err, 251,
+                                    "Transaction with { txnNumber: %lld } has been aborted.",
+                                    (long long)cs->txn_number);
         }
         if (ses->state == SES_TXN_COMMITTED && strcmp(name, "commitTransaction") != 0) {
-            return set_err(err, 256, "Transaction with { txnNumber: %lld } has been committed.",
-                           (long long)cs->txn_number);
+            return emu_server_error(err, 256,
+                                    "Transaction with { txnNumber: %lld } has been committed.",
+                                    (long long)cs->txn_number);
         }
         if (bson_has_field(cmd, "readConcern")) {
-            return set_err(err, 72, "Only the first command in a transaction may specify a "
+            return emu_server_error(err, 72,
+                                    "Only the first command in a transaction may specify a "
                                     "readConcern");
         }
     }
     if (!is_commit_or_abort(name) && bson_has_field(cmd, "writeConcern")) {
-        return set_err(err, 72, "Cannot set write concern after starting a transaction.");
+        return emu_server_error(err, 72, "Cannot set write concern after starting a transaction.");
     }
     conn->txn = ses->txn;
     cs->in_txn = true;
@@ -1297,14 +1315,12 @@ static bool is_transient_code(int code, bool has_wce, bool commit_or_abort)
     switch (code) {
     case 112: /* WriteConflict */
     case 24:  /* LockTimeout */
-    case 267: /* PreparedTransactionInProgress */
-        return true;
+    case 267: /* PreparedTransactionInProgress */ return true;
     case 239: /* SnapshotTooOld */
     case 246: /* SnapshotUnavailable */
     case 63:  /* StaleShardVersion */
     case 150: /* StaleEpoch */
-    case 13388: /* StaleConfig */
-        return true;
+    case 13388: /* StaleConfig */ return true;
     default: break;
     }
     if (commit_or_abort) {
@@ -1363,8 +1379,7 @@ static emu_session_t *command_session(emu_conn_t *conn, const bson_t *cmd, int64
     return session_find(conn->srv, cs.lsid);
 }
 
-void emu_cmd_commit_transaction(emu_conn_t *conn, const bson_t *cmd, const char *db,
-                                bson_t *reply)
+void emu_cmd_commit_transaction(emu_conn_t *conn, const bson_t *cmd, const char *db, bson_t *reply)
 {
     int64_t txn_number = -1;
     emu_session_t *ses = command_session(conn, cmd, &txn_number);
@@ -1389,8 +1404,7 @@ void emu_cmd_commit_transaction(emu_conn_t *conn, const bson_t *cmd, const char 
     }
 }
 
-void emu_cmd_abort_transaction(emu_conn_t *conn, const bson_t *cmd, const char *db,
-                               bson_t *reply)
+void emu_cmd_abort_transaction(emu_conn_t *conn, const bson_t *cmd, const char *db, bson_t *reply)
 {
     int64_t txn_number = -1;
     emu_session_t *ses = command_session(conn, cmd, &txn_number);
@@ -1435,4 +1449,3 @@ void emu_cmd_end_sessions(emu_conn_t *conn, const bson_t *cmd, const char *db, b
         }
     }
 }
-

@@ -93,10 +93,8 @@ void emu_session_end(emu_conn_t *conn, const char *name, const bson_t *cmd,
  * reply carrying a writeConcernError), unless it already has errorLabels. */
 void emu_add_txn_error_labels(const char *name, const bson_t *cmd, bson_t *reply);
 
-void emu_cmd_commit_transaction(emu_conn_t *conn, const bson_t *cmd, const char *db,
-                                bson_t *reply);
-void emu_cmd_abort_transaction(emu_conn_t *conn, const bson_t *cmd, const char *db,
-                               bson_t *reply);
+void emu_cmd_commit_transaction(emu_conn_t *conn, const bson_t *cmd, const char *db, bson_t *reply);
+void emu_cmd_abort_transaction(emu_conn_t *conn, const bson_t *cmd, const char *db, bson_t *reply);
 /* endSessions / killSessions: aborts the sessions' open transactions and forgets them. */
 void emu_cmd_end_sessions(emu_conn_t *conn, const bson_t *cmd, const char *db, bson_t *reply);
 
@@ -116,9 +114,8 @@ void emu_txn_read_time(const emu_txn_t *txn, uint32_t *t, uint32_t *i);
 /* The transaction's own version of a document it wrote: true when it wrote (db.coll, key);
  * *doc is then its current version, NULL when it deleted it. Versions stay valid until the
  * transaction ends. */
-bool emu_txn_own_version(const emu_txn_t *txn, const char *db, const char *coll,
-                         const uint8_t *key, size_t key_len, uint64_t hash, const bson_t **doc,
-                         const bson_t **id_doc);
+bool emu_txn_own_version(const emu_txn_t *txn, const char *db, const char *coll, const uint8_t *key,
+                         size_t key_len, uint64_t hash, const bson_t **doc, const bson_t **id_doc);
 /* Calls fn for every document of db.coll the transaction wrote (doc NULL: deleted). */
 typedef void (*emu_txn_doc_fn)(void *ctx, const uint8_t *key, size_t key_len, uint64_t hash,
                                const bson_t *id_doc, const bson_t *doc);
@@ -143,8 +140,8 @@ int emu_txn_write(emu_server_t *srv, emu_txn_t *txn, const emu_txn_write_t *w, m
 
 /* True when an open transaction other than `self` (may be NULL) has written the document with
  * this _id in db.coll: a write outside that transaction must wait for it to end. */
-bool emu_txn_doc_locked(emu_server_t *srv, const emu_txn_t *self, const char *db,
-                        const char *coll, const bson_t *id_doc);
+bool emu_txn_doc_locked(emu_server_t *srv, const emu_txn_t *self, const char *db, const char *coll,
+                        const bson_t *id_doc);
 /* Waits (releasing srv->lock) until a transaction ends, the deadline passes or the server shuts
  * down. 0: try again; MC_ESERVER with 50 MaxTimeMSExpired or 11600 InterruptedAtShutdown. A
  * zero deadline (tv_sec 0) means no limit but the transactions' own lifetime. */

@@ -123,8 +123,8 @@ static bool set_x(mongoc_collection_t *coll, mongoc_client_session_t *s, const c
 {
     bson_t opts;
     bson_t *q = BCON_NEW("_id", BCON_UTF8("x"));
-    bson_t *u = BCON_NEW("$set", "{", "by", BCON_UTF8(by), "}", "$inc", "{", "n", BCON_INT32(1),
-                         "}");
+    bson_t *u =
+        BCON_NEW("$set", "{", "by", BCON_UTF8(by), "}", "$inc", "{", "n", BCON_INT32(1), "}");
     bool ok = session_opts(s, &opts, err);
     if (ok) {
         ok = mongoc_collection_update_one(coll, q, u, &opts, reply, err);
@@ -175,7 +175,8 @@ static int run_conflict(mongoc_client_t *client, mongoc_collection_t *coll)
     printf("COMMITTED 1\n");
     fflush(stdout);
     if (!mongoc_client_session_start_transaction(b, NULL, &err) ||
-        !set_x(coll, b, "b", NULL, &err) || !mongoc_client_session_commit_transaction(b, NULL, &err)) {
+        !set_x(coll, b, "b", NULL, &err) ||
+        !mongoc_client_session_commit_transaction(b, NULL, &err)) {
         status = fail(&err);
         goto done;
     }
@@ -195,8 +196,8 @@ static int run_snapshot(mongoc_database_t *db, const char *coll)
 {
     bson_error_t err;
     bson_t reply;
-    bson_t *cmd = BCON_NEW("find", BCON_UTF8(coll), "readConcern", "{", "level",
-                           BCON_UTF8("snapshot"), "}");
+    bson_t *cmd =
+        BCON_NEW("find", BCON_UTF8(coll), "readConcern", "{", "level", BCON_UTF8("snapshot"), "}");
     bool ok = mongoc_database_command_simple(db, cmd, NULL, &reply, &err);
     bson_destroy(cmd);
     int status = 0;
