@@ -6,7 +6,9 @@
  * cluster-time order (a transaction's writes share one time); the retained records are the
  * seqs [first, next), stored at seq & mask; `floor` is the time of the newest record dropped,
  * so every read at a time >= floor finds all the records it must undo; `bytes` is the memory
- * held by the retained records and never exceeds the budget after a record is added.
+ * held by the retained records and never exceeds the budget after a record is added; records
+ * are only dropped when a write is recorded or a command starts, never while a command reads
+ * (views point into them).
  *
  * Differences from MongoDB: the window is measured in the seconds of cluster times (which the
  * emulator takes from its wall clock), and the byte budget (--snapshot-history-mb) stands in
@@ -224,10 +226,14 @@ void emu_history_record(emu_server_t *srv, const uint8_t uuid[16], const bson_t 
     emu_history_record_at(srv, srv->clock_secs, srv->clock_inc, uuid, id_doc, before);
 }
 
+void emu_history_expire(emu_server_t *srv)
+{
+    expire(srv);
+}
+
 int emu_history_check_readable(emu_server_t *srv, uint32_t t, uint32_t i, mc_error_t *err)
 {
     emu_history_t *h = srv->history;
-    expire(srv);
     bool too_old =
         ts_cmp(t, i, h->floor_t, h->floor_i) < 0 || (int64_t)t < now_secs(srv) - h->window_secs;
     if (too_old) {

@@ -57,10 +57,13 @@ void emu_history_record(emu_server_t *srv, const uint8_t uuid[16], const bson_t 
 void emu_history_record_at(emu_server_t *srv, uint32_t t, uint32_t i, const uint8_t uuid[16],
                            const bson_t *id_doc, const bson_t *before);
 
-/* 0 when the history can serve reads at (t, i); else MC_ESERVER with MongoDB's error in `err`:
- * 239 SnapshotTooOld for a time before the oldest retained version or outside the window,
- * 72 InvalidOptions for a time after the current cluster time. Drops expired records first. */
+/* 0 when the history can serve reads at (t, i); else MC_ESERVER with 239 SnapshotTooOld in
+ * `err` (a time before the oldest retained version, or outside the window). Frees nothing: a
+ * command may hold views into the records. */
 int emu_history_check_readable(emu_server_t *srv, uint32_t t, uint32_t i, mc_error_t *err);
+/* Drops the records the window no longer covers; called when a command starts (and when a
+ * write is recorded), while no view is alive. */
+void emu_history_expire(emu_server_t *srv);
 
 /* Iteration over the retained records newer than (t, i), oldest first:
  *   for (size_t k = emu_history_first_after(srv, t, i); k < emu_history_end(srv); k++)

@@ -1260,6 +1260,7 @@ bool emu_session_begin(emu_conn_t *conn, const char *name, const char *db, const
     memset(cs, 0, sizeof *cs);
     conn->txn = NULL;
     mc_error_clear(&err);
+    emu_history_expire(srv);
     if (srv->sessions->open) {
         emu_txn_reap(srv);
     }
