@@ -1209,7 +1209,7 @@ static int begin_in_txn(emu_conn_t *conn, const char *name, const char *db, cons
                 "Only servers in a sharded cluster can start a new transaction at the "
                 "active transaction number");
         }
-        uint32_t t, i;
+        uint32_t t = 0, i = 0;
         if (txn_read_time(srv, cmd, &t, &i, err) != 0) {
             return MC_ESERVER;
         }
