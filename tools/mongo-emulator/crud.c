@@ -547,7 +547,9 @@ static int tgt_insert(target_t *t, const bson_t *store, bson_t *dup,
     if (rc != 0) {
         return rc;
     }
-    emu_coll_t *c = emu_catalog_coll_get_or_create(t->srv, t->db, t->name, NULL, err);
+    /* t->coll stays valid while the lock is held; waits refresh it (tgt_refresh). */
+    emu_coll_t *c =
+        t->coll ? t->coll : emu_catalog_coll_get_or_create(t->srv, t->db, t->name, NULL, err);
     if (!c) {
         return MC_EINVAL;
     }

@@ -31,6 +31,7 @@ struct emu_history {
     size_t max_bytes;
     int64_t window_secs;
     uint32_t floor_t, floor_i;
+    emu_kbuf_t scratch; /* the key being built, kept to spare an allocation per write */
 };
 
 static int ts_cmp(uint32_t at, uint32_t ai, uint32_t bt, uint32_t bi)
@@ -99,9 +100,7 @@ static void drop_oldest(emu_history_t *h)
     h->floor_t = r->t;
     h->floor_i = r->i;
     h->bytes -= rec_bytes(r);
-    free(r->key);
-    free(r->id_doc);
-    free(r->before);
+    free(r->key); /* the record's one block */
     memset(r, 0, sizeof *r);
     h->first++;
 }
@@ -116,6 +115,7 @@ void emu_history_cleanup(emu_server_t *srv)
         drop_oldest(h);
     }
     free(h->ring);
+    emu_kbuf_destroy(&h->scratch);
     free(h);
     srv->history = NULL;
 }
@@ -152,32 +152,21 @@ static void expire(emu_server_t *srv)
     }
 }
 
-static uint8_t *dup_bytes(const uint8_t *p, size_t n)
-{
-    uint8_t *q = malloc(n ? n : 1);
-    if (q && n) {
-        memcpy(q, p, n);
-    }
-    return q;
-}
-
 void emu_history_record_at(emu_server_t *srv, uint32_t t, uint32_t i, const uint8_t uuid[16],
                            const bson_t *id_doc, const bson_t *before)
 {
     emu_history_t *h = srv->history;
-    emu_kbuf_t key;
     bson_iter_t it;
     bson_t idd = BSON_INITIALIZER;
+    const bson_t *ids = id_doc;
 
     if (!h || !id_doc || !bson_iter_init_find(&it, id_doc, "_id")) {
         bson_destroy(&idd);
         return;
     }
-    emu_kbuf_init(&key);
-    if (!emu_id_key(id_doc, &key)) {
+    if (!emu_id_key(id_doc, &h->scratch)) {
         /* An _id too deep to encode cannot be looked up; forget what came before so that no
          * read can see a state this record would have had to undo. */
-        emu_kbuf_destroy(&key);
         bson_destroy(&idd);
         while (h->first < h->next) {
             drop_oldest(h);
@@ -186,32 +175,38 @@ void emu_history_record_at(emu_server_t *srv, uint32_t t, uint32_t i, const uint
         h->floor_i = i;
         return;
     }
-    bson_append_iter(&idd, "_id", 3, &it);
+    if (bson_count_keys(id_doc) != 1) {
+        bson_append_iter(&idd, "_id", 3, &it);
+        ids = &idd;
+    }
     if (h->next - h->first == h->mask + 1 && !grow(h)) {
         drop_oldest(h); /* out of memory: keep working with a shorter history */
+    }
+    /* One allocation per record: the key, then {_id}, then the document before. */
+    size_t klen = h->scratch.len, blen = before ? before->len : 0;
+    uint8_t *block = malloc(klen + ids->len + blen);
+    if (!block) {
+        bson_destroy(&idd);
+        return;
     }
     emu_hist_rec_t *r = rec_at(h, h->next);
     memset(r, 0, sizeof *r);
     r->t = t;
     r->i = i;
     memcpy(r->uuid, uuid, 16);
-    r->key = key.data; /* taken over */
-    r->key_len = (uint32_t)key.len;
-    r->hash = emu_key_hash(key.data, key.len);
-    r->id_doc = dup_bytes(bson_get_data(&idd), idd.len);
-    r->id_doc_len = idd.len;
+    r->key = block;
+    r->key_len = (uint32_t)klen;
+    memcpy(r->key, h->scratch.data, klen);
+    r->hash = emu_key_hash(r->key, klen);
+    r->id_doc = block + klen;
+    r->id_doc_len = ids->len;
+    memcpy(r->id_doc, bson_get_data(ids), ids->len);
     if (before) {
-        r->before = dup_bytes(bson_get_data(before), before->len);
-        r->before_len = before->len;
+        r->before = block + klen + ids->len;
+        r->before_len = (uint32_t)blen;
+        memcpy(r->before, bson_get_data(before), blen);
     }
     bson_destroy(&idd);
-    if (!r->id_doc || (before && !r->before)) {
-        free(r->key);
-        free(r->id_doc);
-        free(r->before);
-        memset(r, 0, sizeof *r);
-        return;
-    }
     h->bytes += rec_bytes(r);
     h->next++;
     while (h->bytes > h->max_bytes && h->first + 1 < h->next) {
