@@ -45,6 +45,17 @@ static void parse_one(const char *hex, size_t len)
             (tok.event_id < tok.raw || tok.event_id + tok.event_id_len > tok.raw + tok.raw_len)) {
             abort();
         }
+        /* a fragment number sits after the eventIdentifier, inside the token */
+        if (tok.has_fragment &&
+            (!tok.event_id ||
+             tok.fragment_offset != (size_t)(tok.event_id - tok.raw) + tok.event_id_len ||
+             tok.fragment_offset >= tok.raw_len)) {
+            abort();
+        }
+        if (tok.version >= 1 &&
+            (tok.from_invalidate_offset == 0 || tok.from_invalidate_offset >= tok.raw_len)) {
+            abort();
+        }
         emu_cstoken_cleanup(&tok);
     }
     bson_destroy(&doc);

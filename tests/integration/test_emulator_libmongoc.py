@@ -244,3 +244,94 @@ def test_watch_is_quick_to_see_writes(watch_client, db):
     wc.next_event()
     assert time.monotonic() - t0 < 3.0
     assert wc.finish() == 0
+
+
+# ---- transactions, snapshot reads and large events through libmongoc ----
+
+def run_txn_client(mongo_uri, db, *args, timeout=60):
+    """Runs txn_client to completion: (exit status, stdout lines)."""
+    binary = find_binary("tests/integration/clients/txn_client")
+    proc = ManagedProcess([binary, mongo_uri, db.name, "c"] + list(args), LOG_DIR, "txn_client")
+    try:
+        rc = proc.proc.wait(timeout)
+    finally:
+        proc.stop()
+    report = proc.sanitizer_report()
+    assert not report, report
+    return rc, list(proc.lines)
+
+
+def test_libmongoc_transactions_and_their_events(watch_client, mongo_uri, db):
+    wc = watch_client(db.name, "c", 7)
+    wc.wait_ready()
+    rc, lines = run_txn_client(mongo_uri, db, "commit", "3")
+    assert rc == 0, lines
+    assert lines[1:] == ["COMMITTED 1", "COMMITTED 2", "COMMITTED 3"]
+    lsid = json_util.loads(lines[0][len("LSID "):])["id"]
+    db.c.insert_one({"_id": "after"})
+    evs = [wc.next_event() for _ in range(7)]
+    assert wc.finish() == 0
+    txns = [evs[k:k + 2] for k in (0, 2, 4)]
+    for n, pair in enumerate(txns, start=1):
+        assert [e["documentKey"]["_id"] for e in pair] == ["t%d-a" % n, "t%d-b" % n]
+        for e in pair:
+            assert e["txnNumber"] == pair[0]["txnNumber"]
+            assert e["lsid"]["id"] == lsid
+            assert e["clusterTime"] == pair[0]["clusterTime"]
+        assert pair[0]["_id"]["_data"] < pair[1]["_id"]["_data"]
+    assert [p[0]["txnNumber"] for p in txns] == sorted({p[0]["txnNumber"] for p in txns})
+    assert "txnNumber" not in evs[6]
+
+
+def test_libmongoc_abort_leaves_nothing(watch_client, mongo_uri, db):
+    wc = watch_client(db.name, "c", 1)
+    wc.wait_ready()
+    rc, lines = run_txn_client(mongo_uri, db, "abort")
+    assert rc == 0 and lines == ["ABORTED"], lines
+    db.c.insert_one({"_id": "marker"})
+    assert wc.next_event()["documentKey"] == {"_id": "marker"}
+    assert wc.finish() == 0
+    assert db.c.count_documents({}) == 1
+
+
+def test_libmongoc_write_conflict_is_transient(mongo_uri, db):
+    db.c.insert_one({"_id": "x", "n": 0})
+    rc, lines = run_txn_client(mongo_uri, db, "conflict")
+    assert rc == 0, lines
+    assert lines == ["CONFLICT code=112 transient=1", "COMMITTED 1", "COMMITTED 2"]
+    assert db.c.find_one({"_id": "x"}) == {"_id": "x", "n": 2, "by": "b"}
+
+
+def test_libmongoc_snapshot_read(mongo_uri, db):
+    db.c.insert_many([{"_id": i} for i in range(3)])
+    written = db.command("ping")["operationTime"]
+    rc, lines = run_txn_client(mongo_uri, db, "snapshot")
+    assert rc == 0, lines
+    assert lines[0].startswith("SNAPSHOT n=3 atClusterTime="), lines
+    at = json.loads(lines[0].split("atClusterTime=", 1)[1])
+    assert Timestamp(at["t"], at["i"]) >= written
+
+
+def test_libmongoc_split_large_event(watch_client, client, db):
+    version = tuple(client.server_info()["versionArray"][:3])
+    if "mongo-emulator" not in client.server_info().get("gitVersion", "") and \
+            version < (6, 0, 9):
+        pytest.skip("$changeStreamSplitLargeEvent needs MongoDB 6.0.9 or later")
+    db.c.insert_one({"_id": 1, "pad": "a" * (9 * 1024 * 1024)})
+    wc = watch_client(db.name, "c", 3, "--full-document", "updateLookup", "--pipeline",
+                      json.dumps([{"$changeStreamSplitLargeEvent": {}}]))
+    wc.wait_ready()
+    db.c.update_one({"_id": 1}, {"$set": {"pad": "b" * (9 * 1024 * 1024)}})
+    db.c.insert_one({"_id": 2})
+    first, second, after = [wc.next_event(timeout=60) for _ in range(3)]
+    assert wc.finish() == 0
+    assert first["splitEvent"] == {"fragment": 1, "of": 2}
+    assert second["splitEvent"] == {"fragment": 2, "of": 2}
+    merged = dict(first)
+    merged.update(second)
+    assert merged["fullDocument"]["pad"] == "b" * (9 * 1024 * 1024)
+    assert merged["updateDescription"]["updatedFields"]["pad"] == "b" * (9 * 1024 * 1024)
+    assert after["documentKey"] == {"_id": 2}
+    # the token libmongoc keeps after the batch is the next event's, past both fragments
+    token = json_util.loads(wc.rest()[0][len("TOKEN "):])
+    assert token == after["_id"]

@@ -36,6 +36,17 @@ void emu_clock_tick(emu_server_t *srv, uint32_t *t, uint32_t *i)
     *i = srv->clock_inc;
 }
 
+void emu_deadline_after_ms(struct timespec *ts, int64_t ms)
+{
+    clock_gettime(CLOCK_REALTIME, ts);
+    ts->tv_sec += (time_t)(ms / 1000);
+    ts->tv_nsec += (long)(ms % 1000) * 1000000L;
+    if (ts->tv_nsec >= 1000000000L) {
+        ts->tv_sec++;
+        ts->tv_nsec -= 1000000000L;
+    }
+}
+
 int64_t emu_new_cursor_id(emu_server_t *srv)
 {
     return ++srv->next_cursor_id * 1000;
@@ -1283,6 +1294,457 @@ static int setup_standalone(void **state)
     return setup_opts(state, 100, true);
 }
 
+/* ---- transactions ---- */
+
+static const uint8_t txn_lsid_id[16] = {0xAA, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+
+/* One committed transaction: op k writes _id ids[k] in db.colls[k] (insert, or the op given). */
+static void append_txn(fixture_t *f, const emu_op_t *ops, const char *const *colls, const int *ids,
+                       int n, int64_t txn_number)
+{
+    emu_change_t ch[8];
+    bson_t *keys[8], *docs[8], *pres[8], *uds[8];
+    assert_true(n <= 8);
+    for (int k = 0; k < n; k++) {
+        keys[k] = BCON_NEW("_id", BCON_INT32(ids[k]));
+        docs[k] = BCON_NEW("_id", BCON_INT32(ids[k]), "v", BCON_INT32(k));
+        pres[k] = BCON_NEW("_id", BCON_INT32(ids[k]), "v", BCON_INT32(-1));
+        uds[k] = BCON_NEW("updatedFields", "{", "v", BCON_INT32(k), "}", "removedFields", "[", "]",
+                          "truncatedArrays", "[", "]");
+        memset(&ch[k], 0, sizeof ch[k]);
+        ch[k].op = ops[k];
+        ch[k].db = "db";
+        ch[k].coll = colls[k];
+        ch[k].coll_uuid = fake_uuid;
+        ch[k].document_key = keys[k];
+        ch[k].full_document = ops[k] == EMU_OP_DELETE ? NULL : docs[k];
+        ch[k].pre_image = ops[k] == EMU_OP_INSERT ? NULL : pres[k];
+        ch[k].update_description = ops[k] == EMU_OP_UPDATE ? uds[k] : NULL;
+    }
+    bson_t *lsid = BCON_NEW("id", BCON_BIN(BSON_SUBTYPE_UUID, txn_lsid_id, 16));
+    emu_oplog_append_txn(&f->srv, ch, (size_t)n, lsid, txn_number);
+    bson_destroy(lsid);
+    for (int k = 0; k < n; k++) {
+        bson_destroy(keys[k]);
+        bson_destroy(docs[k]);
+        bson_destroy(pres[k]);
+        bson_destroy(uds[k]);
+    }
+}
+
+static uint32_t token_txn_index(const bson_t *ev)
+{
+    bson_iter_t it;
+    uint32_t len;
+    const uint8_t *data;
+    bson_t tok_doc;
+    emu_cstoken_t tok;
+    mc_error_t err;
+    assert_true(bson_iter_init_find(&it, ev, "_id"));
+    bson_iter_document(&it, &len, &data);
+    bson_init_static(&tok_doc, data, len);
+    assert_int_equal(emu_cstoken_parse(&tok_doc, &tok, &err), 0);
+    uint32_t idx = tok.txn_op_index;
+    emu_cstoken_cleanup(&tok);
+    return idx;
+}
+
+static void ts_field(const bson_t *doc, const char *key, uint32_t *t, uint32_t *i)
+{
+    bson_iter_t it;
+    assert_true(bson_iter_init_find(&it, doc, key));
+    bson_iter_timestamp(&it, t, i);
+}
+
+static const emu_op_t txn_ops[4] = {EMU_OP_INSERT, EMU_OP_INSERT, EMU_OP_UPDATE, EMU_OP_DELETE};
+static const char *const txn_colls[4] = {"coll", "other", "coll", "coll"};
+static const int txn_ids[4] = {10, 11, 10, 12};
+
+/* A committed transaction: one event per write, txnNumber and lsid first, one cluster time,
+ * tokens ordered by txnOpIndex (with the gaps of the writes a stream does not see). */
+static void test_txn_events(void **state)
+{
+    fixture_t *f = *state;
+    batch_view_t v;
+    bson_t *r = aggregate(f, "db", "coll", NULL, NULL, -1);
+    view(r, &v);
+    int64_t coll_id = v.id;
+    bson_destroy(r);
+    r = aggregate(f, "db", NULL, NULL, NULL, -1);
+    view(r, &v);
+    int64_t db_id = v.id;
+    bson_destroy(r);
+
+    append_txn(f, txn_ops, txn_colls, txn_ids, 4, 7);
+    insert(f, "db", "coll", 13);
+
+    r = getmore(f, "db", "coll", coll_id, 0, 0);
+    view(r, &v);
+    assert_int_equal(v.n, 4);
+    bson_t ev;
+    char keys[256], prev[512] = "", tok[512];
+    uint32_t t0, i0, t, i;
+    static const uint32_t want_idx[3] = {0, 2, 3};
+    static const char *const want_op[3] = {"insert", "update", "delete"};
+    for (int k = 0; k < 3; k++) {
+        event_at(&v, k, &ev);
+        keys_of(&ev, keys, sizeof keys);
+        if (k == 0) {
+            assert_string_equal(keys, "txnNumber,lsid,_id,operationType,clusterTime,wallTime,"
+                                      "fullDocument,ns,documentKey");
+            ts_field(&ev, "clusterTime", &t0, &i0);
+        }
+        assert_string_equal(str_field(&ev, "operationType"), want_op[k]);
+        bson_iter_t it;
+        assert_true(bson_iter_init_find(&it, &ev, "txnNumber") && BSON_ITER_HOLDS_INT64(&it));
+        assert_int_equal(bson_iter_int64(&it), 7);
+        assert_true(bson_iter_init(&it, &ev) && bson_iter_find_descendant(&it, "lsid.id", &it));
+        bson_subtype_t sub;
+        uint32_t len;
+        const uint8_t *data;
+        bson_iter_binary(&it, &sub, &len, &data);
+        assert_int_equal(sub, BSON_SUBTYPE_UUID);
+        assert_memory_equal(data, txn_lsid_id, 16);
+        ts_field(&ev, "clusterTime", &t, &i);
+        assert_int_equal(t, t0);
+        assert_int_equal(i, i0);
+        assert_int_equal(token_txn_index(&ev), want_idx[k]);
+        event_token(&ev, tok, sizeof tok);
+        assert_true(strcmp(prev, tok) < 0);
+        snprintf(prev, sizeof prev, "%s", tok);
+    }
+    /* The write after the transaction: a later time, no transaction fields. */
+    event_at(&v, 3, &ev);
+    keys_of(&ev, keys, sizeof keys);
+    assert_string_equal(keys, "_id,operationType,clusterTime,wallTime,fullDocument,ns,documentKey");
+    ts_field(&ev, "clusterTime", &t, &i);
+    assert_true(i > i0);
+    event_token(&ev, tok, sizeof tok);
+    assert_true(strcmp(prev, tok) < 0);
+    bson_destroy(r);
+
+    /* The database stream sees every write of the transaction, txnOpIndex 0..3. */
+    r = getmore(f, "db", "$cmd.aggregate", db_id, 0, 0);
+    view(r, &v);
+    assert_int_equal(v.n, 5);
+    for (int k = 0; k < 4; k++) {
+        event_at(&v, k, &ev);
+        assert_int_equal(token_txn_index(&ev), (uint32_t)k);
+        assert_string_equal(str_field(&ev, "ns.coll"), txn_colls[k]);
+    }
+    bson_destroy(r);
+}
+
+/* Resuming after an event in the middle of a transaction resumes at the transaction's next
+ * event (not after the whole transaction, nor at its start). */
+static void test_txn_resume_inside(void **state)
+{
+    fixture_t *f = *state;
+    bson_t *r = aggregate(f, "db", NULL, NULL, NULL, -1);
+    batch_view_t v;
+    view(r, &v);
+    int64_t id = v.id;
+    bson_destroy(r);
+    append_txn(f, txn_ops, txn_colls, txn_ids, 4, 3);
+    insert(f, "db", "coll", 13);
+    r = getmore(f, "db", "$cmd.aggregate", id, 0, 0);
+    view(r, &v);
+    assert_int_equal(v.n, 5);
+    char toks[5][512];
+    for (int k = 0; k < 5; k++) {
+        bson_t ev;
+        event_at(&v, k, &ev);
+        event_token(&ev, toks[k], sizeof toks[k]);
+    }
+    bson_destroy(r);
+    for (int from = 0; from < 4; from++) {
+        bson_t *spec = token_spec("resumeAfter", toks[from]);
+        r = aggregate(f, "db", NULL, spec, NULL, -1);
+        view(r, &v);
+        assert_int_equal(v.n, 4 - from);
+        for (int k = 0; k < v.n; k++) {
+            bson_t ev;
+            char tok[512];
+            event_at(&v, k, &ev);
+            event_token(&ev, tok, sizeof tok);
+            assert_string_equal(tok, toks[from + 1 + k]);
+        }
+        bson_destroy(r);
+        /* batchSize 0: nothing returned, and inside the transaction the PBRT is the resume
+         * token itself, not a mark at the transaction's time that would sort before it. */
+        r = aggregate(f, "db", NULL, spec, NULL, 0);
+        view(r, &v);
+        assert_int_equal(v.n, 0);
+        if (from < 3) {
+            assert_string_equal(v.pbrt, toks[from]);
+        } else {
+            assert_true(strcmp(v.pbrt, toks[from]) > 0 && strcmp(v.pbrt, toks[4]) < 0);
+        }
+        bson_destroy(r);
+        bson_destroy(spec);
+    }
+}
+
+/* A stream that sees only the first write of a transaction: the batches after it keep that
+ * event's token as their PBRT until the cluster time moves past the transaction. */
+static void test_txn_pbrt_never_goes_back(void **state)
+{
+    fixture_t *f = *state;
+    bson_t *stages =
+        BCON_NEW("0", "{", "$match", "{", "operationType", BCON_UTF8("insert"), "}", "}");
+    bson_t *r = aggregate(f, "db", "coll", NULL, stages, -1);
+    batch_view_t v;
+    view(r, &v);
+    int64_t id = v.id;
+    bson_destroy(r);
+    append_txn(f, txn_ops, txn_colls, txn_ids, 4, 1);
+    r = getmore(f, "db", "coll", id, 1, 0);
+    view(r, &v);
+    assert_int_equal(v.n, 1);
+    char tok[512];
+    snprintf(tok, sizeof tok, "%s", v.pbrt);
+    bson_destroy(r);
+    r = getmore(f, "db", "coll", id, 0, 0);
+    view(r, &v);
+    assert_int_equal(v.n, 0);
+    assert_true(strcmp(tok, v.pbrt) <= 0);
+    bson_destroy(r);
+    bson_destroy(stages);
+}
+
+/* ---- large events ---- */
+
+/* A document of about `mb` MB: {_id: id, pad: "xxx..."}. */
+static bson_t *big_doc(int id, size_t mb, char fill)
+{
+    size_t n = mb * 1024 * 1024;
+    char *pad = malloc(n + 1);
+    memset(pad, fill, n);
+    pad[n] = '\0';
+    bson_t *d = BCON_NEW("_id", BCON_INT32(id));
+    bson_append_utf8(d, "pad", 3, pad, (int)n);
+    free(pad);
+    return d;
+}
+
+/* An update of _id 1 whose event, with pre- and post-images, is about 18 MB. */
+static void append_big_update(fixture_t *f)
+{
+    bson_t *key = BCON_NEW("_id", BCON_INT32(1));
+    bson_t *pre = big_doc(1, 9, 'a');
+    bson_t *post = big_doc(1, 9, 'b');
+    bson_t *ud = BCON_NEW("updatedFields", "{", "x", BCON_INT32(1), "}", "removedFields", "[", "]",
+                          "truncatedArrays", "[", "]");
+    emu_change_t ch = {.op = EMU_OP_UPDATE,
+                       .db = "db",
+                       .coll = "coll",
+                       .coll_uuid = fake_uuid,
+                       .document_key = key,
+                       .full_document = post,
+                       .pre_image = pre,
+                       .images_enabled = true,
+                       .update_description = ud};
+    emu_oplog_append(&f->srv, &ch);
+    bson_destroy(key);
+    bson_destroy(pre);
+    bson_destroy(post);
+    bson_destroy(ud);
+}
+
+static bson_t *images_spec(const char *option, const char *hex)
+{
+    bson_t *spec = BCON_NEW("fullDocument", BCON_UTF8("whenAvailable"), "fullDocumentBeforeChange",
+                            BCON_UTF8("whenAvailable"));
+    if (option) {
+        bson_t tok;
+        BSON_APPEND_DOCUMENT_BEGIN(spec, option, &tok);
+        BSON_APPEND_UTF8(&tok, "_data", hex);
+        bson_append_document_end(spec, &tok);
+    }
+    return spec;
+}
+
+static const char *errmsg_of(const bson_t *reply)
+{
+    return str_field(reply, "errmsg");
+}
+
+/* Without $changeStreamSplitLargeEvent an event past 16793600 bytes fails the cursor with
+ * BSONObjectTooLarge, worded as MongoDB words it (context, size, hex size, first element). */
+static void test_event_too_large(void **state)
+{
+    fixture_t *f = *state;
+    bson_t *spec = images_spec(NULL, NULL);
+    bson_t *r = aggregate(f, "db", "coll", spec, NULL, -1);
+    batch_view_t v;
+    view(r, &v);
+    int64_t id = v.id;
+    char hwm[512];
+    snprintf(hwm, sizeof hwm, "%s", v.pbrt);
+    bson_destroy(r);
+    append_big_update(f);
+    r = getmore(f, "db", "coll", id, 0, 0);
+    const char *msg = errmsg_of(r);
+    assert_non_null(msg);
+    assert_int_equal(reply_code(r), 10334);
+    assert_non_null(strstr(msg, "Executor error during getMore :: caused by :: BSONObj size: "));
+    unsigned size = 0, hex = 0;
+    const char *p = strstr(msg, "BSONObj size: ");
+    assert_int_equal(sscanf(p, "BSONObj size: %u (0x%X)", &size, &hex), 2);
+    assert_true(size > 18000000 && size < 19500000);
+    assert_int_equal(size, hex);
+    assert_non_null(strstr(msg, ") is invalid. Size must be between 0 and 16793600(16MB) First "
+                                "element: _id: { _data: \"82"));
+    assert_false(reply_has_label(r, "ResumableChangeStreamError"));
+    bson_destroy(r);
+    expect_error(getmore(f, "db", "coll", id, 0, 0), 43); /* the cursor is gone */
+
+    /* Already in the oplog when the stream opens: the aggregate fails the same way. */
+    bson_t *from = token_spec("startAfter", hwm);
+    bson_concat(from, spec);
+
+    r = aggregate(f, "db", "coll", from, NULL, -1);
+    assert_int_equal(reply_code(r), 10334);
+    assert_non_null(strstr(errmsg_of(r), "PlanExecutor error during aggregation :: caused by :: "
+                                         "BSONObj size: "));
+    bson_destroy(r);
+    bson_destroy(from);
+    bson_destroy(spec);
+}
+
+static bson_t *split_stage(void)
+{
+    return BCON_NEW("0", "{", "$changeStreamSplitLargeEvent", "{", "}", "}");
+}
+
+/* Size in bytes of the element `key` of `doc`. */
+static uint32_t element_size(const bson_t *doc, const char *key)
+{
+    bson_iter_t it;
+    assert_true(bson_iter_init_find(&it, doc, key));
+    return it.next_off - it.off;
+}
+
+/* $changeStreamSplitLargeEvent: fragments {_id, splitEvent: {fragment, of}, fields...}, the
+ * fields smallest first; each fragment has its own token, the PBRT follows them, and a stream
+ * resumed from a fragment's token goes on with the next fragment. */
+static void test_split_large_event(void **state)
+{
+    fixture_t *f = *state;
+    bson_t *spec = images_spec(NULL, NULL);
+    bson_t *stages = split_stage();
+    bson_t *r = aggregate(f, "db", "coll", spec, stages, -1);
+    batch_view_t v;
+    view(r, &v);
+    int64_t id = v.id;
+    bson_destroy(r);
+    append_big_update(f);
+    insert(f, "db", "coll", 2);
+
+    char tok[2][512];
+    bson_t frag;
+    char keys[512];
+    r = getmore(f, "db", "coll", id, 0, 0);
+    view(r, &v);
+    assert_int_equal(v.n, 1); /* a fragment fills a batch */
+    event_at(&v, 0, &frag);
+    keys_of(&frag, keys, sizeof keys);
+    assert_int_equal(int_field(&frag, "splitEvent.fragment"), 1);
+    assert_int_equal(int_field(&frag, "splitEvent.of"), 2);
+    assert_true(frag.len <= 16793600 - 8 * 1024);
+    /* _id, splitEvent, then the fields by size: the small ones and one of the two images. */
+    assert_non_null(strstr(keys, "_id,splitEvent,"));
+    uint32_t prev = 0;
+    bson_iter_t it;
+    bson_iter_init(&it, &frag);
+    bson_iter_next(&it);
+    bson_iter_next(&it);
+    while (bson_iter_next(&it)) {
+        uint32_t sz = element_size(&frag, bson_iter_key(&it));
+        assert_true(sz >= prev);
+        prev = sz;
+    }
+    bool first_has_post = has_field(&frag, "fullDocument");
+    assert_true(first_has_post != has_field(&frag, "fullDocumentBeforeChange"));
+    assert_true(has_field(&frag, "operationType") && has_field(&frag, "updateDescription") &&
+                has_field(&frag, "documentKey") && has_field(&frag, "ns"));
+    event_token(&frag, tok[0], sizeof tok[0]);
+    assert_string_equal(v.pbrt, tok[0]);
+    bson_destroy(r);
+
+    r = getmore(f, "db", "coll", id, 0, 0);
+    view(r, &v);
+    assert_int_equal(v.n, 2); /* the second fragment, then the next event */
+    event_at(&v, 0, &frag);
+    keys_of(&frag, keys, sizeof keys);
+    assert_int_equal(int_field(&frag, "splitEvent.fragment"), 2);
+    assert_int_equal(int_field(&frag, "splitEvent.of"), 2);
+    assert_string_equal(keys, first_has_post ? "_id,splitEvent,fullDocumentBeforeChange"
+                                             : "_id,splitEvent,fullDocument");
+    event_token(&frag, tok[1], sizeof tok[1]);
+    assert_true(strcmp(tok[0], tok[1]) < 0);
+    bson_t next;
+    event_at(&v, 1, &next);
+    assert_int_equal(int_field(&next, "documentKey._id"), 2);
+    char next_tok[512];
+    event_token(&next, next_tok, sizeof next_tok);
+    assert_true(strcmp(tok[1], next_tok) < 0);
+    bson_destroy(r);
+
+    /* Resuming from fragment 1 gives fragment 2 (the same token) first. */
+    bson_t *from = images_spec("resumeAfter", tok[0]);
+    r = aggregate(f, "db", "coll", from, stages, -1);
+    view(r, &v);
+    assert_true(v.n >= 1);
+    event_at(&v, 0, &frag);
+    char again[512];
+    event_token(&frag, again, sizeof again);
+    assert_string_equal(again, tok[1]);
+    bson_destroy(r);
+    bson_destroy(from);
+    /* Resuming from the last fragment goes on after the event. */
+    from = images_spec("resumeAfter", tok[1]);
+    r = aggregate(f, "db", "coll", from, stages, -1);
+    view(r, &v);
+    assert_int_equal(v.n, 1);
+    event_at(&v, 0, &next);
+    assert_int_equal(int_field(&next, "documentKey._id"), 2);
+    bson_destroy(r);
+    bson_destroy(from);
+    /* A fragment token needs the stage. */
+    from = images_spec("resumeAfter", tok[0]);
+    r = aggregate(f, "db", "coll", from, NULL, -1);
+    assert_true(reply_has_label(r, "NonResumableChangeStreamError"));
+    assert_non_null(strstr(errmsg_of(r), "must include a $changeStreamSplitLargeEvent stage"));
+    expect_error(r, 280);
+    bson_destroy(from);
+    /* A smaller event cannot be split again: resuming from a fragment of one that is not large
+     * any more (a different pipeline) fails. */
+    bson_t *small = BCON_NEW("fullDocument", BCON_UTF8("whenAvailable"));
+    bson_t *resume = token_spec("resumeAfter", tok[0]);
+    bson_concat(small, resume);
+    bson_destroy(resume);
+    r = aggregate(f, "db", "coll", small, stages, -1);
+    assert_non_null(strstr(errmsg_of(r), "was not large enough to be split"));
+    expect_error(r, 280);
+    bson_destroy(small);
+    bson_destroy(stages);
+    bson_destroy(spec);
+}
+
+static void test_split_stage_errors(void **state)
+{
+    fixture_t *f = *state;
+    bson_t *stages =
+        BCON_NEW("0", "{", "$changeStreamSplitLargeEvent", "{", "x", BCON_INT32(1), "}", "}");
+    expect_error(aggregate(f, "db", "coll", NULL, stages, -1), 7182800);
+    bson_destroy(stages);
+    stages = BCON_NEW("0", "{", "$changeStreamSplitLargeEvent", "{", "}", "}", "1", "{", "$match",
+                      "{", "operationType", BCON_UTF8("insert"), "}", "}");
+    expect_error(aggregate(f, "db", "coll", NULL, stages, -1), 7182802);
+    bson_destroy(stages);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -1303,6 +1765,12 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_await_data, setup, teardown),
         cmocka_unit_test_setup_teardown(test_kill_while_waiting, setup, teardown),
         cmocka_unit_test_setup_teardown(test_throughput, setup_big, teardown),
+        cmocka_unit_test_setup_teardown(test_txn_events, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_txn_resume_inside, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_txn_pbrt_never_goes_back, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_event_too_large, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_split_large_event, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_split_stage_errors, setup, teardown),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

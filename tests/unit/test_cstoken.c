@@ -1,7 +1,8 @@
 /*
  * test_cstoken.c: unit tests for mongo-emulator's change-stream resume tokens (cstoken.c):
  * the exact v1 KeyString layout, round trips, ordering, canonical documentKey encoding and
- * the server error codes for malformed tokens. Single-threaded cmocka tests.
+ * the server error codes for malformed tokens; the txnOpIndex of transaction events and the v2
+ * tokens of split-event fragments. Single-threaded cmocka tests.
  */
 #include <setjmp.h>
 #include <stdarg.h>
@@ -410,14 +411,159 @@ static void test_append(void **state)
     emu_kbuf_destroy(&b);
 }
 
+/* The events of one transaction share the cluster time and sort by txnOpIndex (whatever their
+ * documentKey), all after the events before and before the events after; the parser returns the
+ * index and where the fromInvalidate byte is. */
+static void test_txn_op_index_ordering(void **state)
+{
+    (void)state;
+    static const uint32_t idx[] = {0,   1,    2,     63,    64,       127,      128,       255,
+                                   256, 1000, 65535, 70000, 16777215, 16777216, 2147483647};
+    enum { N = sizeof idx / sizeof idx[0] };
+    emu_kbuf_t t[N + 2];
+    /* Later operations get smaller keys: the order must not come from the documentKey. */
+    for (int k = 0; k < N + 2; k++) {
+        emu_kbuf_init(&t[k]);
+    }
+    bson_t *last = BCON_NEW("_id", BCON_INT32(1000000));
+    assert_int_equal(
+        emu_cstoken_encode_txn_event(&t[0], 500, 7, 2147483647, false, probe_uuid, last, NULL), 0);
+    for (int k = 0; k < N; k++) {
+        bson_t *key = BCON_NEW("_id", BCON_INT32(N - k));
+        assert_int_equal(
+            emu_cstoken_encode_txn_event(&t[k + 1], 500, 8, idx[k], false, probe_uuid, key, NULL),
+            0);
+        bson_destroy(key);
+    }
+    bson_t *first = BCON_NEW("_id", BCON_INT32(-5));
+    assert_int_equal(
+        emu_cstoken_encode_txn_event(&t[N + 1], 500, 9, 0, false, probe_uuid, first, NULL), 0);
+    for (int k = 0; k + 1 < N + 2; k++) {
+        assert_int_equal(emu_cstoken_compare(t[k].data, t[k].len, t[k + 1].data, t[k + 1].len), -1);
+        char *a = hex_of(&t[k]);
+        char *b = hex_of(&t[k + 1]);
+        assert_true(strcmp(a, b) < 0);
+        free(a);
+        free(b);
+    }
+    for (int k = 0; k < N; k++) {
+        char *hex = hex_of(&t[k + 1]);
+        bson_t *doc = token_doc(hex);
+        emu_cstoken_t tok;
+        mc_error_t err;
+        assert_int_equal(emu_cstoken_parse(doc, &tok, &err), 0);
+        assert_int_equal(tok.txn_op_index, idx[k]);
+        assert_int_equal(tok.ts_i, 8);
+        assert_false(tok.has_fragment);
+        assert_int_equal(tok.raw[tok.from_invalidate_offset], 0x6E);
+        if (idx[k] == 0) {
+            assert_int_equal(tok.from_invalidate_offset, EMU_CSTOKEN_FROM_INVALIDATE_OFFSET);
+        }
+        emu_cstoken_cleanup(&tok);
+        bson_destroy(doc);
+        free(hex);
+    }
+    /* Outside a transaction the token is exactly the plain event token. */
+    emu_kbuf_t plain;
+    emu_kbuf_init(&plain);
+    emu_cstoken_encode_event(&plain, 500, 9, false, probe_uuid, first, NULL);
+    assert_int_equal(plain.len, t[N + 1].len);
+    assert_memory_equal(plain.data, t[N + 1].data, plain.len);
+    emu_kbuf_destroy(&plain);
+    for (int k = 0; k < N + 2; k++) {
+        emu_kbuf_destroy(&t[k]);
+    }
+    bson_destroy(first);
+    bson_destroy(last);
+}
+
+/* Fragment tokens are v2 tokens ({operationType, documentKey} identifier, fragmentNum last);
+ * they parse back, order by fragment, and sort after the event's own v1 token. A fragmentNum in
+ * a v1 token is refused as MongoDB refuses it (40646). */
+static void test_fragment_tokens(void **state)
+{
+    (void)state;
+    emu_kbuf_t f[4], v1;
+    bson_t *key = BCON_NEW("_id", BCON_UTF8("big"));
+    emu_kbuf_init(&v1);
+    emu_cstoken_encode_txn_event(&v1, 700, 3, 4, false, probe_uuid, key, NULL);
+    for (int k = 0; k < 4; k++) {
+        emu_kbuf_init(&f[k]);
+        assert_int_equal(emu_cstoken_encode_fragment(&f[k], 700, 3, 4, probe_uuid, "update", key,
+                                                     NULL, (uint32_t)k, NULL),
+                         0);
+        char *hex = hex_of(&f[k]);
+        bson_t *doc = token_doc(hex);
+        emu_cstoken_t tok;
+        mc_error_t err;
+        assert_int_equal(emu_cstoken_parse(doc, &tok, &err), 0);
+        assert_int_equal(tok.version, 2);
+        assert_int_equal(tok.type, EMU_CSTOKEN_EVENT);
+        assert_int_equal(tok.txn_op_index, 4);
+        assert_true(tok.has_uuid);
+        assert_true(tok.has_fragment);
+        assert_int_equal(tok.fragment_num, k);
+        assert_int_equal(tok.ts_t, 700);
+        assert_int_equal(tok.ts_i, 3);
+        /* the fragmentNum follows the eventIdentifier object */
+        assert_int_equal(tok.event_id + tok.event_id_len, tok.raw + tok.fragment_offset);
+        emu_cstoken_cleanup(&tok);
+        bson_destroy(doc);
+        free(hex);
+        assert_int_equal(emu_cstoken_compare(v1.data, v1.len, f[k].data, f[k].len), -1);
+        if (k > 0) {
+            assert_int_equal(emu_cstoken_compare(f[k - 1].data, f[k - 1].len, f[k].data, f[k].len),
+                             -1);
+        }
+    }
+    /* Without a UUID a v2 token carries null. */
+    emu_kbuf_t nouuid;
+    emu_kbuf_init(&nouuid);
+    assert_int_equal(
+        emu_cstoken_encode_fragment(&nouuid, 700, 3, 0, NULL, "dropDatabase", NULL, NULL, 0, NULL),
+        0);
+    char *hex = hex_of(&nouuid);
+    bson_t *doc = token_doc(hex);
+    emu_cstoken_t tok;
+    mc_error_t err;
+    assert_int_equal(emu_cstoken_parse(doc, &tok, &err), 0);
+    assert_false(tok.has_uuid);
+    assert_true(tok.has_fragment);
+    emu_cstoken_cleanup(&tok);
+    bson_destroy(doc);
+    free(hex);
+    /* v1 with a trailing number: the v1 token of a fragment does not exist. */
+    char *v1hex = hex_of(&v1);
+    size_t n = strlen(v1hex);
+    char *bad = malloc(n + 8);
+    memcpy(bad, v1hex, n - 2);
+    memcpy(bad + n - 2, "2B0204", 7);
+    expect_hex_error(bad, 40646);
+    free(bad);
+    free(v1hex);
+    for (int k = 0; k < 4; k++) {
+        emu_kbuf_destroy(&f[k]);
+    }
+    emu_kbuf_destroy(&nouuid);
+    emu_kbuf_destroy(&v1);
+    bson_destroy(key);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_event_token_layout), cmocka_unit_test(test_hwm_and_drop_layout),
-        cmocka_unit_test(test_round_trip),         cmocka_unit_test(test_all_types_round_trip),
-        cmocka_unit_test(test_canonical_numbers),  cmocka_unit_test(test_key_ordering),
-        cmocka_unit_test(test_token_ordering),     cmocka_unit_test(test_malformed_tokens),
-        cmocka_unit_test(test_deep_key_rejected),  cmocka_unit_test(test_append),
+        cmocka_unit_test(test_event_token_layout),
+        cmocka_unit_test(test_hwm_and_drop_layout),
+        cmocka_unit_test(test_round_trip),
+        cmocka_unit_test(test_all_types_round_trip),
+        cmocka_unit_test(test_canonical_numbers),
+        cmocka_unit_test(test_key_ordering),
+        cmocka_unit_test(test_token_ordering),
+        cmocka_unit_test(test_malformed_tokens),
+        cmocka_unit_test(test_deep_key_rejected),
+        cmocka_unit_test(test_append),
+        cmocka_unit_test(test_txn_op_index_ordering),
+        cmocka_unit_test(test_fragment_tokens),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

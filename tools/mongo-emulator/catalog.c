@@ -1220,6 +1220,14 @@ bool emu_catalog_refuse_view(emu_server_t *srv, const char *command, const char 
     return true;
 }
 
+/* A snapshot read at a time before a collection was created cannot see it
+ * (SnapshotUnavailable). Creating takes a tick of its own, as the create entry does on a real
+ * server, so that a read at the current cluster time right after it sees the collection. */
+static void set_min_visible(emu_server_t *srv, emu_coll_t *c)
+{
+    emu_clock_tick(srv, &c->min_t, &c->min_i);
+}
+
 static bool images_option(const bson_t *options)
 {
     bson_iter_t it;
@@ -1256,6 +1264,7 @@ emu_coll_t *emu_catalog_create(emu_server_t *srv, const char *db, const char *co
     c->indexes = bson_malloc(sizeof(*c->indexes));
     c->indexes[0] = id_index_new();
     c->n_indexes = 1;
+    set_min_visible(srv, c);
     db_link_coll(d, c);
     /* MongoDB's create oplog entry: the options, then the _id index. */
     bson_t desc;
@@ -1392,6 +1401,8 @@ int emu_catalog_rename(emu_server_t *srv, const char *db, const char *coll, cons
                        .operation_description = &desc};
     emu_oplog_append(srv, &ch);
     bson_destroy(&desc);
+    c->min_t = srv->clock_secs; /* visible to snapshot reads from the rename's tick on */
+    c->min_i = srv->clock_inc;
 
     emu_cursors_kill_ns(srv, c->ns);
     if (target) {

@@ -13,8 +13,10 @@
  * startIndexBuild/abortIndexBuild, no nsType (8.1+).
  *
  * Invariants:
- * - Oplog entries carry strictly increasing cluster times and sequence numbers; the retained
- *   entries are seq in [first_seq, next_seq), stored in a power-of-two ring at seq & mask.
+ * - Oplog entries carry strictly increasing sequence numbers and (cluster time, txnOpIndex)
+ *   pairs: the writes of one committed transaction share a cluster time and count txnOpIndex
+ *   0, 1, ... in order, every other entry has a cluster time of its own. The retained entries
+ *   are seq in [first_seq, next_seq), stored in a power-of-two ring at seq & mask.
  * - A cursor's position is the seq of the next entry it has not examined; a position below
  *   first_seq means history it still needed was dropped (286 ChangeStreamHistoryLost).
  * - `floor` is the earliest cluster time at which every later change is still retained:
@@ -23,6 +25,16 @@
  *   are built once at append time and shared by every cursor; other modes copy and extend it.
  * - A cursor that is inside a waiting getMore is `busy`; killCursors on it only marks it
  *   `killed` and unlinks it, and the waiting getMore frees it when it wakes.
+ * - A cursor's postBatchResumeToken never goes back: a high-water mark replaces the last
+ *   returned token only when its cluster time is later (an empty batch in the middle of a
+ *   transaction keeps the last event's token).
+ * - With $changeStreamSplitLargeEvent, the fragments of one event are queued in the cursor and
+ *   returned before any later entry is examined; each carries its own (v2) resume token.
+ *
+ * Differences from MongoDB: tokens are v1, as 6.0 makes them, except a split event's fragments,
+ * whose fragmentNum MongoDB only allows in v2 tokens (7.0 makes every token v2). Splitting
+ * follows 7.0.0: an event of up to 16793600 - 8192 bytes passes whole (later releases also count
+ * the size of its resume token).
  */
 #include "changestream.h"
 
@@ -42,6 +54,10 @@
 #define CS_BATCH_BYTES (EMU_MAX_BSON_SIZE - 64 * 1024)
 #define CS_MAX_CURSORS 100000
 #define CS_IDLE_TIMEOUT_MS (10LL * 60 * 1000)
+/* BSONObjMaxInternalSize: an event larger than this fails the cursor with BSONObjectTooLarge. */
+#define CS_MAX_EVENT_BYTES (16 * 1024 * 1024 + 16 * 1024)
+/* $changeStreamSplitLargeEvent's kBSONObjMaxChangeEventSize: larger events are split. */
+#define CS_MAX_SPLIT_BYTES (CS_MAX_EVENT_BYTES - 8 * 1024)
 
 static const char *const non_resumable_label[] = {"NonResumableChangeStreamError"};
 
@@ -70,6 +86,10 @@ typedef struct cs_entry {
                          * when NULL) */
     bool expanded_only; /* only streams opened with showExpandedEvents see it */
     bool view;          /* an event about a view: never seen by a collection stream */
+    bool in_txn; /* written by a committed transaction */
+    uint32_t txn_op_index;
+    int64_t txn_number;
+    bson_t *lsid; /* {id, uid} of the transaction's session */
 } cs_entry_t;
 
 struct emu_oplog {
@@ -112,6 +132,19 @@ typedef struct cs_cursor {
     uint32_t inv_i;
     int64_t inv_wall;
     emu_kbuf_t inv_src_token; /* the token of the event that caused it */
+
+    /* The last token returned, so that a high-water mark never takes the PBRT back. */
+    emu_kbuf_t last_token;
+    uint32_t last_t;
+    uint32_t last_i;
+
+    /* $changeStreamSplitLargeEvent (the last stage of the pipeline). */
+    bool split;
+    bool split_resume;          /* resuming from a fragment of the entry at pos */
+    uint32_t split_resume_frag; /* that fragment's fragmentNum */
+    struct cs_frag *frags;      /* fragments of the current event, returned in order */
+    size_t n_frags;
+    size_t next_frag;
 
     bool busy;
     bool killed;
@@ -262,6 +295,9 @@ static void entry_free(cs_entry_t *e)
     if (e->disamb) {
         bson_destroy(e->disamb);
     }
+    if (e->lsid) {
+        bson_destroy(e->lsid);
+    }
     free(e->token);
     memset(e, 0, sizeof *e);
 }
@@ -341,11 +377,15 @@ int emu_changestream_init(emu_server_t *srv, mc_error_t *err)
     return 0;
 }
 
+static void frags_free(cs_cursor_t *c);
+
 static void cursor_free(cs_cursor_t *c)
 {
     if (!c) {
         return;
     }
+    frags_free(c);
+    emu_kbuf_destroy(&c->last_token);
     free(c->db);
     free(c->coll);
     free(c->ns);
@@ -410,6 +450,11 @@ static void append_ns(bson_t *doc, const char *key, const char *db, const char *
 static void build_event(cs_entry_t *e, const emu_change_t *ch)
 {
     bson_t *ev = bson_sized_new(128 + (ch->full_document ? ch->full_document->len : 0));
+    if (e->in_txn) {
+        /* MongoDB adds these before the resume token, so they lead the event. */
+        BSON_APPEND_INT64(ev, "txnNumber", e->txn_number);
+        BSON_APPEND_DOCUMENT(ev, "lsid", e->lsid);
+    }
     emu_cstoken_append(ev, "_id", e->token, e->token_len);
     BSON_APPEND_UTF8(ev, "operationType", op_name(e->op));
     BSON_APPEND_TIMESTAMP(ev, "clusterTime", e->ts_t, e->ts_i);
@@ -588,17 +633,19 @@ static bson_t *disambiguated_paths(const bson_t *ud, const bson_t *post)
     return out;
 }
 
-void emu_oplog_append(emu_server_t *srv, const emu_change_t *ch)
+/* A committed transaction's part in one entry: MongoDB unwinds the transaction's applyOps
+ * entry into one event per operation, each with the session and txnNumber. */
+typedef struct cs_txn_ctx {
+    const bson_t *lsid;
+    int64_t txn_number;
+    uint32_t op_index;
+} cs_txn_ctx_t;
+
+/* Stores `ch` as the next entry, at cluster time (t, i); `txn` NULL outside a transaction. */
+static void append_at(emu_server_t *srv, const emu_change_t *ch, uint32_t t, uint32_t i,
+                      const cs_txn_ctx_t *txn)
 {
     emu_oplog_t *log = srv->oplog;
-    uint32_t t = 0, i = 0;
-
-    if (!log || !ch || !ch->db) {
-        return;
-    }
-    init_floor(srv);
-    emu_clock_tick(srv, &t, &i);
-
     size_t count = (size_t)(log->next_seq - log->first_seq);
     if (count >= log->max_events) {
         drop_oldest(log);
@@ -615,6 +662,12 @@ void emu_oplog_append(emu_server_t *srv, const emu_change_t *ch)
     e->op = ch->op;
     if (!dup_names(ch, e)) {
         return; /* out of memory: the change is not recorded */
+    }
+    if (txn) {
+        e->in_txn = true;
+        e->txn_op_index = txn->op_index;
+        e->txn_number = txn->txn_number;
+        e->lsid = bson_copy(txn->lsid);
     }
     if (ch->coll_uuid && ch->op != EMU_OP_DROP_DATABASE && !ch->view) {
         e->has_uuid = true;
@@ -644,16 +697,48 @@ void emu_oplog_append(emu_server_t *srv, const emu_change_t *ch)
     emu_kbuf_t tok;
     emu_kbuf_init(&tok);
     mc_error_t err;
-    if (emu_cstoken_encode_event(&tok, t, i, false, e->has_uuid ? e->uuid : NULL, e->doc_key,
-                                 &err) != 0) {
+    if (emu_cstoken_encode_txn_event(&tok, t, i, e->txn_op_index, false,
+                                     e->has_uuid ? e->uuid : NULL, e->doc_key, &err) != 0) {
         /* A documentKey too deep to encode: fall back to a token without it, still unique by
-         * its cluster time. */
-        emu_cstoken_encode_event(&tok, t, i, false, e->has_uuid ? e->uuid : NULL, NULL, NULL);
+         * its cluster time and txnOpIndex. */
+        emu_cstoken_encode_txn_event(&tok, t, i, e->txn_op_index, false,
+                                     e->has_uuid ? e->uuid : NULL, NULL, NULL);
     }
     e->token = tok.data;
     e->token_len = tok.len;
     build_event(e, ch);
     log->next_seq++;
+}
+
+void emu_oplog_append(emu_server_t *srv, const emu_change_t *ch)
+{
+    uint32_t t = 0, i = 0;
+
+    if (!srv->oplog || !ch || !ch->db) {
+        return;
+    }
+    init_floor(srv);
+    emu_clock_tick(srv, &t, &i);
+    append_at(srv, ch, t, i, NULL);
+    pthread_cond_broadcast(&srv->oplog_cond);
+}
+
+void emu_oplog_append_txn(emu_server_t *srv, const emu_change_t *changes, size_t n,
+                          const bson_t *lsid, int64_t txn_number)
+{
+    uint32_t t = 0, i = 0;
+
+    if (!srv->oplog || n == 0) {
+        return;
+    }
+    init_floor(srv);
+    emu_clock_tick(srv, &t, &i); /* the commit's one cluster time */
+    for (size_t k = 0; k < n; k++) {
+        cs_txn_ctx_t txn = {lsid, txn_number, (uint32_t)k};
+        if (changes[k].db) {
+            append_at(srv, &changes[k], t, i, &txn);
+        }
+    }
     pthread_cond_broadcast(&srv->oplog_cond);
 }
 
@@ -931,6 +1016,312 @@ static int id_modified_error(const bson_t *event, const bson_t *out, mc_error_t 
     return MC_ESERVER;
 }
 
+/* ---- large events: BSONObjectTooLarge and $changeStreamSplitLargeEvent ---- */
+
+/* One fragment of a split event, with its own resume token. */
+typedef struct cs_frag {
+    bson_t *doc;
+    emu_kbuf_t token;
+} cs_frag_t;
+
+static void frags_free(cs_cursor_t *c)
+{
+    for (size_t k = 0; k < c->n_frags; k++) {
+        if (c->frags[k].doc) {
+            bson_destroy(c->frags[k].doc);
+        }
+        emu_kbuf_destroy(&c->frags[k].token);
+    }
+    free(c->frags);
+    c->frags = NULL;
+    c->n_frags = 0;
+    c->next_frag = 0;
+}
+
+/* Appends `s` to `buf` (capacity `size`, position *pos), truncating at the end. */
+static void put_text(char *buf, size_t size, size_t *pos, const char *s, size_t n)
+{
+    if (*pos >= size) {
+        return;
+    }
+    size_t room = size - 1 - *pos;
+    n = n < room ? n : room;
+    memcpy(buf + *pos, s, n);
+    *pos += n;
+    buf[*pos] = '\0';
+}
+
+static void put_value_text(char *buf, size_t size, size_t *pos, const bson_iter_t *it, int depth);
+
+/* An object the way MongoDB's BSONObj::toString prints it: { a: 1, b: "x" }. */
+static void put_object_text(char *buf, size_t size, size_t *pos, const bson_iter_t *it, int depth)
+{
+    bson_iter_t child;
+    bool first = true;
+    if (depth > 20 || !bson_iter_recurse(it, &child)) {
+        put_text(buf, size, pos, "...", 3);
+        return;
+    }
+    while (bson_iter_next(&child)) {
+        put_text(buf, size, pos, first ? "{ " : ", ", 2);
+        first = false;
+        const char *k = bson_iter_key(&child);
+        put_text(buf, size, pos, k, strlen(k));
+        put_text(buf, size, pos, ": ", 2);
+        put_value_text(buf, size, pos, &child, depth + 1);
+    }
+    put_text(buf, size, pos, first ? "{}" : " }", 2);
+}
+
+/* One value as BSONElement::toString(full = false) prints it: strings of 160 bytes or more are
+ * cut to their first 150. */
+static void put_value_text(char *buf, size_t size, size_t *pos, const bson_iter_t *it, int depth)
+{
+    char num[64];
+    switch (bson_iter_type(it)) {
+    case BSON_TYPE_DOCUMENT: put_object_text(buf, size, pos, it, depth); return;
+    case BSON_TYPE_UTF8: {
+        uint32_t len = 0;
+        const char *v = bson_iter_utf8(it, &len);
+        put_text(buf, size, pos, "\"", 1);
+        if (len + 1 > 160) {
+            put_text(buf, size, pos, v, 150);
+            put_text(buf, size, pos, "...\"", 4);
+        } else {
+            put_text(buf, size, pos, v, len);
+            put_text(buf, size, pos, "\"", 1);
+        }
+        return;
+    }
+    case BSON_TYPE_INT32: snprintf(num, sizeof num, "%d", bson_iter_int32(it)); break;
+    case BSON_TYPE_INT64: snprintf(num, sizeof num, "%lld", (long long)bson_iter_int64(it)); break;
+    default: {
+        bson_t tmp = BSON_INITIALIZER;
+        bson_append_iter(&tmp, "v", 1, it);
+        char *json = bson_as_relaxed_extended_json(&tmp, NULL);
+        bson_destroy(&tmp);
+        /* {"v" : <value> } */
+        if (json && strlen(json) > 9) {
+            put_text(buf, size, pos, json + 8, strlen(json) - 10);
+        }
+        bson_free(json);
+        return;
+    }
+    }
+    put_text(buf, size, pos, num, strlen(num));
+}
+
+/* Context a real server adds to an error raised while it runs the pipeline. */
+static const char *exec_context(bool getmore)
+{
+    return getmore ? "Executor error during getMore :: caused by :: "
+                   : "PlanExecutor error during aggregation :: caused by :: ";
+}
+
+/* 10334 BSONObjectTooLarge for an event past the BSON limit, worded as MongoDB's BSONObj
+ * constructor does, with the event's first element. */
+static int too_large_error(const bson_t *ev, bool getmore, mc_error_t *err)
+{
+    char first[512] = "EOO";
+    size_t pos = 0;
+    bson_iter_t it;
+    if (bson_iter_init(&it, ev) && bson_iter_next(&it)) {
+        first[0] = '\0';
+        const char *k = bson_iter_key(&it);
+        put_text(first, sizeof first, &pos, k, strlen(k));
+        put_text(first, sizeof first, &pos, ": ", 2);
+        put_value_text(first, sizeof first, &pos, &it, 0);
+    }
+    return set_err(err, 10334,
+                   "%sBSONObj size: %u (0x%X) is invalid. Size must be between 0 and %d(16MB) "
+                   "First element: %s",
+                   exec_context(getmore), ev->len, ev->len, CS_MAX_EVENT_BYTES, first);
+}
+
+/* A top-level field of the event, by the size of its BSON element (type, name, value). */
+typedef struct split_field {
+    const char *key;
+    uint32_t size;
+    bson_iter_t it;
+} split_field_t;
+
+static int cmp_split_field(const void *a, const void *b)
+{
+    const split_field_t *x = a, *y = b;
+    if (x->size != y->size) {
+        return x->size < y->size ? -1 : 1;
+    }
+    return strcmp(x->key, y->key);
+}
+
+/* The size a fragment starts at before its fields: _id, splitEvent and the $sortKey metadata a
+ * real server counts while it fills the fragment. */
+static size_t fragment_base_size(const emu_kbuf_t *tok)
+{
+    bson_t b = BSON_INITIALIZER, se, arr;
+    emu_cstoken_append(&b, "_id", tok->data, tok->len);
+    BSON_APPEND_DOCUMENT_BEGIN(&b, "splitEvent", &se);
+    BSON_APPEND_INT32(&se, "fragment", 1);
+    BSON_APPEND_INT32(&se, "of", 0);
+    bson_append_document_end(&b, &se);
+    BSON_APPEND_ARRAY_BEGIN(&b, "$sortKey", &arr);
+    emu_cstoken_append(&arr, "0", tok->data, tok->len);
+    bson_append_array_end(&b, &arr);
+    size_t n = b.len;
+    bson_destroy(&b);
+    return n;
+}
+
+/* The fragment token: MongoDB allows a fragmentNum only in a v2 token. */
+static int fragment_token(const cs_entry_t *e, uint32_t k, emu_kbuf_t *out, mc_error_t *err)
+{
+    bson_t desc = BSON_INITIALIZER;
+    if (e->op == EMU_OP_RENAME) {
+        append_ns(&desc, "to", e->to_db, e->to_coll);
+    }
+    int rc = emu_cstoken_encode_fragment(out, e->ts_t, e->ts_i, e->txn_op_index,
+                                         e->has_uuid ? e->uuid : NULL, op_name(e->op), e->doc_key,
+                                         &desc, k, err);
+    bson_destroy(&desc);
+    return rc;
+}
+
+/* Splits `ev` (the event of entry `e` after the user's stages) the way MongoDB does: the fields
+ * but _id, smallest first (by BSON size, then name), fill fragment after fragment up to the
+ * largest event size less the size of the event's resume token; each fragment is
+ * {_id: its token, splitEvent: {fragment: n, of: N}, fields...}. The first `skip` fragments are
+ * dropped. Queues the rest in the cursor. */
+static int split_event(cs_cursor_t *c, const cs_entry_t *e, const bson_t *ev, size_t skip,
+                       bool getmore, mc_error_t *err)
+{
+    bson_iter_t it;
+    size_t n = 0, cap = 16;
+    split_field_t *f = malloc(cap * sizeof *f);
+    size_t token_size = 0;
+    int rc = 0;
+
+    if (!f || !bson_iter_init(&it, ev)) {
+        free(f);
+        return set_err(err, 146, "out of memory splitting a change event");
+    }
+    while (bson_iter_next(&it)) {
+        if (strcmp(bson_iter_key(&it), "_id") == 0) {
+            uint32_t len = 0;
+            const uint8_t *data = NULL;
+            if (BSON_ITER_HOLDS_DOCUMENT(&it)) {
+                bson_iter_document(&it, &len, &data);
+            }
+            token_size = len;
+            continue;
+        }
+        if (n == cap) {
+            split_field_t *g = realloc(f, 2 * cap * sizeof *f);
+            if (!g) {
+                free(f);
+                return set_err(err, 146, "out of memory splitting a change event");
+            }
+            f = g;
+            cap *= 2;
+        }
+        f[n].key = bson_iter_key(&it);
+        f[n].size = it.next_off - it.off;
+        f[n].it = it;
+        n++;
+    }
+    if (n == 0) {
+        free(f);
+        return set_err(err, 7182502,
+                       "%sCannot split an empty event or an event containing solely '_id' field",
+                       exec_context(getmore));
+    }
+    qsort(f, n, sizeof *f, cmp_split_field);
+
+    size_t max_frag = CS_MAX_SPLIT_BYTES - token_size;
+    /* Group the fields: start[g] is the first field of fragment g. */
+    size_t *start = malloc((n + 1) * sizeof *start);
+    cs_frag_t *frags = NULL;
+    size_t groups = 0;
+    emu_kbuf_t tok;
+    emu_kbuf_init(&tok);
+    if (!start) {
+        free(f);
+        return set_err(err, 146, "out of memory splitting a change event");
+    }
+    for (size_t k = 0; k < n;) {
+        rc = fragment_token(e, (uint32_t)groups, &tok, err);
+        if (rc != 0) {
+            goto done;
+        }
+        size_t size = fragment_base_size(&tok);
+        start[groups++] = k;
+        do {
+            size += f[k].size;
+            k++;
+        } while (k < n && size + f[k].size <= max_frag);
+        if (size > max_frag) {
+            rc = set_err(err, 7182500,
+                         "%sSplitting change event failed: fragment size %zu is greater than "
+                         "maximum allowed fragment size %zu",
+                         exec_context(getmore), size, max_frag);
+            goto done;
+        }
+    }
+    start[groups] = n;
+    if (skip >= groups) {
+        rc = set_err(err, 280,
+                     "%sAttempted to resume from a split event, but the resumed stream produced "
+                     "a different split. Ensure that the pipeline used to resume is the same as "
+                     "the original",
+                     exec_context(getmore));
+        goto done;
+    }
+    frags = calloc(groups - skip, sizeof *frags);
+    if (!frags) {
+        rc = set_err(err, 146, "out of memory splitting a change event");
+        goto done;
+    }
+    for (size_t g = skip; g < groups; g++) {
+        cs_frag_t *fr = &frags[g - skip];
+        emu_kbuf_init(&fr->token);
+        rc = fragment_token(e, (uint32_t)g, &fr->token, err);
+        if (rc != 0) {
+            break;
+        }
+        bson_t se;
+        fr->doc = bson_new();
+        emu_cstoken_append(fr->doc, "_id", fr->token.data, fr->token.len);
+        BSON_APPEND_DOCUMENT_BEGIN(fr->doc, "splitEvent", &se);
+        BSON_APPEND_INT32(&se, "fragment", (int32_t)(g + 1));
+        BSON_APPEND_INT32(&se, "of", (int32_t)groups);
+        bson_append_document_end(fr->doc, &se);
+        for (size_t k = start[g]; k < start[g + 1]; k++) {
+            bson_append_iter(fr->doc, f[k].key, -1, &f[k].it);
+        }
+    }
+    if (rc != 0) {
+        goto done;
+    }
+    frags_free(c);
+    c->frags = frags;
+    c->n_frags = groups - skip;
+    c->next_frag = 0;
+    frags = NULL;
+done:
+    if (frags) {
+        for (size_t g = 0; g < groups - skip; g++) {
+            if (frags[g].doc) {
+                bson_destroy(frags[g].doc);
+            }
+            emu_kbuf_destroy(&frags[g].token);
+        }
+        free(frags);
+    }
+    emu_kbuf_destroy(&tok);
+    free(start);
+    free(f);
+    return rc;
+}
+
 /* ---- batches ---- */
 
 typedef struct cs_batch {
@@ -1021,13 +1412,94 @@ static int history_lost(mc_error_t *err)
                    "possible, as the resume point may no longer be in the oplog.");
 }
 
+/* Remembers the token of the last event returned (see append_pbrt). */
+static void note_last_token(cs_cursor_t *c, const uint8_t *tok, size_t len, uint32_t t, uint32_t i)
+{
+    c->last_token.len = 0;
+    if (c->last_token.cap < len) {
+        uint8_t *d = realloc(c->last_token.data, len);
+        if (!d) {
+            return;
+        }
+        c->last_token.data = d;
+        c->last_token.cap = len;
+    }
+    memcpy(c->last_token.data, tok, len);
+    c->last_token.len = len;
+    c->last_t = t;
+    c->last_i = i;
+}
+
+/* Returns queued fragments of a split event while the batch has room. True when the batch is
+ * full (and fragments remain). */
+static bool emit_fragments(cs_cursor_t *c, cs_batch_t *b, int64_t limit, uint32_t t, uint32_t i)
+{
+    while (c->next_frag < c->n_frags) {
+        cs_frag_t *fr = &c->frags[c->next_frag];
+        if ((limit != 0 && (int64_t)b->n >= limit) ||
+            (b->n > 0 && b->bytes + fr->doc->len > CS_BATCH_BYTES)) {
+            return true;
+        }
+        batch_add(b, fr->doc);
+        b->last_token = fr->token.data;
+        b->last_token_len = fr->token.len;
+        note_last_token(c, fr->token.data, fr->token.len, t, i);
+        c->next_frag++;
+    }
+    return false;
+}
+
+/* What happens to an event that reached the end of the pipeline: 0 to return it as is; 1 when
+ * it was split (its fragments are queued); an error for an event too large to return (10334
+ * BSONObjectTooLarge, as a real server fails the cursor) or to split, or for a resume from a
+ * fragment that does not reproduce. */
+static int large_event(cs_cursor_t *c, const cs_entry_t *e, const bson_t *ev, bool getmore,
+                       mc_error_t *err)
+{
+    if (c->split) {
+        bool resuming = c->split_resume;
+        c->split_resume = false;
+        if (ev->len <= CS_MAX_SPLIT_BYTES) {
+            if (resuming) {
+                return set_err(err, 280,
+                               "%sAttempted to resume from a split event fragment, but the event "
+                               "in the resumed stream was not large enough to be split",
+                               exec_context(getmore));
+            }
+            return 0;
+        }
+        /* Resuming from fragment k: the split drops fragments 0..k-1 and, as a real server's
+         * check of the resume token does, the token's own fragment k is not returned again. */
+        int rc = split_event(c, e, ev, resuming ? c->split_resume_frag : 0, getmore, err);
+        if (rc == 0 && resuming) {
+            c->next_frag = 1;
+        }
+        return rc == 0 ? 1 : rc;
+    }
+    if (ev->len > CS_MAX_EVENT_BYTES) {
+        return too_large_error(ev, getmore, err);
+    }
+    return 0;
+}
+
 /* Examines entries from the cursor's position and appends what it sees, up to `limit` events
- * (0: no limit) and about 16 MB. Returns 0 or an error (the cursor must then be closed). */
-static int collect(emu_server_t *srv, cs_cursor_t *c, cs_batch_t *b, int64_t limit, mc_error_t *err)
+ * (0: no limit) and about 16 MB. Returns 0 or an error (the cursor must then be closed).
+ * `getmore` tells which command runs it (for the context of errors). */
+static int collect(emu_server_t *srv, cs_cursor_t *c, cs_batch_t *b, int64_t limit, bool getmore,
+                   mc_error_t *err)
 {
     emu_oplog_t *log = srv->oplog;
 
+    if (c->n_frags > 0 && c->next_frag >= c->n_frags) {
+        frags_free(c); /* every fragment went out in earlier replies */
+    }
     while (!b->invalidated && (limit == 0 || (int64_t)b->n < limit)) {
+        if (c->next_frag < c->n_frags) {
+            if (emit_fragments(c, b, limit, c->last_t, c->last_i)) {
+                break;
+            }
+            continue;
+        }
         if (c->pending_inv) {
             emit_invalidate(c, b);
             break;
@@ -1045,6 +1517,7 @@ static int collect(emu_server_t *srv, cs_cursor_t *c, cs_batch_t *b, int64_t lim
         }
         int vis = visibility(c, e);
         if (vis == 0) {
+            c->split_resume = false;
             c->pos++;
             continue;
         }
@@ -1084,13 +1557,16 @@ static int collect(emu_server_t *srv, cs_cursor_t *c, cs_batch_t *b, int64_t lim
                 ev = &piped;
             }
         }
-        if (keep && ev->len > EMU_MAX_BSON_SIZE) {
-            set_err(err, 10334,
-                    "BSONObj size: %u (0x%X) is invalid. Size must be between 0 and "
-                    "16793600(16MB)",
-                    ev->len, ev->len);
-            rc = MC_ESERVER;
-        } else if (keep && b->n > 0 && b->bytes + ev->len > CS_BATCH_BYTES) {
+        int large = 0;
+        if (keep) {
+            large = large_event(c, e, ev, getmore, err);
+            if (large < 0) {
+                rc = large;
+            }
+        } else {
+            c->split_resume = false;
+        }
+        if (keep && large == 0 && b->n > 0 && b->bytes + ev->len > CS_BATCH_BYTES) {
             /* Full: leave this entry for the next getMore. */
             if (used_piped) {
                 bson_destroy(&piped);
@@ -1099,10 +1575,14 @@ static int collect(emu_server_t *srv, cs_cursor_t *c, cs_batch_t *b, int64_t lim
                 bson_destroy(&scratch);
             }
             break;
-        } else if (keep) {
+        } else if (keep && large == 0) {
             batch_add(b, ev);
             b->last_token = e->token;
             b->last_token_len = e->token_len;
+            note_last_token(c, e->token, e->token_len, e->ts_t, e->ts_i);
+        } else if (large == 1) {
+            c->last_t = e->ts_t; /* the fragments' cluster time, for emit_fragments */
+            c->last_i = e->ts_i;
         }
         if (used_piped) {
             bson_destroy(&piped);
@@ -1159,6 +1639,13 @@ static void append_pbrt(emu_server_t *srv, const cs_cursor_t *c, const cs_batch_
     if (log->floor_set && ts_cmp(t, i, log->floor_t, log->floor_i) < 0) {
         t = log->floor_t;
         i = log->floor_i;
+    }
+    /* Never before the last event returned: inside a transaction whose remaining events this
+     * stream does not see, the mark has the same cluster time as that event's token but sorts
+     * before it (a resume would return those events again). */
+    if (c->last_token.len && ts_cmp(t, i, c->last_t, c->last_i) <= 0) {
+        emu_cstoken_append(parent, "postBatchResumeToken", c->last_token.data, c->last_token.len);
+        return;
     }
     emu_kbuf_t tok;
     emu_kbuf_init(&tok);
@@ -1293,14 +1780,30 @@ static int parse_spec(const bson_iter_t *spec_it, cs_spec_t *spec, mc_error_t *e
     return 0;
 }
 
-/* Compiles the stages after $changeStream (pipeline[1..]); *out stays NULL when none. */
-static int compile_user_stages(const bson_iter_t *pipeline_it, emu_pipeline_t **out,
+/* Checks a $changeStreamSplitLargeEvent stage: an empty spec, and last in the pipeline. */
+static int check_split_stage(const bson_iter_t *st, bool last, mc_error_t *err)
+{
+    bson_iter_t spec;
+    if (!BSON_ITER_HOLDS_DOCUMENT(st) || !bson_iter_recurse(st, &spec) || bson_iter_next(&spec)) {
+        return set_err(err, 7182800, "$changeStreamSplitLargeEvent spec should be an empty object");
+    }
+    if (!last) {
+        return set_err(err, 7182802,
+                       "$changeStreamSplitLargeEvent must be the last stage in the pipeline");
+    }
+    return 0;
+}
+
+/* Compiles the stages after $changeStream (pipeline[1..]); *out stays NULL when none. A final
+ * $changeStreamSplitLargeEvent is not compiled but sets *split. */
+static int compile_user_stages(const bson_iter_t *pipeline_it, emu_pipeline_t **out, bool *split,
                                mc_error_t *err)
 {
     bson_iter_t it;
     bson_t stages = BSON_INITIALIZER;
     uint32_t n = 0;
     *out = NULL;
+    *split = false;
     bson_iter_recurse(pipeline_it, &it);
     bson_iter_next(&it); /* the $changeStream stage */
     while (bson_iter_next(&it)) {
@@ -1314,6 +1817,15 @@ static int compile_user_stages(const bson_iter_t *pipeline_it, emu_pipeline_t **
             bson_destroy(&stages);
             return set_err(err, 40602,
                            "$changeStream is only valid as the first stage in a pipeline");
+        }
+        if (strcmp(bson_iter_key(&st), "$changeStreamSplitLargeEvent") == 0) {
+            bson_iter_t rest = it;
+            if (check_split_stage(&st, !bson_iter_next(&rest), err) != 0) {
+                bson_destroy(&stages);
+                return MC_ESERVER;
+            }
+            *split = true;
+            continue;
         }
         char keybuf[16];
         const char *key;
@@ -1338,10 +1850,19 @@ static int compile_user_stages(const bson_iter_t *pipeline_it, emu_pipeline_t **
 /* The entry a resume token names matches it byte for byte, apart from fromInvalidate. */
 static bool token_names_entry(const emu_cstoken_t *tok, const cs_entry_t *e)
 {
-    if (tok->raw_len != e->token_len || tok->raw_len <= EMU_CSTOKEN_FROM_INVALIDATE_OFFSET) {
+    if (tok->has_fragment) {
+        /* A fragment's token names the event it was cut from. */
+        emu_kbuf_t frag;
+        emu_kbuf_init(&frag);
+        bool same = fragment_token(e, tok->fragment_num, &frag, NULL) == 0 &&
+                    frag.len == tok->raw_len && memcmp(frag.data, tok->raw, frag.len) == 0;
+        emu_kbuf_destroy(&frag);
+        return same;
+    }
+    size_t k = tok->from_invalidate_offset;
+    if (tok->raw_len != e->token_len || k == 0 || tok->raw_len <= k) {
         return false;
     }
-    size_t k = EMU_CSTOKEN_FROM_INVALIDATE_OFFSET;
     return memcmp(tok->raw, e->token, k) == 0 &&
            memcmp(tok->raw + k + 1, e->token + k + 1, tok->raw_len - k - 1) == 0;
 }
@@ -1410,6 +1931,12 @@ static int resolve_start(emu_server_t *srv, cs_cursor_t *c, const cs_spec_t *spe
                      c->ns);
         goto done;
     }
+    if (tok.has_fragment && !c->split) {
+        rc = set_err(err, 280,
+                     "To resume from a split event, the $changeStream pipeline must include a "
+                     "$changeStreamSplitLargeEvent stage");
+        goto done;
+    }
     uint64_t idx = lower_bound(log, tok.ts_t, tok.ts_i);
     if (tok.type == EMU_CSTOKEN_HWM) {
         c->pos = idx;
@@ -1419,10 +1946,25 @@ static int resolve_start(emu_server_t *srv, cs_cursor_t *c, const cs_spec_t *spe
         goto done;
     }
     if (idx < log->next_seq) {
-        cs_entry_t *e = entry_at(log, idx);
-        if (ts_cmp(e->ts_t, e->ts_i, tok.ts_t, tok.ts_i) == 0 && token_names_entry(&tok, e) &&
-            (!tok.from_invalidate || entry_can_invalidate(e))) {
-            c->pos = idx + 1;
+        /* The writes of a transaction share the cluster time: find the one the token names
+         * (resuming then goes on with the next event of the same transaction). */
+        for (uint64_t k = idx; k < log->next_seq; k++) {
+            cs_entry_t *e = entry_at(log, k);
+            if (ts_cmp(e->ts_t, e->ts_i, tok.ts_t, tok.ts_i) != 0) {
+                break;
+            }
+            if (!token_names_entry(&tok, e) || (tok.from_invalidate && !entry_can_invalidate(e))) {
+                continue;
+            }
+            note_last_token(c, tok.raw, tok.raw_len, tok.ts_t, tok.ts_i);
+            if (tok.has_fragment) {
+                /* Split again from this event, dropping what was delivered. */
+                c->pos = k;
+                c->split_resume = true;
+                c->split_resume_frag = tok.fragment_num;
+                goto done;
+            }
+            c->pos = k + 1;
             if (!tok.from_invalidate && visibility(c, e) == 2) {
                 /* Resuming from the event that invalidated the stream: the invalidate is
                  * what comes next. */
@@ -1576,6 +2118,7 @@ void emu_cs_aggregate(emu_conn_t *conn, const bson_t *cmd, const char *db, bson_
         return;
     }
     emu_kbuf_init(&c->inv_src_token);
+    emu_kbuf_init(&c->last_token);
     c->scope = scope;
     c->full_doc = spec.full_doc;
     c->pre = spec.pre;
@@ -1596,7 +2139,7 @@ void emu_cs_aggregate(emu_conn_t *conn, const bson_t *cmd, const char *db, bson_
         emu_reply_error(reply, 146, "out of memory");
         return;
     }
-    if (compile_user_stages(&pipeline_it, &c->pipeline, &err) != 0 ||
+    if (compile_user_stages(&pipeline_it, &c->pipeline, &c->split, &err) != 0 ||
         resolve_start(srv, c, &spec, &err) != 0) {
         cursor_free(c);
         reply_cs_error(reply, &err);
@@ -1605,7 +2148,7 @@ void emu_cs_aggregate(emu_conn_t *conn, const bson_t *cmd, const char *db, bson_
 
     cs_batch_t b;
     batch_init(&b);
-    if (batch_size > 0 && collect(srv, c, &b, batch_size, &err) != 0) {
+    if (batch_size > 0 && collect(srv, c, &b, batch_size, false, &err) != 0) {
         batch_destroy(&b);
         cursor_free(c);
         reply_cs_error(reply, &err);
@@ -1630,17 +2173,6 @@ void emu_cs_aggregate(emu_conn_t *conn, const bson_t *cmd, const char *db, bson_
 bool emu_cs_owns_cursor(emu_server_t *srv, int64_t cursor_id)
 {
     return cursor_find(srv, cursor_id) != NULL;
-}
-
-static void deadline_in(struct timespec *ts, int64_t ms)
-{
-    clock_gettime(CLOCK_REALTIME, ts);
-    ts->tv_sec += (time_t)(ms / 1000);
-    ts->tv_nsec += (long)(ms % 1000) * 1000000L;
-    if (ts->tv_nsec >= 1000000000L) {
-        ts->tv_sec++;
-        ts->tv_nsec -= 1000000000L;
-    }
 }
 
 static bool deadline_passed(const struct timespec *ts)
@@ -1731,13 +2263,13 @@ void emu_cs_getmore(emu_conn_t *conn, const bson_t *cmd, const char *db, bson_t 
     }
 
     struct timespec deadline;
-    deadline_in(&deadline, max_time_ms);
+    emu_deadline_after_ms(&deadline, max_time_ms);
     cs_batch_t b;
     batch_init(&b);
     c->busy = true;
     int rc = 0;
     for (;;) {
-        rc = collect(srv, c, &b, batch_size, &err);
+        rc = collect(srv, c, &b, batch_size, true, &err);
         if (rc != 0 || b.n > 0 || b.invalidated || srv->shutting_down || max_time_ms == 0 ||
             deadline_passed(&deadline)) {
             break;
@@ -1747,7 +2279,7 @@ void emu_cs_getmore(emu_conn_t *conn, const bson_t *cmd, const char *db, bson_t 
             break;
         }
         if (w == ETIMEDOUT) {
-            rc = collect(srv, c, &b, batch_size, &err);
+            rc = collect(srv, c, &b, batch_size, true, &err);
             break;
         }
     }

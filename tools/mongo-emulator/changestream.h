@@ -55,6 +55,12 @@ void emu_changestream_cleanup(emu_server_t *srv);
  * the oplog is full) and wakes waiting getMores. */
 void emu_oplog_append(emu_server_t *srv, const emu_change_t *change);
 
+/* Records the writes of one committed transaction: one cluster time for all of them,
+ * txnOpIndex 0..n-1 in order, and `lsid` ({id, uid}) and `txnNumber` on each event, as
+ * MongoDB's change streams unwind a transaction's applyOps entry. */
+void emu_oplog_append_txn(emu_server_t *srv, const emu_change_t *changes, size_t n,
+                          const bson_t *lsid, int64_t txn_number);
+
 /* aggregate whose pipeline[0] is {$changeStream: ...}. */
 void emu_cs_aggregate(emu_conn_t *conn, const bson_t *cmd, const char *db, bson_t *reply);
 /* True when `cursor_id` is an open change-stream cursor. */

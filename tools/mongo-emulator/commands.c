@@ -10,6 +10,8 @@
 #include "core.h"
 
 #include "changestream.h"
+#include "history.h"
+#include "txn.h"
 
 #include <errno.h>
 #include <stdarg.h>
@@ -33,6 +35,26 @@ int64_t emu_now_ms(void)
     struct timespec ts;
     clock_gettime(CLOCK_REALTIME, &ts);
     return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+void emu_deadline_after_ms(struct timespec *ts, int64_t ms)
+{
+    clock_gettime(CLOCK_REALTIME, ts);
+    ts->tv_sec += (time_t)(ms / 1000);
+    ts->tv_nsec += (long)(ms % 1000) * 1000000L;
+    if (ts->tv_nsec >= 1000000000L) {
+        ts->tv_sec++;
+        ts->tv_nsec -= 1000000000L;
+    }
+}
+
+int emu_server_error(mc_error_t *err, int code, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    mc_error_vset(err, MC_ESERVER, MC_DOMAIN_MONGODB, code, fmt, ap);
+    va_end(ap);
+    return MC_ESERVER;
 }
 
 /* ---- clock and cursor ids ---- */
@@ -564,12 +586,109 @@ static void cmd_connection_status(emu_conn_t *conn, const bson_t *cmd, const cha
     (void)db;
 }
 
-static void cmd_no_transactions(emu_conn_t *conn, const bson_t *cmd, const char *db, bson_t *reply)
+/* The server parameters the emulator honours: the snapshot history window (SnapshotTooOld
+ * tests shrink it, as they do on a real server) and the transaction lifetime. */
+typedef struct param {
+    const char *name;
+    int64_t min;
+    int64_t (*get)(emu_server_t *srv);
+    int64_t (*set)(emu_server_t *srv, int64_t v); /* returns the previous value */
+} param_t;
+
+static const param_t params[] = {
+    {"minSnapshotHistoryWindowInSeconds", 0, emu_history_window, emu_history_set_window},
+    {"transactionLifetimeLimitSeconds", 1, emu_txn_lifetime, emu_txn_set_lifetime},
+};
+
+static const param_t *find_param(const char *name)
 {
-    emu_reply_error(reply, 20, "mongo-emulator does not support multi-document transactions (%s)",
-                    first_key(cmd));
-    (void)conn;
+    for (size_t k = 0; k < sizeof params / sizeof params[0]; k++) {
+        if (strcmp(params[k].name, name) == 0) {
+            return &params[k];
+        }
+    }
+    return NULL;
+}
+
+static void cmd_set_parameter(emu_conn_t *conn, const bson_t *cmd, const char *db, bson_t *reply)
+{
+    bson_iter_t it;
+    const param_t *p = NULL;
+    int64_t v = 0;
     (void)db;
+    bson_iter_init(&it, cmd);
+    bson_iter_next(&it); /* setParameter: 1 */
+    while (bson_iter_next(&it)) {
+        const char *k = bson_iter_key(&it);
+        if (k[0] == '$' || strcmp(k, "lsid") == 0 || strcmp(k, "comment") == 0) {
+            continue;
+        }
+        p = find_param(k);
+        if (!p) {
+            emu_reply_error(reply, 72,
+                            "attempted to set unrecognized parameter [%s], use help:true to see "
+                            "options ",
+                            k);
+            return;
+        }
+        if (!BSON_ITER_HOLDS_NUMBER(&it) || (v = bson_iter_as_int64(&it)) < p->min) {
+            emu_reply_error(reply, 2, "Invalid value for parameter %s: must be a number >= %lld", k,
+                            (long long)p->min);
+            return;
+        }
+        break;
+    }
+    if (!p) {
+        emu_reply_error(reply, 72, "no option found to set, use help:true to see options ");
+        return;
+    }
+    BSON_APPEND_INT64(reply, "was", p->set(conn->srv, v));
+}
+
+static void cmd_get_parameter(emu_conn_t *conn, const bson_t *cmd, const char *db, bson_t *reply)
+{
+    bson_iter_t it;
+    bool all = false;
+    (void)db;
+    if (bson_iter_init(&it, cmd) && bson_iter_next(&it) && BSON_ITER_HOLDS_UTF8(&it)) {
+        all = strcmp(bson_iter_utf8(&it, NULL), "*") == 0;
+    }
+    for (size_t k = 0; k < sizeof params / sizeof params[0]; k++) {
+        if (all || bson_has_field(cmd, params[k].name)) {
+            BSON_APPEND_INT64(reply, params[k].name, params[k].get(conn->srv));
+        }
+    }
+    if (!all && bson_count_keys(reply) == 0) {
+        emu_reply_error(reply, 72, "no option found to get");
+    }
+}
+
+/* A stage that only a change stream accepts, in an ordinary aggregate. */
+static bool refuse_split_stage(const bson_t *cmd, bson_t *reply)
+{
+    bson_iter_t it, stage;
+    if (!bson_iter_init_find(&it, cmd, "pipeline") || !BSON_ITER_HOLDS_ARRAY(&it) ||
+        !bson_iter_recurse(&it, &stage)) {
+        return false;
+    }
+    while (bson_iter_next(&stage)) {
+        bson_iter_t k;
+        if (BSON_ITER_HOLDS_DOCUMENT(&stage) && bson_iter_recurse(&stage, &k) &&
+            bson_iter_next(&k) && strcmp(bson_iter_key(&k), "$changeStreamSplitLargeEvent") == 0) {
+            bson_iter_t spec;
+            if (!BSON_ITER_HOLDS_DOCUMENT(&k) || !bson_iter_recurse(&k, &spec) ||
+                bson_iter_next(&spec)) {
+                emu_reply_error(reply, 7182800,
+                                "$changeStreamSplitLargeEvent spec should be an empty object");
+            } else {
+                emu_reply_error(reply, 20,
+                                "$changeStreamSplitLargeEvent can only be used in a $changeStream "
+                                "pipeline");
+            }
+            return true;
+        }
+    }
+    return false;
 }
 
 static void cmd_truncate_oplog(emu_conn_t *conn, const bson_t *cmd, const char *db, bson_t *reply)
@@ -607,9 +726,18 @@ static void cmd_aggregate(emu_conn_t *conn, const bson_t *cmd, const char *db, b
                                 "The $changeStream stage is only supported on replica sets");
                 return;
             }
+            if (conn->txn) {
+                emu_reply_error(reply, 263,
+                                "Stage not supported inside of a multi-document transaction: "
+                                "$changeStream");
+                return;
+            }
             emu_cs_aggregate(conn, cmd, db, reply);
             return;
         }
+    }
+    if (refuse_split_stage(cmd, reply)) {
+        return;
     }
     emu_cmd_aggregate(conn, cmd, db, reply);
 }
@@ -651,8 +779,8 @@ static const command_t commands[] = {
     {"ping", cmd_ping, 0},
     {"buildInfo", cmd_build_info, 0},
     {"buildinfo", cmd_build_info, 0},
-    {"endSessions", cmd_ping, 0},
-    {"killSessions", cmd_ping, 0},
+    {"endSessions", emu_cmd_end_sessions, 0},
+    {"killSessions", emu_cmd_end_sessions, 0},
     {"refreshSessions", cmd_ping, 0},
     {"killAllSessions", cmd_ping, 0},
     {"serverStatus", cmd_server_status, 0},
@@ -684,8 +812,10 @@ static const command_t commands[] = {
     {"dbStats", emu_cmd_db_stats, 0},
     {"configureFailPoint", emu_cmd_configure_fail_point, CMD_ADMIN_ONLY},
     {"emulatorTruncateOplog", cmd_truncate_oplog, 0},
-    {"commitTransaction", cmd_no_transactions, 0},
-    {"abortTransaction", cmd_no_transactions, 0},
+    {"commitTransaction", emu_cmd_commit_transaction, CMD_ADMIN_ONLY},
+    {"abortTransaction", emu_cmd_abort_transaction, CMD_ADMIN_ONLY},
+    {"setParameter", cmd_set_parameter, CMD_ADMIN_ONLY},
+    {"getParameter", cmd_get_parameter, CMD_ADMIN_ONLY},
 };
 
 static const command_t *find_command(const char *name)
@@ -726,9 +856,9 @@ static void dispatch(emu_conn_t *conn, const emu_wire_request_t *req, const char
         emu_reply_error(reply, 13, "%s may only be run against the admin database.", name);
         return;
     }
-    if (bson_has_field(&req->body, "startTransaction") ||
-        bson_has_field(&req->body, "autocommit")) {
-        emu_reply_error(reply, 20, "mongo-emulator does not support multi-document transactions");
+    emu_cmd_session_t cs;
+    if (!emu_session_begin(conn, name, req->db, &req->body, &cs, reply)) {
+        emu_add_txn_error_labels(name, &req->body, reply);
         return;
     }
     if (emu_catalog_refuse_view(conn->srv, name, req->db, &req->body, reply)) {
@@ -736,6 +866,7 @@ static void dispatch(emu_conn_t *conn, const emu_wire_request_t *req, const char
     }
     c->fn(conn, &req->body, req->db, reply);
     emu_reply_ok(reply);
+    emu_session_end(conn, name, &req->body, &cs, reply);
 }
 
 static void sleep_ms(emu_server_t *srv, int ms)

@@ -45,6 +45,7 @@ void emu_reply_parse_error(emu_conn_t *conn, const mc_error_t *err, bson_t *repl
 void emu_reply_ok(bson_t *reply);
 /* Wall-clock milliseconds since the epoch. Any thread. */
 int64_t emu_now_ms(void);
+
 /* Appends {"cursor": {<batch_key>: <batch>, "id": id, "ns": ns}} to reply. */
 void emu_reply_cursor(bson_t *reply, const char *batch_key, const bson_t *batch, int64_t id,
                       const char *ns);
@@ -115,6 +116,10 @@ typedef struct emu_coll {
     emu_index_t **indexes; /* [0] is always _id_ */
     size_t n_indexes;
     struct emu_coll *next;
+    /* The earliest cluster time a snapshot read can see this collection at: the first tick after
+     * it was created or renamed (MongoDB's "minimum visible snapshot"). */
+    uint32_t min_t;
+    uint32_t min_i;
 } emu_coll_t;
 
 typedef struct emu_db {
@@ -215,6 +220,12 @@ void emu_cursors_destroy(emu_cursors_t *cs);
  * the first batch stays in a new cursor. batch_size < 0: default (101). */
 void emu_cursor_reply_first(emu_server_t *srv, const char *ns, uint8_t *docs, size_t len,
                             long batch_size, bool single_batch, bson_t *reply);
+/* The same for a snapshot read: with `at` ({t, i}, may be NULL) every batch of the cursor
+ * carries atClusterTime, as a real server's do. The rest of the result is already computed, so
+ * getMore continues at the same snapshot by construction. */
+void emu_cursor_reply_first_at(emu_server_t *srv, const char *ns, uint8_t *docs, size_t len,
+                               long batch_size, bool single_batch, const uint32_t *at,
+                               bson_t *reply);
 void emu_cmd_get_more(emu_conn_t *conn, const bson_t *cmd, const char *db, bson_t *reply);
 void emu_cmd_kill_cursors(emu_conn_t *conn, const bson_t *cmd, const char *db, bson_t *reply);
 /* Drops the cursors reading namespace ns (its collection was dropped). */

@@ -1,23 +1,32 @@
 /*
  * crud.c: the data commands of mongo-emulator: insert, update, delete, find, findAndModify,
- * count, distinct and aggregate (without $changeStream).
+ * count, distinct and aggregate (without $changeStream), on the live data, on a snapshot
+ * (readConcern "snapshot") or inside a transaction.
  *
- * Runs on connection threads with srv->lock held. Every successful write records exactly one
- * oplog entry (emu_oplog_append) after the catalog has accepted it, so a change stream never
- * sees a write that failed (duplicate key, bad update). Slot numbers collected for a statement
- * stay valid through it because only emu_coll_maybe_compact moves documents, and it runs
- * after the statement. Queries of the form {_id: value} use the _id hash instead of a scan.
+ * Runs on connection threads with srv->lock held. A command works on a target: the live
+ * collection (refs are slot numbers), or a view of it as of a cluster time (refs index the
+ * view; view.h), which a transaction's writes also go through (txn.h: they stay private until
+ * commit). Invariants: every successful live write records exactly one oplog entry and one
+ * history record after the catalog has accepted it, so a change stream never sees a write that
+ * failed; slot numbers collected for a statement stay valid through it because only
+ * emu_coll_maybe_compact moves documents, and it runs after the statement; a live write never
+ * changes a document an open transaction has written: it waits (releasing the lock) for the
+ * transaction to end and then redoes its statement from the start. Queries of the form
+ * {_id: value} use the _id hash (or a by-_id view lookup) instead of a scan.
  */
 #include "core.h"
 
 #include "agg.h"
 #include "changestream.h"
+#include "history.h"
+#include "txn.h"
 #include "update.h"
+#include "view.h"
 
 #include <string.h>
+#include <time.h>
 
 #define ALL_MATCHES ((size_t)-1)
-
 /* ---- small helpers ---- */
 
 static bool view_field_doc(const bson_t *cmd, const char *name, bson_t *out)
@@ -137,34 +146,165 @@ static void slots_push(slots_t *s, size_t slot)
     s->v[s->n++] = slot;
 }
 
-/* Collects up to `limit` matching slots of c, in natural order. */
-static void collect(const emu_coll_t *c, const matcher_t *m, size_t limit, slots_t *out)
+/* ---- targets ---- */
+
+typedef enum { VIEW_NONE, VIEW_FULL, VIEW_ONE } view_kind_t;
+
+/* Where a command reads and writes. */
+typedef struct target {
+    emu_conn_t *conn;
+    emu_server_t *srv;
+    const char *db;
+    const char *name;
+    emu_coll_t *coll; /* live target: the collection (NULL while it does not exist) */
+    emu_txn_t *txn;   /* the command's transaction: reads see its writes, writes go to it */
+    bool is_view;     /* reads come from a view at (t, i); refs index v.docs */
+    uint32_t t, i;
+    emu_view_t v;
+    view_kind_t v_kind;
+} target_t;
+
+static void tgt_init(target_t *t, emu_conn_t *conn, const char *db, const char *name)
 {
-    out->n = 0;
-    if (!c || limit == 0) {
-        return;
-    }
-    if (m->by_id) {
-        long slot = emu_coll_find_id(c, &m->id);
-        if (slot >= 0) {
-            slots_push(out, (size_t)slot);
-        }
-        return;
-    }
-    for (size_t s = 0; s < c->n_slots && out->n < limit; s++) {
-        bson_t doc;
-        if (!c->docs[s].data) {
-            continue;
-        }
-        emu_doc_view(&c->docs[s], &doc);
-        if (mc_filter_match(m->filter, &doc)) {
-            slots_push(out, s);
-        }
+    memset(t, 0, sizeof *t);
+    t->conn = conn;
+    t->srv = conn->srv;
+    t->db = db;
+    t->name = name;
+    t->txn = conn->txn;
+    if (t->txn) {
+        t->is_view = true;
+        emu_txn_read_time(t->txn, &t->t, &t->i);
+    } else {
+        t->coll = emu_catalog_coll(t->srv, db, name);
     }
 }
 
-/* Stable bottom-up merge sort of slots by a sort spec. */
-static void sort_slots(const emu_coll_t *c, const bson_t *spec, slots_t *s)
+/* A read target: inside a transaction its view; with readConcern snapshot a view at that time
+ * (*at_out set, for the reply's atClusterTime); otherwise the live collection. */
+static bool tgt_init_read(target_t *t, emu_conn_t *conn, const char *db, const char *name,
+                          const char *cmd_name, const bson_t *cmd, bool supports_snapshot,
+                          uint32_t at_out[2], bool *has_at, bson_t *reply)
+{
+    mc_error_t err;
+    tgt_init(t, conn, db, name);
+    *has_at = false;
+    if (t->txn) {
+        return true;
+    }
+    emu_read_at_t at;
+    if (emu_read_at(t->srv, cmd_name, cmd, supports_snapshot, &at, &err) != 0) {
+        emu_reply_error_from(reply, &err);
+        return false;
+    }
+    if (at.snapshot) {
+        t->is_view = true;
+        t->t = at.t;
+        t->i = at.i;
+        at_out[0] = at.t;
+        at_out[1] = at.i;
+        *has_at = true;
+    }
+    return true;
+}
+
+static void tgt_cleanup(target_t *t)
+{
+    emu_view_free(&t->v);
+    t->v_kind = VIEW_NONE;
+}
+
+/* After a write: the view no longer shows the data, and a live collection may have been
+ * created (or, after a wait, dropped). */
+static void tgt_refresh(target_t *t)
+{
+    if (t->is_view) {
+        emu_view_free(&t->v);
+        t->v_kind = VIEW_NONE;
+    } else {
+        t->coll = emu_catalog_coll(t->srv, t->db, t->name);
+    }
+}
+
+static void tgt_doc(const target_t *t, size_t ref, bson_t *out)
+{
+    if (t->is_view) {
+        bson_init_static(out, t->v.docs[ref].data, t->v.docs[ref].len);
+    } else {
+        emu_doc_view(&t->coll->docs[ref], out);
+    }
+}
+
+/* Collects up to `limit` refs of matching documents, in natural order. */
+static int tgt_collect(target_t *t, const matcher_t *m, size_t limit, slots_t *out, mc_error_t *err)
+{
+    out->n = 0;
+    if (limit == 0) {
+        return 0;
+    }
+    if (!t->is_view) {
+        const emu_coll_t *c = t->coll;
+        if (!c) {
+            return 0;
+        }
+        if (m->by_id) {
+            long slot = emu_coll_find_id(c, &m->id);
+            if (slot >= 0) {
+                slots_push(out, (size_t)slot);
+            }
+            return 0;
+        }
+        for (size_t s = 0; s < c->n_slots && out->n < limit; s++) {
+            bson_t doc;
+            if (!c->docs[s].data) {
+                continue;
+            }
+            emu_doc_view(&c->docs[s], &doc);
+            if (mc_filter_match(m->filter, &doc)) {
+                slots_push(out, s);
+            }
+        }
+        return 0;
+    }
+    if (m->by_id) {
+        emu_vdoc_t d;
+        bool found = false;
+        tgt_cleanup(t);
+        if (emu_view_find_id(t->srv, t->db, t->name, t->t, t->i, t->txn, &m->id, &d, &found, err) !=
+            0) {
+            return MC_ESERVER;
+        }
+        t->v_kind = VIEW_ONE;
+        if (found) {
+            t->v.docs = malloc(sizeof *t->v.docs);
+            if (!t->v.docs) {
+                return mc_error_set(err, MC_ENOMEM, MC_DOMAIN_MONGODB, 146, "out of memory");
+            }
+            t->v.docs[0] = d;
+            t->v.n = t->v.cap = 1;
+            slots_push(out, 0);
+        }
+        return 0;
+    }
+    if (t->v_kind != VIEW_FULL) {
+        tgt_cleanup(t);
+        if (emu_view_build(t->srv, t->db, t->name, t->t, t->i, t->txn, &t->v, err) != 0) {
+            return MC_ESERVER;
+        }
+        t->v_kind = VIEW_FULL;
+    }
+    for (size_t k = 0; k < t->v.n && out->n < limit; k++) {
+        bson_t doc;
+        bson_init_static(&doc, t->v.docs[k].data, t->v.docs[k].len);
+        if (mc_filter_match(m->filter, &doc)) {
+            slots_push(out, k);
+        }
+    }
+    return 0;
+}
+
+/* Stable bottom-up merge sort of refs by a sort spec. */
+static void sort_slots(const target_t *t, const bson_t *spec, slots_t *s)
 {
     size_t n = s->n;
     size_t *a = s->v, *b;
@@ -180,8 +320,8 @@ static void sort_slots(const emu_coll_t *c, const bson_t *spec, slots_t *s)
             size_t i = lo, j = mid, k = lo;
             while (i < mid && j < hi) {
                 bson_t x, y;
-                emu_doc_view(&c->docs[a[i]], &x);
-                emu_doc_view(&c->docs[a[j]], &y);
+                tgt_doc(t, a[i], &x);
+                tgt_doc(t, a[j], &y);
                 if (emu_sort_compare(spec, &y, &x) < 0) {
                     b[k++] = a[j++];
                 } else {
@@ -196,9 +336,9 @@ static void sort_slots(const emu_coll_t *c, const bson_t *spec, slots_t *s)
             }
         }
         {
-            size_t *t = a;
+            size_t *tmp = a;
             a = b;
-            b = t;
+            b = tmp;
         }
     }
     if (a != s->v) {
@@ -206,6 +346,51 @@ static void sort_slots(const emu_coll_t *c, const bson_t *spec, slots_t *s)
         b = a;
     }
     bson_free(b);
+}
+
+/* ---- waiting for transactions ---- */
+
+/* The deadline of a command's maxTimeMS; tv_sec 0 when it has none. */
+static void cmd_deadline(const bson_t *cmd, struct timespec *ts)
+{
+    bson_iter_t it;
+    ts->tv_sec = 0;
+    ts->tv_nsec = 0;
+    if (bson_iter_init_find(&it, cmd, "maxTimeMS") && BSON_ITER_HOLDS_NUMBER(&it) &&
+        bson_iter_as_int64(&it) > 0) {
+        emu_deadline_after_ms(ts, bson_iter_as_int64(&it));
+    }
+}
+
+/* For a live write about to change `doc`: 0 when no open transaction has written it; MC_EAGAIN
+ * after waiting for one to end (the caller redoes its statement: the lock was released, so
+ * collections and slots may have changed); MC_ESERVER when the wait failed (maxTimeMS, shutdown).
+ */
+static int wait_doc_unlocked(target_t *t, const bson_t *doc, const struct timespec *deadline,
+                             mc_error_t *err)
+{
+    if (t->txn || !emu_txn_doc_locked(t->srv, NULL, t->db, t->name, doc)) {
+        return 0;
+    }
+    if (emu_txn_wait(t->conn, deadline, err) != 0) {
+        return MC_ESERVER;
+    }
+    tgt_refresh(t);
+    return MC_EAGAIN;
+}
+
+static int wait_refs_unlocked(target_t *t, const slots_t *s, const struct timespec *deadline,
+                              mc_error_t *err)
+{
+    for (size_t k = 0; k < s->n; k++) {
+        bson_t doc;
+        tgt_doc(t, s->v[k], &doc);
+        int rc = wait_doc_unlocked(t, &doc, deadline, err);
+        if (rc != 0) {
+            return rc;
+        }
+    }
+    return 0;
 }
 
 /* ---- _id handling ---- */
@@ -286,10 +471,12 @@ static int check_size(const bson_t *doc, mc_error_t *err)
     return 0;
 }
 
-/* ---- oplog ---- */
+/* ---- oplog and history ---- */
 
+/* Records a live write: the change event (pre-image only where images are enabled) and the
+ * version history (the document before, always). `before` is NULL for an insert. */
 static void record(emu_server_t *srv, emu_op_t op, const char *db, const emu_coll_t *c,
-                   const bson_t *doc_for_key, const bson_t *full, const bson_t *pre,
+                   const bson_t *doc_for_key, const bson_t *full, const bson_t *before,
                    const bson_t *update_desc)
 {
     emu_change_t ch;
@@ -303,11 +490,75 @@ static void record(emu_server_t *srv, emu_op_t op, const char *db, const emu_col
     ch.coll_uuid = c->uuid;
     ch.document_key = &dk;
     ch.full_document = full;
-    ch.pre_image = c->images ? pre : NULL;
+    ch.pre_image = c->images ? before : NULL;
     ch.images_enabled = c->images;
     ch.update_description = update_desc;
     emu_oplog_append(srv, &ch);
+    emu_history_record(srv, c->uuid, &dk, before);
     bson_destroy(&dk);
+}
+
+/* The E11000 error for a duplicate _id, as the catalog words it for unique indexes. */
+static int dup_id_error(const target_t *t, const bson_t *doc, bson_t *dup, mc_error_t *err)
+{
+    bson_t kv = BSON_INITIALIZER, kp = BSON_INITIALIZER;
+    bson_iter_t it;
+    char text[1024];
+    if (bson_iter_init_find(&it, doc, "_id")) {
+        bson_append_iter(&kv, "_id", 3, &it);
+    }
+    BSON_APPEND_INT32(&kp, "_id", 1);
+    emu_format_key_value(&kv, text, sizeof text);
+    if (dup) {
+        BSON_APPEND_DOCUMENT(dup, "keyPattern", &kp);
+        BSON_APPEND_DOCUMENT(dup, "keyValue", &kv);
+    }
+    bson_destroy(&kv);
+    bson_destroy(&kp);
+    return mc_error_set(err, MC_EINVAL, MC_DOMAIN_MONGODB, 11000,
+                        "E11000 duplicate key error collection: %s.%s index: _id_ dup key: %s",
+                        t->db, t->name, text);
+}
+
+/* Inserts `store` (with _id first, size checked) into the target. */
+static int tgt_insert(target_t *t, const bson_t *store, bson_t *dup,
+                      const struct timespec *deadline, mc_error_t *err)
+{
+    if (t->txn) {
+        bson_iter_t it;
+        emu_vdoc_t d;
+        bool found = false;
+        if (!bson_iter_init_find(&it, store, "_id")) {
+            return mc_error_set(err, MC_EINVAL, MC_DOMAIN_MONGODB, 2, "document has no _id");
+        }
+        if (emu_view_find_id(t->srv, t->db, t->name, t->t, t->i, t->txn, bson_iter_value(&it), &d,
+                             &found, err) != 0) {
+            return MC_ESERVER;
+        }
+        if (found) {
+            return dup_id_error(t, store, dup, err);
+        }
+        emu_txn_write_t w = {EMU_OP_INSERT, t->db, t->name, NULL, store, NULL};
+        int rc = emu_txn_write(t->srv, t->txn, &w, err);
+        tgt_refresh(t);
+        return rc;
+    }
+    int rc = wait_doc_unlocked(t, store, deadline, err);
+    if (rc != 0) {
+        return rc;
+    }
+    /* t->coll stays valid while the lock is held; waits refresh it (tgt_refresh). */
+    emu_coll_t *c =
+        t->coll ? t->coll : emu_catalog_coll_get_or_create(t->srv, t->db, t->name, NULL, err);
+    if (!c) {
+        return MC_EINVAL;
+    }
+    t->coll = c;
+    rc = emu_coll_insert(c, store, dup, err);
+    if (rc == 0) {
+        record(t->srv, EMU_OP_INSERT, t->db, c, store, store, NULL, NULL);
+    }
+    return rc;
 }
 
 /* ---- write errors ---- */
@@ -406,25 +657,34 @@ static bool statements(const bson_t *cmd, const char *cmdname, const char *field
 
 /* ---- insert ---- */
 
+/* Errors of the transaction machinery (WriteConflict, SnapshotTooOld, ...) and failed waits
+ * fail the whole command; per-document errors (duplicate key, bad document) are write errors.
+ * By convention the former come back as MC_ESERVER. */
+static bool fails_command(int rc)
+{
+    return rc == MC_ESERVER;
+}
+
 void emu_cmd_insert(emu_conn_t *conn, const bson_t *cmd, const char *db, bson_t *reply)
 {
-    emu_server_t *srv = conn->srv;
     const char *name = emu_cmd_collection(cmd, reply);
     bool ordered = flag(cmd, "ordered", true);
     bson_iter_t items;
     uint32_t count, i = 0;
-    emu_coll_t *c;
     write_result_t wr;
     mc_error_t err;
+    target_t t;
+    struct timespec deadline;
 
     if (!name || !statements(cmd, "insert", "documents", &items, &count, reply)) {
         return;
     }
-    c = emu_catalog_coll_get_or_create(srv, db, name, NULL, &err);
-    if (!c) {
+    if (emu_check_db_name(db, &err) || emu_check_coll_name(name, &err)) {
         emu_reply_error_from(reply, &err);
         return;
     }
+    cmd_deadline(cmd, &deadline);
+    tgt_init(&t, conn, db, name);
     wr_init(&wr);
     for (; bson_iter_next(&items); i++) {
         bson_t doc, tmp, dup = BSON_INITIALIZER;
@@ -435,25 +695,33 @@ void emu_cmd_insert(emu_conn_t *conn, const bson_t *cmd, const char *db, bson_t 
         view_iter_doc(&items, &doc);
         store = with_id_first(&doc, &tmp, &used_tmp, &err);
         rc = store ? check_size(store, &err) : MC_EINVAL;
-        if (rc == 0) {
-            rc = emu_coll_insert(c, store, &dup, &err);
+        while (rc == 0 && (rc = tgt_insert(&t, store, &dup, &deadline, &err)) == MC_EAGAIN) {
+            bson_reinit(&dup);
+            rc = 0;
         }
         if (rc == 0) {
             wr.n++;
-            record(srv, EMU_OP_INSERT, db, c, store, store, NULL, NULL);
-        } else {
+        } else if (!fails_command(rc)) {
             wr_error(&wr, i, &err, &dup);
         }
         bson_destroy(&dup);
         if (used_tmp) {
             bson_destroy(&tmp);
         }
-        if (rc && ordered) {
+        if (fails_command(rc)) {
+            emu_reply_error_from(reply, &err);
+            wr_cleanup(&wr);
+            tgt_cleanup(&t);
+            return;
+        }
+        /* In a transaction the first write error ends the batch (and the transaction). */
+        if (rc && (ordered || t.txn)) {
             break;
         }
     }
     wr_finish(&wr, reply, false);
     wr_cleanup(&wr);
+    tgt_cleanup(&t);
 }
 
 /* ---- update ---- */
@@ -474,19 +742,20 @@ static int id_changed(const bson_t *before, const bson_t *after, mc_error_t *err
     return 0;
 }
 
-/* Applies `u` to the document in `slot`: stores it and records the change. *modified tells
- * whether the document changed. `before_copy` (may be NULL) receives the old document. */
-static int update_slot(emu_server_t *srv, const char *db, emu_coll_t *c, size_t slot,
-                       const bson_value_t *u, emu_update_kind_t kind, bool *modified,
-                       bson_t *before_copy, bson_t *after_copy, bson_t *dup, mc_error_t *err)
+/* Applies `u` to the document at `ref`: stores it (live, or in the transaction) and records
+ * the change. *modified tells whether the document changed. `before_copy` and `after_copy`
+ * (may be NULL) receive the old and the new document. Views keep their refs valid through it:
+ * a transaction's earlier versions live as long as the transaction. */
+static int tgt_update(target_t *t, size_t ref, const bson_value_t *u, emu_update_kind_t kind,
+                      bool *modified, bson_t *before_copy, bson_t *after_copy, bson_t *dup,
+                      mc_error_t *err)
 {
-    bson_t old, updated, pre;
+    bson_t old, updated;
     emu_update_desc_t desc;
     bool changed = false;
-    bool have_pre = false;
     int rc;
 
-    emu_doc_view(&c->docs[slot], &old);
+    tgt_doc(t, ref, &old);
     emu_update_desc_init(&desc);
     rc = emu_update_apply(&old, u, false, &updated, &desc, &changed, err);
     if (rc == 0) {
@@ -499,31 +768,32 @@ static int update_slot(emu_server_t *srv, const char *db, emu_coll_t *c, size_t 
         bson_copy_to(&old, before_copy);
     }
     if (rc == 0 && changed) {
-        /* the old bytes are overwritten by the replace: keep them for the pre-image */
-        if (c->images) {
-            bson_copy_to(&old, &pre);
-            have_pre = true;
-        }
-        rc = emu_coll_replace(c, slot, &updated, dup, err);
-        if (rc == 0) {
-            if (kind == EMU_UPDATE_REPLACEMENT) {
-                record(srv, EMU_OP_REPLACE, db, c, &updated, &updated, have_pre ? &pre : NULL,
-                       NULL);
-            } else {
-                bson_t wrap = BSON_INITIALIZER, ud;
-                bson_iter_t it;
-                emu_update_desc_append(&desc, &wrap, "u");
-                if (bson_iter_init_find(&it, &wrap, "u") && view_iter_doc(&it, &ud)) {
-                    record(srv, EMU_OP_UPDATE, db, c, &updated, &updated, have_pre ? &pre : NULL,
-                           &ud);
-                }
-                bson_destroy(&wrap);
+        emu_op_t op = kind == EMU_UPDATE_REPLACEMENT ? EMU_OP_REPLACE : EMU_OP_UPDATE;
+        bson_t wrap = BSON_INITIALIZER, ud;
+        const bson_t *udp = NULL;
+        if (op == EMU_OP_UPDATE) {
+            bson_iter_t it;
+            emu_update_desc_append(&desc, &wrap, "u");
+            if (bson_iter_init_find(&it, &wrap, "u") && view_iter_doc(&it, &ud)) {
+                udp = &ud;
             }
-        } else if (before_copy) {
-            bson_destroy(before_copy);
         }
-        if (have_pre) {
+        if (t->txn) {
+            emu_txn_write_t w = {op, t->db, t->name, &old, &updated, udp};
+            rc = emu_txn_write(t->srv, t->txn, &w, err);
+        } else {
+            /* the replace overwrites the old bytes: keep them for the pre-image and history */
+            bson_t pre;
+            bson_copy_to(&old, &pre);
+            rc = emu_coll_replace(t->coll, ref, &updated, dup, err);
+            if (rc == 0) {
+                record(t->srv, op, t->db, t->coll, &updated, &updated, &pre, udp);
+            }
             bson_destroy(&pre);
+        }
+        bson_destroy(&wrap);
+        if (rc != 0 && before_copy) {
+            bson_destroy(before_copy);
         }
     }
     if (rc == 0 && after_copy) {
@@ -535,15 +805,15 @@ static int update_slot(emu_server_t *srv, const char *db, emu_coll_t *c, size_t 
     return rc;
 }
 
-/* Builds and inserts the upsert document; fills *id_out's holder `upserted_id` with {_id}. */
-static int do_upsert(emu_server_t *srv, const char *db, const char *name, const bson_t *q,
-                     const bson_value_t *u, emu_update_kind_t kind, bson_t *id_doc,
-                     bson_t *after_copy, bson_t *dup, mc_error_t *err)
+/* Builds and inserts the upsert document; fills `id_doc` with its {_id}. MC_EAGAIN: waited for
+ * a transaction, redo the statement. */
+static int tgt_upsert(target_t *t, const bson_t *q, const bson_value_t *u, emu_update_kind_t kind,
+                      bson_t *id_doc, bson_t *after_copy, bson_t *dup,
+                      const struct timespec *deadline, mc_error_t *err)
 {
     bson_t seed, built, tmp;
     const bson_t *store;
     bool used_tmp = false;
-    emu_coll_t *c;
     int rc;
 
     rc = emu_upsert_seed(q, &seed, err);
@@ -573,10 +843,8 @@ static int do_upsert(emu_server_t *srv, const char *db, const char *name, const 
     store = with_id_first(&built, &tmp, &used_tmp, err);
     rc = store ? check_size(store, err) : MC_EINVAL;
     if (rc == 0) {
-        c = emu_catalog_coll_get_or_create(srv, db, name, NULL, err);
-        rc = c ? emu_coll_insert(c, store, dup, err) : MC_EINVAL;
+        rc = tgt_insert(t, store, dup, deadline, err);
         if (rc == 0) {
-            record(srv, EMU_OP_INSERT, db, c, store, store, NULL, NULL);
             document_key_of(store, id_doc);
             if (after_copy) {
                 bson_copy_to(store, after_copy);
@@ -604,19 +872,34 @@ static int update_value(const bson_t *stmt, bson_value_t *u, emu_update_kind_t *
     return emu_update_kind(u, kind, err);
 }
 
+/* Collects a write statement's matches and, outside transactions, waits until no open
+ * transaction holds one of them. MC_EAGAIN: waited, collect again. */
+static int collect_for_write(target_t *t, const matcher_t *m, size_t limit, slots_t *out,
+                             const struct timespec *deadline, mc_error_t *err)
+{
+    int rc = tgt_collect(t, m, limit, out, err);
+    if (rc == 0 && !t->txn) {
+        rc = wait_refs_unlocked(t, out, deadline, err);
+    }
+    return rc;
+}
+
 void emu_cmd_update(emu_conn_t *conn, const bson_t *cmd, const char *db, bson_t *reply)
 {
-    emu_server_t *srv = conn->srv;
     const char *name = emu_cmd_collection(cmd, reply);
     bool ordered = flag(cmd, "ordered", true);
     bson_iter_t items;
     uint32_t count, i = 0;
     write_result_t wr;
     slots_t slots = {0};
+    target_t t;
+    struct timespec deadline;
 
     if (!name || !statements(cmd, "update", "updates", &items, &count, reply)) {
         return;
     }
+    cmd_deadline(cmd, &deadline);
+    tgt_init(&t, conn, db, name);
     wr_init(&wr);
     for (; bson_iter_next(&items); i++) {
         bson_t stmt, q, dup = BSON_INITIALIZER;
@@ -625,7 +908,6 @@ void emu_cmd_update(emu_conn_t *conn, const bson_t *cmd, const char *db, bson_t 
         bool multi, upsert;
         matcher_t m = {0};
         mc_error_t err;
-        emu_coll_t *c;
         int rc = 0;
 
         view_iter_doc(&items, &stmt);
@@ -649,13 +931,15 @@ void emu_cmd_update(emu_conn_t *conn, const bson_t *cmd, const char *db, bson_t 
         if (rc == 0) {
             rc = matcher_init(&m, &q, &err);
         }
-        if (rc == 0) {
-            c = emu_catalog_coll(srv, db, name);
-            collect(c, &m, multi ? ALL_MATCHES : 1, &slots);
+        while (rc == 0) {
+            rc = collect_for_write(&t, &m, multi ? ALL_MATCHES : 1, &slots, &deadline, &err);
+            if (rc == MC_EAGAIN) {
+                rc = 0;
+                continue;
+            }
             for (size_t k = 0; k < slots.n && rc == 0; k++) {
                 bool modified;
-                rc = update_slot(srv, db, c, slots.v[k], &u, kind, &modified, NULL, NULL, &dup,
-                                 &err);
+                rc = tgt_update(&t, slots.v[k], &u, kind, &modified, NULL, NULL, &dup, &err);
                 if (rc == 0) {
                     wr.n++;
                     wr.n_modified += modified ? 1 : 0;
@@ -663,7 +947,7 @@ void emu_cmd_update(emu_conn_t *conn, const bson_t *cmd, const char *db, bson_t 
             }
             if (rc == 0 && slots.n == 0 && upsert) {
                 bson_t id_doc = BSON_INITIALIZER;
-                rc = do_upsert(srv, db, name, &q, &u, kind, &id_doc, NULL, &dup, &err);
+                rc = tgt_upsert(&t, &q, &u, kind, &id_doc, NULL, &dup, &deadline, &err);
                 if (rc == 0) {
                     bson_t e = BSON_INITIALIZER;
                     BSON_APPEND_INT32(&e, "index", (int32_t)i);
@@ -673,46 +957,67 @@ void emu_cmd_update(emu_conn_t *conn, const bson_t *cmd, const char *db, bson_t 
                     wr.n++;
                 }
                 bson_destroy(&id_doc);
+                if (rc == MC_EAGAIN) {
+                    rc = 0;
+                    bson_reinit(&dup);
+                    continue;
+                }
             }
+            break;
         }
+        tgt_refresh(&t);
         matcher_cleanup(&m);
-        if (rc) {
+        if (rc && !fails_command(rc)) {
             wr_error(&wr, i, &err, &dup);
         }
         bson_destroy(&dup);
-        if (rc && ordered) {
+        if (fails_command(rc)) {
+            emu_reply_error_from(reply, &err);
+            goto out;
+        }
+        if (rc && (ordered || t.txn)) {
             break;
         }
     }
-    bson_free(slots.v);
     wr_finish(&wr, reply, true);
+out:
+    bson_free(slots.v);
     wr_cleanup(&wr);
+    tgt_cleanup(&t);
 }
 
 /* ---- delete ---- */
 
-static void delete_slot(emu_server_t *srv, const char *db, emu_coll_t *c, size_t slot)
+static int tgt_delete(target_t *t, size_t ref, mc_error_t *err)
 {
     bson_t doc;
-    emu_doc_view(&c->docs[slot], &doc);
+    tgt_doc(t, ref, &doc);
+    if (t->txn) {
+        emu_txn_write_t w = {EMU_OP_DELETE, t->db, t->name, &doc, NULL, NULL};
+        return emu_txn_write(t->srv, t->txn, &w, err);
+    }
     /* recorded first: the pre-image is read from the stored bytes that the delete frees */
-    record(srv, EMU_OP_DELETE, db, c, &doc, NULL, &doc, NULL);
-    emu_coll_delete(c, slot);
+    record(t->srv, EMU_OP_DELETE, t->db, t->coll, &doc, NULL, &doc, NULL);
+    emu_coll_delete(t->coll, ref);
+    return 0;
 }
 
 void emu_cmd_delete(emu_conn_t *conn, const bson_t *cmd, const char *db, bson_t *reply)
 {
-    emu_server_t *srv = conn->srv;
     const char *name = emu_cmd_collection(cmd, reply);
     bool ordered = flag(cmd, "ordered", true);
     bson_iter_t items;
     uint32_t count, i = 0;
     write_result_t wr;
     slots_t slots = {0};
+    target_t t;
+    struct timespec deadline;
 
     if (!name || !statements(cmd, "delete", "deletes", &items, &count, reply)) {
         return;
     }
+    cmd_deadline(cmd, &deadline);
+    tgt_init(&t, conn, db, name);
     wr_init(&wr);
     for (; bson_iter_next(&items); i++) {
         bson_t stmt, q;
@@ -738,28 +1043,41 @@ void emu_cmd_delete(emu_conn_t *conn, const bson_t *cmd, const char *db, bson_t 
         if (rc == 0) {
             rc = matcher_init(&m, &q, &err);
         }
-        if (rc == 0) {
-            emu_coll_t *c = emu_catalog_coll(srv, db, name);
-            collect(c, &m, limit == 1 ? 1 : ALL_MATCHES, &slots);
-            for (size_t k = 0; k < slots.n; k++) {
-                delete_slot(srv, db, c, slots.v[k]);
-                wr.n++;
+        while (rc == 0) {
+            rc = collect_for_write(&t, &m, limit == 1 ? 1 : ALL_MATCHES, &slots, &deadline, &err);
+            if (rc == MC_EAGAIN) {
+                rc = 0;
+                continue;
             }
-            if (c) {
-                emu_coll_maybe_compact(c);
+            for (size_t k = 0; k < slots.n && rc == 0; k++) {
+                rc = tgt_delete(&t, slots.v[k], &err);
+                if (rc == 0) {
+                    wr.n++;
+                }
             }
+            if (!t.txn && t.coll) {
+                emu_coll_maybe_compact(t.coll);
+            }
+            break;
         }
+        tgt_refresh(&t);
         matcher_cleanup(&m);
+        if (fails_command(rc)) {
+            emu_reply_error_from(reply, &err);
+            goto out;
+        }
         if (rc) {
             wr_error(&wr, i, &err, NULL);
-            if (ordered) {
+            if (ordered || t.txn) {
                 break;
             }
         }
     }
-    bson_free(slots.v);
     wr_finish(&wr, reply, false);
+out:
+    bson_free(slots.v);
     wr_cleanup(&wr);
+    tgt_cleanup(&t);
 }
 
 /* ---- find ---- */
@@ -799,15 +1117,15 @@ static bool opt_int(const bson_t *cmd, const char *name, int64_t *out, bson_t *r
 }
 
 /* Appends the documents of `slots` [from, to) to `out`, projected when `proj` has keys. */
-static int emit_docs(const emu_coll_t *c, const slots_t *s, size_t from, size_t to,
+static int emit_docs(const target_t *t, const slots_t *s, size_t from, size_t to,
                      const bson_t *proj, emu_bytes_t *out, mc_error_t *err)
 {
     bool project = proj && !bson_empty(proj);
     for (size_t k = from; k < to; k++) {
-        const emu_doc_t *d = &c->docs[s->v[k]];
+        bson_t doc;
+        tgt_doc(t, s->v[k], &doc);
         if (project) {
-            bson_t doc, p;
-            emu_doc_view(d, &doc);
+            bson_t p;
             if (emu_projection_apply(proj, &doc, &p, err)) {
                 return MC_EINVAL;
             }
@@ -816,7 +1134,7 @@ static int emit_docs(const emu_coll_t *c, const slots_t *s, size_t from, size_t 
                 return mc_error_set(err, MC_ENOMEM, MC_DOMAIN_MONGODB, 146, "result set too large");
             }
             bson_destroy(&p);
-        } else if (!emu_bytes_append(out, d->data, d->len)) {
+        } else if (!emu_bytes_append(out, bson_get_data(&doc), doc.len)) {
             return mc_error_set(err, MC_ENOMEM, MC_DOMAIN_MONGODB, 146, "result set too large");
         }
     }
@@ -829,14 +1147,15 @@ void emu_cmd_find(emu_conn_t *conn, const bson_t *cmd, const char *db, bson_t *r
     const char *name = emu_cmd_collection(cmd, reply);
     bson_t filter, sort, proj;
     int64_t skip = 0, limit = 0, batch = -1;
-    bool single;
+    bool single, has_at = false;
+    uint32_t at[2];
     matcher_t m;
     slots_t slots = {0};
-    emu_coll_t *c;
     emu_bytes_t out = {0};
     mc_error_t err;
     char ns[400];
     size_t from, to;
+    target_t t;
 
     if (!name || !opt_doc(cmd, "filter", &filter, reply, "find") ||
         !opt_doc(cmd, "sort", &sort, reply, "find") ||
@@ -873,33 +1192,36 @@ void emu_cmd_find(emu_conn_t *conn, const bson_t *cmd, const char *db, bson_t *r
         emu_reply_error_from(reply, &err);
         return;
     }
+    if (!tgt_init_read(&t, conn, db, name, "find", cmd, true, at, &has_at, reply)) {
+        return;
+    }
     if (matcher_init(&m, &filter, &err)) {
         emu_reply_error_from(reply, &err);
+        tgt_cleanup(&t);
         return;
     }
     ns_of(ns, sizeof(ns), db, name);
-    c = emu_catalog_coll(srv, db, name);
-    if (bson_empty(&sort) && limit > 0) {
-        collect(c, &m, (size_t)(skip + limit), &slots);
-    } else {
-        collect(c, &m, ALL_MATCHES, &slots);
-    }
-    if (!bson_empty(&sort)) {
-        sort_slots(c, &sort, &slots);
+    int rc =
+        tgt_collect(&t, &m, bson_empty(&sort) && limit > 0 ? (size_t)(skip + limit) : ALL_MATCHES,
+                    &slots, &err);
+    if (rc == 0 && !bson_empty(&sort)) {
+        sort_slots(&t, &sort, &slots);
     }
     from = (size_t)skip < slots.n ? (size_t)skip : slots.n;
     to = limit > 0 && (size_t)limit < slots.n - from ? from + (size_t)limit : slots.n;
-    if (emit_docs(c, &slots, from, to, &proj, &out, &err)) {
+    if (rc != 0 || emit_docs(&t, &slots, from, to, &proj, &out, &err)) {
         emu_reply_error_from(reply, &err);
         emu_bytes_free(&out);
     } else {
         if (limit > 0 && batch > limit) {
             batch = limit;
         }
-        emu_cursor_reply_first(srv, ns, out.data, out.len, (long)batch, single, reply);
+        emu_cursor_reply_first_at(srv, ns, out.data, out.len, (long)batch, single,
+                                  has_at ? at : NULL, reply);
     }
     bson_free(slots.v);
     matcher_cleanup(&m);
+    tgt_cleanup(&t);
 }
 
 /* ---- findAndModify ---- */
@@ -926,7 +1248,6 @@ static void append_value_doc(bson_t *reply, const bson_t *doc, const bson_t *fie
 
 void emu_cmd_find_and_modify(emu_conn_t *conn, const bson_t *cmd, const char *db, bson_t *reply)
 {
-    emu_server_t *srv = conn->srv;
     const char *name = emu_cmd_collection(cmd, reply);
     bson_t query, sort, fields, leo = BSON_INITIALIZER, value_doc, dup = BSON_INITIALIZER;
     bool remove, want_new, upsert, have_value = false, failed = false;
@@ -934,10 +1255,11 @@ void emu_cmd_find_and_modify(emu_conn_t *conn, const bson_t *cmd, const char *db
     emu_update_kind_t kind = EMU_UPDATE_OPERATORS;
     matcher_t m;
     slots_t slots = {0};
-    emu_coll_t *c;
     mc_error_t err;
     int rc = 0;
     bson_iter_t it;
+    target_t t;
+    struct timespec deadline;
 
     memset(&u, 0, sizeof(u));
 
@@ -989,48 +1311,71 @@ void emu_cmd_find_and_modify(emu_conn_t *conn, const bson_t *cmd, const char *db
         emu_reply_error_from(reply, &err);
         goto out;
     }
-    c = emu_catalog_coll(srv, db, name);
-    collect(c, &m, bson_empty(&sort) ? 1 : ALL_MATCHES, &slots);
-    if (slots.n > 1) {
-        sort_slots(c, &sort, &slots);
-    }
-    if (slots.n > 0 && remove) {
-        bson_t doc;
-        emu_doc_view(&c->docs[slots.v[0]], &doc);
-        bson_copy_to(&doc, &value_doc);
-        have_value = true;
-        delete_slot(srv, db, c, slots.v[0]);
-        emu_coll_maybe_compact(c);
-        BSON_APPEND_INT32(&leo, "n", 1);
-    } else if (slots.n > 0) {
-        bool modified;
-        rc = update_slot(srv, db, c, slots.v[0], &u, kind, &modified, want_new ? NULL : &value_doc,
-                         want_new ? &value_doc : NULL, &dup, &err);
-        if (rc == 0) {
-            have_value = true;
-            BSON_APPEND_INT32(&leo, "n", 1);
-            BSON_APPEND_BOOL(&leo, "updatedExisting", true);
+    cmd_deadline(cmd, &deadline);
+    tgt_init(&t, conn, db, name);
+    for (;;) {
+        rc =
+            collect_for_write(&t, &m, bson_empty(&sort) ? 1 : ALL_MATCHES, &slots, &deadline, &err);
+        if (rc == MC_EAGAIN) {
+            continue;
         }
-    } else if (upsert && !remove) {
-        bson_t id_doc = BSON_INITIALIZER;
-        rc = do_upsert(srv, db, name, &query, &u, kind, &id_doc, want_new ? &value_doc : NULL, &dup,
-                       &err);
-        if (rc == 0) {
-            have_value = want_new;
-            BSON_APPEND_INT32(&leo, "n", 1);
-            BSON_APPEND_BOOL(&leo, "updatedExisting", false);
-            if (bson_iter_init_find(&it, &id_doc, "_id")) {
-                bson_append_iter(&leo, "upserted", -1, &it);
+        if (rc != 0) {
+            break;
+        }
+        if (slots.n > 1) {
+            sort_slots(&t, &sort, &slots);
+        }
+        if (slots.n > 0 && remove) {
+            bson_t doc;
+            tgt_doc(&t, slots.v[0], &doc);
+            bson_copy_to(&doc, &value_doc);
+            have_value = true;
+            rc = tgt_delete(&t, slots.v[0], &err);
+            if (rc == 0 && !t.txn) {
+                emu_coll_maybe_compact(t.coll);
+            }
+            if (rc == 0) {
+                BSON_APPEND_INT32(&leo, "n", 1);
+            }
+        } else if (slots.n > 0) {
+            bool modified;
+            rc = tgt_update(&t, slots.v[0], &u, kind, &modified, want_new ? NULL : &value_doc,
+                            want_new ? &value_doc : NULL, &dup, &err);
+            if (rc == 0) {
+                have_value = true;
+                BSON_APPEND_INT32(&leo, "n", 1);
+                BSON_APPEND_BOOL(&leo, "updatedExisting", true);
+            }
+        } else if (upsert && !remove) {
+            bson_t id_doc = BSON_INITIALIZER;
+            rc = tgt_upsert(&t, &query, &u, kind, &id_doc, want_new ? &value_doc : NULL, &dup,
+                            &deadline, &err);
+            if (rc == 0) {
+                have_value = want_new;
+                BSON_APPEND_INT32(&leo, "n", 1);
+                BSON_APPEND_BOOL(&leo, "updatedExisting", false);
+                if (bson_iter_init_find(&it, &id_doc, "_id")) {
+                    bson_append_iter(&leo, "upserted", -1, &it);
+                }
+            }
+            bson_destroy(&id_doc);
+            if (rc == MC_EAGAIN) {
+                bson_reinit(&dup);
+                continue;
+            }
+        } else {
+            BSON_APPEND_INT32(&leo, "n", 0);
+            if (!remove) {
+                BSON_APPEND_BOOL(&leo, "updatedExisting", false);
             }
         }
-        bson_destroy(&id_doc);
-    } else {
-        BSON_APPEND_INT32(&leo, "n", 0);
-        if (!remove) {
-            BSON_APPEND_BOOL(&leo, "updatedExisting", false);
-        }
+        break;
     }
     if (rc) {
+        if (have_value) {
+            bson_destroy(&value_doc);
+            have_value = false;
+        }
         emu_reply_error_from(reply, &err);
         if (!bson_empty(&dup)) {
             bson_concat(reply, &dup);
@@ -1047,6 +1392,7 @@ void emu_cmd_find_and_modify(emu_conn_t *conn, const bson_t *cmd, const char *db
     }
     bson_free(slots.v);
     matcher_cleanup(&m);
+    tgt_cleanup(&t);
 out:
     bson_destroy(&leo);
     bson_destroy(&dup);
@@ -1061,8 +1407,10 @@ void emu_cmd_count(emu_conn_t *conn, const bson_t *cmd, const char *db, bson_t *
     int64_t skip = 0, limit = 0, n;
     matcher_t m;
     slots_t slots = {0};
-    emu_coll_t *c;
     mc_error_t err;
+    target_t t;
+    bool has_at;
+    uint32_t at[2];
 
     if (!name || !opt_doc(cmd, "query", &query, reply, "count") ||
         !opt_int(cmd, "skip", &skip, reply, "count") ||
@@ -1073,19 +1421,28 @@ void emu_cmd_count(emu_conn_t *conn, const bson_t *cmd, const char *db, bson_t *
         emu_reply_error(reply, 2, "skip value is negative in count query");
         return;
     }
-    c = emu_catalog_coll(conn->srv, db, name);
-    if (bson_empty(&query)) {
-        n = c ? (int64_t)c->n_live : 0;
+    if (!tgt_init_read(&t, conn, db, name, "count", cmd, false, at, &has_at, reply)) {
+        return;
+    }
+    if (bson_empty(&query) && !t.is_view) {
+        n = t.coll ? (int64_t)t.coll->n_live : 0;
     } else {
         if (matcher_init(&m, &query, &err)) {
             emu_reply_error_from(reply, &err);
+            tgt_cleanup(&t);
             return;
         }
-        collect(c, &m, ALL_MATCHES, &slots);
+        int rc = tgt_collect(&t, &m, ALL_MATCHES, &slots, &err);
         n = (int64_t)slots.n;
         bson_free(slots.v);
         matcher_cleanup(&m);
+        if (rc != 0) {
+            emu_reply_error_from(reply, &err);
+            tgt_cleanup(&t);
+            return;
+        }
     }
+    tgt_cleanup(&t);
     n = n > skip ? n - skip : 0;
     if (limit != 0) {
         int64_t l = limit < 0 ? -limit : limit;
@@ -1111,11 +1468,13 @@ void emu_cmd_distinct(emu_conn_t *conn, const bson_t *cmd, const char *db, bson_
     const char *key;
     matcher_t m;
     slots_t slots = {0};
-    emu_coll_t *c;
     mc_error_t err;
     value_ref_t *vals = NULL;
     size_t n = 0, cap = 0;
     uint32_t out = 0;
+    target_t t;
+    bool has_at;
+    uint32_t at[2];
 
     if (!name || !opt_doc(cmd, "query", &query, reply, "distinct")) {
         return;
@@ -1127,16 +1486,25 @@ void emu_cmd_distinct(emu_conn_t *conn, const bson_t *cmd, const char *db, bson_
         return;
     }
     key = bson_iter_utf8(&it, NULL);
-    if (matcher_init(&m, &query, &err)) {
-        emu_reply_error_from(reply, &err);
+    if (!tgt_init_read(&t, conn, db, name, "distinct", cmd, true, at, &has_at, reply)) {
         return;
     }
-    c = emu_catalog_coll(conn->srv, db, name);
-    collect(c, &m, ALL_MATCHES, &slots);
+    if (matcher_init(&m, &query, &err)) {
+        emu_reply_error_from(reply, &err);
+        tgt_cleanup(&t);
+        return;
+    }
+    if (tgt_collect(&t, &m, ALL_MATCHES, &slots, &err) != 0) {
+        emu_reply_error_from(reply, &err);
+        bson_free(slots.v);
+        matcher_cleanup(&m);
+        tgt_cleanup(&t);
+        return;
+    }
     for (size_t k = 0; k < slots.n; k++) {
         bson_t doc;
         bson_iter_t di, found;
-        emu_doc_view(&c->docs[slots.v[k]], &doc);
+        tgt_doc(&t, slots.v[k], &doc);
         if (!bson_iter_init(&di, &doc) || !bson_iter_find_descendant(&di, key, &found)) {
             continue;
         }
@@ -1174,9 +1542,13 @@ void emu_cmd_distinct(emu_conn_t *conn, const bson_t *cmd, const char *db, bson_
         }
     }
     bson_append_array_end(reply, &arr);
+    if (has_at) {
+        BSON_APPEND_TIMESTAMP(reply, "atClusterTime", at[0], at[1]);
+    }
     bson_free(vals);
     bson_free(slots.v);
     matcher_cleanup(&m);
+    tgt_cleanup(&t);
 }
 
 /* ---- aggregate ---- */
@@ -1186,19 +1558,21 @@ void emu_cmd_aggregate(emu_conn_t *conn, const bson_t *cmd, const char *db, bson
     emu_server_t *srv = conn->srv;
     bson_iter_t it;
     const char *name;
-    bson_t stages, cursor_opt;
+    bson_t stages, cursor_opt, first_match;
     emu_pipeline_t *p;
-    emu_coll_t *c;
     mc_error_t err;
     bson_t *views = NULL;
     const bson_t **ptrs = NULL;
-    size_t n = 0;
     bson_t **results = NULL;
     size_t n_results = 0;
     emu_bytes_t out = {0};
     long batch = -1;
     char ns[400];
-    mc_filter_t *pre = NULL;
+    matcher_t m;
+    slots_t slots = {0};
+    target_t t;
+    bool has_at;
+    uint32_t at[2];
 
     bson_iter_init(&it, cmd);
     bson_iter_next(&it);
@@ -1243,8 +1617,13 @@ void emu_cmd_aggregate(emu_conn_t *conn, const bson_t *cmd, const char *db, bson
         emu_reply_error_from(reply, &err);
         return;
     }
+    if (!tgt_init_read(&t, conn, db, name, "aggregate", cmd, true, at, &has_at, reply)) {
+        emu_pipeline_destroy(p);
+        return;
+    }
     /* A leading $match is applied here first, so that a selective pipeline over a large
      * collection does not need a view of every document. */
+    bson_init(&first_match);
     {
         bson_iter_t st, first;
         bson_t q;
@@ -1252,28 +1631,28 @@ void emu_cmd_aggregate(emu_conn_t *conn, const bson_t *cmd, const char *db, bson
             bson_iter_recurse(&st, &first) && bson_iter_next(&first) &&
             strcmp(bson_iter_key(&first), "$match") == 0 && view_iter_doc(&first, &q) &&
             BSON_ITER_HOLDS_DOCUMENT(&first)) {
-            pre = mc_filter_new(&q, NULL, NULL);
+            mc_filter_t *probe = mc_filter_new(&q, NULL, NULL);
+            if (probe) {
+                bson_concat(&first_match, &q);
+            }
+            mc_filter_destroy(probe);
         }
     }
-    c = emu_catalog_coll(srv, db, name);
-    if (c && c->n_live) {
+    int rc = matcher_init(&m, &first_match, &err);
+    if (rc == 0) {
+        rc = tgt_collect(&t, &m, ALL_MATCHES, &slots, &err);
+        matcher_cleanup(&m);
+    }
+    if (rc == 0 && slots.n) {
         /* bson_t asks for 128-byte alignment, which malloc does not give. */
-        views = emu_zalloc_aligned(c->n_live * sizeof(*views));
-        ptrs = bson_malloc(c->n_live * sizeof(*ptrs));
-        for (size_t s = 0; s < c->n_slots; s++) {
-            if (!c->docs[s].data) {
-                continue;
-            }
-            emu_doc_view(&c->docs[s], &views[n]);
-            if (pre && !mc_filter_match(pre, &views[n])) {
-                continue;
-            }
-            ptrs[n] = &views[n];
-            n++;
+        views = emu_zalloc_aligned(slots.n * sizeof(*views));
+        ptrs = bson_malloc(slots.n * sizeof(*ptrs));
+        for (size_t k = 0; k < slots.n; k++) {
+            tgt_doc(&t, slots.v[k], &views[k]);
+            ptrs[k] = &views[k];
         }
     }
-    mc_filter_destroy(pre);
-    if (emu_pipeline_run(p, ptrs, n, &results, &n_results, &err)) {
+    if (rc != 0 || emu_pipeline_run(p, ptrs, slots.n, &results, &n_results, &err)) {
         emu_reply_error_from(reply, &err);
     } else {
         bool ok = true;
@@ -1287,10 +1666,14 @@ void emu_cmd_aggregate(emu_conn_t *conn, const bson_t *cmd, const char *db, bson
             emu_reply_error(reply, 146, "aggregation result too large");
         } else {
             ns_of(ns, sizeof(ns), db, name);
-            emu_cursor_reply_first(srv, ns, out.data, out.len, batch, false, reply);
+            emu_cursor_reply_first_at(srv, ns, out.data, out.len, batch, false, has_at ? at : NULL,
+                                      reply);
         }
     }
+    bson_destroy(&first_match);
     free(views);
     bson_free(ptrs);
+    bson_free(slots.v);
     emu_pipeline_destroy(p);
+    tgt_cleanup(&t);
 }

@@ -342,27 +342,34 @@ static int put_object_body(emu_kbuf_t *b, const uint8_t *data, uint32_t len, int
     return 0;
 }
 
-static void put_header(emu_kbuf_t *out, uint32_t ts_t, uint32_t ts_i, int type)
+static void put_header(emu_kbuf_t *out, uint32_t ts_t, uint32_t ts_i, int version, int type,
+                       uint32_t txn_op_index)
 {
     kbuf_byte(out, KS_TIMESTAMP);
     kbuf_be32(out, ts_t);
     kbuf_be32(out, ts_i);
-    put_integer(out, 1); /* version */
+    put_integer(out, version);
     put_integer(out, type);
-    put_integer(out, 0); /* txnOpIndex */
+    put_integer(out, txn_op_index);
 }
 
-int emu_cstoken_encode_event(emu_kbuf_t *out, uint32_t ts_t, uint32_t ts_i, bool from_invalidate,
-                             const uint8_t *uuid, const bson_t *document_key, mc_error_t *err)
+static void put_uuid(emu_kbuf_t *out, const uint8_t *uuid)
+{
+    kbuf_byte(out, KS_BINDATA);
+    kbuf_byte(out, 16);
+    kbuf_byte(out, BSON_SUBTYPE_UUID);
+    kbuf_put(out, uuid, 16);
+}
+
+int emu_cstoken_encode_txn_event(emu_kbuf_t *out, uint32_t ts_t, uint32_t ts_i,
+                                 uint32_t txn_op_index, bool from_invalidate, const uint8_t *uuid,
+                                 const bson_t *document_key, mc_error_t *err)
 {
     out->len = 0;
-    put_header(out, ts_t, ts_i, EMU_CSTOKEN_EVENT);
+    put_header(out, ts_t, ts_i, 1, EMU_CSTOKEN_EVENT, txn_op_index);
     kbuf_byte(out, from_invalidate ? KS_TRUE : KS_FALSE);
     if (uuid) {
-        kbuf_byte(out, KS_BINDATA);
-        kbuf_byte(out, 16);
-        kbuf_byte(out, BSON_SUBTYPE_UUID);
-        kbuf_put(out, uuid, 16);
+        put_uuid(out, uuid);
     }
     if (document_key) {
         kbuf_byte(out, KS_OBJECT);
@@ -375,10 +382,52 @@ int emu_cstoken_encode_event(emu_kbuf_t *out, uint32_t ts_t, uint32_t ts_i, bool
     return 0;
 }
 
+int emu_cstoken_encode_event(emu_kbuf_t *out, uint32_t ts_t, uint32_t ts_i, bool from_invalidate,
+                             const uint8_t *uuid, const bson_t *document_key, mc_error_t *err)
+{
+    return emu_cstoken_encode_txn_event(out, ts_t, ts_i, 0, from_invalidate, uuid, document_key,
+                                        err);
+}
+
+int emu_cstoken_encode_fragment(emu_kbuf_t *out, uint32_t ts_t, uint32_t ts_i,
+                                uint32_t txn_op_index, const uint8_t *uuid, const char *op_type,
+                                const bson_t *document_key, const bson_t *op_description,
+                                uint32_t fragment_num, mc_error_t *err)
+{
+    out->len = 0;
+    put_header(out, ts_t, ts_i, 2, EMU_CSTOKEN_EVENT, txn_op_index);
+    kbuf_byte(out, KS_FALSE);
+    if (uuid) {
+        put_uuid(out, uuid);
+    } else {
+        kbuf_byte(out, KS_NULL);
+    }
+    /* The eventIdentifier is an object, encoded like any key: build it, then encode it. */
+    bson_t ident = BSON_INITIALIZER;
+    BSON_APPEND_UTF8(&ident, "operationType", op_type ? op_type : "");
+    if (document_key) {
+        BSON_APPEND_DOCUMENT(&ident, "documentKey", document_key);
+    } else {
+        bson_t empty = BSON_INITIALIZER;
+        BSON_APPEND_DOCUMENT(&ident, "operationDescription",
+                             op_description ? op_description : &empty);
+        bson_destroy(&empty);
+    }
+    kbuf_byte(out, KS_OBJECT);
+    int rc = put_object_body(out, bson_get_data(&ident), ident.len, 0, err);
+    bson_destroy(&ident);
+    if (rc != 0) {
+        return rc;
+    }
+    put_integer(out, fragment_num);
+    kbuf_byte(out, KS_END);
+    return 0;
+}
+
 void emu_cstoken_encode_hwm(emu_kbuf_t *out, uint32_t ts_t, uint32_t ts_i)
 {
     out->len = 0;
-    put_header(out, ts_t, ts_i, EMU_CSTOKEN_HWM);
+    put_header(out, ts_t, ts_i, 1, EMU_CSTOKEN_HWM, 0);
     kbuf_byte(out, KS_FALSE);
     kbuf_byte(out, KS_END);
 }
@@ -811,6 +860,7 @@ int emu_cstoken_parse(const bson_t *token, emu_cstoken_t *out, mc_error_t *err)
             return parse_fail(out, err, 50870, "Resume Token fromInvalidate is not a boolean.");
         }
         out->from_invalidate = t == KS_TRUE;
+        out->from_invalidate_offset = r.pos - 1;
     }
 
     if (!at_end(&r)) {
@@ -850,10 +900,14 @@ int emu_cstoken_parse(const bson_t *token, emu_cstoken_t *out, mc_error_t *err)
             out->event_id_len = r.pos - start;
             if (out->version >= 2 && !at_end(&r)) {
                 bool frag_int = false;
-                if (!read_integer(&r, &v, &frag_int) || !frag_int || v < 0) {
+                size_t frag_at = r.pos;
+                if (!read_integer(&r, &v, &frag_int) || !frag_int || v < 0 || v > INT32_MAX) {
                     return parse_fail(out, err, 7182501,
                                       "Resume token 'fragmentNum' must be a non-negative integer.");
                 }
+                out->has_fragment = true;
+                out->fragment_num = (uint32_t)v;
+                out->fragment_offset = frag_at;
             }
         }
     }

@@ -56,12 +56,30 @@ typedef struct emu_cstoken {
     size_t event_id_len;
     uint8_t *raw;
     size_t raw_len;
+    size_t from_invalidate_offset; /* index of the fromInvalidate byte in raw (version >= 1) */
+    bool has_fragment;             /* a v2 token of one fragment of a split event */
+    uint32_t fragment_num;
+    size_t fragment_offset; /* where the fragmentNum starts in raw (has_fragment only) */
 } emu_cstoken_t;
 
 /* Encodes an event token. `uuid` may be NULL (dropDatabase); `document_key` may be NULL
  * (drop, rename, dropDatabase). Fails (MC_ELIMIT) only when the key nests deeper than 200. */
 int emu_cstoken_encode_event(emu_kbuf_t *out, uint32_t ts_t, uint32_t ts_i, bool from_invalidate,
                              const uint8_t *uuid, const bson_t *document_key, mc_error_t *err);
+/* The same for an event of a committed transaction: `txn_op_index` is the operation's index in
+ * the transaction (0 outside one). Tokens of one transaction share the cluster time and sort by
+ * this index, as MongoDB's do. */
+int emu_cstoken_encode_txn_event(emu_kbuf_t *out, uint32_t ts_t, uint32_t ts_i,
+                                 uint32_t txn_op_index, bool from_invalidate, const uint8_t *uuid,
+                                 const bson_t *document_key, mc_error_t *err);
+/* A version 2 token for fragment `fragment_num` (0-based) of a split event: MongoDB only allows
+ * a fragmentNum in v2 tokens, whose eventIdentifier is {operationType, documentKey} (or
+ * {operationType, operationDescription} when `document_key` is NULL; `op_description` may be
+ * NULL then) and whose missing UUID is an explicit null. */
+int emu_cstoken_encode_fragment(emu_kbuf_t *out, uint32_t ts_t, uint32_t ts_i,
+                                uint32_t txn_op_index, const uint8_t *uuid, const char *op_type,
+                                const bson_t *document_key, const bson_t *op_description,
+                                uint32_t fragment_num, mc_error_t *err);
 /* Encodes a high-water-mark token: events at or after (ts_t, ts_i). */
 void emu_cstoken_encode_hwm(emu_kbuf_t *out, uint32_t ts_t, uint32_t ts_i);
 

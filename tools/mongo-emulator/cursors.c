@@ -25,6 +25,9 @@
 typedef struct cursor {
     int64_t id;
     char *ns;
+    bool has_at; /* a snapshot read: every batch says at which cluster time */
+    uint32_t at_t;
+    uint32_t at_i;
     uint8_t *buf;
     size_t len;
     size_t pos;
@@ -162,6 +165,13 @@ static size_t fill_batch(bson_t *arr, const uint8_t *buf, size_t len, size_t pos
 void emu_cursor_reply_first(emu_server_t *srv, const char *ns, uint8_t *docs, size_t len,
                             long batch_size, bool single_batch, bson_t *reply)
 {
+    emu_cursor_reply_first_at(srv, ns, docs, len, batch_size, single_batch, NULL, reply);
+}
+
+void emu_cursor_reply_first_at(emu_server_t *srv, const char *ns, uint8_t *docs, size_t len,
+                               long batch_size, bool single_batch, const uint32_t *at,
+                               bson_t *reply)
+{
     bson_t cur, arr;
     size_t pos;
     int64_t id = 0;
@@ -184,6 +194,11 @@ void emu_cursor_reply_first(emu_server_t *srv, const char *ns, uint8_t *docs, si
         c->len = len;
         c->pos = pos;
         c->last_used_ms = now;
+        if (at) {
+            c->has_at = true;
+            c->at_t = at[0];
+            c->at_i = at[1];
+        }
         c->next = srv->cursors->head;
         srv->cursors->head = c;
         srv->cursors->count++;
@@ -191,6 +206,9 @@ void emu_cursor_reply_first(emu_server_t *srv, const char *ns, uint8_t *docs, si
         docs = NULL;
     }
     free(docs);
+    if (at) {
+        BSON_APPEND_TIMESTAMP(&cur, "atClusterTime", at[0], at[1]);
+    }
     BSON_APPEND_INT64(&cur, "id", id);
     BSON_APPEND_UTF8(&cur, "ns", ns);
     bson_append_document_end(reply, &cur);
@@ -249,6 +267,9 @@ void emu_cmd_get_more(emu_conn_t *conn, const bson_t *cmd, const char *db, bson_
     BSON_APPEND_ARRAY_BEGIN(&cur, "nextBatch", &arr);
     c->pos = fill_batch(&arr, c->buf, c->len, c->pos, batch);
     bson_append_array_end(&cur, &arr);
+    if (c->has_at) {
+        BSON_APPEND_TIMESTAMP(&cur, "atClusterTime", c->at_t, c->at_i);
+    }
     BSON_APPEND_INT64(&cur, "id", c->pos < c->len ? c->id : 0);
     BSON_APPEND_UTF8(&cur, "ns", c->ns);
     bson_append_document_end(reply, &cur);

@@ -2,11 +2,14 @@
  * emulator.h: the shared state of mongo-emulator and the helpers every command module uses.
  *
  * Threads: one accept thread plus one thread per client connection (server.c). Every command
- * handler runs with `srv->lock` held; that single lock guards the catalog, the oplog, all
- * cursors, the fail points and the cluster clock, so a handler sees a consistent database.
- * The only place a handler waits is a change-stream getMore, which waits on `srv->oplog_cond`
- * (pthread_cond_timedwait releases the lock), so a waiting getMore never holds up another
- * connection. Fail-point blocking (blockConnection) happens before the lock is taken.
+ * handler runs with `srv->lock` held; that single lock guards the catalog, the oplog, the
+ * version history, sessions and transactions, all cursors, the fail points and the cluster
+ * clock, so a handler sees a consistent database. A handler waits in two places only, both on
+ * `srv->oplog_cond` (pthread_cond_timedwait releases the lock, so a waiter never holds up
+ * another connection): a change-stream getMore with nothing to return, and a write outside
+ * transactions to a document an open transaction has written (until that transaction ends;
+ * the writer then redoes its statement). Fail-point blocking (blockConnection) happens before
+ * the lock is taken.
  *
  * Errors inside the emulator use mc_error_t with domain MC_DOMAIN_MONGODB and `cause` set to
  * the MongoDB server error code that the client must see; `message` is the errmsg.
@@ -19,6 +22,7 @@
 #include <stdbool.h>
 #include <stdint.h>
 #include <stdio.h>
+#include <time.h>
 
 #include "mongocast/error.h"
 
@@ -32,6 +36,9 @@ typedef struct emu_oplog emu_oplog_t;           /* changestream.c: bounded histo
 typedef struct emu_cs_cursors emu_cs_cursors_t; /* changestream.c: open change-stream cursors */
 typedef struct emu_cursors emu_cursors_t;       /* cursors.c: find/aggregate cursors */
 typedef struct emu_failpoints emu_failpoints_t; /* failpoint.c */
+typedef struct emu_history emu_history_t;       /* history.c: versions for snapshot reads */
+typedef struct emu_sessions emu_sessions_t;     /* txn.c: logical sessions, transactions */
+typedef struct emu_txn emu_txn_t;               /* txn.c: one multi-document transaction */
 
 typedef struct emu_options {
     const char *bind;        /* default "127.0.0.1" */
@@ -41,6 +48,8 @@ typedef struct emu_options {
     int max_wire_version;    /* 17 (6.0, default) or 21 (7.0) */
     size_t oplog_max_events; /* history kept for change streams; default 1000000 */
     const char *log_path;    /* JSON line per request and reply; NULL: no log */
+    size_t snapshot_history_bytes; /* budget of the version history; 0: 256 MiB */
+    int64_t snapshot_window_secs;  /* minSnapshotHistoryWindowInSeconds; 0: 300, < 0: 0 s */
 } emu_options_t;
 
 typedef struct emu_server {
@@ -54,6 +63,8 @@ typedef struct emu_server {
     emu_cs_cursors_t *cs_cursors;
     emu_cursors_t *cursors;
     emu_failpoints_t *failpoints;
+    emu_history_t *history;   /* versions behind snapshot reads and transactions */
+    emu_sessions_t *sessions; /* sessions with a transaction or retryable-write state */
     uint32_t clock_secs; /* last cluster time handed out (Timestamp t, i) */
     uint32_t clock_inc;
     int64_t next_cursor_id;
@@ -72,6 +83,7 @@ typedef struct emu_conn {
     int64_t id;          /* connectionId reported in hello */
     char app_name[128];  /* client.application.name from the handshake, "" if none */
     bool close_after_reply; /* set by a fail point: drop the connection instead of replying */
+    emu_txn_t *txn;         /* the transaction the running command belongs to, or NULL */
 } emu_conn_t;
 
 /* ---- server.c / commands.c ---- */
@@ -82,6 +94,16 @@ void emu_clock_tick(emu_server_t *srv, uint32_t *t, uint32_t *i);
 void emu_reply_append_cluster_time(emu_server_t *srv, bson_t *reply);
 /* A new non-zero cursor id (lock held). */
 int64_t emu_new_cursor_id(emu_server_t *srv);
+/* The CLOCK_REALTIME instant `ms` milliseconds from now, for pthread_cond_timedwait. Any
+ * thread. */
+void emu_deadline_after_ms(struct timespec *ts, int64_t ms);
+/* Fills `err` with the MongoDB error `code` (domain MC_DOMAIN_MONGODB) and returns MC_ESERVER,
+ * so that `return emu_server_error(err, 112, "...")` reads well. Any thread. */
+int emu_server_error(mc_error_t *err, int code, const char *fmt, ...)
+#if defined(__GNUC__)
+    __attribute__((format(printf, 3, 4)))
+#endif
+    ;
 
 /* Fills `reply` as an error: ok 0, errmsg, code, codeName. Never code 0. */
 void emu_reply_error(bson_t *reply, int code, const char *fmt, ...)
@@ -127,7 +149,8 @@ emu_fp_action_t emu_failpoint_after_checkout(emu_conn_t *conn, bson_t *reply);
 
 /* ---- log.c ---- */
 
-/* Writes one JSON line {"t":..,"conn":..,"dir":"in"|"out","op":..,"doc":{...}}; no-op without a log. */
+/* Writes one JSON line {"t":..,"conn":..,"dir":"in"|"out","op":..,"doc":{...}}; no-op without a
+ * log. */
 void emu_log_doc(emu_server_t *srv, const emu_conn_t *conn, const char *dir, int opcode,
                  const bson_t *doc);
 

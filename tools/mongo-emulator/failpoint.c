@@ -13,6 +13,8 @@
  */
 #include "core.h"
 
+#include "txn.h"
+
 #include <string.h>
 
 #define MAX_BLOCK_MS (10 * 60 * 1000)
@@ -241,14 +243,13 @@ static void append_computed_labels(const char *name, const bson_t *cmd, int code
         } else if (code == 280 || code == 286) {
             label = "NonResumableChangeStreamError";
         }
-    } else if ((strcmp(name, "insert") == 0 || strcmp(name, "update") == 0 ||
-                strcmp(name, "delete") == 0 || strcmp(name, "findAndModify") == 0) &&
-               bson_has_field(cmd, "txnNumber") && emu_code_is_retriable_error(code)) {
-        label = "RetryableWriteError";
+        if (label) {
+            emu_reply_add_labels(reply, &label, 1);
+        }
+        return;
     }
-    if (label) {
-        emu_reply_add_labels(reply, &label, 1);
-    }
+    /* TransientTransactionError and RetryableWriteError, computed as for any other error. */
+    emu_add_txn_error_labels(name, cmd, reply);
 }
 
 void emu_failpoint_check(emu_conn_t *conn, const char *name, const char *db, const bson_t *cmd,

@@ -28,6 +28,9 @@ static void usage(FILE *out)
             "  --standalone          answer hello as a standalone server (no change streams)\n"
             "  --wire-version V      maxWireVersion: 17 (MongoDB 6.0, default) or 21 (7.0)\n"
             "  --oplog-max-events N  change history kept for resuming (default 1000000)\n"
+            "  --snapshot-window-secs S  minSnapshotHistoryWindowInSeconds: how far back\n"
+            "                        snapshot reads and transactions can read (default 300)\n"
+            "  --snapshot-history-mb M  memory budget of the versions kept for them (default 256)\n"
             "  --log FILE            append one JSON line per request and per reply\n"
             "  --help, --version\n"
             "\n"
@@ -58,6 +61,8 @@ int main(int argc, char **argv)
         {"wire-version", required_argument, NULL, 'w'},
         {"oplog-max-events", required_argument, NULL, 'o'},
         {"log", required_argument, NULL, 'l'},
+        {"snapshot-window-secs", required_argument, NULL, 'W'},
+        {"snapshot-history-mb", required_argument, NULL, 'M'},
         {"help", no_argument, NULL, 'h'},
         {"version", no_argument, NULL, 'V'},
         {NULL, 0, NULL, 0},
@@ -109,6 +114,20 @@ int main(int argc, char **argv)
             opts.oplog_max_events = (size_t)v;
             break;
         case 'l': opts.log_path = optarg; break;
+        case 'W':
+            if (!parse_long(optarg, 0, 86400L * 365, &v)) {
+                fprintf(stderr, "mongo-emulator: --snapshot-window-secs must be 0..31536000\n");
+                return 2;
+            }
+            opts.snapshot_window_secs = v == 0 ? -1 : v;
+            break;
+        case 'M':
+            if (!parse_long(optarg, 1, 1024L * 1024, &v)) {
+                fprintf(stderr, "mongo-emulator: --snapshot-history-mb must be 1..1048576\n");
+                return 2;
+            }
+            opts.snapshot_history_bytes = (size_t)v * 1024 * 1024;
+            break;
         case 'h': usage(stdout); return 0;
         case 'V': printf("mongo-emulator %s\n", EMU_VERSION); return 0;
         default: usage(stderr); return 2;

@@ -14,6 +14,8 @@
 #include "core.h"
 
 #include "changestream.h"
+#include "history.h"
+#include "txn.h"
 
 #include <arpa/inet.h>
 #include <errno.h>
@@ -91,6 +93,12 @@ int emu_server_init(emu_server_t *srv, const emu_options_t *opts, mc_error_t *er
     if (rc == 0) {
         rc = emu_changestream_init(srv, err);
     }
+    if (rc == 0) {
+        rc = emu_history_init(srv, err);
+    }
+    if (rc == 0) {
+        rc = emu_sessions_init(srv, err);
+    }
     if (rc) {
         emu_server_cleanup(srv);
     }
@@ -103,6 +111,8 @@ void emu_server_cleanup(emu_server_t *srv)
         return; /* never initialised, or already cleaned up */
     }
     emu_server_stop(srv);
+    emu_sessions_cleanup(srv);
+    emu_history_cleanup(srv);
     if (srv->oplog || srv->cs_cursors) {
         emu_changestream_cleanup(srv);
     }
