@@ -1,6 +1,6 @@
 /*
- * fanout.c: the WebSocket/SSE fan-out: a sink type the engine dispatches into, one hub per
- * stream (history ring + subscribers), and the shared wire messages.
+ * fanout.c: the WebSocket/SSE fan-out: a sink type the engine dispatches into and one hub per
+ * stream (history ring + subscribers). See fanout.h.
  *
  * Thread: the server's loop thread only. The engine calls publish()/flush() there because
  * the daemon runs the engine in external dispatch mode (mc_engine_dispatch() from the loop's
@@ -19,119 +19,9 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "server_internal.h"
+#include "fanout.h"
 
-/* ---- Messages ------------------------------------------------------------------------------- */
-
-mcd_msg_t *mcd_msg_new_event(mc_event_t *ev)
-{
-    size_t len = 0;
-    const char *json = mc_event_json(ev, &len);
-    if (!json || len > UINT32_MAX) {
-        return NULL;
-    }
-    mcd_msg_t *msg = calloc(1, sizeof(*msg));
-    if (!msg) {
-        return NULL;
-    }
-    msg->refs = 1;
-    msg->ev = mc_event_ref(ev);
-    msg->body = json;
-    msg->body_len = (uint32_t)len;
-    /* SSE ends an event at a blank line, so the data must be one line. JSON only has raw
-     * line breaks as insignificant whitespace (inside strings they are escaped), so turning
-     * them into spaces keeps the same JSON value. */
-    if (memchr(json, '\n', len) || memchr(json, '\r', len)) {
-        msg->owned = malloc(len + 1);
-        if (!msg->owned) {
-            mc_event_unref(&msg->ev);
-            free(msg);
-            return NULL;
-        }
-        for (size_t i = 0; i < len; i++) {
-            msg->owned[i] = (json[i] == '\n' || json[i] == '\r') ? ' ' : json[i];
-        }
-        msg->owned[len] = '\0';
-        msg->body = msg->owned;
-    }
-    msg->ws_hdr_len = (uint8_t)mcd_ws_frame_header(msg->ws_hdr, MCD_WS_OP_TEXT, len);
-    return msg;
-}
-
-mcd_msg_t *mcd_msg_new_raw(const void *bytes, size_t len)
-{
-    mcd_msg_t *msg = calloc(1, sizeof(*msg));
-    if (!msg) {
-        return NULL;
-    }
-    msg->owned = malloc(len ? len : 1);
-    if (!msg->owned) {
-        free(msg);
-        return NULL;
-    }
-    memcpy(msg->owned, bytes, len);
-    msg->refs = 1;
-    msg->flags = MCD_MSG_RAW;
-    msg->body = msg->owned;
-    msg->body_len = (uint32_t)len;
-    return msg;
-}
-
-void mcd_msg_unref(mcd_msg_t *msg)
-{
-    if (!msg || (msg->flags & MCD_MSG_STATIC)) {
-        return;
-    }
-    if (--msg->refs > 0) {
-        return;
-    }
-    mc_event_unref(&msg->ev);
-    free(msg->sse_head);
-    free(msg->owned);
-    free(msg);
-}
-
-static const char sse_end[] = "\n\n";
-
-size_t mcd_msg_size_any(mcd_msg_t *msg, mcd_transport_t t)
-{
-    if (msg->flags & MCD_MSG_RAW) {
-        return msg->body_len;
-    }
-    if (t == MCD_T_SSE) {
-        if (!msg->sse_head) {
-            msg->sse_head = mcd_sse_head(msg->ev, &msg->sse_head_len);
-            if (!msg->sse_head) {
-                return 0;
-            }
-        }
-        return (size_t)msg->sse_head_len + msg->body_len + 2;
-    }
-    return (size_t)msg->ws_hdr_len + msg->body_len;
-}
-
-unsigned mcd_msg_bufs(mcd_msg_t *msg, mcd_transport_t t, uv_buf_t out[3])
-{
-    if (msg->flags & MCD_MSG_RAW) {
-        out[0] = uv_buf_init((char *)msg->body, msg->body_len);
-        return 1;
-    }
-    if (t == MCD_T_SSE) {
-        if (!msg->sse_head) {
-            return 0; /* mcd_msg_size() builds it when the message is queued */
-        }
-        out[0] = uv_buf_init(msg->sse_head, msg->sse_head_len);
-        out[1] = uv_buf_init((char *)msg->body, msg->body_len);
-        out[2] = uv_buf_init((char *)sse_end, 2);
-        return 3;
-    }
-    out[0] = uv_buf_init((char *)msg->ws_hdr, msg->ws_hdr_len);
-    out[1] = uv_buf_init((char *)msg->body, msg->body_len);
-    return 2;
-}
-
-/* ---- Hubs -------------------------------------------------------------------------------------
- */
+/* ---- Hubs ---------------------------------------------------------------------------------- */
 
 static mcd_msg_t *control_msg(const char *stream, mc_event_kind_t kind, const char *reason)
 {
@@ -144,11 +34,12 @@ static mcd_msg_t *control_msg(const char *stream, mc_event_kind_t kind, const ch
     return msg;
 }
 
-int mcd_hub_init(mcd_hub_t *hub, mcd_server_t *srv, const mc_stream_config_t *cfg)
+static int hub_init(mcd_hub_t *hub, mcd_fanout_t *fo, const mc_stream_config_t *cfg)
 {
     memset(hub, 0, sizeof(*hub));
     hub->cfg = cfg;
-    hub->srv = srv;
+    hub->fanout = fo;
+    hub->subs.name = cfg->name;
     hub->last_wall_ms = INT64_MIN;
     hub->ring_cap = cfg->history;
     if (hub->ring_cap) {
@@ -176,13 +67,13 @@ static void ring_clear(mcd_hub_t *hub)
     hub->ring_len = 0;
 }
 
-void mcd_hub_cleanup(mcd_hub_t *hub)
+static void hub_cleanup(mcd_hub_t *hub)
 {
     if (hub->ring) {
         ring_clear(hub);
     }
     free(hub->ring);
-    free(hub->subs);
+    mcd_conn_set_cleanup(&hub->subs);
     mcd_msg_unref(hub->ready_msg);
     mcd_msg_unref(hub->reset_msg);
     memset(hub, 0, sizeof(*hub));
@@ -216,7 +107,7 @@ static bool stream_open_now(mcd_hub_t *hub)
     /* hub->open follows the ready events the loop has seen; the engine's state catches a
      * stream that has since dropped into retrying (no event announces that). If it reopens,
      * its next ready event reaches this subscriber live. */
-    mc_engine_t *engine = hub->srv->engine;
+    mc_engine_t *engine = hub->fanout->engine;
     if (!engine) {
         return true;
     }
@@ -229,15 +120,6 @@ static bool stream_open_now(mcd_hub_t *hub)
 
 int mcd_hub_subscribe(mcd_hub_t *hub, mcd_conn_t *conn, const char *since)
 {
-    if (hub->n_subs == hub->subs_cap) {
-        uint32_t cap = hub->subs_cap ? hub->subs_cap * 2 : 16;
-        mcd_conn_t **ns = realloc(hub->subs, cap * sizeof(*ns));
-        if (!ns) {
-            return MC_ENOMEM;
-        }
-        hub->subs = ns;
-        hub->subs_cap = cap;
-    }
     long found = -1;
     if (since) {
         /* Newest first: a client usually resumes close to the head. */
@@ -272,30 +154,16 @@ int mcd_hub_subscribe(mcd_hub_t *hub, mcd_conn_t *conn, const char *since)
             }
         }
     }
-    conn->hub = hub;
+    if (mcd_conn_set_add(&hub->subs, conn) != 0) {
+        mcd_conn_abort(conn);
+        return -1;
+    }
     if (mcd_subscription_matches_all(conn->sub)) {
         conn->flags |= MCD_CF_MATCH_ALL;
     } else {
         conn->flags &= (uint8_t)~MCD_CF_MATCH_ALL;
     }
-    conn->sub_index = hub->n_subs;
-    hub->subs[hub->n_subs++] = conn;
     return 0;
-}
-
-void mcd_hub_unsubscribe(mcd_conn_t *conn)
-{
-    mcd_hub_t *hub = conn->hub;
-    if (!hub) {
-        return;
-    }
-    uint32_t i = conn->sub_index;
-    hub->n_subs--;
-    if (i != hub->n_subs) {
-        hub->subs[i] = hub->subs[hub->n_subs];
-        hub->subs[i]->sub_index = i;
-    }
-    conn->hub = NULL;
 }
 
 static void hub_publish(mcd_hub_t *hub, mc_event_t *ev)
@@ -334,8 +202,8 @@ static void hub_publish(mcd_hub_t *hub, mc_event_t *ev)
     uint8_t skip_check = check && mc_event_change(ev) ? MCD_CF_MATCH_ALL : 0;
     /* Backwards: closing a slow consumer swaps the last subscriber into its slot, which this
      * loop has already visited. */
-    for (uint32_t i = hub->n_subs; i-- > 0;) {
-        mcd_conn_t *c = hub->subs[i];
+    for (uint32_t i = hub->subs.n; i-- > 0;) {
+        mcd_conn_t *c = hub->subs.v[i];
         if (check && !(c->flags & skip_check) && !mcd_subscription_match(c->sub, ev)) {
             continue;
         }
@@ -344,21 +212,61 @@ static void hub_publish(mcd_hub_t *hub, mc_event_t *ev)
     mcd_msg_unref(msg);
 }
 
+/* ---- The hubs of a config ----------------------------------------------------------------- */
+
+int mcd_fanout_init(mcd_fanout_t *fo, const mc_config_t *config)
+{
+    memset(fo, 0, sizeof(*fo));
+    fo->hubs = calloc(config->n_streams ? config->n_streams : 1, sizeof(*fo->hubs));
+    if (!fo->hubs) {
+        return MC_ENOMEM;
+    }
+    for (size_t i = 0; i < config->n_streams; i++) {
+        fo->n_hubs = i + 1;
+        if (hub_init(&fo->hubs[i], fo, &config->streams[i]) != 0) {
+            return MC_ENOMEM;
+        }
+    }
+    return 0;
+}
+
+void mcd_fanout_cleanup(mcd_fanout_t *fo)
+{
+    for (size_t i = 0; i < fo->n_hubs; i++) {
+        hub_cleanup(&fo->hubs[i]);
+    }
+    free(fo->hubs);
+    memset(fo, 0, sizeof(*fo));
+}
+
+mcd_hub_t *mcd_fanout_hub(mcd_fanout_t *fo, const char *stream)
+{
+    if (!stream) {
+        return NULL;
+    }
+    for (size_t i = 0; i < fo->n_hubs; i++) {
+        if (strcmp(fo->hubs[i].cfg->name, stream) == 0) {
+            return &fo->hubs[i];
+        }
+    }
+    return NULL;
+}
+
 /* ---- The sink type ------------------------------------------------------------------------------
  */
 
 typedef struct fanout_ctx {
-    mcd_server_t *srv;
+    mcd_fanout_t *fanout;
 } fanout_ctx_t;
 
 static int fanout_init(mc_sink_t *sink, const bson_t *options, mc_error_t *err)
 {
     (void)options;
     fanout_ctx_t *ctx = mc_sink_ctx(sink);
-    ctx->srv = mc_sink_userdata(sink);
-    if (!ctx->srv) {
+    ctx->fanout = mc_sink_userdata(sink);
+    if (!ctx->fanout) {
         return mc_error_set(err, MC_EINVAL, MC_DOMAIN_MONGOCAST, MC_EINVAL,
-                            "the live fan-out sink needs the server as userdata");
+                            "the live fan-out sink needs the fan-out as userdata");
     }
     return 0;
 }
@@ -366,11 +274,11 @@ static int fanout_init(mc_sink_t *sink, const bson_t *options, mc_error_t *err)
 static int fanout_publish(mc_sink_t *sink, mc_event_t *ev)
 {
     fanout_ctx_t *ctx = mc_sink_ctx(sink);
-    mcd_hub_t *hub = mcd_server_hub(ctx->srv, mc_event_stream(ev));
+    mcd_hub_t *hub = mcd_fanout_hub(ctx->fanout, mc_event_stream(ev));
     if (!hub) {
         return MC_SINK_SKIP;
     }
-    ctx->srv->stats.fanout_events++;
+    ctx->fanout->events++;
     hub_publish(hub, ev);
     return 0;
 }

@@ -92,7 +92,7 @@ char *mcd_metrics_render(mcd_server_t *srv, size_t *len)
         return NULL;
     }
     o.buf[0] = '\0';
-    const mcd_stats_t *st = &srv->stats;
+    const mcd_stats_t *st = &srv->table.stats;
     int64_t now = (int64_t)time(NULL) * 1000;
     /* Millisecond wall clock for the checkpoint age, which is short (about the checkpoint
      * interval) and would be off by up to a second with time(). */
@@ -101,7 +101,7 @@ char *mcd_metrics_render(mcd_server_t *srv, size_t *len)
     int64_t now_ms = (int64_t)rt.tv_sec * 1000 + rt.tv_nsec / 1000000;
     char l[400];
 
-    size_t n = srv->n_hubs;
+    size_t n = srv->fanout.n_hubs;
     mc_stream_status_t *ss = calloc(n ? n : 1, sizeof(*ss));
     bool *have = calloc(n ? n : 1, sizeof(*have));
     if (!ss || !have) {
@@ -112,14 +112,14 @@ char *mcd_metrics_render(mcd_server_t *srv, size_t *len)
     }
     for (size_t i = 0; i < n; i++) {
         have[i] = srv->engine &&
-                  mc_engine_stream_status(srv->engine, srv->hubs[i].cfg->name, &ss[i]) == 0;
+                  mc_engine_stream_status(srv->engine, srv->fanout.hubs[i].cfg->name, &ss[i]) == 0;
     }
 
     help(&o, "mongocast_events_in_total", "counter", "Change events read from MongoDB per stream.");
     for (size_t i = 0; i < n; i++) {
         put(&o, "mongocast_events_in_total{stream=\"%s\"} %" PRIu64 "\n",
-            label(srv->hubs[i].cfg->name, l, sizeof(l)),
-            have[i] ? ss[i].events : srv->hubs[i].events);
+            label(srv->fanout.hubs[i].cfg->name, l, sizeof(l)),
+            have[i] ? ss[i].events : srv->fanout.hubs[i].events);
     }
     help(&o, "mongocast_events_out_total", "counter",
          "Events (changes and control events) a sink accepted, per sink instance; the live "
@@ -135,7 +135,7 @@ char *mcd_metrics_render(mcd_server_t *srv, size_t *len)
     if (!srv->engine) {
         /* A server without an engine (tests) still counts what its fan-out received. */
         put(&o, "mongocast_events_out_total{sink=\"live-clients\"} %" PRIu64 "\n",
-            st->fanout_events);
+            srv->fanout.events);
     }
     help(&o, "mongocast_events_skipped_total", "counter",
          "Events a sink did not take (e.g. control events it ignores), per sink instance.");
@@ -182,12 +182,12 @@ char *mcd_metrics_render(mcd_server_t *srv, size_t *len)
     help(&o, "mongocast_stream_subscribers", "gauge", "Live subscribers per stream.");
     for (size_t i = 0; i < n; i++) {
         put(&o, "mongocast_stream_subscribers{stream=\"%s\"} %u\n",
-            label(srv->hubs[i].cfg->name, l, sizeof(l)), srv->hubs[i].n_subs);
+            label(srv->fanout.hubs[i].cfg->name, l, sizeof(l)), srv->fanout.hubs[i].subs.n);
     }
     help(&o, "mongocast_stream_lag_seconds", "gauge",
          "Now minus the wallTime of the stream's newest change.");
     for (size_t i = 0; i < n; i++) {
-        int64_t wall = srv->hubs[i].last_wall_ms;
+        int64_t wall = srv->fanout.hubs[i].last_wall_ms;
         if (wall == INT64_MIN && have[i] && ss[i].last_event_ms > 0) {
             wall = ss[i].last_event_ms;
         }
@@ -196,25 +196,25 @@ char *mcd_metrics_render(mcd_server_t *srv, size_t *len)
         }
         double lag = (double)(now - wall) / 1000.0;
         put(&o, "mongocast_stream_lag_seconds{stream=\"%s\"} %.3f\n",
-            label(srv->hubs[i].cfg->name, l, sizeof(l)), lag < 0 ? 0.0 : lag);
+            label(srv->fanout.hubs[i].cfg->name, l, sizeof(l)), lag < 0 ? 0.0 : lag);
     }
     help(&o, "mongocast_stream_resumes_total", "counter",
          "Change stream reopens after an error (the driver's own resumes not counted).");
     for (size_t i = 0; i < n; i++) {
         if (have[i]) {
             put(&o, "mongocast_stream_resumes_total{stream=\"%s\"} %" PRIu64 "\n",
-                label(srv->hubs[i].cfg->name, l, sizeof(l)), ss[i].resumes);
+                label(srv->fanout.hubs[i].cfg->name, l, sizeof(l)), ss[i].resumes);
         }
     }
     help(&o, "mongocast_client_resumes_total", "counter",
          "Subscriber resumes (since= or Last-Event-ID): replayed from history or answered "
          "with reset.");
     for (size_t i = 0; i < n; i++) {
-        label(srv->hubs[i].cfg->name, l, sizeof(l));
+        label(srv->fanout.hubs[i].cfg->name, l, sizeof(l));
         put(&o, "mongocast_client_resumes_total{stream=\"%s\",result=\"replay\"} %" PRIu64 "\n", l,
-            srv->hubs[i].replays);
+            srv->fanout.hubs[i].replays);
         put(&o, "mongocast_client_resumes_total{stream=\"%s\",result=\"reset\"} %" PRIu64 "\n", l,
-            srv->hubs[i].resets);
+            srv->fanout.hubs[i].resets);
     }
     help(&o, "mongocast_checkpoint_age_seconds", "gauge",
          "Seconds since the stream's resume position was last written to the checkpoint "
@@ -225,7 +225,7 @@ char *mcd_metrics_render(mcd_server_t *srv, size_t *len)
         }
         double age = (double)(now_ms - ss[i].checkpoint_written_ms) / 1000.0;
         put(&o, "mongocast_checkpoint_age_seconds{stream=\"%s\"} %.3f\n",
-            label(srv->hubs[i].cfg->name, l, sizeof(l)), age < 0 ? 0.0 : age);
+            label(srv->fanout.hubs[i].cfg->name, l, sizeof(l)), age < 0 ? 0.0 : age);
     }
     help(&o, "mongocast_checkpoint_write_failures_total", "counter",
          "Failed writes of the stream's resume position to the checkpoint store (each is "
@@ -233,13 +233,13 @@ char *mcd_metrics_render(mcd_server_t *srv, size_t *len)
     for (size_t i = 0; i < n; i++) {
         if (have[i]) {
             put(&o, "mongocast_checkpoint_write_failures_total{stream=\"%s\"} %" PRIu64 "\n",
-                label(srv->hubs[i].cfg->name, l, sizeof(l)), ss[i].checkpoint_failures);
+                label(srv->fanout.hubs[i].cfg->name, l, sizeof(l)), ss[i].checkpoint_failures);
         }
     }
     help(&o, "mongocast_stream_up", "gauge", "1 when the stream's change stream is open.");
     for (size_t i = 0; i < n; i++) {
         put(&o, "mongocast_stream_up{stream=\"%s\"} %d\n",
-            label(srv->hubs[i].cfg->name, l, sizeof(l)),
+            label(srv->fanout.hubs[i].cfg->name, l, sizeof(l)),
             have[i] && ss[i].state == MC_STREAM_OPEN ? 1 : 0);
     }
     free(ss);

@@ -4,7 +4,7 @@
  * Each message is "id: <event id>\nevent: <type>\ndata: <json>\n\n"; control messages that
  * have no id (ready, reset) omit the id line so that a browser's Last-Event-ID keeps naming
  * the last change it saw. The stream starts with "retry: 2000" and a comment line is sent as
- * heartbeat. The head of a message is built once per event (fanout.c caches it).
+ * heartbeat. The head of a message is built once per event (msg.c caches it).
  *
  * Thread: any (pure functions, constant data).
  */
@@ -12,7 +12,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "server_internal.h"
+#include "sse.h"
 
 const char mcd_sse_preamble[] = "HTTP/1.1 200 OK\r\n"
                                 "Content-Type: text/event-stream\r\n"

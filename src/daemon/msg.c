@@ -1,0 +1,122 @@
+/*
+ * msg.c: the shared wire messages of msg.h: an event's §4.3 JSON framed once for WebSocket
+ * (header) and SSE (head + blank line), or raw bytes (HTTP answers, control frames).
+ *
+ * Thread: the server's loop thread only.
+ * Invariants: encode once: an event becomes one mcd_msg_t whose WebSocket header and SSE head
+ * are built at most once; the history ring and every subscriber queue hold references to it.
+ */
+#include "msg.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+#include "sse.h"
+#include "ws.h"
+
+mcd_msg_t *mcd_msg_new_event(mc_event_t *ev)
+{
+    size_t len = 0;
+    const char *json = mc_event_json(ev, &len);
+    if (!json || len > UINT32_MAX) {
+        return NULL;
+    }
+    mcd_msg_t *msg = calloc(1, sizeof(*msg));
+    if (!msg) {
+        return NULL;
+    }
+    msg->refs = 1;
+    msg->ev = mc_event_ref(ev);
+    msg->body = json;
+    msg->body_len = (uint32_t)len;
+    /* SSE ends an event at a blank line, so the data must be one line. JSON only has raw
+     * line breaks as insignificant whitespace (inside strings they are escaped), so turning
+     * them into spaces keeps the same JSON value. */
+    if (memchr(json, '\n', len) || memchr(json, '\r', len)) {
+        msg->owned = malloc(len + 1);
+        if (!msg->owned) {
+            mc_event_unref(&msg->ev);
+            free(msg);
+            return NULL;
+        }
+        for (size_t i = 0; i < len; i++) {
+            msg->owned[i] = (json[i] == '\n' || json[i] == '\r') ? ' ' : json[i];
+        }
+        msg->owned[len] = '\0';
+        msg->body = msg->owned;
+    }
+    msg->ws_hdr_len = (uint8_t)mcd_ws_frame_header(msg->ws_hdr, MCD_WS_OP_TEXT, len);
+    return msg;
+}
+
+mcd_msg_t *mcd_msg_new_raw(const void *bytes, size_t len)
+{
+    mcd_msg_t *msg = calloc(1, sizeof(*msg));
+    if (!msg) {
+        return NULL;
+    }
+    msg->owned = malloc(len ? len : 1);
+    if (!msg->owned) {
+        free(msg);
+        return NULL;
+    }
+    memcpy(msg->owned, bytes, len);
+    msg->refs = 1;
+    msg->flags = MCD_MSG_RAW;
+    msg->body = msg->owned;
+    msg->body_len = (uint32_t)len;
+    return msg;
+}
+
+void mcd_msg_unref(mcd_msg_t *msg)
+{
+    if (!msg || (msg->flags & MCD_MSG_STATIC)) {
+        return;
+    }
+    if (--msg->refs > 0) {
+        return;
+    }
+    mc_event_unref(&msg->ev);
+    free(msg->sse_head);
+    free(msg->owned);
+    free(msg);
+}
+
+static const char sse_end[] = "\n\n";
+
+size_t mcd_msg_size_any(mcd_msg_t *msg, mcd_transport_t t)
+{
+    if (msg->flags & MCD_MSG_RAW) {
+        return msg->body_len;
+    }
+    if (t == MCD_T_SSE) {
+        if (!msg->sse_head) {
+            msg->sse_head = mcd_sse_head(msg->ev, &msg->sse_head_len);
+            if (!msg->sse_head) {
+                return 0;
+            }
+        }
+        return (size_t)msg->sse_head_len + msg->body_len + 2;
+    }
+    return (size_t)msg->ws_hdr_len + msg->body_len;
+}
+
+unsigned mcd_msg_bufs(mcd_msg_t *msg, mcd_transport_t t, uv_buf_t out[3])
+{
+    if (msg->flags & MCD_MSG_RAW) {
+        out[0] = uv_buf_init((char *)msg->body, msg->body_len);
+        return 1;
+    }
+    if (t == MCD_T_SSE) {
+        if (!msg->sse_head) {
+            return 0; /* mcd_msg_size() builds it when the message is queued */
+        }
+        out[0] = uv_buf_init(msg->sse_head, msg->sse_head_len);
+        out[1] = uv_buf_init((char *)msg->body, msg->body_len);
+        out[2] = uv_buf_init((char *)sse_end, 2);
+        return 3;
+    }
+    out[0] = uv_buf_init((char *)msg->ws_hdr, msg->ws_hdr_len);
+    out[1] = uv_buf_init((char *)msg->body, msg->body_len);
+    return 2;
+}
