@@ -20,6 +20,8 @@
  */
 #include "conn.h"
 
+#include "sse.h"
+
 #include <inttypes.h>
 #include <stdlib.h>
 #include <string.h>
@@ -295,6 +297,7 @@ void mcd_conn_close(mcd_conn_t *c, uint16_t code, const char *reason, bool drop)
     if (c->state == MCD_ST_CLOSING || (c->flags & MCD_CF_CLOSED)) {
         return;
     }
+    const char *stream = c->set ? c->set->name : NULL;
     mcd_conn_set_remove(c);
     switch (c->transport) {
     case MCD_T_WS: {
@@ -309,12 +312,26 @@ void mcd_conn_close(mcd_conn_t *c, uint16_t code, const char *reason, bool drop)
         mcd_conn_linger(c);
         break;
     }
-    case MCD_T_SSE:
+    case MCD_T_SSE: {
         if (drop) {
             drop_pending(c);
         }
+        /* The application's own close codes are told as an error event; the others (shutdown,
+         * token expiry) just end the stream, which a client reconnects after. */
+        const char *name = code == MCD_WS_CLOSE_FILTER ? "filter_budget"
+                           : code == MCD_WS_CLOSE_SLOW ? "slow_consumer"
+                                                       : NULL;
+        if (name) {
+            char ev[512];
+            size_t n = mcd_sse_error_event(ev, sizeof(ev), stream ? stream : "", name,
+                                           reason ? reason : "");
+            if (n && mcd_conn_send_raw(c, ev, n) != 0) {
+                return;
+            }
+        }
         mcd_conn_linger(c);
         break;
+    }
     default: mcd_conn_abort(c); break;
     }
 }

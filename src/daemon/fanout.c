@@ -16,10 +16,14 @@
  *     (ids from before it can no longer be resumed exactly).
  */
 #include <inttypes.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "fanout.h"
+
+/* A resume's replay runs in one step: its filter budget is this many events' worth. */
+#define REPLAY_BUDGET 32
 
 /* ---- Hubs ---------------------------------------------------------------------------------- */
 
@@ -118,6 +122,21 @@ static bool stream_open_now(mcd_hub_t *hub)
     return st.state == MC_STREAM_OPEN;
 }
 
+/* Closes a subscriber whose filter ran out of CPU budget (or hit a regex limit). */
+static void filter_too_expensive(mcd_hub_t *hub, mcd_conn_t *c, const mc_filter_budget_t *b,
+                                 const char *when)
+{
+    static mc_log_ratelimit_t rl = MC_LOG_RATELIMIT_INIT(5000);
+    hub->fanout->budget_disconnects++;
+    const char *why = b->reason ? b->reason : "CPU budget exhausted";
+    mc_log_ratelimited(&rl, MC_LOG_WARN, "server",
+                       "subscriber closed: filter too expensive stream=%s reason=\"%s%s%s\"",
+                       hub->cfg->name, why, *when ? " " : "", when);
+    char reason[MCD_WS_MAX_CONTROL - 1];
+    snprintf(reason, sizeof(reason), "filter too expensive: %s%s%s", why, *when ? " " : "", when);
+    mcd_conn_close(c, MCD_WS_CLOSE_FILTER, reason, false);
+}
+
 int mcd_hub_subscribe(mcd_hub_t *hub, mcd_conn_t *conn, const char *since)
 {
     long found = -1;
@@ -143,11 +162,19 @@ int mcd_hub_subscribe(mcd_hub_t *hub, mcd_conn_t *conn, const char *since)
         return -1;
     }
     if (found >= 0) {
+        /* One budget for the whole replay: it runs in one step on the loop. */
+        mc_filter_budget_t budget = {.cpu_ns = hub->fanout->filter_budget_ns * REPLAY_BUDGET};
         for (uint32_t i = (uint32_t)found + 1; i < hub->ring_len; i++) {
             mcd_msg_t *m = ring_at(hub, i);
-            if (mc_event_kind(m->ev) == MC_EVENT_CHANGE &&
-                !mcd_subscription_match(conn->sub, m->ev)) {
-                continue;
+            if (mc_event_kind(m->ev) == MC_EVENT_CHANGE) {
+                int r = mcd_subscription_match_budget(conn->sub, m->ev, &budget);
+                if (r < 0) {
+                    filter_too_expensive(hub, conn, &budget, "during replay");
+                    return -1;
+                }
+                if (r == 0) {
+                    continue;
+                }
             }
             if (mcd_conn_send(conn, m, true) != 0) {
                 return -1;
@@ -196,16 +223,25 @@ static void hub_publish(mcd_hub_t *hub, mc_event_t *ev)
     case MC_EVENT_READY: hub->open = true; break;
     }
     /* Subscribers flagged MCD_CF_MATCH_ALL (no recipient rule, no $var stage, no filter)
-     * skip the per-subscriber match: for them mcd_subscription_match() is true for every
-     * event except a change without a change document, decided here once per event. */
+     * skip the per-subscriber match: for them the match is true for every event except a
+     * change without a change document, decided here once per event. The others get
+     * filter_budget_us of CPU time each (a filter that takes longer closes its subscriber). */
     bool check = kind == MC_EVENT_CHANGE;
     uint8_t skip_check = check && mc_event_change(ev) ? MCD_CF_MATCH_ALL : 0;
     /* Backwards: closing a slow consumer swaps the last subscriber into its slot, which this
      * loop has already visited. */
     for (uint32_t i = hub->subs.n; i-- > 0;) {
         mcd_conn_t *c = hub->subs.v[i];
-        if (check && !(c->flags & skip_check) && !mcd_subscription_match(c->sub, ev)) {
-            continue;
+        if (check && !(c->flags & skip_check)) {
+            mc_filter_budget_t budget = {.cpu_ns = hub->fanout->filter_budget_ns};
+            int r = mcd_subscription_match_budget(c->sub, ev, &budget);
+            if (r < 0) {
+                filter_too_expensive(hub, c, &budget, "");
+                continue;
+            }
+            if (r == 0) {
+                continue;
+            }
         }
         mcd_conn_send(c, msg, false);
     }
@@ -217,6 +253,8 @@ static void hub_publish(mcd_hub_t *hub, mc_event_t *ev)
 int mcd_fanout_init(mcd_fanout_t *fo, const mc_config_t *config)
 {
     memset(fo, 0, sizeof(*fo));
+    uint32_t us = config->server.filter_budget_us ? config->server.filter_budget_us : 2000;
+    fo->filter_budget_ns = (uint64_t)us * 1000;
     fo->hubs = calloc(config->n_streams ? config->n_streams : 1, sizeof(*fo->hubs));
     if (!fo->hubs) {
         return MC_ENOMEM;

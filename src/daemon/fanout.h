@@ -41,7 +41,9 @@ typedef struct mcd_fanout {
     mcd_hub_t *hubs;
     size_t n_hubs;
     mc_engine_t *engine;
-    uint64_t events; /* events the fan-out sink received */
+    uint64_t filter_budget_ns;   /* server.filter_budget_us, per subscriber and event */
+    uint64_t events;             /* events the fan-out sink received */
+    uint64_t budget_disconnects; /* subscribers closed for an expensive filter */
 } mcd_fanout_t;
 
 /* One hub per stream of `config` (borrowed). Returns 0 or MC_ENOMEM (then call cleanup). */

@@ -14,27 +14,9 @@
 #include <string.h>
 #include <time.h>
 
+#include "json_object.h"
 #include "server_internal.h"
 #include "viewer.h"
-
-/* ---- JSON helpers --------------------------------------------------------------------------- */
-
-/* Appends `s` as a JSON string body (without quotes) to out[*n..cap). Truncates silently. */
-static void json_escape(char *out, size_t cap, size_t *n, const char *s)
-{
-    for (; *s && *n + 7 < cap; s++) {
-        unsigned char ch = (unsigned char)*s;
-        if (ch == '"' || ch == '\\') {
-            out[(*n)++] = '\\';
-            out[(*n)++] = (char)ch;
-        } else if (ch < 0x20) {
-            *n += (size_t)snprintf(out + *n, cap - *n, "\\u%04x", ch);
-        } else {
-            out[(*n)++] = (char)ch;
-        }
-    }
-    out[*n] = '\0';
-}
 
 /* ---- HTTP answers ------------------------------------------------------------------------------
  */
@@ -131,7 +113,7 @@ void mcd_http_refuse(mcd_conn_t *c, int status, const char *code, const char *me
     char body[768];
     size_t n = 0;
     n += (size_t)snprintf(body, sizeof(body), "{\"error\":\"");
-    json_escape(body, sizeof(body) - 64, &n, message);
+    mcd_json_escape(body, sizeof(body) - 64, &n, message);
     n += (size_t)snprintf(body + n, sizeof(body) - n, "\",\"code\":\"%s\"}", code);
     mcd_count_refusal(&mcd_conn_table(c)->stats, status);
     mc_log(MC_LOG_DEBUG, "server", "refused status=%d code=%s", status, code);
@@ -153,9 +135,9 @@ static void route_streams(mcd_conn_t *c, bool keep_alive)
     for (size_t i = 0; i < srv->fanout.n_hubs; i++) {
         const char *name = srv->fanout.hubs[i].cfg->name;
         n += (size_t)snprintf(body + n, cap - n, "%s{\"name\":\"", i ? "," : "");
-        json_escape(body, cap, &n, name);
+        mcd_json_escape(body, cap, &n, name);
         n += (size_t)snprintf(body + n, cap - n, "\",\"url\":\"/v1/streams/");
-        json_escape(body, cap, &n, name);
+        mcd_json_escape(body, cap, &n, name);
         n += (size_t)snprintf(body + n, cap - n, "\"}");
     }
     n += (size_t)snprintf(body + n, cap - n, "]}");
@@ -178,7 +160,7 @@ static void route_readyz(mcd_conn_t *c, bool keep_alive)
             state = mc_stream_state_name(st.state);
         }
         n += (size_t)snprintf(body + n, sizeof(body) - n, "%s\"", i ? "," : "");
-        json_escape(body, sizeof(body) - 64, &n, srv->fanout.hubs[i].cfg->name);
+        mcd_json_escape(body, sizeof(body) - 64, &n, srv->fanout.hubs[i].cfg->name);
         n += (size_t)snprintf(body + n, sizeof(body) - n, "\":\"%s\"", state);
     }
     n += (size_t)snprintf(body + n, sizeof(body) - n, "}}");

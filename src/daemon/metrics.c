@@ -178,6 +178,11 @@ char *mcd_metrics_render(mcd_server_t *srv, size_t *len)
          "Subscribers disconnected because their send queue passed "
          "server.max_send_queue_bytes.");
     put(&o, "mongocast_slow_consumer_disconnects_total %" PRIu64 "\n", st->slow_disconnects);
+    help(&o, "mongocast_filter_budget_disconnects_total", "counter",
+         "Subscribers closed because their filter passed server.filter_budget_us on an event "
+         "(or a regular-expression limit).");
+    put(&o, "mongocast_filter_budget_disconnects_total %" PRIu64 "\n",
+        srv->fanout.budget_disconnects);
 
     help(&o, "mongocast_stream_subscribers", "gauge", "Live subscribers per stream.");
     for (size_t i = 0; i < n; i++) {

@@ -14,6 +14,8 @@
 
 #include "sse.h"
 
+#include "json_object.h"
+
 const char mcd_sse_preamble[] = "HTTP/1.1 200 OK\r\n"
                                 "Content-Type: text/event-stream\r\n"
                                 "Cache-Control: no-cache\r\n"
@@ -47,4 +49,24 @@ char *mcd_sse_head(const mc_event_t *ev, uint32_t *len)
     }
     *len = (uint32_t)n;
     return out;
+}
+
+size_t mcd_sse_error_event(char *out, size_t cap, const char *stream, const char *code,
+                           const char *reason)
+{
+    size_t n = 0;
+    int w = snprintf(out, cap, "event: error\ndata: {\"type\":\"error\",\"stream\":\"");
+    if (w < 0 || (size_t)w >= cap || cap < 64) {
+        return 0;
+    }
+    n = (size_t)w;
+    /* Escaped JSON never holds a raw line break, so the data stays one line. */
+    mcd_json_escape(out, cap - 48, &n, stream);
+    n += (size_t)snprintf(out + n, cap - n, "\",\"code\":\"%s\",\"reason\":\"", code);
+    mcd_json_escape(out, cap - 8, &n, reason);
+    w = snprintf(out + n, cap - n, "\"}\n\n");
+    if (w < 0 || (size_t)w >= cap - n) {
+        return 0;
+    }
+    return n + (size_t)w;
 }

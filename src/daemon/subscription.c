@@ -8,8 +8,8 @@
  *
  * Invariants:
  *   - everything a subscriber sends is parsed, validated and compiled here, once, before
- *     the upgrade; mcd_subscription_match() only reads compiled filters and allocates nothing
- *     (POSIX regexec may allocate internally for $regex);
+ *     the upgrade; matching only reads compiled filters and allocates nothing (a regex's
+ *     backtracking past its stack arena excepted), within the caller's CPU budget;
  *   - a subscription keeps no pointer into the stream config (a reload may replace it);
  *   - fail closed: a subscriber that is neither authenticated nor on a public stream (or on
  *     a server without auth) is refused here too, even though mcd_auth_subscriber() already
@@ -407,31 +407,50 @@ void mcd_subscription_destroy(mcd_subscription_t *sub)
     free(sub);
 }
 
-bool mcd_subscription_match(const mcd_subscription_t *sub, const mc_event_t *ev)
+/* 1 match, 0 no match, -1 the budget ran out (b not NULL). */
+static int match(const mcd_subscription_t *sub, const mc_event_t *ev, mc_filter_budget_t *b)
 {
     if (!sub || !ev) {
-        return false;
+        return 0;
     }
     if (mc_event_kind(ev) != MC_EVENT_CHANGE) {
-        return true;
+        return 1;
     }
     if (sub->restrict_recipient) {
         const char *rcpt = mc_event_recipient(ev);
         /* No recipient (unresolved, lookup miss): admins only. */
         if (!rcpt || strcmp(rcpt, sub->subject) != 0) {
-            return false;
+            return 0;
         }
     }
     const bson_t *change = mc_event_change(ev);
     if (!change) {
-        return false;
+        return 0;
     }
     for (size_t i = 0; i < sub->n_local; i++) {
-        if (!mc_filter_match(sub->local[i], change)) {
-            return false;
+        if (!(b ? mc_filter_match_budget(sub->local[i], change, b)
+                : mc_filter_match(sub->local[i], change))) {
+            return b && b->exceeded ? -1 : 0;
         }
     }
-    return !sub->client || mc_filter_match(sub->client, change);
+    if (!sub->client) {
+        return 1;
+    }
+    if (b ? mc_filter_match_budget(sub->client, change, b) : mc_filter_match(sub->client, change)) {
+        return 1;
+    }
+    return b && b->exceeded ? -1 : 0;
+}
+
+bool mcd_subscription_match(const mcd_subscription_t *sub, const mc_event_t *ev)
+{
+    return match(sub, ev, NULL) == 1;
+}
+
+int mcd_subscription_match_budget(const mcd_subscription_t *sub, const mc_event_t *ev,
+                                  mc_filter_budget_t *budget)
+{
+    return match(sub, ev, budget);
 }
 
 bool mcd_subscription_matches_all(const mcd_subscription_t *sub)

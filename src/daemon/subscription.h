@@ -11,7 +11,7 @@
  *      holding an operator key such as {$ne: ...} with 400);
  *   3. the subscriber's `filter` (a JSON MongoDB query over the change event, when the stream
  *      allows client filters; $where $function $accumulator $expr refused; bounded in size
- *      and depth).
+ *      and depth, and in CPU time per event by mcd_subscription_match_budget()).
  * Control events (ready, invalidate, reset) always pass.
  *
  * Thread: built and matched on the loop thread. Immutable after creation.
@@ -25,6 +25,7 @@
 #include "auth.h"
 #include "mongocast/config.h"
 #include "mongocast/event.h"
+#include "mongocast/filter.h"
 #include "refusal.h"
 
 #define MCD_FILTER_MAX_BYTES 16384
@@ -40,8 +41,15 @@ mcd_subscription_t *mcd_subscription_new(const mc_stream_config_t *stream, const
                                          mcd_refusal_t *r);
 void mcd_subscription_destroy(mcd_subscription_t *sub);
 
-/* True when this subscriber receives `ev`. Never fails. */
+/* True when this subscriber receives `ev`. Never fails; a filter past its regex limits counts
+ * as not matching. */
 bool mcd_subscription_match(const mcd_subscription_t *sub, const mc_event_t *ev);
+
+/* The same within `budget` (mongocast/filter.h), which the subscriber's $var stages and filter
+ * share: 1 match, 0 no match, -1 the budget ran out or a regex hit a limit (budget->reason
+ * says which). A budget may span several events (a resume's replay). */
+int mcd_subscription_match_budget(const mcd_subscription_t *sub, const mc_event_t *ev,
+                                  mc_filter_budget_t *budget);
 
 /* True when the subscription has no condition at all (no recipient restriction, no $var
  * stage, no client filter): mcd_subscription_match() is then true for every event that

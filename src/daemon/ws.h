@@ -41,6 +41,7 @@
 #define MCD_WS_CLOSE_INTERNAL 1011
 #define MCD_WS_CLOSE_RESTART 1012
 #define MCD_WS_CLOSE_SLOW 4002
+#define MCD_WS_CLOSE_FILTER 4003 /* the subscriber's filter ran out of CPU budget */
 
 #define MCD_WS_MAX_CONTROL 125
 #define MCD_WS_MAX_HEADER 14 /* 2 + 8 (64-bit length) + 4 (mask) */

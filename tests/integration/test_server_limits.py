@@ -1,0 +1,163 @@
+"""The live server's bounds against one hostile client, filter or document (issue 7 items 5 to
+8): a catastrophic regular expression in a subscriber's filter, requests pipelined without
+reading the answers, documents bigger than the send-queue limit and than max_message_bytes,
+slowloris with reconnects, the per-address limit, and a failed stream.
+
+Each test prints what it measured (run with -s to see it). Runs `mongocast run` against the
+emulator (or MONGODB_URI).
+"""
+
+import json
+import socket
+import threading
+import time
+from urllib.parse import quote
+
+import pytest
+
+from daemon_util import *  # noqa: F401,F403
+from server_util import (RawSSE, RawWS, http_get, metrics, read_response, rss_kb, server_config,
+                         start_server, stream)
+
+
+def p99(samples):
+    s = sorted(samples)
+    return s[min(len(s) - 1, int(len(s) * 0.99))]
+
+
+class HealthProbe:
+    """/healthz on one keep-alive connection every `period` seconds, in a thread: latencies."""
+
+    def __init__(self, port, period=0.01):
+        self.port, self.period = port, period
+        self.latencies, self.errors = [], []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        s = None
+        while not self.stop.is_set():
+            try:
+                if s is None:
+                    s = socket.create_connection(("127.0.0.1", self.port), timeout=10)
+                t0 = time.monotonic()
+                s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+                status, _, _ = read_response(s)
+                self.latencies.append(time.monotonic() - t0)
+                if status != 200:
+                    self.errors.append(status)
+            except OSError as e:
+                self.errors.append(repr(e))
+                s = None
+            time.sleep(self.period)
+        if s:
+            s.close()
+
+    def finish(self):
+        self.stop.set()
+        self.thread.join(15)
+        return self.latencies
+
+
+class Reader:
+    """Reads change messages from a RawWS in a thread: (value of fullDocument.i, latency from
+    the insert time carried in fullDocument.t)."""
+
+    def __init__(self, ws):
+        self.ws = ws
+        self.got, self.errors = [], []
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        try:
+            while True:
+                m = self.ws.recv_json()
+                if m["type"] == "change":
+                    doc = m["change"]["fullDocument"]
+                    self.got.append((doc["i"], time.time() - doc["t"]))
+        except (OSError, ConnectionError):
+            pass
+        except Exception as e:  # reported by the test
+            self.errors.append(repr(e))
+
+
+def filter_path(query):
+    return "/v1/streams/s?filter=" + quote(json.dumps(query))
+
+
+EVIL = {"fullDocument.s": {"$regex": "(.{1,100}){199}x"}}
+
+
+def test_redos_filter_closed_with_reason_others_unaffected(tmp_path, daemons, mongo_uri, db,
+                                                           db_name):
+    cfg = server_config(tmp_path / "c.yaml", mongo_uri,
+                        {"s": stream(db_name, "c", client_filters=True)})
+    d, port = start_server(daemons, cfg)
+    plain = RawWS(port, "/v1/streams/s")
+    benign = RawWS(port, filter_path({"fullDocument.s": {"$regex": "^x"}}))
+    for ws in (plain, benign):
+        assert ws.recv_json()["type"] == "ready"
+    readers = [Reader(plain), Reader(benign)]
+    # The attacker keeps an offending WebSocket subscriber connected: as soon as one is
+    # closed it opens the next, so every event meets a live evil filter.
+    closes, stop = [], threading.Event()
+
+    def attacker():
+        while not stop.is_set():
+            ws = RawWS(port, filter_path(EVIL))
+            if ws.status != 101:
+                closes.append(("status", ws.status))
+                return
+            closes.append(ws.close_code())
+            ws.close()
+    attack = threading.Thread(target=attacker, daemon=True)
+    attack.start()
+    sse = RawSSE(port, filter_path(EVIL))
+    assert sse.status == 200
+    assert sse.next_event()["event"] == "ready"
+    wait_for(lambda: metrics(port)['mongocast_connections{transport="ws"}'] == 3,
+             message="the attacker's first subscriber")
+    probe = HealthProbe(port)
+    sizes = [1000, 10000, 100000]
+    n = 30
+    for i in range(n):
+        # The 'x' at the start makes the pattern backtrack exponentially from position 0.
+        db.c.insert_one({"i": i, "t": time.time(), "s": "x" + "a" * (sizes[i % 3] - 1)})
+        time.sleep(0.03)
+    wait_for(lambda: all(len(r.got) >= n for r in readers), timeout=30,
+             message="every event at the other subscribers")
+    health = probe.finish()
+    stop.set()
+    # The SSE subscriber's stream ends with an error event naming the reason.
+    last = sse.next_event()
+    assert last["event"] == "error", last
+    assert last["data"]["code"] == "filter_budget", last
+    assert last["data"]["reason"].startswith("filter too expensive"), last
+    with pytest.raises(ConnectionError):
+        sse.next_event()
+    attack.join(15)
+    for r in readers:
+        assert not r.errors, r.errors
+        assert [i for i, _ in r.got[:n]] == list(range(n))
+    lat = [l for r in readers for _, l in r.got[:n]]
+    ws_closes = [c for c in closes if c[0] is not None]
+    assert ws_closes, closes
+    for code, reason in ws_closes:
+        assert code == 4003 and reason.startswith("filter too expensive"), (code, reason)
+    m = metrics(port)
+    print("\nReDoS: %d events (1, 10, 100 KB strings), %d offending subscribers closed "
+          "(4003 %r); /healthz p99 %.1f ms max %.1f ms over %d probes; other subscribers' "
+          "delivery p99 %.1f ms max %.1f ms"
+          % (n, m["mongocast_filter_budget_disconnects_total"], ws_closes[0][1],
+             p99(health) * 1e3, max(health) * 1e3, len(health), p99(lat) * 1e3,
+             max(lat) * 1e3))
+    assert not probe.errors, probe.errors
+    assert p99(health) < 0.05
+    assert p99(lat) < 0.05
+    assert m["mongocast_filter_budget_disconnects_total"] >= len(ws_closes) + 1
+    assert http_get(port, "/healthz")[0] == 200
+    plain.close()
+    benign.close()
+    sse.close()
