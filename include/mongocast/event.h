@@ -138,6 +138,20 @@ const char *mc_event_json(mc_event_t *ev, size_t *len);
  * like mc_event_json(). NULL for reset and ready events. */
 const char *mc_event_raw_json(mc_event_t *ev, size_t *len);
 
+/*
+ * The notice that stands in for a change whose message is too big to send (`size` bytes,
+ * more than the transport's `limit`, e.g. server.max_message_bytes):
+ *   {"type":"oversize","stream":S,"id":<_data>,["recipient":R,]"operationType":OP,
+ *    "ns":{"db":D,"coll":C},"documentKey":{...},"size":N,"limit":L}
+ * in the style of mc_event_json() ("recipient" only on streams with a recipient path;
+ * operationType and ns null when the pipeline removed them; documentKey null when absent or
+ * longer than 4 KiB as JSON), so it is always small. Rendered on every call (callers that send
+ * it to many consumers build it once). Returns a new string (release with bson_free()) and its
+ * length in *len when len is not NULL; NULL for events other than changes or when memory runs
+ * out. Any thread. (Additive function.)
+ */
+char *mc_event_oversize_json(const mc_event_t *ev, size_t size, size_t limit, size_t *len);
+
 #ifdef __cplusplus
 }
 #endif

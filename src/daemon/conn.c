@@ -221,6 +221,11 @@ static void release_bytes(mcd_conn_t *c, uint64_t bytes)
     c->queued_bytes -= (uint32_t)bytes;
     mcd_conn_table(c)->stats.queued_bytes -= bytes;
     c->replay_bytes = c->replay_bytes > bytes ? c->replay_bytes - (uint32_t)bytes : 0;
+    /* What was queued ahead of the large message leaves first, then the message itself. */
+    uint64_t ahead = c->large_ahead < bytes ? c->large_ahead : bytes;
+    c->large_ahead -= (uint32_t)ahead;
+    bytes -= ahead;
+    c->large_left = c->large_left > bytes ? c->large_left - (uint32_t)bytes : 0;
 }
 
 /* Drops every message not yet handed to the kernel (the write in flight stays). */
@@ -389,10 +394,20 @@ int mcd_conn_send(mcd_conn_t *c, mcd_msg_t *msg, bool replay)
             }
         }
         uint64_t unsent = unsent_bytes(c);
-        uint64_t exempt = c->replay_bytes < unsent ? c->replay_bytes : unsent;
+        uint64_t exempt = (uint64_t)c->replay_bytes + c->large_left;
+        if (exempt > unsent) {
+            exempt = unsent;
+        }
         if (unsent - exempt + size > t->max_queue) {
-            slow_consumer(c);
-            return -1;
+            /* A large message (over half the limit: it may not fit behind anything) is taken
+             * when no other one is on its way; the limit then bounds what queues behind it,
+             * so a subscriber that keeps up receives it however big it is. */
+            if (size <= t->max_queue / 2 || c->large_left) {
+                slow_consumer(c);
+                return -1;
+            }
+            c->large_ahead = c->queued_bytes;
+            c->large_left = (uint32_t)size;
         }
     }
     if (q_push(c, msg, size, replay) != 0) {

@@ -71,6 +71,8 @@ struct mcd_conn {
     uint32_t queued_bytes;  /* pending + in flight (until the write callback) */
     uint32_t pending_bytes; /* in the ring, not yet handed to uv_write */
     uint32_t replay_bytes;  /* of queued_bytes, replayed history (exempt from the limit) */
+    uint32_t large_left;    /* of queued_bytes, the one large message (exempt from the limit) */
+    uint32_t large_ahead;   /* of queued_bytes, what was queued ahead of that message */
     uint32_t expires_s;     /* token expiry (seconds since the epoch), 0: none */
     uint32_t table_index;   /* position in the table */
     uint32_t set_index;     /* position in set->v */
@@ -125,8 +127,11 @@ void mcd_conn_add(mcd_conn_t *c);
 
 /* Queues `msg` (a new reference) for `conn`. When the queue would pass
  * server.max_send_queue_bytes the connection is closed as a slow consumer (WS 4002) and -1
- * is returned. `replay` marks history replay bytes, which do not count against the limit
- * until they are written. Closing connections drop the message and return 0. */
+ * is returned. Exempt from the limit: history replay bytes (`replay`) until they are written,
+ * and one message larger than half the limit at a time, taken when it does not fit (the limit
+ * then bounds what queues behind it). So a connection holds at most the limit plus one
+ * message (at most server.max_message_bytes). Closing connections drop the message and
+ * return 0. */
 int mcd_conn_send(mcd_conn_t *conn, mcd_msg_t *msg, bool replay);
 
 /* Queues raw bytes (HTTP answers, close and pong frames, copied unless the socket takes them

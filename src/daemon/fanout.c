@@ -33,7 +33,7 @@ static mcd_msg_t *control_msg(const char *stream, mc_event_kind_t kind, const ch
     if (!ev) {
         return NULL;
     }
-    mcd_msg_t *msg = mcd_msg_new_event(ev);
+    mcd_msg_t *msg = mcd_msg_new_event(ev, 0);
     mc_event_unref(&ev);
     return msg;
 }
@@ -195,7 +195,7 @@ int mcd_hub_subscribe(mcd_hub_t *hub, mcd_conn_t *conn, const char *since)
 
 static void hub_publish(mcd_hub_t *hub, mc_event_t *ev)
 {
-    mcd_msg_t *msg = mcd_msg_new_event(ev);
+    mcd_msg_t *msg = mcd_msg_new_event(ev, hub->fanout->max_message_bytes);
     if (!msg) {
         static mc_log_ratelimit_t rl = MC_LOG_RATELIMIT_INIT(10000);
         mc_log_ratelimited(&rl, MC_LOG_ERROR, "server", "out of memory: event dropped stream=%s",
@@ -203,6 +203,14 @@ static void hub_publish(mcd_hub_t *hub, mc_event_t *ev)
         return;
     }
     hub->events++;
+    if (msg->flags & MCD_MSG_OVERSIZE) {
+        static mc_log_ratelimit_t rl = MC_LOG_RATELIMIT_INIT(10000);
+        hub->fanout->oversize++;
+        mc_log_ratelimited(&rl, MC_LOG_WARN, "server",
+                           "event larger than server.max_message_bytes sent as an oversize "
+                           "notice stream=%s limit=%zu",
+                           hub->cfg->name, hub->fanout->max_message_bytes);
+    }
     mc_event_kind_t kind = mc_event_kind(ev);
     switch (kind) {
     case MC_EVENT_CHANGE:
@@ -255,6 +263,8 @@ int mcd_fanout_init(mcd_fanout_t *fo, const mc_config_t *config)
     memset(fo, 0, sizeof(*fo));
     uint32_t us = config->server.filter_budget_us ? config->server.filter_budget_us : 2000;
     fo->filter_budget_ns = (uint64_t)us * 1000;
+    fo->max_message_bytes =
+        config->server.max_message_bytes ? config->server.max_message_bytes : 16777216;
     fo->hubs = calloc(config->n_streams ? config->n_streams : 1, sizeof(*fo->hubs));
     if (!fo->hubs) {
         return MC_ENOMEM;

@@ -42,6 +42,8 @@ typedef struct mcd_fanout {
     size_t n_hubs;
     mc_engine_t *engine;
     uint64_t filter_budget_ns;   /* server.filter_budget_us, per subscriber and event */
+    size_t max_message_bytes;    /* server.max_message_bytes */
+    uint64_t oversize;           /* events sent as an oversize notice */
     uint64_t events;             /* events the fan-out sink received */
     uint64_t budget_disconnects; /* subscribers closed for an expensive filter */
 } mcd_fanout_t;

@@ -183,6 +183,10 @@ char *mcd_metrics_render(mcd_server_t *srv, size_t *len)
          "(or a regular-expression limit).");
     put(&o, "mongocast_filter_budget_disconnects_total %" PRIu64 "\n",
         srv->fanout.budget_disconnects);
+    help(&o, "mongocast_oversize_events_total", "counter",
+         "Events whose message passed server.max_message_bytes and went to live subscribers "
+         "as an oversize notice.");
+    put(&o, "mongocast_oversize_events_total %" PRIu64 "\n", srv->fanout.oversize);
 
     help(&o, "mongocast_stream_subscribers", "gauge", "Live subscribers per stream.");
     for (size_t i = 0; i < n; i++) {

@@ -5,6 +5,8 @@
  * Thread: the server's loop thread only.
  * Invariants: encode once: an event becomes one mcd_msg_t whose WebSocket header and SSE head
  * are built at most once; the history ring and every subscriber queue hold references to it.
+ * An event whose message passes server.max_message_bytes becomes its oversize notice here,
+ * once, so the ring and every queue share the notice and never the big message.
  */
 #include "msg.h"
 
@@ -14,11 +16,11 @@
 #include "sse.h"
 #include "ws.h"
 
-mcd_msg_t *mcd_msg_new_event(mc_event_t *ev)
+mcd_msg_t *mcd_msg_new_event(mc_event_t *ev, size_t max_bytes)
 {
     size_t len = 0;
     const char *json = mc_event_json(ev, &len);
-    if (!json || len > UINT32_MAX) {
+    if (!json) {
         return NULL;
     }
     mcd_msg_t *msg = calloc(1, sizeof(*msg));
@@ -27,16 +29,31 @@ mcd_msg_t *mcd_msg_new_event(mc_event_t *ev)
     }
     msg->refs = 1;
     msg->ev = mc_event_ref(ev);
+    if ((max_bytes && len > max_bytes) || len > UINT32_MAX / 2) {
+        /* Too big to send: a small notice in its place, built once like the message. */
+        size_t nlen = 0;
+        char *notice = mc_event_oversize_json(ev, len, max_bytes, &nlen);
+        msg->owned = notice ? malloc(nlen + 1) : NULL;
+        if (!msg->owned) {
+            bson_free(notice);
+            mcd_msg_unref(msg);
+            return NULL;
+        }
+        memcpy(msg->owned, notice, nlen + 1);
+        bson_free(notice);
+        msg->flags |= MCD_MSG_OVERSIZE;
+        json = msg->owned;
+        len = nlen;
+    }
     msg->body = json;
     msg->body_len = (uint32_t)len;
     /* SSE ends an event at a blank line, so the data must be one line. JSON only has raw
      * line breaks as insignificant whitespace (inside strings they are escaped), so turning
      * them into spaces keeps the same JSON value. */
-    if (memchr(json, '\n', len) || memchr(json, '\r', len)) {
+    if (!msg->owned && (memchr(json, '\n', len) || memchr(json, '\r', len))) {
         msg->owned = malloc(len + 1);
         if (!msg->owned) {
-            mc_event_unref(&msg->ev);
-            free(msg);
+            mcd_msg_unref(msg);
             return NULL;
         }
         for (size_t i = 0; i < len; i++) {
@@ -91,7 +108,8 @@ size_t mcd_msg_size_any(mcd_msg_t *msg, mcd_transport_t t)
     }
     if (t == MCD_T_SSE) {
         if (!msg->sse_head) {
-            msg->sse_head = mcd_sse_head(msg->ev, &msg->sse_head_len);
+            msg->sse_head = mcd_sse_head(
+                msg->ev, (msg->flags & MCD_MSG_OVERSIZE) ? "oversize" : NULL, &msg->sse_head_len);
             if (!msg->sse_head) {
                 return 0;
             }

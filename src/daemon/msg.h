@@ -16,8 +16,9 @@
 
 #include "mongocast.h"
 
-#define MCD_MSG_STATIC 0x1 /* lives as long as the server: never freed by unref */
-#define MCD_MSG_RAW 0x2    /* `body` is written as is for every transport */
+#define MCD_MSG_STATIC 0x1   /* lives as long as the server: never freed by unref */
+#define MCD_MSG_RAW 0x2      /* `body` is written as is for every transport */
+#define MCD_MSG_OVERSIZE 0x4 /* `body` is the event's oversize notice (SSE event: oversize) */
 
 /* One message, built once and shared by every connection that sends it (a connection's queue
  * holds references, never copies). For an event, the WebSocket frame is ws_hdr + body and the
@@ -42,7 +43,9 @@ typedef enum mcd_transport {
     MCD_T_SSE = 2,
 } mcd_transport_t;
 
-mcd_msg_t *mcd_msg_new_event(mc_event_t *ev);
+/* The message of `ev`, or its oversize notice when the message is longer than `max_bytes`
+ * (0: no limit). NULL when memory runs out. */
+mcd_msg_t *mcd_msg_new_event(mc_event_t *ev, size_t max_bytes);
 mcd_msg_t *mcd_msg_new_raw(const void *bytes, size_t len);
 void mcd_msg_unref(mcd_msg_t *msg);
 static inline mcd_msg_t *mcd_msg_ref(mcd_msg_t *msg)

@@ -24,10 +24,12 @@ const char mcd_sse_preamble[] = "HTTP/1.1 200 OK\r\n"
                                 "\r\n"
                                 "retry: 2000\n\n";
 
-char *mcd_sse_head(const mc_event_t *ev, uint32_t *len)
+char *mcd_sse_head(const mc_event_t *ev, const char *type, uint32_t *len)
 {
     const char *id = mc_event_id(ev);
-    const char *type = mc_event_kind_name(mc_event_kind(ev));
+    if (!type) {
+        type = mc_event_kind_name(mc_event_kind(ev));
+    }
     /* Event ids are hex resume tokens; anything with a line break could end the field. */
     if (id && strpbrk(id, "\r\n")) {
         id = NULL;

@@ -14,8 +14,9 @@
 extern const char mcd_sse_preamble[];
 /* The heartbeat comment. */
 #define MCD_SSE_HEARTBEAT ": heartbeat\n\n"
-/* Writes "id: <id>\nevent: <type>\ndata: " for `ev` into a new buffer (*len: its length). */
-char *mcd_sse_head(const mc_event_t *ev, uint32_t *len);
+/* Writes "id: <id>\nevent: <type>\ndata: " for `ev` into a new buffer (*len: its length);
+ * `type` NULL: the event's kind name. */
+char *mcd_sse_head(const mc_event_t *ev, const char *type, uint32_t *len);
 
 /* Writes the event that ends a subscriber's stream for a reason into out[0..cap):
  * "event: error\ndata: {"type":"error","stream":S,"code":C,"reason":R}\n\n" (no id line, so

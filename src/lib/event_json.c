@@ -10,8 +10,12 @@
  * so consumers and the golden fixtures see no difference. Where libbson would refuse the
  * message (invalid UTF-8 in the change or the recipient), the message still goes out with
  * "change": null and an "error" field rather than being lost silently; only a stream name or
- * id libbson could not render yields NULL, as before.
+ * id libbson could not render yields NULL, as before. The `oversize` notice that stands in for
+ * a message too big to send (mc_event_oversize_json) is rendered here too, per call, in the
+ * same style.
  */
+#include <stdio.h>
+
 #include "engine_private.h"
 #include "json_writer.h"
 
@@ -98,4 +102,66 @@ char *mc__event_render_raw(const mc_event_t *ev, size_t *len)
         return NULL;
     }
     return mc__json_render(change, MC__JSON_CANONICAL, 0, len, NULL);
+}
+
+/* A documentKey longer than this (a huge _id or shard key) is left out of the notice, which
+ * must stay small whatever the event. */
+#define OVERSIZE_KEY_MAX 4096
+
+char *mc_event_oversize_json(const mc_event_t *ev, size_t size, size_t limit, size_t *len)
+{
+    if (!ev || mc_event_kind(ev) != MC_EVENT_CHANGE || !mc_event_id(ev)) {
+        return NULL;
+    }
+    const char *recipient = mc_event_recipient(ev);
+    const char *op = mc_event_operation_type(ev);
+    const char *db = mc_event_db(ev);
+    const char *coll = mc_event_coll(ev);
+    const bson_t *key = mc_event_document_key(ev);
+    mc__json_buf_t b;
+    mc__json_buf_init(&b, 512, 0);
+    MC__JSON_LIT(&b, "{ \"type\" : \"oversize\", \"stream\" : ");
+    put_field_string(&b, mc_event_stream(ev));
+    MC__JSON_LIT(&b, ", \"id\" : ");
+    put_field_string(&b, mc_event_id(ev));
+    if (mc__event_recipient_configured(ev)) {
+        MC__JSON_LIT(&b, ", \"recipient\" : ");
+        if (recipient) {
+            put_field_string(&b, recipient);
+        } else {
+            MC__JSON_LIT(&b, "null");
+        }
+    }
+    MC__JSON_LIT(&b, ", \"operationType\" : ");
+    if (op) {
+        put_field_string(&b, op);
+    } else {
+        MC__JSON_LIT(&b, "null");
+    }
+    MC__JSON_LIT(&b, ", \"ns\" : ");
+    if (db) {
+        MC__JSON_LIT(&b, "{ \"db\" : ");
+        put_field_string(&b, db);
+        if (coll) {
+            MC__JSON_LIT(&b, ", \"coll\" : ");
+            put_field_string(&b, coll);
+        }
+        MC__JSON_LIT(&b, " }");
+    } else {
+        MC__JSON_LIT(&b, "null");
+    }
+    MC__JSON_LIT(&b, ", \"documentKey\" : ");
+    size_t before = b.len;
+    if (key) {
+        mc__json_write_embedded(&b, key, MC__JSON_RELAXED, 0);
+    }
+    if (!key || b.err != MC__JSON_OK || b.len - before > OVERSIZE_KEY_MAX) {
+        b.len = before;
+        b.err = MC__JSON_OK;
+        MC__JSON_LIT(&b, "null");
+    }
+    char num[64];
+    int n = snprintf(num, sizeof(num), ", \"size\" : %zu, \"limit\" : %zu }", size, limit);
+    mc__json_buf_append(&b, num, (size_t)n);
+    return mc__json_buf_steal(&b, len);
 }

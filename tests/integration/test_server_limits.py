@@ -161,3 +161,95 @@ def test_redos_filter_closed_with_reason_others_unaffected(tmp_path, daemons, mo
     plain.close()
     benign.close()
     sse.close()
+
+
+def test_large_documents_reach_every_subscriber_oversize_as_notice(tmp_path, daemons, mongo_uri,
+                                                                   db, db_name):
+    # MongoDB caps a document (and a change event) at 16 MiB of BSON, so the "too big" case
+    # uses a ~15 MB document against max_message_bytes lowered to 8 MiB; 1.5 MB is above the
+    # default 1 MiB send-queue limit, which used to close every subscriber with 4002.
+    limit = 8 * 1024 * 1024
+    cfg = server_config(tmp_path / "c.yaml", mongo_uri, {"s": stream(db_name, "c")},
+                        server={"max_message_bytes": limit})
+    d, port = start_server(daemons, cfg)
+    wss = [RawWS(port, "/v1/streams/s") for _ in range(7)]
+    sses = [RawSSE(port, "/v1/streams/s") for _ in range(3)]
+    for ws in wss:
+        assert ws.recv_json()["type"] == "ready"
+    for s in sses:
+        assert s.next_event()["event"] == "ready"
+    got = [[] for _ in range(10)]
+    errors = []
+
+    def read_ws(k, ws):
+        try:
+            ws.sock.settimeout(60)
+            while len(got[k]) < 3:
+                m = ws.recv_json()
+                got[k].append(("ws", m["type"], m))
+        except Exception as e:  # reported below
+            errors.append(repr(e))
+
+    def read_sse(k, s):
+        try:
+            s.sock.settimeout(60)
+            while len(got[k]) < 3:
+                ev = s.next_event()
+                got[k].append(("sse:" + ev["event"], ev["data"]["type"], ev["data"],
+                               ev.get("id")))
+        except Exception as e:  # reported below
+            errors.append(repr(e))
+    threads = [threading.Thread(target=read_ws, args=(k, ws)) for k, ws in enumerate(wss)]
+    threads += [threading.Thread(target=read_sse, args=(7 + k, s)) for k, s in enumerate(sses)]
+    for t in threads:
+        t.start()
+    mid = "m" * (1536 * 1024)
+    big = "b" * (15 * 1000 * 1000)
+    db.c.insert_one({"_id": "mid", "s": mid})
+    db.c.insert_one({"_id": "big", "s": big})
+    db.c.insert_one({"_id": "after", "s": "small"})
+    for t in threads:
+        t.join(120)
+    assert not errors, errors
+    for k, msgs in enumerate(got):
+        assert [m[1] for m in msgs] == ["change", "oversize", "change"], (k, [m[:2] for m in msgs])
+        assert msgs[0][2]["change"]["fullDocument"]["s"] == mid
+        notice = msgs[1][2]
+        assert notice["documentKey"] == {"_id": "big"}
+        assert notice["operationType"] == "insert"
+        assert notice["ns"] == {"db": db_name, "coll": "c"}
+        assert notice["limit"] == limit and notice["size"] > 15 * 1000 * 1000
+        assert notice["id"] and notice["stream"] == "s"
+        assert len(json.dumps(notice)) < 1024
+        assert msgs[2][2]["change"]["documentKey"] == {"_id": "after"}
+        if k >= 7:
+            # SSE: the notice is an `oversize` event with the event's id, so that a resume
+            # with Last-Event-ID goes on after it
+            assert msgs[1][0] == "sse:oversize" and msgs[1][3] == notice["id"]
+    m = metrics(port)
+    assert m["mongocast_slow_consumer_disconnects_total"] == 0
+    assert m["mongocast_oversize_events_total"] == 1
+    assert m['mongocast_connections{transport="ws"}'] == 7
+    # a late subscriber resuming from before the big one replays the notice, not 15 MB
+    late = RawWS(port, "/v1/streams/s?since=" + got[0][0][2]["id"])
+    assert late.recv_json()["type"] == "ready"
+    assert late.recv_json()["type"] == "oversize"
+    assert late.recv_json()["change"]["documentKey"] == {"_id": "after"}
+    print("\nlarge documents: 1.5 MB delivered whole and 15 MB as an oversize notice to 7 WS + "
+          "3 SSE subscribers, 0 slow-consumer closes; daemon RSS %d MB" % (rss_kb(d.pid) // 1024))
+    for c in wss + sses + [late]:
+        c.close()
+
+
+def test_stdout_sink_prints_the_oversize_notice(tmp_path, daemons, mongo_uri, db, db_name):
+    cfg = server_config(tmp_path / "c.yaml", mongo_uri, {"s": stream(db_name, "c")},
+                        server={"max_message_bytes": 4096},
+                        sinks=[{"name": "out", "type": "stdout"}])
+    d, port = start_server(daemons, cfg)
+    db.c.insert_one({"_id": 1, "s": "x" * 5000})
+    db.c.insert_one({"_id": 2, "s": "x" * 100})
+    wait_for(lambda: len(d.messages()) >= 2, message="two lines on stdout")
+    first, second = d.messages()[:2]
+    assert first["type"] == "oversize" and first["documentKey"] == {"_id": 1}, first
+    assert first["limit"] == 4096 and first["size"] > 5000
+    assert second["type"] == "change" and second["change"]["fullDocument"]["_id"] == 2
