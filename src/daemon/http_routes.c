@@ -179,6 +179,25 @@ static void route_metrics(mcd_conn_t *c, bool keep_alive)
     free(text);
 }
 
+/* A stream the engine has given up on (MC_STREAM_FAILED: a fatal server error, or history
+ * lost with on_history_lost: fail) would never deliver anything: say so instead of
+ * subscribing. Checked after authentication, so that only a subscriber allowed on the stream
+ * learns the server's reason. */
+static bool refuse_failed_stream(mcd_conn_t *c, mcd_hub_t *hub, bool keep_alive)
+{
+    mcd_server_t *srv = mcd_conn_server(c);
+    mc_stream_status_t st;
+    if (!srv->engine || mc_engine_stream_status(srv->engine, hub->cfg->name, &st) != 0 ||
+        st.state != MC_STREAM_FAILED) {
+        return false;
+    }
+    char msg[200];
+    snprintf(msg, sizeof(msg), "stream failed: %.180s",
+             st.message[0] ? st.message : "see the daemon's log");
+    mcd_http_refuse(c, 503, "stream_failed", msg, keep_alive, NULL);
+    return true;
+}
+
 static void route_subscribe(mcd_conn_t *c, mcd_http_req_t *req, mcd_http_target_t *t,
                             mcd_hub_t *hub)
 {
@@ -265,6 +284,9 @@ static void route_subscribe(mcd_conn_t *c, mcd_http_req_t *req, mcd_http_target_
     if (rc != 0) {
         mcd_http_refuse(c, r.status ? r.status : 401, r.code ? r.code : "unauthorized", r.message,
                         ka, NULL);
+        return;
+    }
+    if (refuse_failed_stream(c, hub, ka)) {
         return;
     }
     const char *since = t->since;

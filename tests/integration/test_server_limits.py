@@ -253,3 +253,26 @@ def test_stdout_sink_prints_the_oversize_notice(tmp_path, daemons, mongo_uri, db
     assert first["type"] == "oversize" and first["documentKey"] == {"_id": 1}, first
     assert first["limit"] == 4096 and first["size"] > 5000
     assert second["type"] == "change" and second["change"]["fullDocument"]["_id"] == 2
+
+
+def test_failed_stream_refuses_new_subscribers_503(tmp_path, daemons, mongo_uri, db, db_name):
+    # Projecting out _id makes the server refuse the event (280 on a real server): the stream
+    # fails for good; the healthy one goes on.
+    cfg = server_config(tmp_path / "c.yaml", mongo_uri,
+                        {"bad": stream(db_name, "c", pipeline=[{"$project": {"_id": 0}}]),
+                         "good": stream(db_name, "c")})
+    d, port = start_server(daemons, cfg)
+    db.c.insert_one({"_id": 1})
+    wait_for(lambda: json.loads(http_get(port, "/readyz")[2])["streams"]["bad"] == "failed",
+             message="the stream to fail")
+    for headers in ({"Accept": "text/event-stream"},
+                    {"Upgrade": "websocket", "Connection": "Upgrade",
+                     "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
+                     "Sec-WebSocket-Version": "13"}):
+        status, h, body = http_get(port, "/v1/streams/bad", headers)
+        doc = json.loads(body)
+        assert status == 503 and doc["code"] == "stream_failed", (status, body)
+        assert doc["error"].startswith("stream failed: ") and len(doc["error"]) > 15
+        # the other stream still takes subscribers
+        assert http_get(port, "/v1/streams/good", headers)[0] in (101, 200)
+    print("\nfailed stream: 503 %s" % doc)
