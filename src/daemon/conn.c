@@ -23,11 +23,13 @@
 #include "sse.h"
 
 #include <inttypes.h>
+#include <malloc.h>
 #include <stdlib.h>
 #include <string.h>
 
 #define WRITE_BATCH 256 /* messages per uv_write */
 #define MAX_WRITES 4    /* uv_write requests in flight per connection */
+#define TRIM_AFTER_BYTES (4u << 20)
 
 static int64_t loop_now(const mcd_conn_t *c)
 {
@@ -36,8 +38,8 @@ static int64_t loop_now(const mcd_conn_t *c)
 
 /* ---- The table ------------------------------------------------------------------------------ */
 
-int mcd_conn_table_init(mcd_conn_table_t *t, uint32_t max_conns, uint32_t max_queue,
-                        uint32_t linger_ms)
+int mcd_conn_table_init(mcd_conn_table_t *t, uint32_t max_conns, uint32_t max_per_addr,
+                        uint32_t max_queue, uint32_t linger_ms)
 {
     memset(t, 0, sizeof(*t));
     t->conns = calloc(max_conns, sizeof(*t->conns));
@@ -47,6 +49,20 @@ int mcd_conn_table_init(mcd_conn_table_t *t, uint32_t max_conns, uint32_t max_qu
     t->max_conns = max_conns;
     t->max_queue = max_queue;
     t->linger_ms = linger_ms;
+    t->max_per_addr = max_per_addr;
+    if (max_per_addr) {
+        uint32_t n = 64;
+        while (n < max_conns && n < (1u << 20)) {
+            n <<= 1;
+        }
+        t->addrs = calloc(n, sizeof(*t->addrs));
+        if (!t->addrs) {
+            return MC_ENOMEM;
+        }
+        t->addr_mask = n - 1;
+        /* Chains an attacker cannot line up from the addresses it controls. */
+        t->addr_seed = (uint32_t)uv_hrtime() ^ (uint32_t)(uintptr_t)t;
+    }
     return 0;
 }
 
@@ -54,8 +70,10 @@ void mcd_conn_table_cleanup(mcd_conn_table_t *t)
 {
     free(t->conns);
     free(t->dirty);
+    free(t->addrs); /* entries go with their last connection */
     t->conns = NULL;
     t->dirty = NULL;
+    t->addrs = NULL;
 }
 
 mcd_conn_t *mcd_conn_new(mcd_conn_table_t *t, uv_loop_t *loop)
@@ -76,15 +94,198 @@ void mcd_conn_free_cb(uv_handle_t *h)
     free(h);
 }
 
-void mcd_conn_add(mcd_conn_t *c)
+/* ---- Plain lists and addresses ---------------------------------------------------------- */
+
+static mcd_conn_link_t *link_at(mcd_conn_t *c, size_t off)
+{
+    return (mcd_conn_link_t *)((char *)c + off);
+}
+
+static void list_append(mcd_conn_list_t *l, mcd_conn_t *c, size_t off)
+{
+    mcd_conn_link_t *k = link_at(c, off);
+    k->prev = l->tail;
+    k->next = NULL;
+    if (l->tail) {
+        link_at(l->tail, off)->next = c;
+    } else {
+        l->head = c;
+    }
+    l->tail = c;
+    l->n++;
+}
+
+static void list_remove(mcd_conn_list_t *l, mcd_conn_t *c, size_t off)
+{
+    mcd_conn_link_t *k = link_at(c, off);
+    if (k->prev) {
+        link_at(k->prev, off)->next = k->next;
+    } else {
+        l->head = k->next;
+    }
+    if (k->next) {
+        link_at(k->next, off)->prev = k->prev;
+    } else {
+        l->tail = k->prev;
+    }
+    k->prev = k->next = NULL;
+    l->n--;
+}
+
+#define PLAIN offsetof(mcd_conn_t, plain)
+#define ADDR_PLAIN offsetof(mcd_conn_t, addr_plain)
+
+/* The address bytes of `peer` (an IPv4-mapped IPv6 address counts as its IPv4 address);
+ * returns their length, 0 for an unknown family. */
+static uint8_t addr_key(const struct sockaddr_storage *peer, uint8_t key[16])
+{
+    if (peer->ss_family == AF_INET) {
+        memcpy(key, &((const struct sockaddr_in *)peer)->sin_addr, 4);
+        return 4;
+    }
+    if (peer->ss_family == AF_INET6) {
+        const uint8_t *a = ((const struct sockaddr_in6 *)peer)->sin6_addr.s6_addr;
+        static const uint8_t mapped[12] = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff};
+        if (memcmp(a, mapped, 12) == 0) {
+            memcpy(key, a + 12, 4);
+            return 4;
+        }
+        memcpy(key, a, 16);
+        return 16;
+    }
+    return 0;
+}
+
+static mcd_addr_t **addr_slot(mcd_conn_table_t *t, const uint8_t *key, uint8_t len)
+{
+    uint32_t h = 2166136261u ^ t->addr_seed; /* FNV-1a */
+    for (uint8_t i = 0; i < len; i++) {
+        h = (h ^ key[i]) * 16777619u;
+    }
+    mcd_addr_t **p = &t->addrs[h & t->addr_mask];
+    while (*p && ((*p)->len != len || memcmp((*p)->key, key, len) != 0)) {
+        p = &(*p)->next;
+    }
+    return p;
+}
+
+static mcd_addr_t *addr_find(mcd_conn_table_t *t, const struct sockaddr_storage *peer)
+{
+    uint8_t key[16];
+    uint8_t len = peer && t->addrs ? addr_key(peer, key) : 0;
+    return len ? *addr_slot(t, key, len) : NULL;
+}
+
+static void addr_release(mcd_conn_table_t *t, mcd_addr_t *a)
+{
+    if (--a->n > 0) {
+        return;
+    }
+    mcd_addr_t **p = addr_slot(t, a->key, a->len);
+    *p = a->next;
+    free(a);
+}
+
+static void plain_remove(mcd_conn_t *c)
+{
+    if (!(c->flags & MCD_CF_PLAIN)) {
+        return;
+    }
+    list_remove(&mcd_conn_table(c)->plain, c, PLAIN);
+    if (c->addr) {
+        list_remove(&c->addr->plain, c, ADDR_PLAIN);
+    }
+    c->flags &= (uint8_t)~MCD_CF_PLAIN;
+}
+
+int mcd_conn_add(mcd_conn_t *c, const struct sockaddr_storage *peer)
 {
     mcd_conn_table_t *t = mcd_conn_table(c);
+    uint8_t key[16];
+    uint8_t len = peer && t->addrs ? addr_key(peer, key) : 0;
+    if (len) {
+        mcd_addr_t **p = addr_slot(t, key, len);
+        if (!*p) {
+            *p = calloc(1, sizeof(**p));
+            if (!*p) {
+                return MC_ENOMEM;
+            }
+            (*p)->len = len;
+            memcpy((*p)->key, key, len);
+        }
+        c->addr = *p;
+        c->addr->n++;
+        list_append(&c->addr->plain, c, ADDR_PLAIN);
+    }
+    list_append(&t->plain, c, PLAIN);
+    c->flags |= MCD_CF_PLAIN;
     c->state = MCD_ST_HTTP;
     c->transport = MCD_T_HTTP;
     c->table_index = t->n_conns;
     t->conns[t->n_conns++] = c;
     t->stats.conns[MCD_T_HTTP]++;
     t->stats.accepted++;
+    return 0;
+}
+
+static void evict(mcd_conn_t *victim, const char *why)
+{
+    static mc_log_ratelimit_t rl = MC_LOG_RATELIMIT_INIT(5000);
+    mcd_conn_table(victim)->stats.evicted++;
+    mc_log_ratelimited(&rl, MC_LOG_WARN, "server",
+                       "closed the least recently used connection that is not a subscriber "
+                       "to make room (%s)",
+                       why);
+    mcd_conn_abort(victim);
+}
+
+int mcd_conn_admit(mcd_conn_table_t *t, const struct sockaddr_storage *peer)
+{
+    mcd_addr_t *a = t->max_per_addr ? addr_find(t, peer) : NULL;
+    if (a && a->n >= t->max_per_addr) {
+        if (!a->plain.head) {
+            return -1;
+        }
+        evict(a->plain.head, "server.max_connections_per_address");
+    }
+    if (t->n_conns >= t->max_conns) {
+        if (!t->plain.head) {
+            return -1;
+        }
+        evict(t->plain.head, "connection table full");
+    }
+    return 0;
+}
+
+void mcd_conn_touch(mcd_conn_t *c)
+{
+    if (!(c->flags & MCD_CF_PLAIN)) {
+        return;
+    }
+    mcd_conn_table_t *t = mcd_conn_table(c);
+    list_remove(&t->plain, c, PLAIN);
+    list_append(&t->plain, c, PLAIN);
+    if (c->addr) {
+        list_remove(&c->addr->plain, c, ADDR_PLAIN);
+        list_append(&c->addr->plain, c, ADDR_PLAIN);
+    }
+}
+
+void mcd_conn_subscribed(mcd_conn_t *c)
+{
+    plain_remove(c);
+}
+
+bool mcd_conn_table_trim(mcd_conn_table_t *t)
+{
+    /* malloc keeps freed chunks for reuse; after megabytes of queued answers or events have
+     * drained (a client that stopped reading, a burst), hand them back. */
+    bool trim = t->queued_peak >= TRIM_AFTER_BYTES && t->stats.queued_bytes < t->queued_peak / 4;
+    if (trim) {
+        malloc_trim(0);
+        t->queued_peak = t->stats.queued_bytes;
+    }
+    return trim;
 }
 
 /* ---- Subscriber sets --------------------------------------------------------------------------
@@ -178,7 +379,11 @@ static int q_push(mcd_conn_t *c, mcd_msg_t *msg, size_t size, bool replay)
     if (replay) {
         c->replay_bytes += (uint32_t)size;
     }
-    mcd_conn_table(c)->stats.queued_bytes += size;
+    mcd_conn_table_t *t = mcd_conn_table(c);
+    t->stats.queued_bytes += size;
+    if (t->stats.queued_bytes > t->queued_peak) {
+        t->queued_peak = t->stats.queued_bytes;
+    }
     mark_dirty(c);
     return 0;
 }
@@ -359,7 +564,7 @@ static void slow_consumer(mcd_conn_t *c)
 /* Bytes the kernel has not taken yet: our ring plus what libuv still holds of the writes in
  * flight. A write whose bytes all reached the socket buffer no longer counts, even before its
  * callback ran. */
-static uint64_t unsent_bytes(mcd_conn_t *c)
+uint64_t mcd_conn_unsent(mcd_conn_t *c)
 {
     if (!c->n_writes) {
         return c->pending_bytes; /* the per-delivery case: skip the call into libuv */
@@ -393,7 +598,7 @@ int mcd_conn_send(mcd_conn_t *c, mcd_msg_t *msg, bool replay)
                 return -1;
             }
         }
-        uint64_t unsent = unsent_bytes(c);
+        uint64_t unsent = mcd_conn_unsent(c);
         uint64_t exempt = (uint64_t)c->replay_bytes + c->large_left;
         if (exempt > unsent) {
             exempt = unsent;
@@ -625,8 +830,13 @@ void mcd_conn_abort(mcd_conn_t *c)
         return;
     }
     mcd_conn_table_t *t = mcd_conn_table(c);
-    c->flags |= MCD_CF_CLOSED;
     mcd_conn_set_remove(c);
+    plain_remove(c);
+    if (c->addr) {
+        addr_release(t, c->addr);
+        c->addr = NULL;
+    }
+    c->flags |= MCD_CF_CLOSED;
     uint32_t i = c->table_index;
     t->n_conns--;
     if (i != t->n_conns) {

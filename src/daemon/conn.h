@@ -33,8 +33,31 @@ typedef enum mcd_conn_state {
 #define MCD_CF_SHUTDOWN 0x10  /* uv_shutdown() issued */
 #define MCD_CF_Q_USED 0x20    /* something was queued since the last housekeeping tick */
 #define MCD_CF_MATCH_ALL 0x40 /* the subscription passes every change (fan-out skips matching) */
+#define MCD_CF_PLAIN 0x80 /* never a subscriber: in the table's (and its address's) plain list */
 
 typedef struct mcd_conn mcd_conn_t;
+
+/* Links of a connection in a list of connections. */
+typedef struct mcd_conn_link {
+    mcd_conn_t *prev;
+    mcd_conn_t *next;
+} mcd_conn_link_t;
+
+/* A list of connections, oldest first. */
+typedef struct mcd_conn_list {
+    mcd_conn_t *head;
+    mcd_conn_t *tail;
+    uint32_t n;
+} mcd_conn_list_t;
+
+/* The connections of one client address (when server.max_connections_per_address is set). */
+typedef struct mcd_addr {
+    struct mcd_addr *next; /* hash chain */
+    uint32_t n;            /* connections, subscribers included */
+    uint8_t len;           /* 4 (IPv4, also for IPv4-mapped IPv6) or 16 */
+    uint8_t key[16];
+    mcd_conn_list_t plain; /* its connections that are not subscribers, oldest first */
+} mcd_addr_t;
 
 /* A set of connections: a stream's live subscribers. A connection is in at most one set, and
  * closing it takes it out (conn.c), so the set's owner never meets a closed connection. */
@@ -61,10 +84,13 @@ struct mcd_conn {
     mcd_http_req_t *req; /* while a request is being read, else NULL */
     mcd_conn_set_t *set; /* the stream's subscribers this connection is one of, or NULL */
     mcd_subscription_t *sub;
-    mcd_msg_t **q;        /* pending messages (ring): &q_one or a heap ring */
-    mcd_msg_t *q_one;     /* the inline one-slot ring */
-    int64_t deadline_ms;  /* request timeout, pong deadline or close deadline */
-    int64_t next_beat_ms; /* next ping (WS) or heartbeat comment (SSE) */
+    mcd_conn_link_t plain;      /* in the table's plain list (MCD_CF_PLAIN) */
+    mcd_conn_link_t addr_plain; /* in addr->plain (MCD_CF_PLAIN and addr) */
+    mcd_addr_t *addr;           /* its address's entry, or NULL (no per-address limit) */
+    mcd_msg_t **q;              /* pending messages (ring): &q_one or a heap ring */
+    mcd_msg_t *q_one;           /* the inline one-slot ring */
+    int64_t deadline_ms;        /* request timeout, pong deadline or close deadline */
+    int64_t next_beat_ms;       /* next ping (WS) or heartbeat comment (SSE) */
     uint32_t q_head;
     uint32_t q_len;
     uint32_t q_cap;
@@ -80,6 +106,7 @@ struct mcd_conn {
     uint8_t transport;      /* mcd_transport_t */
     uint8_t flags;          /* MCD_CF_* */
     uint8_t n_writes;       /* uv_write requests in flight */
+    uint8_t pipelined;      /* HTTP answers queued since the peer last read everything */
     mcd_ws_parser_t ws;
 };
 
@@ -89,6 +116,8 @@ typedef struct mcd_stats {
     uint64_t accepted;
     uint64_t refused[6];   /* 400, 401, 403, 404, 503, other */
     uint64_t queued_bytes; /* sum of conn->queued_bytes */
+    uint64_t evicted;      /* connections closed to make room for new ones */
+    uint64_t pipelining;   /* connections closed for pipelining without reading */
     uint32_t conns[3];     /* open connections by transport */
 } mcd_stats_t;
 
@@ -97,7 +126,13 @@ typedef struct mcd_stats {
 typedef struct mcd_conn_table {
     mcd_conn_t **conns;
     uint32_t n_conns;
-    uint32_t max_conns; /* table size */
+    uint32_t max_conns;    /* table size */
+    uint32_t max_per_addr; /* server.max_connections_per_address; 0: no address tracking */
+    mcd_conn_list_t plain; /* connections that are not subscribers, least recently used first */
+    mcd_addr_t **addrs;    /* address hash (max_per_addr only): addr_mask + 1 chains */
+    uint32_t addr_mask;
+    uint32_t addr_seed;
+    uint64_t queued_peak; /* stats.queued_bytes' high-water mark since the last trim */
     mcd_conn_t **dirty;
     uint32_t n_dirty;
     uint32_t dirty_cap;
@@ -106,9 +141,10 @@ typedef struct mcd_conn_table {
     mcd_stats_t stats;
 } mcd_conn_table_t;
 
-/* Allocates room for `max_conns` connections. Returns 0 or MC_ENOMEM. */
-int mcd_conn_table_init(mcd_conn_table_t *t, uint32_t max_conns, uint32_t max_queue,
-                        uint32_t linger_ms);
+/* Allocates room for `max_conns` connections (and, with `max_per_addr`, the address hash).
+ * Returns 0 or MC_ENOMEM. */
+int mcd_conn_table_init(mcd_conn_table_t *t, uint32_t max_conns, uint32_t max_per_addr,
+                        uint32_t max_queue, uint32_t linger_ms);
 /* Frees the table's arrays (the connections must be gone). */
 void mcd_conn_table_cleanup(mcd_conn_table_t *t);
 
@@ -121,9 +157,29 @@ static inline mcd_conn_table_t *mcd_conn_table(const mcd_conn_t *c)
  * Free it with uv_close(&c->tcp, mcd_conn_free_cb) until mcd_conn_add() took it. */
 mcd_conn_t *mcd_conn_new(mcd_conn_table_t *t, uv_loop_t *loop);
 void mcd_conn_free_cb(uv_handle_t *h);
-/* Puts an accepted connection into the table as an HTTP connection (the caller checked that
- * there is room). */
-void mcd_conn_add(mcd_conn_t *c);
+/* Puts an accepted connection into the table as an HTTP connection, at the tail of the plain
+ * lists (the caller made room: mcd_conn_admit()). `peer` may be NULL. Returns 0 or MC_ENOMEM
+ * (then the connection is not in the table). */
+int mcd_conn_add(mcd_conn_t *c, const struct sockaddr_storage *peer);
+
+/* Makes room for a new connection from `peer` (NULL: unknown): over the per-address limit the
+ * address's least recently used plain connection is closed, in a full table the table's.
+ * Returns 0 (room made, or there was room), or -1 when nothing can be closed (every
+ * connection in the way is a subscriber): then refuse the new one. */
+int mcd_conn_admit(mcd_conn_table_t *t, const struct sockaddr_storage *peer);
+
+/* A plain connection answered a request: it becomes the most recently used. */
+void mcd_conn_touch(mcd_conn_t *c);
+
+/* The connection became a subscriber: out of the plain lists (never evicted). */
+void mcd_conn_subscribed(mcd_conn_t *c);
+
+/* Bytes queued for `c` that the kernel has not taken yet. */
+uint64_t mcd_conn_unsent(mcd_conn_t *c);
+
+/* Housekeeping: gives freed memory back to the system once a burst of queued bytes (abusive
+ * or not) has drained. Returns true when it did. */
+bool mcd_conn_table_trim(mcd_conn_table_t *t);
 
 /* Queues `msg` (a new reference) for `conn`. When the queue would pass
  * server.max_send_queue_bytes the connection is closed as a slow consumer (WS 4002) and -1

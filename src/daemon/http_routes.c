@@ -7,8 +7,11 @@
  * Thread: the server's loop thread only.
  * Invariants: refusals (400/401/403/404/406/426/503) are plain HTTP answers before any
  * upgrade, with the JSON body {"error": message, "code": code}; nothing a client sent is
- * acted upon before its request is complete.
+ * acted upon before its request is complete; a connection holds at most HTTP_MAX_PIPELINED
+ * answers and HTTP_MAX_UNSENT bytes its peer has not read (past either it is closed), so
+ * pipelining costs bounded memory and loop time.
  */
+#include <inttypes.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -17,6 +20,9 @@
 #include "json_object.h"
 #include "server_internal.h"
 #include "viewer.h"
+
+#define HTTP_MAX_PIPELINED 16         /* answers waiting for a peer that does not read */
+#define HTTP_MAX_UNSENT (256u * 1024) /* their bytes the kernel has not taken */
 
 /* ---- HTTP answers ------------------------------------------------------------------------------
  */
@@ -169,14 +175,24 @@ static void route_readyz(mcd_conn_t *c, bool keep_alive)
 
 static void route_metrics(mcd_conn_t *c, bool keep_alive)
 {
-    size_t len = 0;
-    char *text = mcd_metrics_render(mcd_conn_server(c), &len);
-    if (!text) {
-        mcd_conn_abort(c);
-        return;
+    /* Rendering costs ~100 us; requests within one loop pass (pipelined, or many clients at
+     * once) share one rendering, so a flood of scrapes costs one per pass. */
+    mcd_server_t *srv = mcd_conn_server(c);
+    int64_t now = (int64_t)uv_now(&srv->loop);
+    if (!srv->metrics_text || srv->metrics_ms != now) {
+        size_t len = 0;
+        char *text = mcd_metrics_render(srv, &len);
+        if (!text) {
+            mcd_conn_abort(c);
+            return;
+        }
+        free(srv->metrics_text);
+        srv->metrics_text = text;
+        srv->metrics_len = len;
+        srv->metrics_ms = now;
     }
-    respond(c, 200, "text/plain; version=0.0.4; charset=utf-8", NULL, text, len, false, keep_alive);
-    free(text);
+    respond(c, 200, "text/plain; version=0.0.4; charset=utf-8", NULL, srv->metrics_text,
+            srv->metrics_len, false, keep_alive);
 }
 
 /* A stream the engine has given up on (MC_STREAM_FAILED: a fatal server error, or history
@@ -310,6 +326,7 @@ static void route_subscribe(mcd_conn_t *c, mcd_http_req_t *req, mcd_http_target_
         mcd_subscription_destroy(sub);
         return;
     }
+    mcd_conn_subscribed(c);
     srv->table.stats.conns[MCD_T_HTTP]--;
     c->transport = ws ? MCD_T_WS : MCD_T_SSE;
     srv->table.stats.conns[c->transport]++;
@@ -375,9 +392,30 @@ static void handle_request(mcd_conn_t *c, mcd_http_req_t *req)
     mcd_http_target_cleanup(&t);
 }
 
+/* A client that pipelines requests without reading the answers: answered requests are
+ * counted from the last time the kernel had taken everything queued. */
+static bool pipelining_too_far(mcd_conn_t *c)
+{
+    uint64_t unsent = mcd_conn_unsent(c);
+    if (++c->pipelined <= HTTP_MAX_PIPELINED && unsent <= HTTP_MAX_UNSENT) {
+        return false;
+    }
+    static mc_log_ratelimit_t rl = MC_LOG_RATELIMIT_INIT(5000);
+    mcd_conn_table(c)->stats.pipelining++;
+    mc_log_ratelimited(&rl, MC_LOG_WARN, "server",
+                       "closed a connection that pipelines requests without reading the answers "
+                       "(requests=%u unsent=%" PRIu64 ")",
+                       (unsigned)c->pipelined, unsent);
+    mcd_conn_abort(c);
+    return true;
+}
+
 void mcd_http_input(mcd_conn_t *c, char *data, size_t len)
 {
     mcd_server_t *srv = mcd_conn_server(c);
+    if (c->pipelined && mcd_conn_unsent(c) == 0) {
+        c->pipelined = 0;
+    }
     while (len > 0 && c->state == MCD_ST_HTTP && !(c->flags & MCD_CF_CLOSED)) {
         if (!c->req) {
             c->req = malloc(sizeof(*c->req));
@@ -398,12 +436,13 @@ void mcd_http_input(mcd_conn_t *c, char *data, size_t len)
         if (r == MCD_HTTP_ERROR) {
             mcd_http_refuse(c, req->status, "bad_request", req->error ? req->error : "bad request",
                             false, NULL);
-        } else {
+        } else if (!pipelining_too_far(c)) {
             handle_request(c, req);
             data += used;
             len -= used;
             if (c->state == MCD_ST_HTTP) {
                 c->deadline_ms = (int64_t)uv_now(&srv->loop) + srv->timing.idle_ms;
+                mcd_conn_touch(c);
             }
         }
         mcd_http_req_cleanup(req);

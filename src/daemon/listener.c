@@ -1,7 +1,9 @@
 /*
  * listener.c: the listening socket: parsing server.listen, binding, accepting connections
- * into the connection table (or refusing them when it is full), and routing what a
- * connection reads to its session (HTTP requests or WebSocket frames).
+ * into the connection table (making room by closing the least recently used connection that
+ * is not a subscriber, when the table or the client's address is at its limit; refusing only
+ * when every connection in the way is a subscriber), and routing what a connection reads to
+ * its session (HTTP requests or WebSocket frames).
  *
  * Thread: mcd_listener_parse() and mcd_listener_bind() run on the owner's thread before the
  * loop runs; everything else on the loop thread.
@@ -15,6 +17,7 @@
 #include "server_internal.h"
 
 #define LISTEN_BACKLOG 4096
+#define ACCEPT_PER_PASS 64
 
 /* "host:port", "[v6]:port" -> sockaddr. */
 int mcd_listener_parse(const char *listen, struct sockaddr_storage *ss)
@@ -86,24 +89,24 @@ static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf)
     }
 }
 
-static void on_connection(uv_stream_t *listener, int status)
+/* Takes the connection libuv has accepted into the table. */
+static void accept_one(mcd_server_t *srv)
 {
-    mcd_server_t *srv = listener->data;
-    if (status < 0) {
-        static mc_log_ratelimit_t rl = MC_LOG_RATELIMIT_INIT(5000);
-        mc_log_ratelimited(&rl, MC_LOG_WARN, "server", "accept failed: %s", uv_strerror(status));
-        return;
-    }
     mcd_conn_t *c = mcd_conn_new(&srv->table, &srv->loop);
     if (!c) {
         return;
     }
-    if (uv_accept(listener, (uv_stream_t *)&c->tcp) != 0) {
+    if (uv_accept((uv_stream_t *)&srv->listener, (uv_stream_t *)&c->tcp) != 0) {
         uv_close((uv_handle_t *)&c->tcp, mcd_conn_free_cb);
         return;
     }
-    if (srv->stopping || srv->table.n_conns >= srv->table.max_conns) {
-        /* Table full: a best-effort answer without reading the request, then close. */
+    struct sockaddr_storage peer;
+    int plen = sizeof(peer);
+    bool known = uv_tcp_getpeername(&c->tcp, (struct sockaddr *)&peer, &plen) == 0;
+    if (srv->stopping || mcd_conn_admit(&srv->table, known ? &peer : NULL) != 0 ||
+        mcd_conn_add(c, known ? &peer : NULL) != 0) {
+        /* No room that a plain connection could give up: a best-effort answer without
+         * reading the request, then close. */
         static const char body[] = "{\"error\":\"connection limit reached, retry later\","
                                    "\"code\":\"too_many_connections\"}";
         char full[512];
@@ -117,7 +120,6 @@ static void on_connection(uv_stream_t *listener, int status)
         uv_close((uv_handle_t *)&c->tcp, mcd_conn_free_cb);
         return;
     }
-    mcd_conn_add(c);
     c->deadline_ms = (int64_t)uv_now(&srv->loop) + srv->timing.request_ms;
     uv_tcp_nodelay(&c->tcp, 1);
     if (uv_read_start((uv_stream_t *)&c->tcp, on_alloc, on_read) != 0) {
@@ -125,9 +127,41 @@ static void on_connection(uv_stream_t *listener, int status)
     }
 }
 
+/* libuv accepts every pending connection in one go. Under a connection storm that is hundreds
+ * per loop pass, each of which may evict the least recently used plain connection, before any
+ * of them is read: a client that connected a moment ago would be closed before its request
+ * was looked at. So at most ACCEPT_PER_PASS are taken per pass; leaving one un-accepted makes
+ * libuv stop watching the listener until mcd_listener_pass() takes it. */
+static void on_connection(uv_stream_t *listener, int status)
+{
+    mcd_server_t *srv = listener->data;
+    if (status < 0) {
+        static mc_log_ratelimit_t rl = MC_LOG_RATELIMIT_INIT(5000);
+        mc_log_ratelimited(&rl, MC_LOG_WARN, "server", "accept failed: %s", uv_strerror(status));
+        return;
+    }
+    if (srv->accepts_left == 0) {
+        srv->accept_waiting = true;
+        return;
+    }
+    srv->accepts_left--;
+    accept_one(srv);
+}
+
+void mcd_listener_pass(mcd_server_t *srv)
+{
+    srv->accepts_left = ACCEPT_PER_PASS;
+    if (srv->accept_waiting && !srv->stopping) {
+        srv->accept_waiting = false;
+        srv->accepts_left--;
+        accept_one(srv);
+    }
+}
+
 int mcd_listener_bind(mcd_server_t *srv, mc_error_t *err)
 {
     const char *listen = srv->config->server.listen ? srv->config->server.listen : "127.0.0.1:8080";
+    srv->accepts_left = ACCEPT_PER_PASS;
     int rc = uv_tcp_bind(&srv->listener, (const struct sockaddr *)&srv->listen_addr, 0);
     if (rc == 0) {
         rc = uv_listen((uv_stream_t *)&srv->listener, LISTEN_BACKLOG, on_connection);

@@ -178,6 +178,13 @@ char *mcd_metrics_render(mcd_server_t *srv, size_t *len)
          "Subscribers disconnected because their send queue passed "
          "server.max_send_queue_bytes.");
     put(&o, "mongocast_slow_consumer_disconnects_total %" PRIu64 "\n", st->slow_disconnects);
+    help(&o, "mongocast_connections_evicted_total", "counter",
+         "Connections that were not subscribers closed to make room for a new connection (full "
+         "table, or server.max_connections_per_address).");
+    put(&o, "mongocast_connections_evicted_total %" PRIu64 "\n", st->evicted);
+    help(&o, "mongocast_pipelining_disconnects_total", "counter",
+         "Connections closed for pipelining requests without reading the answers.");
+    put(&o, "mongocast_pipelining_disconnects_total %" PRIu64 "\n", st->pipelining);
     help(&o, "mongocast_filter_budget_disconnects_total", "counter",
          "Subscribers closed because their filter passed server.filter_budget_us on an event "
          "(or a regular-expression limit).");

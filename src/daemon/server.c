@@ -46,6 +46,7 @@ static void flush_cb(uv_check_t *h)
 {
     mcd_server_t *srv = h->data;
     mcd_conn_flush_dirty(&srv->table);
+    mcd_listener_pass(srv);
 }
 
 /* ---- Timers -----------------------------------------------------------------------------------
@@ -78,6 +79,7 @@ static void on_tick(uv_timer_t *t)
             break;
         }
     }
+    mcd_conn_table_trim(&srv->table);
     if (srv->stopping && srv->table.n_conns == 0 && !srv->stopped) {
         srv->stopped = true;
         close_server_handles(srv);
@@ -220,7 +222,8 @@ mcd_server_t *mcd_server_new(const mc_config_t *config, mc_error_t *err)
     srv->rbuf_len = READ_BUF_SIZE;
     srv->rbuf = malloc(srv->rbuf_len);
     if (!srv->rbuf ||
-        mcd_conn_table_init(&srv->table, srv->max_subscribers + HTTP_ONLY_ROOM, max_queue,
+        mcd_conn_table_init(&srv->table, srv->max_subscribers + HTTP_ONLY_ROOM,
+                            config->server.max_connections_per_address, max_queue,
                             srv->timing.linger_ms) != 0 ||
         mcd_fanout_init(&srv->fanout, config) != 0) {
         mc_error_set(err, MC_ENOMEM, MC_DOMAIN_MONGOCAST, MC_ENOMEM, "out of memory");
@@ -355,6 +358,7 @@ void mcd_server_destroy(mcd_server_t *srv)
     mcd_fanout_cleanup(&srv->fanout);
     mcd_auth_destroy(srv->auth);
     mcd_conn_table_cleanup(&srv->table);
+    free(srv->metrics_text);
     free(srv->rbuf);
     free(srv);
 }

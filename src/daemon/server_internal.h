@@ -64,6 +64,11 @@ struct mcd_server {
     mcd_fanout_t fanout;      /* the streams' hubs */
     char *rbuf;               /* the one read buffer all connections share */
     size_t rbuf_len;
+    uint32_t accepts_left; /* connections still accepted in this loop pass */
+    bool accept_waiting;   /* one is left to mcd_listener_pass() */
+    char *metrics_text;    /* /metrics as rendered during the loop pass at metrics_ms */
+    size_t metrics_len;
+    int64_t metrics_ms;
 };
 
 /* A connection's server: its handle's loop is embedded in the server (saves a pointer in
@@ -80,6 +85,9 @@ int mcd_listener_parse(const char *listen, struct sockaddr_storage *ss);
 /* Binds and listens on server.listen (on the owner's thread: the loop does not run yet) and
  * logs the address. Returns 0 or MC_EIO. */
 int mcd_listener_bind(mcd_server_t *srv, mc_error_t *err);
+/* Once per loop pass (the check phase): a new allowance of accepts, and the connection left
+ * waiting by the last pass. */
+void mcd_listener_pass(mcd_server_t *srv);
 
 /* ---- http_routes.c --------------------------------------------------------------------------- */
 

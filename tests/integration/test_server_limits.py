@@ -8,6 +8,7 @@ emulator (or MONGODB_URI).
 """
 
 import json
+import math
 import socket
 import threading
 import time
@@ -21,8 +22,9 @@ from server_util import (RawSSE, RawWS, http_get, metrics, read_response, rss_kb
 
 
 def p99(samples):
+    """Nearest-rank 99th percentile."""
     s = sorted(samples)
-    return s[min(len(s) - 1, int(len(s) * 0.99))]
+    return s[max(0, math.ceil(0.99 * len(s)) - 1)]
 
 
 class HealthProbe:
@@ -121,11 +123,11 @@ def test_redos_filter_closed_with_reason_others_unaffected(tmp_path, daemons, mo
              message="the attacker's first subscriber")
     probe = HealthProbe(port)
     sizes = [1000, 10000, 100000]
-    n = 30
+    n = 60
     for i in range(n):
         # The 'x' at the start makes the pattern backtrack exponentially from position 0.
         db.c.insert_one({"i": i, "t": time.time(), "s": "x" + "a" * (sizes[i % 3] - 1)})
-        time.sleep(0.03)
+        time.sleep(0.02)
     wait_for(lambda: all(len(r.got) >= n for r in readers), timeout=30,
              message="every event at the other subscribers")
     health = probe.finish()
@@ -276,3 +278,218 @@ def test_failed_stream_refuses_new_subscribers_503(tmp_path, daemons, mongo_uri,
         # the other stream still takes subscribers
         assert http_get(port, "/v1/streams/good", headers)[0] in (101, 200)
     print("\nfailed stream: 503 %s" % doc)
+
+
+PIPELINE = b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n" * 200
+
+
+def test_pipelining_without_reading_is_cut_memory_stays_flat(tmp_path, daemons, mongo_uri, db,
+                                                             db_name):
+    cfg = server_config(tmp_path / "c.yaml", mongo_uri, {"s": stream(db_name, "c")})
+    # A small ASan quarantine, so that RSS shows what the daemon holds rather than what the
+    # sanitizer keeps of freed memory (ignored by a build without ASan).
+    d, port = start_server(daemons, cfg, env={"ASAN_OPTIONS": "quarantine_size_mb=4"})
+    sub = RawWS(port, "/v1/streams/s")
+    assert sub.recv_json()["type"] == "ready"
+    reader = Reader(sub)
+    rss_start = rss_kb(d.pid)
+    stop = threading.Event()
+    stats = {"connections": 0, "closed_by_server": 0, "sent": 0}
+
+    def attacker():
+        # Several connections at a time, each sending GET /metrics as fast as the socket takes
+        # it and never reading an answer; a connection the daemon closes is replaced.
+        conns = []
+        while not stop.is_set():
+            while len(conns) < 8:
+                s = socket.create_connection(("127.0.0.1", port))
+                s.setblocking(False)
+                conns.append(s)
+                stats["connections"] += 1
+            for s in list(conns):
+                try:
+                    stats["sent"] += s.send(PIPELINE)
+                except BlockingIOError:
+                    pass
+                except OSError:
+                    stats["closed_by_server"] += 1
+                    conns.remove(s)
+                    s.close()
+            time.sleep(0.001)
+        for s in conns:
+            s.close()
+    attack = threading.Thread(target=attacker, daemon=True)
+    attack.start()
+    time.sleep(0.3)  # measure while the attack is under way, not its first burst
+    peak = 0
+    n = 100
+    for i in range(n):
+        db.c.insert_one({"i": i, "t": time.time()})
+        peak = max(peak, rss_kb(d.pid))
+        time.sleep(0.04)
+    wait_for(lambda: len(reader.got) >= n, timeout=30, message="every event at the subscriber")
+    stop.set()
+    attack.join(10)
+    time.sleep(2.5)  # a couple of housekeeping ticks
+    rss_end = rss_kb(d.pid)
+    lat = [l for _, l in reader.got[:n]]
+    m = metrics(port)
+    print("\npipelining: %d attacker connections, %d MB of requests sent, %d closed by the "
+          "daemon (%d counted); RSS start %d MB, peak %d MB, after %d MB; subscriber delivery "
+          "p99 %.1f ms max %.1f ms"
+          % (stats["connections"], stats["sent"] >> 20, stats["closed_by_server"],
+             m["mongocast_pipelining_disconnects_total"], rss_start >> 10, peak >> 10,
+             rss_end >> 10, p99(lat) * 1e3, max(lat) * 1e3))
+    assert [i for i, _ in reader.got[:n]] == list(range(n))
+    assert m["mongocast_pipelining_disconnects_total"] >= 1
+    assert peak < 64 * 1024, "RSS peaked at %d KiB" % peak
+    assert p99(lat) < 0.05
+    assert http_get(port, "/healthz")[0] == 200
+    sub.close()
+
+
+SECRET = "slowloris-test-secret-0123456789abcdef"
+
+
+class Slowloris:
+    """Holds `n` connections that each send a request head one header line at a time and never
+    finish it; a connection the daemon closes is replaced at once (one thread, non-blocking)."""
+
+    def __init__(self, port, n, period=0.5):
+        import selectors
+        self.port, self.n, self.period = port, n, period
+        self.sel = selectors.DefaultSelector()
+        self.opened = self.closed = 0
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _open(self):
+        import selectors
+        s = socket.socket()
+        s.setblocking(False)
+        s.connect_ex(("127.0.0.1", self.port))
+        self.sel.register(s, selectors.EVENT_READ | selectors.EVENT_WRITE, {"sent": 0})
+        self.opened += 1
+
+    def _drop(self, s):
+        self.sel.unregister(s)
+        s.close()
+        self.closed += 1
+
+    def _run(self):
+        import selectors
+        for _ in range(self.n):
+            self._open()
+        last_drip = time.monotonic()
+        while not self.stop.is_set():
+            for key, ev in self.sel.select(0.05):
+                s, st = key.fileobj, key.data
+                if ev & selectors.EVENT_READ:
+                    try:
+                        if not s.recv(4096):
+                            raise ConnectionError()
+                    except BlockingIOError:
+                        pass
+                    except OSError:
+                        self._drop(s)
+                        self._open()
+                        continue
+                if ev & selectors.EVENT_WRITE and st["sent"] == 0:
+                    try:
+                        s.send(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+                        st["sent"] = 1
+                        self.sel.modify(s, selectors.EVENT_READ, st)
+                    except (BlockingIOError, InterruptedError):
+                        pass
+                    except OSError:
+                        self._drop(s)
+                        self._open()
+            if time.monotonic() - last_drip > self.period:
+                last_drip = time.monotonic()
+                for key in list(self.sel.get_map().values()):
+                    if key.data["sent"]:
+                        try:
+                            key.fileobj.send(b"X-a: b\r\n")
+                        except OSError:
+                            pass
+        for key in list(self.sel.get_map().values()):
+            key.fileobj.close()
+
+    def finish(self):
+        self.stop.set()
+        self.thread.join(10)
+
+
+def test_slowloris_with_reconnects_leaves_room_for_health_and_subscribers(tmp_path, daemons,
+                                                                          mongo_uri, db,
+                                                                          db_name):
+    from live_util import claims, hs256
+    max_conns = 50
+    table = max_conns + 256
+    cfg = server_config(tmp_path / "c.yaml", mongo_uri, {"s": stream(db_name, "c", public=False)},
+                        server={"max_connections": max_conns},
+                        auth={"algorithm": "HS256", "secret": SECRET})
+    d, port = start_server(daemons, cfg)
+    auth = {"Authorization": "Bearer " + hs256(SECRET, claims("alice"))}
+    early = RawWS(port, "/v1/streams/s", headers=auth)
+    assert early.status == 101 and early.recv_json()["type"] == "ready"
+    attack = Slowloris(port, 2 * table)
+    wait_for(lambda: attack.opened >= 2 * table, timeout=30, message="the attack under way")
+    time.sleep(0.5)
+    # While the table is full of half-sent requests (and the attacker keeps replacing what
+    # is closed), health checks and an authenticated subscriber still get in.
+    health = []
+    for _ in range(30):
+        health.append(http_get(port, "/healthz")[0])
+        time.sleep(0.05)
+    late = RawWS(port, "/v1/streams/s", headers=auth)
+    assert late.status == 101, late.head
+    assert late.recv_json()["type"] == "ready"
+    db.c.insert_one({"i": 1})
+    assert early.recv_json()["change"]["fullDocument"]["i"] == 1
+    assert late.recv_json()["change"]["fullDocument"]["i"] == 1
+    opened = attack.opened
+    attack.finish()
+    m = metrics(port)
+    print("\nslowloris: %d connections held (table %d), %d opened, %d closed by the daemon "
+          "(%d evicted); /healthz %s; authenticated subscriber 101 and its events"
+          % (2 * table, table, opened, attack.closed, m["mongocast_connections_evicted_total"],
+             "all 200" if set(health) == {200} else health))
+    assert set(health) == {200}, health
+    assert m["mongocast_connections_evicted_total"] >= table
+    assert m['mongocast_connections{transport="ws"}'] == 2
+    early.close()
+    late.close()
+
+
+def test_per_address_limit_evicts_plain_connections_refuses_past_subscribers(
+        tmp_path, daemons, mongo_uri, db_name):
+    cfg = server_config(tmp_path / "c.yaml", mongo_uri, {"s": stream(db_name, "c")},
+                        server={"max_connections_per_address": 4})
+    d, port = start_server(daemons, cfg)
+    time.sleep(0.3)  # the readiness probes' connections are gone
+    idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(4)]
+    time.sleep(0.2)
+    # a fifth connection from the same address takes the place of the oldest idle one
+    assert http_get(port, "/healthz")[0] == 200
+    idle[0].settimeout(5)
+    assert idle[0].recv(10) == b""
+    for s in idle:
+        s.close()
+    time.sleep(0.3)
+    subs = [RawWS(port, "/v1/streams/s") for _ in range(4)]
+    for ws in subs:
+        assert ws.recv_json()["type"] == "ready"
+    # subscribers are never evicted: with four of them, a fifth connection is refused
+    s = socket.create_connection(("127.0.0.1", port), timeout=5)
+    status, _, body = read_response(s)
+    assert status == 503 and json.loads(body)["code"] == "too_many_connections"
+    s.close()
+    subs[0].close()
+    wait_for(lambda: http_get(port, "/healthz")[0] == 200, message="room again")
+    m = metrics(port)
+    assert m["mongocast_connections_evicted_total"] >= 1
+    assert m['mongocast_connections{transport="ws"}'] == 3
+    for ws in subs[1:]:
+        ws.close()
