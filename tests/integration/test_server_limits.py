@@ -7,6 +7,7 @@ Each test prints what it measured (run with -s to see it). Runs `mongocast run` 
 emulator (or MONGODB_URI).
 """
 
+import datetime
 import json
 import math
 import socket
@@ -16,6 +17,7 @@ from urllib.parse import quote
 
 import pytest
 
+from conftest import real_server_uri
 from daemon_util import *  # noqa: F401,F403
 from server_util import (RawSSE, RawWS, http_get, metrics, read_response, rss_kb, server_config,
                          start_server, stream)
@@ -62,9 +64,20 @@ class HealthProbe:
         return self.latencies
 
 
+def write_time(change, doc):
+    """When the write happened: the change's wallTime (the server's commit time, on this
+    machine's clock when the server is the emulator), else the time the test took just before
+    inserting (fullDocument.t). The first excludes the test client's own insert time (BSON
+    encoding of a 100 KB document on a loaded machine), which the daemon cannot influence."""
+    wall = change.get("wallTime")
+    if not real_server_uri() and isinstance(wall, dict) and isinstance(wall.get("$date"), str):
+        return datetime.datetime.fromisoformat(wall["$date"].replace("Z", "+00:00")).timestamp()
+    return doc["t"]
+
+
 class Reader:
     """Reads change messages from a RawWS in a thread: (value of fullDocument.i, latency from
-    the insert time carried in fullDocument.t)."""
+    the write, see write_time())."""
 
     def __init__(self, ws):
         self.ws = ws
@@ -78,11 +91,39 @@ class Reader:
                 m = self.ws.recv_json()
                 if m["type"] == "change":
                     doc = m["change"]["fullDocument"]
-                    self.got.append((doc["i"], time.time() - doc["t"]))
+                    self.got.append((doc["i"], time.time() - write_time(m["change"], doc)))
         except (OSError, ConnectionError):
             pass
         except Exception as e:  # reported by the test
             self.errors.append(repr(e))
+
+
+class Attacker:
+    """Runs `fn(stop, result)` in a forked process, so that an attack loop never competes with
+    the test's readers for the interpreter lock (their latencies measure the daemon, not this
+    process). `fn` fills the dict `result`, returned by finish()."""
+
+    def __init__(self, fn, *args):
+        import multiprocessing
+        ctx = multiprocessing.get_context("fork")
+        self.stop = ctx.Event()
+        self.queue = ctx.Queue()
+
+        def run():
+            result = {}
+            try:
+                fn(self.stop, result, *args)
+            except Exception as e:  # reported by the test
+                result["error"] = repr(e)
+            self.queue.put(result)
+        self.proc = ctx.Process(target=run, daemon=True)
+        self.proc.start()
+
+    def finish(self, timeout=20):
+        self.stop.set()
+        result = self.queue.get(timeout=timeout)
+        self.proc.join(5)
+        return result
 
 
 def filter_path(query):
@@ -104,18 +145,20 @@ def test_redos_filter_closed_with_reason_others_unaffected(tmp_path, daemons, mo
     readers = [Reader(plain), Reader(benign)]
     # The attacker keeps an offending WebSocket subscriber connected: as soon as one is
     # closed it opens the next, so every event meets a live evil filter.
-    closes, stop = [], threading.Event()
-
-    def attacker():
+    def attacker(stop, result):
+        closes = result["closes"] = []
         while not stop.is_set():
             ws = RawWS(port, filter_path(EVIL))
             if ws.status != 101:
                 closes.append(("status", ws.status))
                 return
-            closes.append(ws.close_code())
+            ws.sock.settimeout(1)
+            try:
+                closes.append(ws.close_code())
+            except socket.timeout:
+                pass
             ws.close()
-    attack = threading.Thread(target=attacker, daemon=True)
-    attack.start()
+    attack = Attacker(attacker)
     sse = RawSSE(port, filter_path(EVIL))
     assert sse.status == 200
     assert sse.next_event()["event"] == "ready"
@@ -131,7 +174,9 @@ def test_redos_filter_closed_with_reason_others_unaffected(tmp_path, daemons, mo
     wait_for(lambda: all(len(r.got) >= n for r in readers), timeout=30,
              message="every event at the other subscribers")
     health = probe.finish()
-    stop.set()
+    result = attack.finish()
+    closes = result.get("closes", [])
+    assert "error" not in result, result
     # The SSE subscriber's stream ends with an error event naming the reason.
     last = sse.next_event()
     assert last["event"] == "error", last
@@ -139,7 +184,6 @@ def test_redos_filter_closed_with_reason_others_unaffected(tmp_path, daemons, mo
     assert last["data"]["reason"].startswith("filter too expensive"), last
     with pytest.raises(ConnectionError):
         sse.next_event()
-    attack.join(15)
     for r in readers:
         assert not r.errors, r.errors
         assert [i for i, _ in r.got[:n]] == list(range(n))
@@ -293,12 +337,11 @@ def test_pipelining_without_reading_is_cut_memory_stays_flat(tmp_path, daemons, 
     assert sub.recv_json()["type"] == "ready"
     reader = Reader(sub)
     rss_start = rss_kb(d.pid)
-    stop = threading.Event()
-    stats = {"connections": 0, "closed_by_server": 0, "sent": 0}
 
-    def attacker():
+    def attacker(stop, stats):
         # Several connections at a time, each sending GET /metrics as fast as the socket takes
         # it and never reading an answer; a connection the daemon closes is replaced.
+        stats.update(connections=0, closed_by_server=0, sent=0)
         conns = []
         while not stop.is_set():
             while len(conns) < 8:
@@ -318,8 +361,7 @@ def test_pipelining_without_reading_is_cut_memory_stays_flat(tmp_path, daemons, 
             time.sleep(0.001)
         for s in conns:
             s.close()
-    attack = threading.Thread(target=attacker, daemon=True)
-    attack.start()
+    attack = Attacker(attacker)
     time.sleep(0.3)  # measure while the attack is under way, not its first burst
     peak = 0
     n = 100
@@ -328,8 +370,8 @@ def test_pipelining_without_reading_is_cut_memory_stays_flat(tmp_path, daemons, 
         peak = max(peak, rss_kb(d.pid))
         time.sleep(0.04)
     wait_for(lambda: len(reader.got) >= n, timeout=30, message="every event at the subscriber")
-    stop.set()
-    attack.join(10)
+    stats = attack.finish()
+    assert "error" not in stats, stats
     time.sleep(2.5)  # a couple of housekeeping ticks
     rss_end = rss_kb(d.pid)
     lat = [l for _, l in reader.got[:n]]
