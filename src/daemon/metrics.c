@@ -84,6 +84,13 @@ static void help(out_t *o, const char *name, const char *type, const char *text)
     put(o, "# HELP %s %s\n# TYPE %s %s\n", name, text, name, type);
 }
 
+/* A metric without labels: its HELP and TYPE lines and its one sample. */
+static void scalar(out_t *o, const char *name, const char *type, const char *text, uint64_t v)
+{
+    help(o, name, type, text);
+    put(o, "%s %" PRIu64 "\n", name, v);
+}
+
 char *mcd_metrics_render(mcd_server_t *srv, size_t *len)
 {
     out_t o = {.cap = 8192};
@@ -171,29 +178,28 @@ char *mcd_metrics_render(mcd_server_t *srv, size_t *len)
         put(&o, "mongocast_refusals_total{status=\"%s\"} %" PRIu64 "\n", statuses[k],
             st->refused[k]);
     }
-    help(&o, "mongocast_queued_bytes", "gauge",
-         "Bytes queued for live subscribers and not yet written to their sockets.");
-    put(&o, "mongocast_queued_bytes %" PRIu64 "\n", st->queued_bytes);
-    help(&o, "mongocast_slow_consumer_disconnects_total", "counter",
-         "Subscribers disconnected because their send queue passed "
-         "server.max_send_queue_bytes.");
-    put(&o, "mongocast_slow_consumer_disconnects_total %" PRIu64 "\n", st->slow_disconnects);
-    help(&o, "mongocast_connections_evicted_total", "counter",
-         "Connections that were not subscribers closed to make room for a new connection (full "
-         "table, or server.max_connections_per_address).");
-    put(&o, "mongocast_connections_evicted_total %" PRIu64 "\n", st->evicted);
-    help(&o, "mongocast_pipelining_disconnects_total", "counter",
-         "Connections closed for pipelining requests without reading the answers.");
-    put(&o, "mongocast_pipelining_disconnects_total %" PRIu64 "\n", st->pipelining);
-    help(&o, "mongocast_filter_budget_disconnects_total", "counter",
-         "Subscribers closed because their filter passed server.filter_budget_us on an event "
-         "(or a regular-expression limit).");
-    put(&o, "mongocast_filter_budget_disconnects_total %" PRIu64 "\n",
-        srv->fanout.budget_disconnects);
-    help(&o, "mongocast_oversize_events_total", "counter",
-         "Events whose message passed server.max_message_bytes and went to live subscribers "
-         "as an oversize notice.");
-    put(&o, "mongocast_oversize_events_total %" PRIu64 "\n", srv->fanout.oversize);
+    scalar(&o, "mongocast_queued_bytes", "gauge",
+           "Bytes queued for live subscribers and not yet written to their sockets.",
+           st->queued_bytes);
+    scalar(&o, "mongocast_slow_consumer_disconnects_total", "counter",
+           "Subscribers disconnected because their send queue passed "
+           "server.max_send_queue_bytes.",
+           st->slow_disconnects);
+    scalar(&o, "mongocast_connections_evicted_total", "counter",
+           "Connections that were not subscribers closed to make room for a new connection "
+           "(full table, or server.max_connections_per_address).",
+           st->evicted);
+    scalar(&o, "mongocast_pipelining_disconnects_total", "counter",
+           "Connections closed for pipelining requests without reading the answers.",
+           st->pipelining);
+    scalar(&o, "mongocast_filter_budget_disconnects_total", "counter",
+           "Subscribers closed because their filter passed server.filter_budget_us on an "
+           "event (or a regular-expression limit).",
+           srv->fanout.budget_disconnects);
+    scalar(&o, "mongocast_oversize_events_total", "counter",
+           "Events whose message passed server.max_message_bytes and went to live "
+           "subscribers as an oversize notice.",
+           srv->fanout.oversize);
 
     help(&o, "mongocast_stream_subscribers", "gauge", "Live subscribers per stream.");
     for (size_t i = 0; i < n; i++) {
