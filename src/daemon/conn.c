@@ -1,6 +1,8 @@
 /*
- * conn.c: connections of the live server: the connection table, each connection's send queue,
- * batched writes, closing (linger, shutdown, abort) and the subscriber sets. See conn.h.
+ * conn.c: connections of the live server: the connection table (with the least recently used
+ * list of plain connections and the per-address entries that making room uses), each
+ * connection's send queue and its limit, batched writes, closing (linger, shutdown, abort, the
+ * SSE error event), the subscriber sets, and giving memory back after a burst. See conn.h.
  *
  * Thread: the server's loop thread only.
  * Invariants:
@@ -16,7 +18,10 @@
  *     messages, and raw answers (HTTP, pong, close) to a connection with nothing queued go out
  *     at once;
  *   - a connection is freed only in on_close; after mcd_conn_abort() it is out of the table,
- *     out of its subscriber set, and ignored by every callback that still fires for it.
+ *     out of its subscriber set, and ignored by every callback that still fires for it;
+ *   - a connection is in the plain lists (MCD_CF_PLAIN) from its accept until it subscribes or
+ *     closes, so making room never closes a subscriber; an address entry lives exactly as long
+ *     as its connections (subscribers included).
  */
 #include "conn.h"
 
