@@ -103,6 +103,9 @@ typedef struct mc_config {
         uint32_t max_connections;
         uint32_t max_send_queue_bytes;
         uint32_t max_frame_bytes;
+        uint32_t max_message_bytes; /* larger events become an oversize notice; 16 MiB */
+        uint32_t filter_budget_us;  /* per subscriber and event; 2000 */
+        uint32_t max_connections_per_address; /* 0: no limit */
     } server;
     struct {
         bool enabled;

@@ -227,6 +227,35 @@ const char *mc_event_json(mc_event_t *ev, size_t *len);
  * like mc_event_json(). NULL for reset, ready and error events. */
 const char *mc_event_raw_json(mc_event_t *ev, size_t *len);
 
+/*
+ * The notice that stands in for a change whose message is too big to send (`size` bytes,
+ * more than the transport's `limit`, e.g. server.max_message_bytes):
+ *   {"type":"oversize","stream":S,"id":<_data>,["recipient":R,]"operationType":OP,
+ *    "ns":{"db":D,"coll":C},"documentKey":{...},"size":N,"limit":L}
+ * in the style of mc_event_json() ("recipient" only on streams with a recipient path;
+ * operationType and ns null when the pipeline removed them; documentKey null when absent or
+ * longer than 4 KiB as JSON), so it is always small. Rendered on every call (callers that send
+ * it to many consumers build it once). Returns a new string (release with bson_free()) and its
+ * length in *len when len is not NULL; NULL for events other than changes or when memory runs
+ * out. Any thread. (Additive function.)
+ */
+char *mc_event_oversize_json(const mc_event_t *ev, size_t size, size_t limit, size_t *len);
+
+/*
+ * The notice for the message of one view (mc_event_json_view()) that is too big to send,
+ * `size` being that view's message length, so that a notice tells no more than its view:
+ *   FULL     mc_event_oversize_json()
+ *   ENTERED  the same with "entered" : true after "recipient"; every field it carries is in
+ *            the ENTERED change too, and `size` is the ENTERED message's (never the full one's,
+ *            whose size would tell how big the previous owner's version was)
+ *   LEFT     {"type":"left","stream":S,"_id":null,"size":N,"limit":L}: a left notice is only
+ *            {type, stream, _id}, so it passes a limit only when its _id alone does
+ * NULL for NONE, for ENTERED when the event has no such view, for events other than changes,
+ * or when memory runs out. Any thread. (Additive function.)
+ */
+char *mc_event_oversize_json_view(const mc_event_t *ev, mc_event_view_t view, size_t size,
+                                  size_t limit, size_t *len);
+
 #ifdef __cplusplus
 }
 #endif

@@ -1,15 +1,16 @@
 /*
- * fanout.c: the WebSocket/SSE fan-out: a sink type the engine dispatches into, one hub per
- * stream (history ring + subscribers), and the shared wire messages.
+ * fanout.c: the WebSocket/SSE fan-out: a sink type the engine dispatches into and one hub per
+ * stream (history ring + subscribers). See fanout.h.
  *
  * Thread: the server's loop thread only. The engine calls publish()/flush() there because
  * the daemon runs the engine in external dispatch mode (mc_engine_dispatch() from the loop's
  * async callback); init/destroy run on the owner's thread and touch no loop state.
  * Invariants:
  *   - encode once: every event becomes one mcd_msg_t per view a subscriber receives (FULL,
- *     and ENTERED / LEFT when a write moved a document between owners), each with its
+ *     and ENTERED / LEFT when a write moved a document between owners; msg.c), each with its
  *     WebSocket header and SSE head built at most once; the FULL message owns the others, the
- *     ring holds the FULL one, and every subscriber queue holds references;
+ *     ring holds the FULL one, and every subscriber queue holds references; a view past
+ *     server.max_message_bytes is that view's oversize notice;
  *   - the view a subscriber gets is decided by mcd_subscription_view() in one place, for live
  *     delivery and for history replay alike;
  *   - a subscriber is either in hub->subs (live) or not subscribed at all: replay and
@@ -19,164 +20,23 @@
  *   - the ring only holds events of the current run of the stream: a reset event clears it
  *     (ids from before it can no longer be resumed exactly);
  *   - an error event (the stream failed) is the last a hub's subscribers get: each is ended
- *     after it (mcd_conn_end()).
+ *     after it (mcd_conn_close(): WebSocket close 4010, SSE end of stream), and new
+ *     subscribers of the failed stream are refused (http_routes.c: 503 stream_failed);
+ *   - each subscriber's view is decided within its own CPU budget (filter_budget_us per
+ *     event, REPLAY_BUDGET events' worth for a resume's replay); one that runs out is closed
+ *     (WebSocket 4003, SSE error event) and never delays the others by more than that.
  */
 #include <inttypes.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
-#include "server_internal.h"
+#include "fanout.h"
 
-/* ---- Messages ------------------------------------------------------------------------------- */
+/* A resume's replay runs in one step: its filter budget is this many events' worth. */
+#define REPLAY_BUDGET 32
 
-static mcd_msg_t *msg_new(mc_event_t *ev, mc_event_view_t view)
-{
-    size_t len = 0;
-    const char *json = mc_event_json_view(ev, view, &len);
-    if (!json || len > UINT32_MAX) {
-        return NULL;
-    }
-    mcd_msg_t *msg = calloc(1, sizeof(*msg));
-    if (!msg) {
-        return NULL;
-    }
-    msg->refs = 1;
-    msg->view = (uint8_t)view;
-    msg->ev = mc_event_ref(ev);
-    msg->body = json;
-    msg->body_len = (uint32_t)len;
-    /* SSE ends an event at a blank line, so the data must be one line. JSON only has raw
-     * line breaks as insignificant whitespace (inside strings they are escaped), so turning
-     * them into spaces keeps the same JSON value. */
-    if (memchr(json, '\n', len) || memchr(json, '\r', len)) {
-        msg->owned = malloc(len + 1);
-        if (!msg->owned) {
-            mc_event_unref(&msg->ev);
-            free(msg);
-            return NULL;
-        }
-        for (size_t i = 0; i < len; i++) {
-            msg->owned[i] = (json[i] == '\n' || json[i] == '\r') ? ' ' : json[i];
-        }
-        msg->owned[len] = '\0';
-        msg->body = msg->owned;
-    }
-    msg->ws_hdr_len = (uint8_t)mcd_ws_frame_header(msg->ws_hdr, MCD_WS_OP_TEXT, len);
-    return msg;
-}
-
-mcd_msg_t *mcd_msg_new_event(mc_event_t *ev)
-{
-    return msg_new(ev, MC_EVENT_VIEW_FULL);
-}
-
-mcd_msg_t *mcd_msg_view(mcd_msg_t *full, mc_event_view_t view)
-{
-    if (view == MC_EVENT_VIEW_FULL) {
-        return full;
-    }
-    if ((view != MC_EVENT_VIEW_ENTERED && view != MC_EVENT_VIEW_LEFT) || !full->ev ||
-        full->view != MC_EVENT_VIEW_FULL) {
-        return NULL;
-    }
-    mcd_msg_t **slot = &full->views[view == MC_EVENT_VIEW_ENTERED ? 0 : 1];
-    if (!*slot) {
-        *slot = msg_new(full->ev, view);
-    }
-    return *slot;
-}
-
-mcd_msg_t *mcd_msg_new_raw(const void *bytes, size_t len)
-{
-    mcd_msg_t *msg = calloc(1, sizeof(*msg));
-    if (!msg) {
-        return NULL;
-    }
-    msg->owned = malloc(len ? len : 1);
-    if (!msg->owned) {
-        free(msg);
-        return NULL;
-    }
-    memcpy(msg->owned, bytes, len);
-    msg->refs = 1;
-    msg->flags = MCD_MSG_RAW;
-    msg->body = msg->owned;
-    msg->body_len = (uint32_t)len;
-    return msg;
-}
-
-void mcd_msg_unref(mcd_msg_t *msg)
-{
-    if (!msg || (msg->flags & MCD_MSG_STATIC)) {
-        return;
-    }
-    if (--msg->refs > 0) {
-        return;
-    }
-    mcd_msg_unref(msg->views[0]);
-    mcd_msg_unref(msg->views[1]);
-    mc_event_unref(&msg->ev);
-    free(msg->sse_head);
-    free(msg->owned);
-    free(msg);
-}
-
-/* A LEFT message has no id line: its event id names a change the subscriber did not receive,
- * and a resume from it must not skip what that subscriber missed before it. */
-static char *left_sse_head(uint32_t *len)
-{
-    static const char head[] = "event: left\ndata: ";
-    char *out = malloc(sizeof(head));
-    if (out) {
-        memcpy(out, head, sizeof(head));
-        *len = (uint32_t)(sizeof(head) - 1);
-    }
-    return out;
-}
-
-static const char sse_end[] = "\n\n";
-
-size_t mcd_msg_size_any(mcd_msg_t *msg, mcd_transport_t t)
-{
-    if (msg->flags & MCD_MSG_RAW) {
-        return msg->body_len;
-    }
-    if (t == MCD_T_SSE) {
-        if (!msg->sse_head) {
-            msg->sse_head = msg->view == MC_EVENT_VIEW_LEFT
-                                ? left_sse_head(&msg->sse_head_len)
-                                : mcd_sse_head(msg->ev, &msg->sse_head_len);
-            if (!msg->sse_head) {
-                return 0;
-            }
-        }
-        return (size_t)msg->sse_head_len + msg->body_len + 2;
-    }
-    return (size_t)msg->ws_hdr_len + msg->body_len;
-}
-
-unsigned mcd_msg_bufs(mcd_msg_t *msg, mcd_transport_t t, uv_buf_t out[3])
-{
-    if (msg->flags & MCD_MSG_RAW) {
-        out[0] = uv_buf_init((char *)msg->body, msg->body_len);
-        return 1;
-    }
-    if (t == MCD_T_SSE) {
-        if (!msg->sse_head) {
-            return 0; /* mcd_msg_size() builds it when the message is queued */
-        }
-        out[0] = uv_buf_init(msg->sse_head, msg->sse_head_len);
-        out[1] = uv_buf_init((char *)msg->body, msg->body_len);
-        out[2] = uv_buf_init((char *)sse_end, 2);
-        return 3;
-    }
-    out[0] = uv_buf_init((char *)msg->ws_hdr, msg->ws_hdr_len);
-    out[1] = uv_buf_init((char *)msg->body, msg->body_len);
-    return 2;
-}
-
-/* ---- Hubs -------------------------------------------------------------------------------------
- */
+/* ---- Hubs ---------------------------------------------------------------------------------- */
 
 static mcd_msg_t *control_msg(const char *stream, mc_event_kind_t kind, const char *reason)
 {
@@ -184,16 +44,17 @@ static mcd_msg_t *control_msg(const char *stream, mc_event_kind_t kind, const ch
     if (!ev) {
         return NULL;
     }
-    mcd_msg_t *msg = mcd_msg_new_event(ev);
+    mcd_msg_t *msg = mcd_msg_new_event(ev, 0);
     mc_event_unref(&ev);
     return msg;
 }
 
-int mcd_hub_init(mcd_hub_t *hub, mcd_server_t *srv, const mc_stream_config_t *cfg)
+static int hub_init(mcd_hub_t *hub, mcd_fanout_t *fo, const mc_stream_config_t *cfg)
 {
     memset(hub, 0, sizeof(*hub));
     hub->cfg = cfg;
-    hub->srv = srv;
+    hub->fanout = fo;
+    hub->subs.name = cfg->name;
     hub->last_wall_ms = INT64_MIN;
     hub->ring_cap = cfg->history;
     if (hub->ring_cap) {
@@ -221,13 +82,13 @@ static void ring_clear(mcd_hub_t *hub)
     hub->ring_len = 0;
 }
 
-void mcd_hub_cleanup(mcd_hub_t *hub)
+static void hub_cleanup(mcd_hub_t *hub)
 {
     if (hub->ring) {
         ring_clear(hub);
     }
     free(hub->ring);
-    free(hub->subs);
+    mcd_conn_set_cleanup(&hub->subs);
     mcd_msg_unref(hub->ready_msg);
     mcd_msg_unref(hub->reset_msg);
     memset(hub, 0, sizeof(*hub));
@@ -261,7 +122,7 @@ static bool stream_open_now(mcd_hub_t *hub)
     /* hub->open follows the ready events the loop has seen; the engine's state catches a
      * stream that has since dropped into retrying (no event announces that). If it reopens,
      * its next ready event reaches this subscriber live. */
-    mc_engine_t *engine = hub->srv->engine;
+    mc_engine_t *engine = hub->fanout->engine;
     if (!engine) {
         return true;
     }
@@ -272,17 +133,50 @@ static bool stream_open_now(mcd_hub_t *hub)
     return st.state == MC_STREAM_OPEN;
 }
 
+/* Counts (once per event: `full` keeps the mark) and logs an event of which a message, `m`
+ * (the FULL one or a view's), became an oversize notice. */
+static void count_oversize(mcd_hub_t *hub, mcd_msg_t *full, const mcd_msg_t *m)
+{
+    if (!(m->flags & MCD_MSG_OVERSIZE) || (full->flags & MCD_MSG_COUNTED)) {
+        return;
+    }
+    static mc_log_ratelimit_t rl = MC_LOG_RATELIMIT_INIT(10000);
+    full->flags |= MCD_MSG_COUNTED;
+    hub->fanout->oversize++;
+    mc_log_ratelimited(&rl, MC_LOG_WARN, "server",
+                       "event larger than server.max_message_bytes sent as an oversize notice "
+                       "stream=%s limit=%zu",
+                       hub->cfg->name, hub->fanout->max_message_bytes);
+}
+
+/* The message of `view` of the event of `full` (mcd_msg_view()), counted when it is the
+ * first of the event that had to become an oversize notice. */
+static mcd_msg_t *view_msg(mcd_hub_t *hub, mcd_msg_t *full, mc_event_view_t view)
+{
+    mcd_msg_t *m = mcd_msg_view(full, view);
+    if (m) {
+        count_oversize(hub, full, m);
+    }
+    return m;
+}
+
+/* Closes a subscriber whose filter ran out of CPU budget (or hit a regex limit). */
+static void filter_too_expensive(mcd_hub_t *hub, mcd_conn_t *c, const mc_filter_budget_t *b,
+                                 const char *when)
+{
+    static mc_log_ratelimit_t rl = MC_LOG_RATELIMIT_INIT(5000);
+    hub->fanout->budget_disconnects++;
+    const char *why = b->reason ? b->reason : "CPU budget exhausted";
+    mc_log_ratelimited(&rl, MC_LOG_WARN, "server",
+                       "subscriber closed: filter too expensive stream=%s reason=\"%s%s%s\"",
+                       hub->cfg->name, why, *when ? " " : "", when);
+    char reason[MCD_WS_MAX_CONTROL - 1];
+    snprintf(reason, sizeof(reason), "filter too expensive: %s%s%s", why, *when ? " " : "", when);
+    mcd_conn_close(c, MCD_WS_CLOSE_FILTER, reason, false);
+}
+
 int mcd_hub_subscribe(mcd_hub_t *hub, mcd_conn_t *conn, const char *since)
 {
-    if (hub->n_subs == hub->subs_cap) {
-        uint32_t cap = hub->subs_cap ? hub->subs_cap * 2 : 16;
-        mcd_conn_t **ns = realloc(hub->subs, cap * sizeof(*ns));
-        if (!ns) {
-            return MC_ENOMEM;
-        }
-        hub->subs = ns;
-        hub->subs_cap = cap;
-    }
     long found = -1;
     if (since) {
         /* Newest first: a client usually resumes close to the head. */
@@ -306,14 +200,20 @@ int mcd_hub_subscribe(mcd_hub_t *hub, mcd_conn_t *conn, const char *since)
         return -1;
     }
     if (found >= 0) {
+        /* One budget for the whole replay: it runs in one step on the loop. */
+        mc_filter_budget_t budget = {.cpu_ns = hub->fanout->filter_budget_ns * REPLAY_BUDGET};
         for (uint32_t i = (uint32_t)found + 1; i < hub->ring_len; i++) {
             mcd_msg_t *m = ring_at(hub, i);
-            /* The same decision as live delivery (hub_publish). */
-            mc_event_view_t view = mcd_subscription_view(conn->sub, m->ev);
+            /* The same decision as live delivery (hub_publish), within the replay's budget. */
+            int view = mcd_subscription_view_budget(conn->sub, m->ev, &budget);
+            if (view < 0) {
+                filter_too_expensive(hub, conn, &budget, "during replay");
+                return -1;
+            }
             if (view == MC_EVENT_VIEW_NONE) {
                 continue;
             }
-            mcd_msg_t *vm = mcd_msg_view(m, view);
+            mcd_msg_t *vm = view_msg(hub, m, (mc_event_view_t)view);
             if (!vm) {
                 continue;
             }
@@ -322,35 +222,21 @@ int mcd_hub_subscribe(mcd_hub_t *hub, mcd_conn_t *conn, const char *since)
             }
         }
     }
-    conn->hub = hub;
+    if (mcd_conn_set_add(&hub->subs, conn) != 0) {
+        mcd_conn_abort(conn);
+        return -1;
+    }
     if (mcd_subscription_matches_all(conn->sub)) {
         conn->flags |= MCD_CF_MATCH_ALL;
     } else {
         conn->flags &= (uint8_t)~MCD_CF_MATCH_ALL;
     }
-    conn->sub_index = hub->n_subs;
-    hub->subs[hub->n_subs++] = conn;
     return 0;
-}
-
-void mcd_hub_unsubscribe(mcd_conn_t *conn)
-{
-    mcd_hub_t *hub = conn->hub;
-    if (!hub) {
-        return;
-    }
-    uint32_t i = conn->sub_index;
-    hub->n_subs--;
-    if (i != hub->n_subs) {
-        hub->subs[i] = hub->subs[hub->n_subs];
-        hub->subs[i]->sub_index = i;
-    }
-    conn->hub = NULL;
 }
 
 static void hub_publish(mcd_hub_t *hub, mc_event_t *ev)
 {
-    mcd_msg_t *msg = mcd_msg_new_event(ev);
+    mcd_msg_t *msg = mcd_msg_new_event(ev, hub->fanout->max_message_bytes);
     if (!msg) {
         static mc_log_ratelimit_t rl = MC_LOG_RATELIMIT_INIT(10000);
         mc_log_ratelimited(&rl, MC_LOG_ERROR, "server", "out of memory: event dropped stream=%s",
@@ -358,6 +244,7 @@ static void hub_publish(mcd_hub_t *hub, mc_event_t *ev)
         return;
     }
     hub->events++;
+    count_oversize(hub, msg, msg);
     mc_event_kind_t kind = mc_event_kind(ev);
     switch (kind) {
     case MC_EVENT_CHANGE:
@@ -380,20 +267,27 @@ static void hub_publish(mcd_hub_t *hub, mc_event_t *ev)
     }
     /* Subscribers flagged MCD_CF_MATCH_ALL (no recipient rule, no $var stage, no filter)
      * skip the per-subscriber decision: for them mcd_subscription_view() is FULL for every
-     * event except a change without a change document, decided here once per event. */
+     * event except a change without a change document, decided here once per event. The
+     * others get filter_budget_us of CPU time each to decide their view (a filter that takes
+     * longer closes its subscriber). */
     bool check = kind == MC_EVENT_CHANGE;
     uint8_t skip_check = check && mc_event_change(ev) ? MCD_CF_MATCH_ALL : 0;
     /* Backwards: closing a slow consumer swaps the last subscriber into its slot, which this
      * loop has already visited. */
-    for (uint32_t i = hub->n_subs; i-- > 0;) {
-        mcd_conn_t *c = hub->subs[i];
+    for (uint32_t i = hub->subs.n; i-- > 0;) {
+        mcd_conn_t *c = hub->subs.v[i];
         mcd_msg_t *m = msg;
         if (check && !(c->flags & skip_check)) {
-            mc_event_view_t view = mcd_subscription_view(c->sub, ev);
+            mc_filter_budget_t budget = {.cpu_ns = hub->fanout->filter_budget_ns};
+            int view = mcd_subscription_view_budget(c->sub, ev, &budget);
+            if (view < 0) {
+                filter_too_expensive(hub, c, &budget, "");
+                continue;
+            }
             if (view == MC_EVENT_VIEW_NONE) {
                 continue;
             }
-            m = mcd_msg_view(msg, view);
+            m = view_msg(hub, msg, (mc_event_view_t)view);
             if (!m) {
                 static mc_log_ratelimit_t rl = MC_LOG_RATELIMIT_INIT(10000);
                 mc_log_ratelimited(&rl, MC_LOG_ERROR, "server",
@@ -406,28 +300,72 @@ static void hub_publish(mcd_hub_t *hub, mc_event_t *ev)
     if (kind == MC_EVENT_ERROR) {
         /* The stream's last event in this run: end every subscriber once the message is
          * written rather than leave it waiting (WebSocket close 4010, SSE end of stream). */
-        for (uint32_t i = hub->n_subs; i-- > 0;) {
-            mcd_conn_end(hub->subs[i], MCD_WS_CLOSE_STREAM_FAILED, "stream failed");
+        for (uint32_t i = hub->subs.n; i-- > 0;) {
+            mcd_conn_close(hub->subs.v[i], MCD_WS_CLOSE_STREAM_FAILED, "stream failed", false);
         }
     }
     mcd_msg_unref(msg);
+}
+
+/* ---- The hubs of a config ----------------------------------------------------------------- */
+
+int mcd_fanout_init(mcd_fanout_t *fo, const mc_config_t *config)
+{
+    memset(fo, 0, sizeof(*fo));
+    uint32_t us = config->server.filter_budget_us ? config->server.filter_budget_us : 2000;
+    fo->filter_budget_ns = (uint64_t)us * 1000;
+    fo->max_message_bytes =
+        config->server.max_message_bytes ? config->server.max_message_bytes : 16777216;
+    fo->hubs = calloc(config->n_streams ? config->n_streams : 1, sizeof(*fo->hubs));
+    if (!fo->hubs) {
+        return MC_ENOMEM;
+    }
+    for (size_t i = 0; i < config->n_streams; i++) {
+        fo->n_hubs = i + 1;
+        if (hub_init(&fo->hubs[i], fo, &config->streams[i]) != 0) {
+            return MC_ENOMEM;
+        }
+    }
+    return 0;
+}
+
+void mcd_fanout_cleanup(mcd_fanout_t *fo)
+{
+    for (size_t i = 0; i < fo->n_hubs; i++) {
+        hub_cleanup(&fo->hubs[i]);
+    }
+    free(fo->hubs);
+    memset(fo, 0, sizeof(*fo));
+}
+
+mcd_hub_t *mcd_fanout_hub(mcd_fanout_t *fo, const char *stream)
+{
+    if (!stream) {
+        return NULL;
+    }
+    for (size_t i = 0; i < fo->n_hubs; i++) {
+        if (strcmp(fo->hubs[i].cfg->name, stream) == 0) {
+            return &fo->hubs[i];
+        }
+    }
+    return NULL;
 }
 
 /* ---- The sink type ------------------------------------------------------------------------------
  */
 
 typedef struct fanout_ctx {
-    mcd_server_t *srv;
+    mcd_fanout_t *fanout;
 } fanout_ctx_t;
 
 static int fanout_init(mc_sink_t *sink, const bson_t *options, mc_error_t *err)
 {
     (void)options;
     fanout_ctx_t *ctx = mc_sink_ctx(sink);
-    ctx->srv = mc_sink_userdata(sink);
-    if (!ctx->srv) {
+    ctx->fanout = mc_sink_userdata(sink);
+    if (!ctx->fanout) {
         return mc_error_set(err, MC_EINVAL, MC_DOMAIN_MONGOCAST, MC_EINVAL,
-                            "the live fan-out sink needs the server as userdata");
+                            "the live fan-out sink needs the fan-out as userdata");
     }
     return 0;
 }
@@ -435,11 +373,11 @@ static int fanout_init(mc_sink_t *sink, const bson_t *options, mc_error_t *err)
 static int fanout_publish(mc_sink_t *sink, mc_event_t *ev)
 {
     fanout_ctx_t *ctx = mc_sink_ctx(sink);
-    mcd_hub_t *hub = mcd_server_hub(ctx->srv, mc_event_stream(ev));
+    mcd_hub_t *hub = mcd_fanout_hub(ctx->fanout, mc_event_stream(ev));
     if (!hub) {
         return MC_SINK_SKIP;
     }
-    ctx->srv->stats.fanout_events++;
+    ctx->fanout->events++;
     hub_publish(hub, ev);
     return 0;
 }

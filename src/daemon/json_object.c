@@ -4,6 +4,7 @@
  */
 #include "json_object.h"
 
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -179,4 +180,20 @@ bool mcd_json_has_duplicate_keys(const bson_t *doc)
         }
     }
     return false;
+}
+
+void mcd_json_escape(char *out, size_t cap, size_t *n, const char *s)
+{
+    for (; *s && *n + 7 < cap; s++) {
+        unsigned char ch = (unsigned char)*s;
+        if (ch == '"' || ch == '\\') {
+            out[(*n)++] = '\\';
+            out[(*n)++] = (char)ch;
+        } else if (ch < 0x20) {
+            *n += (size_t)snprintf(out + *n, cap - *n, "\\u%04x", ch);
+        } else {
+            out[(*n)++] = (char)ch;
+        }
+    }
+    out[*n] = '\0';
 }

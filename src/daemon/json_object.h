@@ -1,6 +1,7 @@
 /*
  * json_object.h: strict parsing of one JSON object from untrusted input (query values, JWT
- * segments) into BSON.
+ * segments) into BSON, and escaping text into the JSON the daemon writes itself (refusals,
+ * control messages).
  *
  * libbson's bson_init_from_json() silently ignores a second document after the first
  * ({"a":1}{"$where":...} parses as {"a":1}) and turns a top-level array into a document;
@@ -25,5 +26,9 @@ int mcd_json_object_parse(const char *json, size_t len, bson_t *out);
 
 /* True when some key of `doc` occurs twice at the top level. */
 bool mcd_json_has_duplicate_keys(const bson_t *doc);
+
+/* Appends `s` as the body of a JSON string (without quotes) to out[*n..cap) and keeps `out`
+ * NUL-terminated; what does not fit (with 7 bytes to spare) is left out. */
+void mcd_json_escape(char *out, size_t cap, size_t *n, const char *s);
 
 #endif

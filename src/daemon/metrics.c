@@ -84,6 +84,13 @@ static void help(out_t *o, const char *name, const char *type, const char *text)
     put(o, "# HELP %s %s\n# TYPE %s %s\n", name, text, name, type);
 }
 
+/* A metric without labels: its HELP and TYPE lines and its one sample. */
+static void scalar(out_t *o, const char *name, const char *type, const char *text, uint64_t v)
+{
+    help(o, name, type, text);
+    put(o, "%s %" PRIu64 "\n", name, v);
+}
+
 char *mcd_metrics_render(mcd_server_t *srv, size_t *len)
 {
     out_t o = {.cap = 8192};
@@ -92,7 +99,7 @@ char *mcd_metrics_render(mcd_server_t *srv, size_t *len)
         return NULL;
     }
     o.buf[0] = '\0';
-    const mcd_stats_t *st = &srv->stats;
+    const mcd_stats_t *st = &srv->table.stats;
     int64_t now = (int64_t)time(NULL) * 1000;
     /* Millisecond wall clock for the checkpoint age, which is short (about the checkpoint
      * interval) and would be off by up to a second with time(). */
@@ -101,7 +108,7 @@ char *mcd_metrics_render(mcd_server_t *srv, size_t *len)
     int64_t now_ms = (int64_t)rt.tv_sec * 1000 + rt.tv_nsec / 1000000;
     char l[400];
 
-    size_t n = srv->n_hubs;
+    size_t n = srv->fanout.n_hubs;
     mc_stream_status_t *ss = calloc(n ? n : 1, sizeof(*ss));
     bool *have = calloc(n ? n : 1, sizeof(*have));
     if (!ss || !have) {
@@ -112,14 +119,14 @@ char *mcd_metrics_render(mcd_server_t *srv, size_t *len)
     }
     for (size_t i = 0; i < n; i++) {
         have[i] = srv->engine &&
-                  mc_engine_stream_status(srv->engine, srv->hubs[i].cfg->name, &ss[i]) == 0;
+                  mc_engine_stream_status(srv->engine, srv->fanout.hubs[i].cfg->name, &ss[i]) == 0;
     }
 
     help(&o, "mongocast_events_in_total", "counter", "Change events read from MongoDB per stream.");
     for (size_t i = 0; i < n; i++) {
         put(&o, "mongocast_events_in_total{stream=\"%s\"} %" PRIu64 "\n",
-            label(srv->hubs[i].cfg->name, l, sizeof(l)),
-            have[i] ? ss[i].events : srv->hubs[i].events);
+            label(srv->fanout.hubs[i].cfg->name, l, sizeof(l)),
+            have[i] ? ss[i].events : srv->fanout.hubs[i].events);
     }
     help(&o, "mongocast_events_out_total", "counter",
          "Events (changes and control events) a sink accepted, per sink instance; the live "
@@ -135,7 +142,7 @@ char *mcd_metrics_render(mcd_server_t *srv, size_t *len)
     if (!srv->engine) {
         /* A server without an engine (tests) still counts what its fan-out received. */
         put(&o, "mongocast_events_out_total{sink=\"live-clients\"} %" PRIu64 "\n",
-            st->fanout_events);
+            srv->fanout.events);
     }
     help(&o, "mongocast_events_skipped_total", "counter",
          "Events a sink did not take (e.g. control events it ignores), per sink instance.");
@@ -171,23 +178,38 @@ char *mcd_metrics_render(mcd_server_t *srv, size_t *len)
         put(&o, "mongocast_refusals_total{status=\"%s\"} %" PRIu64 "\n", statuses[k],
             st->refused[k]);
     }
-    help(&o, "mongocast_queued_bytes", "gauge",
-         "Bytes queued for live subscribers and not yet written to their sockets.");
-    put(&o, "mongocast_queued_bytes %" PRIu64 "\n", st->queued_bytes);
-    help(&o, "mongocast_slow_consumer_disconnects_total", "counter",
-         "Subscribers disconnected because their send queue passed "
-         "server.max_send_queue_bytes.");
-    put(&o, "mongocast_slow_consumer_disconnects_total %" PRIu64 "\n", st->slow_disconnects);
+    scalar(&o, "mongocast_queued_bytes", "gauge",
+           "Bytes queued for live subscribers and not yet written to their sockets.",
+           st->queued_bytes);
+    scalar(&o, "mongocast_slow_consumer_disconnects_total", "counter",
+           "Subscribers disconnected because their send queue passed "
+           "server.max_send_queue_bytes.",
+           st->slow_disconnects);
+    scalar(&o, "mongocast_connections_evicted_total", "counter",
+           "Connections that were not subscribers closed to make room for a new connection "
+           "(full table, or server.max_connections_per_address).",
+           st->evicted);
+    scalar(&o, "mongocast_pipelining_disconnects_total", "counter",
+           "Connections closed for pipelining requests without reading the answers.",
+           st->pipelining);
+    scalar(&o, "mongocast_filter_budget_disconnects_total", "counter",
+           "Subscribers closed because their filter passed server.filter_budget_us on an "
+           "event (or a regular-expression limit).",
+           srv->fanout.budget_disconnects);
+    scalar(&o, "mongocast_oversize_events_total", "counter",
+           "Events whose message (in any routing view) passed server.max_message_bytes and "
+           "went to live subscribers as an oversize notice.",
+           srv->fanout.oversize);
 
     help(&o, "mongocast_stream_subscribers", "gauge", "Live subscribers per stream.");
     for (size_t i = 0; i < n; i++) {
         put(&o, "mongocast_stream_subscribers{stream=\"%s\"} %u\n",
-            label(srv->hubs[i].cfg->name, l, sizeof(l)), srv->hubs[i].n_subs);
+            label(srv->fanout.hubs[i].cfg->name, l, sizeof(l)), srv->fanout.hubs[i].subs.n);
     }
     help(&o, "mongocast_stream_lag_seconds", "gauge",
          "Now minus the wallTime of the stream's newest change.");
     for (size_t i = 0; i < n; i++) {
-        int64_t wall = srv->hubs[i].last_wall_ms;
+        int64_t wall = srv->fanout.hubs[i].last_wall_ms;
         if (wall == INT64_MIN && have[i] && ss[i].last_event_ms > 0) {
             wall = ss[i].last_event_ms;
         }
@@ -196,14 +218,14 @@ char *mcd_metrics_render(mcd_server_t *srv, size_t *len)
         }
         double lag = (double)(now - wall) / 1000.0;
         put(&o, "mongocast_stream_lag_seconds{stream=\"%s\"} %.3f\n",
-            label(srv->hubs[i].cfg->name, l, sizeof(l)), lag < 0 ? 0.0 : lag);
+            label(srv->fanout.hubs[i].cfg->name, l, sizeof(l)), lag < 0 ? 0.0 : lag);
     }
     help(&o, "mongocast_stream_resumes_total", "counter",
          "Change stream reopens after an error (the driver's own resumes not counted).");
     for (size_t i = 0; i < n; i++) {
         if (have[i]) {
             put(&o, "mongocast_stream_resumes_total{stream=\"%s\"} %" PRIu64 "\n",
-                label(srv->hubs[i].cfg->name, l, sizeof(l)), ss[i].resumes);
+                label(srv->fanout.hubs[i].cfg->name, l, sizeof(l)), ss[i].resumes);
         }
     }
     help(&o, "mongocast_recipient_unresolved_total", "counter",
@@ -212,18 +234,18 @@ char *mcd_metrics_render(mcd_server_t *srv, size_t *len)
     for (size_t i = 0; i < n; i++) {
         if (have[i]) {
             put(&o, "mongocast_recipient_unresolved_total{stream=\"%s\"} %" PRIu64 "\n",
-                label(srv->hubs[i].cfg->name, l, sizeof(l)), ss[i].unresolved_recipients);
+                label(srv->fanout.hubs[i].cfg->name, l, sizeof(l)), ss[i].unresolved_recipients);
         }
     }
     help(&o, "mongocast_client_resumes_total", "counter",
          "Subscriber resumes (since= or Last-Event-ID): replayed from history or answered "
          "with reset.");
     for (size_t i = 0; i < n; i++) {
-        label(srv->hubs[i].cfg->name, l, sizeof(l));
+        label(srv->fanout.hubs[i].cfg->name, l, sizeof(l));
         put(&o, "mongocast_client_resumes_total{stream=\"%s\",result=\"replay\"} %" PRIu64 "\n", l,
-            srv->hubs[i].replays);
+            srv->fanout.hubs[i].replays);
         put(&o, "mongocast_client_resumes_total{stream=\"%s\",result=\"reset\"} %" PRIu64 "\n", l,
-            srv->hubs[i].resets);
+            srv->fanout.hubs[i].resets);
     }
     help(&o, "mongocast_checkpoint_age_seconds", "gauge",
          "Seconds since the stream's resume position was last written to the checkpoint "
@@ -234,7 +256,7 @@ char *mcd_metrics_render(mcd_server_t *srv, size_t *len)
         }
         double age = (double)(now_ms - ss[i].checkpoint_written_ms) / 1000.0;
         put(&o, "mongocast_checkpoint_age_seconds{stream=\"%s\"} %.3f\n",
-            label(srv->hubs[i].cfg->name, l, sizeof(l)), age < 0 ? 0.0 : age);
+            label(srv->fanout.hubs[i].cfg->name, l, sizeof(l)), age < 0 ? 0.0 : age);
     }
     help(&o, "mongocast_checkpoint_write_failures_total", "counter",
          "Failed writes of the stream's resume position to the checkpoint store (each is "
@@ -242,13 +264,13 @@ char *mcd_metrics_render(mcd_server_t *srv, size_t *len)
     for (size_t i = 0; i < n; i++) {
         if (have[i]) {
             put(&o, "mongocast_checkpoint_write_failures_total{stream=\"%s\"} %" PRIu64 "\n",
-                label(srv->hubs[i].cfg->name, l, sizeof(l)), ss[i].checkpoint_failures);
+                label(srv->fanout.hubs[i].cfg->name, l, sizeof(l)), ss[i].checkpoint_failures);
         }
     }
     help(&o, "mongocast_stream_up", "gauge", "1 when the stream's change stream is open.");
     for (size_t i = 0; i < n; i++) {
         put(&o, "mongocast_stream_up{stream=\"%s\"} %d\n",
-            label(srv->hubs[i].cfg->name, l, sizeof(l)),
+            label(srv->fanout.hubs[i].cfg->name, l, sizeof(l)),
             have[i] && ss[i].state == MC_STREAM_OPEN ? 1 : 0);
     }
     free(ss);

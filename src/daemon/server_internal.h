@@ -1,9 +1,10 @@
 /*
- * server_internal.h: what server.c (connections, HTTP, WebSocket I/O), fanout.c (stream hubs,
- * history, shared messages), sse.c and metrics.c share.
+ * server_internal.h: the server object and what its parts share: listener.c (accepting),
+ * http_routes.c (requests), ws_session.c and sse_session.c (subscribers), metrics.c, and
+ * server.c (lifecycle). conn.h (connections and queues), fanout.h (streams) and msg.h (wire
+ * messages) are the lower layers; they do not include this file.
  *
- * Thread: everything here runs on the server's loop thread only; nothing is locked and
- * reference counts are plain integers.
+ * Thread: everything here runs on the server's loop thread only; nothing is locked.
  */
 #ifndef MONGOCAST_DAEMON_SERVER_INTERNAL_H
 #define MONGOCAST_DAEMON_SERVER_INTERNAL_H
@@ -15,167 +16,15 @@
 #include <uv.h>
 
 #include "auth.h"
+#include "conn.h"
+#include "fanout.h"
 #include "http.h"
 #include "mongocast.h"
+#include "msg.h"
 #include "server.h"
+#include "sse.h"
 #include "subscription.h"
 #include "ws.h"
-
-/* ---- Shared messages (fanout.c) ---------------------------------------------------------- */
-
-#define MCD_MSG_STATIC 0x1 /* lives as long as the server: never freed by unref */
-#define MCD_MSG_RAW 0x2    /* `body` is written as is for every transport */
-
-/* One message as it goes on the wire, built once and shared by every connection that sends
- * it (a connection's queue holds references, never copies). For an event, the WebSocket
- * frame is ws_hdr + body and the SSE event is sse_head + body + "\n\n"; both are unmasked
- * server encodings, so one message serves every subscriber of a transport. An event has one
- * message per view (mongocast/event.h): the FULL one is made for every event and owns the
- * ENTERED and LEFT ones, made on first use (an ownership change), so each view is encoded
- * once for live delivery and history replay alike. */
-typedef struct mcd_msg {
-    uint32_t refs;
-    uint8_t flags;
-    uint8_t view; /* mc_event_view_t of body */
-    uint8_t ws_hdr_len;
-    uint8_t ws_hdr[10];
-    struct mcd_msg *views[2]; /* FULL only: the ENTERED and LEFT messages, or NULL */
-    uint32_t body_len;
-    uint32_t sse_head_len;
-    const char *body; /* the event's §4.3 JSON (borrowed from ev) or raw bytes */
-    char *sse_head;   /* "id: ..\nevent: ..\ndata: ", built on first SSE use */
-    char *owned;      /* bytes this message owns (raw bytes or a sanitised JSON copy) */
-    mc_event_t *ev;   /* one reference, or NULL for raw messages */
-} mcd_msg_t;
-
-typedef enum mcd_transport {
-    MCD_T_HTTP = 0,
-    MCD_T_WS = 1,
-    MCD_T_SSE = 2,
-} mcd_transport_t;
-
-mcd_msg_t *mcd_msg_new_event(mc_event_t *ev);
-/* The message of `view` of the event of `full` (a FULL message): `full` itself, or the view's
- * message owned by `full` (made on first use). Borrowed; NULL when the event has no such view
- * or memory runs out. */
-mcd_msg_t *mcd_msg_view(mcd_msg_t *full, mc_event_view_t view);
-mcd_msg_t *mcd_msg_new_raw(const void *bytes, size_t len);
-void mcd_msg_unref(mcd_msg_t *msg);
-static inline mcd_msg_t *mcd_msg_ref(mcd_msg_t *msg)
-{
-    msg->refs++;
-    return msg;
-}
-/* Bytes `msg` takes on `t`; builds the SSE head on first SSE use (0 when that allocation
- * fails). Call it before mcd_msg_bufs(). */
-size_t mcd_msg_size_any(mcd_msg_t *msg, mcd_transport_t t);
-/* The same, inline for the per-delivery case (an event on a WebSocket). */
-static inline size_t mcd_msg_size(mcd_msg_t *msg, mcd_transport_t t)
-{
-    if (t == MCD_T_WS && !(msg->flags & MCD_MSG_RAW)) {
-        return (size_t)msg->ws_hdr_len + msg->body_len;
-    }
-    return mcd_msg_size_any(msg, t);
-}
-/* Fills up to 3 buffers for sending `msg` on `t`; returns how many. */
-unsigned mcd_msg_bufs(mcd_msg_t *msg, mcd_transport_t t, uv_buf_t out[3]);
-
-/* ---- Connections (server.c) --------------------------------------------------------------- */
-
-typedef enum mcd_conn_state {
-    MCD_ST_HTTP = 0, /* reading requests */
-    MCD_ST_WS,       /* WebSocket subscriber */
-    MCD_ST_SSE,      /* SSE subscriber */
-    MCD_ST_CLOSING,  /* final bytes queued; then shutdown, discard input, close */
-} mcd_conn_state_t;
-
-#define MCD_CF_DIRTY 0x01     /* in the server's dirty list (write at the end of this pass) */
-#define MCD_CF_CLOSED 0x02    /* uv_close() called; only close_cb remains */
-#define MCD_CF_LINGER 0x04    /* close once the queue is written */
-#define MCD_CF_PING_OUT 0x08  /* ping sent, pong awaited until deadline_ms */
-#define MCD_CF_SHUTDOWN 0x10  /* uv_shutdown() issued */
-#define MCD_CF_Q_USED 0x20    /* something was queued since the last housekeeping tick */
-#define MCD_CF_MATCH_ALL 0x40 /* the subscription passes every change (fan-out skips matching) */
-
-struct mcd_hub;
-
-/* One TCP connection. Kept small: an idle WebSocket subscriber is this struct, its
- * subscription and nothing else (no read buffer, no HTTP parser, no queue storage beyond the
- * one inline slot).
- *
- * The send queue is a ring of q_cap (a power of two) slots at q. While at most one message
- * is queued it is the inline slot q_one (cap 1, no allocation: the common case of one event
- * per loop pass). A heap ring, once needed, stays while the connection is active, so that
- * steady traffic costs no malloc/free per delivery; the housekeeping tick returns it (and
- * the connection to q_one) after a whole tick in which nothing was queued. */
-typedef struct mcd_conn {
-    uv_tcp_t tcp;        /* first member: the handle's address is the conn's */
-    mcd_http_req_t *req; /* while a request is being read, else NULL */
-    struct mcd_hub *hub; /* subscribed stream, or NULL */
-    mcd_subscription_t *sub;
-    mcd_msg_t **q;        /* pending messages (ring): &q_one or a heap ring */
-    mcd_msg_t *q_one;     /* the inline one-slot ring */
-    int64_t deadline_ms;  /* request timeout, pong deadline or close deadline */
-    int64_t next_beat_ms; /* next ping (WS) or heartbeat comment (SSE) */
-    uint32_t q_head;
-    uint32_t q_len;
-    uint32_t q_cap;
-    uint32_t queued_bytes;  /* pending + in flight (until the write callback) */
-    uint32_t pending_bytes; /* in the ring, not yet handed to uv_write */
-    uint32_t replay_bytes;  /* of queued_bytes, replayed history (exempt from the limit) */
-    uint32_t expires_s;     /* token expiry (seconds since the epoch), 0: none */
-    uint32_t table_index;   /* position in srv->conns */
-    uint32_t sub_index;     /* position in hub->subs */
-    uint8_t state;          /* mcd_conn_state_t */
-    uint8_t transport;      /* mcd_transport_t */
-    uint8_t flags;          /* MCD_CF_* */
-    uint8_t n_writes;       /* uv_write requests in flight */
-    mcd_ws_parser_t ws;
-} mcd_conn_t;
-
-/* Queues `msg` (a new reference) for `conn`. When the queue would pass
- * server.max_send_queue_bytes the connection is closed as a slow consumer (WS 4002) and -1
- * is returned. `replay` marks history replay bytes, which do not count against the limit
- * until they are written. Closing connections drop the message and return 0. */
-int mcd_conn_send(mcd_conn_t *conn, mcd_msg_t *msg, bool replay);
-
-/* Unsubscribes `conn` and ends it once what is queued for it is written: a WebSocket with a
- * close frame (ws_code, reason), an SSE stream by closing the connection. For subscribers of
- * a stream that will not deliver again (fanout.c). */
-void mcd_conn_end(mcd_conn_t *conn, uint16_t ws_code, const char *reason);
-
-/* ---- Stream hubs (fanout.c) ---------------------------------------------------------------- */
-
-typedef struct mcd_hub {
-    const mc_stream_config_t *cfg;
-    mcd_server_t *srv;
-    mcd_msg_t **ring;  /* history: change and invalidate messages, oldest first */
-    uint32_t ring_cap; /* = stream history */
-    uint32_t ring_head;
-    uint32_t ring_len;
-    mcd_conn_t **subs;
-    uint32_t n_subs;
-    uint32_t subs_cap;
-    bool open;            /* the engine's last word on this stream was "ready" */
-    mcd_msg_t *ready_msg; /* {"type":"ready"} for subscribers joining an open stream */
-    mcd_msg_t *reset_msg; /* {"type":"reset","reason":"history"} for lost resumes */
-    uint64_t events;      /* events published to the fan-out */
-    uint64_t replays;     /* resumes served from history */
-    uint64_t resets;      /* resumes answered with reset */
-    int64_t last_wall_ms; /* wallTime of the newest change, INT64_MIN when none */
-} mcd_hub_t;
-
-int mcd_hub_init(mcd_hub_t *hub, mcd_server_t *srv, const mc_stream_config_t *cfg);
-void mcd_hub_cleanup(mcd_hub_t *hub);
-/* Subscribes `conn` (whose sub and transport are set): reset when `since` is not in the
- * history, ready when the stream is open, replay of what follows `since`, then live. */
-int mcd_hub_subscribe(mcd_hub_t *hub, mcd_conn_t *conn, const char *since);
-void mcd_hub_unsubscribe(mcd_conn_t *conn);
-
-/* The fan-out sink type (attached with mc_engine_add_sink; userdata = the server). */
-extern const mc_sink_type_t mcd_fanout_sink_type;
-
-/* ---- The server ------------------------------------------------------------------------------ */
 
 typedef struct mcd_timing {
     uint32_t ping_ms;    /* WebSocket ping interval (25000) */
@@ -186,16 +35,6 @@ typedef struct mcd_timing {
     uint32_t linger_ms;  /* closing connection: time to write and read the peer's close */
     uint32_t tick_ms;    /* housekeeping sweep period */
 } mcd_timing_t;
-
-typedef struct mcd_stats {
-    uint64_t deliveries[3]; /* per transport: messages queued to subscribers */
-    uint64_t fanout_events; /* events the fan-out sink received */
-    uint64_t slow_disconnects;
-    uint64_t accepted;
-    uint64_t refused[6];   /* 400, 401, 403, 404, 503, other */
-    uint64_t queued_bytes; /* sum of conn->queued_bytes */
-    uint32_t conns[3];     /* open connections by transport */
-} mcd_stats_t;
 
 struct mcd_server {
     const mc_config_t *config;
@@ -221,23 +60,16 @@ struct mcd_server {
     char address[80];
     mcd_timing_t timing;
     uint32_t max_subscribers; /* server.max_connections */
-    uint32_t max_conns;       /* table size: subscribers + room for plain HTTP */
-    uint32_t max_queue;       /* server.max_send_queue_bytes */
-    uint32_t n_subscribers;
-    mcd_conn_t **conns;
-    uint32_t n_conns;
-    mcd_conn_t **dirty; /* connections with bytes to write at the end of this pass */
-    uint32_t n_dirty;
-    uint32_t dirty_cap;
-    mcd_hub_t *hubs;
-    size_t n_hubs;
-    mcd_stats_t stats;
-    char *rbuf; /* the one read buffer all connections share */
+    mcd_conn_table_t table;   /* every connection; its size leaves room for plain HTTP */
+    mcd_fanout_t fanout;      /* the streams' hubs */
+    char *rbuf;               /* the one read buffer all connections share */
     size_t rbuf_len;
-    bool rbuf_busy;
+    uint32_t accepts_left; /* connections still accepted in this loop pass */
+    bool accept_waiting;   /* one is left to mcd_listener_pass() */
+    char *metrics_text;    /* /metrics as rendered during the loop pass at metrics_ms */
+    size_t metrics_len;
+    int64_t metrics_ms;
 };
-
-mcd_hub_t *mcd_server_hub(mcd_server_t *srv, const char *stream);
 
 /* A connection's server: its handle's loop is embedded in the server (saves a pointer in
  * every connection). */
@@ -246,16 +78,48 @@ static inline mcd_server_t *mcd_conn_server(const mcd_conn_t *c)
     return (mcd_server_t *)((char *)c->tcp.loop - offsetof(mcd_server_t, loop));
 }
 
-/* ---- SSE (sse.c) ---------------------------------------------------------------------------- */
+/* ---- listener.c ------------------------------------------------------------------------------ */
 
-/* The response head of an SSE stream (status line, headers, blank line, "retry: 2000"). */
-extern const char mcd_sse_preamble[];
-/* The heartbeat comment. */
-#define MCD_SSE_HEARTBEAT ": heartbeat\n\n"
-/* Writes "id: <id>\nevent: <type>\ndata: " for `ev` into a new buffer (*len: its length). */
-char *mcd_sse_head(const mc_event_t *ev, uint32_t *len);
+/* "host:port", "[v6]:port" -> sockaddr. Returns 0 or -1. */
+int mcd_listener_parse(const char *listen, struct sockaddr_storage *ss);
+/* Binds and listens on server.listen (on the owner's thread: the loop does not run yet) and
+ * logs the address. Returns 0 or MC_EIO. */
+int mcd_listener_bind(mcd_server_t *srv, mc_error_t *err);
+/* Once per loop pass (the check phase): a new allowance of accepts, and the connection left
+ * waiting by the last pass. */
+void mcd_listener_pass(mcd_server_t *srv);
 
-/* ---- Metrics (metrics.c) ------------------------------------------------------------------ */
+/* ---- http_routes.c --------------------------------------------------------------------------- */
+
+/* Feeds bytes read on an HTTP connection: requests are answered in order; after an upgrade
+ * the rest goes to the WebSocket session. */
+void mcd_http_input(mcd_conn_t *c, char *data, size_t len);
+/* {"error": message, "code": code} with `status`. Refusals keep the connection open when the
+ * request allowed it (a client may retry with a token on the same connection). */
+void mcd_http_refuse(mcd_conn_t *c, int status, const char *code, const char *message,
+                     bool keep_alive, const char *extra);
+/* Counts a refusal in /metrics (mongocast_refusals_total{status}). */
+void mcd_count_refusal(mcd_stats_t *stats, int status);
+/* Housekeeping of an HTTP connection: request and idle timeouts. */
+void mcd_http_session_tick(mcd_conn_t *c, int64_t now);
+
+/* ---- ws_session.c ---------------------------------------------------------------------------- */
+
+/* Answers 101 and turns `c` into a WebSocket connection. Returns 0, or -1 (closed). */
+int mcd_ws_session_start(mcd_conn_t *c, const char accept_key[29]);
+void mcd_ws_input(mcd_conn_t *c, uint8_t *data, size_t len);
+/* Pings, pong deadline, token expiry. */
+void mcd_ws_session_tick(mcd_conn_t *c, int64_t now, int64_t wall_s);
+
+/* ---- sse_session.c --------------------------------------------------------------------------- */
+
+/* Answers 200 text/event-stream and turns `c` into an SSE connection. Returns 0, or -1
+ * (closed). */
+int mcd_sse_session_start(mcd_conn_t *c, const char *origin);
+/* Heartbeat comments, token expiry. */
+void mcd_sse_session_tick(mcd_conn_t *c, int64_t now, int64_t wall_s);
+
+/* ---- metrics.c ------------------------------------------------------------------------------- */
 
 /* Renders the Prometheus text exposition into a new buffer (*len: its length). */
 char *mcd_metrics_render(mcd_server_t *srv, size_t *len);

@@ -4,7 +4,7 @@
  * Each message is "id: <event id>\nevent: <type>\ndata: <json>\n\n"; control messages that
  * have no id (ready, reset, error) omit the id line so that a browser's Last-Event-ID keeps
  * naming the last change it saw. The stream starts with "retry: 2000" and a comment line is
- * sent as heartbeat. The head of a message is built once per event (fanout.c caches it).
+ * sent as heartbeat. The head of a message is built once per event (msg.c caches it).
  *
  * Thread: any (pure functions, constant data).
  */
@@ -12,7 +12,9 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "server_internal.h"
+#include "sse.h"
+
+#include "json_object.h"
 
 const char mcd_sse_preamble[] = "HTTP/1.1 200 OK\r\n"
                                 "Content-Type: text/event-stream\r\n"
@@ -22,10 +24,12 @@ const char mcd_sse_preamble[] = "HTTP/1.1 200 OK\r\n"
                                 "\r\n"
                                 "retry: 2000\n\n";
 
-char *mcd_sse_head(const mc_event_t *ev, uint32_t *len)
+char *mcd_sse_head(const mc_event_t *ev, const char *type, uint32_t *len)
 {
     const char *id = mc_event_id(ev);
-    const char *type = mc_event_kind_name(mc_event_kind(ev));
+    if (!type) {
+        type = mc_event_kind_name(mc_event_kind(ev));
+    }
     /* Event ids are hex resume tokens; anything with a line break could end the field. */
     if (id && strpbrk(id, "\r\n")) {
         id = NULL;
@@ -47,4 +51,24 @@ char *mcd_sse_head(const mc_event_t *ev, uint32_t *len)
     }
     *len = (uint32_t)n;
     return out;
+}
+
+size_t mcd_sse_error_event(char *out, size_t cap, const char *stream, const char *code,
+                           const char *reason)
+{
+    size_t n = 0;
+    int w = snprintf(out, cap, "event: error\ndata: {\"type\":\"error\",\"stream\":\"");
+    if (w < 0 || (size_t)w >= cap || cap < 64) {
+        return 0;
+    }
+    n = (size_t)w;
+    /* Escaped JSON never holds a raw line break, so the data stays one line. */
+    mcd_json_escape(out, cap - 48, &n, stream);
+    n += (size_t)snprintf(out + n, cap - n, "\",\"code\":\"%s\",\"reason\":\"", code);
+    mcd_json_escape(out, cap - 8, &n, reason);
+    w = snprintf(out + n, cap - n, "\"}\n\n");
+    if (w < 0 || (size_t)w >= cap - n) {
+        return 0;
+    }
+    return n + (size_t)w;
 }

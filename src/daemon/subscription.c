@@ -8,9 +8,9 @@
  *
  * Invariants:
  *   - everything a subscriber sends is parsed, validated and compiled here, once, before
- *     the upgrade; mcd_subscription_view() only reads compiled filters and allocates nothing
- *     (POSIX regexec may allocate internally for $regex, and a config stage's $expr when it
- *     builds a string or crosses an array);
+ *     the upgrade; deciding a view only reads compiled filters and allocates nothing (a
+ *     regex's backtracking past its stack arena excepted, and a config stage's $expr when it
+ *     builds a string or crosses an array), within the caller's CPU budget;
  *   - a subscription keeps no pointer into the stream config (a reload may replace it);
  *   - fail closed: a subscriber that is neither authenticated nor on a public stream (or on
  *     a server without auth) is refused here too, even though mcd_auth_subscriber() already
@@ -416,7 +416,9 @@ void mcd_subscription_destroy(mcd_subscription_t *sub)
     free(sub);
 }
 
-mc_event_view_t mcd_subscription_view(const mcd_subscription_t *sub, const mc_event_t *ev)
+/* The view `sub` gets of `ev` (mc_event_view_t), or -1 when the budget `b` (may be NULL) ran
+ * out or a regex hit a limit. */
+static int view_of(const mcd_subscription_t *sub, const mc_event_t *ev, mc_filter_budget_t *b)
 {
     if (!sub || !ev) {
         return MC_EVENT_VIEW_NONE;
@@ -443,19 +445,32 @@ mc_event_view_t mcd_subscription_view(const mcd_subscription_t *sub, const mc_ev
         return MC_EVENT_VIEW_NONE;
     }
     for (size_t i = 0; i < sub->n_local; i++) {
-        if (!mc_filter_match(sub->local[i], change)) {
-            return MC_EVENT_VIEW_NONE;
+        if (!(b ? mc_filter_match_budget(sub->local[i], change, b)
+                : mc_filter_match(sub->local[i], change))) {
+            return b && b->exceeded ? -1 : MC_EVENT_VIEW_NONE;
         }
     }
-    if (sub->client && !mc_filter_match(sub->client, change)) {
-        return MC_EVENT_VIEW_NONE;
+    if (sub->client && !(b ? mc_filter_match_budget(sub->client, change, b)
+                           : mc_filter_match(sub->client, change))) {
+        return b && b->exceeded ? -1 : MC_EVENT_VIEW_NONE;
     }
     return view;
 }
 
 bool mcd_subscription_match(const mcd_subscription_t *sub, const mc_event_t *ev)
 {
-    return mcd_subscription_view(sub, ev) != MC_EVENT_VIEW_NONE;
+    return view_of(sub, ev, NULL) != MC_EVENT_VIEW_NONE;
+}
+
+mc_event_view_t mcd_subscription_view(const mcd_subscription_t *sub, const mc_event_t *ev)
+{
+    return (mc_event_view_t)view_of(sub, ev, NULL);
+}
+
+int mcd_subscription_view_budget(const mcd_subscription_t *sub, const mc_event_t *ev,
+                                 mc_filter_budget_t *budget)
+{
+    return view_of(sub, ev, budget);
 }
 
 bool mcd_subscription_matches_all(const mcd_subscription_t *sub)

@@ -14,7 +14,7 @@
  *      and may use $expr, where a bound value is always a literal);
  *   3. the subscriber's `filter` (a JSON MongoDB query over the change event, when the stream
  *      allows client filters; $where $function $accumulator $expr refused; bounded in size
- *      and depth).
+ *      and depth, and in CPU time per event by mcd_subscription_view_budget()).
  * Control events (ready, invalidate, reset) always pass. Filters (2 and 3) are evaluated on
  * the change the subscriber's view carries, and not at all for a "left" notice.
  *
@@ -29,6 +29,7 @@
 #include "auth.h"
 #include "mongocast/config.h"
 #include "mongocast/event.h"
+#include "mongocast/filter.h"
 #include "refusal.h"
 
 #define MCD_FILTER_MAX_BYTES 16384
@@ -44,11 +45,20 @@ mcd_subscription_t *mcd_subscription_new(const mc_stream_config_t *stream, const
                                          mcd_refusal_t *r);
 void mcd_subscription_destroy(mcd_subscription_t *sub);
 
-/* What this subscriber receives of `ev` (MC_EVENT_VIEW_NONE: nothing). Never fails. */
+/* What this subscriber receives of `ev` (MC_EVENT_VIEW_NONE: nothing). Never fails; a filter
+ * past its regex limits counts as not matching. */
 mc_event_view_t mcd_subscription_view(const mcd_subscription_t *sub, const mc_event_t *ev);
 
 /* mcd_subscription_view() != MC_EVENT_VIEW_NONE. */
 bool mcd_subscription_match(const mcd_subscription_t *sub, const mc_event_t *ev);
+
+/* mcd_subscription_view() within `budget` (mongocast/filter.h), which the subscriber's $var
+ * stages and filter share: the view (an mc_event_view_t, MC_EVENT_VIEW_NONE when nothing), or
+ * -1 when the budget ran out or a regex hit a limit (budget->reason says which). A "left"
+ * notice evaluates no filter and costs nothing. A budget may span several events (a resume's
+ * replay). */
+int mcd_subscription_view_budget(const mcd_subscription_t *sub, const mc_event_t *ev,
+                                 mc_filter_budget_t *budget);
 
 /* True when the subscription has no condition at all (no recipient restriction, no $var
  * stage, no client filter): mcd_subscription_view() is then MC_EVENT_VIEW_FULL for every

@@ -41,6 +41,7 @@
 #define MCD_WS_CLOSE_INTERNAL 1011
 #define MCD_WS_CLOSE_RESTART 1012
 #define MCD_WS_CLOSE_SLOW 4002
+#define MCD_WS_CLOSE_FILTER 4003        /* the subscriber's filter ran out of CPU budget */
 #define MCD_WS_CLOSE_STREAM_FAILED 4010 /* after an error message: the stream failed */
 
 #define MCD_WS_MAX_CONTROL 125

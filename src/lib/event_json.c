@@ -10,14 +10,35 @@
  * so consumers and the golden fixtures see no difference. Where libbson would refuse the
  * message (invalid UTF-8 in the change or the recipient), the message still goes out with
  * "change": null and an "error" field rather than being lost silently; only a stream name or
- * id libbson could not render yields NULL, as before.
+ * id libbson could not render yields NULL, as before. The `oversize` notice that stands in for
+ * a message too big to send (mc_event_oversize_json, and per routing view
+ * mc_event_oversize_json_view) is rendered here too, per call, in the same style.
  */
+#include <stdio.h>
+
 #include "engine_private.h"
 #include "json_writer.h"
 
 static void put_field_string(mc__json_buf_t *b, const char *s)
 {
     mc__json_write_string(b, s, strlen(s));
+}
+
+/* `, "recipient" : R` on streams with a recipient path (R: the identity's JSON, or null). */
+static void put_recipient(mc__json_buf_t *b, const mc_event_t *ev)
+{
+    if (!mc__event_recipient_configured(ev)) {
+        return;
+    }
+    size_t len = 0;
+    const char *recipient = mc__event_recipient_json(ev, &len);
+    MC__JSON_LIT(b, ", \"recipient\" : ");
+    if (recipient) {
+        /* Already JSON: the identity's canonical spelling (identity.c). */
+        mc__json_buf_append(b, recipient, len);
+    } else {
+        MC__JSON_LIT(b, "null");
+    }
 }
 
 /* The fallback when the change cannot be rendered: the message without a recipient. */
@@ -41,7 +62,7 @@ static char *render_change_message(const mc_event_t *ev, const bson_t *change, b
     const char *stream = mc_event_stream(ev);
     const char *id = mc_event_id(ev);
     size_t recipient_len = 0;
-    const char *recipient = mc__event_recipient_json(ev, &recipient_len);
+    mc__event_recipient_json(ev, &recipient_len);
     if (!change || !id) {
         return NULL; /* a change event always has both (mc_event_new_change checks) */
     }
@@ -55,15 +76,7 @@ static char *render_change_message(const mc_event_t *ev, const bson_t *change, b
     mc__json_write_string(&b, stream, stream_len);
     MC__JSON_LIT(&b, ", \"id\" : ");
     mc__json_write_string(&b, id, id_len);
-    if (mc__event_recipient_configured(ev)) {
-        MC__JSON_LIT(&b, ", \"recipient\" : ");
-        if (recipient) {
-            /* Already JSON: the identity's canonical spelling (identity.c). */
-            mc__json_buf_append(&b, recipient, recipient_len);
-        } else {
-            MC__JSON_LIT(&b, "null");
-        }
-    }
+    put_recipient(&b, ev);
     if (entered) {
         MC__JSON_LIT(&b, ", \"entered\" : true");
     }
@@ -140,4 +153,81 @@ char *mc__event_render_raw(const mc_event_t *ev, size_t *len)
         return NULL;
     }
     return mc__json_render(change, MC__JSON_CANONICAL, 0, len, NULL);
+}
+
+/* A documentKey longer than this (a huge _id or shard key) is left out of the notice, which
+ * must stay small whatever the event. */
+#define OVERSIZE_KEY_MAX 4096
+
+static void put_size_limit(mc__json_buf_t *b, size_t size, size_t limit)
+{
+    char num[64];
+    int n = snprintf(num, sizeof(num), ", \"size\" : %zu, \"limit\" : %zu }", size, limit);
+    mc__json_buf_append(b, num, (size_t)n);
+}
+
+char *mc_event_oversize_json(const mc_event_t *ev, size_t size, size_t limit, size_t *len)
+{
+    return mc_event_oversize_json_view(ev, MC_EVENT_VIEW_FULL, size, limit, len);
+}
+
+char *mc_event_oversize_json_view(const mc_event_t *ev, mc_event_view_t view, size_t size,
+                                  size_t limit, size_t *len)
+{
+    if (!ev || mc_event_kind(ev) != MC_EVENT_CHANGE || !mc_event_id(ev) ||
+        !mc_event_change_view(ev, view == MC_EVENT_VIEW_LEFT ? MC_EVENT_VIEW_FULL : view)) {
+        return NULL;
+    }
+    mc__json_buf_t b;
+    mc__json_buf_init(&b, 512, 0);
+    if (view == MC_EVENT_VIEW_LEFT) {
+        /* Only an _id too big for the limit makes a left notice oversize: it goes without. */
+        MC__JSON_LIT(&b, "{ \"type\" : \"left\", \"stream\" : ");
+        put_field_string(&b, mc_event_stream(ev));
+        MC__JSON_LIT(&b, ", \"_id\" : null");
+        put_size_limit(&b, size, limit);
+        return mc__json_buf_steal(&b, len);
+    }
+    const char *op = mc_event_operation_type(ev);
+    const char *db = mc_event_db(ev);
+    const char *coll = mc_event_coll(ev);
+    const bson_t *key = mc_event_document_key(ev);
+    MC__JSON_LIT(&b, "{ \"type\" : \"oversize\", \"stream\" : ");
+    put_field_string(&b, mc_event_stream(ev));
+    MC__JSON_LIT(&b, ", \"id\" : ");
+    put_field_string(&b, mc_event_id(ev));
+    put_recipient(&b, ev);
+    if (view == MC_EVENT_VIEW_ENTERED) {
+        MC__JSON_LIT(&b, ", \"entered\" : true");
+    }
+    MC__JSON_LIT(&b, ", \"operationType\" : ");
+    if (op) {
+        put_field_string(&b, op);
+    } else {
+        MC__JSON_LIT(&b, "null");
+    }
+    MC__JSON_LIT(&b, ", \"ns\" : ");
+    if (db) {
+        MC__JSON_LIT(&b, "{ \"db\" : ");
+        put_field_string(&b, db);
+        if (coll) {
+            MC__JSON_LIT(&b, ", \"coll\" : ");
+            put_field_string(&b, coll);
+        }
+        MC__JSON_LIT(&b, " }");
+    } else {
+        MC__JSON_LIT(&b, "null");
+    }
+    MC__JSON_LIT(&b, ", \"documentKey\" : ");
+    size_t before = b.len;
+    if (key) {
+        mc__json_write_embedded(&b, key, MC__JSON_RELAXED, 0);
+    }
+    if (!key || b.err != MC__JSON_OK || b.len - before > OVERSIZE_KEY_MAX) {
+        b.len = before;
+        b.err = MC__JSON_OK;
+        MC__JSON_LIT(&b, "null");
+    }
+    put_size_limit(&b, size, limit);
+    return mc__json_buf_steal(&b, len);
 }

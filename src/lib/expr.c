@@ -600,22 +600,40 @@ int mc__expr_compile(mc__xprog_t *prog, const bson_value_t *spec, int depth, mc_
 typedef struct ectx {
     const mc__xprog_t *prog;
     bson_value_t root;
+    const mc__xstep_t *steps; /* the caller's budget, or NULL */
     mc_error_t *err;
 } ectx_t;
 
 static int eval(const ectx_t *c, const mc__xnode_t *n, mc__xval_t *out);
 
-static bool find_field(const bson_value_t *doc, const char *key, uint32_t klen, bson_iter_t *it)
+/* Reports `units` of work (a node evaluated, a field or an array element visited) to the
+ * caller's budget; MC_ELIMIT once it has run out. */
+static int xstep(const ectx_t *c, uint32_t units)
+{
+    if (c->steps && !c->steps->step(c->steps->ctx, units)) {
+        return mc_error_set(c->err, MC_ELIMIT, MC_DOMAIN_MONGOCAST, MC_ELIMIT,
+                            "expression evaluation budget exhausted");
+    }
+    return 0;
+}
+
+/* 1 found, 0 not found, <0 the budget ran out. */
+static int find_field(const ectx_t *c, const bson_value_t *doc, const char *key, uint32_t klen,
+                      bson_iter_t *it)
 {
     if (!mc__bson_iter_init_safe(it, doc->value.v_doc.data, doc->value.v_doc.data_len)) {
-        return false;
+        return 0;
     }
     while (bson_iter_next(it)) {
+        int rc = xstep(c, 1);
+        if (rc < 0) {
+            return rc;
+        }
         if (bson_iter_key_len(it) == klen && memcmp(bson_iter_key(it), key, klen) == 0) {
-            return true;
+            return 1;
         }
     }
-    return false;
+    return 0;
 }
 
 /* Aggregation field-path semantics (MongoDB's ExpressionFieldPath): through an array, the
@@ -632,9 +650,10 @@ static int path_get(const ectx_t *c, const mc__xnode_t *n, const bson_value_t *v
         return 0;
     }
     if (v->value_type == BSON_TYPE_DOCUMENT) {
-        if (!find_field(v, n->comp[ci], n->comp_len[ci], &it)) {
+        int found = find_field(c, v, n->comp[ci], n->comp_len[ci], &it);
+        if (found <= 0) {
             xv_missing(out);
-            return 0;
+            return found;
         }
         return path_get(c, n, bson_iter_value(&it), ci + 1, out);
     }
@@ -647,11 +666,16 @@ static int path_get(const ectx_t *c, const mc__xnode_t *n, const bson_value_t *v
     if (mc__bson_iter_init_safe(&it, v->value.v_doc.data, v->value.v_doc.data_len)) {
         while (bson_iter_next(&it)) {
             const bson_value_t *e = bson_iter_value(&it);
+            int rc = xstep(c, 1);
+            if (rc < 0) {
+                bson_destroy(&arr);
+                return rc;
+            }
             if (e->value_type != BSON_TYPE_DOCUMENT) {
                 continue;
             }
             mc__xval_t r;
-            int rc = path_get(c, n, e, ci, &r);
+            rc = path_get(c, n, e, ci, &r);
             if (rc < 0) {
                 bson_destroy(&arr);
                 return rc;
@@ -1003,6 +1027,10 @@ static int eval_in(const ectx_t *c, const mc__xval_t *needle, const mc__xval_t *
     bool found = false;
     if (mc__bson_iter_init_safe(&it, arr->v.value.v_doc.data, arr->v.value.v_doc.data_len)) {
         while (!found && bson_iter_next(&it)) {
+            int rc = xstep(c, 1);
+            if (rc < 0) {
+                return rc;
+            }
             found = mc_bson_value_compare(&needle->v, bson_iter_value(&it)) == 0;
         }
     }
@@ -1021,6 +1049,10 @@ static int eval_size(const ectx_t *c, const mc__xval_t *a, mc__xval_t *out)
     int32_t n = 0;
     if (mc__bson_iter_init_safe(&it, a->v.value.v_doc.data, a->v.value.v_doc.data_len)) {
         while (bson_iter_next(&it)) {
+            int rc = xstep(c, 1);
+            if (rc < 0) {
+                return rc;
+            }
             n++;
         }
     }
@@ -1099,6 +1131,10 @@ static int eval_strict(const ectx_t *c, const mc__xnode_t *n, mc__xval_t *out)
 static int eval(const ectx_t *c, const mc__xnode_t *n, mc__xval_t *out)
 {
     xv_missing(out);
+    int src = xstep(c, 1);
+    if (src < 0) {
+        return src;
+    }
     switch (n->op) {
     case X_CONST: xv_view(out, &n->cval); return 0;
     case X_REMOVE: return 0;
@@ -1153,7 +1189,14 @@ static int eval(const ectx_t *c, const mc__xnode_t *n, mc__xval_t *out)
 int mc__expr_eval(const mc__xprog_t *prog, const mc__xnode_t *n, const uint8_t *root,
                   uint32_t root_len, mc__xval_t *out, mc_error_t *err)
 {
-    ectx_t c = {.prog = prog, .err = err};
+    return mc__expr_eval_steps(prog, n, root, root_len, NULL, out, err);
+}
+
+int mc__expr_eval_steps(const mc__xprog_t *prog, const mc__xnode_t *n, const uint8_t *root,
+                        uint32_t root_len, const mc__xstep_t *steps, mc__xval_t *out,
+                        mc_error_t *err)
+{
+    ectx_t c = {.prog = prog, .steps = steps, .err = err};
     c.root.value_type = BSON_TYPE_DOCUMENT;
     c.root.value.v_doc.data = (uint8_t *)root;
     c.root.value.v_doc.data_len = root_len;

@@ -55,6 +55,20 @@ int mc__expr_compile(mc__xprog_t *prog, const bson_value_t *spec, int depth, mc_
 int mc__expr_eval(const mc__xprog_t *prog, const mc__xnode_t *n, const uint8_t *root,
                   uint32_t root_len, mc__xval_t *out, mc_error_t *err);
 
+/* A cost budget for one evaluation: step(ctx, units) is called with the work done (one unit
+ * per node evaluated and per field or array element visited); when it returns false the
+ * evaluation stops with MC_ELIMIT ("expression evaluation budget exhausted"). The matcher
+ * passes its mc_filter_budget_t this way, so a $expr counts against a subscriber's budget. */
+typedef struct mc__xstep {
+    bool (*step)(void *ctx, uint32_t units);
+    void *ctx;
+} mc__xstep_t;
+
+/* mc__expr_eval() within `steps` (NULL: no budget). */
+int mc__expr_eval_steps(const mc__xprog_t *prog, const mc__xnode_t *n, const uint8_t *root,
+                        uint32_t root_len, const mc__xstep_t *steps, mc__xval_t *out,
+                        mc_error_t *err);
+
 /* mc_error_set(err, MC_EINVAL, MC_DOMAIN_MONGODB, cause, ...): a MongoDB error with its code. */
 int mc__expr_fail(mc_error_t *err, int cause, const char *fmt, ...)
 #if defined(__GNUC__)

@@ -8,8 +8,8 @@
  * Design:
  *  - Compilation first copies the query while replacing {$var: name} placeholders (and
  *    enforcing max_depth), then parses the copy into a tree. Operand values are bson_value_t
- *    views into that private copy, so matching allocates nothing (POSIX regexec may allocate
- *    internally).
+ *    views into that private copy, so matching allocates nothing (except regex backtracking
+ *    memory beyond the stack arena, see below).
  *  - Doc-level nodes (AND/OR/NOR/NOT/PATH) are evaluated against a document; predicate nodes
  *    (EQ, GT, IN, REGEX, ...) against a single value or "missing". A PATH node walks a dotted
  *    path with MongoDB's array rules: a non-numeric component applied to an array is applied to
@@ -22,16 +22,23 @@
  *  - Comparisons bracket types: $gt/$gte/$lt/$lte only match values of the operand's canonical
  *    type class (MinKey/MaxKey operands excepted); NaN only equals NaN; null equality matches
  *    missing fields ($gte/$lte null too); undefined is not null (MongoDB 6.0+).
- *  - Regexes use POSIX <regex.h> (ERE) after a small translation of the PCRE syntax MongoDB
- *    accepts: \d \D \s \S \w \W, \n \t \r \f \v, (?:...), and the options i m s x ('.' does not
- *    match a newline unless s, like PCRE). Not supported (the filter fails to compile with
- *    "Regular expression is invalid"): lookaround, backreferences, inline flags (?i), \] and
- *    \- inside a bracket expression. Nested repetition counts are capped so that a hostile
- *    pattern cannot make regcomp build a huge automaton.
+ *  - Regexes are PCRE2 patterns compiled once (UTF-8, PCRE2_MATCH_INVALID_UTF so that any
+ *    subject is safe, PCRE2_AUTO_CALLOUT so that matching reports its progress). PCRE2's match
+ *    limit applies per start position, so on a long subject it does not bound the total work;
+ *    the callout counts every backtracking step of the whole call and stops it when the
+ *    evaluation's budget (or, without one, RX_MAX_STEPS) runs out. Backtracking memory comes
+ *    from a 32 KiB arena on the evaluating thread's stack and is bounded by the heap limit;
+ *    whatever had to come from the heap is freed when the evaluation ends.
+ *  - Cost: every loop of the evaluation adds units to the budget; every UNITS_PER_CHECK units
+ *    (and every CALLOUTS_PER_CHECK regex steps) the thread's CPU clock is compared with the
+ *    budget. Once exceeded, every function returns false at once (NOT/NOR results are then
+ *    meaningless and the caller discards them).
  *  - $expr compiles its aggregation expression (expr.c) into filter->xprog and matches when
  *    the value is truthy; it is refused inside $elemMatch (MongoDB: top-level document only).
  *    An evaluation error (e.g. $add on a string) makes the document not match; the pipeline
- *    stages use mc__filter_eval() to report it instead.
+ *    stages use mc__filter_eval() to report it instead. The expression's evaluation steps
+ *    (nodes evaluated, fields and array elements visited) go to the same budget through
+ *    expr_step(), so an expensive $expr stops like an expensive regex.
  * Invariants: a compiled filter never changes; every node belongs to filter->nodes and is
  * freed from there, never recursively.
  */
@@ -40,16 +47,25 @@
 #include "bson_util.h"
 #include "expr_private.h"
 
+#define PCRE2_CODE_UNIT_WIDTH 8
 #include <math.h>
-#include <regex.h>
+#include <pcre2.h>
+#include <stdalign.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #define DEFAULT_MAX_DEPTH 64
 #define MAX_PATH_COMPONENTS 128
 #define MAX_REGEX_LEN 8192
-#define MAX_REGEX_WEIGHT 20000
-#define MAX_REGEX_GROUPS 64
+#define MAX_REGEX_NEST 64       /* parentheses nesting */
+#define RX_MATCH_LIMIT 1000000  /* PCRE2 match() calls per start position */
+#define RX_DEPTH_LIMIT 100000   /* PCRE2 backtracking depth */
+#define RX_HEAP_LIMIT_KIB 16384 /* PCRE2 backtracking memory */
+#define RX_MAX_STEPS 10000000   /* regex steps per call without a CPU budget */
+#define RX_ARENA_SIZE 32768     /* PCRE2 contexts + the first backtracking frames */
+#define UNITS_PER_CHECK 4096    /* evaluation steps between CPU clock readings */
+#define CALLOUTS_PER_CHECK 1024 /* regex steps between CPU clock readings */
 #define BAD_VALUE 2
 #define REGEX_INVALID 51091
 
@@ -83,11 +99,32 @@ typedef enum node_kind {
 } node_kind_t;
 
 typedef struct rx {
-    regex_t re;
-    bool compiled;
+    pcre2_code *code;
     const char *pattern; /* borrowed from the query copy: used to match BSON regex values */
     char flags[8];
 } rx_t;
+
+/* The state of one evaluation (mc_filter_match_budget): its budget, the first $expr error
+ * and, once a regex ran, the PCRE2 match context and match data, allocated from `arena` (on
+ * the caller's stack). */
+typedef struct eval {
+    mc_filter_budget_t *b;
+    bool stop;         /* the budget ran out: unwind */
+    bool strict;       /* a regex limit stops the evaluation (else: no match) */
+    bool rx_ready;     /* gc, mc, md are set up */
+    uint32_t callouts; /* regex steps since the last clock reading */
+    bool failed;       /* a $expr evaluation failed: the document does not match */
+    const mc__xprog_t *xprog;
+    mc_error_t *err; /* receives the first $expr evaluation error, or NULL */
+    pcre2_general_context *gc;
+    pcre2_match_context *mc;
+    pcre2_match_data *md;
+    size_t arena_used;
+    union {
+        max_align_t align;
+        unsigned char bytes[RX_ARENA_SIZE];
+    } arena;
+} eval_t;
 
 typedef struct node node_t;
 struct node {
@@ -217,314 +254,21 @@ static node_t *pred_new(parse_ctx_t *c, node_kind_t kind)
     return node_new(c, kind);
 }
 
-/* ---------------------------------------------------------------- regex translation */
-
-typedef struct sbuf {
-    char *p;
-    size_t len, cap;
-    bool failed;
-} sbuf_t;
-
-static void sb_putn(sbuf_t *b, const char *s, size_t n)
-{
-    if (b->failed) {
-        return;
-    }
-    if (!grow((void **)&b->p, &b->cap, b->len + n + 1, 1)) {
-        b->failed = true;
-        return;
-    }
-    memcpy(b->p + b->len, s, n);
-    b->len += n;
-    b->p[b->len] = '\0';
-}
-
-static void sb_puts(sbuf_t *b, const char *s)
-{
-    sb_putn(b, s, strlen(s));
-}
-
-/* Reads a {m,n} quantifier at s[i] == '{'; returns its upper bound (m+1 for {m,}) or -1 when
- * it is not a valid quantifier (then '{' is a literal, as in PCRE). */
-static long quantifier_bound(const char *s, size_t len, size_t i, size_t *end)
-{
-    size_t j = i + 1;
-    long lo = -1, hi = -1;
-    long v = 0;
-    bool digits = false;
-    while (j < len && s[j] >= '0' && s[j] <= '9') {
-        v = v * 10 + (s[j] - '0');
-        if (v > 100000) {
-            v = 100000;
-        }
-        digits = true;
-        j++;
-    }
-    if (!digits) {
-        return -1;
-    }
-    lo = v;
-    if (j < len && s[j] == ',') {
-        j++;
-        v = 0;
-        digits = false;
-        while (j < len && s[j] >= '0' && s[j] <= '9') {
-            v = v * 10 + (s[j] - '0');
-            if (v > 100000) {
-                v = 100000;
-            }
-            digits = true;
-            j++;
-        }
-        hi = digits ? v : lo + 1;
-    } else {
-        hi = lo;
-    }
-    if (j >= len || s[j] != '}') {
-        return -1;
-    }
-    *end = j;
-    return hi > lo ? hi : lo;
-}
-
-/* Translates MongoDB's (PCRE) regex syntax into a POSIX ERE; see the file header. */
-#define ATOM(w)                                                                                    \
-    do {                                                                                           \
-        long w_ = (w);                                                                             \
-        sum[d] += w_;                                                                              \
-        last[d] = w_;                                                                              \
-        quants = 0;                                                                                \
-        if (sum[d] > MAX_REGEX_WEIGHT) {                                                           \
-            return mc_error_set(c->err, MC_EINVAL, MC_DOMAIN_MONGODB, REGEX_INVALID,               \
-                                "Regular expression is invalid: pattern too complex");             \
-        }                                                                                          \
-    } while (0)
-/* Multiplies the weight of the last atom by a repetition count. */
-#define REPEAT(f) repeat_atom(c, sum, last, d, (f))
-
-static int repeat_atom(parse_ctx_t *c, long *sum, long *last, size_t d, long f)
-{
-    if (last[d] > MAX_REGEX_WEIGHT / f) {
-        return mc_error_set(c->err, MC_EINVAL, MC_DOMAIN_MONGODB, REGEX_INVALID,
-                            "Regular expression is invalid: repetition counts too large");
-    }
-    long grown = last[d] * f;
-    sum[d] += grown - last[d];
-    last[d] = grown;
-    if (sum[d] > MAX_REGEX_WEIGHT) {
-        return mc_error_set(c->err, MC_EINVAL, MC_DOMAIN_MONGODB, REGEX_INVALID,
-                            "Regular expression is invalid: repetition counts too large");
-    }
-    return 0;
-}
-
-static int translate_regex(parse_ctx_t *c, const char *pat, size_t len, bool dotall, bool multiline,
-                           bool extended, sbuf_t *out)
-{
-    bool in_bracket = false;
-    size_t bracket_start = 0;
-    /* glibc's regcomp copies a repeated sub-expression once per repetition ('+' and {m,n}), so
-     * nested repetitions multiply. Track an estimate of that size per group level and refuse
-     * patterns beyond MAX_REGEX_WEIGHT. */
-    long sum[MAX_REGEX_GROUPS + 1], last[MAX_REGEX_GROUPS + 1];
-    size_t d = 0;
-    int quants = 0; /* quantifiers directly after the current atom */
-    sum[0] = last[0] = 0;
-    for (size_t i = 0; i < len; i++) {
-        char ch = pat[i];
-        if (in_bracket) {
-            if (ch == ']' && i != bracket_start + 1 &&
-                !(i == bracket_start + 2 && pat[bracket_start + 1] == '^')) {
-                in_bracket = false;
-                sb_putn(out, &ch, 1);
-                ATOM(1);
-            } else if (ch == '\\' && i + 1 < len) {
-                char e = pat[++i];
-                switch (e) {
-                case 'd': sb_puts(out, "0-9"); break;
-                case 's': sb_puts(out, "[:space:]"); break;
-                case 'w': sb_puts(out, "[:alnum:]_"); break;
-                case 'n': sb_puts(out, "\n"); break;
-                case 't': sb_puts(out, "\t"); break;
-                case 'r': sb_puts(out, "\r"); break;
-                case ']':
-                case '-':
-                case 'D':
-                case 'S':
-                case 'W':
-                    return mc_error_set(c->err, MC_EINVAL, MC_DOMAIN_MONGODB, REGEX_INVALID,
-                                        "Regular expression is invalid: \\%c inside [] is not "
-                                        "supported",
-                                        e);
-                default: sb_putn(out, &e, 1); break;
-                }
-            } else {
-                sb_putn(out, &ch, 1);
-            }
-            continue;
-        }
-        if (extended &&
-            (ch == ' ' || ch == '\t' || ch == '\n' || ch == '\r' || ch == '\f' || ch == '\v')) {
-            continue;
-        }
-        if (extended && ch == '#') {
-            while (i < len && pat[i] != '\n') {
-                i++;
-            }
-            continue;
-        }
-        if (ch == '*' || ch == '+' || ch == '?') {
-            if (quants == 1 && ch != '*') {
-                quants = 2; /* PCRE's lazy (x+?) and possessive (x++) forms match the same */
-                continue;   /* strings as x+, so the modifier is dropped */
-            }
-            if (quants > 1 || last[d] == 0) {
-                return mc_error_set(c->err, MC_EINVAL, MC_DOMAIN_MONGODB, REGEX_INVALID,
-                                    "Regular expression is invalid: nothing to repeat");
-            }
-            quants++;
-            if (ch == '+' && REPEAT(2) < 0) {
-                return MC_EINVAL;
-            }
-            sb_putn(out, &ch, 1);
-            continue;
-        }
-        switch (ch) {
-        case '[':
-            in_bracket = true;
-            bracket_start = i;
-            sb_putn(out, &ch, 1);
-            break;
-        case '|':
-            last[d] = 0;
-            quants = 0;
-            sb_putn(out, &ch, 1);
-            break;
-        case ')':
-            if (d > 0) {
-                long w = sum[d] > 0 ? sum[d] : 1;
-                d--;
-                ATOM(w);
-            } else {
-                ATOM(1);
-            }
-            sb_putn(out, &ch, 1);
-            break;
-        case '.':
-            if (!dotall) {
-                sb_puts(out, "[^\n]");
-            } else if (multiline) {
-                sb_puts(out, "(.|\n)"); /* REG_NEWLINE would otherwise exclude \n from '.' */
-            } else {
-                sb_putn(out, &ch, 1);
-            }
-            ATOM(1);
-            break;
-        case '(':
-            if (i + 2 < len && pat[i + 1] == '?' && pat[i + 2] == ':') {
-                i += 2;
-            } else if (i + 1 < len && pat[i + 1] == '?') {
-                return mc_error_set(c->err, MC_EINVAL, MC_DOMAIN_MONGODB, REGEX_INVALID,
-                                    "Regular expression is invalid: (? groups other than (?:) "
-                                    "are not supported");
-            }
-            if (d == MAX_REGEX_GROUPS) {
-                return mc_error_set(c->err, MC_EINVAL, MC_DOMAIN_MONGODB, REGEX_INVALID,
-                                    "Regular expression is invalid: groups nested too deeply");
-            }
-            d++;
-            sum[d] = last[d] = 0;
-            quants = 0;
-            sb_putn(out, "(", 1);
-            break;
-        case '{': {
-            size_t end = i;
-            long hi = quantifier_bound(pat, len, i, &end);
-            if (hi < 0) {
-                sb_puts(out, "\\{");
-                ATOM(1);
-                break;
-            }
-            if (quants > 0 || last[d] == 0) {
-                return mc_error_set(c->err, MC_EINVAL, MC_DOMAIN_MONGODB, REGEX_INVALID,
-                                    "Regular expression is invalid: nothing to repeat");
-            }
-            quants++;
-            if (REPEAT(hi > 0 ? hi : 1) < 0) {
-                return MC_EINVAL;
-            }
-            sb_putn(out, pat + i, end - i + 1);
-            i = end;
-            break;
-        }
-        case '\\': {
-            if (i + 1 >= len) {
-                return mc_error_set(c->err, MC_EINVAL, MC_DOMAIN_MONGODB, REGEX_INVALID,
-                                    "Regular expression is invalid: \\ at end of pattern");
-            }
-            char e = pat[++i];
-            switch (e) {
-            case 'd': sb_puts(out, "[0-9]"); break;
-            case 'D': sb_puts(out, "[^0-9]"); break;
-            case 's': sb_puts(out, "[[:space:]]"); break;
-            case 'S': sb_puts(out, "[^[:space:]]"); break;
-            case 'w': sb_puts(out, "[[:alnum:]_]"); break;
-            case 'W': sb_puts(out, "[^[:alnum:]_]"); break;
-            case 'n': sb_puts(out, "\n"); break;
-            case 't': sb_puts(out, "\t"); break;
-            case 'r': sb_puts(out, "\r"); break;
-            case 'f': sb_puts(out, "\f"); break;
-            case 'v': sb_puts(out, "\v"); break;
-            case 'b':
-            case 'B': sb_putn(out, pat + i - 1, 2); break;
-            case 'A': sb_puts(out, "^"); break;
-            case 'z':
-            case 'Z': sb_puts(out, "$"); break;
-            default:
-                if ((e >= '0' && e <= '9') || (e >= 'a' && e <= 'z') || (e >= 'A' && e <= 'Z')) {
-                    return mc_error_set(c->err, MC_EINVAL, MC_DOMAIN_MONGODB, REGEX_INVALID,
-                                        "Regular expression is invalid: \\%c is not supported", e);
-                }
-                sb_putn(out, pat + i - 1, 2);
-                break;
-            }
-            ATOM(1);
-            break;
-        }
-        default:
-            sb_putn(out, &ch, 1);
-            ATOM(1);
-            break;
-        }
-    }
-    if (d != 0 || in_bracket) {
-        /* let regcomp report the unbalanced group or bracket */
-    }
-    if (out->failed) {
-        return oom(c);
-    }
-    if (!out->p) {
-        sb_puts(out, "");
-    }
-    return out->failed ? oom(c) : 0;
-}
-
-#undef ATOM
-#undef REPEAT
+/* ---------------------------------------------------------------- regular expressions */
 
 static rx_t *rx_new(parse_ctx_t *c, const char *pattern, size_t len, const char *options)
 {
-    bool icase = false, dotall = false, multiline = false, extended = false;
+    uint32_t copts =
+        PCRE2_UTF | PCRE2_MATCH_INVALID_UTF | PCRE2_AUTO_CALLOUT | PCRE2_NEVER_BACKSLASH_C;
     size_t nflags = 0;
     char flags[8] = {0};
     for (const char *o = options; *o; o++) {
         switch (*o) {
-        case 'i': icase = true; break;
-        case 'm': multiline = true; break;
-        case 's': dotall = true; break;
-        case 'x': extended = true; break;
-        case 'l':
-        case 'u': break; /* libbson/legacy flags: locale and unicode, meaningless here */
+        case 'i': copts |= PCRE2_CASELESS; break;
+        case 'm': copts |= PCRE2_MULTILINE; break;
+        case 's': copts |= PCRE2_DOTALL; break;
+        case 'x': copts |= PCRE2_EXTENDED; break;
+        case 'u': break; /* MongoDB: accepted and redundant, UTF-8 is always on */
         default:
             mc_error_set(c->err, MC_EINVAL, MC_DOMAIN_MONGODB, 51108,
                          "invalid flag in regex options: %c", *o);
@@ -541,20 +285,38 @@ static rx_t *rx_new(parse_ctx_t *c, const char *pattern, size_t len, const char 
                                            "byte");
         return NULL;
     }
-    sbuf_t b = {0};
-    if (translate_regex(c, pattern, len, dotall, multiline, extended, &b) < 0) {
-        free(b.p);
+    pcre2_compile_context *cc = pcre2_compile_context_create(NULL);
+    if (!cc) {
+        oom(c);
+        return NULL;
+    }
+    pcre2_set_parens_nest_limit(cc, MAX_REGEX_NEST);
+    int code = 0;
+    PCRE2_SIZE offset = 0;
+    pcre2_code *re = pcre2_compile((PCRE2_SPTR)pattern, len, copts, &code, &offset, cc);
+    pcre2_compile_context_free(cc);
+    if (!re) {
+        PCRE2_UCHAR msg[160];
+        if (pcre2_get_error_message(code, msg, sizeof(msg)) < 0) {
+            strcpy((char *)msg, "cannot compile");
+        }
+        /* The cost accounting (a callout before every item) makes the compiled form bigger
+         * than PCRE2's own: say so when that is what ran out. */
+        mc_error_set(c->err, MC_EINVAL, MC_DOMAIN_MONGODB, REGEX_INVALID,
+                     "Regular expression is invalid: %s%s", (const char *)msg,
+                     code == PCRE2_ERROR_PATTERN_TOO_LARGE ? " (with cost accounting)" : "");
         return NULL;
     }
     mc_filter_t *f = c->f;
     rx_t *rx = calloc(1, sizeof(*rx));
     if (!rx || !grow((void **)&f->rxs, &f->caprxs, f->nrxs + 1, sizeof(rx_t *))) {
         free(rx);
-        free(b.p);
+        pcre2_code_free(re);
         oom(c);
         return NULL;
     }
     f->rxs[f->nrxs++] = rx;
+    rx->code = re;
     rx->pattern = pattern;
     /* Sorted flags so that /x/im and /x/mi compare equal, as BSON regex options are sorted. */
     for (size_t i = 0; i < nflags; i++) {
@@ -567,33 +329,149 @@ static rx_t *rx_new(parse_ctx_t *c, const char *pattern, size_t len, const char 
         }
     }
     memcpy(rx->flags, flags, sizeof(flags));
-    int cflags = REG_EXTENDED | REG_NOSUB | (icase ? REG_ICASE : 0) | (multiline ? REG_NEWLINE : 0);
-    int rc = regcomp(&rx->re, b.p, cflags);
-    free(b.p);
-    if (rc != 0) {
-        char msg[200];
-        regerror(rc, &rx->re, msg, sizeof(msg));
-        mc_error_set(c->err, MC_EINVAL, MC_DOMAIN_MONGODB, REGEX_INVALID,
-                     "Regular expression is invalid: %s", msg);
-        return NULL;
-    }
-    rx->compiled = true;
     return rx;
 }
 
-static bool rx_match_str(const rx_t *rx, const char *s, uint32_t len)
+/* ---------------------------------------------------------------- cost */
+
+static uint64_t thread_cpu_ns(void)
 {
-    regmatch_t m[1];
-    m[0].rm_so = 0;
-    m[0].rm_eo = (regoff_t)len;
-    return regexec(&rx->re, s, 1, m, REG_STARTEND) == 0;
+    struct timespec ts;
+    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
 }
 
-static bool rx_match_value(const rx_t *rx, const bson_value_t *v)
+static void budget_stop(eval_t *x, const char *why)
+{
+    x->stop = true;
+    x->b->exceeded = true;
+    if (!x->b->reason) {
+        x->b->reason = why;
+    }
+}
+
+/* Reads the clock (the budget starts at the first reading). Returns false once exceeded. */
+static bool budget_check(eval_t *x)
+{
+    mc_filter_budget_t *b = x->b;
+    if (b->exceeded) {
+        x->stop = true;
+        return false;
+    }
+    if (!b->cpu_ns) {
+        if (b->regex_steps > RX_MAX_STEPS) {
+            budget_stop(x, "regular expression too expensive");
+            return false;
+        }
+        return true;
+    }
+    uint64_t now = thread_cpu_ns();
+    if (!b->started_ns) {
+        b->started_ns = now ? now : 1;
+    } else if (now - b->started_ns > b->cpu_ns) {
+        budget_stop(x, "CPU budget exhausted");
+        return false;
+    }
+    return true;
+}
+
+/* Adds `n` units of work; false once the budget is exhausted. */
+static inline bool step(eval_t *x, uint32_t n)
+{
+    if (x->stop) {
+        return false;
+    }
+    x->b->units += n;
+    if (x->b->units < UNITS_PER_CHECK) {
+        return true;
+    }
+    x->b->units = 0;
+    return budget_check(x);
+}
+
+static int rx_callout(pcre2_callout_block *block, void *data)
+{
+    (void)block;
+    eval_t *x = data;
+    x->b->regex_steps++;
+    if (++x->callouts < CALLOUTS_PER_CHECK) {
+        return 0;
+    }
+    x->callouts = 0;
+    return budget_check(x) ? 0 : PCRE2_ERROR_CALLOUT;
+}
+
+static void *arena_malloc(PCRE2_SIZE size, void *data)
+{
+    eval_t *x = data;
+    size_t need = (size + alignof(max_align_t) - 1) & ~(alignof(max_align_t) - 1);
+    if (need <= RX_ARENA_SIZE - x->arena_used) {
+        void *p = x->arena.bytes + x->arena_used;
+        x->arena_used += need;
+        return p;
+    }
+    return malloc(size);
+}
+
+static void arena_free(void *p, void *data)
+{
+    eval_t *x = data;
+    unsigned char *c = p;
+    if (c >= x->arena.bytes && c < x->arena.bytes + RX_ARENA_SIZE) {
+        return; /* the arena goes with the evaluation */
+    }
+    free(p);
+}
+
+static bool rx_setup(eval_t *x)
+{
+    x->gc = pcre2_general_context_create(arena_malloc, arena_free, x);
+    x->mc = x->gc ? pcre2_match_context_create(x->gc) : NULL;
+    x->md = x->mc ? pcre2_match_data_create(1, x->gc) : NULL;
+    if (!x->md) {
+        return false;
+    }
+    pcre2_set_match_limit(x->mc, RX_MATCH_LIMIT);
+    pcre2_set_depth_limit(x->mc, RX_DEPTH_LIMIT);
+    pcre2_set_heap_limit(x->mc, RX_HEAP_LIMIT_KIB);
+    pcre2_set_callout(x->mc, rx_callout, x);
+    x->rx_ready = true;
+    return true;
+}
+
+static void eval_cleanup(eval_t *x)
+{
+    if (x->rx_ready) {
+        pcre2_match_data_free(x->md); /* frees backtracking frames that came from the heap */
+    }
+}
+
+static bool rx_match_str(eval_t *x, const rx_t *rx, const char *s, uint32_t len)
+{
+    if (!step(x, 1 + len / 64) || (!x->rx_ready && !rx_setup(x))) {
+        return false;
+    }
+    int rc = pcre2_match(rx->code, (PCRE2_SPTR)s, len, 0, 0, x->md, x->mc);
+    if (rc >= 0) {
+        return true;
+    }
+    if (rc == PCRE2_ERROR_NOMATCH || x->stop) {
+        return false;
+    }
+    /* Match, depth or heap limit, or no memory: never a match; with a budget the evaluation
+     * stops, so that the caller can tell the subscriber why. */
+    if (x->strict) {
+        budget_stop(x, "regular expression match limit");
+    }
+    return false;
+}
+
+static bool rx_match_value(eval_t *x, const rx_t *rx, const bson_value_t *v)
 {
     switch (v->value_type) {
-    case BSON_TYPE_UTF8: return rx_match_str(rx, v->value.v_utf8.str, v->value.v_utf8.len);
-    case BSON_TYPE_SYMBOL: return rx_match_str(rx, v->value.v_symbol.symbol, v->value.v_symbol.len);
+    case BSON_TYPE_UTF8: return rx_match_str(x, rx, v->value.v_utf8.str, v->value.v_utf8.len);
+    case BSON_TYPE_SYMBOL:
+        return rx_match_str(x, rx, v->value.v_symbol.symbol, v->value.v_symbol.len);
     case BSON_TYPE_REGEX:
         return strcmp(v->value.v_regex.regex, rx->pattern) == 0 &&
                strcmp(v->value.v_regex.options ? v->value.v_regex.options : "", rx->flags) == 0;
@@ -603,15 +481,8 @@ static bool rx_match_value(const rx_t *rx, const bson_value_t *v)
 
 /* ---------------------------------------------------------------- matching */
 
-/* What a match reports besides true/false: the first $expr evaluation error. */
-typedef struct match {
-    const mc__xprog_t *xprog;
-    mc_error_t *err;
-    bool failed;
-} match_t;
-
-static bool eval_doc(const node_t *n, const uint8_t *data, uint32_t len, match_t *m);
-static bool eval_value(const node_t *n, const bson_value_t *v);
+static bool eval_doc(eval_t *x, const node_t *n, const uint8_t *data, uint32_t len);
+static bool eval_value(eval_t *x, const node_t *n, const bson_value_t *v);
 
 static bool values_equal(const bson_value_t *a, const bson_value_t *b)
 {
@@ -646,9 +517,12 @@ static bool test_compare(const node_t *p, const bson_value_t *v)
     }
 }
 
-static bool test_pred(const node_t *p, const bson_value_t *v)
+static bool test_pred(eval_t *x, const node_t *p, const bson_value_t *v)
 {
     bson_iter_t it;
+    if (!step(x, 1)) {
+        return false;
+    }
     switch (p->kind) {
     case P_EQ:
         if (!v) {
@@ -660,6 +534,9 @@ static bool test_pred(const node_t *p, const bson_value_t *v)
     case P_GT:
     case P_GTE: return test_compare(p, v);
     case P_IN:
+        if (!step(x, (uint32_t)(p->nvals < UNITS_PER_CHECK ? p->nvals : UNITS_PER_CHECK))) {
+            return false;
+        }
         for (size_t i = 0; i < p->nvals; i++) {
             if (v ? values_equal(v, &p->vals[i]) : p->vals[i].value_type == BSON_TYPE_NULL) {
                 return true;
@@ -667,7 +544,7 @@ static bool test_pred(const node_t *p, const bson_value_t *v)
         }
         if (v) {
             for (size_t i = 0; i < p->nrxs; i++) {
-                if (rx_match_value(p->rxs[i], v)) {
+                if (rx_match_value(x, p->rxs[i], v)) {
                     return true;
                 }
             }
@@ -680,7 +557,7 @@ static bool test_pred(const node_t *p, const bson_value_t *v)
         }
         return p->types[(uint8_t)v->value_type] ||
                (p->type_number && mc__bson_is_number(v->value_type));
-    case P_REGEX: return v && rx_match_value(p->rxs[0], v);
+    case P_REGEX: return v && rx_match_value(x, p->rxs[0], v);
     case P_SIZE: {
         if (!v || v->value_type != BSON_TYPE_ARRAY) {
             return false;
@@ -688,6 +565,9 @@ static bool test_pred(const node_t *p, const bson_value_t *v)
         int64_t n = 0;
         if (safe_iter_init(&it, v->value.v_doc.data, v->value.v_doc.data_len)) {
             while (bson_iter_next(&it)) {
+                if (!step(x, 1)) {
+                    return false;
+                }
                 n++;
             }
         }
@@ -697,22 +577,22 @@ static bool test_pred(const node_t *p, const bson_value_t *v)
         if (!v || !mc__bson_is_number(v->value_type) || mc__bson_value_is_nan(v)) {
             return false;
         }
-        int64_t x;
+        int64_t i64;
         if (v->value_type == BSON_TYPE_INT32) {
-            x = v->value.v_int32;
+            i64 = v->value.v_int32;
         } else if (v->value_type == BSON_TYPE_INT64) {
-            x = v->value.v_int64;
+            i64 = v->value.v_int64;
         } else {
             double d = mc__bson_value_as_double(v);
             if (!isfinite(d) || d >= 9.2e18 || d <= -9.2e18) {
                 return false;
             }
-            x = (int64_t)d;
+            i64 = (int64_t)d;
         }
         if (p->num == -1) {
             return p->num2 == 0; /* avoids INT64_MIN % -1 */
         }
-        return x % p->num == p->num2;
+        return i64 % p->num == p->num2;
     }
     case P_ELEM_OBJ:
     case P_ELEM_VAL:
@@ -720,15 +600,15 @@ static bool test_pred(const node_t *p, const bson_value_t *v)
             !safe_iter_init(&it, v->value.v_doc.data, v->value.v_doc.data_len)) {
             return false;
         }
-        while (bson_iter_next(&it)) {
+        while (bson_iter_next(&it) && !x->stop) {
             const bson_value_t *e = bson_iter_value(&it);
             if (p->kind == P_ELEM_OBJ) {
                 if ((e->value_type == BSON_TYPE_DOCUMENT || e->value_type == BSON_TYPE_ARRAY) &&
-                    eval_doc(p->kids[0], e->value.v_doc.data, e->value.v_doc.data_len, NULL)) {
-                    return true;
+                    eval_doc(x, p->kids[0], e->value.v_doc.data, e->value.v_doc.data_len)) {
+                    return !x->stop;
                 }
-            } else if (eval_value(p->kids[0], e)) {
-                return true;
+            } else if (eval_value(x, p->kids[0], e)) {
+                return !x->stop;
             }
         }
         return false;
@@ -736,25 +616,28 @@ static bool test_pred(const node_t *p, const bson_value_t *v)
     }
 }
 
-static bool eval_value(const node_t *n, const bson_value_t *v)
+static bool eval_value(eval_t *x, const node_t *n, const bson_value_t *v)
 {
+    if (x->stop) {
+        return false;
+    }
     switch (n->kind) {
     case N_AND:
         for (size_t i = 0; i < n->nkids; i++) {
-            if (!eval_value(n->kids[i], v)) {
+            if (!eval_value(x, n->kids[i], v)) {
                 return false;
             }
         }
-        return true;
+        return !x->stop;
     case N_OR:
         for (size_t i = 0; i < n->nkids; i++) {
-            if (eval_value(n->kids[i], v)) {
-                return true;
+            if (eval_value(x, n->kids[i], v)) {
+                return !x->stop;
             }
         }
         return false;
-    case N_NOT: return !eval_value(n->kids[0], v);
-    default: return test_pred(n, v);
+    case N_NOT: return !eval_value(x, n->kids[0], v) && !x->stop;
+    default: return test_pred(x, n, v);
     }
 }
 
@@ -763,17 +646,17 @@ static bool expands_leaf_arrays(node_kind_t k)
     return k != P_SIZE && k != P_ELEM_OBJ && k != P_ELEM_VAL && k != P_EXISTS;
 }
 
-static bool test_leaf(const node_t *pred, const bson_value_t *v)
+static bool test_leaf(eval_t *x, const node_t *pred, const bson_value_t *v)
 {
-    if (test_pred(pred, v)) {
-        return true;
+    if (test_pred(x, pred, v)) {
+        return !x->stop;
     }
     if (v && v->value_type == BSON_TYPE_ARRAY && expands_leaf_arrays(pred->kind)) {
         bson_iter_t it;
         if (safe_iter_init(&it, v->value.v_doc.data, v->value.v_doc.data_len)) {
-            while (bson_iter_next(&it)) {
-                if (test_pred(pred, bson_iter_value(&it))) {
-                    return true;
+            while (bson_iter_next(&it) && !x->stop) {
+                if (test_pred(x, pred, bson_iter_value(&it))) {
+                    return !x->stop;
                 }
             }
         }
@@ -781,15 +664,18 @@ static bool test_leaf(const node_t *pred, const bson_value_t *v)
     return false;
 }
 
-static bool visit_value(const node_t *pn, const bson_value_t *v, size_t ci);
+static bool visit_value(eval_t *x, const node_t *pn, const bson_value_t *v, size_t ci);
 
-static bool find_field(const uint8_t *data, uint32_t len, const char *key, uint32_t klen,
+static bool find_field(eval_t *x, const uint8_t *data, uint32_t len, const char *key, uint32_t klen,
                        bson_iter_t *it)
 {
     if (!safe_iter_init(it, data, len)) {
         return false;
     }
     while (bson_iter_next(it)) {
+        if (!step(x, 1)) {
+            return false;
+        }
         if (bson_iter_key_len(it) == klen && memcmp(bson_iter_key(it), key, klen) == 0) {
             return true;
         }
@@ -797,13 +683,13 @@ static bool find_field(const uint8_t *data, uint32_t len, const char *key, uint3
     return false;
 }
 
-static bool visit_doc(const node_t *pn, const uint8_t *data, uint32_t len, size_t ci)
+static bool visit_doc(eval_t *x, const node_t *pn, const uint8_t *data, uint32_t len, size_t ci)
 {
     bson_iter_t it;
-    if (!find_field(data, len, pn->comp[ci], pn->comp_len[ci], &it)) {
-        return test_leaf(pn->pred, NULL);
+    if (!find_field(x, data, len, pn->comp[ci], pn->comp_len[ci], &it)) {
+        return !x->stop && test_leaf(x, pn->pred, NULL);
     }
-    return visit_value(pn, bson_iter_value(&it), ci + 1);
+    return visit_value(x, pn, bson_iter_value(&it), ci + 1);
 }
 
 static bool parse_index(const char *s, uint32_t len, uint32_t *out)
@@ -822,112 +708,127 @@ static bool parse_index(const char *s, uint32_t len, uint32_t *out)
     return true;
 }
 
-static bool visit_array(const node_t *pn, const bson_value_t *arr, size_t ci)
+static bool visit_array(eval_t *x, const node_t *pn, const bson_value_t *arr, size_t ci)
 {
     bson_iter_t it;
     uint32_t idx;
     bool numeric = parse_index(pn->comp[ci], pn->comp_len[ci], &idx);
     bool yielded = false;
     if (!safe_iter_init(&it, arr->value.v_doc.data, arr->value.v_doc.data_len)) {
-        return test_leaf(pn->pred, NULL);
+        return test_leaf(x, pn->pred, NULL);
     }
     uint32_t i = 0;
     while (bson_iter_next(&it)) {
+        if (!step(x, 1)) {
+            return false;
+        }
         const bson_value_t *e = bson_iter_value(&it);
         if (numeric && i == idx) {
             yielded = true;
-            if (visit_value(pn, e, ci + 1)) {
-                return true;
+            if (visit_value(x, pn, e, ci + 1)) {
+                return !x->stop;
             }
         }
         if (e->value_type == BSON_TYPE_DOCUMENT) {
             /* With a numeric component this looks for a field named like the index. */
             if (numeric) {
                 bson_iter_t f;
-                if (find_field(e->value.v_doc.data, e->value.v_doc.data_len, pn->comp[ci],
+                if (find_field(x, e->value.v_doc.data, e->value.v_doc.data_len, pn->comp[ci],
                                pn->comp_len[ci], &f)) {
                     yielded = true;
-                    if (visit_value(pn, bson_iter_value(&f), ci + 1)) {
-                        return true;
+                    if (visit_value(x, pn, bson_iter_value(&f), ci + 1)) {
+                        return !x->stop;
                     }
                 }
             } else {
                 yielded = true;
-                if (visit_doc(pn, e->value.v_doc.data, e->value.v_doc.data_len, ci)) {
-                    return true;
+                if (visit_doc(x, pn, e->value.v_doc.data, e->value.v_doc.data_len, ci)) {
+                    return !x->stop;
                 }
             }
         } else if (!numeric) {
             yielded = true;
-            if (test_leaf(pn->pred, NULL)) {
-                return true;
+            if (test_leaf(x, pn->pred, NULL)) {
+                return !x->stop;
             }
         }
         i++;
     }
-    return yielded ? false : test_leaf(pn->pred, NULL);
+    return yielded || x->stop ? false : test_leaf(x, pn->pred, NULL);
 }
 
-static bool visit_value(const node_t *pn, const bson_value_t *v, size_t ci)
+static bool visit_value(eval_t *x, const node_t *pn, const bson_value_t *v, size_t ci)
 {
     if (ci == pn->ncomp) {
-        return test_leaf(pn->pred, v);
+        return test_leaf(x, pn->pred, v);
     }
     if (v->value_type == BSON_TYPE_DOCUMENT) {
-        return visit_doc(pn, v->value.v_doc.data, v->value.v_doc.data_len, ci);
+        return visit_doc(x, pn, v->value.v_doc.data, v->value.v_doc.data_len, ci);
     }
     if (v->value_type == BSON_TYPE_ARRAY) {
-        return visit_array(pn, v, ci);
+        return visit_array(x, pn, v, ci);
     }
-    return test_leaf(pn->pred, NULL);
+    return test_leaf(x, pn->pred, NULL);
+}
+
+/* Expression evaluation reports its work here (mc__xstep_t): the same units as the matcher's. */
+static bool expr_step(void *ctx, uint32_t units)
+{
+    return step(ctx, units);
 }
 
 /* $expr: the expression's value, converted to a boolean. An evaluation error makes the
- * document not match and is reported through `m` (NULL inside $elemMatch, which refuses
- * $expr at parse time). */
-static bool eval_expr(const node_t *n, const uint8_t *data, uint32_t len, match_t *m)
+ * document not match and is reported through x->err; a budget that runs out during it stops
+ * the evaluation like any other step. */
+static bool eval_expr(eval_t *x, const node_t *n, const uint8_t *data, uint32_t len)
 {
     mc__xval_t v;
     mc_error_t local;
-    if (!m || m->failed) {
+    if (x->failed) {
         return false;
     }
-    if (mc__expr_eval(m->xprog, n->expr, data, len, &v, m->err ? m->err : &local) < 0) {
-        m->failed = true;
+    mc__xstep_t xs = {.step = expr_step, .ctx = x};
+    if (mc__expr_eval_steps(x->xprog, n->expr, data, len, &xs, &v, x->err ? x->err : &local) < 0) {
+        if (!x->stop) {
+            x->failed = true;
+        }
         return false;
     }
     bool t = mc__xval_truthy(&v);
     mc__xval_release(&v);
-    return t;
+    return t && !x->stop;
 }
 
-static bool eval_doc(const node_t *n, const uint8_t *data, uint32_t len, match_t *m)
+static bool eval_doc(eval_t *x, const node_t *n, const uint8_t *data, uint32_t len)
 {
+    if (!step(x, 1)) {
+        return false;
+    }
     switch (n->kind) {
     case N_AND:
         for (size_t i = 0; i < n->nkids; i++) {
-            if (!eval_doc(n->kids[i], data, len, m)) {
+            if (!eval_doc(x, n->kids[i], data, len)) {
                 return false;
             }
         }
-        return true;
+        return !x->stop;
     case N_OR:
         for (size_t i = 0; i < n->nkids; i++) {
-            if (eval_doc(n->kids[i], data, len, m)) {
-                return true;
+            if (eval_doc(x, n->kids[i], data, len)) {
+                return !x->stop;
             }
         }
         return false;
     case N_NOR:
         for (size_t i = 0; i < n->nkids; i++) {
-            if (eval_doc(n->kids[i], data, len, m)) {
+            if (eval_doc(x, n->kids[i], data, len)) {
                 return false;
             }
         }
-        return true;
-    case N_NOT: return !eval_doc(n->kids[0], data, len, m);
-    case N_EXPR: return eval_expr(n, data, len, m);
-    case N_PATH: return visit_doc(n, data, len, 0);
+        return !x->stop;
+    case N_NOT: return !eval_doc(x, n->kids[0], data, len) && !x->stop;
+    case N_EXPR: return eval_expr(x, n, data, len);
+    case N_PATH: return visit_doc(x, n, data, len, 0);
     default: return false;
     }
 }
@@ -1757,13 +1658,41 @@ mc_filter_t *mc_filter_new(const bson_t *query, const mc_filter_opts_t *opts, mc
     return f;
 }
 
-bool mc_filter_match(const mc_filter_t *filter, const bson_t *doc)
+/* One evaluation. `err` and `failed` (both may be NULL) receive a $expr evaluation error. */
+static bool match(const mc_filter_t *filter, const bson_t *doc, mc_filter_budget_t *budget,
+                  bool strict, mc_error_t *err, bool *failed)
 {
-    if (!filter || !doc) {
+    if (!filter || !doc || budget->exceeded) {
         return false;
     }
-    match_t m = {.xprog = &filter->xprog};
-    return eval_doc(filter->root, bson_get_data(doc), doc->len, &m) && !m.failed;
+    eval_t x; /* the arena stays uninitialised until a regex needs it */
+    x.b = budget;
+    x.stop = false;
+    x.strict = strict;
+    x.rx_ready = false;
+    x.callouts = 0;
+    x.arena_used = 0;
+    x.xprog = &filter->xprog;
+    x.err = err;
+    x.failed = false;
+    bool r = eval_doc(&x, filter->root, bson_get_data(doc), doc->len);
+    eval_cleanup(&x);
+    if (failed) {
+        *failed = x.failed;
+    }
+    return r && !x.stop && !x.failed;
+}
+
+bool mc_filter_match(const mc_filter_t *filter, const bson_t *doc)
+{
+    mc_filter_budget_t budget = {0};
+    return match(filter, doc, &budget, false, NULL, NULL);
+}
+
+bool mc_filter_match_budget(const mc_filter_t *filter, const bson_t *doc,
+                            mc_filter_budget_t *budget)
+{
+    return match(filter, doc, budget, true, NULL, NULL);
 }
 
 int mc__filter_eval(const mc_filter_t *filter, const bson_t *doc, mc_error_t *err)
@@ -1771,9 +1700,12 @@ int mc__filter_eval(const mc_filter_t *filter, const bson_t *doc, mc_error_t *er
     if (!filter || !doc) {
         return mc_error_set(err, MC_EINVAL, MC_DOMAIN_MONGODB, BAD_VALUE, "no filter or document");
     }
-    match_t m = {.xprog = &filter->xprog, .err = err};
-    bool r = eval_doc(filter->root, bson_get_data(doc), doc->len, &m);
-    if (m.failed) {
+    /* No CPU budget: the work is still capped (RX_MAX_STEPS), and a regex past its limits
+     * counts as no match, as with mc_filter_match(). */
+    mc_filter_budget_t budget = {0};
+    bool failed = false;
+    bool r = match(filter, doc, &budget, false, err, &failed);
+    if (failed) {
         return err && err->code < 0 ? err->code : MC_EINVAL;
     }
     return r ? 1 : 0;
@@ -1793,9 +1725,7 @@ void mc_filter_destroy(mc_filter_t *filter)
         node_free(filter->nodes[i]);
     }
     for (size_t i = 0; i < filter->nrxs; i++) {
-        if (filter->rxs[i]->compiled) {
-            regfree(&filter->rxs[i]->re);
-        }
+        pcre2_code_free(filter->rxs[i]->code);
         free(filter->rxs[i]);
     }
     free(filter->nodes);

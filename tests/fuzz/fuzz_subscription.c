@@ -5,8 +5,10 @@
  * and, when accepted, mcd_subscription_view() against fixed events (insert, delete with a
  * pre-image, update, control, and an update that moves a document from u2 to u1): control
  * events always pass, u2's delete never reaches u1, and u1 never gets u2's version of the
- * moved document (only the ENTERED view, whose message holds nothing of it). Input: byte 0 picks the identity (user / admin / anonymous on a
- * public stream / no auth) and whether client filters are allowed; the rest is
+ * moved document (only the ENTERED view, whose message holds nothing of it); the view decided
+ * within a CPU budget (mcd_subscription_view_budget) is the same unless the budget ran out.
+ * Input: byte 0 picks the identity (user / admin / anonymous on a public stream / no auth) and
+ * whether client filters are allowed; the rest is
  * "vars\0filter" (a missing part is absent). Single-threaded.
  */
 #include <stddef.h>
@@ -111,6 +113,11 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         for (size_t i = 0; i < N_EVENTS; i++) {
             mc_event_view_t v = mcd_subscription_view(sub, events[i]);
             bool m = v != MC_EVENT_VIEW_NONE;
+            mc_filter_budget_t b = {.cpu_ns = 2000000};
+            int vb = mcd_subscription_view_budget(sub, events[i], &b);
+            if (vb < 0 ? !b.exceeded || !b.reason : vb != (int)v) {
+                abort();
+            }
             if (i == 4 && (mode & 3) == 0) {
                 if (v == MC_EVENT_VIEW_FULL || v == MC_EVENT_VIEW_LEFT) {
                     abort(); /* u1 is the new owner: never u2's version, never "left" */

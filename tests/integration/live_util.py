@@ -36,11 +36,14 @@ def free_port():
         s.close()
 
 
-def live_config(path, uri, streams, port, auth=None, allowed_origins=None, sinks=None):
+def live_config(path, uri, streams, port, auth=None, allowed_origins=None, sinks=None,
+                server_extra=None):
     """A config whose server listens on 127.0.0.1:`port`. `auth` is the `auth.jwt` mapping
     (or None for no auth). Default sinks: none besides the built-in WS/SSE fan-out, so a stdout
-    sink does not slow anything down; pass `sinks` to add some."""
+    sink does not slow anything down; pass `sinks` to add some. `server_extra`: more `server`
+    options."""
     server = {"listen": "127.0.0.1:%d" % port}
+    server.update(server_extra or {})
     if allowed_origins is not None:
         server["allowed_origins"] = allowed_origins
     extra = ["server: %s" % json.dumps(server)]

@@ -22,6 +22,7 @@ import time
 from daemon_util import *  # noqa: F401,F403
 from live_util import (claims, create_with_images, free_port, hs256, live_config, start_live,
                        stream_path, subscribers)  # noqa: F401 (fixture)
+from server_util import metrics
 
 SECRET = "isolation-secret-0123456789abcdef0123456789ab"
 SEED = 20240611
@@ -176,3 +177,69 @@ def test_each_subscriber_gets_exactly_its_events_in_order(tmp_path, daemons, mon
     orphan = sum(1 for _, _, _, o, _ in ops if o not in USERS)
     assert len(users_ids) == N_OPS - orphan
     assert d.alive()
+
+
+def test_oversize_notice_per_view_tells_no_more_than_the_view(tmp_path, daemons, mongo_uri, db,
+                                                             db_name, subscribers):
+    # server.max_message_bytes applies to each routing view's own message. A document handed
+    # from u1 to u2 while it drops a big field: the full event (with u1's big version as the
+    # pre-image) is too big, so the admin gets an oversize notice, but u2's "entered" view
+    # carries only the new, small version and arrives whole. Handed back with a big field,
+    # u1's entered view is too big too: its notice is marked "entered" and its size is that of
+    # the entered message, not of the full one (which would tell u1 how big u2's version was).
+    # The left notices stay small and arrive as they are.
+    limit = 16384
+    port = free_port()
+    coll = create_with_images(db, "items")
+    stream = {"db": db_name, "collection": "items", "max_await_time_ms": 100,
+              "recipient": "fullDocument.owner", "full_document": "whenAvailable",
+              "full_document_before_change": "whenAvailable"}
+    cfg = live_config(tmp_path / "c.yaml", mongo_uri, {"items": stream}, port,
+                      auth={"algorithm": "HS256", "secret": SECRET,
+                            "admin_role": "mongocast:all"},
+                      server_extra={"max_message_bytes": limit})
+    start_live(daemons, cfg, port)
+    u1 = subscribers.ws(port, stream_path("items", token=hs256(SECRET, claims("u1"))), name="u1")
+    u2 = subscribers.sse(port, stream_path("items", token=hs256(SECRET, claims("u2"))), name="u2")
+    admin = subscribers.ws(port, stream_path("items"), name="admin", headers={
+        "Authorization": "Bearer " + hs256(SECRET, claims("root", roles=["mongocast:all"]))})
+    for s in (u1, u2, admin):
+        s.wait_ready()
+
+    coll.insert_one({"_id": 1, "owner": "u1", "big": "a" * (2 * limit)})
+    coll.update_one({"_id": 1}, {"$set": {"owner": "u2"}, "$unset": {"big": ""}})
+    coll.update_one({"_id": 1}, {"$set": {"owner": "u1", "big": "b" * (2 * limit)}})
+
+    def routed(ms):
+        return [m for m in ms if m.get("type") in ("change", "oversize", "left")]
+    got_admin = routed(admin.wait(lambda ms: len(routed(ms)) >= 3, 30, "3 events"))
+    got_u1 = routed(u1.wait(lambda ms: len(routed(ms)) >= 3, 30, "3 events"))
+    got_u2 = routed(u2.wait(lambda ms: len(routed(ms)) >= 2, 30, "2 events"))
+    time.sleep(0.3)  # room for a stray message
+    assert len(routed(admin.messages())) == 3 and len(routed(u1.messages())) == 3
+    assert len(routed(u2.messages())) == 2
+
+    # the admin: three full events, each too big (the second through its pre-image)
+    assert [m["type"] for m in got_admin] == ["oversize"] * 3, got_admin
+    for m in got_admin:
+        assert m["limit"] == limit and m["size"] > limit and "entered" not in m, m
+        assert m["documentKey"] == {"_id": 1}
+    # u2: entered, small enough to arrive whole, without u1's version; then left
+    entered, left = got_u2
+    assert entered["type"] == "change" and entered["entered"] is True, entered
+    assert entered["id"] == got_admin[1]["id"] and entered["recipient"] == "u2"
+    assert "fullDocumentBeforeChange" not in entered["change"]
+    assert entered["change"]["fullDocument"] == {"_id": 1, "owner": "u2"}
+    assert left == {"type": "left", "stream": "items", "_id": 1}, left
+    # u1: its own insert's notice, the left notice, then its entered view's own notice
+    own, gone, back = got_u1
+    assert own["type"] == "oversize" and own["id"] == got_admin[0]["id"]
+    assert own["size"] == got_admin[0]["size"] and own["recipient"] == "u1"
+    assert gone == {"type": "left", "stream": "items", "_id": 1}, gone
+    assert back["type"] == "oversize" and back["entered"] is True, back
+    assert back["id"] == got_admin[2]["id"] and back["recipient"] == "u1"
+    assert limit < back["size"] < got_admin[2]["size"], (back, got_admin[2])
+    assert set(back) == {"type", "stream", "id", "recipient", "entered", "operationType", "ns",
+                         "documentKey", "size", "limit"}, back
+    m = metrics(port)
+    assert m["mongocast_oversize_events_total"] == 3

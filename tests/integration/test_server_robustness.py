@@ -1,7 +1,7 @@
 """The live server under hostile or heavy clients: RFC 6455 must-fail cases (each on its own
 raw connection, each with its close code, the daemon serving on), a slow consumer closed with
 4002 while 20 others get everything and the daemon's memory stays bounded, the connection
-limit (503), HTTP limits, and 1,000 concurrent WebSocket subscribers each receiving every
+limits (503 for subscribers, eviction of idle plain connections), HTTP limits, and 1,000 concurrent WebSocket subscribers each receiving every
 event.
 
 Runs `mongocast run` against the emulator (or MONGODB_URI).
@@ -190,8 +190,9 @@ def test_connection_limit_503(tmp_path, daemons, mongo_uri, db_name):
              message="closed subscriber to leave the table")
     again = RawWS(port, "/v1/streams/s")
     assert again.status == 101
-    # Plain connections get 256 slots beyond the subscriber limit; past the whole table a new
-    # connection gets a canned 503 without being read.
+    # Plain connections get 256 slots beyond the subscriber limit. Past the whole table a new
+    # connection takes the place of the least recently used one that is not a subscriber:
+    # the oldest idle connection is closed, the new one is served, subscribers stay.
     idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(255)]
     # 255 idle + this scrape: every plain slot is taken while it runs
     wait_for(lambda: metrics(port)['mongocast_connections{transport="http"}'] == 256,
@@ -199,11 +200,16 @@ def test_connection_limit_503(tmp_path, daemons, mongo_uri, db_name):
     idle.append(socket.create_connection(("127.0.0.1", port)))
     time.sleep(0.2)
     extra = socket.create_connection(("127.0.0.1", port), timeout=5)
+    extra.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
     from server_util import read_response
-    status, h, body = read_response(extra)
-    assert status == 503 and json.loads(body)["code"] == "too_many_connections"
-    assert extra.recv(10) == b""
+    assert read_response(extra)[0] == 200
     extra.close()
+    idle[0].settimeout(5)
+    assert idle[0].recv(10) == b""  # the oldest idle connection was closed
+    m = metrics(port)
+    assert m["mongocast_connections_evicted_total"] >= 1
+    assert m['mongocast_connections{transport="ws"}'] == 2
+    assert m['mongocast_connections{transport="sse"}'] == 1
     for s in idle:
         s.close()
     again.close()

@@ -244,6 +244,9 @@ static void test_defaults(void **state)
     assert_int_equal(cfg->server.max_connections, 10000);
     assert_int_equal(cfg->server.max_send_queue_bytes, 1048576);
     assert_int_equal(cfg->server.max_frame_bytes, 65536);
+    assert_int_equal(cfg->server.max_message_bytes, 16777216);
+    assert_int_equal(cfg->server.filter_budget_us, 2000);
+    assert_int_equal(cfg->server.max_connections_per_address, 0);
     assert_false(cfg->auth.enabled);
     assert_null(cfg->auth.algorithm);
     assert_string_equal(cfg->auth.identity_claim, "sub");
@@ -525,6 +528,12 @@ static void test_errors_types_and_bounds(void **state)
                  "t.yaml:1:27: interval_ms must be between 10 and 600000");
     expect_error("server: {max_connections: [1]}\nstreams: {s: {}}\n",
                  "t.yaml:1:27: expected an integer, got a list");
+    expect_error("server: {max_message_bytes: 4095}\nstreams: {s: {}}\n",
+                 "t.yaml:1:29: max_message_bytes must be between 4096 and 268435456");
+    expect_error("server: {filter_budget_us: 99}\nstreams: {s: {}}\n",
+                 "t.yaml:1:28: filter_budget_us must be between 100 and 1000000");
+    expect_error("server: {max_connections_per_address: -1}\nstreams: {s: {}}\n",
+                 "t.yaml:1:39: max_connections_per_address must be between 0 and 1000000");
     expect_error("streams:\n  s:\n    full_document: updatelookup\n",
                  "t.yaml:3:20: full_document must be one of: default, updateLookup, "
                  "whenAvailable, required (got 'updatelookup')");

@@ -9,7 +9,9 @@
 #include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include <cmocka.h>
 
@@ -356,12 +358,13 @@ static void test_errors(void **state)
         {"{\"a\": {\"%options\": \"i\"}}", "$options needs a $regex"},
         {"{\"a\": {\"%regex\": \"(\"}}", "Regular expression is invalid"},
         {"{\"a\": {\"%regex\": \"x\", \"%options\": \"q\"}}", "invalid flag in regex options"},
-        {"{\"a\": {\"%regex\": \"(?=x)\"}}", "Regular expression is invalid"},
-        {"{\"a\": {\"%regex\": \"((a{100}){100}){100}\"}}", "repetition counts too large"},
-        {"{\"a\": {\"%regex\": \"^a+++\"}}", "nothing to repeat"},
-        {"{\"a\": {\"%regex\": \"*a\"}}", "nothing to repeat"},
-        {"{\"a\": {\"%regex\": \"((((((((((((((((a+)+)+)+)+)+)+)+)+)+)+)+)+)+)+)+)+\"}}",
-         "too large"},
+        {"{\"a\": {\"%regex\": \"x\", \"%options\": \"l\"}}", "invalid flag in regex options: l"},
+        {"{\"a\": {\"%regex\": \"((a{100}){100}){100}\"}}", "too large"},
+        {"{\"a\": {\"%regex\": \"^a+++\"}}", "quantifier does not follow a repeatable item"},
+        {"{\"a\": {\"%regex\": \"*a\"}}", "quantifier does not follow a repeatable item"},
+        {"{\"a\": {\"%regex\": \"a\\\\C\"}}", "Regular expression is invalid"},
+        {"{\"a\": {\"%regex\": \"(?<=a+)b\"}}", "Regular expression is invalid"},
+        {"{\"a\": {\"%regex\": \"[z-a]\"}}", "Regular expression is invalid: range out of order"},
         {"{\"a\": {\"$elemMatch\": 1}}", "$elemMatch needs an Object"},
         {"{\"a\": {\"$all\": [{\"$elemMatch\": {\"b\": 1}}, 2]}}", "has to be consistent"},
         {"{\"a\": {\"$mod\": [0, 1]}}", "divisor cannot be 0"},
@@ -609,6 +612,293 @@ static void test_reuse_and_many_docs(void **state)
     bson_destroy(q);
 }
 
+/* PCRE2 semantics MongoDB has and the POSIX translation lacked. */
+static void test_regex_pcre2(void **state)
+{
+    static const mcase_t cases[] = {
+        /* lookaround, backreferences, inline flags, atomic groups, possessive and lazy */
+        {"{\"a\": {\"%regex\": \"a(?=b)\"}}", "{\"a\": \"ab\"}", true},
+        {"{\"a\": {\"%regex\": \"a(?=b)\"}}", "{\"a\": \"ac\"}", false},
+        {"{\"a\": {\"%regex\": \"(?<!x)y\"}}", "{\"a\": \"xy\"}", false},
+        {"{\"a\": {\"%regex\": \"(?<!x)y\"}}", "{\"a\": \"zy\"}", true},
+        {"{\"a\": {\"%regex\": \"^(ab)\\\\1$\"}}", "{\"a\": \"abab\"}", true},
+        {"{\"a\": {\"%regex\": \"^(ab)\\\\1$\"}}", "{\"a\": \"abac\"}", false},
+        {"{\"a\": {\"%regex\": \"(?i)^abc$\"}}", "{\"a\": \"ABC\"}", true},
+        {"{\"a\": {\"%regex\": \"^(?>a+)b\"}}", "{\"a\": \"aab\"}", true},
+        {"{\"a\": {\"%regex\": \"^a++a\"}}", "{\"a\": \"aaa\"}", false},
+        {"{\"a\": {\"%regex\": \"^a.*?c\"}}", "{\"a\": \"abcbc\"}", true},
+        {"{\"a\": {\"%regex\": \"[\\\\]\\\\-]\"}}", "{\"a\": \"-\"}", true},
+        {"{\"a\": {\"%regex\": \"\\\\bcat\\\\b\"}}", "{\"a\": \"a cat here\"}", true},
+        {"{\"a\": {\"%regex\": \"\\\\bcat\\\\b\"}}", "{\"a\": \"concatenate\"}", false},
+        /* UTF-8: a character is one '.', and i folds non-ASCII letters */
+        {"{\"a\": {\"%regex\": \"^.$\"}}", "{\"a\": \"\\u00e9\"}", true},
+        {"{\"a\": {\"%regex\": \"^\\u00c9T\\u00c9$\", \"%options\": \"i\"}}",
+         "{\"a\": \"\\u00e9t\\u00e9\"}", true},
+        {"{\"a\": {\"%regex\": \"^\\u00c9T\\u00c9$\"}}", "{\"a\": \"\\u00e9t\\u00e9\"}", false},
+        /* u is accepted (redundant); options combine; m and s are independent */
+        {"{\"a\": {\"%regex\": \"^b.c$\", \"%options\": \"ums\"}}", "{\"a\": \"a\\nb\\nc\"}", true},
+        {"{\"a\": {\"%regex\": \"^b.c$\", \"%options\": \"m\"}}", "{\"a\": \"a\\nb\\nc\"}", false},
+        {"{\"a\": {\"%regex\": \"a$\"}}", "{\"a\": \"a\\n\"}", true},
+        /* x: white space and # comments ignored, escaped and bracketed space kept */
+        {"{\"a\": {\"%regex\": \"^ a \\\\  [ ] b # c\\n$\", \"%options\": \"x\"}}",
+         "{\"a\": \"a  b\"}", true},
+    };
+    RUN(cases);
+}
+
+static bson_t *utf8_doc(const char *key, const char *bytes, size_t len)
+{
+    bson_t *d = bson_new();
+    bson_append_utf8(d, key, -1, bytes, (int)len); /* libbson does not validate here */
+    return d;
+}
+
+/* Patterns are checked when compiled; subjects are never trusted. */
+static void test_regex_limits_and_bad_utf8(void **state)
+{
+    const char *bad[] = {"a\xff", "\xc3(", "(?:a"};
+    for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
+        bson_t q = BSON_INITIALIZER, op;
+        BSON_APPEND_DOCUMENT_BEGIN(&q, "a", &op);
+        bson_append_utf8(&op, "$regex", -1, bad[i], -1);
+        bson_append_document_end(&q, &op);
+        mc_error_t err = {0};
+        assert_null(mc_filter_new(&q, NULL, &err));
+        assert_int_equal(err.cause, 51091);
+        assert_non_null(strstr(err.message, "Regular expression is invalid"));
+        bson_destroy(&q);
+    }
+    /* length, embedded NUL, nesting */
+    char big[8194];
+    memset(big, 'c', sizeof(big) - 1);
+    big[sizeof(big) - 1] = '\0';
+    char nest[2 * 65 + 2];
+    size_t n = 0;
+    for (int i = 0; i < 65; i++) {
+        nest[n++] = '(';
+    }
+    nest[n++] = 'a';
+    for (int i = 0; i < 65; i++) {
+        nest[n++] = ')';
+    }
+    nest[n] = '\0';
+    struct {
+        const char *p;
+        int len;
+        const char *msg;
+    } cases[] = {
+        {big, 8193, "Regular expression is too long"},
+        {"ab\0c", 4, "embedded null"},
+        {nest, -1, "parentheses are too deeply nested"},
+    };
+    for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+        bson_t q = BSON_INITIALIZER, op;
+        BSON_APPEND_DOCUMENT_BEGIN(&q, "a", &op);
+        bson_append_utf8(&op, "$regex", -1, cases[i].p, cases[i].len);
+        bson_append_document_end(&q, &op);
+        mc_error_t err = {0};
+        assert_null(mc_filter_new(&q, NULL, &err));
+        if (!strstr(err.message, cases[i].msg)) {
+            fail_msg("case %zu: '%s' lacks '%s'", i, err.message, cases[i].msg);
+        }
+        bson_destroy(&q);
+    }
+    big[8000] = '\0'; /* a long literal still compiles */
+    bson_t q = BSON_INITIALIZER, op;
+    BSON_APPEND_DOCUMENT_BEGIN(&q, "a", &op);
+    BSON_APPEND_UTF8(&op, "$regex", big);
+    bson_append_document_end(&q, &op);
+    mc_filter_t *f = mc_filter_new(&q, NULL, NULL);
+    assert_non_null(f);
+    mc_filter_destroy(f);
+    bson_destroy(&q);
+
+    /* Invalid UTF-8 in a subject: never an error, an invalid sequence matches nothing. */
+    struct {
+        const char *filter;
+        const char *bytes;
+        size_t len;
+        bool expect;
+    } subj[] = {
+        {"{\"a\": {\"%regex\": \"b$\"}}",
+         "\xff\xfe"
+         "b",
+         3, true},
+        {"{\"a\": {\"%regex\": \"^.b\"}}",
+         "\xff"
+         "b",
+         2, false},
+        {"{\"a\": {\"%regex\": \"^.*$\", \"%options\": \"s\"}}", "a\xc3", 2, false},
+        {"{\"a\": {\"%regex\": \"x\"}}", "\xe2\x82", 2, false},
+        {"{\"a\": {\"%regex\": \"a\"}}",
+         "\x00"
+         "a",
+         2, true},
+    };
+    for (size_t i = 0; i < sizeof(subj) / sizeof(subj[0]); i++) {
+        bson_t *fq = json(subj[i].filter);
+        bson_t *d = utf8_doc("a", subj[i].bytes, subj[i].len);
+        mc_filter_t *ff = mc_filter_new(fq, NULL, NULL);
+        assert_non_null(ff);
+        if (mc_filter_match(ff, d) != subj[i].expect) {
+            fail_msg("subject case %zu: expected %d", i, subj[i].expect);
+        }
+        mc_filter_destroy(ff);
+        bson_destroy(d);
+        bson_destroy(fq);
+    }
+}
+
+static bson_t *string_doc(const char *key, char first, char fill, size_t len)
+{
+    char *s = malloc(len + 1);
+    assert_non_null(s);
+    memset(s, fill, len);
+    s[0] = first;
+    s[len] = '\0';
+    bson_t *d = bson_new();
+    BSON_APPEND_UTF8(d, key, s);
+    free(s);
+    return d;
+}
+
+static uint64_t cpu_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+/* Catastrophic patterns stop at the budget (or, without one, at the work cap) instead of
+ * running for minutes; ordinary filters are untouched by a budget. */
+static void test_budget(void **state)
+{
+    /* The issue's pattern: exponential backtracking from the one 'x' at the start. The other
+     * one costs just under PCRE2's per-position match limit at every start position, which is
+     * why the work is counted across positions. */
+    static const char *const evil[] = {"{\"s\": {\"%regex\": \"(.{1,100}){199}x\"}}",
+                                       "{\"s\": {\"%regex\": \"(?:a|a){1,14}(?=x)\"}}"};
+    bson_t *d = string_doc("s", 'x', 'a', 100000);
+    for (size_t i = 0; i < 2; i++) {
+        bson_t *q = json(evil[i]);
+        mc_filter_t *f = mc_filter_new(q, NULL, NULL);
+        assert_non_null(f);
+        mc_filter_budget_t b = {.cpu_ns = 5000000};
+        uint64_t t0 = cpu_ns();
+        assert_false(mc_filter_match_budget(f, d, &b));
+        uint64_t used = cpu_ns() - t0;
+        assert_true(b.exceeded);
+        assert_string_equal(b.reason, "CPU budget exhausted");
+        /* Unbounded, this takes minutes; the margin covers the steps between clock readings
+         * and a slow sanitizer build. */
+        assert_true(used < 500000000u);
+        /* An exhausted budget answers at once. */
+        assert_false(mc_filter_match_budget(f, d, &b));
+        /* Without a budget: bounded by the work cap, and counted as no match. */
+        t0 = cpu_ns();
+        assert_false(mc_filter_match(f, d));
+        assert_true(cpu_ns() - t0 < 5000000000u);
+        mc_filter_destroy(f);
+        bson_destroy(q);
+    }
+    bson_destroy(d);
+
+    /* PCRE2's own limits (here the match limit, hit at one start position before the budget)
+     * stop a budgeted evaluation too, with their reason. */
+    bson_t *q = json("{\"s\": {\"%regex\": \"(.{1,100}){199}x\"}}");
+    mc_filter_t *f = mc_filter_new(q, NULL, NULL);
+    d = string_doc("s", 'x', 'a', 1000);
+    mc_filter_budget_t b = {.cpu_ns = 60000000000u};
+    assert_false(mc_filter_match_budget(f, d, &b));
+    assert_true(b.exceeded);
+    assert_string_equal(b.reason, "regular expression match limit");
+    mc_filter_destroy(f);
+    bson_destroy(q);
+    bson_destroy(d);
+
+    /* No regex at all: a wide document and many predicates run out of budget too. */
+    bson_t *yes;
+    bson_t *wide = bson_new();
+    bson_t arr;
+    BSON_APPEND_ARRAY_BEGIN(wide, "a", &arr);
+    for (int i = 0; i < 200000; i++) {
+        char k[16];
+        const char *key;
+        bson_uint32_to_string((uint32_t)i, &key, k, sizeof(k));
+        bson_t el;
+        bson_append_document_begin(&arr, key, -1, &el);
+        BSON_APPEND_INT32(&el, "x", i);
+        bson_append_document_end(&arr, &el);
+    }
+    bson_append_array_end(wide, &arr);
+    char filter[4096];
+    size_t n = (size_t)snprintf(filter, sizeof(filter), "{\"$or\": [");
+    for (int i = 0; i < 60; i++) {
+        n += (size_t)snprintf(filter + n, sizeof(filter) - n, "%s{\"a.x\": -%d}", i ? "," : "",
+                              i + 1);
+    }
+    snprintf(filter + n, sizeof(filter) - n, "]}");
+    q = json(filter);
+    f = mc_filter_new(q, NULL, NULL);
+    assert_non_null(f);
+    b = (mc_filter_budget_t){.cpu_ns = 1000000};
+    assert_false(mc_filter_match_budget(f, wide, &b));
+    assert_true(b.exceeded);
+    /* The same filter within a generous budget completes, with the right answer. */
+    b = (mc_filter_budget_t){.cpu_ns = 60000000000u};
+    assert_false(mc_filter_match_budget(f, wide, &b));
+    assert_false(b.exceeded);
+    mc_filter_destroy(f);
+    bson_destroy(q);
+
+    /* $expr counts against the same budget: the work of an expression (here a field path
+     * through the 200,000 array elements and a $in over the result) stops it like a regex's. */
+    q = json("{\"$expr\": {\"$in\": [199999, \"$a.x\"]}}");
+    f = mc_filter_new(q, NULL, NULL);
+    assert_non_null(f);
+    b = (mc_filter_budget_t){.cpu_ns = 1};
+    assert_false(mc_filter_match_budget(f, wide, &b));
+    assert_true(b.exceeded);
+    assert_string_equal(b.reason, "CPU budget exhausted");
+    /* Within a generous budget, and without one, the answer is there. */
+    b = (mc_filter_budget_t){.cpu_ns = 60000000000u};
+    assert_true(mc_filter_match_budget(f, wide, &b));
+    assert_false(b.exceeded);
+    assert_true(mc_filter_match(f, wide));
+    mc_filter_destroy(f);
+    bson_destroy(q);
+    bson_destroy(wide);
+    /* A small $expr within a small budget: never exceeded. */
+    q = json("{\"$expr\": {\"$gt\": [\"$qty\", \"$min\"]}}");
+    f = mc_filter_new(q, NULL, NULL);
+    yes = json("{\"qty\": 5, \"min\": 2}");
+    for (int i = 0; i < 2000; i++) {
+        b = (mc_filter_budget_t){.cpu_ns = 1000000};
+        assert_true(mc_filter_match_budget(f, yes, &b));
+        assert_false(b.exceeded);
+    }
+    mc_filter_destroy(f);
+    bson_destroy(q);
+    bson_destroy(yes);
+
+    /* An ordinary filter within a small budget, many times: never exceeded, same answers. */
+    q = json("{\"fullDocument.owner\": \"u1\", \"fullDocument.t\": {\"%regex\": \"^ord\", "
+             "\"%options\": \"i\"}}");
+    f = mc_filter_new(q, NULL, NULL);
+    yes = json("{\"fullDocument\": {\"owner\": \"u1\", \"t\": \"Order 7\"}}");
+    bson_t *no = json("{\"fullDocument\": {\"owner\": \"u1\", \"t\": \"invoice\"}}");
+    for (int i = 0; i < 2000; i++) {
+        b = (mc_filter_budget_t){.cpu_ns = 1000000};
+        assert_true(mc_filter_match_budget(f, yes, &b));
+        assert_false(mc_filter_match_budget(f, no, &b));
+        assert_false(b.exceeded);
+    }
+    mc_filter_destroy(f);
+    bson_destroy(q);
+    bson_destroy(yes);
+    bson_destroy(no);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -625,6 +915,9 @@ int main(void)
         cmocka_unit_test(test_is_empty),
         cmocka_unit_test(test_value_compare),
         cmocka_unit_test(test_reuse_and_many_docs),
+        cmocka_unit_test(test_regex_pcre2),
+        cmocka_unit_test(test_regex_limits_and_bad_utf8),
+        cmocka_unit_test(test_budget),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

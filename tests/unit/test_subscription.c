@@ -518,6 +518,28 @@ static void test_ownership_transfer_views(void **state)
     sa = ok_sub(f, NULL, "{\"fullDocumentBeforeChange.note\":\"secret\"}", &admin);
     assert_int_equal(view(sa, moved("u2", "u1", "acme")), MC_EVENT_VIEW_FULL);
     mcd_subscription_destroy(sa);
+    /* Within a budget: the same views, and a budget that has run out stops the subscriber
+     * whose view needs a filter (-1), but not a "left" notice, which evaluates none. */
+    s1 = ok_sub(f, NULL, "{\"fullDocument.tenant\":\"acme\"}", &u1);
+    s2 = ok_sub(f, NULL, "{\"fullDocument.tenant\":\"acme\"}", &u2);
+    mc_filter_budget_t b = {.cpu_ns = 60000000000u};
+    mc_event_t *ev = moved("u2", "u1", "acme");
+    assert_int_equal(mcd_subscription_view_budget(s1, ev, &b), MC_EVENT_VIEW_ENTERED);
+    assert_int_equal(mcd_subscription_view_budget(s2, ev, &b), MC_EVENT_VIEW_LEFT);
+    assert_false(b.exceeded);
+    b = (mc_filter_budget_t){.cpu_ns = 1, .exceeded = true, .reason = "CPU budget exhausted"};
+    assert_int_equal(mcd_subscription_view_budget(s1, ev, &b), -1);
+    assert_int_equal(mcd_subscription_view_budget(s2, ev, &b), MC_EVENT_VIEW_LEFT);
+    mc_event_unref(&ev);
+    /* Not the recipient of either version: nothing, and no filter runs. */
+    ev = moved("u2", "u1", "acme");
+    mcd_identity_t u3 = user("u3", false);
+    mcd_subscription_t *s3 = ok_sub(f, NULL, "{\"fullDocument.tenant\":\"acme\"}", &u3);
+    assert_int_equal(mcd_subscription_view_budget(s3, ev, &b), MC_EVENT_VIEW_NONE);
+    mc_event_unref(&ev);
+    mcd_subscription_destroy(s1);
+    mcd_subscription_destroy(s2);
+    mcd_subscription_destroy(s3);
     /* Typed identities: a token whose claim is the number 7 is not the string "7". */
     mcd_identity_t n7 = user("x", false);
     bson_value_t seven = {.value_type = BSON_TYPE_INT32};

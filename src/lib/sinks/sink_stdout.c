@@ -10,7 +10,8 @@
  * event's cached rendering, shared with every other consumer of the event. A write error
  * (closed pipe, full disk) is reported to the engine as MC_EIO by the publish or drain that
  * meets it (or by the next publish when a flush met it) and logged there; the sink is not
- * durable, so nothing waits on it.
+ * durable, so nothing waits on it. A message longer than server.max_message_bytes is printed
+ * as its `oversize` notice (mc_event_oversize_json), as the live transports send it.
  * Invariant: 0 <= used <= STDOUT_BUF_SIZE; nothing buffered survives flush or drain.
  */
 #include <errno.h>
@@ -22,6 +23,7 @@
 #define STDOUT_BUF_SIZE (64 * 1024)
 
 typedef struct stdout_ctx {
+    size_t max_line;   /* server.max_message_bytes: longer messages print their notice */
     bool raw;          /* canonical Extended JSON of the change instead of the §4.3 message */
     bool ready;        /* also print ready messages */
     bool write_failed; /* a flush failed: the next publish reports it */
@@ -65,6 +67,9 @@ static int stdout_init(mc_sink_t *sink, const bson_t *options, mc_error_t *err)
 {
     stdout_ctx_t *ctx = mc_sink_ctx(sink);
     ctx->out = stdout;
+    mc_engine_t *engine = mc_sink_engine(sink);
+    const mc_config_t *cfg = engine ? mc_engine_config(engine) : NULL;
+    ctx->max_line = cfg && cfg->server.max_message_bytes ? cfg->server.max_message_bytes : 16777216;
     bson_iter_t it;
     if (options && bson_iter_init(&it, options)) {
         while (bson_iter_next(&it)) {
@@ -82,6 +87,33 @@ static int stdout_init(mc_sink_t *sink, const bson_t *options, mc_error_t *err)
         return MC_ECONFIG;
     }
     return 0;
+}
+
+/* Appends one line to the buffer (or, when longer than it, hands it to stdio). */
+static int put_line(stdout_ctx_t *ctx, const char *text, size_t len)
+{
+    int rc = 0;
+    if (ctx->write_failed) {
+        ctx->write_failed = false;
+        rc = MC_EIO;
+    }
+    if (len + 1 > STDOUT_BUF_SIZE - ctx->used) {
+        if (write_out(ctx) != 0) {
+            rc = MC_EIO;
+        }
+        if (len + 1 > STDOUT_BUF_SIZE) {
+            /* Larger than the whole buffer: straight to stdio (pushed out by the flush). */
+            if (fwrite(text, 1, len, ctx->out) != len || fputc('\n', ctx->out) == EOF) {
+                clearerr(ctx->out);
+                rc = MC_EIO;
+            }
+            return rc;
+        }
+    }
+    memcpy(ctx->buf + ctx->used, text, len);
+    ctx->buf[ctx->used + len] = '\n';
+    ctx->used += len + 1;
+    return rc;
 }
 
 static int stdout_publish(mc_sink_t *sink, mc_event_t *ev)
@@ -110,27 +142,15 @@ static int stdout_publish(mc_sink_t *sink, mc_event_t *ev)
     if (!text) {
         return MC_ENOMEM;
     }
-    int rc = 0;
-    if (ctx->write_failed) {
-        ctx->write_failed = false;
-        rc = MC_EIO;
+    if (len <= ctx->max_line || kind != MC_EVENT_CHANGE) {
+        return put_line(ctx, text, len);
     }
-    if (len + 1 > STDOUT_BUF_SIZE - ctx->used) {
-        if (write_out(ctx) != 0) {
-            rc = MC_EIO;
-        }
-        if (len + 1 > STDOUT_BUF_SIZE) {
-            /* Larger than the whole buffer: straight to stdio (pushed out by the flush). */
-            if (fwrite(text, 1, len, ctx->out) != len || fputc('\n', ctx->out) == EOF) {
-                clearerr(ctx->out);
-                rc = MC_EIO;
-            }
-            return rc;
-        }
+    char *notice = mc_event_oversize_json(ev, len, ctx->max_line, &len);
+    if (!notice) {
+        return MC_ENOMEM;
     }
-    memcpy(ctx->buf + ctx->used, text, len);
-    ctx->buf[ctx->used + len] = '\n';
-    ctx->used += len + 1;
+    int rc = put_line(ctx, notice, len);
+    bson_free(notice);
     return rc;
 }
 
