@@ -91,6 +91,7 @@ static void hub_cleanup(mcd_hub_t *hub)
     mcd_conn_set_cleanup(&hub->subs);
     mcd_msg_unref(hub->ready_msg);
     mcd_msg_unref(hub->reset_msg);
+    mcd_msg_unref(hub->error_msg);
     memset(hub, 0, sizeof(*hub));
 }
 
@@ -262,8 +263,16 @@ static void hub_publish(mcd_hub_t *hub, mc_event_t *ev)
             ring_clear(hub);
         }
         break;
-    case MC_EVENT_READY: hub->open = true; break;
-    case MC_EVENT_ERROR: hub->open = false; break;
+    case MC_EVENT_READY:
+        hub->open = true;
+        mcd_msg_unref(hub->error_msg);
+        hub->error_msg = NULL;
+        break;
+    case MC_EVENT_ERROR:
+        hub->open = false;
+        mcd_msg_unref(hub->error_msg);
+        hub->error_msg = mcd_msg_ref(msg);
+        break;
     }
     /* Subscribers flagged MCD_CF_MATCH_ALL (no recipient rule, no $var stage, no filter)
      * skip the per-subscriber decision: for them mcd_subscription_view() is FULL for every

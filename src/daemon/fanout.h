@@ -30,6 +30,7 @@ typedef struct mcd_hub {
     bool open;            /* the engine's last word on this stream was "ready" */
     mcd_msg_t *ready_msg; /* {"type":"ready"} for subscribers joining an open stream */
     mcd_msg_t *reset_msg; /* {"type":"reset","reason":"history"} for lost resumes */
+    mcd_msg_t *error_msg; /* the stream's failure (its error message) until it is ready again */
     uint64_t events;      /* events published to the fan-out */
     uint64_t replays;     /* resumes served from history */
     uint64_t resets;      /* resumes answered with reset */

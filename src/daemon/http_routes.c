@@ -197,8 +197,10 @@ static void route_metrics(mcd_conn_t *c, bool keep_alive)
 
 /* A stream the engine has given up on (MC_STREAM_FAILED: a fatal server error, or history
  * lost with on_history_lost: fail) would never deliver anything: say so instead of
- * subscribing. Checked after authentication, so that only a subscriber allowed on the stream
- * learns the server's reason. */
+ * subscribing. Checked after authentication. The reason is the fixed one of the stream's error
+ * message (its code's), never the server's own text, which can name databases, fields and
+ * tokens (it is in the log); in the moment before that message reaches the fan-out, a
+ * generic one. */
 static bool refuse_failed_stream(mcd_conn_t *c, mcd_hub_t *hub, bool keep_alive)
 {
     mcd_server_t *srv = mcd_conn_server(c);
@@ -207,9 +209,9 @@ static bool refuse_failed_stream(mcd_conn_t *c, mcd_hub_t *hub, bool keep_alive)
         st.state != MC_STREAM_FAILED) {
         return false;
     }
+    const char *reason = hub->error_msg ? mc_event_reason(hub->error_msg->ev) : NULL;
     char msg[200];
-    snprintf(msg, sizeof(msg), "stream failed: %.180s",
-             st.message[0] ? st.message : "see the daemon's log");
+    snprintf(msg, sizeof(msg), "stream failed: %.180s", reason ? reason : "see the daemon's log");
     mcd_http_refuse(c, 503, "stream_failed", msg, keep_alive, NULL);
     return true;
 }
