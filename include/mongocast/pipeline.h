@@ -127,6 +127,11 @@ mc_pipeline_t *mc_pipeline_new(const bson_t *stages, const mc_pipeline_opts_t *o
 int mc_pipeline_apply(const mc_pipeline_t *pipeline, const bson_t *doc, bson_t *out,
                       mc_error_t *err);
 
+/* For a pipeline of $match stages only (mc_pipeline_only_filters()): 1 when `doc` passes
+ * every stage, 0 when one drops it, or a negative status with `err` (an $expr that fails to
+ * evaluate, or a pipeline that reshapes). Copies nothing. */
+int mc_pipeline_test(const mc_pipeline_t *pipeline, const bson_t *doc, mc_error_t *err);
+
 /* Number of stages; true when every stage is a $match (the pipeline only filters, so a caller
  * may keep its own copy of a passing document instead of using `out`). */
 size_t mc_pipeline_length(const mc_pipeline_t *pipeline);

@@ -29,10 +29,11 @@
 
 /* ---- Messages ------------------------------------------------------------------------------- */
 
-static mcd_msg_t *msg_new(mc_event_t *ev, mc_event_view_t view)
+/* A message of `view` whose body is `json` (borrowed from the event's cache), or, when `own`,
+ * a copy of it that the message keeps (a subscriber's own message). */
+static mcd_msg_t *msg_new_body(mc_event_t *ev, mc_event_view_t view, const char *json, size_t len,
+                               bool own)
 {
-    size_t len = 0;
-    const char *json = mc_event_json_view(ev, view, &len);
     if (!json || len > UINT32_MAX) {
         return NULL;
     }
@@ -48,7 +49,7 @@ static mcd_msg_t *msg_new(mc_event_t *ev, mc_event_view_t view)
     /* SSE ends an event at a blank line, so the data must be one line. JSON only has raw
      * line breaks as insignificant whitespace (inside strings they are escaped), so turning
      * them into spaces keeps the same JSON value. */
-    if (memchr(json, '\n', len) || memchr(json, '\r', len)) {
+    if (own || memchr(json, '\n', len) || memchr(json, '\r', len)) {
         msg->owned = malloc(len + 1);
         if (!msg->owned) {
             mc_event_unref(&msg->ev);
@@ -62,6 +63,23 @@ static mcd_msg_t *msg_new(mc_event_t *ev, mc_event_view_t view)
         msg->body = msg->owned;
     }
     msg->ws_hdr_len = (uint8_t)mcd_ws_frame_header(msg->ws_hdr, MCD_WS_OP_TEXT, len);
+    return msg;
+}
+
+static mcd_msg_t *msg_new(mc_event_t *ev, mc_event_view_t view)
+{
+    size_t len = 0;
+    const char *json = mc_event_json_view(ev, view, &len);
+    return msg_new_body(ev, view, json, len, false);
+}
+
+/* A subscriber's own message: the view's message carrying the change its stages made. */
+static mcd_msg_t *msg_new_own(mc_event_t *ev, mc_event_view_t view, const bson_t *change)
+{
+    size_t len = 0;
+    char *json = mc_event_json_view_with_change(ev, view, change, &len);
+    mcd_msg_t *msg = msg_new_body(ev, view, json, len, true);
+    bson_free(json);
     return msg;
 }
 
@@ -272,6 +290,58 @@ static bool stream_open_now(mcd_hub_t *hub)
     return st.state == MC_STREAM_OPEN;
 }
 
+/* A subscriber whose own stages failed on an event: it gets an error message, then its
+ * subscription ends, as MongoDB ends a change stream whose pipeline fails (the other
+ * subscribers go on). */
+static void end_on_stage_error(mcd_hub_t *hub, mcd_conn_t *c, int code)
+{
+    static mc_log_ratelimit_t rl = MC_LOG_RATELIMIT_INIT(10000);
+    mc_log_ratelimited(&rl, MC_LOG_WARN, "server",
+                       "per-subscriber pipeline stage failed stream=%s code=%d: subscriber "
+                       "ended",
+                       hub->cfg->name, code);
+    mc_event_t *ev = mc_event_new_error(hub->cfg->name, 0, MCD_ERROR_PIPELINE, code > 0 ? code : 0,
+                                        MCD_ERROR_PIPELINE_REASON);
+    mcd_msg_t *m = ev ? mcd_msg_new_event(ev) : NULL;
+    mc_event_unref(&ev);
+    if (m) {
+        mcd_conn_send(c, m, false);
+        mcd_msg_unref(m);
+    }
+    mcd_conn_end(c, MCD_WS_CLOSE_STREAM_FAILED, "pipeline error");
+}
+
+/* The message `c` receives of the event of `full` (a FULL message), decided the same way for
+ * live delivery and history replay: NULL for nothing (and *ended when the subscriber's own
+ * stages failed and it was ended). The result is a borrowed shared message, or, for a
+ * subscriber whose stages reshape the change, its own message (*own: the caller drops the
+ * reference). */
+static mcd_msg_t *message_for(mcd_hub_t *hub, mcd_conn_t *c, mcd_msg_t *full, bool *own,
+                              bool *ended)
+{
+    *own = false;
+    *ended = false;
+    bson_t change;
+    bool own_change = false;
+    int code = 0;
+    mc_event_view_t view = mcd_subscription_apply(c->sub, full->ev, &change, &own_change, &code);
+    if (code != 0) {
+        end_on_stage_error(hub, c, code);
+        *ended = true;
+        return NULL;
+    }
+    if (view == MC_EVENT_VIEW_NONE) {
+        return NULL;
+    }
+    if (own_change) {
+        mcd_msg_t *m = msg_new_own(full->ev, view, &change);
+        bson_destroy(&change);
+        *own = m != NULL;
+        return m;
+    }
+    return mcd_msg_view(full, view);
+}
+
 int mcd_hub_subscribe(mcd_hub_t *hub, mcd_conn_t *conn, const char *since)
 {
     if (hub->n_subs == hub->subs_cap) {
@@ -308,16 +378,26 @@ int mcd_hub_subscribe(mcd_hub_t *hub, mcd_conn_t *conn, const char *since)
     if (found >= 0) {
         for (uint32_t i = (uint32_t)found + 1; i < hub->ring_len; i++) {
             mcd_msg_t *m = ring_at(hub, i);
-            /* The same decision as live delivery (hub_publish). */
-            mc_event_view_t view = mcd_subscription_view(conn->sub, m->ev);
-            if (view == MC_EVENT_VIEW_NONE) {
+            if (mc_event_kind(m->ev) != MC_EVENT_CHANGE) {
+                if (mcd_conn_send(conn, m, true) != 0) {
+                    return -1;
+                }
                 continue;
             }
-            mcd_msg_t *vm = mcd_msg_view(m, view);
+            /* The same decision as live delivery (hub_publish). */
+            bool own, ended;
+            mcd_msg_t *vm = message_for(hub, conn, m, &own, &ended);
+            if (ended) {
+                return -1;
+            }
             if (!vm) {
                 continue;
             }
-            if (mcd_conn_send(conn, vm, true) != 0) {
+            int rc = mcd_conn_send(conn, vm, true);
+            if (own) {
+                mcd_msg_unref(vm);
+            }
+            if (rc != 0) {
                 return -1;
             }
         }
@@ -388,20 +468,18 @@ static void hub_publish(mcd_hub_t *hub, mc_event_t *ev)
     for (uint32_t i = hub->n_subs; i-- > 0;) {
         mcd_conn_t *c = hub->subs[i];
         mcd_msg_t *m = msg;
+        bool own = false;
         if (check && !(c->flags & skip_check)) {
-            mc_event_view_t view = mcd_subscription_view(c->sub, ev);
-            if (view == MC_EVENT_VIEW_NONE) {
-                continue;
-            }
-            m = mcd_msg_view(msg, view);
+            bool ended;
+            m = message_for(hub, c, msg, &own, &ended);
             if (!m) {
-                static mc_log_ratelimit_t rl = MC_LOG_RATELIMIT_INIT(10000);
-                mc_log_ratelimited(&rl, MC_LOG_ERROR, "server",
-                                   "out of memory: message dropped stream=%s", hub->cfg->name);
                 continue;
             }
         }
         mcd_conn_send(c, m, false);
+        if (own) {
+            mcd_msg_unref(m);
+        }
     }
     if (kind == MC_EVENT_ERROR) {
         /* The stream's last event in this run: end every subscriber once the message is

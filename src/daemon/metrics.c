@@ -215,6 +215,31 @@ char *mcd_metrics_render(mcd_server_t *srv, size_t *len)
                 label(srv->hubs[i].cfg->name, l, sizeof(l)), ss[i].unresolved_recipients);
         }
     }
+    help(&o, "mongocast_recipient_missing_total", "counter",
+         "Document events of a stream with a recipient whose recipient path held no identity "
+         "(missing, null, another type; a pipeline stage may have removed it): admins only.");
+    for (size_t i = 0; i < n; i++) {
+        if (have[i]) {
+            put(&o, "mongocast_recipient_missing_total{stream=\"%s\"} %" PRIu64 "\n",
+                label(srv->hubs[i].cfg->name, l, sizeof(l)), ss[i].recipient_missing);
+        }
+    }
+    help(&o, "mongocast_images_missing_total", "counter",
+         "Events that arrived without the pre- or post-image the stream asks for.");
+    for (size_t i = 0; i < n; i++) {
+        if (have[i]) {
+            put(&o, "mongocast_images_missing_total{stream=\"%s\"} %" PRIu64 "\n",
+                label(srv->hubs[i].cfg->name, l, sizeof(l)), ss[i].images_missing);
+        }
+    }
+    help(&o, "mongocast_images_off", "gauge",
+         "1 while the stream knows that images it asks for are off somewhere (see /readyz).");
+    for (size_t i = 0; i < n; i++) {
+        if (have[i]) {
+            put(&o, "mongocast_images_off{stream=\"%s\"} %d\n",
+                label(srv->hubs[i].cfg->name, l, sizeof(l)), ss[i].images_problem[0] ? 1 : 0);
+        }
+    }
     help(&o, "mongocast_client_resumes_total", "counter",
          "Subscriber resumes (since= or Last-Event-ID): replayed from history or answered "
          "with reset.");

@@ -775,6 +775,18 @@ mc_pipeline_t *mc_pipeline_new(const bson_t *stages, const mc_pipeline_opts_t *o
     return p;
 }
 
+int mc_pipeline_test(const mc_pipeline_t *p, const bson_t *doc, mc_error_t *err)
+{
+    if (!p || !doc || !p->only_filters) {
+        return mc__expr_fail(err, 2, "mc_pipeline_test needs a pipeline of $match stages");
+    }
+    int rc = 1;
+    for (size_t i = 0; i < p->n && rc == 1; i++) {
+        rc = mc__filter_eval(p->stages[i].filter, doc, err);
+    }
+    return rc;
+}
+
 size_t mc_pipeline_length(const mc_pipeline_t *p)
 {
     return p ? p->n : 0;

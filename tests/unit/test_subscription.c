@@ -17,18 +17,9 @@
 
 #include "mongocast.h"
 #include "subscription.h"
+#include "test_json.h"
 
 /* ---- Helpers --------------------------------------------------------------------------- */
-
-static bson_t *json(const char *s)
-{
-    bson_error_t e;
-    bson_t *b = bson_new_from_json((const uint8_t *)s, -1, &e);
-    if (!b) {
-        fail_msg("bad test JSON %s: %s", s, e.message);
-    }
-    return b;
-}
 
 static uint64_t seq;
 
@@ -573,14 +564,112 @@ static void test_local_stages_check(void **state)
     expect_stage_check(f, "{\"0\":{\"$match\":{\"a\":{\"$var\":\"\"}}}}", "variable name");
     expect_stage_check(f, "{\"0\":{\"$match\":{\"a\":{\"$var\":\"t\",\"x\":1}}}}", "only field");
     expect_stage_check(f, "{\"0\":{\"$match\":{\"a\":{\"x\":1,\"$var\":\"t\"}}}}", "only field");
+    /* Stages after a $var stage run per subscriber, in the written order. */
     expect_stage_check(f,
                        "{\"0\":{\"$match\":{\"a\":{\"$var\":\"t\"}}},"
                        "\"1\":{\"$project\":{\"a\":1}}}",
-                       "follows stage 0");
+                       NULL);
+    expect_stage_check(f,
+                       "{\"0\":{\"$match\":{\"a\":{\"$var\":\"t\"}}},"
+                       "\"1\":{\"$redact\":\"$$KEEP\"}}",
+                       "pipeline stage 1: $redact cannot follow a $var stage");
+    expect_stage_check(f,
+                       "{\"0\":{\"$match\":{\"a\":{\"$var\":\"t\"}}},"
+                       "\"1\":{\"$project\":{}}}",
+                       "pipeline stage 1: $project (runs per subscriber, after a $var stage)");
+    expect_stage_check(f,
+                       "{\"0\":{\"$match\":{\"a\":{\"$var\":\"t\"}}},"
+                       "\"1\":{\"$set\":{\"x\":{\"$nope\":1}}}}",
+                       "Unrecognized expression");
+    /* Before the first $var stage anything MongoDB takes runs on the server. */
+    expect_stage_check(f,
+                       "{\"0\":{\"$redact\":\"$$KEEP\"},"
+                       "\"1\":{\"$match\":{\"a\":{\"$var\":\"t\"}}}}",
+                       NULL);
     expect_stage_check(f, "{\"0\":{\"$match\":{\"a\":1},\"$project\":{}}}", "exactly one key");
     f->stream.pipeline = NULL;
     mc_error_t err = {0};
     assert_int_equal(mcd_stream_local_stages_check(&f->stream, &err), 0);
+}
+
+/* ---- Per-subscriber stages in the written order -------------------------------------- */
+
+/* What `sub` receives of `ev` as compact JSON of its change (NULL: nothing), the view and the
+ * error code; takes `ev`. */
+static char *receive(mcd_subscription_t *sub, mc_event_t *ev, mc_event_view_t *view, int *code)
+{
+    bson_t out;
+    bool own = false;
+    *view = mcd_subscription_apply(sub, ev, &out, &own, code);
+    char *text = NULL;
+    if (*view != MC_EVENT_VIEW_NONE) {
+        const bson_t *c = own ? &out : mc_event_change_view(ev, *view);
+        text = bson_as_relaxed_extended_json(c, NULL);
+    }
+    if (own) {
+        bson_destroy(&out);
+    }
+    mc_event_unref(&ev);
+    return text;
+}
+
+static void test_stage_order(void **state)
+{
+    fx_t *f = *state;
+    mcd_identity_t bob = user("bob", false);
+    mc_event_view_t view;
+    int code;
+    /* $var match, then $project: the projection runs per subscriber after its match. */
+    set_pipeline(f, "{\"0\":{\"$match\":{\"fullDocument.tenant\":{\"$var\":\"t\"}}},"
+                    "\"1\":{\"$project\":{\"fullDocument.owner\":1,\"operationType\":1}}}");
+    mcd_subscription_t *s = ok_sub(f, "{\"t\":\"a\"}", NULL, &bob);
+    assert_true(mcd_subscription_reshapes(s));
+    assert_false(mcd_subscription_matches_all(s));
+    char *got = receive(s, change("insert", "bob", "a"), &view, &code);
+    assert_int_equal(view, MC_EVENT_VIEW_FULL);
+    assert_int_equal(code, 0);
+    assert_non_null(got);
+    assert_non_null(strstr(got, "\"owner\" : \"bob\""));
+    assert_null(strstr(got, "tenant"));
+    assert_null(strstr(got, "\"ns\""));
+    assert_non_null(strstr(got, "\"_data\""));
+    bson_free(got);
+    assert_null(receive(s, change("insert", "bob", "b"), &view, &code));
+    assert_int_equal(code, 0);
+    /* Routing still decides first: another owner's event never reaches the stages. */
+    assert_null(receive(s, change("insert", "eve", "a"), &view, &code));
+    mcd_subscription_destroy(s);
+    /* A client filter sees what the stages produced (tenant is gone). */
+    s = ok_sub(f, "{\"t\":\"a\"}", "{\"fullDocument.tenant\":\"a\"}", &bob);
+    assert_null(receive(s, change("insert", "bob", "a"), &view, &code));
+    mcd_subscription_destroy(s);
+
+    /* $project, then $var match: the projection runs on the server, the match here; a match
+     * on a field the projection removed matches nothing, as in MongoDB. */
+    set_pipeline(f, "{\"0\":{\"$project\":{\"fullDocument.owner\":1}},"
+                    "\"1\":{\"$match\":{\"fullDocument.tenant\":{\"$var\":\"t\"}}}}");
+    s = ok_sub(f, "{\"t\":\"a\"}", NULL, &bob);
+    assert_false(mcd_subscription_reshapes(s));
+    mcd_subscription_destroy(s);
+
+    /* A stage that changes _id ends the subscription as MongoDB ends the stream (280). */
+    set_pipeline(f, "{\"0\":{\"$match\":{\"fullDocument.tenant\":{\"$var\":\"t\"}}},"
+                    "\"1\":{\"$project\":{\"_id\":0,\"operationType\":1}}}");
+    s = ok_sub(f, "{\"t\":\"a\"}", NULL, &bob);
+    assert_null(receive(s, change("insert", "bob", "a"), &view, &code));
+    assert_int_equal(code, 280);
+    mcd_subscription_destroy(s);
+    /* ... and so does one that fails to evaluate ($add on a string: 16554). */
+    set_pipeline(f, "{\"0\":{\"$match\":{\"fullDocument.tenant\":{\"$var\":\"t\"}}},"
+                    "\"1\":{\"$set\":{\"x\":{\"$add\":[\"$fullDocument.tenant\",1]}}}}");
+    s = ok_sub(f, "{\"t\":\"a\"}", NULL, &bob);
+    assert_null(receive(s, change("insert", "bob", "a"), &view, &code));
+    assert_int_equal(code, 16554);
+    /* Control events pass untouched. */
+    mc_event_t *ready = mc_event_new_control(MC_EVENT_READY, "orders", 1, NULL);
+    assert_int_equal(mcd_subscription_view(s, ready), MC_EVENT_VIEW_FULL);
+    mc_event_unref(&ready);
+    mcd_subscription_destroy(s);
 }
 
 int main(void)
@@ -598,6 +687,7 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_var_and_filter_and_recipient_combined, setup,
                                         teardown),
         cmocka_unit_test_setup_teardown(test_local_stages_check, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_stage_order, setup, teardown),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
