@@ -10,8 +10,10 @@
  *     and ENTERED / LEFT when a write moved a document between owners), each with its
  *     WebSocket header and SSE head built at most once; the FULL message owns the others, the
  *     ring holds the FULL one, and every subscriber queue holds references;
- *   - the view a subscriber gets is decided by mcd_subscription_view() in one place, for live
- *     delivery and for history replay alike;
+ *   - what a subscriber gets is decided by message_for() (mcd_subscription_apply()) in one
+ *     place, for live delivery and for history replay alike: a shared view message, or, when
+ *     the subscriber's own stages reshape the change, a message of its own (encoded for it,
+ *     never put in the ring); a subscriber whose stages fail is ended after an error message;
  *   - a subscriber is either in hub->subs (live) or not subscribed at all: replay and
  *     joining happen in one call on the loop thread, and every event the engine dispatches
  *     afterwards reaches both the ring and the live subscribers in the same publish(), so a
@@ -459,7 +461,7 @@ static void hub_publish(mcd_hub_t *hub, mc_event_t *ev)
     case MC_EVENT_ERROR: hub->open = false; break;
     }
     /* Subscribers flagged MCD_CF_MATCH_ALL (no recipient rule, no $var stage, no filter)
-     * skip the per-subscriber decision: for them mcd_subscription_view() is FULL for every
+     * skip the per-subscriber decision: for them mcd_subscription_apply() is FULL for every
      * event except a change without a change document, decided here once per event. */
     bool check = kind == MC_EVENT_CHANGE;
     uint8_t skip_check = check && mc_event_change(ev) ? MCD_CF_MATCH_ALL : 0;

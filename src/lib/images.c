@@ -340,24 +340,17 @@ static bool doc_field(const bson_t *change, const char *name)
     return bson_iter_init_find(&it, change, name) && BSON_ITER_HOLDS_DOCUMENT(&it);
 }
 
-static const char *utf8_at(const bson_t *change, const char *path)
+void mc__images_on_event(mc__images_t *im, const mc_event_t *ev)
 {
-    bson_iter_t it, v;
-    return bson_iter_init(&it, change) && bson_iter_find_descendant(&it, path, &v) &&
-                   BSON_ITER_HOLDS_UTF8(&v)
-               ? bson_iter_utf8(&v, NULL)
-               : NULL;
-}
-
-void mc__images_before_route(mc__images_t *im, const bson_t *change)
-{
-    if (!im) {
+    if (!im || mc_event_kind(ev) != MC_EVENT_CHANGE) {
         return;
     }
-    const char *op = utf8_at(change, "operationType");
-    const char *db = utf8_at(change, "ns.db");
-    const char *coll = utf8_at(change, "ns.coll");
-    if (!op || !db) {
+    /* Read when the event was built: no walk of the change here for most events. */
+    const char *op = mc_event_operation_type(ev);
+    const char *db = mc_event_db(ev);
+    const char *coll = mc_event_coll(ev);
+    const bson_t *change = mc_event_change(ev);
+    if (!op || !db || !change) {
         return;
     }
     bool doc_op = !strcmp(op, "insert") || !strcmp(op, "update") || !strcmp(op, "replace") ||

@@ -6,7 +6,7 @@
  * changeStreamPreAndPostImages is off gives events without them, which then reach admins
  * only. Dropping and re-creating a collection turns its images off again. This module:
  *   - with ensure_images: true, turns them on (collMod changeStreamPreAndPostImages
- *     {enabled: true}) where the stream needs them, before events from there are routed: at
+ *     {enabled: true}) where the stream needs them, as soon as it can: at
  *     every open of the change stream (the watched collection, or the by_collection
  *     collections of a database- or cluster-level stream, and the lookup collections), for
  *     each collection a database- or cluster-level stream sees for the first time (again
@@ -38,8 +38,10 @@ void mc__images_destroy(mc__images_t *im);
 /* The change stream (re)opened; `after_invalidate`: the watched namespace went away. */
 void mc__images_on_open(mc__images_t *im, bool after_invalidate);
 
-/* Before `change` (a change event just read) is routed. */
-void mc__images_before_route(mc__images_t *im, const bson_t *change);
+/* A change event just built, before it is handed on: images turned on where needed (for the
+ * events after it: an event's own images were decided by the server when it was written),
+ * and a missing image counted and reported. */
+void mc__images_on_event(mc__images_t *im, const mc_event_t *ev);
 
 /* An empty batch: time to look again for a collection that does not exist yet. */
 void mc__images_on_idle(mc__images_t *im);

@@ -484,7 +484,6 @@ static read_result_t read_loop(watcher_t *w, mongoc_change_stream_t *cs, bson_er
                 }
                 continue;
             }
-            mc__images_before_route(w->images, doc);
             mc_event_t *ev = mc_event_new_change(s->cfg->name, s->next_seq++, doc,
                                                  mc__recipients_event_path(w->rcpt), &eerr);
             if (!ev) {
@@ -492,6 +491,7 @@ static read_result_t read_loop(watcher_t *w, mongoc_change_stream_t *cs, bson_er
                                "change event unusable: %s", eerr.message);
                 return READ_ERROR;
             }
+            mc__images_on_event(w->images, ev);
             note_routing(w, ev, mc__recipients_route(w->rcpt, ev, &w->e->stopping));
             set_pos_event(w, ev, false);
             if (op) {
