@@ -9,8 +9,10 @@ The collections start without pre-/post-images: ensure_images turns them on at s
 Alice owns one business, Bob another, Carol none; an admin sees everything. An item update
 reaches Alice through the DBRef; an order delete reaches her through its pre-image; a stock
 drop to the reorder point reaches her with the "Stock low, please restock ..." line; Bob only
-receives his own item's change, Carol nothing. Runs unchanged against a real replica set
-(MONGODB_URI, MongoDB 6.0+: the daemon's user needs collMod).
+receives his own item's change, Carol nothing. A second test routes through a path whose
+value is itself a DBRef (to the lookup collection: looked up by its $id; to another: nobody).
+Runs unchanged against a real replica set (MONGODB_URI, MongoDB 6.0+: the daemon's user needs
+collMod).
 """
 
 import os
@@ -20,7 +22,8 @@ from bson import DBRef, ObjectId
 
 from conftest import REPO
 from daemon_util import *  # noqa: F401,F403
-from live_util import claims, free_port, hs256, start_live, stream_path, subscribers  # noqa: F401
+from live_util import (claims, free_port, hs256, live_config, start_live, stream_path,
+                       subscribers)  # noqa: F401
 
 SECRET = "mercury-secret-0123456789abcdef0123456789abcd"
 ALICE, BOB, CAROL = ObjectId(), ObjectId(), ObjectId()
@@ -105,3 +108,33 @@ def test_mercury_feed_and_alert_one_stream(tmp_path, daemons, subscribers, db, d
     assert carol == []
     assert len(admin) == 4 and all(m["type"] == "change" for m in admin)
     assert d.alive()
+
+
+def test_lookup_key_that_is_a_dbref(tmp_path, daemons, subscribers, db, db_name, mongo_uri):
+    """A rule whose path holds a DBRef to the lookup collection looks up its $id; a DBRef to
+    another collection designates nobody (admins only)."""
+    seed(db)
+    b_alice = db.businesses.find_one({"name": "Corner Hardware"})["_id"]
+    db.create_collection("tickets")
+    port = free_port()
+    cfg = live_config(tmp_path / "c.yaml", mongo_uri, {"feed": {
+        "db": db_name, "max_await_time_ms": 100,
+        "recipient": {"by_collection": {"tickets": {
+            "path": "fullDocument.business",
+            "lookup": {"db": db_name, "collection": "businesses", "recipient": "owner.$id"},
+            "summary": "ticket {fullDocument.title} for {fullDocument.business.$id}"}}}}},
+        port, auth={"algorithm": "HS256", "secret": SECRET, "admin_role": "mercury:admin"})
+    start_live(daemons, cfg, port)
+    alice = subscribers.ws(port, stream_path("feed", token=token(ALICE)), name="alice")
+    admin = subscribers.ws(port, stream_path("feed", token=token(admin=True)), name="admin")
+    alice.wait_ready()
+    admin.wait_ready()
+    db.tickets.insert_one({"_id": 1, "title": "a", "business": DBRef("people", b_alice)})
+    db.tickets.insert_one({"_id": 2, "title": "b", "business": DBRef("businesses", b_alice)})
+    admin.wait_changes(2)
+    alice.wait_changes(1)
+    time.sleep(0.3)
+    changes = [m for m in alice.messages() if m["type"] == "change"]
+    assert [m["change"]["documentKey"]["_id"] for m in changes] == [2]
+    assert changes[0]["recipient"] == {"$oid": str(ALICE)}
+    assert changes[0]["summary"] == "ticket b for %s" % b_alice
