@@ -26,6 +26,7 @@
 #include "mongocast/identity.h"
 #include "mongocast/event.h"
 #include "mongocast/filter.h"
+#include "mongocast/images.h"
 #include "mongocast/pipeline.h"
 #include "mongocast/sink.h"
 #include "mongocast/engine.h"

@@ -8,7 +8,7 @@
 # that simulates the shops' activity (scripts/demo_writer.py), mints JWTs for alice, bob and an
 # admin, and prints viewer URLs with those tokens in them. The terminal shows the writer's
 # actions; open the URLs side by side to see that alice only ever receives her shops' changes.
-# Ctrl-C stops everything cleanly.
+# Ctrl-C stops everything cleanly; the logs stay in the mktemp directory it names at the end.
 #
 # Environment: MONGODB_URI (use this deployment instead of the emulator), DEMO_PORT (HTTP port,
 # default 8080; a free one is picked when it is taken), DEMO_JWT_SECRET (HS256 secret, at least
@@ -48,8 +48,9 @@ cleanup() {
         fi
         wait "$pid" 2>/dev/null || true
     done
-    say "logs were in $WORK (removed)"
-    rm -rf "$WORK"
+    # Kept, so the logs can be read after the demo stopped (it is under $TMPDIR; delete it
+    # when done).
+    say "logs kept in $WORK (mongocast.log, mongocast.out, emulator.log): rm -rf $WORK when done"
     exit "$status"
 }
 trap cleanup EXIT

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs the Debian packages mongocast needs to build, test and run its demo
-# (DESIGN.md §2). Idempotent: packages already present are not touched, and
+# (see README.md). Idempotent: packages already present are not touched, and
 # nothing runs apt at all when everything is there. Uses sudo when not root.
 #
 #   scripts/install-deps.sh            build + test dependencies

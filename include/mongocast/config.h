@@ -1,5 +1,5 @@
 /*
- * mongocast/config.h: the parsed mongocast configuration (DESIGN §4.2).
+ * mongocast/config.h: the parsed mongocast configuration (docs/config.md).
  *
  * mc_config_load_file() reads YAML (libyaml), replaces ${VAR} and ${VAR:-default} from the
  * environment, checks every key against a table of options (type, default, bounds), and
@@ -55,9 +55,34 @@ typedef struct mc_recipient_lookup {
     char *db;
     char *collection;
     char *field;     /* field of the looked-up document matched against the path's value */
-    char *recipient; /* field of the looked-up document that holds the recipient */
+    char *recipient; /* field of the looked-up document that holds the recipient (may go
+                        through a DBRef: owner.$id) */
     uint32_t cache_size;
 } mc_recipient_lookup_t;
+
+/* One alternative of a `summary`: the first whose `when` matches the change is rendered. */
+typedef struct mc_summary_rule {
+    bson_t *when; /* a query on the change event (NULL: always) */
+    char *text;   /* the template, "{fullDocument.name} is low" (docs/config.md, "Summary") */
+    mc_config_pos_t pos;
+} mc_summary_rule_t;
+
+/* A `summary`: a template string, or a list of {when, text} alternatives. n_rules == 0: none. */
+typedef struct mc_summary_config {
+    mc_summary_rule_t *rules;
+    size_t n_rules;
+} mc_summary_config_t;
+
+/* One entry of recipient.by_collection (or recipient.default): how events of one collection
+ * are routed, and optionally their own summary. */
+typedef struct mc_recipient_rule {
+    char *collection;              /* the by_collection key ("coll", or "db.coll" on a
+                                      cluster-level stream); NULL for `default` */
+    char *path;                    /* dotted path in the change event (required) */
+    mc_recipient_lookup_t *lookup; /* NULL: the path holds the recipient itself */
+    mc_summary_config_t summary;   /* n_rules == 0: the stream's summary */
+    mc_config_pos_t pos;
+} mc_recipient_rule_t;
 
 typedef struct mc_stream_config {
     char *name;        /* the key under streams:; served at /v1/streams/<name> */
@@ -68,6 +93,15 @@ typedef struct mc_stream_config {
     mc_before_change_t full_document_before_change;
     char *recipient;                 /* dotted path, or NULL */
     mc_recipient_lookup_t *lookup;   /* NULL unless recipient uses the lookup form */
+    /* recipient: {by_collection: {COLL: rule, ...}, default: rule}: a rule per collection of a
+     * database- or cluster-level stream (then `recipient` and `lookup` are NULL); events of
+     * a collection without a rule follow recipient_default, or go to admins only when it is
+     * NULL. Use mc_stream_config_has_recipient() to ask whether a stream routes at all. */
+    mc_recipient_rule_t *by_collection;
+    size_t n_by_collection;
+    mc_recipient_rule_t *recipient_default;
+    mc_summary_config_t summary; /* the human line of each change message; may be empty */
+    bool ensure_images;          /* turn on changeStreamPreAndPostImages where needed */
     bool is_public;
     bool client_filters;
     uint32_t history;                /* events kept for client resume */
@@ -133,6 +167,32 @@ mc_config_t *mc_config_load_string(const char *yaml, size_t len, const char *nam
 void mc_config_destroy(mc_config_t *config);
 /* The stream named `name`, or NULL. */
 const mc_stream_config_t *mc_config_stream(const mc_config_t *config, const char *name);
+
+/* True when the stream routes its events to recipients (any recipient form). */
+bool mc_stream_config_has_recipient(const mc_stream_config_t *stream);
+
+/* The by_collection rule for events of `db`.`coll` (the key is "coll" on a database-level
+ * stream, "db.coll" on a cluster-level one), else recipient_default; NULL when neither (the
+ * event then has no recipient) or the stream has no by_collection. */
+const mc_recipient_rule_t *mc_stream_config_rule(const mc_stream_config_t *stream, const char *db,
+                                                 const char *coll);
+
+/* Checks the stream's pipeline as the loader does: the stages from the first one that uses
+ * {$var: name} on run in the daemon, per subscriber, in the order written, so each must be a
+ * stage mongocast/pipeline.h runs, $var only in $match stages ({$var: "<name>"} alone in its
+ * document), and each must compile. Returns 0, or MC_ECONFIG with "stream NAME: pipeline
+ * stage I: ..." in err (for configs built by hand; loaded ones are already checked). */
+int mc_stream_config_check_pipeline(const mc_stream_config_t *stream, mc_error_t *err);
+
+/* Recipient lint: calls `fn` once per pipeline stage that removes or rewrites a field the
+ * recipient is read from (a $project that excludes it or does not include it, $unset, $set /
+ * $addFields of it, $replaceRoot / $replaceWith, ...), with the stage's index, its name and a
+ * human-readable warning. Every recipient path of the stream is checked (by_collection rules
+ * and the default too). Returns the number of warnings. Pure; any thread. */
+typedef void (*mc_config_warn_fn)(const mc_stream_config_t *stream, size_t stage, const char *op,
+                                  const char *message, void *userdata);
+size_t mc_stream_config_lint(const mc_stream_config_t *stream, mc_config_warn_fn fn,
+                             void *userdata);
 
 #ifdef __cplusplus
 }

@@ -86,6 +86,13 @@ typedef struct mc_stream_status {
     uint64_t unresolved_recipients;  /* changes whose recipient could not be decided from the
                                         write (or proven through the lookup) and went to
                                         admins only (mongocast/event.h) */
+    uint64_t recipient_missing;      /* insert/update/replace/delete events of a stream with a
+                                        recipient whose recipient path held no identity
+                                        (missing, null, another type): admins only */
+    uint64_t images_missing;         /* events that lacked the pre- or post-image the stream
+                                        asks for (images off on the collection, or expired) */
+    char images_problem[256];        /* why images are known to be off ("" when not): the
+                                        reason /readyz and mongocast check show */
 } mc_stream_status_t;
 
 /* Counters of one sink instance, copied out by mc_engine_sink_stats(). Every event offered to
@@ -256,11 +263,11 @@ int64_t mc_engine_now_ms(void);
 
 /*
  * Splits a stream pipeline (a BSON array of stages) into the stages sent to MongoDB (those
- * without any {$var: ...} value at any depth) and the stages the daemon evaluates per
- * subscriber (those with one), each kept in its original relative order. `server_out` and
- * `local_out` are initialised here (both as arrays; either may be empty) and must be
- * destroyed by the caller with bson_destroy(), also on error. Returns 0 or MC_EINVAL (an
- * element is not a document, or a stage has not exactly one key starting with '$').
+ * before the first stage with a {$var: ...} value at any depth) and the stages the daemon
+ * evaluates per subscriber (that stage and every one after it), in the written order. `server_out`
+ * and `local_out` are initialised here (both as arrays; either may be empty) and must be destroyed
+ * by the caller with bson_destroy(), also on error. Returns 0 or MC_EINVAL (an element is not a
+ * document, or a stage has not exactly one key starting with '$').
  */
 int mc_pipeline_split(const bson_t *pipeline, bson_t *server_out, bson_t *local_out,
                       mc_error_t *err);

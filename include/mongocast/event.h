@@ -57,7 +57,7 @@ typedef enum mc_event_kind {
     MC_EVENT_ERROR = 4,
 } mc_event_kind_t;
 
-/* "change", "invalidate", "reset", "ready", "error" (the `type` of the DESIGN §4.3 message). */
+/* "change", "invalidate", "reset", "ready", "error" (the `type` of the message). */
 const char *mc_event_kind_name(mc_event_kind_t kind);
 
 /*
@@ -142,7 +142,7 @@ bool mc_event_cluster_time(const mc_event_t *ev, uint32_t *t, uint32_t *i);
 int64_t mc_event_wall_time_ms(const mc_event_t *ev);
 
 /* The recipient as relaxed Extended JSON text of its canonical identity ("u1", 5,
- * { "$oid" : "..." }; mongocast/identity.h), or NULL when the event has none. Two events
+ * {"$oid":"..."}; mongocast/identity.h), or NULL when the event has none. Two events
  * are for the same recipient exactly when these texts are byte-equal. */
 const char *mc_event_recipient(const mc_event_t *ev);
 
@@ -189,10 +189,19 @@ mc_event_view_t mc_event_view_for(const mc_event_t *ev, const uint8_t *id, size_
 const bson_t *mc_event_change_view(const mc_event_t *ev, mc_event_view_t view);
 
 /* The message of a view, rendered once per event and view and cached like mc_event_json()
- * (FULL is mc_event_json()). ENTERED is the change message with "entered" : true after
- * "recipient"; LEFT is { "type" : "left", "stream" : S, "_id" : ... }. NULL for NONE, for a
- * view the event does not have, or when memory runs out. */
+ * (FULL is mc_event_json()). ENTERED is the change message with "entered":true after
+ * "recipient" (and the ENTERED view's own summary); LEFT is {"type":"left","stream":S,
+ * "_id":...}. NULL for NONE, for a view the event does not have, or when memory runs out. */
 const char *mc_event_json_view(mc_event_t *ev, mc_event_view_t view, size_t *len);
+
+/* The change message of `view` (FULL or ENTERED) with `change` in place of the view's change
+ * document: for a subscriber that runs pipeline stages of its own on its copy of the change
+ * (the daemon's per-subscriber stages after a $var stage). Everything else (id, recipient,
+ * entered, the view's summary) is the view's. Not cached: returns a new bson_malloc'ed text
+ * (release with bson_free) and its length in *len, or NULL for another view, a non-change
+ * event or when memory runs out. Any thread. */
+char *mc_event_json_view_with_change(const mc_event_t *ev, mc_event_view_t view,
+                                     const bson_t *change, size_t *len);
 
 /* For invalidate, reset and error: the reason; NULL otherwise. */
 const char *mc_event_reason(const mc_event_t *ev);
@@ -208,11 +217,13 @@ int mc_event_server_code(const mc_event_t *ev);
 const bson_t *mc_event_change(const mc_event_t *ev);
 
 /*
- * The DESIGN §4.3 message, rendered once on first use and cached (concurrent first calls are
- * safe; one rendering wins, the others are discarded):
- *   change:     {"type":"change","stream":S,"id":<_data>,"recipient":R,"change":{...}}
+ * The subscriber message (docs/protocol.md), compact JSON without whitespace outside strings,
+ * rendered once on first use and cached (concurrent first calls are safe; one rendering wins,
+ * the others are discarded):
+ *   change:     {"type":"change","stream":S,"id":<_data>,"recipient":R,"summary":L,"change":{...}}
  *               (change in relaxed Extended JSON; "recipient" is present only when the stream
- *               has a recipient path: the identity as mc_event_recipient() spells it, or null)
+ *               has a recipient: the identity as mc_event_recipient() spells it, or null;
+ *               "summary" only when the stream's summary rendered a line for this event)
  *   invalidate: {"type":"invalidate","stream":S,"reason":"drop"}
  *   reset:      {"type":"reset","stream":S,"reason":"..."}
  *   ready:      {"type":"ready","stream":S}
@@ -232,7 +243,7 @@ const char *mc_event_raw_json(mc_event_t *ev, size_t *len);
  * more than the transport's `limit`, e.g. server.max_message_bytes):
  *   {"type":"oversize","stream":S,"id":<_data>,["recipient":R,]"operationType":OP,
  *    "ns":{"db":D,"coll":C},"documentKey":{...},"size":N,"limit":L}
- * in the style of mc_event_json() ("recipient" only on streams with a recipient path;
+ * compact like mc_event_json() ("recipient" only on streams with a recipient path;
  * operationType and ns null when the pipeline removed them; documentKey null when absent or
  * longer than 4 KiB as JSON), so it is always small. Rendered on every call (callers that send
  * it to many consumers build it once). Returns a new string (release with bson_free()) and its
@@ -245,7 +256,7 @@ char *mc_event_oversize_json(const mc_event_t *ev, size_t size, size_t limit, si
  * The notice for the message of one view (mc_event_json_view()) that is too big to send,
  * `size` being that view's message length, so that a notice tells no more than its view:
  *   FULL     mc_event_oversize_json()
- *   ENTERED  the same with "entered" : true after "recipient"; every field it carries is in
+ *   ENTERED  the same with "entered":true after "recipient"; every field it carries is in
  *            the ENTERED change too, and `size` is the ENTERED message's (never the full one's,
  *            whose size would tell how big the previous owner's version was)
  *   LEFT     {"type":"left","stream":S,"_id":null,"size":N,"limit":L}: a left notice is only
@@ -255,6 +266,16 @@ char *mc_event_oversize_json(const mc_event_t *ev, size_t size, size_t limit, si
  */
 char *mc_event_oversize_json_view(const mc_event_t *ev, mc_event_view_t view, size_t size,
                                   size_t limit, size_t *len);
+
+/* The notice for a subscriber's own message (mc_event_json_view_with_change(), FULL or
+ * ENTERED) that is too big to send, `size` being that message's length: the view's notice,
+ * but operationType, ns ({db, coll} strings) and documentKey are read from `change`, the
+ * subscriber's copy, and are null where its stages removed them or made them something else
+ * (or longer than 4 KiB as JSON), so that the notice carries nothing the subscriber's message
+ * would not. NULL for another view, a non-change event, or when memory runs out. Any thread. */
+char *mc_event_oversize_json_view_with_change(const mc_event_t *ev, mc_event_view_t view,
+                                              const bson_t *change, size_t size, size_t limit,
+                                              size_t *len);
 
 #ifdef __cplusplus
 }

@@ -72,7 +72,9 @@ bool mc_filter_match(const mc_filter_t *filter, const bson_t *doc);
 
 /* A cost budget for evaluating filters on one document, shared by every
  * mc_filter_match_budget() call that gets the same struct (e.g. a subscriber's several
- * filters on one event). Zero-initialise it and set `cpu_ns`.
+ * filters on one event), and by pipeline stages run with mc_pipeline_apply_budget()
+ * (mongocast/pipeline.h), which count their work the same way. Zero-initialise it and set
+ * `cpu_ns`.
  *
  * Cost is measured as CPU time of the calling thread (CLOCK_THREAD_CPUTIME_ID, so a loaded
  * machine does not make a cheap filter look expensive), read only every few thousand steps of

@@ -61,8 +61,8 @@ bool mc_identity_from_iter(const bson_iter_t *it, mc_identity_t *out);
  * either is empty. */
 bool mc_identity_equal(const uint8_t *a, size_t a_len, const uint8_t *b, size_t b_len);
 
-/* Writes the identity as a relaxed Extended JSON value, spelled as libbson spells it inside a
- * document ("u1", 5, { "$oid" : "..." }, { "$binary" : { ... } }), NUL-terminated, into `out`
+/* Writes the identity as a compact relaxed Extended JSON value, as mongocast's messages spell
+ * it ("u1", 5, {"$oid":"..."}, {"$binary":{...}}), NUL-terminated, into `out`
  * (at least MC_IDENTITY_JSON_MAX bytes). Returns its length, or 0 for an empty or malformed
  * identity. Byte-equal identities give byte-equal text and different ones different text,
  * so the text is itself a canonical key. */

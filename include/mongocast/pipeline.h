@@ -17,7 +17,8 @@
  * and operands, nested at most `max_depth` deep) times the size of the input document: there
  * are no loops, variables or recursion in the supported language. Evaluation allocates only
  * for values it must build (strings, arrays and documents it creates, and the output
- * document); field paths and comparisons read the input in place.
+ * document); field paths and comparisons read the input in place. mc_pipeline_apply_budget()
+ * and mc_pipeline_test() also bound it in CPU time (a subscriber's budget, mongocast/filter.h).
  *
  * Expressions: "$field.path" (through arrays, collecting values as MongoDB does), "$$ROOT",
  * "$$CURRENT", "$$REMOVE", literals (documents and arrays are evaluated element by element),
@@ -41,6 +42,7 @@
 #include <stddef.h>
 
 #include "mongocast/error.h"
+#include "mongocast/filter.h"
 
 #ifdef __cplusplus
 extern "C" {
@@ -126,6 +128,21 @@ mc_pipeline_t *mc_pipeline_new(const bson_t *stages, const mc_pipeline_opts_t *o
  * is initialised and the caller destroys it. */
 int mc_pipeline_apply(const mc_pipeline_t *pipeline, const bson_t *doc, bson_t *out,
                       mc_error_t *err);
+
+/* mc_pipeline_apply() within `budget` (mongocast/filter.h; NULL: none), which every stage
+ * shares: $match stages count as mc_filter_match_budget() does (a regex past its limits stops
+ * the evaluation), reshaping stages count every field and array element they visit and every
+ * expression node they evaluate. When the budget runs out, returns MC_ELIMIT with
+ * budget->exceeded and budget->reason set (`out` is then empty). */
+int mc_pipeline_apply_budget(const mc_pipeline_t *pipeline, const bson_t *doc,
+                             mc_filter_budget_t *budget, bson_t *out, mc_error_t *err);
+
+/* For a pipeline of $match stages only (mc_pipeline_only_filters()): 1 when `doc` passes
+ * every stage, 0 when one drops it, or a negative status with `err` (an $expr that fails to
+ * evaluate, a pipeline that reshapes, or MC_ELIMIT with budget->exceeded when `budget`, which
+ * may be NULL, ran out). Copies nothing. */
+int mc_pipeline_test(const mc_pipeline_t *pipeline, const bson_t *doc, mc_filter_budget_t *budget,
+                     mc_error_t *err);
 
 /* Number of stages; true when every stage is a $match (the pipeline only filters, so a caller
  * may keep its own copy of a passing document instead of using `out`). */

@@ -161,7 +161,7 @@ int mc_sink_memory_clear(mc_sink_t *sink);
  * Type "stdout", not durable. One JSON line per event on standard output, buffered and
  * flushed after each batch. Options:
  *   raw: false    true prints the change document in canonical Extended JSON instead of the
- *                 §4.3 message (control events other than invalidate are then not printed)
+ *                 message (control events other than invalidate are then not printed)
  *   ready: false  true also prints {"type":"ready",...} lines
  * Change, invalidate and reset messages are always printed (unless raw).
  */

@@ -195,8 +195,9 @@ static void check_open(checker_t *c, mongoc_client_t *client, const mc_stream_co
         report(c, "FAIL", "stream %s: cannot open a change stream on %s: %s (code %u)", s->name,
                ns, err.message, err.code);
     } else {
-        const char *local_note = bson_empty(&local) ? "" : " (subscriber $var stages checked "
-                                                           "when a subscriber binds them)";
+        const char *local_note = bson_empty(&local) ? ""
+                                                    : " (the stages from the first $var stage on "
+                                                      "run per subscriber in the daemon)";
         report(c, "ok", "stream %s: change stream opens on %s%s", s->name, ns, local_note);
     }
     mongoc_change_stream_destroy(cs);
@@ -221,6 +222,39 @@ static bool needs_images(const mc_stream_config_t *s, char *why, size_t cap)
     return why[0] != '\0';
 }
 
+/* One collection's images, for a stream that needs them (`why`). */
+static void check_images_on(checker_t *c, mongoc_client_t *client, const char *uri_shown,
+                            const mc_stream_config_t *s, const char *dbname, const char *coll,
+                            const char *why)
+{
+    bson_error_t err;
+    mc_images_state_t st = mc_images_state(client, dbname, coll, &err);
+    bool found = st == MC_IMAGES_OFF || st == MC_IMAGES_ON, enabled = st == MC_IMAGES_ON;
+    if (st == MC_IMAGES_ERROR) {
+        report(c, "FAIL", "stream %s: cannot list collections of %s: %s", s->name, dbname,
+               err.message);
+    } else if (enabled) {
+        report(c, "ok", "stream %s: pre-/post-images enabled on %s.%s", s->name, dbname, coll);
+    } else if (s->ensure_images) {
+        report(c, "ok",
+               "stream %s: pre-/post-images %s on %s.%s; run turns them on (ensure_images: "
+               "true)%s",
+               s->name, found ? "are off" : "cannot be on yet (no such collection)", dbname, coll,
+               found ? "" : " once the collection exists");
+    } else if (!found) {
+        report(c, "FAIL",
+               "stream %s: collection %s.%s does not exist, so pre-/post-images (%s) cannot "
+               "be enabled; create it, then run: mongocast enable-images '%s' %s %s (or set "
+               "ensure_images: true)",
+               s->name, dbname, coll, why, uri_shown, dbname, coll);
+    } else {
+        report(c, "FAIL",
+               "stream %s: pre-/post-images are not enabled on %s.%s (needed by %s); run: "
+               "mongocast enable-images '%s' %s %s (or set ensure_images: true)",
+               s->name, dbname, coll, why, uri_shown, dbname, coll);
+    }
+}
+
 static void check_images(checker_t *c, mongoc_client_t *client, const char *uri_shown,
                          const mc_stream_config_t *s)
 {
@@ -228,60 +262,49 @@ static void check_images(checker_t *c, mongoc_client_t *client, const char *uri_
     if (!needs_images(s, why, sizeof(why))) {
         return;
     }
-    if (!s->db || !s->collection) {
-        char ns[300];
-        describe_ns(s, ns, sizeof(ns));
-        report(c, "warn",
-               "stream %s: pre-/post-images (%s) cannot be verified per collection for %s; "
-               "enable them on every collection it needs with: mongocast enable-images URI "
-               "DB [COLL...]",
-               s->name, why, ns);
+    if (s->db && s->collection) {
+        check_images_on(c, client, uri_shown, s, s->db, s->collection, why);
         return;
     }
-    mongoc_database_t *db = mongoc_client_get_database(client, s->db);
-    bson_t opts = BSON_INITIALIZER;
-    bson_t filter;
-    BSON_APPEND_DOCUMENT_BEGIN(&opts, "filter", &filter);
-    BSON_APPEND_UTF8(&filter, "name", s->collection);
-    bson_append_document_end(&opts, &filter);
-    mongoc_cursor_t *cur = mongoc_database_find_collections_with_opts(db, &opts);
-    const bson_t *doc;
-    bool found = false, enabled = false;
-    while (mongoc_cursor_next(cur, &doc)) {
-        bson_iter_t it;
-        if (!bson_iter_init_find(&it, doc, "name") || !BSON_ITER_HOLDS_UTF8(&it) ||
-            strcmp(bson_iter_utf8(&it, NULL), s->collection) != 0) {
-            continue;
+    /* A database- or cluster-level stream: the collections its by_collection names. */
+    for (size_t i = 0; i < s->n_by_collection; i++) {
+        const char *key = s->by_collection[i].collection;
+        char dbname[128];
+        const char *coll = key;
+        if (s->db) {
+            snprintf(dbname, sizeof(dbname), "%s", s->db);
+        } else {
+            const char *dot = strchr(key, '.');
+            snprintf(dbname, sizeof(dbname), "%.*s", (int)(dot - key), key);
+            coll = dot + 1;
         }
-        found = true;
-        bson_iter_t e;
-        if (bson_iter_init(&e, doc) &&
-            bson_iter_find_descendant(&e, "options.changeStreamPreAndPostImages.enabled", &e) &&
-            BSON_ITER_HOLDS_BOOL(&e)) {
-            enabled = bson_iter_bool(&e);
+        check_images_on(c, client, uri_shown, s, dbname, coll, why);
+    }
+    if (s->n_by_collection == 0 || s->recipient_default) {
+        char ns[300];
+        describe_ns(s, ns, sizeof(ns));
+        if (s->ensure_images) {
+            report(c, "ok",
+                   "stream %s: pre-/post-images (%s) are turned on by run for the collections "
+                   "of %s it sees (ensure_images: true)",
+                   s->name, why, ns);
+        } else {
+            report(c, "warn",
+                   "stream %s: pre-/post-images (%s) cannot be verified per collection for %s; "
+                   "enable them on every collection it needs with: mongocast enable-images URI "
+                   "DB [COLL...], or set ensure_images: true",
+                   s->name, why, ns);
         }
     }
-    bson_error_t err;
-    if (mongoc_cursor_error(cur, &err)) {
-        report(c, "FAIL", "stream %s: cannot list collections of %s: %s", s->name, s->db,
-               err.message);
-    } else if (!found) {
-        report(c, "FAIL",
-               "stream %s: collection %s.%s does not exist, so pre-/post-images (%s) cannot "
-               "be enabled; create it, then run: mongocast enable-images '%s' %s %s",
-               s->name, s->db, s->collection, why, uri_shown, s->db, s->collection);
-    } else if (!enabled) {
-        report(c, "FAIL",
-               "stream %s: pre-/post-images are not enabled on %s.%s (needed by %s); run: "
-               "mongocast enable-images '%s' %s %s",
-               s->name, s->db, s->collection, why, uri_shown, s->db, s->collection);
-    } else {
-        report(c, "ok", "stream %s: pre-/post-images enabled on %s.%s", s->name, s->db,
-               s->collection);
-    }
-    mongoc_cursor_destroy(cur);
-    bson_destroy(&opts);
-    mongoc_database_destroy(db);
+}
+
+/* Recipient lint: a server-side stage that removes or rewrites a recipient path. */
+static void lint_warning(const mc_stream_config_t *stream, size_t stage, const char *op,
+                         const char *message, void *userdata)
+{
+    (void)stage;
+    (void)op;
+    report(userdata, "warn", "stream %s: %s", stream->name, message);
 }
 
 static void check_mongo_store(checker_t *c, mongoc_client_t *client, const mc_config_t *cfg)
@@ -356,6 +379,9 @@ int mc_cmd_check(int argc, char **argv)
     checker_t c = {0, 0};
     report(&c, "ok", "config %s (%zu stream%s, %zu sink%s)", path, cfg->n_streams,
            cfg->n_streams == 1 ? "" : "s", cfg->n_sinks, cfg->n_sinks == 1 ? "" : "s");
+    for (size_t i = 0; i < cfg->n_streams; i++) {
+        mc_stream_config_lint(&cfg->streams[i], lint_warning, &c);
+    }
     if (cfg->checkpoint.store == MC_CHECKPOINT_FILE) {
         check_file_store(&c, cfg->checkpoint.path ? cfg->checkpoint.path : "./data/checkpoints");
     }

@@ -68,21 +68,16 @@ static long list_collections(mongoc_database_t *db, char ***names_out, bson_erro
     return n;
 }
 
-static bool enable_one(mongoc_database_t *db, const char *dbname, const char *coll)
+static bool enable_one(mongoc_client_t *client, const char *dbname, const char *coll)
 {
-    bson_t *cmd = BCON_NEW("collMod", BCON_UTF8(coll), "changeStreamPreAndPostImages", "{",
-                           "enabled", BCON_BOOL(true), "}");
     bson_error_t err;
-    bson_t reply;
-    bool ok = mongoc_database_write_command_with_opts(db, cmd, NULL, &reply, &err);
+    bool ok = mc_images_enable(client, dbname, coll, &err);
     if (ok) {
         printf("%s.%s: ok\n", dbname, coll);
     } else {
         printf("%s.%s: error: %s\n", dbname, coll, err.message);
     }
     fflush(stdout);
-    bson_destroy(&reply);
-    bson_destroy(cmd);
     return ok;
 }
 
@@ -123,7 +118,7 @@ int mc_cmd_enable_images(int argc, char **argv)
         status = MC_EXIT_FAIL;
     } else if (p.n_pos > 2) {
         for (size_t i = 2; i < p.n_pos; i++) {
-            if (!enable_one(db, dbname, p.pos[i])) {
+            if (!enable_one(client, dbname, p.pos[i])) {
                 status = MC_EXIT_FAIL;
             }
         }
@@ -141,7 +136,7 @@ int mc_cmd_enable_images(int argc, char **argv)
             status = MC_EXIT_FAIL;
         }
         for (long i = 0; i < n; i++) {
-            if (!enable_one(db, dbname, names[i])) {
+            if (!enable_one(client, dbname, names[i])) {
                 status = MC_EXIT_FAIL;
             }
             bson_free(names[i]);

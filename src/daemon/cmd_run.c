@@ -114,10 +114,36 @@ static int stop_runtime(daemon_state_t *d, const char *why, uint16_t ws_code)
     return rc;
 }
 
-static void log_started(const mc_config_t *cfg, const char *what)
+/* Recipient lint (mc_stream_config_lint), once per start: the same warnings `check` prints. */
+static void lint_warning(const mc_stream_config_t *stream, size_t stage, const char *op,
+                         const char *message, void *userdata)
 {
-    mc_log(MC_LOG_NOTICE, "daemon", "%s config=%s streams=%zu sinks=%zu pid=%ld", what,
-           cfg->path ? cfg->path : "?", cfg->n_streams, cfg->n_sinks, (long)getpid());
+    (void)stage;
+    (void)op;
+    (void)userdata;
+    mc_log(MC_LOG_WARN, "config", "stream %s: %s", stream->name, message);
+}
+
+/* Counts every sink instance the engine runs (the config's and the live fan-out), as the
+ * engine's own "started" line does, and names them. */
+static void log_started(const daemon_state_t *d, const char *what)
+{
+    const mc_config_t *cfg = d->config;
+    for (size_t i = 0; i < cfg->n_streams; i++) {
+        mc_stream_config_lint(&cfg->streams[i], lint_warning, NULL);
+    }
+    char names[512] = "";
+    size_t used = 0, n = d->engine ? mc_engine_sink_count(d->engine) : 0;
+    for (size_t i = 0; i < n; i++) {
+        mc_sink_stats_t st;
+        if (mc_engine_sink_stats(d->engine, i, &st) != 0 || used >= sizeof(names)) {
+            continue;
+        }
+        int w = snprintf(names + used, sizeof(names) - used, "%s%s", i ? "," : "", st.name);
+        used += w > 0 ? (size_t)w : 0;
+    }
+    mc_log(MC_LOG_NOTICE, "daemon", "%s config=%s streams=%zu sinks=%zu (%s) pid=%ld", what,
+           cfg->path ? cfg->path : "?", cfg->n_streams, n, names, (long)getpid());
 }
 
 /* SIGHUP: replace the running engine by one for the file's current content, or keep the
@@ -148,7 +174,7 @@ static bool reload(daemon_state_t *d)
     if (start_runtime(cfg, &d->server, &d->engine, &err) == 0) {
         mc_config_destroy(d->config);
         d->config = cfg;
-        log_started(cfg, "reloaded");
+        log_started(d, "reloaded");
         return true;
     }
     mc_log(MC_LOG_ERROR, "daemon",
@@ -162,7 +188,7 @@ static bool reload(daemon_state_t *d)
                err.message);
         return false;
     }
-    log_started(d->config, "restarted");
+    log_started(d, "restarted");
     return true;
 }
 
@@ -234,7 +260,7 @@ int mc_cmd_run(int argc, char **argv)
         mc_config_destroy(d.config);
         return MC_EXIT_FAIL;
     }
-    log_started(d.config, "running");
+    log_started(&d, "running");
 
     int status = MC_EXIT_OK;
     for (;;) {

@@ -9,9 +9,12 @@
  * Invariants: every argument is checked before anything connects, and a bad one exits with
  * MC_EXIT_USAGE and a message naming it. stdout carries only change lines; everything else
  * (progress, retries, errors) goes to stderr. The exit status is 0 after SIGINT/SIGTERM and 1
- * when the stream failed for good (or the engine could not start).
+ * when the stream failed for good, when it did not open within --wait seconds (default 30;
+ * the first failure prints what tail waits for and a hint), or the engine could not start.
+ * Once the stream was open, later interruptions are retried without a limit, as `run` does.
  */
 #include <signal.h>
+#include <stdatomic.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <string.h>
@@ -30,7 +33,13 @@ enum {
     OPT_ON_HISTORY_LOST,
     OPT_MAX_AWAIT,
     OPT_LOG_LEVEL,
+    OPT_WAIT,
 };
+
+#define DEFAULT_WAIT_SECONDS 30
+/* Not open after this long: say what tail waits for, before the driver's own attempt (server
+ * selection, 5 s per try, see engine.c) reports its error. */
+#define HINT_AFTER_MS 3000
 
 static const mc_cli_opt_t tail_opts[] = {
     {"pipeline", 0, true, OPT_PIPELINE},
@@ -43,6 +52,7 @@ static const mc_cli_opt_t tail_opts[] = {
     {"on-history-lost", 0, true, OPT_ON_HISTORY_LOST},
     {"max-await-ms", 0, true, OPT_MAX_AWAIT},
     {"log-level", 0, true, OPT_LOG_LEVEL},
+    {"wait", 0, true, OPT_WAIT},
     {NULL, 0, false, 0},
 };
 
@@ -54,7 +64,11 @@ typedef struct tail_args {
     bool have_pipeline;
     char token[4096];
     mc_log_level_t level;
+    int64_t wait_s; /* how long the first open may take; 0: forever */
     char what[320]; /* "db.coll", "database db" or "the whole cluster", for messages */
+    /* Written by the watcher thread (on_state), read by the main thread. */
+    _Atomic bool opened;
+    _Atomic bool hinted;
 } tail_args_t;
 
 static int parse_pipeline(const char *json, bson_t *out)
@@ -200,6 +214,7 @@ static int parse_args(tail_args_t *t, int argc, char **argv)
     }
     mongoc_uri_destroy(uri);
     t->adhoc.uri = p.pos[0];
+    t->wait_s = DEFAULT_WAIT_SECONDS;
     snprintf(t->what, sizeof(t->what), "the whole cluster");
     if (p.n_pos == 2 && (rc = parse_target(t, p.pos[1])) != 0) {
         return rc;
@@ -285,6 +300,12 @@ static int parse_args(tail_args_t *t, int argc, char **argv)
                 return mc_cli_usage_error("tail", "unknown log level '%s'", v);
             }
             break;
+        case OPT_WAIT:
+            if (!mc_cli_parse_int(v, 0, 86400, &n)) {
+                return mc_cli_usage_error("tail", "--wait: '%s' is not 0 to 86400 seconds", v);
+            }
+            t->wait_s = n;
+            break;
         default: break;
         }
     }
@@ -313,16 +334,42 @@ static void say(const char *fmt, ...)
     (void)w;
 }
 
+/* Once, while the stream has never been open: what tail waits for, and what to check. */
+static void hint(tail_args_t *t, const char *message)
+{
+    if (atomic_exchange(&t->hinted, true)) {
+        return;
+    }
+    char until[64] = "until interrupted (--wait 0)";
+    if (t->wait_s > 0) {
+        snprintf(until, sizeof(until), "for up to %lld s (--wait)", (long long)t->wait_s);
+    }
+    if (message && *message) {
+        say("mongocast tail: cannot open a change stream on %s yet: %s", t->what, message);
+    }
+    say("mongocast tail: waiting for a MongoDB replica set (or sharded cluster) at the URI, "
+        "retrying %s; is the server running, and does the URI name the replica set "
+        "(?replicaSet=...)?",
+        until);
+}
+
 static void on_state(mc_engine_t *engine, const char *stream, mc_stream_state_t state,
                      const char *message, void *userdata)
 {
     (void)engine;
     (void)stream;
-    const tail_args_t *t = userdata;
+    tail_args_t *t = userdata;
     switch (state) {
-    case MC_STREAM_OPEN: say("mongocast tail: watching %s (change stream open)", t->what); break;
+    case MC_STREAM_OPEN:
+        atomic_store(&t->opened, true);
+        say("mongocast tail: watching %s (change stream open)", t->what);
+        break;
     case MC_STREAM_RETRYING:
-        say("mongocast tail: change stream interrupted, retrying: %s", message ? message : "");
+        if (atomic_load(&t->opened)) {
+            say("mongocast tail: change stream interrupted, retrying: %s", message ? message : "");
+        } else {
+            hint(t, message);
+        }
         break;
     case MC_STREAM_FAILED:
         say("mongocast tail: change stream failed: %s", message ? message : "");
@@ -370,9 +417,29 @@ int mc_cmd_tail(int argc, char **argv)
     }
 
     int status = MC_EXIT_OK;
+    int64_t started_ms = mc_engine_now_ms();
+    int64_t give_up_ms = t.wait_s > 0 ? started_ms + t.wait_s * 1000 : 0;
     for (;;) {
         int sig = mc_cli_wait_signal(100);
         if (sig != 0) {
+            break;
+        }
+        if (!atomic_load(&t.opened) && mc_engine_now_ms() >= started_ms + HINT_AFTER_MS) {
+            hint(&t, NULL);
+        }
+        if (give_up_ms && !atomic_load(&t.opened) && mc_engine_now_ms() >= give_up_ms) {
+            mc_stream_status_t st;
+            memset(&st, 0, sizeof(st));
+            mc_engine_stream_status(engine, mc_engine_stream_name(engine, 0), &st);
+            const char *why = st.message;
+            atomic_store(&t.hinted, true);
+            say("mongocast tail: gave up: the change stream on %s did not open within %lld s "
+                "(--wait)%s%s",
+                t.what, (long long)t.wait_s, st.state == MC_STREAM_RETRYING ? ": " : "",
+                st.state == MC_STREAM_RETRYING ? why
+                                               : "; no answer from a MongoDB replica set "
+                                                 "at the URI yet");
+            status = MC_EXIT_FAIL;
             break;
         }
         if (mc_engine_finished(engine)) {

@@ -11,8 +11,11 @@
  *     WebSocket header and SSE head built at most once; the FULL message owns the others, the
  *     ring holds the FULL one, and every subscriber queue holds references; a view past
  *     server.max_message_bytes is that view's oversize notice;
- *   - the view a subscriber gets is decided by mcd_subscription_view() in one place, for live
- *     delivery and for history replay alike;
+ *   - what a subscriber gets is decided by message_for() (mcd_subscription_apply()) in one
+ *     place, for live delivery and for history replay alike: a shared view message, or, when
+ *     the subscriber's own stages reshape the change, a message of its own (encoded for it,
+ *     held to the same size limit, never put in the ring); a subscriber whose stages fail is
+ *     ended after an error message (pipeline_error, WebSocket close 4010);
  *   - a subscriber is either in hub->subs (live) or not subscribed at all: replay and
  *     joining happen in one call on the loop thread, and every event the engine dispatches
  *     afterwards reaches both the ring and the live subscribers in the same publish(), so a
@@ -22,7 +25,7 @@
  *   - an error event (the stream failed) is the last a hub's subscribers get: each is ended
  *     after it (mcd_conn_close(): WebSocket close 4010, SSE end of stream), and new
  *     subscribers of the failed stream are refused (http_routes.c: 503 stream_failed);
- *   - each subscriber's view is decided within its own CPU budget (filter_budget_us per
+ *   - each subscriber's stages and filter run within its own CPU budget (filter_budget_us per
  *     event, REPLAY_BUDGET events' worth for a resume's replay); one that runs out is closed
  *     (WebSocket 4003, SSE error event) and never delays the others by more than that.
  */
@@ -150,18 +153,7 @@ static void count_oversize(mcd_hub_t *hub, mcd_msg_t *full, const mcd_msg_t *m)
                        hub->cfg->name, hub->fanout->max_message_bytes);
 }
 
-/* The message of `view` of the event of `full` (mcd_msg_view()), counted when it is the
- * first of the event that had to become an oversize notice. */
-static mcd_msg_t *view_msg(mcd_hub_t *hub, mcd_msg_t *full, mc_event_view_t view)
-{
-    mcd_msg_t *m = mcd_msg_view(full, view);
-    if (m) {
-        count_oversize(hub, full, m);
-    }
-    return m;
-}
-
-/* Closes a subscriber whose filter ran out of CPU budget (or hit a regex limit). */
+/* Closes a subscriber whose stages or filter ran out of CPU budget (or hit a regex limit). */
 static void filter_too_expensive(mcd_hub_t *hub, mcd_conn_t *c, const mc_filter_budget_t *b,
                                  const char *when)
 {
@@ -174,6 +166,73 @@ static void filter_too_expensive(mcd_hub_t *hub, mcd_conn_t *c, const mc_filter_
     char reason[MCD_WS_MAX_CONTROL - 1];
     snprintf(reason, sizeof(reason), "filter too expensive: %s%s%s", why, *when ? " " : "", when);
     mcd_conn_close(c, MCD_WS_CLOSE_FILTER, reason, false);
+}
+
+/* A subscriber whose own stages failed on an event: it gets an error message, then its
+ * subscription ends (WebSocket close 4010, SSE end of stream), as MongoDB ends a change
+ * stream whose pipeline fails; the other subscribers go on. */
+static void end_on_stage_error(mcd_hub_t *hub, mcd_conn_t *c, int code)
+{
+    static mc_log_ratelimit_t rl = MC_LOG_RATELIMIT_INIT(10000);
+    mc_log_ratelimited(&rl, MC_LOG_WARN, "server",
+                       "per-subscriber pipeline stage failed stream=%s code=%d: subscriber "
+                       "ended",
+                       hub->cfg->name, code);
+    mc_event_t *ev = mc_event_new_error(hub->cfg->name, 0, MCD_ERROR_PIPELINE, code > 0 ? code : 0,
+                                        MCD_ERROR_PIPELINE_REASON);
+    mcd_msg_t *m = ev ? mcd_msg_new_event(ev, 0) : NULL;
+    mc_event_unref(&ev);
+    if (m) {
+        mcd_conn_send(c, m, false);
+        mcd_msg_unref(m);
+    }
+    mcd_conn_close(c, MCD_WS_CLOSE_STREAM_FAILED, "pipeline error", false);
+}
+
+/* The message `c` receives of the event of `full` (a FULL message), decided the same way for
+ * live delivery and history replay, within `budget`: NULL for nothing, and *ended when the
+ * subscriber was ended instead (its stages failed, or its stages and filter ran out of budget,
+ * `when` saying when). The result is a borrowed shared message, or, for a subscriber whose
+ * stages reshape the change, its own message (*own: the caller drops the reference). A
+ * message that had to become an oversize notice is counted, once per event. */
+static mcd_msg_t *message_for(mcd_hub_t *hub, mcd_conn_t *c, mcd_msg_t *full,
+                              mc_filter_budget_t *budget, const char *when, bool *own, bool *ended)
+{
+    *own = false;
+    *ended = false;
+    bson_t change;
+    bool own_change = false;
+    int code = 0;
+    int view = mcd_subscription_apply(c->sub, full->ev, budget, &change, &own_change, &code);
+    if (view < 0) {
+        filter_too_expensive(hub, c, budget, when);
+        *ended = true;
+        return NULL;
+    }
+    if (code != 0) {
+        end_on_stage_error(hub, c, code);
+        *ended = true;
+        return NULL;
+    }
+    if (view == MC_EVENT_VIEW_NONE) {
+        return NULL;
+    }
+    mcd_msg_t *m;
+    if (own_change) {
+        m = mcd_msg_new_own(full, (mc_event_view_t)view, &change);
+        bson_destroy(&change);
+        *own = m != NULL;
+    } else {
+        m = mcd_msg_view(full, (mc_event_view_t)view);
+    }
+    if (!m) {
+        static mc_log_ratelimit_t rl = MC_LOG_RATELIMIT_INIT(10000);
+        mc_log_ratelimited(&rl, MC_LOG_ERROR, "server", "out of memory: message dropped stream=%s",
+                           hub->cfg->name);
+        return NULL;
+    }
+    count_oversize(hub, full, m);
+    return m;
 }
 
 int mcd_hub_subscribe(mcd_hub_t *hub, mcd_conn_t *conn, const char *since)
@@ -204,21 +263,21 @@ int mcd_hub_subscribe(mcd_hub_t *hub, mcd_conn_t *conn, const char *since)
         /* One budget for the whole replay: it runs in one step on the loop. */
         mc_filter_budget_t budget = {.cpu_ns = hub->fanout->filter_budget_ns * REPLAY_BUDGET};
         for (uint32_t i = (uint32_t)found + 1; i < hub->ring_len; i++) {
-            mcd_msg_t *m = ring_at(hub, i);
             /* The same decision as live delivery (hub_publish), within the replay's budget. */
-            int view = mcd_subscription_view_budget(conn->sub, m->ev, &budget);
-            if (view < 0) {
-                filter_too_expensive(hub, conn, &budget, "during replay");
+            bool own, ended;
+            mcd_msg_t *vm = message_for(hub, conn, ring_at(hub, i), &budget, "during replay",
+                                        &own, &ended);
+            if (ended) {
                 return -1;
             }
-            if (view == MC_EVENT_VIEW_NONE) {
-                continue;
-            }
-            mcd_msg_t *vm = view_msg(hub, m, (mc_event_view_t)view);
             if (!vm) {
                 continue;
             }
-            if (mcd_conn_send(conn, vm, true) != 0) {
+            int rc = mcd_conn_send(conn, vm, true);
+            if (own) {
+                mcd_msg_unref(vm);
+            }
+            if (rc != 0) {
                 return -1;
             }
         }
@@ -274,11 +333,11 @@ static void hub_publish(mcd_hub_t *hub, mc_event_t *ev)
         hub->error_msg = mcd_msg_ref(msg);
         break;
     }
-    /* Subscribers flagged MCD_CF_MATCH_ALL (no recipient rule, no $var stage, no filter)
-     * skip the per-subscriber decision: for them mcd_subscription_view() is FULL for every
-     * event except a change without a change document, decided here once per event. The
-     * others get filter_budget_us of CPU time each to decide their view (a filter that takes
-     * longer closes its subscriber). */
+    /* Subscribers flagged MCD_CF_MATCH_ALL (no recipient rule, no per-subscriber stage, no
+     * filter) skip the per-subscriber decision: for them mcd_subscription_apply() is FULL for
+     * every event except a change without a change document, decided here once per event.
+     * The others get filter_budget_us of CPU time each for their stages and filter (one that
+     * takes longer closes its subscriber). */
     bool check = kind == MC_EVENT_CHANGE;
     uint8_t skip_check = check && mc_event_change(ev) ? MCD_CF_MATCH_ALL : 0;
     /* Backwards: closing a slow consumer swaps the last subscriber into its slot, which this
@@ -286,25 +345,19 @@ static void hub_publish(mcd_hub_t *hub, mc_event_t *ev)
     for (uint32_t i = hub->subs.n; i-- > 0;) {
         mcd_conn_t *c = hub->subs.v[i];
         mcd_msg_t *m = msg;
+        bool own = false;
         if (check && !(c->flags & skip_check)) {
             mc_filter_budget_t budget = {.cpu_ns = hub->fanout->filter_budget_ns};
-            int view = mcd_subscription_view_budget(c->sub, ev, &budget);
-            if (view < 0) {
-                filter_too_expensive(hub, c, &budget, "");
-                continue;
-            }
-            if (view == MC_EVENT_VIEW_NONE) {
-                continue;
-            }
-            m = view_msg(hub, msg, (mc_event_view_t)view);
+            bool ended;
+            m = message_for(hub, c, msg, &budget, "", &own, &ended);
             if (!m) {
-                static mc_log_ratelimit_t rl = MC_LOG_RATELIMIT_INIT(10000);
-                mc_log_ratelimited(&rl, MC_LOG_ERROR, "server",
-                                   "out of memory: message dropped stream=%s", hub->cfg->name);
                 continue;
             }
         }
         mcd_conn_send(c, m, false);
+        if (own) {
+            mcd_msg_unref(m);
+        }
     }
     if (kind == MC_EVENT_ERROR) {
         /* The stream's last event in this run: end every subscriber once the message is

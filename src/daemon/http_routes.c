@@ -169,7 +169,25 @@ static void route_readyz(mcd_conn_t *c, bool keep_alive)
         mcd_json_escape(body, sizeof(body) - 64, &n, srv->fanout.hubs[i].cfg->name);
         n += (size_t)snprintf(body + n, sizeof(body) - n, "\":\"%s\"", state);
     }
-    n += (size_t)snprintf(body + n, sizeof(body) - n, "}}");
+    n += (size_t)snprintf(body + n, sizeof(body) - n, "}");
+    /* Streams that run but cannot route everything: pre-/post-images off (images.c). Ready
+     * still means "every change stream is open"; these say what is degraded. */
+    bool any = false;
+    for (size_t i = 0; i < srv->fanout.n_hubs && n + 600 < sizeof(body); i++) {
+        mc_stream_status_t st;
+        if (!srv->engine ||
+            mc_engine_stream_status(srv->engine, srv->fanout.hubs[i].cfg->name, &st) != 0 ||
+            !st.images_problem[0]) {
+            continue;
+        }
+        n += (size_t)snprintf(body + n, sizeof(body) - n, "%s\"", any ? "," : ",\"degraded\":{");
+        mcd_json_escape(body, sizeof(body) - 64, &n, srv->fanout.hubs[i].cfg->name);
+        n += (size_t)snprintf(body + n, sizeof(body) - n, "\":\"");
+        mcd_json_escape(body, sizeof(body) - 64, &n, st.images_problem);
+        n += (size_t)snprintf(body + n, sizeof(body) - n, "\"");
+        any = true;
+    }
+    n += (size_t)snprintf(body + n, sizeof(body) - n, "%s}", any ? "}" : "");
     respond(c, ready ? 200 : 503, "application/json", NULL, body, n, false, keep_alive);
 }
 

@@ -43,12 +43,13 @@ static const command_t commands[] = {
      "  --timeout-ms MS      server selection timeout (default 5000)\n"},
     {"tail", mc_cmd_tail,
      "tail URI [DB[.COLL]] [--pipeline JSON] [--full-document MODE] [--before-change MODE]\n"
-     "          [--resume-after ID | --start-at SECONDS] [--raw]",
+     "          [--resume-after ID | --start-at SECONDS] [--raw] [--wait SECONDS]",
      "Prints each change of a collection, a database (DB) or the whole cluster (no DB) as\n"
      "one JSON line on stdout:\n"
      "  {\"type\":\"change\",\"stream\":\"tail\",\"id\":...,\"change\":{...}}\n"
      "or with --raw the change event itself in canonical Extended JSON. Progress and errors\n"
-     "go to stderr. Exits 0 on SIGINT/SIGTERM, 1 when the change stream fails.\n"
+     "go to stderr. Exits 0 on SIGINT/SIGTERM, 1 when the change stream fails or does not\n"
+     "open within --wait seconds (a server that is not there).\n"
      "\n"
      "  --pipeline JSON         stages after $changeStream, a JSON array: '[{\"$match\": ...}]'\n"
      "  --full-document MODE    default | updateLookup | whenAvailable | required\n"
@@ -59,7 +60,9 @@ static const command_t commands[] = {
      "  --ready                 also print {\"type\":\"ready\"} once the stream is open\n"
      "  --on-history-lost P     fail (default) | restart\n"
      "  --max-await-ms MS       maxAwaitTimeMS of each getMore (default 1000)\n"
-     "  --log-level LEVEL       stderr verbosity (default notice)\n"},
+     "  --log-level LEVEL       stderr verbosity (default notice)\n"
+     "  --wait SECONDS          give up (exit 1) when the change stream has not opened\n"
+     "                          within this time (default 30; 0: wait until interrupted)\n"},
     {"enable-images", mc_cmd_enable_images, "enable-images URI DB [COLL...]",
      "Runs collMod {changeStreamPreAndPostImages: {enabled: true}} on the named collections of\n"
      "DB, or on every non-system collection of DB when none is named. Prints one line per\n"

@@ -193,8 +193,8 @@ char *mcd_metrics_render(mcd_server_t *srv, size_t *len)
            "Connections closed for pipelining requests without reading the answers.",
            st->pipelining);
     scalar(&o, "mongocast_filter_budget_disconnects_total", "counter",
-           "Subscribers closed because their filter passed server.filter_budget_us on an "
-           "event (or a regular-expression limit).",
+           "Subscribers closed because their filter and per-subscriber stages passed "
+           "server.filter_budget_us on an event (or a regular-expression limit).",
            srv->fanout.budget_disconnects);
     scalar(&o, "mongocast_oversize_events_total", "counter",
            "Events whose message (in any routing view) passed server.max_message_bytes and "
@@ -235,6 +235,31 @@ char *mcd_metrics_render(mcd_server_t *srv, size_t *len)
         if (have[i]) {
             put(&o, "mongocast_recipient_unresolved_total{stream=\"%s\"} %" PRIu64 "\n",
                 label(srv->fanout.hubs[i].cfg->name, l, sizeof(l)), ss[i].unresolved_recipients);
+        }
+    }
+    help(&o, "mongocast_recipient_missing_total", "counter",
+         "Document events of a stream with a recipient whose recipient path held no identity "
+         "(missing, null, another type; a pipeline stage may have removed it): admins only.");
+    for (size_t i = 0; i < n; i++) {
+        if (have[i]) {
+            put(&o, "mongocast_recipient_missing_total{stream=\"%s\"} %" PRIu64 "\n",
+                label(srv->fanout.hubs[i].cfg->name, l, sizeof(l)), ss[i].recipient_missing);
+        }
+    }
+    help(&o, "mongocast_images_missing_total", "counter",
+         "Events that arrived without the pre- or post-image the stream asks for.");
+    for (size_t i = 0; i < n; i++) {
+        if (have[i]) {
+            put(&o, "mongocast_images_missing_total{stream=\"%s\"} %" PRIu64 "\n",
+                label(srv->fanout.hubs[i].cfg->name, l, sizeof(l)), ss[i].images_missing);
+        }
+    }
+    help(&o, "mongocast_images_off", "gauge",
+         "1 while the stream knows that images it asks for are off somewhere (see /readyz).");
+    for (size_t i = 0; i < n; i++) {
+        if (have[i]) {
+            put(&o, "mongocast_images_off{stream=\"%s\"} %d\n",
+                label(srv->fanout.hubs[i].cfg->name, l, sizeof(l)), ss[i].images_problem[0] ? 1 : 0);
         }
     }
     help(&o, "mongocast_client_resumes_total", "counter",

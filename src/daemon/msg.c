@@ -1,7 +1,7 @@
 /*
- * msg.c: the shared wire messages of msg.h: an event's §4.3 JSON (per routing view) framed
- * once for WebSocket (header) and SSE (head + blank line), or raw bytes (HTTP answers, control
- * frames).
+ * msg.c: the wire messages of msg.h: an event's message of docs/protocol.md (per routing
+ * view, or a subscriber's own) framed once for WebSocket (header) and SSE (head + blank line),
+ * or raw bytes (HTTP answers, control frames).
  *
  * Thread: the server's loop thread only.
  * Invariants: encode once: an event becomes one mcd_msg_t per view, whose WebSocket header and
@@ -9,7 +9,9 @@
  * references to them. A view whose message passes server.max_message_bytes becomes that
  * view's oversize notice here, once, so the ring and every queue share the notice and never
  * the big message; a notice says no more than its view would have (an ENTERED notice has no
- * field of the previous owner's version, not even the full message's size).
+ * field of the previous owner's version, not even the full message's size). A subscriber
+ * whose own stages reshape the change gets messages of its own (mcd_msg_new_own()), held to
+ * the same limit, whose notice says no more than its own change would have.
  */
 #include "msg.h"
 
@@ -19,15 +21,17 @@
 #include "sse.h"
 #include "ws.h"
 
-static mcd_msg_t *msg_new(mc_event_t *ev, mc_event_view_t view, size_t max_bytes)
+/* The message of `view` of `ev`, or, with `change`, of a subscriber's own copy of the
+ * view's change (mc_event_json_view_with_change(): rendered here, never cached). */
+static mcd_msg_t *msg_new(mc_event_t *ev, mc_event_view_t view, const bson_t *change,
+                          size_t max_bytes)
 {
     size_t len = 0;
-    const char *json = mc_event_json_view(ev, view, &len);
-    if (!json) {
-        return NULL;
-    }
-    mcd_msg_t *msg = calloc(1, sizeof(*msg));
+    char *rendered = change ? mc_event_json_view_with_change(ev, view, change, &len) : NULL;
+    const char *json = change ? rendered : mc_event_json_view(ev, view, &len);
+    mcd_msg_t *msg = json ? calloc(1, sizeof(*msg)) : NULL;
     if (!msg) {
+        bson_free(rendered);
         return NULL;
     }
     msg->refs = 1;
@@ -35,9 +39,14 @@ static mcd_msg_t *msg_new(mc_event_t *ev, mc_event_view_t view, size_t max_bytes
     msg->max_bytes = max_bytes;
     msg->ev = mc_event_ref(ev);
     if ((max_bytes && len > max_bytes) || len > UINT32_MAX / 2) {
-        /* Too big to send: a small notice in its place, built once like the message. */
+        /* Too big to send: a small notice in its place, built once like the message, and
+         * from the subscriber's own change when it has one. */
         size_t nlen = 0;
-        char *notice = mc_event_oversize_json_view(ev, view, len, max_bytes, &nlen);
+        char *notice =
+            change ? mc_event_oversize_json_view_with_change(ev, view, change, len, max_bytes, &nlen)
+                   : mc_event_oversize_json_view(ev, view, len, max_bytes, &nlen);
+        bson_free(rendered);
+        rendered = NULL;
         msg->owned = notice ? malloc(nlen + 1) : NULL;
         if (!msg->owned) {
             bson_free(notice);
@@ -54,10 +63,12 @@ static mcd_msg_t *msg_new(mc_event_t *ev, mc_event_view_t view, size_t max_bytes
     msg->body_len = (uint32_t)len;
     /* SSE ends an event at a blank line, so the data must be one line. JSON only has raw
      * line breaks as insignificant whitespace (inside strings they are escaped), so turning
-     * them into spaces keeps the same JSON value. */
-    if (!msg->owned && (memchr(json, '\n', len) || memchr(json, '\r', len))) {
+     * them into spaces keeps the same JSON value. A subscriber's own text is copied too: the
+     * message keeps it. */
+    if (!msg->owned && (rendered || memchr(json, '\n', len) || memchr(json, '\r', len))) {
         msg->owned = malloc(len + 1);
         if (!msg->owned) {
+            bson_free(rendered);
             mcd_msg_unref(msg);
             return NULL;
         }
@@ -67,13 +78,23 @@ static mcd_msg_t *msg_new(mc_event_t *ev, mc_event_view_t view, size_t max_bytes
         msg->owned[len] = '\0';
         msg->body = msg->owned;
     }
+    bson_free(rendered);
     msg->ws_hdr_len = (uint8_t)mcd_ws_frame_header(msg->ws_hdr, MCD_WS_OP_TEXT, len);
     return msg;
 }
 
 mcd_msg_t *mcd_msg_new_event(mc_event_t *ev, size_t max_bytes)
 {
-    return msg_new(ev, MC_EVENT_VIEW_FULL, max_bytes);
+    return msg_new(ev, MC_EVENT_VIEW_FULL, NULL, max_bytes);
+}
+
+mcd_msg_t *mcd_msg_new_own(mcd_msg_t *full, mc_event_view_t view, const bson_t *change)
+{
+    if ((view != MC_EVENT_VIEW_FULL && view != MC_EVENT_VIEW_ENTERED) || !full->ev ||
+        full->view != MC_EVENT_VIEW_FULL) {
+        return NULL;
+    }
+    return msg_new(full->ev, view, change, full->max_bytes);
 }
 
 mcd_msg_t *mcd_msg_view(mcd_msg_t *full, mc_event_view_t view)
@@ -87,7 +108,7 @@ mcd_msg_t *mcd_msg_view(mcd_msg_t *full, mc_event_view_t view)
     }
     mcd_msg_t **slot = &full->views[view == MC_EVENT_VIEW_ENTERED ? 0 : 1];
     if (!*slot) {
-        *slot = msg_new(full->ev, view, full->max_bytes);
+        *slot = msg_new(full->ev, view, NULL, full->max_bytes);
     }
     return *slot;
 }

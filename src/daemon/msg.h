@@ -41,7 +41,7 @@ typedef struct mcd_msg {
     size_t max_bytes;         /* the size limit the message (and its views) were made with */
     uint32_t body_len;
     uint32_t sse_head_len;
-    const char *body; /* the event's §4.3 JSON (borrowed from ev) or raw bytes */
+    const char *body; /* the event's message JSON (borrowed from ev) or raw bytes */
     char *sse_head;   /* "id: ..\nevent: ..\ndata: ", built on first SSE use */
     char *owned;      /* bytes this message owns (raw bytes or a sanitised JSON copy) */
     mc_event_t *ev;   /* one reference, or NULL for raw messages */
@@ -61,6 +61,13 @@ mcd_msg_t *mcd_msg_new_event(mc_event_t *ev, size_t max_bytes);
  * notice when it is longer: mc_event_oversize_json_view()). Borrowed; NULL when the event has
  * no such view or memory runs out. */
 mcd_msg_t *mcd_msg_view(mcd_msg_t *full, mc_event_view_t view);
+/* A subscriber's own message of the event of `full` (a FULL message): the message of `view`
+ * (FULL or ENTERED) carrying `change`, the subscriber's copy of the view's change made by its
+ * own stages, held to the limit of `full` (past it: its oversize notice,
+ * mc_event_oversize_json_view_with_change()). Owned by the caller (one reference); never
+ * shared with other subscribers or put in the history ring. NULL for another view or when
+ * memory runs out. */
+mcd_msg_t *mcd_msg_new_own(mcd_msg_t *full, mc_event_view_t view, const bson_t *change);
 mcd_msg_t *mcd_msg_new_raw(const void *bytes, size_t len);
 void mcd_msg_unref(mcd_msg_t *msg);
 static inline mcd_msg_t *mcd_msg_ref(mcd_msg_t *msg)

@@ -1,16 +1,18 @@
 /*
  * subscription.c: one subscriber's view of a stream (subscription.h): the recipient rule, the
- * stream's per-subscriber `$match` stages bound with the subscriber's `vars`, and the
- * subscriber's own `filter`.
+ * stream's per-subscriber stages (the first stage that uses {$var: name} and every stage after
+ * it, in the order written) compiled with the subscriber's `vars`, and the subscriber's own
+ * `filter`.
  *
- * Thread: mcd_subscription_new() and mcd_subscription_view() run on the loop thread;
- * mcd_stream_local_stages_check() at start-up. A subscription is immutable once built.
+ * Thread: mcd_subscription_new() and mcd_subscription_apply() run on the loop thread. A
+ * subscription is immutable once built.
  *
  * Invariants:
  *   - everything a subscriber sends is parsed, validated and compiled here, once, before
- *     the upgrade; deciding a view only reads compiled filters and allocates nothing (a
- *     regex's backtracking past its stack arena excepted, and a config stage's $expr when it
- *     builds a string or crosses an array), within the caller's CPU budget;
+ *     the upgrade; applying only reads compiled stages, within the caller's CPU budget.
+ *     Stages that only filter allocate nothing (a regex's backtracking past its stack arena
+ *     excepted, and a config stage's $expr when it builds a string or crosses an array);
+ *     stages that reshape build the subscriber's own copy of the change;
  *   - a subscription keeps no pointer into the stream config (a reload may replace it);
  *   - fail closed: a subscriber that is neither authenticated nor on a public stream (or on
  *     a server without auth) is refused here too, even though mcd_auth_subscriber() already
@@ -25,18 +27,17 @@
 #include "json_object.h"
 #include "mongocast/engine.h"
 #include "mongocast/filter.h"
+#include "mongocast/pipeline.h"
 
 #define MCD_VARS_MAX_BYTES 16384
 #define MAX_CLIENT_PREDICATES 256
-#define MAX_LOCAL_STAGES 32
-#define MAX_WALK_DEPTH 100
 
 /* Sized to what it holds: one of these lives as long as each connection, and an idle
  * subscriber must cost well under 1 KiB. */
 struct mcd_subscription {
-    mc_filter_t **local; /* n_local compiled $var stages; NULL when none */
-    mc_filter_t *client; /* NULL: no client filter */
-    uint32_t n_local;
+    mc_pipeline_t *local;    /* the per-subscriber stages bound with vars; NULL when none */
+    mc_filter_t *client;     /* NULL: no client filter */
+    bool reshapes;           /* `local` has a stage other than $match */
     bool restrict_recipient; /* only what mc_event_view_for() gives `identity` */
     bool matches_all;        /* none of the three conditions: see matches_all() */
     uint16_t identity_len;   /* bytes of identity; 0 unless restrict_recipient */
@@ -136,114 +137,12 @@ static int parse_vars(const char *json, bson_t *out, mcd_refusal_t *r)
 
 /* ---- Local stages ------------------------------------------------------------------- */
 
-/* Walks a stage: sets *has_var when a {$var: ...} occurs and checks its form. Returns 0, or
- * -1 with a message in msg. */
-static int walk_vars(bson_iter_t *it, bool is_doc, int depth, bool *has_var, char *msg, size_t cap)
-{
-    if (depth > MAX_WALK_DEPTH) {
-        snprintf(msg, cap, "nested deeper than %d levels", MAX_WALK_DEPTH);
-        return -1;
-    }
-    bool first = true;
-    while (bson_iter_next(it)) {
-        if (is_doc && strcmp(bson_iter_key(it), "$var") == 0) {
-            bson_iter_t rest = *it;
-            if (!first || bson_iter_next(&rest)) {
-                snprintf(msg, cap, "$var must be the only field of its document");
-                return -1;
-            }
-            uint32_t n = 0;
-            if (!BSON_ITER_HOLDS_UTF8(it) || (bson_iter_utf8(it, &n), n == 0)) {
-                snprintf(msg, cap, "$var needs a variable name (a non-empty string)");
-                return -1;
-            }
-            *has_var = true;
-        }
-        first = false;
-        if (BSON_ITER_HOLDS_DOCUMENT(it) || BSON_ITER_HOLDS_ARRAY(it)) {
-            bson_iter_t child;
-            if (!bson_iter_recurse(it, &child)) {
-                snprintf(msg, cap, "malformed BSON");
-                return -1;
-            }
-            if (walk_vars(&child, BSON_ITER_HOLDS_DOCUMENT(it), depth + 1, has_var, msg, cap) !=
-                0) {
-                return -1;
-            }
-        }
-    }
-    return 0;
-}
-
 int mcd_stream_local_stages_check(const mc_stream_config_t *stream, mc_error_t *err)
 {
-    if (!stream) {
-        return mc_error_set(err, MC_EINVAL, MC_DOMAIN_MONGOCAST, MC_EINVAL, "no stream");
-    }
-    const char *name = stream->name ? stream->name : "?";
-    bson_t server, local;
-    mc_error_t perr = {0};
-    int rc = mc_pipeline_split(stream->pipeline, &server, &local, &perr);
-    uint32_t n_local = bson_count_keys(&local);
-    bson_destroy(&server);
-    bson_destroy(&local);
-    if (rc != 0) {
-        return mc_error_set(err, MC_ECONFIG, MC_DOMAIN_MONGOCAST, MC_ECONFIG, "stream %s: %s", name,
-                            perr.message);
-    }
-    if (n_local > MAX_LOCAL_STAGES) {
-        return mc_error_set(err, MC_ECONFIG, MC_DOMAIN_MONGOCAST, MC_ECONFIG,
-                            "stream %s: more than %d pipeline stages use $var", name,
-                            MAX_LOCAL_STAGES);
-    }
-    if (!stream->pipeline) {
-        return 0;
-    }
-    /* mc_pipeline_split() vouched for the shape: every element is a one-key stage document. */
-    bson_iter_t it;
-    bson_iter_init(&it, stream->pipeline);
-    const char *first_local = NULL;
-    char first_local_idx[16] = "";
-    while (bson_iter_next(&it)) {
-        bson_iter_t stage, body;
-        bson_iter_recurse(&it, &stage);
-        bson_iter_next(&stage);
-        const char *op = bson_iter_key(&stage);
-        bool has_var = false;
-        char msg[160] = "";
-        if (BSON_ITER_HOLDS_DOCUMENT(&stage) || BSON_ITER_HOLDS_ARRAY(&stage)) {
-            bson_iter_recurse(&stage, &body);
-            if (walk_vars(&body, BSON_ITER_HOLDS_DOCUMENT(&stage), 1, &has_var, msg, sizeof(msg)) !=
-                0) {
-                return mc_error_set(err, MC_ECONFIG, MC_DOMAIN_MONGOCAST, MC_ECONFIG,
-                                    "stream %s: pipeline stage %s (%s): %s", name,
-                                    bson_iter_key(&it), op, msg);
-            }
-        }
-        if (has_var) {
-            if (strcmp(op, "$match") != 0 || !BSON_ITER_HOLDS_DOCUMENT(&stage)) {
-                return mc_error_set(err, MC_ECONFIG, MC_DOMAIN_MONGOCAST, MC_ECONFIG,
-                                    "stream %s: pipeline stage %s (%s): only $match stages "
-                                    "may use $var",
-                                    name, bson_iter_key(&it), op);
-            }
-            if (!first_local) {
-                first_local = op;
-                bson_strncpy(first_local_idx, bson_iter_key(&it), sizeof(first_local_idx));
-            }
-        } else if (first_local && strcmp(op, "$match") != 0) {
-            return mc_error_set(err, MC_ECONFIG, MC_DOMAIN_MONGOCAST, MC_ECONFIG,
-                                "stream %s: pipeline stage %s (%s) follows stage %s, which "
-                                "uses $var; $var stages are evaluated per subscriber after "
-                                "the whole server-side pipeline, so put them after every "
-                                "stage that reshapes the event",
-                                name, bson_iter_key(&it), op, first_local_idx);
-        }
-    }
-    return 0;
+    return mc_stream_config_check_pipeline(stream, err);
 }
 
-/* Compiles the stream's $var stages with the subscriber's vars into sub->local. */
+/* Compiles the stream's per-subscriber stages with the subscriber's vars into sub->local. */
 static int compile_local(mcd_subscription_t *sub, const mc_stream_config_t *stream,
                          const bson_t *vars, mcd_refusal_t *r)
 {
@@ -253,55 +152,24 @@ static int compile_local(mcd_subscription_t *sub, const mc_stream_config_t *stre
     bson_destroy(&server);
     if (rc != 0) {
         bson_destroy(&local);
-        /* mcd_stream_local_stages_check() at start-up keeps this from happening. */
+        /* The loader (pipeline_check.c) keeps this from happening. */
         return mcd_refuse(r, 400, "invalid_vars", "stream pipeline cannot be evaluated");
     }
-    uint32_t n_stages = bson_count_keys(&local);
-    if (n_stages > MAX_LOCAL_STAGES) {
+    if (bson_empty(&local)) {
         bson_destroy(&local);
-        return mcd_refuse(r, 400, "invalid_vars", "stream pipeline cannot be evaluated");
+        return 0;
     }
-    if (n_stages > 0) {
-        sub->local = calloc(n_stages, sizeof(*sub->local));
-        if (!sub->local) {
-            bson_destroy(&local);
-            return mcd_refuse(r, 503, "too_many_connections", "out of memory");
-        }
-    }
-    bson_iter_t it;
-    bson_iter_init(&it, &local);
-    while (bson_iter_next(&it)) {
-        bson_iter_t stage;
-        const uint8_t *data;
-        uint32_t len;
-        bson_t query;
-        if (sub->n_local >= n_stages || !bson_iter_recurse(&it, &stage) ||
-            !bson_iter_next(&stage) || strcmp(bson_iter_key(&stage), "$match") != 0 ||
-            !BSON_ITER_HOLDS_DOCUMENT(&stage)) {
-            bson_destroy(&local);
-            return mcd_refuse(r, 400, "invalid_vars", "stream pipeline cannot be evaluated");
-        }
-        bson_iter_document(&stage, &len, &data);
-        if (!bson_init_static(&query, data, len)) {
-            bson_destroy(&local);
-            return mcd_refuse(r, 400, "invalid_vars", "stream pipeline cannot be evaluated");
-        }
-        /* The stage comes from the operator's config, so $expr is allowed here; what the
-         * subscriber binds is a value (the matcher makes it a literal inside $expr), and
-         * $where/$function/$accumulator are not supported by the matcher at all. */
-        mc_filter_opts_t opts = {
-            .vars = vars,
-        };
-        mc_filter_t *f = mc_filter_new(&query, &opts, &err);
-        if (!f) {
-            bson_destroy(&local);
-            /* The matcher's messages name the variable ("variable n not bound") or the
-             * problem with its value; they never contain document contents. */
-            return mcd_refuse(r, 400, "invalid_vars", "%s", err.message);
-        }
-        sub->local[sub->n_local++] = f;
-    }
+    /* The stages come from the operator's config, so $expr is allowed; what the subscriber
+     * binds is a value (inside $expr always a literal), never an operator. */
+    mc_pipeline_opts_t opts = {.vars = vars};
+    sub->local = mc_pipeline_new(&local, &opts, &err);
     bson_destroy(&local);
+    if (!sub->local) {
+        /* The messages name the variable ("variable n not bound") or the problem with its
+         * value; they never contain document contents. */
+        return mcd_refuse(r, 400, "invalid_vars", "%s", err.message);
+    }
+    sub->reshapes = !mc_pipeline_only_filters(sub->local);
     return 0;
 }
 
@@ -363,8 +231,8 @@ mcd_subscription_t *mcd_subscription_new(const mc_stream_config_t *stream, const
         return NULL;
     }
     /* Public streams and servers without auth: the recipient routes, it never authorizes. */
-    bool restrict_recipient =
-        stream->recipient && !stream->is_public && !id->auth_disabled && !id->is_admin;
+    bool restrict_recipient = mc_stream_config_has_recipient(stream) && !stream->is_public &&
+                              !id->auth_disabled && !id->is_admin;
     /* An identity that is empty (a hand-built mcd_identity_t) matches no recipient. */
     size_t identity_len = 0;
     if (restrict_recipient && id->identity.len <= MC_IDENTITY_MAX) {
@@ -396,7 +264,7 @@ mcd_subscription_t *mcd_subscription_new(const mc_stream_config_t *stream, const
     if (filter_json && compile_client(sub, filter_json, r) != 0) {
         goto fail;
     }
-    sub->matches_all = !sub->restrict_recipient && sub->n_local == 0 && !sub->client;
+    sub->matches_all = !sub->restrict_recipient && !sub->local && !sub->client;
     return sub;
 fail:
     mcd_subscription_destroy(sub);
@@ -408,18 +276,37 @@ void mcd_subscription_destroy(mcd_subscription_t *sub)
     if (!sub) {
         return;
     }
-    for (size_t i = 0; i < sub->n_local; i++) {
-        mc_filter_destroy(sub->local[i]);
-    }
-    free(sub->local);
+    mc_pipeline_destroy(sub->local);
     mc_filter_destroy(sub->client);
     free(sub);
 }
 
-/* The view `sub` gets of `ev` (mc_event_view_t), or -1 when the budget `b` (may be NULL) ran
- * out or a regex hit a limit. */
-static int view_of(const mcd_subscription_t *sub, const mc_event_t *ev, mc_filter_budget_t *b)
+/* The resume token must come out of the stages as it went in: MongoDB fails a change stream
+ * whose pipeline modifies _id (280), and the subscriber's own stages are judged the same way. */
+static bool same_id(const bson_t *in, const bson_t *out)
 {
+    bson_iter_t a, b;
+    if (!bson_iter_init_find(&a, in, "_id") || !bson_iter_init_find(&b, out, "_id") ||
+        bson_iter_type(&a) != bson_iter_type(&b)) {
+        return false;
+    }
+    const bson_value_t *va = bson_iter_value(&a), *vb = bson_iter_value(&b);
+    return va->value_type == BSON_TYPE_DOCUMENT &&
+           va->value.v_doc.data_len == vb->value.v_doc.data_len &&
+           memcmp(va->value.v_doc.data, vb->value.v_doc.data, va->value.v_doc.data_len) == 0;
+}
+
+/* MongoDB's code for a stage that failed with `err`, or MCD_STAGE_ERROR. */
+static int stage_error_code(const mc_error_t *err)
+{
+    return err->domain == MC_DOMAIN_MONGODB && err->cause > 0 ? err->cause : MCD_STAGE_ERROR;
+}
+
+int mcd_subscription_apply(const mcd_subscription_t *sub, const mc_event_t *ev,
+                           mc_filter_budget_t *budget, bson_t *out, bool *own, int *error_code)
+{
+    *own = false;
+    *error_code = 0;
     if (!sub || !ev) {
         return MC_EVENT_VIEW_NONE;
     }
@@ -434,43 +321,85 @@ static int view_of(const mcd_subscription_t *sub, const mc_event_t *ev, mc_filte
             return view;
         }
         if (view == MC_EVENT_VIEW_LEFT) {
-            /* Filters are not evaluated: they could only be evaluated on the new owner's
-             * version, and the answer would tell the old owner something about it. */
+            /* Stages and filters are not evaluated: they could only be evaluated on the new
+             * owner's version, and the answer would tell the old owner something about it. */
             return view;
         }
     }
-    /* Filters see exactly the document this subscriber would receive. */
+    /* The stages run on exactly the document this subscriber's view carries. */
     const bson_t *change = mc_event_change_view(ev, view);
     if (!change) {
         return MC_EVENT_VIEW_NONE;
     }
-    for (size_t i = 0; i < sub->n_local; i++) {
-        if (!(b ? mc_filter_match_budget(sub->local[i], change, b)
-                : mc_filter_match(sub->local[i], change))) {
-            return b && b->exceeded ? -1 : MC_EVENT_VIEW_NONE;
+    mc_error_t err = {0};
+    if (sub->local && !sub->reshapes) {
+        int rc = mc_pipeline_test(sub->local, change, budget, &err);
+        if (rc < 0) {
+            if (budget && budget->exceeded) {
+                return -1;
+            }
+            *error_code = stage_error_code(&err);
+            return MC_EVENT_VIEW_NONE;
         }
+        if (rc == 0) {
+            return MC_EVENT_VIEW_NONE;
+        }
+    } else if (sub->local) {
+        int rc = mc_pipeline_apply_budget(sub->local, change, budget, out, &err);
+        if (rc <= 0 || !same_id(change, out)) {
+            bson_destroy(out);
+            if (rc < 0 && budget && budget->exceeded) {
+                return -1;
+            }
+            if (rc < 0) {
+                *error_code = stage_error_code(&err);
+            } else if (rc > 0) {
+                *error_code = 280; /* ChangeStreamFatalError: the resume token was modified */
+            }
+            return MC_EVENT_VIEW_NONE;
+        }
+        *own = true;
+        change = out;
     }
-    if (sub->client && !(b ? mc_filter_match_budget(sub->client, change, b)
-                           : mc_filter_match(sub->client, change))) {
-        return b && b->exceeded ? -1 : MC_EVENT_VIEW_NONE;
+    /* The client filter sees what the subscriber would receive, within what is left of the
+     * same budget. */
+    if (sub->client && !(budget ? mc_filter_match_budget(sub->client, change, budget)
+                                : mc_filter_match(sub->client, change))) {
+        if (*own) {
+            bson_destroy(out);
+            *own = false;
+        }
+        return budget && budget->exceeded ? -1 : MC_EVENT_VIEW_NONE;
     }
     return view;
-}
-
-bool mcd_subscription_match(const mcd_subscription_t *sub, const mc_event_t *ev)
-{
-    return view_of(sub, ev, NULL) != MC_EVENT_VIEW_NONE;
-}
-
-mc_event_view_t mcd_subscription_view(const mcd_subscription_t *sub, const mc_event_t *ev)
-{
-    return (mc_event_view_t)view_of(sub, ev, NULL);
 }
 
 int mcd_subscription_view_budget(const mcd_subscription_t *sub, const mc_event_t *ev,
                                  mc_filter_budget_t *budget)
 {
-    return view_of(sub, ev, budget);
+    bson_t out;
+    bool own = false;
+    int code = 0;
+    int view = mcd_subscription_apply(sub, ev, budget, &out, &own, &code);
+    if (own) {
+        bson_destroy(&out);
+    }
+    return view;
+}
+
+mc_event_view_t mcd_subscription_view(const mcd_subscription_t *sub, const mc_event_t *ev)
+{
+    return (mc_event_view_t)mcd_subscription_view_budget(sub, ev, NULL);
+}
+
+bool mcd_subscription_reshapes(const mcd_subscription_t *sub)
+{
+    return sub && sub->reshapes;
+}
+
+bool mcd_subscription_match(const mcd_subscription_t *sub, const mc_event_t *ev)
+{
+    return mcd_subscription_view(sub, ev) != MC_EVENT_VIEW_NONE;
 }
 
 bool mcd_subscription_matches_all(const mcd_subscription_t *sub)

@@ -3,22 +3,29 @@
  *
  * A stream's server-side change stream is shared by all its subscribers; each subscriber's
  * view is decided here, in the daemon, per event:
- *   1. recipient: on a stream with `recipient`, only what mc_event_view_for() gives the
+ *   1. recipient: on a stream with a recipient, only what mc_event_view_for() gives the
  *      subscriber's identity: its own changes, the change that moved a document to it
  *      without the previous owner's version, a "left" notice for a document that moved away
  *      (admins see all; on a public stream the recipient only routes and never authorizes,
  *      so anonymous subscribers see every event);
- *   2. the stream's `$match` stages that use {$var: name}, bound with the subscriber's `vars`
- *      (a JSON object; an unbound name is refused with 400 "variable NAME not bound", a value
- *      holding an operator key such as {$ne: ...} with 400; these stages come from the config
- *      and may use $expr, where a bound value is always a literal);
- *   3. the subscriber's `filter` (a JSON MongoDB query over the change event, when the stream
- *      allows client filters; $where $function $accumulator $expr refused; bounded in size
- *      and depth, and in CPU time per event by mcd_subscription_view_budget()).
- * Control events (ready, invalidate, reset) always pass. Filters (2 and 3) are evaluated on
- * the change the subscriber's view carries, and not at all for a "left" notice.
+ *   2. the stream's per-subscriber stages: the first stage that uses {$var: name} and every
+ *      stage after it, in the order written (mc_pipeline_split()), compiled once per
+ *      subscriber with its `vars` (a JSON object; an unbound name is refused with 400
+ *      "variable NAME not bound", a value holding an operator key such as {$ne: ...} with
+ *      400; these stages come from the config and may use $expr, where a bound value is always
+ *      a literal). They run on the change the subscriber's view carries; when they reshape
+ *      it ($project, $set, ...) the subscriber receives its own copy in its message. A stage
+ *      that fails on an event, or that changes the event's _id (MongoDB's 280), ends the
+ *      subscription as MongoDB would end the change stream;
+ *   3. the subscriber's `filter` (a JSON MongoDB query, when the stream allows client
+ *      filters; $where $function $accumulator $expr refused; bounded in size and depth),
+ *      evaluated on what 1 and 2 produced.
+ * Stages and filter (2 and 3) share one CPU budget per event (mcd_subscription_apply() with
+ * a budget): a subscriber whose stages or filter run past it is told so instead of delaying
+ * the others. Control events (ready, invalidate, reset, error) always pass; nothing is
+ * evaluated for a "left" notice.
  *
- * Thread: built and matched on the loop thread. Immutable after creation.
+ * Thread: built and applied on the loop thread. Immutable after creation.
  */
 #ifndef MONGOCAST_DAEMON_SUBSCRIPTION_H
 #define MONGOCAST_DAEMON_SUBSCRIPTION_H
@@ -45,34 +52,50 @@ mcd_subscription_t *mcd_subscription_new(const mc_stream_config_t *stream, const
                                          mcd_refusal_t *r);
 void mcd_subscription_destroy(mcd_subscription_t *sub);
 
-/* What this subscriber receives of `ev` (MC_EVENT_VIEW_NONE: nothing). Never fails; a filter
- * past its regex limits counts as not matching. */
+/* A per-subscriber stage failed without a MongoDB error code (see mcd_subscription_apply). */
+#define MCD_STAGE_ERROR (-1)
+/* The error message such a subscriber receives before its subscription ends. */
+#define MCD_ERROR_PIPELINE "pipeline_error"
+#define MCD_ERROR_PIPELINE_REASON                                                                  \
+    "a pipeline stage that runs for this subscriber failed on an event"
+
+/* What this subscriber receives of `ev`: the view (an mc_event_view_t, MC_EVENT_VIEW_NONE for
+ * nothing), or -1 when `budget` (mongocast/filter.h; NULL: no CPU limit), which the
+ * subscriber's stages and filter share, ran out or a regex hit a limit (budget->reason says
+ * which). A budget may span several events (a resume's replay). When the subscriber's stages
+ * reshape the change, *own is set and `out` (initialised here) holds its copy of the change,
+ * which the caller destroys. When a stage fails on the event (or changes its _id), returns
+ * MC_EVENT_VIEW_NONE with *error_code MongoDB's code for the failure (280 for a changed _id)
+ * or MCD_STAGE_ERROR: the caller ends the subscription. A "left" notice evaluates nothing and
+ * costs nothing. */
+int mcd_subscription_apply(const mcd_subscription_t *sub, const mc_event_t *ev,
+                           mc_filter_budget_t *budget, bson_t *out, bool *own, int *error_code);
+
+/* mcd_subscription_apply() without the copy and the error: the view, or -1 when `budget` ran
+ * out. */
+int mcd_subscription_view_budget(const mcd_subscription_t *sub, const mc_event_t *ev,
+                                 mc_filter_budget_t *budget);
+
+/* mcd_subscription_apply() without a budget, the copy and the error: just the view (a regex
+ * past its limits counts as not matching). */
 mc_event_view_t mcd_subscription_view(const mcd_subscription_t *sub, const mc_event_t *ev);
 
 /* mcd_subscription_view() != MC_EVENT_VIEW_NONE. */
 bool mcd_subscription_match(const mcd_subscription_t *sub, const mc_event_t *ev);
 
-/* mcd_subscription_view() within `budget` (mongocast/filter.h), which the subscriber's $var
- * stages and filter share: the view (an mc_event_view_t, MC_EVENT_VIEW_NONE when nothing), or
- * -1 when the budget ran out or a regex hit a limit (budget->reason says which). A "left"
- * notice evaluates no filter and costs nothing. A budget may span several events (a resume's
- * replay). */
-int mcd_subscription_view_budget(const mcd_subscription_t *sub, const mc_event_t *ev,
-                                 mc_filter_budget_t *budget);
-
-/* True when the subscription has no condition at all (no recipient restriction, no $var
- * stage, no client filter): mcd_subscription_view() is then MC_EVENT_VIEW_FULL for every
- * event that has a change document, so the fan-out may skip calling it. False for NULL. Fixed at
- * creation. (Additive function.) */
+/* True when the subscription has no condition at all (no recipient restriction, no
+ * per-subscriber stage, no client filter): mcd_subscription_view() is then
+ * MC_EVENT_VIEW_FULL for every event that has a change document, so the fan-out may skip
+ * calling it. False for NULL. Fixed at creation. */
 bool mcd_subscription_matches_all(const mcd_subscription_t *sub);
 
-/* Checks, once at start-up (`mongocast check`, `run`), that the stream's per-subscriber stages
- * (those mc_pipeline_split() keeps local because they use {$var: name}) can be evaluated by
- * the daemon: each must be a {$match: {...}} whose {$var: ...} values are well formed
- * ({$var: "<name>"} alone in its document), and no server-side stage that reshapes the event
- * ($project, $addFields, $set, $unset, $replaceRoot, $replaceWith, $redact, ...) may follow
- * one, because the daemon evaluates local stages after the whole server pipeline. Returns 0,
- * or MC_ECONFIG with "stream NAME: pipeline stage I: ..." in err. (Additive function.) */
+/* True when the subscriber's stages reshape the change: its messages are its own, built
+ * from mcd_subscription_apply()'s copy, not the shared ones. */
+bool mcd_subscription_reshapes(const mcd_subscription_t *sub);
+
+/* Checks, once at start-up, the stream's per-subscriber stages (mc_stream_config_check_pipeline;
+ * the loader already did for a loaded config). Returns 0, or MC_ECONFIG with "stream NAME:
+ * pipeline stage I: ..." in err. */
 int mcd_stream_local_stages_check(const mc_stream_config_t *stream, mc_error_t *err);
 
 #endif

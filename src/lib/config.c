@@ -1,5 +1,5 @@
 /*
- * config.c: mongocast configuration loader (DESIGN §4.2, docs/config.md). Reads a YAML file
+ * config.c: mongocast configuration loader (docs/config.md). Reads a YAML file
  * or buffer through config_yaml.c, then types and validates the node tree against the option
  * tables below, which are the single source of truth for every key's type, default, bounds
  * and whether it is required.
@@ -23,9 +23,12 @@
 #include <unistd.h>
 
 #include "config_internal.h"
+#include "mongocast/filter.h"
+#include "summary.h"
 
 #define DEFAULT_MONGODB_URI "mongodb://127.0.0.1:27017/?replicaSet=rs0"
-#define MAX_TABLE_OPTS 16
+#define MAX_TABLE_OPTS 20
+#define MAX_BY_COLLECTION 1000
 #define MAX_STRING 65536
 
 /* Enum options are written through an int pointer. */
@@ -234,7 +237,17 @@ static int validate_collection_name(cfg_ctx_t *ctx, const opt_t *opt, const mc__
     return 0;
 }
 
-/* A dotted path into a document: non-empty segments, none starting with '$'. */
+/* A segment that starts with '$' is allowed only when it is a DBRef field: $id, $ref, $db
+ * (owner.$id reaches the ObjectId of a DBRef, as MongoDB's own field paths allow). */
+static bool dbref_segment(const char *p)
+{
+    size_t n = strcspn(p, ".");
+    return (n == 3 && (!strncmp(p, "$id", 3) || !strncmp(p, "$db", 3))) ||
+           (n == 4 && !strncmp(p, "$ref", 4));
+}
+
+/* A dotted path into a document: non-empty segments, none starting with '$' except the DBRef
+ * fields. */
 static int validate_field_path(cfg_ctx_t *ctx, const opt_t *opt, const mc__cfg_node_t *v)
 {
     const char *p = v->text;
@@ -246,7 +259,7 @@ static int validate_field_path(cfg_ctx_t *ctx, const opt_t *opt, const mc__cfg_n
             }
             segment_start = true;
         } else {
-            if (segment_start && *p == '$') {
+            if (segment_start && *p == '$' && !dbref_segment(p)) {
                 break;
             }
             segment_start = false;
@@ -729,37 +742,285 @@ static const opt_t lookup_opts[] = {
 };
 static const opt_table_t lookup_table = {lookup_opts, N_OPTS(lookup_opts), "", NULL, NULL};
 
+/* The lookup of a recipient form; o->offset locates the mc_recipient_lookup_t pointer in the
+ * stream (single form) or in a by_collection rule. */
 static int parse_lookup(cfg_ctx_t *ctx, const opt_t *o, const mc__cfg_node_t *v, void *base,
                         const char *where)
 {
-    mc_stream_config_t *s = base;
-    char sub[160];
-    if (!s->lookup) {
-        s->lookup = bson_malloc0(sizeof(*s->lookup));
-        if (apply_defaults(ctx, &lookup_table, s->lookup) != 0) {
+    mc_recipient_lookup_t **slot = field(base, o->offset);
+    char sub[200];
+    if (!*slot) {
+        *slot = bson_malloc0(sizeof(**slot));
+        if (apply_defaults(ctx, &lookup_table, *slot) != 0) {
             return -1;
         }
     }
     snprintf(sub, sizeof(sub), "%s.lookup", where);
-    return parse_table(ctx, &lookup_table, v, s->lookup, sub);
+    return parse_table(ctx, &lookup_table, v, *slot, sub);
 }
 
-/* The mapping form of recipient shares mc_stream_config_t as its base. */
+/* ---- summary ---------------------------------------------------------------------------- */
+
+static const opt_t summary_rule_opts[] = {
+    {.name = "when",
+     .type = OPT_CUSTOM,
+     .doc = "a query on the change event; this alternative is used when it matches"},
+    {.name = "text", .type = OPT_CUSTOM, .required = true, .doc = "the template"},
+};
+/* Only for the documentation walk: summary alternatives are parsed by parse_summary(). */
+static const opt_table_t summary_rule_table = {summary_rule_opts, N_OPTS(summary_rule_opts), "[]",
+                                               NULL, NULL};
+
+static int summary_text(cfg_ctx_t *ctx, const mc__cfg_node_t *v, mc_summary_rule_t *r)
+{
+    if (need_text(ctx, v, "a summary template (a string)") != 0) {
+        return -1;
+    }
+    char msg[240];
+    if (!mc__summary_template_check(v->text, msg, sizeof(msg))) {
+        return fail(ctx, v, "summary: %s", msg);
+    }
+    r->text = bson_strdup(v->text);
+    r->pos.line = v->line;
+    r->pos.col = v->col;
+    return 0;
+}
+
+static int summary_when(cfg_ctx_t *ctx, const mc__cfg_node_t *v, mc_summary_rule_t *r)
+{
+    if (v->kind != MC__CFG_MAP) {
+        return fail_type(ctx, v, "a query (a mapping) such as {operationType: update}");
+    }
+    bson_t wrap = BSON_INITIALIZER;
+    if (append_node(ctx, &wrap, "q", 1, v) != 0) {
+        bson_destroy(&wrap);
+        return -1;
+    }
+    bson_iter_t it;
+    const uint8_t *data;
+    uint32_t len;
+    bson_iter_init_find(&it, &wrap, "q");
+    bson_iter_document(&it, &len, &data);
+    r->when = bson_new_from_data(data, len);
+    bson_destroy(&wrap);
+    mc_error_t ferr = {0};
+    mc_filter_t *f = r->when ? mc_filter_new(r->when, NULL, &ferr) : NULL;
+    if (!f) {
+        return fail(ctx, v, "summary when: %s", r->when ? ferr.message : "out of memory");
+    }
+    mc_filter_destroy(f);
+    return 0;
+}
+
+/* summary: "template" | [{when: query, text: "template"}, ...]; o->offset locates the
+ * mc_summary_config_t (in the stream or in a by_collection rule). */
+static int parse_summary(cfg_ctx_t *ctx, const opt_t *o, const mc__cfg_node_t *v, void *base,
+                         const char *where)
+{
+    (void)where;
+    mc_summary_config_t *sc = field(base, o->offset);
+    if (v->kind == MC__CFG_SCALAR) {
+        sc->rules = bson_malloc0(sizeof(*sc->rules));
+        sc->n_rules = 1;
+        return summary_text(ctx, v, &sc->rules[0]);
+    }
+    if (v->kind != MC__CFG_SEQ || v->n_items == 0) {
+        return fail_type(ctx, v, "a template string or a list of {when, text}");
+    }
+    if (v->n_items > MC__SUMMARY_MAX_RULES) {
+        return fail(ctx, v->items[MC__SUMMARY_MAX_RULES],
+                    "a summary may have at most %d "
+                    "alternatives",
+                    MC__SUMMARY_MAX_RULES);
+    }
+    sc->rules = bson_malloc0(v->n_items * sizeof(*sc->rules));
+    for (size_t i = 0; i < v->n_items; i++) {
+        const mc__cfg_node_t *item = v->items[i];
+        mc_summary_rule_t *r = &sc->rules[sc->n_rules++];
+        if (item->kind == MC__CFG_SCALAR) {
+            if (summary_text(ctx, item, r) != 0) {
+                return -1;
+            }
+            continue;
+        }
+        if (item->kind != MC__CFG_MAP) {
+            return fail_type(ctx, item, "a template string or a mapping {when, text}");
+        }
+        const mc__cfg_node_t *when = NULL, *text = NULL;
+        for (size_t k = 0; k + 1 < item->n_items; k += 2) {
+            const mc__cfg_node_t *key = item->items[k];
+            if (!strcmp(key->text, "when")) {
+                when = item->items[k + 1];
+            } else if (!strcmp(key->text, "text")) {
+                text = item->items[k + 1];
+            } else {
+                const char *hint = suggest(&summary_rule_table, key->text);
+                return fail(ctx, key, "unknown key '%.80s' in a summary alternative%s%s%s",
+                            key->text, hint ? "; did you mean '" : "", hint ? hint : "",
+                            hint ? "'?" : "");
+            }
+        }
+        if (!text) {
+            return fail(ctx, item, "missing required key 'text' in a summary alternative");
+        }
+        if (summary_text(ctx, text, r) != 0 || (when && summary_when(ctx, when, r) != 0)) {
+            return -1;
+        }
+        if (!when && i + 1 < v->n_items) {
+            return fail(ctx, item,
+                        "a summary alternative without 'when' matches every event, "
+                        "so the ones after it are never used: put it last");
+        }
+    }
+    return 0;
+}
+
+/* ---- recipient -------------------------------------------------------------------------- */
+
+/* One rule of by_collection (and the default): a path, an optional lookup, a summary. */
+static const opt_t rule_opts[] = {
+    {.name = "path",
+     .type = OPT_STRING,
+     .offset = offsetof(mc_recipient_rule_t, path),
+     .required = true,
+     .min = 1,
+     .validate = validate_field_path,
+     .doc = "dotted path in the change event: the recipient, or the value looked up"},
+    {.name = "lookup",
+     .type = OPT_CUSTOM,
+     .offset = offsetof(mc_recipient_rule_t, lookup),
+     .parse = parse_lookup,
+     .section = &lookup_table,
+     .doc = "where to find the recipient for the path's value"},
+    {.name = "summary",
+     .type = OPT_CUSTOM,
+     .offset = offsetof(mc_recipient_rule_t, summary),
+     .parse = parse_summary,
+     .section = &summary_rule_table,
+     .doc = "the human line of this collection's messages (instead of the stream's)"},
+};
+static const opt_table_t rule_table = {rule_opts, N_OPTS(rule_opts), ".*", NULL, NULL};
+static const opt_table_t default_rule_table = {rule_opts, N_OPTS(rule_opts), "", NULL, NULL};
+
+/* A rule: a dotted path, or a mapping {path, lookup, summary}. */
+static int parse_rule(cfg_ctx_t *ctx, const opt_table_t *t, const mc__cfg_node_t *v,
+                      mc_recipient_rule_t *r, const char *where)
+{
+    r->pos.line = v->line;
+    r->pos.col = v->col;
+    if (v->kind == MC__CFG_MAP) {
+        return parse_table(ctx, t, v, r, where);
+    }
+    if (v->kind != MC__CFG_SCALAR || is_null(v)) {
+        return fail_type(ctx, v, "a dotted path or a mapping {path, lookup, summary}");
+    }
+    static const opt_t as_path = {
+        .name = "path", .type = OPT_STRING, .min = 1, .validate = validate_field_path};
+    return parse_string(ctx, &as_path, v, &r->path);
+}
+
+static int parse_by_collection(cfg_ctx_t *ctx, const opt_t *o, const mc__cfg_node_t *v, void *base,
+                               const char *where)
+{
+    (void)o;
+    mc_stream_config_t *s = base;
+    if (v->kind != MC__CFG_MAP || v->n_items == 0) {
+        return fail_type(ctx, v, "a mapping of collection names to recipient rules");
+    }
+    size_t n = v->n_items / 2;
+    if (n > MAX_BY_COLLECTION) {
+        return fail(ctx, v->items[2 * MAX_BY_COLLECTION],
+                    "by_collection may name at most %d "
+                    "collections",
+                    MAX_BY_COLLECTION);
+    }
+    s->by_collection = bson_malloc0(n * sizeof(*s->by_collection));
+    for (size_t i = 0; i < n; i++) {
+        const mc__cfg_node_t *key = v->items[2 * i];
+        mc_recipient_rule_t *r = &s->by_collection[s->n_by_collection++];
+        if (key->len == 0 || strchr(key->text, '$') || !strncmp(key->text, "system.", 7)) {
+            return fail(ctx, key, "by_collection key '%.80s' is not a valid collection name",
+                        key->text);
+        }
+        r->collection = bson_strdup(key->text);
+        char sub[240];
+        snprintf(sub, sizeof(sub), "%s.recipient.by_collection.%.80s", where, key->text);
+        if (parse_rule(ctx, &rule_table, v->items[2 * i + 1], r, sub) != 0) {
+            return -1;
+        }
+    }
+    return 0;
+}
+
+static int parse_default(cfg_ctx_t *ctx, const opt_t *o, const mc__cfg_node_t *v, void *base,
+                         const char *where)
+{
+    (void)o;
+    mc_stream_config_t *s = base;
+    s->recipient_default = bson_malloc0(sizeof(*s->recipient_default));
+    char sub[200];
+    snprintf(sub, sizeof(sub), "%s.recipient.default", where);
+    return parse_rule(ctx, &default_rule_table, v, s->recipient_default, sub);
+}
+
+static int check_recipient(cfg_ctx_t *ctx, const mc__cfg_node_t *map, void *base,
+                           const mc__cfg_node_t *const *found);
+
+/* The mapping form of recipient shares mc_stream_config_t as its base: {path, lookup}, or
+ * {by_collection, default}. */
 static const opt_t recipient_opts[] = {
     {.name = "path",
      .type = OPT_STRING,
      .offset = offsetof(mc_stream_config_t, recipient),
-     .required = true,
      .min = 1,
      .validate = validate_field_path,
      .doc = "dotted path in the change event whose value is looked up"},
     {.name = "lookup",
      .type = OPT_CUSTOM,
+     .offset = offsetof(mc_stream_config_t, lookup),
      .parse = parse_lookup,
      .section = &lookup_table,
      .doc = "where to find the recipient for the path's value"},
+    {.name = "by_collection",
+     .type = OPT_CUSTOM,
+     .parse = parse_by_collection,
+     .section = &rule_table,
+     .doc = "a recipient rule per collection (database- or cluster-level streams)"},
+    {.name = "default",
+     .type = OPT_CUSTOM,
+     .parse = parse_default,
+     .section = &default_rule_table,
+     .doc = "the rule of collections by_collection does not name; omitted: admins only"},
 };
-static const opt_table_t recipient_table = {recipient_opts, N_OPTS(recipient_opts), "", NULL, NULL};
+static const opt_table_t recipient_table = {recipient_opts, N_OPTS(recipient_opts), "",
+                                            check_recipient, NULL};
+
+static int check_recipient(cfg_ctx_t *ctx, const mc__cfg_node_t *map, void *base,
+                           const mc__cfg_node_t *const *found)
+{
+    const mc_stream_config_t *s = base;
+    const mc__cfg_node_t *path = found_node(&recipient_table, found, "path");
+    const mc__cfg_node_t *lookup = found_node(&recipient_table, found, "lookup");
+    const mc__cfg_node_t *by = found_node(&recipient_table, found, "by_collection");
+    const mc__cfg_node_t *def = found_node(&recipient_table, found, "default");
+    if (by || def) {
+        if (path || lookup) {
+            return fail(ctx, path ? path : lookup,
+                        "recipient takes either path (with lookup) or by_collection (with "
+                        "default), not both");
+        }
+        if (!by) {
+            return fail(ctx, def,
+                        "recipient.default needs by_collection (for one rule for "
+                        "every collection, write recipient: {path, lookup})");
+        }
+        return 0;
+    }
+    if (!path) {
+        return fail(ctx, map, "missing required key 'path' in streams.%s.recipient", s->name);
+    }
+    return 0;
+}
 
 static int parse_recipient(cfg_ctx_t *ctx, const opt_t *o, const mc__cfg_node_t *v, void *base,
                            const char *where)
@@ -771,7 +1032,9 @@ static int parse_recipient(cfg_ctx_t *ctx, const opt_t *o, const mc__cfg_node_t 
         return parse_table(ctx, &recipient_table, v, base, sub);
     }
     if (v->kind != MC__CFG_SCALAR || is_null(v)) {
-        return fail_type(ctx, v, "a dotted path or a mapping {path, lookup}");
+        return fail_type(ctx, v,
+                         "a dotted path or a mapping {path, lookup} or {by_collection, "
+                         "default}");
     }
     static const opt_t as_path = {
         .name = "recipient", .type = OPT_STRING, .min = 1, .validate = validate_field_path};
@@ -853,9 +1116,28 @@ static const opt_t stream_opts[] = {
      .min = 1,
      .max = 60000,
      .doc = "maxAwaitTimeMS of each getMore"},
+    {.name = "summary",
+     .type = OPT_CUSTOM,
+     .offset = offsetof(mc_stream_config_t, summary),
+     .parse = parse_summary,
+     .section = &summary_rule_table,
+     .doc = "a human line per change message: a template, or a list of {when, text}"},
+    {.name = "ensure_images",
+     .type = OPT_BOOL,
+     .offset = offsetof(mc_stream_config_t, ensure_images),
+     .def_num = 0,
+     .doc = "turn on changeStreamPreAndPostImages on the watched (and lookup) collections"},
 };
 static const opt_table_t stream_table = {stream_opts, N_OPTS(stream_opts), ".*", check_stream,
                                          NULL};
+
+/* Where the pipeline's stage `i` was written (the pipeline node's i-th item). */
+static const mc__cfg_node_t *stage_node(const mc__cfg_node_t *pipeline, size_t i,
+                                        const mc__cfg_node_t *fallback)
+{
+    return pipeline && pipeline->kind == MC__CFG_SEQ && i < pipeline->n_items ? pipeline->items[i]
+                                                                              : fallback;
+}
 
 static int check_stream(cfg_ctx_t *ctx, const mc__cfg_node_t *map, void *base,
                         const mc__cfg_node_t *const *found)
@@ -865,7 +1147,29 @@ static int check_stream(cfg_ctx_t *ctx, const mc__cfg_node_t *map, void *base,
         return fail(ctx, found_node(&stream_table, found, "collection"),
                     "collection requires db (omit both to watch the whole cluster)");
     }
-    if (s->recipient && s->full_document == MC_FULL_DOCUMENT_UPDATE_LOOKUP) {
+    const mc__cfg_node_t *recipient = found_node(&stream_table, found, "recipient");
+    if (s->n_by_collection > 0 && s->collection) {
+        return fail(ctx, recipient,
+                    "recipient.by_collection needs a database- or cluster-level stream (this "
+                    "stream watches one collection: write recipient: PATH or {path, lookup})");
+    }
+    for (size_t i = 0; i < s->n_by_collection; i++) {
+        const mc_recipient_rule_t *r = &s->by_collection[i];
+        const char *dot = strchr(r->collection, '.');
+        if (!s->db && (!dot || dot == r->collection || !dot[1])) {
+            return fail(ctx, recipient,
+                        "recipient.by_collection key '%.80s': on a cluster-level stream (no "
+                        "db) keys are DB.COLLECTION",
+                        r->collection);
+        }
+        for (size_t j = 0; j < i; j++) {
+            if (!strcmp(s->by_collection[j].collection, r->collection)) {
+                return fail(ctx, recipient, "recipient.by_collection names '%.80s' twice",
+                            r->collection);
+            }
+        }
+    }
+    if (mc_stream_config_has_recipient(s) && s->full_document == MC_FULL_DOCUMENT_UPDATE_LOOKUP) {
         /* updateLookup reads the document when the event is read, not as the write left it:
          * a later owner would receive an earlier owner's write. */
         return fail(ctx, found_node(&stream_table, found, "full_document"),
@@ -878,6 +1182,14 @@ static int check_stream(cfg_ctx_t *ctx, const mc__cfg_node_t *map, void *base,
     }
     if (!s->pipeline) {
         s->pipeline = bson_new();
+    }
+    /* Stages after a $var stage run in the daemon, per subscriber: each must be one the
+     * daemon can run, written as the daemon will run it. */
+    mc_error_t perr = {0};
+    size_t bad = 0;
+    if (mc__stream_pipeline_check(s->pipeline, &bad, &perr) != 0) {
+        const mc__cfg_node_t *pipeline = found_node(&stream_table, found, "pipeline");
+        return fail(ctx, stage_node(pipeline, bad, pipeline ? pipeline : map), "%s", perr.message);
     }
     return 0;
 }
@@ -1452,6 +1764,36 @@ static void free_list(char **list, size_t n)
     }
 }
 
+static void free_lookup(mc_recipient_lookup_t *l)
+{
+    if (l) {
+        bson_free(l->db);
+        bson_free(l->collection);
+        bson_free(l->field);
+        bson_free(l->recipient);
+        bson_free(l);
+    }
+}
+
+static void free_summary(mc_summary_config_t *sc)
+{
+    for (size_t i = 0; i < sc->n_rules; i++) {
+        bson_destroy(sc->rules[i].when);
+        bson_free(sc->rules[i].text);
+    }
+    bson_free(sc->rules);
+    sc->rules = NULL;
+    sc->n_rules = 0;
+}
+
+static void free_rule(mc_recipient_rule_t *r)
+{
+    bson_free(r->collection);
+    bson_free(r->path);
+    free_lookup(r->lookup);
+    free_summary(&r->summary);
+}
+
 void mc_config_destroy(mc_config_t *config)
 {
     if (!config) {
@@ -1479,13 +1821,16 @@ void mc_config_destroy(mc_config_t *config)
         bson_free(s->collection);
         bson_destroy(s->pipeline);
         bson_free(s->recipient);
-        if (s->lookup) {
-            bson_free(s->lookup->db);
-            bson_free(s->lookup->collection);
-            bson_free(s->lookup->field);
-            bson_free(s->lookup->recipient);
-            bson_free(s->lookup);
+        free_lookup(s->lookup);
+        for (size_t k = 0; k < s->n_by_collection; k++) {
+            free_rule(&s->by_collection[k]);
         }
+        bson_free(s->by_collection);
+        if (s->recipient_default) {
+            free_rule(s->recipient_default);
+            bson_free(s->recipient_default);
+        }
+        free_summary(&s->summary);
     }
     bson_free(config->streams);
     for (size_t i = 0; i < config->n_sinks; i++) {
@@ -1510,4 +1855,33 @@ const mc_stream_config_t *mc_config_stream(const mc_config_t *config, const char
         }
     }
     return NULL;
+}
+
+bool mc_stream_config_has_recipient(const mc_stream_config_t *stream)
+{
+    return stream &&
+           (stream->recipient || stream->n_by_collection > 0 || stream->recipient_default);
+}
+
+const mc_recipient_rule_t *mc_stream_config_rule(const mc_stream_config_t *stream, const char *db,
+                                                 const char *coll)
+{
+    if (!stream || (stream->n_by_collection == 0 && !stream->recipient_default)) {
+        return NULL;
+    }
+    if (coll) {
+        size_t db_len = db ? strlen(db) : 0;
+        for (size_t i = 0; i < stream->n_by_collection; i++) {
+            const char *key = stream->by_collection[i].collection;
+            if (stream->db) {
+                if (!strcmp(key, coll)) {
+                    return &stream->by_collection[i];
+                }
+            } else if (db && !strncmp(key, db, db_len) && key[db_len] == '.' &&
+                       !strcmp(key + db_len + 1, coll)) {
+                return &stream->by_collection[i];
+            }
+        }
+    }
+    return stream->recipient_default;
 }

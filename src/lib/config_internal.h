@@ -11,6 +11,7 @@
 #ifndef MC_CONFIG_INTERNAL_H
 #define MC_CONFIG_INTERNAL_H
 
+#include <bson/bson.h>
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -79,6 +80,10 @@ void mc__cfg_scalar_type(const mc__cfg_node_t *node, mc__cfg_scalar_t *out);
 
 /* Optimal-string-alignment (Damerau-Levenshtein) distance, capped at `cap` + 1. */
 size_t mc__cfg_edit_distance(const char *a, const char *b, size_t cap);
+
+/* Checks a stream pipeline's stage order and its per-subscriber stages (pipeline_check.c):
+ * 0, or MC_ECONFIG with the message and *bad_stage the index of the offending stage. */
+int mc__stream_pipeline_check(const bson_t *pipeline, size_t *bad_stage, mc_error_t *err);
 
 /* Walks the option tables: calls `fn` with the dotted name of every option ("server.listen",
  * "streams.*.history") so that tests can check the documentation covers each of them. */

@@ -19,6 +19,7 @@
 #include <string.h>
 #include <time.h>
 
+#include "config_internal.h"
 #include "engine_private.h"
 
 #define DISPATCH_BATCH 256
@@ -62,6 +63,7 @@ int mc_pipeline_split(const bson_t *pipeline, bson_t *server_out, bson_t *local_
                             "pipeline is not valid BSON");
     }
     uint32_t ns = 0, nl = 0;
+    bool local = false;
     while (bson_iter_next(&it)) {
         if (!BSON_ITER_HOLDS_DOCUMENT(&it)) {
             return mc_error_set(err, MC_EINVAL, MC_DOMAIN_MONGOCAST, MC_EINVAL,
@@ -86,7 +88,9 @@ int mc_pipeline_split(const bson_t *pipeline, bson_t *server_out, bson_t *local_
                                 bson_iter_key(&it), bson_iter_key(&sit));
         }
         bson_iter_init(&sit, &stage);
-        bool local = contains_var(&sit, 0);
+        /* Stage order is the written order: once a stage needs a subscriber's vars, it and
+         * every stage after it run in the daemon (pipeline_check.c vouches they can). */
+        local = local || contains_var(&sit, 0);
         char key[16];
         const char *k;
         bson_uint32_to_string(local ? nl++ : ns++, &k, key, sizeof(key));
@@ -857,10 +861,26 @@ static const mc_sink_type_t *sink_type(const mc_engine_t *engine, const mc_sink_
     return sink->type ? sink->type : find_type(engine, sink->cfg->type);
 }
 
+/* "unknown sink type 'stdot'; did you mean 'stdout'? (known types: stdout, memory)". */
 static int unknown_type_error(const mc_engine_t *engine, const mc_sink_t *sink, mc_error_t *err)
 {
-    char msg[300];
-    snprintf(msg, sizeof(msg), "unknown sink type '%s'", sink->cfg->type);
+    char known[240] = "";
+    size_t used = 0;
+    const char *best = NULL;
+    size_t best_d = 3;
+    for (size_t i = 0; i < engine->n_types && used < sizeof(known); i++) {
+        const char *name = engine->types[i]->name;
+        int w = snprintf(known + used, sizeof(known) - used, "%s%s", i ? ", " : "", name);
+        used += w > 0 ? (size_t)w : 0;
+        size_t d = mc__cfg_edit_distance(sink->cfg->type, name, 2);
+        if (d < best_d) {
+            best_d = d;
+            best = name;
+        }
+    }
+    char msg[400];
+    snprintf(msg, sizeof(msg), "unknown sink type '%.80s'%s%s%s (known types: %s)", sink->cfg->type,
+             best ? "; did you mean '" : "", best ? best : "", best ? "'?" : "", known);
     return report_sink_error(engine, sink, MC_ECONFIG, msg, err);
 }
 

@@ -85,6 +85,9 @@ typedef struct mc__routing {
  * moved the document. Only on the watcher thread that built the event, before it is shared.
  * On MC_ENOMEM the event is left unresolved (admins only). */
 int mc__event_set_routing(mc_event_t *ev, const mc__routing_t *r);
+/* The same for a path read from the event itself (a by_collection rule without a lookup);
+ * *post_value (may be NULL) receives what the path held after the write. */
+int mc__event_route_by_path(mc_event_t *ev, const char *path, mc__vstate_t *post_value);
 
 /* The cluster time at the head of a resume token's _data (MongoDB's and the emulator's
  * KeyString layout); 0, 0 when the token is opaque (watcher.c). */

@@ -25,6 +25,7 @@
 #include <string.h>
 
 #include "engine_private.h"
+#include "summary.h"
 
 /*
  * One event is one heap block: this struct (at a 128-byte boundary inside the block, because
@@ -62,6 +63,10 @@ struct mc_event {
     uint32_t rid_len, pid_len, rjson_len;
     void *routing_owned;       /* storage of mc__event_set_routing() */
     bson_t *entered_change;    /* the ENTERED view's change (owned), or NULL */
+    char *summary_owned;       /* the FULL and ENTERED views' summaries, one block, or NULL */
+    const char *summary;       /* FULL view's line (in summary_owned), or NULL */
+    const char *summary_entered; /* ENTERED view's line, or NULL */
+    uint32_t summary_len, summary_entered_len;
     const char *reason;        /* in the block */
     const char *error_code;    /* in the block; error events only */
     int server_code;           /* error events: MongoDB's code, or 0 */
@@ -148,6 +153,7 @@ static void event_free(mc_event_t *ev)
     if (ev->entered_change) {
         bson_destroy(ev->entered_change);
     }
+    free(ev->summary_owned);
     free(ev->routing_owned);
     free(ev->block);
 }
@@ -500,6 +506,20 @@ int mc__event_set_routing(mc_event_t *ev, const mc__routing_t *r)
     char *tail = mem;
     put_routing(ev, &tail, r, rjson, rjson_len);
     return 0;
+}
+
+int mc__event_route_by_path(mc_event_t *ev, const char *path, mc__vstate_t *post_value)
+{
+    bson_iter_t post, prev;
+    mc__vstate_t post_st, prev_st;
+    mc__routing_t r;
+    mc__recipient_values(ev->change, path, &post, &post_st, &prev, &prev_st);
+    r.post = rstate_of(post_st, &post, &r.post_id);
+    r.prev = rstate_of(prev_st, &prev, &r.prev_id);
+    if (post_value) {
+        *post_value = post_st;
+    }
+    return mc__event_set_routing(ev, &r);
 }
 
 static mc_event_t *einval(mc_error_t *err, const char *msg)
@@ -898,6 +918,59 @@ const char *mc_event_raw_json(mc_event_t *ev, size_t *len)
         return NULL;
     }
     return cached(&ev->raw, &ev->raw_len, ev, mc__event_render_raw, len);
+}
+
+int mc__event_set_summary(mc_event_t *ev, const mc__summary_t *sm)
+{
+    free(ev->summary_owned);
+    ev->summary_owned = NULL;
+    ev->summary = ev->summary_entered = NULL;
+    ev->summary_len = ev->summary_entered_len = 0;
+    if (!sm || ev->kind != MC_EVENT_CHANGE || !ev->change) {
+        return 0;
+    }
+    /* Each view renders from the document it carries, so the ENTERED line never shows what
+     * only the previous version had. */
+    char full[MC__SUMMARY_MAX + 1], entered[MC__SUMMARY_MAX + 1];
+    int nf = mc__summary_render(sm, ev->change, full, sizeof(full));
+    int ne = ev->entered_change
+                 ? mc__summary_render(sm, ev->entered_change, entered, sizeof(entered))
+                 : -1;
+    if (nf < 0 && ne < 0) {
+        return 0;
+    }
+    char *mem = malloc((nf < 0 ? 0 : (size_t)nf + 1) + (ne < 0 ? 0 : (size_t)ne + 1));
+    if (!mem) {
+        return MC_ENOMEM;
+    }
+    ev->summary_owned = mem;
+    char *tail = mem;
+    if (nf >= 0) {
+        ev->summary = put_string(&tail, full, (size_t)nf);
+        ev->summary_len = (uint32_t)nf;
+    }
+    if (ne >= 0) {
+        ev->summary_entered = put_string(&tail, entered, (size_t)ne);
+        ev->summary_entered_len = (uint32_t)ne;
+    }
+    return 0;
+}
+
+const char *mc__event_summary(const mc_event_t *ev, mc_event_view_t view, size_t *len)
+{
+    const char *s = NULL;
+    size_t n = 0;
+    if (view == MC_EVENT_VIEW_FULL) {
+        s = ev->summary;
+        n = ev->summary_len;
+    } else if (view == MC_EVENT_VIEW_ENTERED) {
+        s = ev->summary_entered;
+        n = ev->summary_entered_len;
+    }
+    if (len) {
+        *len = n;
+    }
+    return s;
 }
 
 mc__item_t *mc__event_item(mc_event_t *ev)

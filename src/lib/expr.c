@@ -610,8 +610,13 @@ static int eval(const ectx_t *c, const mc__xnode_t *n, mc__xval_t *out);
  * caller's budget; MC_ELIMIT once it has run out. */
 static int xstep(const ectx_t *c, uint32_t units)
 {
-    if (c->steps && !c->steps->step(c->steps->ctx, units)) {
-        return mc_error_set(c->err, MC_ELIMIT, MC_DOMAIN_MONGOCAST, MC_ELIMIT,
+    return mc__xstep_take(c->steps, units, c->err);
+}
+
+int mc__xstep_take(const mc__xstep_t *steps, uint32_t units, mc_error_t *err)
+{
+    if (steps && !steps->step(steps->ctx, units)) {
+        return mc_error_set(err, MC_ELIMIT, MC_DOMAIN_MONGOCAST, MC_ELIMIT,
                             "expression evaluation budget exhausted");
     }
     return 0;

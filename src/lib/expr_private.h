@@ -58,11 +58,16 @@ int mc__expr_eval(const mc__xprog_t *prog, const mc__xnode_t *n, const uint8_t *
 /* A cost budget for one evaluation: step(ctx, units) is called with the work done (one unit
  * per node evaluated and per field or array element visited); when it returns false the
  * evaluation stops with MC_ELIMIT ("expression evaluation budget exhausted"). The matcher
- * passes its mc_filter_budget_t this way, so a $expr counts against a subscriber's budget. */
+ * and the pipeline stages pass their mc_filter_budget_t this way, so a $expr, a computed field
+ * or a $replaceRoot counts against a subscriber's budget. */
 typedef struct mc__xstep {
     bool (*step)(void *ctx, uint32_t units);
     void *ctx;
 } mc__xstep_t;
+
+/* Reports `units` of work to `steps` (NULL: no budget): 0, or MC_ELIMIT with `err` once the
+ * budget has run out. The pipeline stages count the fields they copy this way. */
+int mc__xstep_take(const mc__xstep_t *steps, uint32_t units, mc_error_t *err);
 
 /* mc__expr_eval() within `steps` (NULL: no budget). */
 int mc__expr_eval_steps(const mc__xprog_t *prog, const mc__xnode_t *n, const uint8_t *root,
@@ -83,8 +88,17 @@ bool mc__xval_truthy(const mc__xval_t *v);
 bool mc__expr_is_operator_doc(const bson_value_t *v);
 
 /* Evaluates a compiled query (filter.c) and reports $expr evaluation errors: 1 match, 0 no
- * match, <0 error with `err`. mc_filter_match() is the same without the error. */
+ * match, <0 error with `err`. Without `budget` (NULL) it is mc_filter_match() with the error;
+ * within one it is mc_filter_match_budget(), and a budget or regex limit that stops it returns
+ * MC_ELIMIT with budget->exceeded set. */
 struct mc_filter;
-int mc__filter_eval(const struct mc_filter *filter, const bson_t *doc, mc_error_t *err);
+struct mc_filter_budget;
+int mc__filter_eval(const struct mc_filter *filter, const bson_t *doc,
+                    struct mc_filter_budget *budget, mc_error_t *err);
+
+/* Adds `units` of work (fields and array elements visited, nodes evaluated) to `budget`, reading
+ * the thread's CPU clock as the matcher does; false once it is exhausted (budget->exceeded and
+ * reason set). The pipeline stages count their work against a subscriber's budget this way. */
+bool mc__filter_budget_step(struct mc_filter_budget *budget, uint32_t units);
 
 #endif

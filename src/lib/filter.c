@@ -36,7 +36,8 @@
  *  - $expr compiles its aggregation expression (expr.c) into filter->xprog and matches when
  *    the value is truthy; it is refused inside $elemMatch (MongoDB: top-level document only).
  *    An evaluation error (e.g. $add on a string) makes the document not match; the pipeline
- *    stages use mc__filter_eval() to report it instead. The expression's evaluation steps
+ *    stages use mc__filter_eval() to report it instead. The budget's bookkeeping is shared
+ *    with the pipeline stages' own work (mc__filter_budget_step()). The expression's evaluation steps
  *    (nodes evaluated, fields and array elements visited) go to the same budget through
  *    expr_step(), so an expensive $expr stops like an expensive regex.
  * Invariants: a compiled filter never changes; every node belongs to filter->nodes and is
@@ -341,27 +342,25 @@ static uint64_t thread_cpu_ns(void)
     return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
 }
 
-static void budget_stop(eval_t *x, const char *why)
+/* Marks `b` exceeded (the first reason stays). Returns false. */
+static bool budget_exceed(mc_filter_budget_t *b, const char *why)
 {
-    x->stop = true;
-    x->b->exceeded = true;
-    if (!x->b->reason) {
-        x->b->reason = why;
+    b->exceeded = true;
+    if (!b->reason) {
+        b->reason = why;
     }
+    return false;
 }
 
 /* Reads the clock (the budget starts at the first reading). Returns false once exceeded. */
-static bool budget_check(eval_t *x)
+static bool budget_clock(mc_filter_budget_t *b)
 {
-    mc_filter_budget_t *b = x->b;
     if (b->exceeded) {
-        x->stop = true;
         return false;
     }
     if (!b->cpu_ns) {
         if (b->regex_steps > RX_MAX_STEPS) {
-            budget_stop(x, "regular expression too expensive");
-            return false;
+            return budget_exceed(b, "regular expression too expensive");
         }
         return true;
     }
@@ -369,7 +368,41 @@ static bool budget_check(eval_t *x)
     if (!b->started_ns) {
         b->started_ns = now ? now : 1;
     } else if (now - b->started_ns > b->cpu_ns) {
-        budget_stop(x, "CPU budget exhausted");
+        return budget_exceed(b, "CPU budget exhausted");
+    }
+    return true;
+}
+
+/* Adds `n` units of work to `b`, reading the clock every UNITS_PER_CHECK units; false once the
+ * budget is exhausted. */
+static inline bool budget_add(mc_filter_budget_t *b, uint32_t n)
+{
+    if (b->exceeded) {
+        return false;
+    }
+    b->units += n;
+    if (b->units < UNITS_PER_CHECK) {
+        return true;
+    }
+    b->units = 0;
+    return budget_clock(b);
+}
+
+bool mc__filter_budget_step(mc_filter_budget_t *b, uint32_t units)
+{
+    return budget_add(b, units);
+}
+
+static void budget_stop(eval_t *x, const char *why)
+{
+    x->stop = true;
+    budget_exceed(x->b, why);
+}
+
+static bool budget_check(eval_t *x)
+{
+    if (!budget_clock(x->b)) {
+        x->stop = true;
         return false;
     }
     return true;
@@ -381,12 +414,11 @@ static inline bool step(eval_t *x, uint32_t n)
     if (x->stop) {
         return false;
     }
-    x->b->units += n;
-    if (x->b->units < UNITS_PER_CHECK) {
-        return true;
+    if (!budget_add(x->b, n)) {
+        x->stop = true;
+        return false;
     }
-    x->b->units = 0;
-    return budget_check(x);
+    return true;
 }
 
 static int rx_callout(pcre2_callout_block *block, void *data)
@@ -1695,16 +1727,21 @@ bool mc_filter_match_budget(const mc_filter_t *filter, const bson_t *doc,
     return match(filter, doc, budget, true, NULL, NULL);
 }
 
-int mc__filter_eval(const mc_filter_t *filter, const bson_t *doc, mc_error_t *err)
+int mc__filter_eval(const mc_filter_t *filter, const bson_t *doc, mc_filter_budget_t *budget,
+                    mc_error_t *err)
 {
     if (!filter || !doc) {
         return mc_error_set(err, MC_EINVAL, MC_DOMAIN_MONGODB, BAD_VALUE, "no filter or document");
     }
-    /* No CPU budget: the work is still capped (RX_MAX_STEPS), and a regex past its limits
-     * counts as no match, as with mc_filter_match(). */
-    mc_filter_budget_t budget = {0};
+    /* No budget: the work is still capped (RX_MAX_STEPS), and a regex past its limits counts
+     * as no match, as with mc_filter_match(). With one, a limit stops the evaluation. */
+    mc_filter_budget_t none = {0};
     bool failed = false;
-    bool r = match(filter, doc, &budget, false, err, &failed);
+    bool r = match(filter, doc, budget ? budget : &none, budget != NULL, err, &failed);
+    if (budget && budget->exceeded) {
+        return mc_error_set(err, MC_ELIMIT, MC_DOMAIN_MONGOCAST, MC_ELIMIT, "%s",
+                            budget->reason ? budget->reason : "CPU budget exhausted");
+    }
     if (failed) {
         return err && err->code < 0 ? err->code : MC_EINVAL;
     }

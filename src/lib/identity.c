@@ -199,19 +199,19 @@ bool mc_identity_equal(const uint8_t *a, size_t a_len, const uint8_t *b, size_t 
     return a && b && a_len > 0 && a_len == b_len && memcmp(a, b, a_len) == 0;
 }
 
-/* A binary value as libbson spells it inside a document: rendered as {"": v} and cut out
- * of "{ "" : <value> }". */
+/* A binary value in compact relaxed Extended JSON: rendered as {"": v} and cut out of
+ * "{"":<value>}". */
 static size_t binary_json(const uint8_t *id, size_t len, mc__json_buf_t *b)
 {
     bson_t doc;
     bson_init(&doc);
     bool ok = bson_append_binary(&doc, "", 0, (bson_subtype_t)id[1], id + 2, (uint32_t)(len - 2));
     size_t start = b->len;
-    if (ok && mc__json_write_document(b, &doc, MC__JSON_RELAXED) == MC__JSON_OK &&
-        b->len - start > 9) {
-        /* "{ "" : " is 7 bytes, " }" is 2. */
-        memmove(b->data + start, b->data + start + 7, b->len - start - 9);
-        b->len -= 9;
+    if (ok && mc__json_write_document(b, &doc, MC__JSON_RELAXED_COMPACT) == MC__JSON_OK &&
+        b->len - start > 5) {
+        /* "{"":" is 4 bytes, "}" is 1. */
+        memmove(b->data + start, b->data + start + 4, b->len - start - 5);
+        b->len -= 5;
     } else {
         b->err = MC__JSON_EINVALID;
     }
@@ -249,9 +249,9 @@ size_t mc_identity_json(const uint8_t *id, size_t len, char *out)
         memcpy(oid.bytes, id + 1, 12);
         char hex[25];
         bson_oid_to_string(&oid, hex);
-        MC__JSON_LIT(&b, "{ \"$oid\" : \"");
+        MC__JSON_LIT(&b, "{\"$oid\":\"");
         mc__json_buf_append(&b, hex, 24);
-        MC__JSON_LIT(&b, "\" }");
+        MC__JSON_LIT(&b, "\"}");
         break;
     }
     case TAG_BINARY:

@@ -1,6 +1,7 @@
 /*
  * json_writer.c: BSON -> Extended JSON v2 (relaxed and canonical) in one pass, byte-identical
- * to libbson 1.23's bson_as_relaxed_extended_json() / bson_as_canonical_extended_json().
+ * to libbson 1.23's bson_as_relaxed_extended_json() / bson_as_canonical_extended_json(), or,
+ * in compact mode (what mongocast sends), to that text without the spaces outside strings.
  *
  * Runs on whichever thread renders (the dispatch thread for events); no shared state. Why it
  * exists: libbson validates every string, then escapes it one character at a time through
@@ -36,9 +37,39 @@
 
 typedef struct writer {
     mc__json_buf_t *b;
-    mc__json_mode_t mode;
+    bool canonical;
+    bool compact;   /* libbson's text without the spaces outside strings */
     int scope_nest; /* code-with-scope scopes currently open */
 } writer_t;
+
+static writer_t writer_of(mc__json_buf_t *b, mc__json_mode_t mode)
+{
+    return (writer_t){.b = b,
+                      .canonical = (mode & MC__JSON_CANONICAL) != 0,
+                      .compact = (mode & MC__JSON_COMPACT) != 0};
+}
+
+/* Punctuation: libbson's spelling, or without its spaces in compact mode. The literals hold
+ * no space inside a quoted part, so dropping every space is exact. */
+static void lit(writer_t *w, const char *s, size_t n)
+{
+    if (!w->compact) {
+        mc__json_buf_append(w->b, s, n);
+        return;
+    }
+    if (!mc__json_buf_reserve(w->b, n)) {
+        return;
+    }
+    char *o = w->b->data + w->b->len;
+    for (size_t i = 0; i < n; i++) {
+        if (s[i] != ' ') {
+            *o++ = s[i];
+        }
+    }
+    w->b->len = (size_t)(o - w->b->data);
+}
+
+#define W_LIT(w, l) lit((w), (l), sizeof(l) - 1)
 
 static const char hex_digits[] = "0123456789abcdef";
 
@@ -178,6 +209,11 @@ static inline size_t utf8_seq(const uint8_t *s, size_t left)
     return 0;
 }
 
+size_t mc__json_utf8_char_len(const uint8_t *s, size_t left)
+{
+    return left ? (s[0] < 0x80 ? 1 : utf8_seq(s, left)) : 0;
+}
+
 /* bson_utf8_validate(s, n, allow_null = true): NUL bytes and C0 80 are accepted. */
 static bool utf8_valid_allow_null(const uint8_t *s, size_t n)
 {
@@ -278,9 +314,35 @@ static void put_escaped(writer_t *w, const uint8_t *s, size_t n)
 
 int mc__json_write_string(mc__json_buf_t *b, const char *s, size_t n)
 {
-    writer_t w = {b, MC__JSON_RELAXED, 0};
+    writer_t w = writer_of(b, MC__JSON_RELAXED);
     put_escaped(&w, (const uint8_t *)s, n);
     return b->err;
+}
+
+void mc__json_append_compacted(mc__json_buf_t *b, const char *s, size_t n)
+{
+    if (!mc__json_buf_reserve(b, n)) {
+        return;
+    }
+    char *o = b->data + b->len;
+    bool in_string = false;
+    for (size_t i = 0; i < n; i++) {
+        char c = s[i];
+        if (in_string) {
+            *o++ = c;
+            if (c == '\\' && i + 1 < n) {
+                *o++ = s[++i];
+            } else if (c == '"') {
+                in_string = false;
+            }
+        } else if (c == '"') {
+            in_string = true;
+            *o++ = c;
+        } else if (c != ' ' && c != '\t' && c != '\n' && c != '\r') {
+            *o++ = c;
+        }
+    }
+    b->len = (size_t)(o - b->data);
 }
 
 /* ---- Numbers, dates, identifiers ------------------------------------------------------------ */
@@ -361,30 +423,30 @@ static void put_double_digits(writer_t *w, double d)
     }
     mc__json_buf_append(w->b, tmp, (size_t)n);
     if (strspn(tmp, "0123456789-") == (size_t)n) {
-        MC__JSON_LIT(w->b, ".0");
+        W_LIT(w, ".0");
     }
 }
 
 static void put_double(writer_t *w, double d)
 {
     bool finite = !(d != d || d * 0 != 0); /* libbson's own test */
-    if (w->mode == MC__JSON_RELAXED && finite) {
+    if (!w->canonical && finite) {
         put_double_digits(w, d);
         return;
     }
-    MC__JSON_LIT(w->b, "{ \"$numberDouble\" : \"");
+    W_LIT(w, "{ \"$numberDouble\" : \"");
     if (d != d) {
-        MC__JSON_LIT(w->b, "NaN");
+        W_LIT(w, "NaN");
     } else if (!finite) {
         if (d > 0) {
-            MC__JSON_LIT(w->b, "Infinity");
+            W_LIT(w, "Infinity");
         } else {
-            MC__JSON_LIT(w->b, "-Infinity");
+            W_LIT(w, "-Infinity");
         }
     } else {
         put_double_digits(w, d);
     }
-    MC__JSON_LIT(w->b, "\" }");
+    W_LIT(w, "\" }");
 }
 
 static void put_2digits(char *p, int v)
@@ -516,13 +578,17 @@ static void put_value_by_libbson(writer_t *w, const bson_iter_t *it)
     char *s = NULL;
     size_t n = 0;
     if (bson_init_static(&tmp, raw, total)) {
-        s = w->mode == MC__JSON_CANONICAL ? bson_as_canonical_extended_json(&tmp, &n)
-                                          : bson_as_relaxed_extended_json(&tmp, &n);
+        s = w->canonical ? bson_as_canonical_extended_json(&tmp, &n)
+                         : bson_as_relaxed_extended_json(&tmp, &n);
     }
     static const char prefix[] = "{ \"\" : ";
     if (s && n >= sizeof(prefix) - 1 + 2 && memcmp(s, prefix, sizeof(prefix) - 1) == 0 &&
         memcmp(s + n - 2, " }", 2) == 0) {
-        mc__json_buf_append(w->b, s + sizeof(prefix) - 1, n - (sizeof(prefix) - 1) - 2);
+        if (w->compact) {
+            mc__json_append_compacted(w->b, s + sizeof(prefix) - 1, n - (sizeof(prefix) - 1) - 2);
+        } else {
+            mc__json_buf_append(w->b, s + sizeof(prefix) - 1, n - (sizeof(prefix) - 1) - 2);
+        }
     } else {
         fail(w, MC__JSON_EINVALID);
     }
@@ -561,20 +627,20 @@ static void put_code_with_scope(writer_t *w, const bson_iter_t *it)
         put_value_by_libbson(w, it);
         return;
     }
-    MC__JSON_LIT(w->b, "{ \"$code\" : ");
+    W_LIT(w, "{ \"$code\" : ");
     put_escaped(w, (const uint8_t *)code, code_len);
-    MC__JSON_LIT(w->b, ", \"$scope\" : ");
+    W_LIT(w, ", \"$scope\" : ");
     w->scope_nest++;
     put_top_document(w, scope, scope_len);
     w->scope_nest--;
-    MC__JSON_LIT(w->b, " }");
+    W_LIT(w, " }");
 }
 
 /* One element's value, inside a container of depth `depth`. */
 static void put_value(writer_t *w, const bson_iter_t *it, int depth)
 {
     mc__json_buf_t *b = w->b;
-    bool canonical = w->mode == MC__JSON_CANONICAL;
+    bool canonical = w->canonical;
     switch (bson_iter_type(it)) {
     case BSON_TYPE_DOUBLE: put_double(w, bson_iter_double(it)); return;
     case BSON_TYPE_UTF8: {
@@ -598,7 +664,7 @@ static void put_value(writer_t *w, const bson_iter_t *it, int depth)
             return; /* libbson's bson_init_static() failed: it prints nothing */
         }
         if (depth >= MAX_RECURSION) {
-            MC__JSON_LIT(b, "{ ... }"); /* for arrays too, as libbson does */
+            W_LIT(w, "{ ... }"); /* for arrays too, as libbson does */
             return;
         }
         put_container(w, &child, array, depth + 1);
@@ -609,49 +675,49 @@ static void put_value(writer_t *w, const bson_iter_t *it, int depth)
         uint32_t len = 0;
         const uint8_t *data = NULL;
         bson_iter_binary(it, &subtype, &len, &data);
-        MC__JSON_LIT(b, "{ \"$binary\" : { \"base64\" : \"");
+        W_LIT(w, "{ \"$binary\" : { \"base64\" : \"");
         put_base64(w, data, len);
         char tail[] = "\", \"subType\" : \"XX\" } }";
         tail[16] = hex_digits[((unsigned)subtype >> 4) & 15];
         tail[17] = hex_digits[(unsigned)subtype & 15];
-        MC__JSON_LIT(b, tail);
+        W_LIT(w, tail);
         return;
     }
-    case BSON_TYPE_UNDEFINED: MC__JSON_LIT(b, "{ \"$undefined\" : true }"); return;
+    case BSON_TYPE_UNDEFINED: W_LIT(w, "{ \"$undefined\" : true }"); return;
     case BSON_TYPE_OID:
-        MC__JSON_LIT(b, "{ \"$oid\" : \"");
+        W_LIT(w, "{ \"$oid\" : \"");
         put_oid_hex(w, bson_iter_oid(it));
-        MC__JSON_LIT(b, "\" }");
+        W_LIT(w, "\" }");
         return;
     case BSON_TYPE_BOOL:
         if (bson_iter_bool(it)) {
-            MC__JSON_LIT(b, "true");
+            W_LIT(w, "true");
         } else {
-            MC__JSON_LIT(b, "false");
+            W_LIT(w, "false");
         }
         return;
     case BSON_TYPE_DATE_TIME: {
         int64_t ms = bson_iter_date_time(it);
         if (canonical || ms < 0) {
-            MC__JSON_LIT(b, "{ \"$date\" : { \"$numberLong\" : \"");
+            W_LIT(w, "{ \"$date\" : { \"$numberLong\" : \"");
             put_i64(w, ms);
-            MC__JSON_LIT(b, "\" } }");
+            W_LIT(w, "\" } }");
         } else {
-            MC__JSON_LIT(b, "{ \"$date\" : \"");
+            W_LIT(w, "{ \"$date\" : \"");
             put_iso_date(w, ms);
-            MC__JSON_LIT(b, "\" }");
+            W_LIT(w, "\" }");
         }
         return;
     }
-    case BSON_TYPE_NULL: MC__JSON_LIT(b, "null"); return;
+    case BSON_TYPE_NULL: W_LIT(w, "null"); return;
     case BSON_TYPE_REGEX: {
         const char *options = NULL;
         const char *regex = bson_iter_regex(it, &options);
-        MC__JSON_LIT(b, "{ \"$regularExpression\" : { \"pattern\" : ");
+        W_LIT(w, "{ \"$regularExpression\" : { \"pattern\" : ");
         put_escaped(w, (const uint8_t *)regex, strlen(regex));
-        MC__JSON_LIT(b, ", \"options\" : \"");
+        W_LIT(w, ", \"options\" : \"");
         put_regex_options(w, options);
-        MC__JSON_LIT(b, "\" } }");
+        W_LIT(w, "\" } }");
         return;
     }
     case BSON_TYPE_DBPOINTER: {
@@ -665,35 +731,35 @@ static void put_value(writer_t *w, const bson_iter_t *it, int depth)
             fail(w, MC__JSON_EINVALID);
             return;
         }
-        MC__JSON_LIT(b, "{ \"$dbPointer\" : { \"$ref\" : ");
+        W_LIT(w, "{ \"$dbPointer\" : { \"$ref\" : ");
         put_escaped(w, (const uint8_t *)coll, strlen(coll));
-        MC__JSON_LIT(b, ", \"$id\" : { \"$oid\" : \"");
+        W_LIT(w, ", \"$id\" : { \"$oid\" : \"");
         put_oid_hex(w, oid);
-        MC__JSON_LIT(b, "\" } } }");
+        W_LIT(w, "\" } } }");
         return;
     }
     case BSON_TYPE_CODE: {
         uint32_t len;
         const char *code = bson_iter_code(it, &len);
-        MC__JSON_LIT(b, "{ \"$code\" : ");
+        W_LIT(w, "{ \"$code\" : ");
         put_escaped(w, (const uint8_t *)code, len);
-        MC__JSON_LIT(b, " }");
+        W_LIT(w, " }");
         return;
     }
     case BSON_TYPE_SYMBOL: {
         uint32_t len;
         const char *sym = bson_iter_symbol(it, &len);
-        MC__JSON_LIT(b, "{ \"$symbol\" : ");
+        W_LIT(w, "{ \"$symbol\" : ");
         put_escaped(w, (const uint8_t *)sym, len);
-        MC__JSON_LIT(b, " }");
+        W_LIT(w, " }");
         return;
     }
     case BSON_TYPE_CODEWSCOPE: put_code_with_scope(w, it); return;
     case BSON_TYPE_INT32:
         if (canonical) {
-            MC__JSON_LIT(b, "{ \"$numberInt\" : \"");
+            W_LIT(w, "{ \"$numberInt\" : \"");
             put_i64(w, bson_iter_int32(it));
-            MC__JSON_LIT(b, "\" }");
+            W_LIT(w, "\" }");
         } else {
             put_i64(w, bson_iter_int32(it));
         }
@@ -701,18 +767,18 @@ static void put_value(writer_t *w, const bson_iter_t *it, int depth)
     case BSON_TYPE_TIMESTAMP: {
         uint32_t t, i;
         bson_iter_timestamp(it, &t, &i);
-        MC__JSON_LIT(b, "{ \"$timestamp\" : { \"t\" : ");
+        W_LIT(w, "{ \"$timestamp\" : { \"t\" : ");
         put_u32(w, t);
-        MC__JSON_LIT(b, ", \"i\" : ");
+        W_LIT(w, ", \"i\" : ");
         put_u32(w, i);
-        MC__JSON_LIT(b, " } }");
+        W_LIT(w, " } }");
         return;
     }
     case BSON_TYPE_INT64:
         if (canonical) {
-            MC__JSON_LIT(b, "{ \"$numberLong\" : \"");
+            W_LIT(w, "{ \"$numberLong\" : \"");
             put_i64(w, bson_iter_int64(it));
-            MC__JSON_LIT(b, "\" }");
+            W_LIT(w, "\" }");
         } else {
             put_i64(w, bson_iter_int64(it));
         }
@@ -722,13 +788,13 @@ static void put_value(writer_t *w, const bson_iter_t *it, int depth)
         char str[BSON_DECIMAL128_STRING];
         bson_iter_decimal128(it, &dec);
         bson_decimal128_to_string(&dec, str);
-        MC__JSON_LIT(b, "{ \"$numberDecimal\" : \"");
+        W_LIT(w, "{ \"$numberDecimal\" : \"");
         mc__json_buf_append(b, str, strlen(str));
-        MC__JSON_LIT(b, "\" }");
+        W_LIT(w, "\" }");
         return;
     }
-    case BSON_TYPE_MAXKEY: MC__JSON_LIT(b, "{ \"$maxKey\" : 1 }"); return;
-    case BSON_TYPE_MINKEY: MC__JSON_LIT(b, "{ \"$minKey\" : 1 }"); return;
+    case BSON_TYPE_MAXKEY: W_LIT(w, "{ \"$maxKey\" : 1 }"); return;
+    case BSON_TYPE_MINKEY: W_LIT(w, "{ \"$minKey\" : 1 }"); return;
     case BSON_TYPE_EOD:
     default: fail(w, MC__JSON_EINVALID); return; /* bson_iter_next() never yields these */
     }
@@ -741,16 +807,16 @@ static void put_container(writer_t *w, bson_iter_t *it_in, bool array, int depth
     mc__json_buf_t *b = w->b;
     bson_iter_t it = *it_in;
     if (array) {
-        MC__JSON_LIT(b, "[ ");
+        W_LIT(w, "[ ");
     } else {
-        MC__JSON_LIT(b, "{ ");
+        W_LIT(w, "{ ");
     }
     bool first = true;
     while (bson_iter_next(&it)) {
         const uint8_t *key = (const uint8_t *)bson_iter_key(&it);
         uint32_t key_len = bson_iter_key_len(&it);
         if (!first) {
-            MC__JSON_LIT(b, ", ");
+            W_LIT(w, ", ");
         }
         first = false;
         if (array) {
@@ -760,7 +826,7 @@ static void put_container(writer_t *w, bson_iter_t *it_in, bool array, int depth
             }
         } else {
             put_escaped(w, key, key_len);
-            MC__JSON_LIT(b, " : ");
+            W_LIT(w, " : ");
         }
         put_value(w, &it, depth);
         if (b->err) {
@@ -772,9 +838,9 @@ static void put_container(writer_t *w, bson_iter_t *it_in, bool array, int depth
         return;
     }
     if (array) {
-        MC__JSON_LIT(b, " ]");
+        W_LIT(w, " ]");
     } else {
-        MC__JSON_LIT(b, " }");
+        W_LIT(w, " }");
     }
 }
 
@@ -782,7 +848,7 @@ static void put_top_document(writer_t *w, const uint8_t *data, size_t len)
 {
     /* bson_empty0(): libbson looks at the first type byte only. */
     if (len == 5 || (len > 5 && data[4] == 0)) {
-        MC__JSON_LIT(w->b, "{ }");
+        W_LIT(w, "{ }");
         return;
     }
     bson_iter_t it;
@@ -795,7 +861,7 @@ static void put_top_document(writer_t *w, const uint8_t *data, size_t len)
 
 int mc__json_write_document(mc__json_buf_t *b, const bson_t *doc, mc__json_mode_t mode)
 {
-    writer_t w = {b, mode, 0};
+    writer_t w = writer_of(b, mode);
     put_top_document(&w, bson_get_data(doc), doc->len);
     return b->err;
 }
@@ -803,13 +869,13 @@ int mc__json_write_document(mc__json_buf_t *b, const bson_t *doc, mc__json_mode_
 int mc__json_write_embedded(mc__json_buf_t *b, const bson_t *doc, mc__json_mode_t mode,
                             int parent_depth)
 {
-    writer_t w = {b, mode, 0};
+    writer_t w = writer_of(b, mode);
     bson_iter_t it;
     if (!bson_iter_init_from_data(&it, bson_get_data(doc), doc->len)) {
         return b->err; /* libbson prints nothing for a document it cannot open */
     }
     if (parent_depth >= MAX_RECURSION) {
-        MC__JSON_LIT(b, "{ ... }");
+        W_LIT(&w, "{ ... }");
     } else {
         put_container(&w, &it, false, parent_depth + 1);
     }
@@ -821,7 +887,7 @@ char *mc__json_render(const bson_t *doc, mc__json_mode_t mode, size_t max, size_
     mc__json_buf_t b;
     /* Typical documents grow by a third in relaxed mode (keys and strings are copied, a few
      * bytes of punctuation per element); canonical wraps every number. */
-    size_t guess = (size_t)doc->len + (size_t)doc->len / (mode == MC__JSON_CANONICAL ? 1 : 2);
+    size_t guess = (size_t)doc->len + (size_t)doc->len / ((mode & MC__JSON_CANONICAL) ? 1 : 2);
     mc__json_buf_init(&b, guess + 64, max);
     mc__json_write_document(&b, doc, mode);
     if (err) {

@@ -3,9 +3,10 @@
  *
  * Output is byte-identical to libbson 1.23's bson_as_relaxed_extended_json() and
  * bson_as_canonical_extended_json() (same spacing, same escaping, same number spelling, same
- * refusals), but written straight into one growable buffer instead of through libbson's
- * per-character string building. Where libbson returns NULL (invalid UTF-8 in a string, a
- * key or a regex; corrupt BSON), the writer returns MC__JSON_EINVALID.
+ * refusals), or, in MC__JSON_COMPACT mode, to that text with the spaces outside strings
+ * removed (what mongocast sends), but written straight into one growable buffer instead of
+ * through libbson's per-character string building. Where libbson returns NULL (invalid UTF-8 in a
+ * string, a key or a regex; corrupt BSON), the writer returns MC__JSON_EINVALID.
  *
  * Any thread; a buffer belongs to one thread at a time. Buffers are allocated with
  * bson_malloc/bson_realloc so a stolen text may be released with bson_free().
@@ -18,9 +19,16 @@
 #include <stddef.h>
 #include <string.h>
 
+/* RELAXED or CANONICAL, optionally OR-ed with COMPACT: the same text without the optional
+ * whitespace libbson puts around punctuation (`{"a":1}` instead of `{ "a" : 1 }`); exactly
+ * libbson's text with every space outside a string removed, so still valid Extended JSON
+ * that parses to the same document. */
 typedef enum mc__json_mode {
     MC__JSON_RELAXED = 0,
     MC__JSON_CANONICAL = 1,
+    MC__JSON_COMPACT = 2,
+    MC__JSON_RELAXED_COMPACT = MC__JSON_RELAXED | MC__JSON_COMPACT,
+    MC__JSON_CANONICAL_COMPACT = MC__JSON_CANONICAL | MC__JSON_COMPACT,
 } mc__json_mode_t;
 
 enum {
@@ -87,7 +95,8 @@ char *mc__json_buf_steal(mc__json_buf_t *b, size_t *len);
 int mc__json_write_string(mc__json_buf_t *b, const char *s, size_t n);
 
 /* Appends `doc` as libbson renders a whole document (bson_as_*_extended_json): "{ }" when it
- * is empty (or its first type byte is 0), else "{ k : v, ... }". */
+ * is empty (or its first type byte is 0), else "{ k : v, ... }" ("{}" and "{k:v,...}" in
+ * compact mode). */
 int mc__json_write_document(mc__json_buf_t *b, const bson_t *doc, mc__json_mode_t mode);
 
 /* Appends `doc` as libbson renders a document value nested in a document at depth
@@ -97,9 +106,18 @@ int mc__json_write_embedded(mc__json_buf_t *b, const bson_t *doc, mc__json_mode_
                             int parent_depth);
 
 /* Renders `doc` into a new bson_malloc'ed string exactly like bson_as_relaxed_extended_json()
- * or bson_as_canonical_extended_json(); NULL where libbson returns NULL, or when the output
- * would exceed `max` bytes (0: MC__JSON_MAX_DEFAULT). `err`, when not NULL, receives the
- * MC__JSON_* code. */
+ * or bson_as_canonical_extended_json() (or that text compacted); NULL where libbson returns NULL,
+ * or when the output would exceed `max` bytes (0: MC__JSON_MAX_DEFAULT). `err`, when not NULL,
+ * receives the MC__JSON_* code. */
 char *mc__json_render(const bson_t *doc, mc__json_mode_t mode, size_t max, size_t *len, int *err);
+
+/* Length of the strictly valid UTF-8 character at `s` (1 to 4, `left` bytes available), or 0
+ * when none starts there (an invalid or truncated sequence, an overlong form, a surrogate). */
+size_t mc__json_utf8_char_len(const uint8_t *s, size_t left);
+
+/* Appends `n` bytes of JSON text `s` without the whitespace outside its strings (space, tab,
+ * CR, LF): libbson's spacing -> the compact form. `s` must be well-formed JSON text (string
+ * escapes are honoured); the tests use it to derive the expected compact output. */
+void mc__json_append_compacted(mc__json_buf_t *b, const char *s, size_t n);
 
 #endif

@@ -19,6 +19,11 @@
  *    current document in place, reshaping stages write the other scratch document, and the
  *    last one becomes the output without a copy.
  *
+ *  - Within a caller's budget (mc_pipeline_apply_budget(), a subscriber's CPU budget),
+ *    $match stages are matched like mc_filter_match_budget(), and reshaping stages report
+ *    every field and array element they visit and every expression node they evaluate to the
+ *    same budget, so an expensive $project or $set stops like an expensive filter.
+ *
  * Invariants: every document built here is finished (no open sub-document) before it is
  * returned; recursion follows the projection tree (bounded by the specification's depth),
  * never the data alone; the values computed into one output add up to at most max_value bytes.
@@ -320,6 +325,7 @@ typedef struct papply {
     const uint8_t *root; /* the document computed fields see as $$ROOT */
     uint32_t root_len;
     size_t computed_bytes;
+    const mc__xstep_t *steps; /* the caller's budget, or NULL */
     mc_error_t *err;
 } papply_t;
 
@@ -329,7 +335,7 @@ static int apply_level(papply_t *a, const pnode_t *spec, pmode_t mode, const bso
 static int append_computed(papply_t *a, const pnode_t *k, bson_t *out)
 {
     mc__xval_t v;
-    int rc = mc__expr_eval(a->prog, k->expr, a->root, a->root_len, &v, a->err);
+    int rc = mc__expr_eval_steps(a->prog, k->expr, a->root, a->root_len, a->steps, &v, a->err);
     if (rc == 0 && v.v.value_type != BSON_TYPE_EOD) {
         /* Computed values are what can make the output larger than the input: their total
          * is bounded like one value. */
@@ -389,6 +395,11 @@ static int apply_array(papply_t *a, const pnode_t *k, pmode_t mode, const bson_v
     if (mc__bson_iter_init_safe(&it, arr->value.v_doc.data, arr->value.v_doc.data_len)) {
         while (bson_iter_next(&it)) {
             const bson_value_t *e = bson_iter_value(&it);
+            int src = mc__xstep_take(a->steps, 1, a->err);
+            if (src < 0) {
+                bson_append_array_end(out, &child);
+                return src;
+            }
             char key[16];
             const char *ks;
             bson_uint32_to_string(i, &ks, key, sizeof(key));
@@ -456,6 +467,9 @@ static int apply_level(papply_t *a, const pnode_t *spec, pmode_t mode, const bso
         const char *key = bson_iter_key(&it);
         const bson_value_t *v = bson_iter_value(&it);
         const pnode_t *k = NULL;
+        if ((rc = mc__xstep_take(a->steps, 1, a->err)) < 0) {
+            break;
+        }
         for (size_t i = 0; i < nk; i++) {
             if (strcmp(spec->kids[i]->name, key) == 0) {
                 k = spec->kids[i];
@@ -522,14 +536,19 @@ static int apply_level(papply_t *a, const pnode_t *spec, pmode_t mode, const bso
     return rc;
 }
 
-/* Writes the projection of `doc` into `out` (initialised and empty; emptied again on error). */
+/* Writes the projection of `doc` into `out` (initialised and empty; emptied again on error),
+ * within `steps` (NULL: no budget). */
 static int projection_write(const mc__xprog_t *prog, const projection_t *pr, const bson_t *doc,
-                            bson_t *out, mc_error_t *err)
+                            const mc__xstep_t *steps, bson_t *out, mc_error_t *err)
 {
     bson_value_t in = {.value_type = BSON_TYPE_DOCUMENT};
     in.value.v_doc.data = (uint8_t *)bson_get_data(doc);
     in.value.v_doc.data_len = doc->len;
-    papply_t a = {.prog = prog, .root = bson_get_data(doc), .root_len = doc->len, .err = err};
+    papply_t a = {.prog = prog,
+                  .root = bson_get_data(doc),
+                  .root_len = doc->len,
+                  .steps = steps,
+                  .err = err};
     int rc = apply_level(&a, &pr->root, pr->mode, &in, out, true, pr);
     if (rc < 0) {
         bson_reinit(out);
@@ -594,7 +613,7 @@ int mc_projection_apply(const mc_projection_t *p, const bson_t *doc, bson_t *out
     if (!p || !doc) {
         return mc__expr_fail(err, 2, "no projection or document");
     }
-    return projection_write(&p->prog, &p->proj, doc, out, err);
+    return projection_write(&p->prog, &p->proj, doc, NULL, out, err);
 }
 
 /* ---------------------------------------------------------------- pipelines */
@@ -775,6 +794,19 @@ mc_pipeline_t *mc_pipeline_new(const bson_t *stages, const mc_pipeline_opts_t *o
     return p;
 }
 
+int mc_pipeline_test(const mc_pipeline_t *p, const bson_t *doc, mc_filter_budget_t *budget,
+                     mc_error_t *err)
+{
+    if (!p || !doc || !p->only_filters) {
+        return mc__expr_fail(err, 2, "mc_pipeline_test needs a pipeline of $match stages");
+    }
+    int rc = 1;
+    for (size_t i = 0; i < p->n && rc == 1; i++) {
+        rc = mc__filter_eval(p->stages[i].filter, doc, budget, err);
+    }
+    return rc;
+}
+
 size_t mc_pipeline_length(const mc_pipeline_t *p)
 {
     return p ? p->n : 0;
@@ -786,14 +818,14 @@ bool mc_pipeline_only_filters(const mc_pipeline_t *p)
 }
 
 /* Applies one reshaping stage to `doc`, writing `out` (initialised by the caller). */
-static int reshape(const mc_pipeline_t *p, const stage_t *s, const bson_t *doc, bson_t *out,
-                   mc_error_t *err)
+static int reshape(const mc_pipeline_t *p, const stage_t *s, const bson_t *doc,
+                   const mc__xstep_t *steps, bson_t *out, mc_error_t *err)
 {
     if (s->kind != S_REPLACE) {
-        return projection_write(&p->prog, &s->proj, doc, out, err);
+        return projection_write(&p->prog, &s->proj, doc, steps, out, err);
     }
     mc__xval_t v;
-    int rc = mc__expr_eval(&p->prog, s->expr, bson_get_data(doc), doc->len, &v, err);
+    int rc = mc__expr_eval_steps(&p->prog, s->expr, bson_get_data(doc), doc->len, steps, &v, err);
     if (rc < 0) {
         return rc;
     }
@@ -816,12 +848,27 @@ static int reshape(const mc_pipeline_t *p, const stage_t *s, const bson_t *doc, 
     return rc;
 }
 
+/* The reshaping stages' work goes to the caller's budget (mc__xstep_t over
+ * mc__filter_budget_step()). */
+static bool budget_step(void *ctx, uint32_t units)
+{
+    return mc__filter_budget_step(ctx, units);
+}
+
 int mc_pipeline_apply(const mc_pipeline_t *p, const bson_t *doc, bson_t *out, mc_error_t *err)
+{
+    return mc_pipeline_apply_budget(p, doc, NULL, out, err);
+}
+
+int mc_pipeline_apply_budget(const mc_pipeline_t *p, const bson_t *doc, mc_filter_budget_t *budget,
+                             bson_t *out, mc_error_t *err)
 {
     if (!p || !doc) {
         bson_init(out);
         return mc__expr_fail(err, 2, "no pipeline or document");
     }
+    mc__xstep_t xs = {.step = budget_step, .ctx = budget};
+    const mc__xstep_t *steps = budget ? &xs : NULL;
     bson_t scratch[2];
     bool used[2] = {false, false};
     const bson_t *cur = doc;
@@ -829,7 +876,7 @@ int mc_pipeline_apply(const mc_pipeline_t *p, const bson_t *doc, bson_t *out, mc
     for (size_t i = 0; i < p->n && rc == 1; i++) {
         const stage_t *s = &p->stages[i];
         if (s->kind == S_MATCH) {
-            rc = mc__filter_eval(s->filter, cur, err);
+            rc = mc__filter_eval(s->filter, cur, budget, err);
             continue;
         }
         bson_t *dst = &scratch[next];
@@ -839,7 +886,7 @@ int mc_pipeline_apply(const mc_pipeline_t *p, const bson_t *doc, bson_t *out, mc
             bson_init(dst);
             used[next] = true;
         }
-        int r = reshape(p, s, cur, dst, err);
+        int r = reshape(p, s, cur, steps, dst, err);
         rc = r < 0 ? r : 1;
         cur = dst;
         next ^= 1;

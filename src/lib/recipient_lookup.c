@@ -1058,7 +1058,9 @@ static read_result_t read_once(mc__recipient_lookup_t *l, const bson_value_t *re
     bson_append_document_end(&filter, &eq);
     bson_append_document_end(&cmd, &filter);
     bson_append_document_begin(&cmd, "projection", -1, &proj);
-    BSON_APPEND_INT32(&proj, c->recipient, 1);
+    /* The recipient's top-level field: a path through a DBRef (owner.$id) is read from the
+     * whole DBRef, whatever a server allows in projection paths. */
+    bson_append_int32(&proj, c->recipient, (int)strcspn(c->recipient, "."), 1);
     bson_append_document_end(&cmd, &proj);
     BSON_APPEND_INT64(&cmd, "limit", 2);
     BSON_APPEND_BOOL(&cmd, "singleBatch", true);
@@ -1118,12 +1120,50 @@ static mc__rstate_t unresolved(mc__recipient_lookup_t *l, const char *why)
     return MC__R_UNRESOLVED;
 }
 
-mc__rstate_t mc__recipient_lookup_at(mc__recipient_lookup_t *l, const bson_value_t *ref,
-                                     uint64_t ct, mc_identity_t *out,
-                                     const atomic_bool *stopping)
+/* A reference that is a DBRef ({$ref, $id[, $db]}) designates the document whose key is its
+ * $id, but only in the lookup's own collection (and database, when it names one): a DBRef to
+ * another collection designates nothing here. Returns `ref` itself when it is no DBRef, the
+ * $id value (pointing into `ref`'s bytes) when it designates the lookup collection, NULL
+ * otherwise. */
+static const bson_value_t *dbref_key(const mc__recipient_lookup_t *l, const bson_value_t *ref,
+                                     bson_iter_t *scratch)
+{
+    if (ref->value_type != BSON_TYPE_DOCUMENT ||
+        !bson_iter_init_from_data(scratch, ref->value.v_doc.data, ref->value.v_doc.data_len)) {
+        return ref;
+    }
+    bson_iter_t f = *scratch;
+    if (!bson_iter_find(&f, "$ref")) {
+        return ref; /* an ordinary document: no identity, refused by the caller */
+    }
+    if (!BSON_ITER_HOLDS_UTF8(&f) || strcmp(bson_iter_utf8(&f, NULL), l->cfg->collection) != 0) {
+        return NULL;
+    }
+    f = *scratch;
+    if (bson_iter_find(&f, "$db") &&
+        (!BSON_ITER_HOLDS_UTF8(&f) || strcmp(bson_iter_utf8(&f, NULL), l->cfg->db) != 0)) {
+        return NULL;
+    }
+    if (!bson_iter_find(scratch, "$id")) {
+        return NULL;
+    }
+    return bson_iter_value(scratch);
+}
+
+mc__rstate_t mc__recipient_lookup_at(mc__recipient_lookup_t *l, const bson_value_t *ref_in,
+                                     uint64_t ct, mc_identity_t *out, const atomic_bool *stopping)
 {
     out->len = 0;
     mc_identity_t key;
+    bson_iter_t scratch;
+    const bson_value_t *ref = l && ref_in ? dbref_key(l, ref_in, &scratch) : ref_in;
+    if (l && ref_in && !ref) {
+        mc_log_ratelimited(&l->rl_key, MC_LOG_INFO, "recipient",
+                           "lookup skipped stream=%s: the reference is a DBRef to another "
+                           "collection than %s.%s; event goes to admins only",
+                           l->stream, l->cfg->db, l->cfg->collection);
+        return MC__R_NONE;
+    }
     if (!l || !ref || !mc_identity_from_value(ref, &key)) {
         if (l && ref) {
             mc_log_ratelimited(&l->rl_key, MC_LOG_INFO, "recipient",

@@ -8,7 +8,10 @@
  * path) designates the document of db.collection whose `field` equals it ({$eq}); that
  * document's `recipient` field is the event's recipient. References and recipients are
  * compared under the identity rule (mongocast/identity.h): a reference that is not an
- * identity (null, an array, a document, a fraction, ...) designates nothing.
+ * identity (null, an array, a document, a fraction, ...) designates nothing, except a DBRef
+ * ({$ref, $id[, $db]}) to the lookup collection, which designates the document whose key is
+ * its $id (a DBRef to another collection designates nothing). `recipient` may go through a
+ * DBRef too (owner.$id).
  *
  * Exactness: the recipient is the one the lookup collection held at the event's cluster time
  * T, never a later (or cached earlier) one. The instance keeps:

@@ -32,7 +32,8 @@
 #include <time.h>
 
 #include "engine_private.h"
-#include "recipient_lookup.h"
+#include "images.h"
+#include "recipient_rules.h"
 
 #define PUSH_WAIT_MS 200
 
@@ -53,7 +54,9 @@ typedef struct watcher {
     mc__backoff_t backoff;
     mc_log_ratelimit_t rl;
     mc_log_ratelimit_t rl_unresolved;
-    mc__recipient_lookup_t *lookup; /* recipient: {path, lookup}; NULL otherwise */
+    mc_log_ratelimit_t rl_missing;
+    mc__recipients_t *rcpt; /* the stream's recipient rules, lookups and summaries */
+    mc__images_t *images;   /* pre-/post-images kept on or watched; NULL: not needed */
     /* Why the stream failed, for its error event: static strings (NULL: the generic code and
      * reason) and MongoDB's code or 0. */
     const char *fail_code;
@@ -402,58 +405,35 @@ static bool is_own_checkpoint_write(const watcher_t *w, const bson_t *doc)
            strcmp(bson_iter_utf8(&v, NULL), c->checkpoint.collection) == 0;
 }
 
-/* ---- Routing through a lookup ------------------------------------------------------------ */
+/* ---- Routing ----------------------------------------------------------------------------- */
 
-static mc__rstate_t lookup_value(watcher_t *w, mc__vstate_t st, const bson_iter_t *ref,
-                                 uint64_t ct, mc_identity_t *out)
+/* An event routing could not decide (unresolved), or a document event whose recipient path
+ * held nothing (a stage may have removed it): counted and logged (rate-limited, each kind on
+ * its own), and left to admins. */
+static void note_routing(watcher_t *w, const mc_event_t *ev, mc__route_note_t note)
 {
-    out->len = 0;
-    switch (st) {
-    case MC__V_FOUND:
-        /* The path's value is a reference, never the recipient itself, even when the lookup
-         * could not be built (then nobody but admins gets the event). */
-        if (!w->lookup) {
-            return MC__R_UNRESOLVED;
-        }
-        return mc__recipient_lookup_at(w->lookup, bson_iter_value((bson_iter_t *)ref), ct, out,
-                                       &w->e->stopping);
-    case MC__V_UNRESOLVED: return MC__R_UNRESOLVED;
-    case MC__V_ABSENT: return MC__R_ABSENT;
-    default: return MC__R_NONE;
+    if (note == MC__ROUTE_OK) {
+        return;
     }
-}
-
-/* The lookup form: the references after and before the write are looked up as of the
- * event's cluster time (blocking on MongoDB here, on the watcher thread, never on the loop).
- * Events arrive in cluster-time order, which the lookup requires. */
-static void route_by_lookup(watcher_t *w, mc_event_t *ev)
-{
-    bson_iter_t post, prev;
-    mc__vstate_t post_st, prev_st;
-    mc__recipient_values(mc_event_change(ev), w->s->cfg->recipient, &post, &post_st, &prev,
-                         &prev_st);
-    uint32_t t = 0, i = 0;
-    uint64_t ct = mc_event_cluster_time(ev, &t, &i) ? mc__ct(t, i) : 0;
-    mc__routing_t r;
-    r.post = lookup_value(w, post_st, &post, ct, &r.post_id);
-    r.prev = lookup_value(w, prev_st, &prev, ct, &r.prev_id);
-    mc__event_set_routing(ev, &r);
-}
-
-/* An event whose recipient could not be decided: counted, logged (rate-limited), and left
- * to admins. */
-static void note_unresolved(watcher_t *w, const mc_event_t *ev)
-{
-    stream_count(w->s, &w->s->status.unresolved_recipients, 1);
     const char *op = mc_event_operation_type(ev);
-    const char *why = w->s->cfg->lookup ? "the recipient lookup could not be proven exact"
-                      : op && strcmp(op, "delete") == 0
-                          ? "a delete without a pre-image (full_document_before_change)"
-                          : "a write without its resulting document (an update needs "
-                            "full_document: whenAvailable or required)";
-    mc_log_ratelimited(&w->rl_unresolved, MC_LOG_WARN, "watcher",
-                       "recipient unresolved stream=%s op=%s: %s; event goes to admins only",
-                       w->s->cfg->name, op ? op : "?", why);
+    const char *why;
+    if (note == MC__ROUTE_MISSING) {
+        stream_count(w->s, &w->s->status.recipient_missing, 1);
+        why = "the recipient path holds no identity (missing, null, or removed by a pipeline "
+              "stage: see mongocast check)";
+    } else {
+        stream_count(w->s, &w->s->status.unresolved_recipients, 1);
+        why = mc__event_recipient_state(ev) == MC__R_UNRESOLVED && op && strcmp(op, "delete") == 0
+                  ? "a delete without a pre-image (full_document_before_change), or a lookup "
+                    "that could not be proven exact"
+                  : "a write without its resulting document (an update needs full_document: "
+                    "whenAvailable or required), or a lookup that could not be proven exact";
+    }
+    mc_log_ratelimited(
+        note == MC__ROUTE_MISSING ? &w->rl_missing : &w->rl_unresolved, MC_LOG_WARN, "watcher",
+        "recipient %s stream=%s op=%s ns=%s.%s: %s; event goes to admins only",
+        note == MC__ROUTE_MISSING ? "missing" : "unresolved", w->s->cfg->name, op ? op : "?",
+        mc_event_db(ev) ? mc_event_db(ev) : "?", mc_event_coll(ev) ? mc_event_coll(ev) : "?", why);
 }
 
 typedef enum read_result {
@@ -504,19 +484,15 @@ static read_result_t read_loop(watcher_t *w, mongoc_change_stream_t *cs, bson_er
                 }
                 continue;
             }
-            mc_event_t *ev =
-                mc_event_new_change(s->cfg->name, s->next_seq++, doc, s->cfg->recipient, &eerr);
+            mc_event_t *ev = mc_event_new_change(s->cfg->name, s->next_seq++, doc,
+                                                 mc__recipients_event_path(w->rcpt), &eerr);
             if (!ev) {
                 bson_set_error(err, MONGOC_ERROR_CURSOR, MONGOC_ERROR_CHANGE_STREAM_NO_RESUME_TOKEN,
                                "change event unusable: %s", eerr.message);
                 return READ_ERROR;
             }
-            if (s->cfg->lookup) {
-                route_by_lookup(w, ev);
-            }
-            if (mc_event_recipient_unresolved(ev)) {
-                note_unresolved(w, ev);
-            }
+            mc__images_on_event(w->images, ev);
+            note_routing(w, ev, mc__recipients_route(w->rcpt, ev, &w->e->stopping));
             set_pos_event(w, ev, false);
             if (op) {
                 bson_strncpy(w->last_op_buf, op, sizeof(w->last_op_buf));
@@ -538,6 +514,7 @@ static read_result_t read_loop(watcher_t *w, mongoc_change_stream_t *cs, bson_er
             }
             return READ_ERROR;
         }
+        mc__images_on_idle(w->images);
         /* An empty batch: the post-batch resume token moves on even when nothing matched. */
         const bson_t *tok = mongoc_change_stream_get_resume_token(cs);
         const bson_t *pos = pos_token(w);
@@ -593,16 +570,25 @@ void *mc__watcher_main(void *arg)
     w.first_open = true;
     w.rl = (mc_log_ratelimit_t)MC_LOG_RATELIMIT_INIT(10000);
     w.rl_unresolved = (mc_log_ratelimit_t)MC_LOG_RATELIMIT_INIT(10000);
+    w.rl_missing = (mc_log_ratelimit_t)MC_LOG_RATELIMIT_INIT(10000);
     mc__backoff_init(&w.backoff, w.e->opts.backoff_initial_ms, w.e->opts.backoff_max_ms,
                      (uint64_t)mc__wall_ms() * 2654435761u + (uint64_t)s->index * 97 + 1);
     const char *name = s->cfg->name;
-    if (s->cfg->lookup && s->cfg->recipient) {
-        w.lookup = mc__recipient_lookup_new(s->cfg->lookup, name, w.e->pool);
-    }
+    mc_error_t rerr = {0};
+    w.rcpt = mc__recipients_new(s->cfg, name, w.e->pool, &rerr);
+    w.images = mc__images_new(s);
 
-    bool failed;
-    load_start_position(&w, &failed);
-    bool after_error = false;
+    bool failed = false;
+    if (!w.rcpt) {
+        /* A stream that cannot route must not deliver unrouted events. */
+        mc_log(MC_LOG_ERROR, "watcher", "cannot set up routing stream=%s: %s", name, rerr.message);
+        mc__stream_set_state(s, MC_STREAM_FAILED, 0, "cannot set up routing: %s", rerr.message);
+        note_failure(&w, MC_EVENT_ERROR_FAILED, 0, "stream failed");
+        failed = true;
+    } else {
+        load_start_position(&w, &failed);
+    }
+    bool after_error = false, after_invalidate = false;
     bson_t reply = BSON_INITIALIZER;
 
     while (!failed && !stopping(&w)) {
@@ -622,6 +608,9 @@ void *mc__watcher_main(void *arg)
             rr = READ_ERROR;
         } else {
             w.first_open = false;
+            /* Images on (or their absence noted) before anything is routed or announced. */
+            mc__images_on_open(w.images, after_invalidate);
+            after_invalidate = false;
             if (after_error) {
                 stream_count(s, &s->status.resumes, 1);
                 after_error = false;
@@ -647,6 +636,7 @@ void *mc__watcher_main(void *arg)
             break;
         }
         if (rr == READ_REOPEN) {
+            after_invalidate = true;
             continue;
         }
         int code = 0;
@@ -684,7 +674,9 @@ void *mc__watcher_main(void *arg)
         if (cls == ERR_FATAL) {
             mc_log(MC_LOG_ERROR, "watcher", "change stream failed stream=%s code=%d: %s", name,
                    code, err.message);
-            mc__stream_set_state(s, MC_STREAM_FAILED, code, "%s (code %d)", err.message, code);
+            /* The code first: the status message has a fixed size and the server's message
+             * (up to bson_error_t's 504 bytes) would push a trailing code out of it. */
+            mc__stream_set_state(s, MC_STREAM_FAILED, code, "code %d: %s", code, err.message);
             note_failure(&w, MC_EVENT_ERROR_FATAL, code,
                          "the change stream failed with an error that retrying cannot fix");
             break;
@@ -703,6 +695,7 @@ void *mc__watcher_main(void *arg)
     bson_destroy(&reply);
     mc__position_clear(&w.pos);
     mc_event_unref(&w.pos_ev);
-    mc__recipient_lookup_destroy(w.lookup);
+    mc__recipients_destroy(w.rcpt);
+    mc__images_destroy(w.images);
     return NULL;
 }

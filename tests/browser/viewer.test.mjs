@@ -108,6 +108,11 @@ async function run(page) {
   const fullDoc = await a1.locator('pre[data-field="fullDocument"]').textContent();
   check(fullDoc.includes('"name": "<img src=x onerror=window.__xss=1>"'),
         `fullDocument pretty-printed with the raw HTML as text: ${fullDoc}`);
+  // The stream's summary line, under the row, as text (the HTML in it stays text too).
+  const line = await a1.locator("summary .line").textContent();
+  check(line === "<img src=x onerror=window.__xss=1> (insert)", `summary line shown: ${line}`);
+  check((await insertRows().nth(0).locator("summary .line").textContent()) === "second (insert)",
+        "each row has its own summary line");
   check((await page.locator("#feed img").count()) === 0, "no <img> element was created");
   check((await page.evaluate(() => window.__xss)) === undefined, "no script ran from event data");
   await page.screenshot({ path: join(ARTIFACTS, "viewer.png"), fullPage: true });

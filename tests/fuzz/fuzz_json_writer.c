@@ -3,9 +3,12 @@
  * are a BSON document (bson_init_static framing, the length prefix patched to the input size).
  * It is rendered in relaxed and canonical mode by libbson 1.23 and by mc__json_render(), and
  * nested in a wrapper document (mc__json_write_embedded); any difference in bytes, length or
- * refusal aborts. Inputs are not filtered with bson_validate: documents that pass it (any
- * flags) are a subset of what is compared here, and corrupt ones must be refused the same way
- * by both renderers (libbson's renderer bounds-checks through bson_iter). Single-threaded.
+ * refusal aborts. Compact mode (what mongocast sends) must equal libbson's text with the
+ * spaces outside strings removed (stripped here by a separate scanner), and must read back
+ * through libbson's JSON parser as the same BSON as libbson's own text does. Inputs are not
+ * filtered with bson_validate: documents that pass it (any flags) are a subset of what is compared
+ * here, and corrupt ones must be refused the same way by both renderers (libbson's renderer
+ * bounds-checks through bson_iter). Single-threaded.
  */
 #include <stddef.h>
 #include <stdint.h>
@@ -13,6 +16,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "../unit/json_strip.h"
 #include "json_writer.h"
 
 static void mismatch(const char *what, const char *want, const char *got)
@@ -57,6 +61,38 @@ static void compare(const bson_t *doc, mc__json_mode_t mode)
     bson_destroy(&wrap);
 }
 
+static void compare_compact(const bson_t *doc, mc__json_mode_t mode)
+{
+    size_t spaced_len = 0, got_len = 0, want_len = 0;
+    char *spaced = mode == MC__JSON_CANONICAL ? bson_as_canonical_extended_json(doc, &spaced_len)
+                                              : bson_as_relaxed_extended_json(doc, &spaced_len);
+    char *got = mc__json_render(doc, mode | MC__JSON_COMPACT, 0, &got_len, NULL);
+    if ((spaced == NULL) != (got == NULL)) {
+        mismatch("compact refusal", spaced, got);
+    }
+    if (spaced) {
+        char *want = json_strip_spaces(spaced, spaced_len, &want_len);
+        if (want_len != got_len || memcmp(want, got, want_len) != 0) {
+            mismatch("compact", want, got);
+        }
+        bson_t a, b;
+        bson_error_t e;
+        int pa = bson_init_from_json(&a, spaced, (ssize_t)spaced_len, &e);
+        int pb = bson_init_from_json(&b, got, (ssize_t)got_len, &e);
+        if (pa != pb ||
+            (pa && (a.len != b.len || memcmp(bson_get_data(&a), bson_get_data(&b), a.len) != 0))) {
+            mismatch("compact read back", spaced, got);
+        }
+        if (pa) {
+            bson_destroy(&a);
+            bson_destroy(&b);
+        }
+        bson_free(want);
+    }
+    bson_free(spaced);
+    bson_free(got);
+}
+
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
     if (size < 5 || size > 1 << 20) {
@@ -75,6 +111,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     if (bson_init_static(&doc, copy, size)) {
         compare(&doc, MC__JSON_RELAXED);
         compare(&doc, MC__JSON_CANONICAL);
+        compare_compact(&doc, MC__JSON_RELAXED);
+        compare_compact(&doc, MC__JSON_CANONICAL);
     }
     free(copy);
     return 0;

@@ -1,15 +1,17 @@
 /*
  * fuzz_subscription.c: libFuzzer target for a subscriber's query values: `vars` and `filter`
  * JSON as the daemon receives them, through mcd_subscription_new() (strict JSON object
- * parsing, var checks, $var binding into the stream's local $match stages, filter limits)
- * and, when accepted, mcd_subscription_view() against fixed events (insert, delete with a
- * pre-image, update, control, and an update that moves a document from u2 to u1): control
- * events always pass, u2's delete never reaches u1, and u1 never gets u2's version of the
- * moved document (only the ENTERED view, whose message holds nothing of it); the view decided
- * within a CPU budget (mcd_subscription_view_budget) is the same unless the budget ran out.
- * Input: byte 0 picks the identity (user / admin / anonymous on a public stream / no auth) and
- * whether client filters are allowed; the rest is
- * "vars\0filter" (a missing part is absent). Single-threaded.
+ * parsing, var checks, $var binding into the stream's per-subscriber stages, with or without
+ * reshaping stages after the $var stage, filter limits) and, when accepted,
+ * mcd_subscription_apply() against fixed events (insert, delete with a pre-image, update,
+ * control, and an update that moves a document from u2 to u1): control events always pass,
+ * u2's delete never reaches u1, u1 never gets u2's version of the moved document (only the
+ * ENTERED view, whose message holds nothing of it, also after reshaping, and also in the
+ * oversize notice of its own message), a failed stage delivers nothing, and the view decided
+ * within a CPU budget is the same unless the budget ran out. Input: byte 0 picks the identity
+ * (user / admin / anonymous on a public stream / no auth), whether client filters are allowed
+ * and whether the stream reshapes; the rest is "vars\0filter" (a missing part is absent).
+ * Single-threaded.
  */
 #include <stddef.h>
 #include <stdint.h>
@@ -22,6 +24,7 @@
 #define N_EVENTS 5
 static mc_event_t *events[N_EVENTS];
 static bson_t *pipeline;
+static bson_t *pipeline_reshaping; /* the same, then per-subscriber reshaping stages */
 
 static void init(void)
 {
@@ -58,6 +61,14 @@ static void init(void)
                          "\"1\":{\"$match\":{\"$or\":[{\"fullDocument.tenant\":{\"$var\":\"t\"}},"
                          "{\"fullDocument.n\":{\"$in\":{\"$var\":\"ns\"}}}]}}}",
         -1, NULL);
+    pipeline_reshaping = bson_new_from_json(
+        (const uint8_t *)"{\"0\":{\"$match\":{\"operationType\":{\"$ne\":\"drop\"}}},"
+                         "\"1\":{\"$match\":{\"$or\":[{\"fullDocument.tenant\":{\"$var\":\"t\"}},"
+                         "{\"fullDocument.n\":{\"$in\":{\"$var\":\"ns\"}}}]}},"
+                         "\"2\":{\"$project\":{\"operationType\":1,\"fullDocument.owner\":1,"
+                         "\"fullDocument.n\":1,\"fullDocumentBeforeChange\":1}},"
+                         "\"3\":{\"$set\":{\"twice\":{\"$multiply\":[\"$fullDocument.n\",2]}}}}",
+        -1, NULL);
 }
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
@@ -79,7 +90,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 
     mc_stream_config_t stream = {
         .name = (char *)"orders",
-        .pipeline = pipeline,
+        .pipeline = (mode & 16) ? pipeline_reshaping : pipeline,
         .recipient = (char *)"fullDocument.owner",
         .client_filters = (mode & 4) == 0,
         .is_public = (mode & 3) == 2,
@@ -111,12 +122,34 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         mcd_subscription_new(&stream, (mode & 8) ? NULL : vars, filter, &id, &r);
     if (sub) {
         for (size_t i = 0; i < N_EVENTS; i++) {
-            mc_event_view_t v = mcd_subscription_view(sub, events[i]);
+            bson_t own;
+            bool is_own = false;
+            int code = 0;
+            mc_event_view_t v =
+                (mc_event_view_t)mcd_subscription_apply(sub, events[i], NULL, &own, &is_own, &code);
             bool m = v != MC_EVENT_VIEW_NONE;
             mc_filter_budget_t b = {.cpu_ns = 2000000};
             int vb = mcd_subscription_view_budget(sub, events[i], &b);
             if (vb < 0 ? !b.exceeded || !b.reason : vb != (int)v) {
                 abort();
+            }
+            if (is_own) {
+                /* A subscriber's own change: from its view only (never u2's version when u1
+                 * is the new owner), with the event's resume token; its oversize notice says
+                 * no more. */
+                char *j = mc_event_json_view_with_change(events[i], v, &own, NULL);
+                char *n = mc_event_oversize_json_view_with_change(events[i], v, &own, 1000, 10,
+                                                                  NULL);
+                if (!j || !strstr(j, "\"id\":\"82") || !n ||
+                    (i == 4 && (mode & 3) == 0 && (strstr(j, "u2") || strstr(n, "u2")))) {
+                    abort();
+                }
+                bson_free(j);
+                bson_free(n);
+                bson_destroy(&own);
+            }
+            if (code != 0 && m) {
+                abort(); /* a failed stage delivers nothing */
             }
             if (i == 4 && (mode & 3) == 0) {
                 if (v == MC_EVENT_VIEW_FULL || v == MC_EVENT_VIEW_LEFT) {

@@ -56,6 +56,20 @@ BROKEN = [
      "streams:\n  a: {db: shop}\nsinks:\n  - {name: out, type: stdout}\n"
      "  - {name: out, type: stdout}\n",
      "5:12: duplicate sink name 'out' (first defined at line 4)"),
+    ("stage_after_var_the_daemon_cannot_run",
+     "streams:\n  a:\n    db: shop\n    pipeline:\n      - $match: {fullDocument.n: {$var: n}}\n"
+     "      - $redact: $$PRUNE\n",
+     "6:9: $redact cannot follow a $var stage: the stages from the first $var stage on run in "
+     "the daemon, per subscriber, in the order written, and the daemon runs only $match, "
+     "$project, $addFields, $set, $unset, $replaceRoot and $replaceWith. Move $redact before "
+     "the $var stage (it then runs on the server) or remove it"),
+    ("bad_summary", "streams:\n  a:\n    db: shop\n    summary: \"{fullDocument.name is low\"\n",
+     "4:14: summary: unclosed '{' at character 1 (write {{ for a literal brace)"),
+    ("by_collection_on_a_collection",
+     "streams:\n  a:\n    db: shop\n    collection: c\n    recipient: {by_collection: "
+     "{c: x.y}}\n",
+     "5:16: recipient.by_collection needs a database- or cluster-level stream (this stream "
+     "watches one collection: write recipient: PATH or {path, lookup})"),
     ("bad_stream_name", "streams:\n  \"bad name\": {db: shop}\n",
      "2:3: stream name 'bad name' must be 1 to 64 characters from A-Z a-z 0-9 _ -"),
     ("bad_policy", "streams:\n  a: {db: shop, on_history_lost: ignore}\n",
@@ -111,7 +125,7 @@ def test_check_and_run_refuse_non_regular_files(tmp_path, kind):
 
 SINK_ERRORS = [
     ("unknown_type", "  - {name: out, type: stdout}\n  - {name: bad, type: nosuch}\n",
-     "8:5: sink bad: unknown sink type 'nosuch'"),
+     "8:5: sink bad: unknown sink type 'nosuch' (known types: stdout, memory)"),
     ("stdout_option", "  - {name: out, type: stdout, rwa: true}\n",
      "7:5: sink out: unknown option 'rwa' for sink type stdout (known: raw, ready)"),
     ("stdout_option_type", "  - {name: out, type: stdout, raw: 1}\n",
@@ -193,6 +207,35 @@ def test_check_pre_post_images(tmp_path, mongo_uri, db, db_name):
     p = run_cli("check", "-c", cfg, cwd=tmp_path)
     assert p.returncode == 0, p.stdout
     assert _lines(p.stdout)[-1] == "check passed with warnings"
+
+
+def test_check_ensure_images_by_collection_and_lint(tmp_path, mongo_uri, db, db_name):
+    """ensure_images turns a missing image into an ok line (run turns them on); the
+    collections a database-level stream names in by_collection are checked one by one; a
+    server-side stage that removes the recipient path is a warning."""
+    db.create_collection("plain")
+    db.create_collection("imaged", changeStreamPreAndPostImages={"enabled": True})
+    cfg = write_config(tmp_path / "c.yaml", mongo_uri, {
+        "ensured": {"db": db_name, "collection": "plain", "ensure_images": True,
+                    "full_document_before_change": "whenAvailable"},
+        "feed": {"db": db_name, "full_document": "whenAvailable",
+                 "pipeline": [{"$project": {"operationType": 1, "fullDocument.name": 1}}],
+                 "recipient": {"by_collection": {"imaged": "fullDocument.owner",
+                                                 "plain": "fullDocument.owner"}}},
+    }, checkpoint_dir=tmp_path / "cp")
+    p = run_cli("check", "-c", cfg, cwd=tmp_path)
+    out = p.stdout
+    assert ("ok    stream ensured: pre-/post-images are off on %s.plain; run turns them on "
+            "(ensure_images: true)" % db_name) in out
+    assert "ok    stream feed: pre-/post-images enabled on %s.imaged" % db_name in out
+    assert ("FAIL  stream feed: pre-/post-images are not enabled on %s.plain (needed by "
+            "full_document: whenAvailable)" % db_name) in out
+    assert ("warn  stream feed: pipeline stage 0 ($project) does not include fullDocument.owner, "
+            "the path the recipient is read from: events without it go to admins only") in out
+    assert p.returncode == 1, out
+    # Nothing was written: check never turns images on itself.
+    opts = {c["name"]: c.get("options", {}) for c in db.list_collections()}
+    assert "changeStreamPreAndPostImages" not in opts["plain"]
 
 
 def test_check_rejected_pipeline(tmp_path, mongo_uri, db_name):

@@ -1,14 +1,17 @@
 """`mongocast tail`, `mongocast enable-images`, `version` and `help` against MongoDB (the
 emulator, or MONGODB_URI).
 
-What is asserted: tail prints one §4.3 message per change with the exact shape and the values
-the writer produced; --raw prints the change event itself in canonical Extended JSON; argument
-errors exit 2 with a message naming the argument; a stream that fails exits 1 with the server's
-reason; SIGINT/SIGTERM exit 0.
+What is asserted: tail prints one message (docs/protocol.md) per change with the exact shape
+and the values the writer produced; --raw prints the change event itself in canonical Extended
+JSON; argument errors exit 2 with a message naming the argument; a stream that fails exits 1
+with the server's reason and code; without a server it says what it waits for and gives up after
+--wait; SIGINT/SIGTERM exit 0.
 """
 
 import json
 import signal
+import socket
+import time
 
 import pytest
 
@@ -119,6 +122,44 @@ def test_tail_stream_failure_exits_1(tails, mongo_uri, db, db_name):
     assert t.messages() == [
         {"type": "error", "stream": "tail", "code": "change_stream_error", "server_code": 280,
          "reason": "the change stream failed with an error that retrying cannot fix"}]
+
+
+def test_tail_long_error_keeps_its_code(tails, mongo_uri, db_name):
+    """The last line of a failed tail keeps the server's code, however long the server's
+    message (it used to be cut at "(code 4" by the status message's fixed size)."""
+    stage = "$" + "x" * 600
+    t = tails(mongo_uri, "%s.c" % db_name, "--pipeline", '[{"%s": {}}]' % stage,
+              "--max-await-ms", "100")
+    rc = t.proc.wait(30)
+    t.stop()
+    assert rc == 1, t.stderr_text()
+    last = [l for l in t.stderr_text().splitlines() if l.startswith("mongocast tail:")][-1]
+    assert last.startswith("mongocast tail: change stream failed: code 40324: "), last
+    assert t.messages()[-1]["server_code"] == 40324
+
+
+def test_tail_without_a_server_says_what_it_waits_for(tmp_path):
+    """No server at the URI: a hint after a few seconds, then it gives up (exit 1) once --wait
+    runs out, within a bounded time."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()  # nothing listens there now
+    start = time.monotonic()
+    p = run_cli("tail", "mongodb://127.0.0.1:%d/?replicaSet=rs0" % port, "db.c", "--wait", "4",
+                timeout=60)
+    took = time.monotonic() - start
+    assert p.returncode == 1, p.stderr
+    assert p.stdout == ""
+    assert ("mongocast tail: waiting for a MongoDB replica set (or sharded cluster) at the URI, "
+            "retrying for up to 4 s (--wait); is the server running, and does the URI name the "
+            "replica set (?replicaSet=...)?") in p.stderr, p.stderr
+    assert "mongocast tail: gave up: the change stream on db.c did not open within 4 s (--wait)" \
+        in p.stderr, p.stderr
+    # --wait, plus at most the driver's own attempts in flight (server selection, 5 s each).
+    assert took < 4 + 12, took
+    bad = run_cli("tail", "mongodb://127.0.0.1:1/", "db.c", "--wait", "-1")
+    assert bad.returncode == 2 and "--wait: '-1' is not 0 to 86400 seconds" in bad.stderr
 
 
 @pytest.mark.parametrize("args, message", [

@@ -63,7 +63,9 @@ def test_viewer_in_chromium(tmp_path, daemons, mongo_uri, db, db_name):
     create_with_images(db, "items")
     stream = {"db": db_name, "collection": "items", "max_await_time_ms": 100,
               "recipient": "fullDocument.owner", "full_document": "whenAvailable",
-              "full_document_before_change": "whenAvailable"}
+              "full_document_before_change": "whenAvailable",
+              # The human line under each row (the name may hold HTML: shown as text).
+              "summary": "{fullDocument.name} ({operationType})"}
     # The page's own origin is the only one allowed: the browser sends it on the upgrade.
     cfg = live_config(tmp_path / "c.yaml", mongo_uri, {"items": stream}, port,
                       auth={"algorithm": "HS256", "secret": SECRET,

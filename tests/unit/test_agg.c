@@ -13,16 +13,7 @@
 #include <cmocka.h>
 
 #include "agg.h"
-
-static bson_t *json(const char *s)
-{
-    bson_error_t e;
-    bson_t *b = bson_new_from_json((const uint8_t *)s, -1, &e);
-    if (!b) {
-        fail_msg("bad JSON in test: %s: %s", s, e.message);
-    }
-    return b;
-}
+#include "test_json.h"
 
 /* Runs `pipeline` (a JSON array) over the documents of `docs` (a JSON array) and compares the
  * output with `want` (a JSON array). */

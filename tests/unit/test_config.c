@@ -614,8 +614,10 @@ static void test_errors_semantics(void **state)
     expect_error("streams:\n  s:\n    recipient: fullDocument..owner\n",
                  "t.yaml:3:16: recipient must be a dotted field path such as "
                  "fullDocument.owner_id, got 'fullDocument..owner'");
-    expect_error("streams:\n  s:\n    recipient: [a]\n",
-                 "t.yaml:3:16: expected a dotted path or a mapping {path, lookup}, got a list");
+    expect_error(
+        "streams:\n  s:\n    recipient: [a]\n",
+        "t.yaml:3:16: expected a dotted path or a mapping {path, lookup} or {by_collection, "
+        "default}, got a list");
     expect_error("streams:\n  s:\n    pipeline: {$match: {}}\n",
                  "t.yaml:3:15: expected a list of pipeline stages, got a mapping");
     expect_error("streams:\n  s:\n    pipeline:\n      - match: {a: 1}\n",

@@ -341,11 +341,20 @@ static void test_validate_unknown_type_with_position(void **state)
     mc_engine_t *e = engine_new(f);
     mc_error_t err = {0};
     assert_int_equal(mc_engine_validate(e, &err), MC_ECONFIG);
-    assert_string_equal(err.message, "conf.yaml:11:5: sink bad: unknown sink type 'nosuch'");
+    assert_string_equal(err.message, "conf.yaml:11:5: sink bad: unknown sink type 'nosuch' "
+                                     "(known types: stdout, memory)");
     /* mc_engine_start() reports exactly the same. */
     mc_error_t serr = {0};
     assert_int_equal(mc_engine_start(e, &serr), MC_ECONFIG);
     assert_string_equal(serr.message, err.message);
+    /* A near miss is named. */
+    mc_engine_destroy(e);
+    f->engine = NULL;
+    config(f, 2, "out", "stdout", NULL, "bad", "stdot", NULL);
+    e = engine_new(f);
+    assert_int_equal(mc_engine_validate(e, &err), MC_ECONFIG);
+    assert_string_equal(err.message, "conf.yaml:11:5: sink bad: unknown sink type 'stdot'; did "
+                                     "you mean 'stdout'? (known types: stdout, memory)");
 }
 
 static void test_validate_bad_options_with_position(void **state)

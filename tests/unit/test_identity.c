@@ -147,9 +147,9 @@ static void test_json_spelling(void **state)
     assert_string_equal(json_of("{\"$numberLong\":\"-9223372036854775808\"}", b),
                         "-9223372036854775808");
     assert_string_equal(json_of("{\"$oid\":\"64a7f2d1aabbccddeeff0099\"}", b),
-                        "{ \"$oid\" : \"64a7f2d1aabbccddeeff0099\" }");
+                        "{\"$oid\":\"64a7f2d1aabbccddeeff0099\"}");
     assert_string_equal(json_of("{\"$binary\":{\"base64\":\"AAECAw==\",\"subType\":\"04\"}}", b),
-                        "{ \"$binary\" : { \"base64\" : \"AAECAw==\", \"subType\" : \"04\" } }");
+                        "{\"$binary\":{\"base64\":\"AAECAw==\",\"subType\":\"04\"}}");
     /* The longest string of control characters fits the documented buffer. */
     static char ctl[MC_IDENTITY_MAX];
     memset(ctl, 1, sizeof(ctl));

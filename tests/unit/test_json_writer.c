@@ -23,6 +23,7 @@
 #include <string.h>
 
 #include "engine_private.h"
+#include "json_strip.h"
 #include "json_writer.h"
 #include "mongocast/event.h"
 
@@ -47,6 +48,41 @@ static void report_mismatch(const char *what, const char *want, size_t want_len,
     fail_msg("%s differs at byte %zu\n libbson: %.*s\n    ours: %.*s", what, i,
              want ? (int)(want_len > i + 60 ? 60 : want_len - i) : 6, want ? want + i : "(NULL)",
              got ? (int)(got_len > i + 60 ? 60 : got_len - i) : 6, got ? got + i : "(NULL)");
+}
+
+/* Compact mode: libbson's text stripped, byte for byte, and it reads back (with libbson's
+ * parser) as the same BSON as the spaced text does. */
+static void check_compact(const bson_t *doc, mc__json_mode_t mode)
+{
+    size_t want_len = 0, got_len = 0, spaced_len = 0;
+    char *spaced = libbson_render(doc, mode, &spaced_len);
+    char *got = mc__json_render(doc, mode | MC__JSON_COMPACT, 0, &got_len, NULL);
+    comparisons++;
+    if (!spaced || !got) {
+        if (spaced || got) {
+            report_mismatch("compact (refusal)", spaced, spaced_len, got, got_len);
+        }
+        bson_free(spaced);
+        bson_free(got);
+        return;
+    }
+    char *want = json_strip_spaces(spaced, spaced_len, &want_len);
+    if (want_len != got_len || memcmp(want, got, want_len) != 0) {
+        report_mismatch("compact", want, want_len, got, got_len);
+    }
+    bson_t a, b;
+    bson_error_t e;
+    bool pa = bson_init_from_json(&a, spaced, (ssize_t)spaced_len, &e);
+    bool pb = bson_init_from_json(&b, got, (ssize_t)got_len, &e);
+    assert_int_equal(pa, pb);
+    if (pa) {
+        assert_true(a.len == b.len && memcmp(bson_get_data(&a), bson_get_data(&b), a.len) == 0);
+        bson_destroy(&a);
+        bson_destroy(&b);
+    }
+    bson_free(want);
+    bson_free(spaced);
+    bson_free(got);
 }
 
 /* Renders doc both ways, in one mode, whole and nested; asserts identical bytes. Returns
@@ -102,6 +138,8 @@ static bool check_doc(const bson_t *doc)
 {
     bool a = check_mode(doc, MC__JSON_RELAXED);
     bool b = check_mode(doc, MC__JSON_CANONICAL);
+    check_compact(doc, MC__JSON_RELAXED);
+    check_compact(doc, MC__JSON_CANONICAL);
     assert_int_equal(a, b);
     if (!a) {
         refused++;
@@ -943,8 +981,8 @@ static void test_maximum(void **state)
 
 /* ---- Event messages --------------------------------------------------------------------- */
 
-/* The message exactly as event_json.c used to build it: a BSON document rendered by libbson,
- * with the error fallback. */
+/* The message as libbson renders the message document (with the error fallback); the
+ * message mongocast sends is this text without the spaces outside strings. */
 static char *old_message(mc_event_t *ev)
 {
     bson_t msg = BSON_INITIALIZER;
@@ -992,14 +1030,20 @@ static void check_event(const char *stream, const bson_t *change, const char *pa
     if (!ev) {
         fail_msg("mc_event_new_change: %s", err.message);
     }
-    char *want = old_message(ev);
-    size_t len = 0;
+    char *spaced = old_message(ev);
+    size_t len = 0, want_len = 0;
+    char *want = spaced ? json_strip_spaces(spaced, strlen(spaced), &want_len) : NULL;
+    bson_free(spaced);
     const char *got = mc_event_json(ev, &len);
     if (!want || !got || strcmp(want, got) != 0 || len != strlen(want)) {
         fail_msg("message differs\n  old: %s\n  new: %s", want ? want : "(NULL)",
                  got ? got : "(NULL)");
     }
-    char *want_raw = bson_as_canonical_extended_json(change, NULL);
+    char *spaced_raw = bson_as_canonical_extended_json(change, NULL);
+    size_t raw_len = 0;
+    char *want_raw =
+        spaced_raw ? json_strip_spaces(spaced_raw, strlen(spaced_raw), &raw_len) : NULL;
+    bson_free(spaced_raw);
     const char *raw = mc_event_raw_json(ev, &len);
     if ((want_raw == NULL) != (raw == NULL) || (raw && strcmp(want_raw, raw) != 0)) {
         fail_msg("raw differs\n  old: %s\n  new: %s", want_raw ? want_raw : "(NULL)",
@@ -1031,7 +1075,7 @@ static void test_event_messages(void **state)
         bson_destroy(change);
         bson_destroy(&full);
     }
-    /* An empty change (only the token) nests as "{  }"-style content like before. */
+    /* An empty change (only the token). */
     bson_t *tiny = BCON_NEW("_id", "{", "_data", "00", "}");
     check_event("s", tiny, NULL);
     bson_destroy(tiny);
@@ -1042,23 +1086,20 @@ static void test_event_messages(void **state)
     mc_error_t err = {0};
     mc_event_t *ev = mc_event_new_change("s", 1, bad, NULL, &err);
     assert_non_null(ev);
-    assert_string_equal(
-        mc_event_json(ev, NULL),
-        "{ \"type\" : \"change\", \"stream\" : \"s\", \"id\" : \"00\", \"change\" : "
-        "null, \"error\" : \"change event could not be rendered as JSON\" }");
+    assert_string_equal(mc_event_json(ev, NULL),
+                        "{\"type\":\"change\",\"stream\":\"s\",\"id\":\"00\",\"change\":"
+                        "null,\"error\":\"change event could not be rendered as JSON\"}");
     assert_null(mc_event_raw_json(ev, NULL));
     mc_event_unref(&ev);
     bson_destroy(bad);
 
     /* Control events */
     mc_event_t *r = mc_event_new_control(MC_EVENT_RESET, "a\"b\x01", 5, "lost \xc3\xa9");
-    assert_string_equal(mc_event_json(r, NULL),
-                        "{ \"type\" : \"reset\", \"stream\" : "
-                        "\"a\\\"b\\u0001\", \"reason\" : \"lost \xc3\xa9\" }");
+    assert_string_equal(mc_event_json(r, NULL), "{\"type\":\"reset\",\"stream\":"
+                                                "\"a\\\"b\\u0001\",\"reason\":\"lost \xc3\xa9\"}");
     mc_event_unref(&r);
     r = mc_event_new_control(MC_EVENT_READY, "orders", 5, NULL);
-    assert_string_equal(mc_event_json(r, NULL),
-                        "{ \"type\" : \"ready\", \"stream\" : \"orders\" }");
+    assert_string_equal(mc_event_json(r, NULL), "{\"type\":\"ready\",\"stream\":\"orders\"}");
     mc_event_unref(&r);
 }
 

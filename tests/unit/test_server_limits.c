@@ -1,7 +1,8 @@
 /*
  * test_server_limits.c: the live server's per-client bounds at the level of their code: the
  * oversize notice (mc_event_oversize_json) and its per-view forms (mcd_msg_view: a notice
- * tells no more than its routing view), the SSE error event, the connection table's
+ * tells no more than its routing view) and per-subscriber form (mcd_msg_new_own: no more than
+ * the subscriber's own change), the SSE error event, the connection table's
  * eviction of plain connections and its per-address limit (conn.c), and the send-queue rule
  * that lets one large message through to a reader that keeps up while bounding what queues
  * behind it.
@@ -55,11 +56,11 @@ static void test_oversize_notice(void **state)
     char *n = mc_event_oversize_json(ev, 20000000, 16777216, &len);
     assert_non_null(n);
     assert_int_equal(strlen(n), len);
-    assert_string_equal(n, "{ \"type\" : \"oversize\", \"stream\" : \"orders\", \"id\" : \"82AB\", "
-                           "\"recipient\" : \"u1\", \"operationType\" : \"update\", \"ns\" : { "
-                           "\"db\" : \"shop\", \"coll\" : \"orders\" }, \"documentKey\" : { "
-                           "\"_id\" : { \"$oid\" : \"0123456789abcdef01234567\" } }, "
-                           "\"size\" : 20000000, \"limit\" : 16777216 }");
+    assert_string_equal(n, "{\"type\":\"oversize\",\"stream\":\"orders\",\"id\":\"82AB\","
+                           "\"recipient\":\"u1\",\"operationType\":\"update\",\"ns\":{"
+                           "\"db\":\"shop\",\"coll\":\"orders\"},\"documentKey\":{"
+                           "\"_id\":{\"$oid\":\"0123456789abcdef01234567\"}},"
+                           "\"size\":20000000,\"limit\":16777216}");
     bson_free(n);
     mc_event_unref(&ev);
 
@@ -75,9 +76,9 @@ static void test_oversize_notice(void **state)
     ev = change(json, NULL);
     n = mc_event_oversize_json(ev, 5, 4, &len);
     assert_non_null(n);
-    assert_string_equal(n, "{ \"type\" : \"oversize\", \"stream\" : \"orders\", \"id\" : \"01\", "
-                           "\"operationType\" : null, \"ns\" : null, \"documentKey\" : null, "
-                           "\"size\" : 5, \"limit\" : 4 }");
+    assert_string_equal(n, "{\"type\":\"oversize\",\"stream\":\"orders\",\"id\":\"01\","
+                           "\"operationType\":null,\"ns\":null,\"documentKey\":null,"
+                           "\"size\":5,\"limit\":4}");
     bson_free(n);
     mc_event_unref(&ev);
     free(big);
@@ -132,7 +133,7 @@ static void test_oversize_per_view(void **state)
     mcd_msg_t *full = mcd_msg_new_event(ev, limit);
     assert_non_null(full);
     assert_true(full->flags & MCD_MSG_OVERSIZE);
-    assert_non_null(strstr(full->body, "\"type\" : \"oversize\""));
+    assert_non_null(strstr(full->body, "\"type\":\"oversize\""));
     mcd_msg_t *entered = mcd_msg_view(full, MC_EVENT_VIEW_ENTERED);
     assert_non_null(entered);
     assert_false(entered->flags & MCD_MSG_OVERSIZE);
@@ -141,8 +142,7 @@ static void test_oversize_per_view(void **state)
     assert_ptr_equal(mcd_msg_view(full, MC_EVENT_VIEW_ENTERED), entered); /* made once */
     mcd_msg_t *left = mcd_msg_view(full, MC_EVENT_VIEW_LEFT);
     assert_non_null(left);
-    assert_string_equal(left->body,
-                        "{ \"type\" : \"left\", \"stream\" : \"orders\", \"_id\" : 7 }");
+    assert_string_equal(left->body, "{\"type\":\"left\",\"stream\":\"orders\",\"_id\":7}");
     assert_ptr_equal(mcd_msg_view(full, MC_EVENT_VIEW_FULL), full);
     assert_null(mcd_msg_view(full, MC_EVENT_VIEW_NONE));
     mcd_msg_unref(full); /* frees the views too (ASan) */
@@ -160,10 +160,10 @@ static void test_oversize_per_view(void **state)
     assert_true(entered->flags & MCD_MSG_OVERSIZE);
     char want[1024];
     snprintf(want, sizeof(want),
-             "{ \"type\" : \"oversize\", \"stream\" : \"orders\", \"id\" : \"82CD\", "
-             "\"recipient\" : \"u2\", \"entered\" : true, \"operationType\" : \"update\", "
-             "\"ns\" : { \"db\" : \"shop\", \"coll\" : \"orders\" }, \"documentKey\" : { "
-             "\"_id\" : 7 }, \"size\" : %zu, \"limit\" : %zu }",
+             "{\"type\":\"oversize\",\"stream\":\"orders\",\"id\":\"82CD\","
+             "\"recipient\":\"u2\",\"entered\":true,\"operationType\":\"update\","
+             "\"ns\":{\"db\":\"shop\",\"coll\":\"orders\"},\"documentKey\":{"
+             "\"_id\":7},\"size\":%zu,\"limit\":%zu}",
              entered_len, limit);
     assert_string_equal(entered->body, want);
     assert_true(entered_len < full_len);
@@ -186,8 +186,8 @@ static void test_oversize_per_view(void **state)
     size_t left_len = 0;
     mc_event_json_view(ev, MC_EVENT_VIEW_LEFT, &left_len);
     snprintf(want, sizeof(want),
-             "{ \"type\" : \"left\", \"stream\" : \"orders\", \"_id\" : null, \"size\" : %zu, "
-             "\"limit\" : %zu }",
+             "{\"type\":\"left\",\"stream\":\"orders\",\"_id\":null,\"size\":%zu,"
+             "\"limit\":%zu}",
              left_len, limit);
     assert_string_equal(left->body, want);
     assert_true(mcd_msg_size_any(left, MCD_T_SSE) > 0);
@@ -205,9 +205,81 @@ static void test_oversize_per_view(void **state)
     assert_null(mc_event_oversize_json_view(ev, MC_EVENT_VIEW_ENTERED, 10, 5, NULL));
     char *n = mc_event_oversize_json_view(ev, MC_EVENT_VIEW_FULL, 10, 5, NULL);
     assert_non_null(n);
-    assert_non_null(strstr(n, "\"recipient\" : \"u1\", \"operationType\" : null"));
+    assert_non_null(strstr(n, "\"recipient\":\"u1\",\"operationType\":null"));
     bson_free(n);
     mc_event_unref(&ev);
+    free(big);
+}
+
+/* A subscriber's own message (its per-subscriber stages reshaped the change) is held to the
+ * same limit: past it, its notice takes operationType, ns and documentKey from the
+ * subscriber's own change, so a field its stages removed is null, never the event's; under
+ * it, the message carries the subscriber's change. */
+static void test_oversize_own_message(void **state)
+{
+    (void)state;
+    const size_t limit = 8192;
+    char *big = filled('s', 20000);
+    char extra[20100];
+    snprintf(extra, sizeof(extra), ", \"body\": \"%s\"", big);
+    mc_event_t *ev = handover("7", "", extra);
+    mcd_msg_t *full = mcd_msg_new_event(ev, limit);
+    assert_true(full->flags & MCD_MSG_OVERSIZE);
+
+    /* Kept: _id, operationType and the big body; removed: ns and documentKey. */
+    char *own_json = malloc(20200);
+    assert_non_null(own_json);
+    snprintf(own_json, 20200,
+             "{\"_id\": {\"_data\": \"82CD\"}, \"operationType\": \"update\", "
+             "\"fullDocument\": {\"body\": \"%s\"}}",
+             big);
+    bson_t *own = bson_new_from_json((const uint8_t *)own_json, -1, NULL);
+    assert_non_null(own);
+    mcd_msg_t *m = mcd_msg_new_own(full, MC_EVENT_VIEW_ENTERED, own);
+    assert_non_null(m);
+    assert_true(m->flags & MCD_MSG_OVERSIZE);
+    assert_true(m != full && m != mcd_msg_view(full, MC_EVENT_VIEW_ENTERED));
+    size_t own_len = 0;
+    char *own_msg = mc_event_json_view_with_change(ev, MC_EVENT_VIEW_ENTERED, own, &own_len);
+    assert_non_null(own_msg);
+    char want[1024];
+    snprintf(want, sizeof(want),
+             "{\"type\":\"oversize\",\"stream\":\"orders\",\"id\":\"82CD\","
+             "\"recipient\":\"u2\",\"entered\":true,\"operationType\":\"update\","
+             "\"ns\":null,\"documentKey\":null,\"size\":%zu,\"limit\":%zu}",
+             own_len, limit);
+    assert_string_equal(m->body, want);
+    assert_true(mcd_msg_size_any(m, MCD_T_SSE) > 0);
+    assert_memory_equal(m->sse_head, "id: 82CD\nevent: oversize\ndata: ", m->sse_head_len);
+    bson_free(own_msg);
+    mcd_msg_unref(m);
+    bson_destroy(own);
+
+    /* A stage that put something else in ns and documentKey: null too (no document key of
+     * the event, nothing that is not {db, coll} strings). */
+    own = bson_new_from_json((const uint8_t *)"{\"_id\": {\"_data\": \"82CD\"}, "
+                                              "\"ns\": \"shop.orders\", \"documentKey\": 7}",
+                             -1, NULL);
+    assert_non_null(own);
+    char *n = mc_event_oversize_json_view_with_change(ev, MC_EVENT_VIEW_FULL, own, 9, 8, NULL);
+    assert_non_null(n);
+    assert_string_equal(n, "{\"type\":\"oversize\",\"stream\":\"orders\",\"id\":\"82CD\","
+                           "\"recipient\":\"u2\",\"operationType\":null,\"ns\":null,"
+                           "\"documentKey\":null,\"size\":9,\"limit\":8}");
+    bson_free(n);
+    assert_null(mc_event_oversize_json_view_with_change(ev, MC_EVENT_VIEW_LEFT, own, 9, 8, NULL));
+    /* Small enough: the subscriber's own change, not the shared message. */
+    mcd_msg_t *small = mcd_msg_new_own(full, MC_EVENT_VIEW_FULL, own);
+    assert_non_null(small);
+    assert_false(small->flags & MCD_MSG_OVERSIZE);
+    assert_non_null(strstr(small->body, "\"change\":{\"_id\":{\"_data\":\"82CD\"},"
+                                        "\"ns\":\"shop.orders\",\"documentKey\":7}"));
+    assert_null(mcd_msg_new_own(full, MC_EVENT_VIEW_LEFT, own));
+    mcd_msg_unref(small);
+    bson_destroy(own);
+    mcd_msg_unref(full);
+    mc_event_unref(&ev);
+    free(own_json);
     free(big);
 }
 
@@ -468,6 +540,7 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_oversize_notice),
         cmocka_unit_test(test_oversize_per_view),
+        cmocka_unit_test(test_oversize_own_message),
         cmocka_unit_test(test_sse_error_event),
         cmocka_unit_test(test_eviction_and_per_address),
         cmocka_unit_test(test_send_queue_large_message),

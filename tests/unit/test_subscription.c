@@ -3,7 +3,8 @@
  * and its refusals (unbound, operator injection, bad JSON, size), client filters and their
  * refusals (code operators at any depth, depth and size limits, filters_not_allowed), the
  * recipient rule (isolation, admins, public streams, deletes routed through the pre-image),
- * control events, and the start-up check of $var stages. Main thread only.
+ * control events, the start-up check of $var stages, per-subscriber stages in the order
+ * written, and those stages within the subscriber's CPU budget. Main thread only.
  */
 #include <setjmp.h>
 #include <stdarg.h>
@@ -17,18 +18,9 @@
 
 #include "mongocast.h"
 #include "subscription.h"
+#include "test_json.h"
 
 /* ---- Helpers --------------------------------------------------------------------------- */
-
-static bson_t *json(const char *s)
-{
-    bson_error_t e;
-    bson_t *b = bson_new_from_json((const uint8_t *)s, -1, &e);
-    if (!b) {
-        fail_msg("bad test JSON %s: %s", s, e.message);
-    }
-    return b;
-}
 
 static uint64_t seq;
 
@@ -595,14 +587,209 @@ static void test_local_stages_check(void **state)
     expect_stage_check(f, "{\"0\":{\"$match\":{\"a\":{\"$var\":\"\"}}}}", "variable name");
     expect_stage_check(f, "{\"0\":{\"$match\":{\"a\":{\"$var\":\"t\",\"x\":1}}}}", "only field");
     expect_stage_check(f, "{\"0\":{\"$match\":{\"a\":{\"x\":1,\"$var\":\"t\"}}}}", "only field");
+    /* Stages after a $var stage run per subscriber, in the written order. */
     expect_stage_check(f,
                        "{\"0\":{\"$match\":{\"a\":{\"$var\":\"t\"}}},"
                        "\"1\":{\"$project\":{\"a\":1}}}",
-                       "follows stage 0");
+                       NULL);
+    expect_stage_check(f,
+                       "{\"0\":{\"$match\":{\"a\":{\"$var\":\"t\"}}},"
+                       "\"1\":{\"$redact\":\"$$KEEP\"}}",
+                       "pipeline stage 1: $redact cannot follow a $var stage");
+    expect_stage_check(f,
+                       "{\"0\":{\"$match\":{\"a\":{\"$var\":\"t\"}}},"
+                       "\"1\":{\"$project\":{}}}",
+                       "pipeline stage 1: $project (runs per subscriber, after a $var stage)");
+    expect_stage_check(f,
+                       "{\"0\":{\"$match\":{\"a\":{\"$var\":\"t\"}}},"
+                       "\"1\":{\"$set\":{\"x\":{\"$nope\":1}}}}",
+                       "Unrecognized expression");
+    /* Before the first $var stage anything MongoDB takes runs on the server. */
+    expect_stage_check(f,
+                       "{\"0\":{\"$redact\":\"$$KEEP\"},"
+                       "\"1\":{\"$match\":{\"a\":{\"$var\":\"t\"}}}}",
+                       NULL);
     expect_stage_check(f, "{\"0\":{\"$match\":{\"a\":1},\"$project\":{}}}", "exactly one key");
     f->stream.pipeline = NULL;
     mc_error_t err = {0};
     assert_int_equal(mcd_stream_local_stages_check(&f->stream, &err), 0);
+}
+
+/* ---- Per-subscriber stages in the written order -------------------------------------- */
+
+/* What `sub` receives of `ev` as compact JSON of its change (NULL: nothing), the view and the
+ * error code; takes `ev`. */
+static char *receive(mcd_subscription_t *sub, mc_event_t *ev, mc_event_view_t *view, int *code)
+{
+    bson_t out;
+    bool own = false;
+    *view = (mc_event_view_t)mcd_subscription_apply(sub, ev, NULL, &out, &own, code);
+    char *text = NULL;
+    if (*view != MC_EVENT_VIEW_NONE) {
+        const bson_t *c = own ? &out : mc_event_change_view(ev, *view);
+        text = bson_as_relaxed_extended_json(c, NULL);
+    }
+    if (own) {
+        bson_destroy(&out);
+    }
+    mc_event_unref(&ev);
+    return text;
+}
+
+static void test_stage_order(void **state)
+{
+    fx_t *f = *state;
+    mcd_identity_t bob = user("bob", false);
+    mc_event_view_t view;
+    int code;
+    /* $var match, then $project: the projection runs per subscriber after its match. */
+    set_pipeline(f, "{\"0\":{\"$match\":{\"fullDocument.tenant\":{\"$var\":\"t\"}}},"
+                    "\"1\":{\"$project\":{\"fullDocument.owner\":1,\"operationType\":1}}}");
+    mcd_subscription_t *s = ok_sub(f, "{\"t\":\"a\"}", NULL, &bob);
+    assert_true(mcd_subscription_reshapes(s));
+    assert_false(mcd_subscription_matches_all(s));
+    char *got = receive(s, change("insert", "bob", "a"), &view, &code);
+    assert_int_equal(view, MC_EVENT_VIEW_FULL);
+    assert_int_equal(code, 0);
+    assert_non_null(got);
+    assert_non_null(strstr(got, "\"owner\" : \"bob\""));
+    assert_null(strstr(got, "tenant"));
+    assert_null(strstr(got, "\"ns\""));
+    assert_non_null(strstr(got, "\"_data\""));
+    bson_free(got);
+    assert_null(receive(s, change("insert", "bob", "b"), &view, &code));
+    assert_int_equal(code, 0);
+    /* Routing still decides first: another owner's event never reaches the stages. */
+    assert_null(receive(s, change("insert", "eve", "a"), &view, &code));
+    mcd_subscription_destroy(s);
+    /* A client filter sees what the stages produced (tenant is gone). */
+    s = ok_sub(f, "{\"t\":\"a\"}", "{\"fullDocument.tenant\":\"a\"}", &bob);
+    assert_null(receive(s, change("insert", "bob", "a"), &view, &code));
+    mcd_subscription_destroy(s);
+
+    /* $project, then $var match: the projection runs on the server, the match here; a match
+     * on a field the projection removed matches nothing, as in MongoDB. */
+    set_pipeline(f, "{\"0\":{\"$project\":{\"fullDocument.owner\":1}},"
+                    "\"1\":{\"$match\":{\"fullDocument.tenant\":{\"$var\":\"t\"}}}}");
+    s = ok_sub(f, "{\"t\":\"a\"}", NULL, &bob);
+    assert_false(mcd_subscription_reshapes(s));
+    mcd_subscription_destroy(s);
+
+    /* A stage that changes _id ends the subscription as MongoDB ends the stream (280). */
+    set_pipeline(f, "{\"0\":{\"$match\":{\"fullDocument.tenant\":{\"$var\":\"t\"}}},"
+                    "\"1\":{\"$project\":{\"_id\":0,\"operationType\":1}}}");
+    s = ok_sub(f, "{\"t\":\"a\"}", NULL, &bob);
+    assert_null(receive(s, change("insert", "bob", "a"), &view, &code));
+    assert_int_equal(code, 280);
+    mcd_subscription_destroy(s);
+    /* ... and so does one that fails to evaluate ($add on a string: 16554). */
+    set_pipeline(f, "{\"0\":{\"$match\":{\"fullDocument.tenant\":{\"$var\":\"t\"}}},"
+                    "\"1\":{\"$set\":{\"x\":{\"$add\":[\"$fullDocument.tenant\",1]}}}}");
+    s = ok_sub(f, "{\"t\":\"a\"}", NULL, &bob);
+    assert_null(receive(s, change("insert", "bob", "a"), &view, &code));
+    assert_int_equal(code, 16554);
+    /* Control events pass untouched. */
+    mc_event_t *ready = mc_event_new_control(MC_EVENT_READY, "orders", 1, NULL);
+    assert_int_equal(mcd_subscription_view(s, ready), MC_EVENT_VIEW_FULL);
+    mc_event_unref(&ready);
+    mcd_subscription_destroy(s);
+}
+
+/* An insert by bob of tenant "a" whose document has `n` more fields and an array of `n`
+ * numbers: work for a stage that grows with the document. */
+static mc_event_t *big_change(int n)
+{
+    bson_t *b = json("{\"_id\":{\"_data\":\"82AA\"},\"operationType\":\"insert\","
+                     "\"ns\":{\"db\":\"shop\",\"coll\":\"orders\"},\"documentKey\":{\"_id\":1}}");
+    bson_t doc, arr;
+    BSON_APPEND_DOCUMENT_BEGIN(b, "fullDocument", &doc);
+    BSON_APPEND_INT32(&doc, "_id", 1);
+    BSON_APPEND_UTF8(&doc, "owner", "bob");
+    BSON_APPEND_UTF8(&doc, "tenant", "a");
+    BSON_APPEND_ARRAY_BEGIN(&doc, "tags", &arr);
+    for (int i = 0; i < n; i++) {
+        char key[16];
+        snprintf(key, sizeof(key), "%d", i);
+        BSON_APPEND_INT32(&arr, key, i);
+    }
+    bson_append_array_end(&doc, &arr);
+    for (int i = 0; i < n; i++) {
+        char key[16];
+        snprintf(key, sizeof(key), "f%d", i);
+        BSON_APPEND_INT32(&doc, key, i);
+    }
+    bson_append_document_end(b, &doc);
+    mc_error_t err = {0};
+    mc_event_t *ev = mc_event_new_change("orders", ++seq, b, "fullDocument.owner", &err);
+    bson_destroy(b);
+    if (!ev) {
+        fail_msg("event: %s", err.message);
+    }
+    return ev;
+}
+
+/* The reshaping stages count against the subscriber's CPU budget like its filters: an
+ * expression over a large array, or a projection over a document with many fields, stops
+ * with -1 and the budget's reason when the budget is too small, and gives the same result as
+ * without a budget when it is large enough. A stage error is still an error, not a budget. */
+static void test_stage_budget(void **state)
+{
+    fx_t *f = *state;
+    mcd_identity_t bob = user("bob", false);
+    static const char *const pipelines[] = {
+        "{\"0\":{\"$match\":{\"fullDocument.tenant\":{\"$var\":\"t\"}}},"
+        "\"1\":{\"$set\":{\"n\":{\"$size\":\"$fullDocument.tags\"}}}}",
+        "{\"0\":{\"$match\":{\"fullDocument.tenant\":{\"$var\":\"t\"}}},"
+        "\"1\":{\"$project\":{\"fullDocument.f9999\":1}}}",
+        /* Only filters: the $match with $expr runs under the same budget. */
+        "{\"0\":{\"$match\":{\"fullDocument.tenant\":{\"$var\":\"t\"}}},"
+        "\"1\":{\"$match\":{\"$expr\":{\"$gt\":[{\"$size\":\"$fullDocument.tags\"},1]}}}}",
+    };
+    mc_event_t *ev = big_change(10000);
+    for (size_t i = 0; i < sizeof(pipelines) / sizeof(pipelines[0]); i++) {
+        set_pipeline(f, pipelines[i]);
+        mcd_subscription_t *s = ok_sub(f, "{\"t\":\"a\"}", NULL, &bob);
+        assert_int_equal(mcd_subscription_reshapes(s), i < 2);
+        bson_t out;
+        bool own = false;
+        int code = 0;
+        mc_filter_budget_t b = {.cpu_ns = 1};
+        assert_int_equal(mcd_subscription_apply(s, ev, &b, &out, &own, &code), -1);
+        assert_false(own);
+        assert_int_equal(code, 0);
+        assert_true(b.exceeded);
+        assert_string_equal(b.reason, "CPU budget exhausted");
+        b = (mc_filter_budget_t){.cpu_ns = 60000000000u};
+        assert_int_equal(mcd_subscription_apply(s, ev, &b, &out, &own, &code),
+                         MC_EVENT_VIEW_FULL);
+        assert_false(b.exceeded);
+        assert_int_equal(code, 0);
+        assert_int_equal(own, i < 2);
+        if (own) {
+            bson_iter_t it;
+            assert_true(i == 0 ? bson_iter_init_find(&it, &out, "n") &&
+                                     bson_iter_int32(&it) == 10000
+                               : bson_iter_init_find(&it, &out, "fullDocument") &&
+                                     bson_count_keys(&out) == 2);
+            bson_destroy(&out);
+        }
+        mcd_subscription_destroy(s);
+    }
+    mc_event_unref(&ev);
+    /* A failing stage within a budget is a stage error (16554), not the budget. */
+    set_pipeline(f, "{\"0\":{\"$match\":{\"fullDocument.tenant\":{\"$var\":\"t\"}}},"
+                    "\"1\":{\"$set\":{\"x\":{\"$add\":[\"$fullDocument.tenant\",1]}}}}");
+    mcd_subscription_t *s = ok_sub(f, "{\"t\":\"a\"}", NULL, &bob);
+    mc_filter_budget_t b = {.cpu_ns = 60000000000u};
+    ev = change("insert", "bob", "a");
+    bson_t out;
+    bool own = false;
+    int code = 0;
+    assert_int_equal(mcd_subscription_apply(s, ev, &b, &out, &own, &code), MC_EVENT_VIEW_NONE);
+    assert_int_equal(code, 16554);
+    assert_false(b.exceeded);
+    mc_event_unref(&ev);
+    mcd_subscription_destroy(s);
 }
 
 int main(void)
@@ -620,6 +807,8 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_var_and_filter_and_recipient_combined, setup,
                                         teardown),
         cmocka_unit_test_setup_teardown(test_local_stages_check, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_stage_order, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_stage_budget, setup, teardown),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

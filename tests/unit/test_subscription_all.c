@@ -17,16 +17,7 @@
 
 #include "mongocast.h"
 #include "subscription.h"
-
-static bson_t *json(const char *s)
-{
-    bson_error_t e;
-    bson_t *b = bson_new_from_json((const uint8_t *)s, -1, &e);
-    if (!b) {
-        fail_msg("bad test JSON %s: %s", s, e.message);
-    }
-    return b;
-}
+#include "test_json.h"
 
 static uint64_t seq;
 
