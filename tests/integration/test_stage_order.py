@@ -6,8 +6,9 @@ stage and every later one in the daemon, per subscriber. Each case subscribes wi
 what the server itself gives for the whole pipeline with the value written in (a change stream
 opened by pymongo before the writes): the same events, in the same order, with the same
 `change` bodies (relaxed Extended JSON), whichever stage comes first. Then the raw frames: the
-control messages are compact JSON, as docs/protocol.md spells them. Runs unchanged against a
-real replica set (MONGODB_URI).
+control messages are compact JSON, as docs/protocol.md spells them. Then the limits that hold
+for the per-subscriber stages: the subscriber's CPU budget and server.max_message_bytes. Runs
+unchanged against a real replica set (MONGODB_URI).
 """
 
 import json
@@ -17,7 +18,7 @@ from bson import json_util
 
 from daemon_util import *  # noqa: F401,F403
 from live_util import free_port, live_config, start_live, stream_path, subscribers  # noqa: F401
-from server_util import RawWS
+from server_util import RawWS, metrics
 
 RELAXED = json_util.JSONOptions(json_mode=json_util.JSONMode.RELAXED, tz_aware=False)
 
@@ -208,3 +209,45 @@ def test_control_messages_are_compact(tmp_path, daemons, db, db_name, mongo_uri)
         assert json.loads(body)["change"]["fullDocument"] == {"_id": 1, "a": [1, {"b": None}]}
     finally:
         ws.close()
+
+
+def test_expensive_stage_closed_4003_and_own_message_held_to_the_limit(
+        tmp_path, daemons, subscribers, db, db_name, mongo_uri):
+    """The per-subscriber stages run within the subscriber's CPU budget, like its filter: a
+    `$set` over a huge array closes that subscriber with 4003 instead of holding the loop,
+    while another subscriber of the stream goes on. A reshaped message past
+    server.max_message_bytes becomes that subscriber's oversize notice, which carries nothing
+    its stages removed (here `ns`)."""
+    db.create_collection("heavy")
+    port = free_port()
+    pipeline = [{"$match": {"fullDocument.kind": {"$var": "k"}}},
+                {"$set": {"n": {"$size": {"$ifNull": ["$fullDocument.big", []]}}}},
+                {"$unset": "ns"}]
+    cfg = live_config(tmp_path / "c.yaml", mongo_uri, {
+        "s": {"db": db_name, "collection": "heavy", "public": True, "max_await_time_ms": 100,
+              "pipeline": pipeline}}, port,
+        server_extra={"filter_budget_us": 100, "max_message_bytes": 4096})
+    start_live(daemons, cfg, port)
+    heavy = subscribers.ws(port, stream_path("s", vars={"k": "heavy"}), name="heavy")
+    light = subscribers.ws(port, stream_path("s", vars={"k": "light"}), name="light")
+    heavy.wait_ready()
+    light.wait_ready()
+    db["heavy"].insert_one({"_id": 1, "kind": "heavy", "big": list(range(200000))})
+    db["heavy"].insert_one({"_id": 2, "kind": "light", "s": "x" * 100})
+    db["heavy"].insert_one({"_id": 3, "kind": "light", "s": "x" * 5000})
+    heavy.wait(lambda ms: heavy.closed, what="close")
+    assert heavy.close_code == 4003
+    assert heavy.changes() == []
+    got = light.wait(lambda ms: sum(m["type"] in ("change", "oversize") for m in ms) >= 2,
+                     what="a change and an oversize notice")
+    change, notice = [m for m in got if m["type"] in ("change", "oversize")]
+    assert change["type"] == "change" and change["change"]["n"] == 0
+    assert "ns" not in change["change"] and change["change"]["documentKey"] == {"_id": 2}
+    assert notice["type"] == "oversize", notice
+    assert notice["operationType"] == "insert" and notice["ns"] is None, notice
+    assert notice["documentKey"] == {"_id": 3} and notice["limit"] == 4096, notice
+    assert notice["size"] > 5000 and notice["id"] != change["id"]
+    m = metrics(port)
+    assert m["mongocast_filter_budget_disconnects_total"] >= 1
+    assert m["mongocast_oversize_events_total"] >= 1
+    assert not light.closed
