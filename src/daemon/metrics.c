@@ -11,6 +11,7 @@
  */
 #include <inttypes.h>
 #include <stdarg.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -89,6 +90,24 @@ static void scalar(out_t *o, const char *name, const char *type, const char *tex
 {
     help(o, name, type, text);
     put(o, "%s %" PRIu64 "\n", name, v);
+}
+
+/* A counter of the engine's per-stream status (the uint64_t at `field` of
+ * mc_stream_status_t): its HELP and TYPE lines and one sample per stream whose status was
+ * read (have[i]). */
+static void stream_counter(out_t *o, const mcd_server_t *srv, const mc_stream_status_t *ss,
+                           const bool *have, const char *name, const char *text, size_t field)
+{
+    char l[400];
+    help(o, name, "counter", text);
+    for (size_t i = 0; i < srv->fanout.n_hubs; i++) {
+        if (have[i]) {
+            uint64_t v;
+            memcpy(&v, (const char *)&ss[i] + field, sizeof(v));
+            put(o, "%s{stream=\"%s\"} %" PRIu64 "\n", name,
+                label(srv->fanout.hubs[i].cfg->name, l, sizeof(l)), v);
+        }
+    }
 }
 
 char *mcd_metrics_render(mcd_server_t *srv, size_t *len)
@@ -220,40 +239,21 @@ char *mcd_metrics_render(mcd_server_t *srv, size_t *len)
         put(&o, "mongocast_stream_lag_seconds{stream=\"%s\"} %.3f\n",
             label(srv->fanout.hubs[i].cfg->name, l, sizeof(l)), lag < 0 ? 0.0 : lag);
     }
-    help(&o, "mongocast_stream_resumes_total", "counter",
-         "Change stream reopens after an error (the driver's own resumes not counted).");
-    for (size_t i = 0; i < n; i++) {
-        if (have[i]) {
-            put(&o, "mongocast_stream_resumes_total{stream=\"%s\"} %" PRIu64 "\n",
-                label(srv->fanout.hubs[i].cfg->name, l, sizeof(l)), ss[i].resumes);
-        }
-    }
-    help(&o, "mongocast_recipient_unresolved_total", "counter",
-         "Changes whose recipient could not be decided from the write (or proven through the "
-         "lookup) and went to admins only.");
-    for (size_t i = 0; i < n; i++) {
-        if (have[i]) {
-            put(&o, "mongocast_recipient_unresolved_total{stream=\"%s\"} %" PRIu64 "\n",
-                label(srv->fanout.hubs[i].cfg->name, l, sizeof(l)), ss[i].unresolved_recipients);
-        }
-    }
-    help(&o, "mongocast_recipient_missing_total", "counter",
-         "Document events of a stream with a recipient whose recipient path held no identity "
-         "(missing, null, another type; a pipeline stage may have removed it): admins only.");
-    for (size_t i = 0; i < n; i++) {
-        if (have[i]) {
-            put(&o, "mongocast_recipient_missing_total{stream=\"%s\"} %" PRIu64 "\n",
-                label(srv->fanout.hubs[i].cfg->name, l, sizeof(l)), ss[i].recipient_missing);
-        }
-    }
-    help(&o, "mongocast_images_missing_total", "counter",
-         "Events that arrived without the pre- or post-image the stream asks for.");
-    for (size_t i = 0; i < n; i++) {
-        if (have[i]) {
-            put(&o, "mongocast_images_missing_total{stream=\"%s\"} %" PRIu64 "\n",
-                label(srv->fanout.hubs[i].cfg->name, l, sizeof(l)), ss[i].images_missing);
-        }
-    }
+    stream_counter(&o, srv, ss, have, "mongocast_stream_resumes_total",
+                   "Change stream reopens after an error (the driver's own resumes not counted).",
+                   offsetof(mc_stream_status_t, resumes));
+    stream_counter(&o, srv, ss, have, "mongocast_recipient_unresolved_total",
+                   "Changes whose recipient could not be decided from the write (or proven "
+                   "through the lookup) and went to admins only.",
+                   offsetof(mc_stream_status_t, unresolved_recipients));
+    stream_counter(&o, srv, ss, have, "mongocast_recipient_missing_total",
+                   "Document events of a stream with a recipient whose recipient path held no "
+                   "identity (missing, null, another type; a pipeline stage may have removed "
+                   "it): admins only.",
+                   offsetof(mc_stream_status_t, recipient_missing));
+    stream_counter(&o, srv, ss, have, "mongocast_images_missing_total",
+                   "Events that arrived without the pre- or post-image the stream asks for.",
+                   offsetof(mc_stream_status_t, images_missing));
     help(&o, "mongocast_images_off", "gauge",
          "1 while the stream knows that images it asks for are off somewhere (see /readyz).");
     for (size_t i = 0; i < n; i++) {
@@ -283,15 +283,10 @@ char *mcd_metrics_render(mcd_server_t *srv, size_t *len)
         put(&o, "mongocast_checkpoint_age_seconds{stream=\"%s\"} %.3f\n",
             label(srv->fanout.hubs[i].cfg->name, l, sizeof(l)), age < 0 ? 0.0 : age);
     }
-    help(&o, "mongocast_checkpoint_write_failures_total", "counter",
-         "Failed writes of the stream's resume position to the checkpoint store (each is "
-         "retried at the next interval).");
-    for (size_t i = 0; i < n; i++) {
-        if (have[i]) {
-            put(&o, "mongocast_checkpoint_write_failures_total{stream=\"%s\"} %" PRIu64 "\n",
-                label(srv->fanout.hubs[i].cfg->name, l, sizeof(l)), ss[i].checkpoint_failures);
-        }
-    }
+    stream_counter(&o, srv, ss, have, "mongocast_checkpoint_write_failures_total",
+                   "Failed writes of the stream's resume position to the checkpoint store (each "
+                   "is retried at the next interval).",
+                   offsetof(mc_stream_status_t, checkpoint_failures));
     help(&o, "mongocast_stream_up", "gauge", "1 when the stream's change stream is open.");
     for (size_t i = 0; i < n; i++) {
         put(&o, "mongocast_stream_up{stream=\"%s\"} %d\n",
