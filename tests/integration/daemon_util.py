@@ -95,9 +95,11 @@ def changes_of(msgs, stream=None, op=None):
     return out
 
 
-def checkpoint_token(cp_dir, stream):
-    """The stored resume token `_data` of a stream in the file store, or None."""
-    p = Path(cp_dir) / ("%s.json" % stream)
+def checkpoint_token(cp_dir, stream, sink=None):
+    """The stored resume token `_data` of a stream (the oldest of its sinks') in the file
+    store, or of one sink for that stream (`<stream>@<sink>.json`, where that sink resumes),
+    or None."""
+    p = Path(cp_dir) / ("%s%s.json" % (stream, "@" + sink if sink else ""))
     try:
         doc = json.loads(p.read_text())
     except (FileNotFoundError, ValueError):
