@@ -1,5 +1,6 @@
 /*
- * metrics.c: /metrics in the Prometheus text exposition format (version 0.0.4).
+ * metrics.c: /metrics in the Prometheus text exposition format (version 0.0.4), and the
+ * body of /readyz (streams' states, and every sink that is not running with its reason).
  *
  * Thread: the server's loop thread (reads the server's counters without locks; the engine's
  * per-stream status is copied out with mc_engine_stream_status(), which is thread-safe).
@@ -79,6 +80,23 @@ static const char *label(const char *s, char *tmp, size_t cap)
     return tmp;
 }
 
+/* A JSON string (quotes, backslashes and control characters escaped). */
+static void json_string(out_t *o, const char *s)
+{
+    put(o, "\"");
+    for (; *s; s++) {
+        unsigned char c = (unsigned char)*s;
+        if (c == '"' || c == '\\') {
+            put(o, "\\%c", c);
+        } else if (c < 0x20) {
+            put(o, "\\u%04x", c);
+        } else {
+            put(o, "%c", c);
+        }
+    }
+    put(o, "\"");
+}
+
 static void help(out_t *o, const char *name, const char *type, const char *text)
 {
     put(o, "# HELP %s %s\n# TYPE %s %s\n", name, text, name, type);
@@ -146,11 +164,66 @@ char *mcd_metrics_render(mcd_server_t *srv, size_t *len)
         }
     }
     help(&o, "mongocast_publish_failures_total", "counter",
-         "Events a sink failed to publish (logged), per sink instance.");
+         "Events a sink gave up on (dead-lettered, dropped, or the one that failed the sink), "
+         "per sink instance.");
     for (size_t k = 0; k < n_sinks; k++) {
         if (mc_engine_sink_stats(srv->engine, k, &sk) == 0) {
             put(&o, "mongocast_publish_failures_total{sink=\"%s\"} %" PRIu64 "\n",
                 label(sk.name, l, sizeof(l)), sk.failed);
+        }
+    }
+    help(&o, "mongocast_sink_state", "gauge",
+         "1 for the sink runner's current state (running, retrying, catching_up, failed), 0 "
+         "for the others.");
+    static const mc_sink_state_t states[] = {MC_SINK_RUNNING, MC_SINK_RETRYING,
+                                             MC_SINK_CATCHING_UP, MC_SINK_FAILED};
+    for (size_t k = 0; k < n_sinks; k++) {
+        if (mc_engine_sink_stats(srv->engine, k, &sk) == 0) {
+            label(sk.name, l, sizeof(l));
+            for (size_t j = 0; j < sizeof(states) / sizeof(states[0]); j++) {
+                put(&o, "mongocast_sink_state{sink=\"%s\",state=\"%s\"} %d\n", l,
+                    mc_sink_state_name(states[j]), sk.state == states[j] ? 1 : 0);
+            }
+        }
+    }
+    help(&o, "mongocast_sink_lag_events", "gauge",
+         "Events routed to the sink and not complete yet (an estimate while it catches up).");
+    for (size_t k = 0; k < n_sinks; k++) {
+        if (mc_engine_sink_stats(srv->engine, k, &sk) == 0) {
+            put(&o, "mongocast_sink_lag_events{sink=\"%s\"} %" PRIu64 "\n",
+                label(sk.name, l, sizeof(l)), sk.lag_events);
+        }
+    }
+    help(&o, "mongocast_sink_lag_seconds", "gauge",
+         "Age (by wallTime) of the oldest event the sink has not completed; 0 when up to date.");
+    for (size_t k = 0; k < n_sinks; k++) {
+        if (mc_engine_sink_stats(srv->engine, k, &sk) == 0) {
+            put(&o, "mongocast_sink_lag_seconds{sink=\"%s\"} %.3f\n",
+                label(sk.name, l, sizeof(l)), (double)sk.lag_ms / 1000.0);
+        }
+    }
+    help(&o, "mongocast_sink_retries_total", "counter",
+         "Offers of an event again after a transient failure or a busy answer, per sink.");
+    for (size_t k = 0; k < n_sinks; k++) {
+        if (mc_engine_sink_stats(srv->engine, k, &sk) == 0) {
+            put(&o, "mongocast_sink_retries_total{sink=\"%s\"} %" PRIu64 "\n",
+                label(sk.name, l, sizeof(l)), sk.retries);
+        }
+    }
+    help(&o, "mongocast_sink_dead_letters_total", "counter",
+         "Events that failed permanently and went to the sink's dead letter.");
+    for (size_t k = 0; k < n_sinks; k++) {
+        if (mc_engine_sink_stats(srv->engine, k, &sk) == 0) {
+            put(&o, "mongocast_sink_dead_letters_total{sink=\"%s\"} %" PRIu64 "\n",
+                label(sk.name, l, sizeof(l)), sk.dead_letters);
+        }
+    }
+    help(&o, "mongocast_sink_detaches_total", "counter",
+         "Times the sink passed max_lag_events and was detached to catch up on its own.");
+    for (size_t k = 0; k < n_sinks; k++) {
+        if (mc_engine_sink_stats(srv->engine, k, &sk) == 0) {
+            put(&o, "mongocast_sink_detaches_total{sink=\"%s\"} %" PRIu64 "\n",
+                label(sk.name, l, sizeof(l)), sk.detaches);
         }
     }
     help(&o, "mongocast_deliveries_total", "counter",
@@ -244,6 +317,54 @@ char *mcd_metrics_render(mcd_server_t *srv, size_t *len)
     }
     free(ss);
     free(have);
+    if (o.failed) {
+        free(o.buf);
+        return NULL;
+    }
+    *len = o.len;
+    return o.buf;
+}
+
+char *mcd_readyz_render(mcd_server_t *srv, bool engine_running, size_t *len, bool *ready)
+{
+    out_t o = {.cap = 1024};
+    o.buf = malloc(o.cap);
+    if (!o.buf) {
+        return NULL;
+    }
+    o.buf[0] = '\0';
+    *ready = engine_running && srv->engine && mc_engine_ready(srv->engine);
+    put(&o, "{\"ready\":%s,\"streams\":{", *ready ? "true" : "false");
+    for (size_t i = 0; i < srv->n_hubs; i++) {
+        const char *state = "stopped";
+        mc_stream_status_t st;
+        if (srv->engine && mc_engine_stream_status(srv->engine, srv->hubs[i].cfg->name, &st) == 0) {
+            state = mc_stream_state_name(st.state);
+        }
+        put(&o, "%s", i ? "," : "");
+        json_string(&o, srv->hubs[i].cfg->name);
+        put(&o, ":\"%s\"", state);
+    }
+    put(&o, "}");
+    /* Sinks that are not plainly running, with the reason (a failed durable one is why the
+     * daemon is not ready). */
+    size_t n_sinks = srv->engine ? mc_engine_sink_count(srv->engine) : 0;
+    bool first = true;
+    mc_sink_stats_t sk;
+    for (size_t k = 0; k < n_sinks; k++) {
+        if (mc_engine_sink_stats(srv->engine, k, &sk) != 0 || sk.state == MC_SINK_RUNNING ||
+            sk.state == MC_SINK_IDLE || sk.state == MC_SINK_STOPPED) {
+            continue;
+        }
+        put(&o, "%s", first ? ",\"sinks\":{" : ",");
+        first = false;
+        json_string(&o, sk.name);
+        put(&o, ":{\"state\":\"%s\",\"durable\":%s,\"reason\":", mc_sink_state_name(sk.state),
+            sk.durable ? "true" : "false");
+        json_string(&o, sk.message);
+        put(&o, "}");
+    }
+    put(&o, "%s}", first ? "" : "}");
     if (o.failed) {
         free(o.buf);
         return NULL;

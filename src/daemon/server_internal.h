@@ -246,4 +246,10 @@ char *mcd_sse_head(const mc_event_t *ev, uint32_t *len);
 /* Renders the Prometheus text exposition into a new buffer (*len: its length). */
 char *mcd_metrics_render(mcd_server_t *srv, size_t *len);
 
+/* The /readyz body (malloc'ed; NULL when memory runs out): {"ready": bool, "streams": {name:
+ * state}, "sinks": {name: {state, durable, reason}}} with only the sinks that are not running
+ * listed. *ready: every stream open and no durable sink failed (and `engine_running`). Loop
+ * thread. */
+char *mcd_readyz_render(mcd_server_t *srv, bool engine_running, size_t *len, bool *ready);
+
 #endif

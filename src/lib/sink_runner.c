@@ -22,9 +22,11 @@
  * without a reported failure, or skipped, dead-lettered or a mark. Completed entries retire
  * from the head only, so a slot's `done` position is always a prefix: everything of that
  * stream up to it is complete. A transient failure of an entry rewinds `npub` to it, so it
- * and everything after it are offered again, in order. Invariants: npub <= count <= cap; the
- * executor's batch [npub, npub + k) is never removed while it publishes (only the executor
- * removes entries); a slot that does not `accept` gets no shared-path entries.
+ * and everything after it are offered again, in order. Invariants: npub <= busy_end <= count <= cap;
+ * the executor's batch [npub, busy_end) is never removed while it publishes (nobody
+ * touches entries below `busy_end`); a slot that does not `accept` gets no shared-path
+ * entries. Entries at or after `busy_end` are not touched by the executor, so a detach or a
+ * failure may drop them from any thread; entries below it only the executor retires.
  */
 #include <errno.h>
 #include <stdarg.h>
@@ -95,6 +97,7 @@ struct mc__runner {
     pthread_cond_t room;  /* producers waiting for room; broadcast when entries retire */
     rentry_t *ring;
     uint32_t cap, head, count, npub;
+    uint32_t busy_end;    /* end of the batch the executor publishes (npub when idle) */
     uint32_t reserve;     /* catch-up pushes leave this much room to the shared path */
     rslot_t *slots;
     int n_slots;
@@ -113,7 +116,6 @@ struct mc__runner {
 
     mc_sink_state_t state;
     char message[256];
-    bool detach_req;
     bool failed;
 
     /* Stop. */
@@ -403,21 +405,18 @@ int mc__runner_push_wait(mc__runner_t *r, int slot, mc__pref_t *item, int64_t ti
     return rc;
 }
 
+static void detach_locked(mc__runner_t *r);
+
 void mc__runner_request_detach(mc__runner_t *r)
 {
     if (r->live) {
         return;
     }
+    /* Right here, on the router's thread: the executor may be stuck in publish() for good,
+     * and the queue must be freed all the same. */
     pthread_mutex_lock(&r->lock);
-    bool notify = false;
-    if (!r->failed && !r->detach_req && !r->stopping) {
-        r->detach_req = true;
-        notify = kick_locked(r);
-    }
+    detach_locked(r);
     pthread_mutex_unlock(&r->lock);
-    if (notify) {
-        notify_executor(r);
-    }
 }
 
 void mc__runner_missed(mc__runner_t *r, int slot)
@@ -467,6 +466,7 @@ static void retire_locked(mc__runner_t *r)
         r->head = (r->head + 1) % r->cap;
         r->count--;
         r->npub--;
+        r->busy_end--;
         retired = true;
     }
     if (retired) {
@@ -553,8 +553,8 @@ int mc__runner_fail(mc__runner_t *r, const mc_event_t *ev, mc_sink_error_class_t
 
 static void drop_unpublished_locked(mc__runner_t *r, bool keep_catchup)
 {
-    uint32_t keep = r->npub;
-    for (uint32_t i = r->npub; i < r->count; i++) {
+    uint32_t keep = r->busy_end;
+    for (uint32_t i = r->busy_end; i < r->count; i++) {
         rentry_t *e = entry_at(r, i);
         if (keep_catchup && (e->flags & RF_CATCHUP) && r->slots[e->slot].catching_up) {
             if (keep != i) {
@@ -585,8 +585,9 @@ static void fail_locked(mc__runner_t *r, const char *msg)
     }
     r->failed = true;
     r->retry_pending = false;
-    /* The executor drops what is queued when it sees `failed` (it may be publishing from the
-     * queue right now). */
+    /* What the executor is not publishing right now goes at once; the rest when its batch
+     * ends. */
+    drop_unpublished_locked(r, false);
     for (int k = 0; k < r->n_slots; k++) {
         r->slots[k].accept = false;
         r->slots[k].catching_up = false;
@@ -659,7 +660,7 @@ static void succeeded_locked(mc__runner_t *r)
     mc__backoff_reset(&r->busy);
     if (was_retrying) {
         settle_state_locked(r);
-        mc_log(MC_LOG_NOTICE, "runner", "sink delivers again sink=%s", r->sink->name);
+        mc_log(MC_LOG_NOTICE, "runner", "sink goes on delivering sink=%s", r->sink->name);
     }
 }
 
@@ -717,6 +718,7 @@ static bool handle_reported_failures_locked(mc__runner_t *r)
                 x->flags &= (uint8_t)~(RF_PUBLISHED | RF_DONE | RF_FAIL_T | RF_FAIL_P);
             }
             r->npub = i;
+            r->busy_end = i; /* only called between batches */
             schedule_retry_locked(r, false);
             return true;
         }
@@ -733,7 +735,7 @@ static bool handle_reported_failures_locked(mc__runner_t *r)
         if (gone && !r->failed) {
             /* The entry cannot have moved: only this thread removes entries. */
             e->flags |= RF_DONE;
-            r->attempts = 0;
+            succeeded_locked(r);
             retire_locked(r);
         }
         return true;
@@ -760,7 +762,6 @@ static void resume_point_locked(mc__runner_t *r, int slot, mc__pref_t *out)
 
 static void detach_locked(mc__runner_t *r)
 {
-    r->detach_req = false;
     if (r->failed || r->live || r->stopping) {
         return;
     }
@@ -851,15 +852,7 @@ static size_t step(mc__runner_t *r, size_t budget)
         budget = BATCH;
     }
     pthread_mutex_lock(&r->lock);
-    for (;;) {
-        if (r->detach_req) {
-            detach_locked(r);
-            continue;
-        }
-        if (handle_reported_failures_locked(r)) {
-            continue;
-        }
-        break;
+    while (handle_reported_failures_locked(r)) {
     }
     if (r->failed) {
         if (r->count > r->npub) {
@@ -879,6 +872,14 @@ static size_t step(mc__runner_t *r, size_t budget)
     uint32_t k = unpub < budget ? unpub : (uint32_t)budget;
     uint32_t start = r->npub;
     bool stopping_past = r->stopping && mc__now_ms() >= atomic_load(&r->deadline);
+    /* Entries offered again after a rewind that the sink acked meanwhile are not sent twice. */
+    bool acked[BATCH];
+    for (uint32_t i = 0; i < k; i++) {
+        acked[i] = (entry_at(r, start + i)->flags & RF_ACKED) != 0;
+    }
+    if (k > 0 && !stopping_past) {
+        r->busy_end = start + k;
+    }
     pthread_mutex_unlock(&r->lock);
     if (k == 0 || stopping_past) {
         return 0;
@@ -889,7 +890,7 @@ static size_t step(mc__runner_t *r, size_t budget)
     uint64_t published = 0, skipped = 0;
     for (; j < k; j++) {
         rentry_t *e = entry_at(r, start + j);
-        if (e->p.mark) {
+        if (e->p.mark || acked[j]) {
             outcome[j] = O_MARK;
             continue;
         }
@@ -926,7 +927,7 @@ static size_t step(mc__runner_t *r, size_t budget)
                 break; /* the sink failed: its queue is gone */
             }
             pthread_mutex_lock(&r->lock);
-            r->attempts = 0;
+            succeeded_locked(r);
             o = O_GONE;
         }
         if (o >= 0 && (r->attempts > 0 || r->busy.attempt > 0)) {
@@ -950,13 +951,6 @@ static size_t step(mc__runner_t *r, size_t budget)
     bump(&r->sink->stat_skipped, skipped);
 
     pthread_mutex_lock(&r->lock);
-    if (r->failed) {
-        /* Published or not, the batch goes with the rest of the queue: the stored position
-         * never covers it, so it is offered again after a restart. */
-        drop_unpublished_locked(r, false);
-        pthread_mutex_unlock(&r->lock);
-        return j;
-    }
     for (uint32_t i = 0; i < j; i++) {
         rentry_t *e = entry_at(r, start + i);
         e->flags |= RF_PUBLISHED;
@@ -971,6 +965,15 @@ static size_t step(mc__runner_t *r, size_t budget)
         }
     }
     r->npub += j;
+    r->busy_end = r->npub;
+    if (r->failed) {
+        /* What came before the failed event keeps its outcome; the failed event and the rest
+         * of the queue go: the stored position never covers them. */
+        retire_locked(r);
+        drop_unpublished_locked(r, false);
+        pthread_mutex_unlock(&r->lock);
+        return j;
+    }
     handle_reported_failures_locked(r);
     retire_locked(r);
     pthread_mutex_unlock(&r->lock);
@@ -1032,7 +1035,7 @@ static void *runner_main(void *arg)
     for (;;) {
         size_t n = step(r, BATCH);
         pthread_mutex_lock(&r->lock);
-        if (n > 0 || r->detach_req || (atomic_load(&r->fails_pending) > 0 && !r->failed) ||
+        if (n > 0 || (atomic_load(&r->fails_pending) > 0 && !r->failed) ||
             (r->failed && r->count > r->npub)) {
             lingered = false;
             pthread_mutex_unlock(&r->lock);
@@ -1166,7 +1169,7 @@ static void loop_pass(mc__runner_t *r)
         pthread_mutex_unlock(&r->lock);
         return;
     }
-    if (r->detach_req || (atomic_load(&r->fails_pending) > 0 && !r->failed) ||
+    if ((atomic_load(&r->fails_pending) > 0 && !r->failed) ||
         (r->count > r->npub && !r->retry_pending)) {
         uv_async_send(&r->async);
     } else if (r->retry_pending) {
@@ -1221,7 +1224,6 @@ void mc__runner_begin_stop(mc__runner_t *r, int64_t deadline_ms)
 {
     pthread_mutex_lock(&r->lock);
     r->stopping = true;
-    r->detach_req = false;
     atomic_store(&r->deadline, deadline_ms);
     bool notify = kick_locked(r);
     pthread_cond_broadcast(&r->room);
