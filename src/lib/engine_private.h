@@ -477,6 +477,12 @@ int mc__ledger_definition(mc__stream_t *s, mc_error_t *err);
  * transient). Logs the start position chosen. */
 int mc__ledger_load(mc__stream_t *s, mongoc_client_t *client, mc__position_t *start,
                     mc_error_t *err);
+/* Checks one loaded record of stream `name` against the stream's `definition`: 0, or
+ * MC_ECONFIG with the reason and the operator's way out in err (another namespace, another
+ * definition, a clusterTime more than a few seconds ahead of the server's `server_t`; 0:
+ * unknown, not checked). A record without a definition passes (logged). Any thread. */
+int mc__ledger_check_record(const char *name, const bson_t *definition, const mc__record_t *rec,
+                            uint32_t server_t, uint32_t server_i, mc_error_t *err);
 /* Watcher thread, right after an open without a stored position: the first position the
  * change stream reported becomes the initial position of every runner that has none. */
 void mc__ledger_origin(mc__stream_t *s, const bson_t *token);

@@ -189,12 +189,9 @@ static void changed_options(const bson_t *stored_def, const bson_t *now_def, cha
     }
 }
 
-/* Checks one loaded record against the stream. 0, or MC_ECONFIG with the reason and the way
- * out in err. `server_t/i`: the server's clusterTime (0, 0: unknown). */
-static int check_record(mc__stream_t *s, const mc__record_t *rec, uint32_t server_t,
-                        uint32_t server_i, mc_error_t *err)
+int mc__ledger_check_record(const char *name, const bson_t *definition, const mc__record_t *rec,
+                            uint32_t server_t, uint32_t server_i, mc_error_t *err)
 {
-    const char *name = s->cfg->name;
     if (!rec->definition) {
         mc_log(MC_LOG_WARN, "checkpoint",
                "checkpoint has no stream definition (written by an older mongocast); "
@@ -202,7 +199,7 @@ static int check_record(mc__stream_t *s, const mc__record_t *rec, uint32_t serve
                name, rec->where);
     } else {
         const char *ns = def_string(rec->definition, "ns");
-        const char *now_ns = def_string(s->definition, "ns");
+        const char *now_ns = def_string(definition, "ns");
         if (ns && now_ns && strcmp(ns, now_ns) != 0) {
             return mc_error_set(
                 err, MC_ECONFIG, MC_DOMAIN_MONGOCAST, MC_ECONFIG,
@@ -212,10 +209,10 @@ static int check_record(mc__stream_t *s, const mc__record_t *rec, uint32_t serve
                 rec->where, describe_ns(ns), name, describe_ns(now_ns));
         }
         const char *fp = def_string(rec->definition, "fingerprint");
-        const char *now_fp = def_string(s->definition, "fingerprint");
+        const char *now_fp = def_string(definition, "fingerprint");
         if (fp && now_fp && strcmp(fp, now_fp) != 0) {
             char changed[200];
-            changed_options(rec->definition, s->definition, changed, sizeof(changed));
+            changed_options(rec->definition, definition, changed, sizeof(changed));
             return mc_error_set(
                 err, MC_ECONFIG, MC_DOMAIN_MONGOCAST, MC_ECONFIG,
                 "checkpoint %s was written by another definition of stream %s (%s changed), "
@@ -314,7 +311,7 @@ int mc__ledger_load(mc__stream_t *s, mongoc_client_t *client, mc__position_t *st
                                        &recs[k], &lerr);
         if (lrc == 0) {
             have[k] = true;
-            rc = check_record(s, &recs[k], st, si, err);
+            rc = mc__ledger_check_record(name, s->definition, &recs[k], st, si, err);
         } else if (lrc != MC_ENOTFOUND) {
             /* Starting from "now" here would silently skip every change since the last
              * run; the operator has to decide. */
