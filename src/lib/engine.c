@@ -718,6 +718,7 @@ size_t mc_engine_dispatch(mc_engine_t *engine, size_t max_events)
 static void *checkpoint_main(void *arg)
 {
     mc_engine_t *engine = arg;
+    mc__thread_name("mccheckpoint", NULL);
     uint32_t interval = engine->config->checkpoint.interval_ms;
     if (interval == 0) {
         interval = 1000;

@@ -36,6 +36,8 @@ int64_t mc__wall_ms(void);     /* realtime, ms since epoch */
  * "now"; absurdly long ones are capped so the sum cannot overflow. */
 void mc__deadline_after_ms(struct timespec *ts, int64_t ms);
 void mc__deadline_after_us(struct timespec *ts, int64_t us);
+/* Names the calling thread "<prefix><name>" (15 characters at most), e.g. "mcsink:out". */
+void mc__thread_name(const char *prefix, const char *name);
 
 /* ---- Event internals (watcher thread builds, then immutable) -------------------------- */
 

@@ -77,6 +77,7 @@ static void on_wake(uv_async_t *a)
 static void *loop_main(void *arg)
 {
     mc__ioloop_t *l = arg;
+    mc__thread_name("mcioloop", NULL);
     uv_run(&l->loop, UV_RUN_DEFAULT);
     return NULL;
 }

@@ -1031,6 +1031,7 @@ static void finish_locked(mc__runner_t *r)
 static void *runner_main(void *arg)
 {
     mc__runner_t *r = arg;
+    mc__thread_name("mcsink:", r->sink->name);
     bool lingered = false;
     for (;;) {
         size_t n = step(r, BATCH);

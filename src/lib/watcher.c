@@ -466,6 +466,7 @@ static int load_start_position(watcher_t *w, mongoc_client_t *client, mc_error_t
 void *mc__watcher_main(void *arg)
 {
     mc__stream_t *s = arg;
+    mc__thread_name("mcwatch:", s->cfg->name);
     watcher_t w;
     memset(&w, 0, sizeof(w));
     w.s = s;
@@ -638,6 +639,7 @@ static void *catchup_main(void *arg)
 {
     catchup_arg_t *a = arg;
     mc__stream_t *s = a->s;
+    mc__thread_name("mccatchup:", s->cfg->name);
     watcher_t w;
     memset(&w, 0, sizeof(w));
     w.s = s;
