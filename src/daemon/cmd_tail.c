@@ -4,7 +4,8 @@
  *
  * Threads: the main thread parses the arguments, owns the engine and waits for signals; the
  * engine's watcher thread calls on_state() (which only formats one line and writes it to
- * stderr with a single write(2)); the engine's dispatch thread writes stdout.
+ * stderr with a single write(2)); the stdout sink's runner thread writes stdout. When stdout
+ * fails for good (the reader closed the pipe), tail stops with a message and status 1.
  *
  * Invariants: every argument is checked before anything connects, and a bad one exits with
  * MC_EXIT_USAGE and a message naming it. stdout carries only change lines; everything else
@@ -373,6 +374,12 @@ int mc_cmd_tail(int argc, char **argv)
     for (;;) {
         int sig = mc_cli_wait_signal(100);
         if (sig != 0) {
+            break;
+        }
+        mc_sink_stats_t sk;
+        if (mc_engine_sink_stats(engine, 0, &sk) == 0 && sk.state == MC_SINK_FAILED) {
+            say("mongocast tail: cannot write stdout: %s", sk.message);
+            status = MC_EXIT_FAIL;
             break;
         }
         if (mc_engine_finished(engine)) {
