@@ -142,10 +142,25 @@ char *mcd_metrics_render(mcd_server_t *srv, size_t *len)
     help(&o, "mongocast_events_out_total", "counter",
          "Events (changes and control events) a sink accepted, per sink instance; the live "
          "WebSocket/SSE fan-out is sink \"live-clients\".");
+    /* One snapshot per sink for every family below (each snapshot takes the runner's lock). */
     size_t n_sinks = srv->engine ? mc_engine_sink_count(srv->engine) : 0;
+    mc_sink_stats_t *sks = calloc(n_sinks ? n_sinks : 1, sizeof(*sks));
+    bool *sk_ok = calloc(n_sinks ? n_sinks : 1, sizeof(*sk_ok));
+    if (!sks || !sk_ok) {
+        free(sks);
+        free(sk_ok);
+        free(ss);
+        free(have);
+        free(o.buf);
+        return NULL;
+    }
+    for (size_t k = 0; k < n_sinks; k++) {
+        sk_ok[k] = mc_engine_sink_stats(srv->engine, k, &sks[k]) == 0;
+    }
     mc_sink_stats_t sk;
     for (size_t k = 0; k < n_sinks; k++) {
-        if (mc_engine_sink_stats(srv->engine, k, &sk) == 0) {
+        if (sk_ok[k]) {
+            sk = sks[k];
             put(&o, "mongocast_events_out_total{sink=\"%s\"} %" PRIu64 "\n",
                 label(sk.name, l, sizeof(l)), sk.published);
         }
@@ -158,7 +173,8 @@ char *mcd_metrics_render(mcd_server_t *srv, size_t *len)
     help(&o, "mongocast_events_skipped_total", "counter",
          "Events a sink did not take (e.g. control events it ignores), per sink instance.");
     for (size_t k = 0; k < n_sinks; k++) {
-        if (mc_engine_sink_stats(srv->engine, k, &sk) == 0) {
+        if (sk_ok[k]) {
+            sk = sks[k];
             put(&o, "mongocast_events_skipped_total{sink=\"%s\"} %" PRIu64 "\n",
                 label(sk.name, l, sizeof(l)), sk.skipped);
         }
@@ -167,7 +183,8 @@ char *mcd_metrics_render(mcd_server_t *srv, size_t *len)
          "Events a sink gave up on (dead-lettered, dropped, or the one that failed the sink), "
          "per sink instance.");
     for (size_t k = 0; k < n_sinks; k++) {
-        if (mc_engine_sink_stats(srv->engine, k, &sk) == 0) {
+        if (sk_ok[k]) {
+            sk = sks[k];
             put(&o, "mongocast_publish_failures_total{sink=\"%s\"} %" PRIu64 "\n",
                 label(sk.name, l, sizeof(l)), sk.failed);
         }
@@ -178,7 +195,8 @@ char *mcd_metrics_render(mcd_server_t *srv, size_t *len)
     static const mc_sink_state_t states[] = {MC_SINK_RUNNING, MC_SINK_RETRYING,
                                              MC_SINK_CATCHING_UP, MC_SINK_FAILED};
     for (size_t k = 0; k < n_sinks; k++) {
-        if (mc_engine_sink_stats(srv->engine, k, &sk) == 0) {
+        if (sk_ok[k]) {
+            sk = sks[k];
             label(sk.name, l, sizeof(l));
             for (size_t j = 0; j < sizeof(states) / sizeof(states[0]); j++) {
                 put(&o, "mongocast_sink_state{sink=\"%s\",state=\"%s\"} %d\n", l,
@@ -189,7 +207,8 @@ char *mcd_metrics_render(mcd_server_t *srv, size_t *len)
     help(&o, "mongocast_sink_lag_events", "gauge",
          "Events routed to the sink and not complete yet (an estimate while it catches up).");
     for (size_t k = 0; k < n_sinks; k++) {
-        if (mc_engine_sink_stats(srv->engine, k, &sk) == 0) {
+        if (sk_ok[k]) {
+            sk = sks[k];
             put(&o, "mongocast_sink_lag_events{sink=\"%s\"} %" PRIu64 "\n",
                 label(sk.name, l, sizeof(l)), sk.lag_events);
         }
@@ -197,7 +216,8 @@ char *mcd_metrics_render(mcd_server_t *srv, size_t *len)
     help(&o, "mongocast_sink_lag_seconds", "gauge",
          "Age (by wallTime) of the oldest event the sink has not completed; 0 when up to date.");
     for (size_t k = 0; k < n_sinks; k++) {
-        if (mc_engine_sink_stats(srv->engine, k, &sk) == 0) {
+        if (sk_ok[k]) {
+            sk = sks[k];
             put(&o, "mongocast_sink_lag_seconds{sink=\"%s\"} %.3f\n",
                 label(sk.name, l, sizeof(l)), (double)sk.lag_ms / 1000.0);
         }
@@ -205,7 +225,8 @@ char *mcd_metrics_render(mcd_server_t *srv, size_t *len)
     help(&o, "mongocast_sink_retries_total", "counter",
          "Offers of an event again after a transient failure or a busy answer, per sink.");
     for (size_t k = 0; k < n_sinks; k++) {
-        if (mc_engine_sink_stats(srv->engine, k, &sk) == 0) {
+        if (sk_ok[k]) {
+            sk = sks[k];
             put(&o, "mongocast_sink_retries_total{sink=\"%s\"} %" PRIu64 "\n",
                 label(sk.name, l, sizeof(l)), sk.retries);
         }
@@ -213,7 +234,8 @@ char *mcd_metrics_render(mcd_server_t *srv, size_t *len)
     help(&o, "mongocast_sink_dead_letters_total", "counter",
          "Events that failed permanently and went to the sink's dead letter.");
     for (size_t k = 0; k < n_sinks; k++) {
-        if (mc_engine_sink_stats(srv->engine, k, &sk) == 0) {
+        if (sk_ok[k]) {
+            sk = sks[k];
             put(&o, "mongocast_sink_dead_letters_total{sink=\"%s\"} %" PRIu64 "\n",
                 label(sk.name, l, sizeof(l)), sk.dead_letters);
         }
@@ -221,7 +243,8 @@ char *mcd_metrics_render(mcd_server_t *srv, size_t *len)
     help(&o, "mongocast_sink_detaches_total", "counter",
          "Times the sink passed max_lag_events and was detached to catch up on its own.");
     for (size_t k = 0; k < n_sinks; k++) {
-        if (mc_engine_sink_stats(srv->engine, k, &sk) == 0) {
+        if (sk_ok[k]) {
+            sk = sks[k];
             put(&o, "mongocast_sink_detaches_total{sink=\"%s\"} %" PRIu64 "\n",
                 label(sk.name, l, sizeof(l)), sk.detaches);
         }
@@ -317,6 +340,8 @@ char *mcd_metrics_render(mcd_server_t *srv, size_t *len)
     }
     free(ss);
     free(have);
+    free(sks);
+    free(sk_ok);
     if (o.failed) {
         free(o.buf);
         return NULL;

@@ -1377,15 +1377,13 @@ void mc__runner_stats(mc__runner_t *r, mc_sink_stats_t *out)
     pthread_mutex_lock(&r->lock);
     out->state = r->state;
     bson_strncpy(out->message, r->message, sizeof(out->message));
-    uint64_t lag = 0;
+    /* Marks (positions without an event) are rare: counted as entries, they keep this O(1). */
+    uint64_t lag = r->count;
     int64_t oldest = INT64_MIN;
-    for (uint32_t i = 0; i < r->count; i++) {
+    for (uint32_t i = 0; i < r->count && oldest == INT64_MIN; i++) {
         rentry_t *e = entry_at(r, i);
         if (e->p.ev) {
-            lag++;
-            if (oldest == INT64_MIN) {
-                oldest = pref_wall_ms(&e->p);
-            }
+            oldest = pref_wall_ms(&e->p);
         }
     }
     bool behind = false;
