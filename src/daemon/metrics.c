@@ -80,6 +80,51 @@ static const char *label(const char *s, char *tmp, size_t cap)
     return tmp;
 }
 
+/* The per-sink families that are one number per sink (mc_sink_stats_t fields). */
+static double lag_events(const mc_sink_stats_t *s)
+{
+    return (double)s->lag_events;
+}
+static double lag_seconds(const mc_sink_stats_t *s)
+{
+    return (double)s->lag_ms / 1000.0;
+}
+static double retries(const mc_sink_stats_t *s)
+{
+    return (double)s->retries;
+}
+static double dead_letters(const mc_sink_stats_t *s)
+{
+    return (double)s->dead_letters;
+}
+static double detaches(const mc_sink_stats_t *s)
+{
+    return (double)s->detaches;
+}
+
+typedef struct sink_family {
+    const char *name, *type, *help;
+    double (*value)(const mc_sink_stats_t *s);
+    bool seconds; /* printed with milliseconds; counts as integers */
+} sink_family_t;
+
+static const sink_family_t sink_families[] = {
+    {"mongocast_sink_lag_events", "gauge",
+     "Events routed to the sink and not complete yet (an estimate while it catches up).",
+     lag_events, false},
+    {"mongocast_sink_lag_seconds", "gauge",
+     "Age (by wallTime) of the oldest event the sink has not completed; 0 when up to date.",
+     lag_seconds, true},
+    {"mongocast_sink_retries_total", "counter",
+     "Offers of an event again after a transient failure or a busy answer, per sink.", retries,
+     false},
+    {"mongocast_sink_dead_letters_total", "counter",
+     "Events that failed permanently and went to the sink's dead letter.", dead_letters, false},
+    {"mongocast_sink_detaches_total", "counter",
+     "Times the sink passed max_lag_events and was detached to catch up on its own.", detaches,
+     false},
+};
+
 /* A JSON string (quotes, backslashes and control characters escaped). */
 static void json_string(out_t *o, const char *s)
 {
@@ -204,49 +249,14 @@ char *mcd_metrics_render(mcd_server_t *srv, size_t *len)
             }
         }
     }
-    help(&o, "mongocast_sink_lag_events", "gauge",
-         "Events routed to the sink and not complete yet (an estimate while it catches up).");
-    for (size_t k = 0; k < n_sinks; k++) {
-        if (sk_ok[k]) {
-            sk = sks[k];
-            put(&o, "mongocast_sink_lag_events{sink=\"%s\"} %" PRIu64 "\n",
-                label(sk.name, l, sizeof(l)), sk.lag_events);
-        }
-    }
-    help(&o, "mongocast_sink_lag_seconds", "gauge",
-         "Age (by wallTime) of the oldest event the sink has not completed; 0 when up to date.");
-    for (size_t k = 0; k < n_sinks; k++) {
-        if (sk_ok[k]) {
-            sk = sks[k];
-            put(&o, "mongocast_sink_lag_seconds{sink=\"%s\"} %.3f\n",
-                label(sk.name, l, sizeof(l)), (double)sk.lag_ms / 1000.0);
-        }
-    }
-    help(&o, "mongocast_sink_retries_total", "counter",
-         "Offers of an event again after a transient failure or a busy answer, per sink.");
-    for (size_t k = 0; k < n_sinks; k++) {
-        if (sk_ok[k]) {
-            sk = sks[k];
-            put(&o, "mongocast_sink_retries_total{sink=\"%s\"} %" PRIu64 "\n",
-                label(sk.name, l, sizeof(l)), sk.retries);
-        }
-    }
-    help(&o, "mongocast_sink_dead_letters_total", "counter",
-         "Events that failed permanently and went to the sink's dead letter.");
-    for (size_t k = 0; k < n_sinks; k++) {
-        if (sk_ok[k]) {
-            sk = sks[k];
-            put(&o, "mongocast_sink_dead_letters_total{sink=\"%s\"} %" PRIu64 "\n",
-                label(sk.name, l, sizeof(l)), sk.dead_letters);
-        }
-    }
-    help(&o, "mongocast_sink_detaches_total", "counter",
-         "Times the sink passed max_lag_events and was detached to catch up on its own.");
-    for (size_t k = 0; k < n_sinks; k++) {
-        if (sk_ok[k]) {
-            sk = sks[k];
-            put(&o, "mongocast_sink_detaches_total{sink=\"%s\"} %" PRIu64 "\n",
-                label(sk.name, l, sizeof(l)), sk.detaches);
+    for (size_t f = 0; f < sizeof(sink_families) / sizeof(sink_families[0]); f++) {
+        const sink_family_t *fam = &sink_families[f];
+        help(&o, fam->name, fam->type, fam->help);
+        for (size_t k = 0; k < n_sinks; k++) {
+            if (sk_ok[k]) {
+                put(&o, "%s{sink=\"%s\"} ", fam->name, label(sks[k].name, l, sizeof(l)));
+                put(&o, fam->seconds ? "%.3f\n" : "%.0f\n", fam->value(&sks[k]));
+            }
         }
     }
     help(&o, "mongocast_deliveries_total", "counter",

@@ -690,6 +690,25 @@ static bool give_up_event(mc__runner_t *r, mc_event_t *ev, const char *reason, u
     return false;
 }
 
+/* give_up_event() for entry `e` with the lock held on entry and on return (released around
+ * the dead letter's write; `e` stays put: only the executor removes entries). On success the
+ * runner's retry state is reset for the next event. */
+static bool give_up_locked(mc__runner_t *r, rentry_t *e)
+{
+    mc_event_t *ev = mc_event_ref(e->p.ev);
+    char reason[256];
+    bson_strncpy(reason, r->last_error, sizeof(reason));
+    uint32_t attempts = r->attempts + 1;
+    pthread_mutex_unlock(&r->lock);
+    bool gone = give_up_event(r, ev, reason, attempts);
+    mc_event_unref(&ev);
+    pthread_mutex_lock(&r->lock);
+    if (gone && !r->failed) {
+        succeeded_locked(r);
+    }
+    return gone && !r->failed;
+}
+
 /* Handles failures reported for published entries (asynchronously, or during flush): the
  * first one in order decides. Lock held on entry and exit; may release it for a dead letter.
  * Returns true when it changed something. */
@@ -724,18 +743,8 @@ static bool handle_reported_failures_locked(mc__runner_t *r)
         }
         e->flags &= (uint8_t)~(RF_FAIL_T | RF_FAIL_P);
         atomic_fetch_sub(&r->fails_pending, 1);
-        mc_event_t *ev = mc_event_ref(e->p.ev);
-        char reason[256];
-        bson_strncpy(reason, r->last_error, sizeof(reason));
-        uint32_t attempts = r->attempts + 1;
-        pthread_mutex_unlock(&r->lock);
-        bool gone = give_up_event(r, ev, reason, attempts);
-        mc_event_unref(&ev);
-        pthread_mutex_lock(&r->lock);
-        if (gone && !r->failed) {
-            /* The entry cannot have moved: only this thread removes entries. */
+        if (give_up_locked(r, e)) {
             e->flags |= RF_DONE;
-            succeeded_locked(r);
             retire_locked(r);
         }
         return true;
@@ -916,18 +925,10 @@ static size_t step(mc__runner_t *r, size_t budget)
         pthread_mutex_lock(&r->lock);
         int o = classify_locked(r, e, rc);
         if (o == -2) {
-            mc_event_t *ev = mc_event_ref(e->p.ev);
-            char reason[256];
-            bson_strncpy(reason, r->last_error, sizeof(reason));
-            uint32_t attempts = r->attempts + 1;
-            pthread_mutex_unlock(&r->lock);
-            bool gone = give_up_event(r, ev, reason, attempts);
-            mc_event_unref(&ev);
-            if (!gone) {
+            if (!give_up_locked(r, e)) {
+                pthread_mutex_unlock(&r->lock);
                 break; /* the sink failed: its queue is gone */
             }
-            pthread_mutex_lock(&r->lock);
-            succeeded_locked(r);
             o = O_GONE;
         }
         if (o >= 0 && (r->attempts > 0 || r->busy.attempt > 0)) {

@@ -338,6 +338,38 @@ static bool is_own_checkpoint_write(const watcher_t *w, const bson_t *doc)
            strcmp(bson_iter_utf8(&v, NULL), c->checkpoint.collection) == 0;
 }
 
+/* Keeps the server's reply of a failed call (an empty document when there is none). */
+static void keep_reply(bson_t *out, const bson_t *reply)
+{
+    bson_destroy(out);
+    if (reply) {
+        bson_copy_to(reply, out);
+    } else {
+        bson_init(out);
+    }
+}
+
+/* Whether opening `cs` failed; then err and reply say why. */
+static bool open_failed(mongoc_change_stream_t *cs, bson_error_t *err, bson_t *reply)
+{
+    const bson_t *r = NULL;
+    memset(err, 0, sizeof(*err));
+    if (!mongoc_change_stream_error_document(cs, err, &r)) {
+        return false;
+    }
+    keep_reply(reply, r);
+    return true;
+}
+
+/* Frees what a watcher or catch-up thread holds when it leaves. */
+static void watcher_cleanup(watcher_t *w, bson_t *reply)
+{
+    bson_destroy(reply);
+    mc__position_clear(&w->pos);
+    mc_event_unref(&w->pos_ev);
+    mc__recipient_lookup_destroy(w->lookup);
+}
+
 typedef enum read_result {
     READ_STOP = 0,   /* engine stopping */
     READ_REOPEN,     /* invalidate seen: reopen at once with startAfter */
@@ -417,12 +449,7 @@ static read_result_t read_loop(watcher_t *w, mongoc_change_stream_t *cs, bson_er
         }
         const bson_t *reply = NULL;
         if (mongoc_change_stream_error_document(cs, err, &reply)) {
-            bson_destroy(reply_out);
-            if (reply) {
-                bson_copy_to(reply, reply_out);
-            } else {
-                bson_init(reply_out);
-            }
+            keep_reply(reply_out, reply);
             return READ_ERROR;
         }
         /* An empty batch: the post-batch resume token moves on even when nothing matched. */
@@ -510,16 +537,8 @@ void *mc__watcher_main(void *arg)
         }
         mongoc_change_stream_t *cs = open_stream(&w, client);
         bson_error_t err;
-        const bson_t *r = NULL;
         read_result_t rr;
-        memset(&err, 0, sizeof(err));
-        if (mongoc_change_stream_error_document(cs, &err, &r)) {
-            bson_destroy(&reply);
-            if (r) {
-                bson_copy_to(r, &reply);
-            } else {
-                bson_init(&reply);
-            }
+        if (open_failed(cs, &err, &reply)) {
             rr = READ_ERROR;
         } else {
             w.first_open = false;
@@ -609,10 +628,7 @@ void *mc__watcher_main(void *arg)
             break;
         }
     }
-    bson_destroy(&reply);
-    mc__position_clear(&w.pos);
-    mc_event_unref(&w.pos_ev);
-    mc__recipient_lookup_destroy(w.lookup);
+    watcher_cleanup(&w, &reply);
     return NULL;
 }
 
@@ -668,16 +684,8 @@ static void *catchup_main(void *arg)
         mongoc_client_t *client = mongoc_client_pool_pop(w.e->pool);
         mongoc_change_stream_t *cs = open_stream(&w, client);
         bson_error_t err;
-        const bson_t *r = NULL;
         read_result_t rr;
-        memset(&err, 0, sizeof(err));
-        if (mongoc_change_stream_error_document(cs, &err, &r)) {
-            bson_destroy(&reply);
-            if (r) {
-                bson_copy_to(r, &reply);
-            } else {
-                bson_init(&reply);
-            }
+        if (open_failed(cs, &err, &reply)) {
             rr = READ_ERROR;
         } else {
             w.client = client;
@@ -732,10 +740,7 @@ static void *catchup_main(void *arg)
             break;
         }
     }
-    bson_destroy(&reply);
-    mc__position_clear(&w.pos);
-    mc_event_unref(&w.pos_ev);
-    mc__recipient_lookup_destroy(w.lookup);
+    watcher_cleanup(&w, &reply);
     mc_engine_t *e = w.e;
     free(a);
     catchup_done(e);

@@ -25,6 +25,7 @@ import pytest
 
 from daemon_util import *  # noqa: F401,F403
 from live_util import free_port, http_get, live_config, subscribers, wait_http  # noqa: F401
+from server_util import metrics
 
 TEST_ENV = {"MONGOCAST_TEST_SINKS": "1"}
 
@@ -37,17 +38,6 @@ def fault_lines(path):
 
 def docs_of(msgs):
     return [m["change"]["fullDocument"]["n"] for m in msgs]
-
-
-def metrics(port):
-    status, _, body = http_get(port, "/metrics")
-    assert status == 200
-    out = {}
-    for line in body.decode().splitlines():
-        if line and not line.startswith("#"):
-            key, _, value = line.rpartition(" ")
-            out[key] = float(value)
-    return out
 
 
 def sink_state(port, sink):
@@ -286,7 +276,7 @@ def test_two_durable_sinks_survive_kill9(tmp_path, daemons, mongo_uri, db, db_na
         for start in range(0, n_docs, 250):
             db.c.insert_many([{"n": i} for i in range(start, start + 250)])
             done[0] = start + 250
-            time.sleep(0.01)
+            time.sleep(0.03)  # about 8,000 documents/s: the kills land while it writes
 
     t = threading.Thread(target=writer, daemon=True)
     step = n_docs // (kills + 1)
@@ -303,6 +293,9 @@ def test_two_durable_sinks_survive_kill9(tmp_path, daemons, mongo_uri, db, db_na
         wait_for(lambda: checkpoint_token(cp, "s", "sync") and checkpoint_token(cp, "s", "late"),
                  timeout=30, message="first checkpoints")
         wait_for(lambda: done[0] >= thresholds[run], timeout=120, message="writer progress")
+        # Each run delivers something to both sinks before it is killed.
+        wait_for(lambda: all(len(fault_lines(tmp_path / ("%s-%d" % (name, run)))) >= 50
+                             for name in stored), timeout=60, message="run %d delivers" % run)
         time.sleep(rng.uniform(0.0, 0.2))
         assert d.kill() == -signal.SIGKILL
         for name in stored:

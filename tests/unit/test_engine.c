@@ -442,31 +442,10 @@ static void test_fatal_error_isolated(void **state)
     finish(f);
 }
 
-/* The stored token `_data` of a stream (sink NULL) or of one of its sinks, "" when none. */
 static const char *stored_token(fixture_t *f, const char *stream, const char *sink, char *out,
                                 size_t size)
 {
-    char path[400];
-    snprintf(path, sizeof(path), "%s/%s%s%s.json", f->cpdir, stream, sink ? "@" : "",
-             sink ? sink : "");
-    out[0] = '\0';
-    FILE *fp = fopen(path, "r");
-    if (!fp) {
-        return out;
-    }
-    char text[4096] = {0};
-    size_t n = fread(text, 1, sizeof(text) - 1, fp);
-    fclose(fp);
-    bson_t doc;
-    bson_error_t jerr;
-    bson_iter_t it;
-    if (n > 0 && bson_init_from_json(&doc, text, -1, &jerr)) {
-        if (bson_iter_init(&it, &doc) && bson_iter_find_descendant(&it, "token._data", &it)) {
-            snprintf(out, size, "%s", bson_iter_utf8(&it, NULL));
-        }
-        bson_destroy(&doc);
-    }
-    return out;
+    return emu_fixture_stored_token(f->cpdir, stream, sink, out, size);
 }
 
 static void test_durable_ack_gates_checkpoint(void **state)

@@ -349,27 +349,7 @@ static mc_sink_state_t wait_sink_state(mc_engine_t *e, const char *name, mc_sink
 /* The stored `_data` of the stream (sink NULL) or of one of its sinks, "" when none. */
 static const char *stored(fixture_t *f, const char *sinkname, char *out, size_t size)
 {
-    char path[400];
-    snprintf(path, sizeof(path), "%s/s0%s%s.json", f->dir, sinkname ? "@" : "",
-             sinkname ? sinkname : "");
-    out[0] = '\0';
-    FILE *fp = fopen(path, "r");
-    if (!fp) {
-        return out;
-    }
-    char text[8192] = {0};
-    size_t n = fread(text, 1, sizeof(text) - 1, fp);
-    fclose(fp);
-    bson_t doc;
-    bson_error_t jerr;
-    bson_iter_t it;
-    if (n > 0 && bson_init_from_json(&doc, text, -1, &jerr)) {
-        if (bson_iter_init(&it, &doc) && bson_iter_find_descendant(&it, "token._data", &it)) {
-            snprintf(out, size, "%s", bson_iter_utf8(&it, NULL));
-        }
-        bson_destroy(&doc);
-    }
-    return out;
+    return emu_fixture_stored_token(f->dir, "s0", sinkname, out, size);
 }
 
 /* Every document first..first+n-1 exactly once and in order (by doc id and by event id). */

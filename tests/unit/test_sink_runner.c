@@ -418,7 +418,12 @@ static void test_permanent_without_dead_letter_fails(void **state)
     (void)state;
     fixture_open(&durable_type, 64, NULL);
     S.permanent_seq = 5;
+    S.gate_closed = true; /* all queued before the failure, which closes the queue */
     push_range(1, 8);
+    pthread_mutex_lock(&S.lock);
+    S.gate_closed = false;
+    pthread_cond_broadcast(&S.cond);
+    pthread_mutex_unlock(&S.lock);
     int64_t end = mc__now_ms() + 3000;
     while (stats().state != MC_SINK_FAILED && mc__now_ms() < end) {
         usleep(2000);

@@ -500,35 +500,18 @@ static int fault_drain(mc_sink_t *sink, int64_t deadline_ms)
     return rc;
 }
 
-static const mc_sink_type_t fault_type = {
-    .abi_version = MC_SINK_ABI_VERSION,
-    .name = "fault",
-    .flags = MC_SINK_DURABLE | MC_SINK_BLOCKING,
-    .ctx_size = sizeof(fault_ctx_t),
-    .init = fault_init,
-    .start = fault_start,
-    .publish = fault_publish,
-    .flush = fault_flush,
-    .drain = fault_drain,
-    .destroy = fault_destroy,
-    .validate = fault_validate,
-    .stop = fault_stop,
-};
+/* The two types differ only in name and executor. */
+#define FAULT_TYPE(type_name, type_flags)                                                          \
+    {                                                                                              \
+        .abi_version = MC_SINK_ABI_VERSION, .name = (type_name), .flags = (type_flags),            \
+        .ctx_size = sizeof(fault_ctx_t), .init = fault_init, .start = fault_start,                 \
+        .publish = fault_publish, .flush = fault_flush, .drain = fault_drain,                      \
+        .destroy = fault_destroy, .validate = fault_validate, .stop = fault_stop,                  \
+    }
 
-static const mc_sink_type_t fault_async_type = {
-    .abi_version = MC_SINK_ABI_VERSION,
-    .name = "fault_async",
-    .flags = MC_SINK_DURABLE | MC_SINK_ASYNC,
-    .ctx_size = sizeof(fault_ctx_t),
-    .init = fault_init,
-    .start = fault_start,
-    .publish = fault_publish,
-    .flush = fault_flush,
-    .drain = fault_drain,
-    .destroy = fault_destroy,
-    .validate = fault_validate,
-    .stop = fault_stop,
-};
+static const mc_sink_type_t fault_type = FAULT_TYPE("fault", MC_SINK_DURABLE | MC_SINK_BLOCKING);
+static const mc_sink_type_t fault_async_type =
+    FAULT_TYPE("fault_async", MC_SINK_DURABLE | MC_SINK_ASYNC);
 
 const mc_sink_type_t *mc_sink_fault_type(void)
 {
