@@ -20,7 +20,7 @@
 
 struct mc__ioloop {
     uv_loop_t loop;
-    uv_async_t wake;   /* stop requests */
+    uv_async_t wake; /* stop requests */
     pthread_t thread;
     bool running;
     bool loop_ready;

@@ -33,7 +33,7 @@
  * silence, never wrong data. */
 #define FUTURE_SLACK_SECS 5
 
-/* ---- Definitions ------------------------------------------------------------------------------ */
+/* ---- Definitions ----------------------------------------------------------------------------- */
 
 static const char *full_document_word(mc_full_document_t v)
 {
@@ -136,14 +136,12 @@ static const char *def_string(const bson_t *def, const char *key)
 
 /* Names the stored options that differ from the current ones ("pipeline, recipient"), or
  * "the stream's options" when the record keeps only a fingerprint. */
-static void changed_options(const bson_t *stored_def, const bson_t *now_def, char *out,
-                            size_t size)
+static void changed_options(const bson_t *stored_def, const bson_t *now_def, char *out, size_t size)
 {
     static const char *const keys[] = {"pipeline", "fullDocument", "fullDocumentBeforeChange",
                                        "recipient", "lookup"};
-    static const char *const names[] = {"pipeline", "full_document",
-                                        "full_document_before_change", "recipient",
-                                        "recipient.lookup"};
+    static const char *const names[] = {"pipeline", "full_document", "full_document_before_change",
+                                        "recipient", "recipient.lookup"};
     bson_iter_t a, b;
     bson_t sa, sb;
     const uint8_t *d;
@@ -253,8 +251,7 @@ static int server_time(mongoc_client_t *client, uint32_t *t, uint32_t *i, mc_err
     if (!ok) {
         bson_destroy(&reply);
         return mc_error_set(err, MC_ESERVER, MC_DOMAIN_MONGODB, (int)berr.code,
-                            "cannot reach the server to check the checkpoint: %s",
-                            berr.message);
+                            "cannot reach the server to check the checkpoint: %s", berr.message);
     }
     bson_iter_t it;
     if (bson_iter_init_find(&it, &reply, "operationTime") && BSON_ITER_HOLDS_TIMESTAMP(&it)) {
@@ -307,8 +304,8 @@ int mc__ledger_load(mc__stream_t *s, mongoc_client_t *client, mc__position_t *st
             continue;
         }
         mc_error_t lerr = {0};
-        int lrc = mc__token_store_load(e->store, name, k < n ? s->sinks[k]->name : NULL,
-                                       &recs[k], &lerr);
+        int lrc =
+            mc__token_store_load(e->store, name, k < n ? s->sinks[k]->name : NULL, &recs[k], &lerr);
         if (lrc == 0) {
             have[k] = true;
             rc = mc__ledger_check_record(name, s->definition, &recs[k], st, si, err);
@@ -359,16 +356,15 @@ int mc__ledger_load(mc__stream_t *s, mongoc_client_t *client, mc__position_t *st
             if (own) {
                 mc__position_clear(&s->sink_written[k]);
                 mc__position_copy(&s->sink_written[k], own);
-                mc__runner_set_done(rt->runner, rt->slot,
-                                    mc__mark_from_position(s->index, own), false);
+                mc__runner_set_done(rt->runner, rt->slot, mc__mark_from_position(s->index, own),
+                                    false);
                 const char *d = mc__token_data(own->token);
                 if (d && start_data && mc__token_data_cmp(d, start_data) > 0) {
                     free(rt->skip_until);
                     rt->skip_until = strdup(d);
                 }
             } else if (start->token) {
-                mc__runner_set_done(rt->runner, rt->slot,
-                                    mc__mark_from_position(s->index, start),
+                mc__runner_set_done(rt->runner, rt->slot, mc__mark_from_position(s->index, start),
                                     !mc__runner_live(rt->runner));
                 if (!mc__runner_live(rt->runner)) {
                     mc_log(MC_LOG_NOTICE, "checkpoint",
@@ -402,7 +398,7 @@ void mc__ledger_origin(mc__stream_t *s, const bson_t *token)
     }
 }
 
-/* ---- The stream's position ---------------------------------------------------------------- */
+/* ---- The stream's position ------------------------------------------------------------------- */
 
 /* The oldest of two positions by token (an empty one loses). */
 static bool older(const mc__position_t *a, const mc__position_t *b)
@@ -453,7 +449,7 @@ void mc__ledger_stream_position(mc__stream_t *s, mc__position_t *out)
     mc__pref_clear(&oldest);
 }
 
-/* ---- Writes --------------------------------------------------------------------------------- */
+/* ---- Writes ---------------------------------------------------------------------------------- */
 
 int mc__ledger_write(mc_engine_t *e)
 {
@@ -485,8 +481,8 @@ int mc__ledger_write(mc_engine_t *e)
                 mc__position_clear(&pos);
                 continue;
             }
-            if (mc__token_store_save(e->store, s->cfg->name, s->sinks[k]->name, &pos,
-                                     s->definition, &err) != 0) {
+            if (mc__token_store_save(e->store, s->cfg->name, s->sinks[k]->name, &pos, s->definition,
+                                     &err) != 0) {
                 mc__runner_mark_dirty(r, slot);
                 atomic_fetch_add(&s->stat_cp_failures, 1);
                 mc_log_ratelimited(&rl, MC_LOG_WARN, "checkpoint",
@@ -551,10 +547,9 @@ int mc__ledger_write(mc_engine_t *e)
                 atomic_store_explicit(&s->stat_cp_seq, pos.seq, memory_order_relaxed);
                 /* Last, so a reader that sees the new time also sees the position it stored
                  * (readers load it first). */
-                atomic_store_explicit(&s->stat_cp_written_ms, mc__wall_ms(),
-                                      memory_order_release);
-                mc_log(MC_LOG_DEBUG, "checkpoint", "stored stream=%s seq=%" PRIu64,
-                       s->cfg->name, pos.seq);
+                atomic_store_explicit(&s->stat_cp_written_ms, mc__wall_ms(), memory_order_release);
+                mc_log(MC_LOG_DEBUG, "checkpoint", "stored stream=%s seq=%" PRIu64, s->cfg->name,
+                       pos.seq);
                 mc__position_clear(&s->written);
                 mc__position_copy(&s->written, &pos);
             }

@@ -11,9 +11,9 @@
  *   - the executor, exactly one thread at a time: the runner's own thread (MC__EXEC_THREAD),
  *     the engine's I/O loop thread (MC__EXEC_LOOP, ioloop.c) or the embedder's dispatch thread
  *     (MC__EXEC_EXTERNAL, mc_engine_dispatch()). Only it calls the sink's publish, flush,
- *     drain and stop, and only it removes entries (detach, failure);
- *   - any thread: acks and failures from the sink (sink.c), the ledger (checkpoint thread),
- *     status readers.
+ *     drain and stop;
+ *   - any thread: acks and failures from the sink (sink.c), detaching (the router) and
+ *     failing (a catch-up thread), the ledger (checkpoint thread), status readers.
  * One mutex guards the ring and the state; the executor never holds it while a sink callback
  * runs, and takes it once per batch on the fast path (per event only when something failed).
  *
@@ -22,11 +22,11 @@
  * without a reported failure, or skipped, dead-lettered or a mark. Completed entries retire
  * from the head only, so a slot's `done` position is always a prefix: everything of that
  * stream up to it is complete. A transient failure of an entry rewinds `npub` to it, so it
- * and everything after it are offered again, in order. Invariants: npub <= busy_end <= count <= cap;
- * the executor's batch [npub, busy_end) is never removed while it publishes (nobody
- * touches entries below `busy_end`); a slot that does not `accept` gets no shared-path
- * entries. Entries at or after `busy_end` are not touched by the executor, so a detach or a
- * failure may drop them from any thread; entries below it only the executor retires.
+ * and everything after it are offered again, in order.
+ * Invariants: npub <= busy_end <= count <= cap. [npub, busy_end) is the batch the executor is
+ * publishing outside the lock: nobody else moves or drops those entries, and only the
+ * executor rewinds `npub`. Entries at or after `busy_end` may be dropped by any thread under
+ * the lock (a detach, a failure). A slot that does not `accept` gets no shared-path entries.
  */
 #include <errno.h>
 #include <stdarg.h>
@@ -39,12 +39,12 @@
 #include "engine_private.h"
 
 #define BATCH 256
-#define LINGER_US 250       /* as the old consumer thread: at most this much added latency */
-#define WAKE_AT_ITEMS 64    /* a lingering runner is woken once this many items wait */
-#define BUSY_INITIAL_MS 1   /* MC_EAGAIN: a short backoff, the sink is only full */
+#define LINGER_US 250     /* as the old consumer thread: at most this much added latency */
+#define WAKE_AT_ITEMS 64  /* a lingering runner is woken once this many items wait */
+#define BUSY_INITIAL_MS 1 /* MC_EAGAIN: a short backoff, the sink is only full */
 #define BUSY_MAX_MS 100
-#define STALL_MS 1000       /* external executor: how long stop waits for a silent loop */
-#define ACK_SCAN_HEAD 64    /* acks look this far from the head before scanning from the tail */
+#define STALL_MS 1000    /* external executor: how long stop waits for a silent loop */
+#define ACK_SCAN_HEAD 64 /* acks look this far from the head before scanning from the tail */
 
 enum {
     RF_PUBLISHED = 0x01,
@@ -63,11 +63,11 @@ typedef struct rentry {
 
 typedef struct rslot {
     int stream_index;
-    bool accept;          /* the shared path may push this stream's items */
+    bool accept; /* the shared path may push this stream's items */
     bool catching_up;
-    mc__pref_t done;      /* newest complete item with a token */
-    uint64_t done_seq;    /* seq of the newest complete shared-path event */
-    bool dirty;           /* done moved since the ledger took it */
+    mc__pref_t done;         /* newest complete item with a token */
+    uint64_t done_seq;       /* seq of the newest complete shared-path event */
+    bool dirty;              /* done moved since the ledger took it */
     _Atomic uint64_t missed; /* items the shared path could not hand over (lag estimate) */
 } rslot_t;
 
@@ -93,15 +93,15 @@ struct mc__runner {
     bool durable, live, v2;
 
     pthread_mutex_t lock;
-    pthread_cond_t cond;  /* the thread executor waits here; stop waits for `finished` */
-    pthread_cond_t room;  /* producers waiting for room; broadcast when entries retire */
+    pthread_cond_t cond; /* the thread executor waits here; stop waits for `finished` */
+    pthread_cond_t room; /* producers waiting for room; broadcast when entries retire */
     rentry_t *ring;
     uint32_t cap, head, count, npub;
-    uint32_t busy_end;    /* end of the batch the executor publishes (npub when idle) */
-    uint32_t reserve;     /* catch-up pushes leave this much room to the shared path */
+    uint32_t busy_end; /* end of the batch the executor publishes (npub when idle) */
+    uint32_t reserve;  /* catch-up pushes leave this much room to the shared path */
     rslot_t *slots;
     int n_slots;
-    int *slot_of;         /* [engine n_streams] -> slot or -1 */
+    int *slot_of; /* [engine n_streams] -> slot or -1 */
     wait_state_t waiting;
 
     /* Retry of the first unpublished entry (executor; read under the lock). */
@@ -110,7 +110,7 @@ struct mc__runner {
     int64_t first_fail_ms;
     bool retry_pending;
     int64_t retry_at;
-    int64_t hint_ms;              /* Retry-After asked by mc_sink_fail() */
+    int64_t hint_ms;                /* Retry-After asked by mc_sink_fail() */
     _Atomic uint32_t fails_pending; /* entries flagged RF_FAIL_* not handled yet */
     char last_error[256];
 
@@ -130,7 +130,7 @@ struct mc__runner {
     bool thread_started;
     uv_async_t async;
     uv_timer_t timer;
-    bool handles;         /* async/timer initialised on the I/O loop */
+    bool handles; /* async/timer initialised on the I/O loop */
     int handles_closed;
     mc__dead_letter_t *dl;
     mc_log_ratelimit_t rl;
@@ -152,10 +152,9 @@ static const char *stream_name(const mc__runner_t *r, int slot)
     return r->engine->streams[r->slots[slot].stream_index].cfg->name;
 }
 
-/* ---- Construction ------------------------------------------------------------------------ */
+/* ---- Construction ---------------------------------------------------------------------------- */
 
-mc__runner_t *mc__runner_new(mc_sink_t *sink, mc__exec_t exec, uint32_t capacity,
-                             mc_error_t *err)
+mc__runner_t *mc__runner_new(mc_sink_t *sink, mc__exec_t exec, uint32_t capacity, mc_error_t *err)
 {
     mc_engine_t *e = sink->engine;
     mc__runner_t *r = calloc(1, sizeof(*r));
@@ -258,7 +257,7 @@ int mc__runner_slot(const mc__runner_t *r, int stream_index)
     return r->slot_of[stream_index];
 }
 
-/* ---- State ------------------------------------------------------------------------------- */
+/* ---- State ----------------------------------------------------------------------------------- */
 
 static void set_state_locked(mc__runner_t *r, mc_sink_state_t st, const char *msg)
 {
@@ -287,7 +286,7 @@ static void settle_state_locked(mc__runner_t *r)
     set_state_locked(r, MC_SINK_RUNNING, NULL);
 }
 
-/* ---- Executor wake-ups --------------------------------------------------------------------- */
+/* ---- Executor wake-ups ----------------------------------------------------------------------- */
 
 /* After a push (lock held): wakes the executor when it waits for this. Returns true when the
  * caller must notify an external or loop executor (outside the lock). */
@@ -327,7 +326,7 @@ static bool kick_locked(mc__runner_t *r)
     return true;
 }
 
-/* ---- Producers ------------------------------------------------------------------------------ */
+/* ---- Producers ------------------------------------------------------------------------------- */
 
 static void append_locked(mc__runner_t *r, int slot, mc__pref_t *item, uint8_t flags)
 {
@@ -440,7 +439,7 @@ void mc__runner_rejoin(mc__runner_t *r, int slot)
     }
 }
 
-/* ---- Completion -------------------------------------------------------------------------- */
+/* ---- Completion ------------------------------------------------------------------------------ */
 
 /* Retires complete entries from the head into their slot's `done` position. Lock held. */
 static void retire_locked(mc__runner_t *r)
@@ -477,8 +476,7 @@ static void retire_locked(mc__runner_t *r)
     }
 }
 
-static rentry_t *find_event_locked(mc__runner_t *r, const mc_event_t *ev, int slot,
-                                   uint64_t seq)
+static rentry_t *find_event_locked(mc__runner_t *r, const mc_event_t *ev, int slot, uint64_t seq)
 {
     uint32_t n = r->count;
     uint32_t front = n < ACK_SCAN_HEAD ? n : ACK_SCAN_HEAD;
@@ -549,7 +547,7 @@ int mc__runner_fail(mc__runner_t *r, const mc_event_t *ev, mc_sink_error_class_t
     return rc;
 }
 
-/* ---- Failure handling (executor) --------------------------------------------------------- */
+/* ---- Failure handling (executor) ------------------------------------------------------------- */
 
 static void drop_unpublished_locked(mc__runner_t *r, bool keep_catchup)
 {
@@ -734,14 +732,14 @@ static bool handle_reported_failures_locked(mc__runner_t *r)
                 if (x->flags & (RF_FAIL_T | RF_FAIL_P)) {
                     atomic_fetch_sub(&r->fails_pending, 1);
                 }
-                x->flags &= (uint8_t)~(RF_PUBLISHED | RF_DONE | RF_FAIL_T | RF_FAIL_P);
+                x->flags &= (uint8_t) ~(RF_PUBLISHED | RF_DONE | RF_FAIL_T | RF_FAIL_P);
             }
             r->npub = i;
             r->busy_end = i; /* only called between batches */
             schedule_retry_locked(r, false);
             return true;
         }
-        e->flags &= (uint8_t)~(RF_FAIL_T | RF_FAIL_P);
+        e->flags &= (uint8_t) ~(RF_FAIL_T | RF_FAIL_P);
         atomic_fetch_sub(&r->fails_pending, 1);
         if (give_up_locked(r, e)) {
             e->flags |= RF_DONE;
@@ -753,7 +751,7 @@ static bool handle_reported_failures_locked(mc__runner_t *r)
     return false;
 }
 
-/* ---- Detach --------------------------------------------------------------------------------- */
+/* ---- Detach ---------------------------------------------------------------------------------- */
 
 /* The newest entry of `slot` still held (published, or a kept catch-up entry), else the
  * slot's complete position: where its catch-up starts. Lock held. */
@@ -808,7 +806,7 @@ static void detach_locked(mc__runner_t *r)
     settle_state_locked(r);
 }
 
-/* ---- Publishing (executor) ------------------------------------------------------------------ */
+/* ---- Publishing (executor) ------------------------------------------------------------------- */
 
 /* What a publish() result means, given the entry's flags (lock held). Returns the outcome, or
  * -1 (stop the batch: busy or transient, retry scheduled), -2 (permanent: give up the event,
@@ -817,7 +815,7 @@ static int classify_locked(mc__runner_t *r, rentry_t *e, int rc)
 {
     uint8_t f = e->flags & (RF_FAIL_T | RF_FAIL_P);
     if (f) {
-        e->flags &= (uint8_t)~(RF_FAIL_T | RF_FAIL_P);
+        e->flags &= (uint8_t) ~(RF_FAIL_T | RF_FAIL_P);
         atomic_fetch_sub(&r->fails_pending, 1);
         if (f & RF_FAIL_P || retries_exhausted_locked(r, mc__now_ms())) {
             return -2;
@@ -1027,7 +1025,7 @@ static void finish_locked(mc__runner_t *r)
     pthread_cond_broadcast(&r->room);
 }
 
-/* ---- Thread executor ------------------------------------------------------------------------ */
+/* ---- Thread executor ------------------------------------------------------------------------- */
 
 static void *runner_main(void *arg)
 {
@@ -1120,7 +1118,7 @@ int mc__runner_start(mc__runner_t *r, mc_error_t *err)
     return 0;
 }
 
-/* ---- Loop and external executors ---------------------------------------------------------- */
+/* ---- Loop and external executors ------------------------------------------------------------- */
 
 static void loop_pass(mc__runner_t *r);
 
@@ -1158,8 +1156,7 @@ static void loop_pass(mc__runner_t *r)
     int64_t now = mc__now_ms();
     if (r->stopping && publishing_over_locked(r, now)) {
         call_drain_locked(r);
-        if (r->count == 0 || r->failed || now >= atomic_load(&r->deadline) ||
-            r->npub < r->count) {
+        if (r->count == 0 || r->failed || now >= atomic_load(&r->deadline) || r->npub < r->count) {
             call_stop_locked(r);
             uv_close((uv_handle_t *)&r->async, on_handle_closed);
             uv_close((uv_handle_t *)&r->timer, on_handle_closed);
@@ -1220,7 +1217,7 @@ size_t mc__runner_run_once(mc__runner_t *r, size_t budget)
     return total;
 }
 
-/* ---- Stop ----------------------------------------------------------------------------------- */
+/* ---- Stop ------------------------------------------------------------------------------------ */
 
 void mc__runner_begin_stop(mc__runner_t *r, int64_t deadline_ms)
 {
@@ -1319,8 +1316,7 @@ int mc__runner_finish_stop(mc__runner_t *r, int64_t deadline_ms, bool on_dispatc
 
 /* ---- Ledger and status ----------------------------------------------------------------------- */
 
-bool mc__runner_take_done(mc__runner_t *r, int slot, mc__pref_t *out, bool *dirty,
-                          uint64_t *seq)
+bool mc__runner_take_done(mc__runner_t *r, int slot, mc__pref_t *out, bool *dirty, uint64_t *seq)
 {
     pthread_mutex_lock(&r->lock);
     rslot_t *s = &r->slots[slot];

@@ -44,11 +44,11 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         uint32_t t, i;
         mc__token_cluster_time(rec.pos.token, &t, &i);
         mc__token_data_cmp(mc__token_data(rec.pos.token), "826A000000000000012B0229296E04");
-        bson_t *def = BCON_NEW("ns", BCON_UTF8("shop.orders"), "fingerprint",
-                               BCON_UTF8("0123456789abcdef"), "options", "{", "ns",
-                               BCON_UTF8("shop.orders"), "pipeline", "[", "]", "fullDocument",
-                               BCON_UTF8("default"), "fullDocumentBeforeChange", BCON_UTF8("off"),
-                               "recipient", BCON_NULL, "lookup", BCON_NULL, "}");
+        bson_t *def =
+            BCON_NEW("ns", BCON_UTF8("shop.orders"), "fingerprint", BCON_UTF8("0123456789abcdef"),
+                     "options", "{", "ns", BCON_UTF8("shop.orders"), "pipeline", "[", "]",
+                     "fullDocument", BCON_UTF8("default"), "fullDocumentBeforeChange",
+                     BCON_UTF8("off"), "recipient", BCON_NULL, "lookup", BCON_NULL, "}");
         for (int k = 0; k < 2; k++) {
             mc_error_clear(&err);
             int crc = mc__ledger_check_record("orders", def, &rec, k ? 1700000000u : 0, 5, &err);

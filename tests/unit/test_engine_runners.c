@@ -30,7 +30,7 @@
 #include "emu_fixture.h"
 #include "mongocast.h"
 
-/* ---- Log capture ------------------------------------------------------------------------- */
+/* ---- Log capture ----------------------------------------------------------------------------- */
 
 static pthread_mutex_t log_lock = PTHREAD_MUTEX_INITIALIZER;
 static char log_text[64 * 1024];
@@ -41,8 +41,8 @@ static void capture(mc_log_level_t level, const char *component, const char *mes
     (void)level;
     (void)ud;
     pthread_mutex_lock(&log_lock);
-    int n = snprintf(log_text + log_len, sizeof(log_text) - log_len, "%s: %s\n", component,
-                     message);
+    int n =
+        snprintf(log_text + log_len, sizeof(log_text) - log_len, "%s: %s\n", component, message);
     if (n > 0 && log_len + (size_t)n < sizeof(log_text)) {
         log_len += (size_t)n;
     }
@@ -57,7 +57,7 @@ static bool logged(const char *needle)
     return found;
 }
 
-/* ---- Fixture --------------------------------------------------------------------------- */
+/* ---- Fixture --------------------------------------------------------------------------------- */
 
 #define MAX_SINKS 3
 
@@ -95,10 +95,13 @@ static int setup(void **state)
     snprintf(f->sname, sizeof(f->sname), "s0");
     snprintf(f->db, sizeof(f->db), "shop");
     snprintf(f->coll, sizeof(f->coll), "c0");
-    f->stream = (mc_stream_config_t){.name = f->sname, .db = f->db, .collection = f->coll,
-                                     .pipeline = f->pipeline, .max_await_time_ms = 100};
-    f->cfg = (mc_config_t){.mongodb_uri = f->uri, .streams = &f->stream, .n_streams = 1,
-                           .sinks = f->sinks};
+    f->stream = (mc_stream_config_t){.name = f->sname,
+                                     .db = f->db,
+                                     .collection = f->coll,
+                                     .pipeline = f->pipeline,
+                                     .max_await_time_ms = 100};
+    f->cfg = (mc_config_t){
+        .mongodb_uri = f->uri, .streams = &f->stream, .n_streams = 1, .sinks = f->sinks};
     f->cfg.checkpoint.store = MC_CHECKPOINT_FILE;
     f->cfg.checkpoint.path = f->dir;
     f->cfg.checkpoint.interval_ms = 50;
@@ -155,8 +158,8 @@ static void sink_file(fixture_t *f, int k, const char *name, const char *type, b
         BSON_APPEND_UTF8(options, "file", f->files[k]);
     }
     bson_destroy(f->sinks[k].options);
-    f->sinks[k] = (mc_sink_config_t){.name = f->knames[k], .type = f->ktypes[k],
-                                     .options = options};
+    f->sinks[k] =
+        (mc_sink_config_t){.name = f->knames[k], .type = f->ktypes[k], .options = options};
     if ((size_t)k + 1 > f->cfg.n_sinks) {
         f->cfg.n_sinks = (size_t)k + 1;
     }
@@ -170,8 +173,8 @@ static void sink(fixture_t *f, int k, const char *name, const char *type, bson_t
 static mc_engine_t *start(fixture_t *f)
 {
     mc_error_t err = {0};
-    mc_engine_opts_t opts = {.backoff_initial_ms = 20, .backoff_max_ms = 200,
-                             .drain_timeout_ms = 3000};
+    mc_engine_opts_t opts = {
+        .backoff_initial_ms = 20, .backoff_max_ms = 200, .drain_timeout_ms = 3000};
     mc_engine_t *e = mc_engine_new(&f->cfg, &opts, &err);
     if (!e) {
         fail_msg("engine_new: %s", err.message);
@@ -223,8 +226,8 @@ static void insert_range(fixture_t *f, const char *coll, int first, int n)
             docs[i] = BCON_NEW("_id", BCON_INT32(first + done + i));
         }
         bson_error_t e;
-        bool ok = mongoc_collection_insert_many(c, (const bson_t **)docs, (size_t)k, NULL, NULL,
-                                                &e);
+        bool ok =
+            mongoc_collection_insert_many(c, (const bson_t **)docs, (size_t)k, NULL, NULL, &e);
         for (int i = 0; i < k; i++) {
             bson_destroy(docs[i]);
         }
@@ -272,11 +275,13 @@ static lines_t read_lines(const char *path)
             continue;
         }
         bson_iter_t it;
-        if (bson_iter_init_find(&it, &doc, "type") && strcmp(bson_iter_utf8(&it, NULL), "reset") == 0) {
+        if (bson_iter_init_find(&it, &doc, "type") &&
+            strcmp(bson_iter_utf8(&it, NULL), "reset") == 0) {
             l.resets++;
         }
         bson_iter_t v;
-        if (bson_iter_init(&it, &doc) && bson_iter_find_descendant(&it, "change.fullDocument._id", &v)) {
+        if (bson_iter_init(&it, &doc) &&
+            bson_iter_find_descendant(&it, "change.fullDocument._id", &v)) {
             if (l.n == cap) {
                 cap = cap ? cap * 2 : 1024;
                 l.doc = realloc(l.doc, cap * sizeof(int));
@@ -405,7 +410,8 @@ static void test_detached_sink_catches_up_in_order(void **state)
 {
     NEED_EMULATOR();
     sink(f, 0, "mem", "memory", BCON_NEW("control", BCON_BOOL(false)));
-    sink(f, 1, "slow", "fault", BCON_NEW("block_after", BCON_INT32(5), "block_ms", BCON_INT32(1500)));
+    sink(f, 1, "slow", "fault",
+         BCON_NEW("block_after", BCON_INT32(5), "block_ms", BCON_INT32(1500)));
     f->sinks[1].max_lag_events = 100;
     mc_engine_t *e = start(f);
     assert_true(wait_ready(e));
@@ -428,7 +434,8 @@ static void test_history_lost_while_catching_up(void **state)
 {
     NEED_EMULATOR();
     sink(f, 0, "mem", "memory", BCON_NEW("control", BCON_BOOL(false)));
-    sink(f, 1, "slow", "fault", BCON_NEW("block_after", BCON_INT32(0), "block_ms", BCON_INT32(1500)));
+    sink(f, 1, "slow", "fault",
+         BCON_NEW("block_after", BCON_INT32(0), "block_ms", BCON_INT32(1500)));
     f->sinks[1].max_lag_events = 20;
     f->stream.on_history_lost = MC_ON_HISTORY_LOST_FAIL;
     mc_engine_t *e = start(f);
@@ -451,8 +458,9 @@ static void test_history_lost_while_catching_up(void **state)
     emu_fixture_rm_dir(f->dir);
     mkdir(f->dir, 0700);
     f->stream.on_history_lost = MC_ON_HISTORY_LOST_RESTART;
-    sink(f, 1, "slow", "fault", BCON_NEW("block_after", BCON_INT32(0), "block_ms",
-                                         BCON_INT32(1500), "control", BCON_BOOL(true)));
+    sink(f, 1, "slow", "fault",
+         BCON_NEW("block_after", BCON_INT32(0), "block_ms", BCON_INT32(1500), "control",
+                  BCON_BOOL(true)));
     f->sinks[1].max_lag_events = 20;
     e = start(f);
     assert_true(wait_ready(e));
@@ -477,8 +485,7 @@ static void test_history_lost_while_catching_up(void **state)
                  "%s (%s), published %llu",
                  count_lines(f->files[1]), before, mc_sink_state_name(st2.state), st2.message,
                  (unsigned long long)st2.lag_events, (unsigned long long)st2.detaches,
-                 mc_stream_state_name(ss2.state), ss2.message,
-                 (unsigned long long)st2.published);
+                 mc_stream_state_name(ss2.state), ss2.message, (unsigned long long)st2.published);
     }
     l = read_lines(f->files[1]);
     assert_int_equal(l.doc[l.n - 1], 2004);
@@ -538,8 +545,8 @@ static void test_sinks_resume_from_their_own_positions(void **state)
 static void test_async_and_out_of_order_acks(void **state)
 {
     NEED_EMULATOR();
-    sink(f, 0, "late", "fault_async", BCON_NEW("ack", BCON_UTF8("late"), "ack_delay_ms",
-                                               BCON_INT32(20)));
+    sink(f, 0, "late", "fault_async",
+         BCON_NEW("ack", BCON_UTF8("late"), "ack_delay_ms", BCON_INT32(20)));
     sink(f, 1, "rev", "fault", BCON_NEW("ack", BCON_UTF8("reverse")));
     mc_engine_t *e = start(f);
     assert_true(wait_ready(e));
@@ -657,9 +664,8 @@ static void test_checkpoint_checks(void **state)
     stored(f, "mem", tok, sizeof(tok));
     assert_true(strlen(tok) > 18);
     char future[512];
-    unsigned long secs = strtoul((char[]){tok[2], tok[3], tok[4], tok[5], tok[6], tok[7], tok[8],
-                                          tok[9], 0},
-                                 NULL, 16);
+    unsigned long secs = strtoul(
+        (char[]){tok[2], tok[3], tok[4], tok[5], tok[6], tok[7], tok[8], tok[9], 0}, NULL, 16);
     snprintf(future, sizeof(future), "82%08lX%s", secs + 3600, tok + 10);
     rewrite_record(f, "mem", tok, future);
     e = start(f);

@@ -25,7 +25,7 @@
 
 #define MAX_LOG 4096
 
-/* ---- The scripted sink ------------------------------------------------------------------ */
+/* ---- The scripted sink ----------------------------------------------------------------------- */
 
 typedef struct script {
     pthread_mutex_t lock;
@@ -35,14 +35,14 @@ typedef struct script {
     mc_event_t *accepted[MAX_LOG]; /* durable + manual acks: what to ack later */
     size_t n_accepted;
     bool auto_ack;
-    uint64_t transient_seq;   /* fail this seq transiently ... */
-    int transient_times;      /* ... this many times (-1: always) */
-    uint64_t busy_seq;        /* answer MC_EAGAIN for this seq ... */
-    int busy_times;           /* ... this many times */
-    uint64_t permanent_seq;   /* fail this seq permanently */
+    uint64_t transient_seq;    /* fail this seq transiently ... */
+    int transient_times;       /* ... this many times (-1: always) */
+    uint64_t busy_seq;         /* answer MC_EAGAIN for this seq ... */
+    int busy_times;            /* ... this many times */
+    uint64_t permanent_seq;    /* fail this seq permanently */
     uint64_t unclassified_seq; /* return MC_EIO (no class) for this seq once */
-    bool gate_closed;         /* publish waits while closed */
-    int flush_fail_times;     /* flushes that fail every buffered event (non-durable) */
+    bool gate_closed;          /* publish waits while closed */
+    int flush_fail_times;      /* flushes that fail every buffered event (non-durable) */
     uint64_t buffered[MAX_LOG];
     mc_event_t *buffered_ev[MAX_LOG];
     size_t n_buffered;
@@ -151,7 +151,7 @@ static const mc_sink_type_t plain_type = {
     .flush = t_flush,
 };
 
-/* ---- Fixture: an engine that is never started, one sink, its runner --------------------- */
+/* ---- Fixture: an engine that is never started, one sink, its runner -------------------------- */
 
 typedef struct fixture {
     char name[8];
@@ -175,7 +175,8 @@ static void fixture_open(const mc_sink_type_t *type, uint32_t capacity,
     F.pipeline = bson_new();
     F.stream = (mc_stream_config_t){.name = F.name, .pipeline = F.pipeline};
     F.cfg = (mc_config_t){.mongodb_uri = "mongodb://127.0.0.1:1/?replicaSet=rs0",
-                          .streams = &F.stream, .n_streams = 1};
+                          .streams = &F.stream,
+                          .n_streams = 1};
     mc_error_t err = {0};
     F.engine = mc_engine_new(&F.cfg, NULL, &err);
     assert_non_null(F.engine);
@@ -223,8 +224,8 @@ static mc_event_t *event(uint64_t seq)
 {
     char data[40];
     snprintf(data, sizeof(data), "82%016llX", (unsigned long long)(0x6000000000000000ull + seq));
-    bson_t *change = BCON_NEW("_id", "{", "_data", BCON_UTF8(data), "}", "operationType",
-                              "insert", "documentKey", "{", "_id", BCON_INT64((int64_t)seq), "}",
+    bson_t *change = BCON_NEW("_id", "{", "_data", BCON_UTF8(data), "}", "operationType", "insert",
+                              "documentKey", "{", "_id", BCON_INT64((int64_t)seq), "}",
                               "fullDocument", "{", "_id", BCON_INT64((int64_t)seq), "}");
     mc_error_t err = {0};
     mc_event_t *ev = mc_event_new_change("s0", seq, change, NULL, &err);
@@ -308,7 +309,7 @@ static void assert_log_is(uint64_t first, uint64_t last)
     }
 }
 
-/* ---- Tests ------------------------------------------------------------------------------------ */
+/* ---- Tests ----------------------------------------------------------------------------------- */
 
 static void test_in_order_with_transient_retries(void **state)
 {

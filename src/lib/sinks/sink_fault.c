@@ -71,7 +71,7 @@ typedef struct fault_ctx {
     bool timer_ready;
 } fault_ctx_t;
 
-/* ---- Options -------------------------------------------------------------------------------- */
+/* ---- Options --------------------------------------------------------------------------------- */
 
 static int opt_int(const bson_iter_t *it, int64_t min, int64_t *out, mc_error_t *err)
 {
@@ -291,14 +291,13 @@ static void arm_timer(mc_sink_t *sink, fault_ctx_t *ctx, int64_t due)
         due = ctx->hold_until_ms;
     }
     uint64_t left = due == INT64_MAX ? 3600000 : (uint64_t)(due > now ? due - now : 0);
-    if (!uv_is_active((uv_handle_t *)&ctx->timer) ||
-        uv_timer_get_due_in(&ctx->timer) > left) {
+    if (!uv_is_active((uv_handle_t *)&ctx->timer) || uv_timer_get_due_in(&ctx->timer) > left) {
         ctx->timer.data = sink;
         uv_timer_start(&ctx->timer, on_timer, left, 0);
     }
 }
 
-/* ---- Lifecycle ---------------------------------------------------------------------------- */
+/* ---- Lifecycle ------------------------------------------------------------------------------- */
 
 static int fault_start(mc_sink_t *sink, mc_error_t *err)
 {
@@ -307,8 +306,7 @@ static int fault_start(mc_sink_t *sink, mc_error_t *err)
         ctx->fd = open(ctx->file, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644);
         if (ctx->fd < 0) {
             int e = errno;
-            return mc_error_set(err, MC_EIO, MC_DOMAIN_ERRNO, e, "%s: %s", ctx->file,
-                                strerror(e));
+            return mc_error_set(err, MC_EIO, MC_DOMAIN_ERRNO, e, "%s: %s", ctx->file, strerror(e));
         }
     }
     if (ctx->async) {
@@ -368,7 +366,7 @@ static void fault_destroy(mc_sink_t *sink)
     }
 }
 
-/* ---- Delivery ----------------------------------------------------------------------------- */
+/* ---- Delivery -------------------------------------------------------------------------------- */
 
 static bool poisoned(const fault_ctx_t *ctx, mc_event_t *ev)
 {
@@ -423,8 +421,7 @@ static int fault_publish(mc_sink_t *sink, mc_event_t *ev)
                                 (long long)ctx->fail_for_ms);
         }
         if (poisoned(ctx, ev)) {
-            return mc_sink_fail(sink, ev, MC_SINK_PERMANENT, 0, "%s is true",
-                                ctx->permanent_field);
+            return mc_sink_fail(sink, ev, MC_SINK_PERMANENT, 0, "%s is true", ctx->permanent_field);
         }
         if (ctx->delay_ms && !ctx->async) {
             mc_sink_sleep(sink, ctx->delay_ms);
