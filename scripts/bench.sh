@@ -13,7 +13,8 @@
 #                   FANOUT_PHASES (default "throughput latency idle idle_max"; also
 #                   "latency_blocked": the latency phase with one more sink in the daemon, a
 #                   fault sink that blocks forever on its first event, registered through
-#                   MONGOCAST_TEST_SINKS=1: it is detached and must not slow the live feed),
+#                   MONGOCAST_TEST_SINKS=1; with max_lag_events 2000 it is detached after about
+#                   2 s and its catch-up cursor runs too: neither may slow the live feed),
 #                   FANOUT_CLIENTS (1000), FANOUT_PROCS (2), FANOUT_DOC_BYTES (200),
 #                   throughput: FANOUT_EVENTS (20000) at FANOUT_RATE events/s (2000; 0: as
 #                   fast as the writer can) in insert_many batches of FANOUT_BATCH (10);
@@ -84,7 +85,7 @@ start_daemon() {
   local sinks="sinks: []"
   if [ "${1:-}" = blocked ]; then
     sinks="sinks:
-  - {name: blocked, type: fault, block_after: 0, block_ms: -1}"
+  - {name: blocked, type: fault, block_after: 0, block_ms: -1, max_lag_events: 2000}"
   fi
   cat >"$work/fanout.yaml" <<EOF
 mongodb:
