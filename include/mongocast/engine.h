@@ -122,7 +122,8 @@ typedef struct mc_sink_stats {
     uint64_t lag_events;    /* events routed to the sink and not complete yet, including
                                (estimated) those a detached sink still has to catch up on */
     int64_t lag_ms;         /* age (by wallTime) of the oldest event the sink has not
-                               completed; 0 when it is up to date */
+                               completed (catching up: the age of its position, an upper
+                               bound); 0 when it is up to date */
     char message[256];      /* why the state is what it is ("" when running) */
 } mc_sink_stats_t;
 
