@@ -286,12 +286,17 @@ static void test_invalidate_then_continue_and_restart(void **state)
     }
     bson_destroy(&stored);
     /* Make the restart start from the invalidate token itself, so that it must use
-     * startAfter (resumeAfter an invalidate token fails with 260). */
+     * startAfter (resumeAfter an invalidate token fails with 260). The stream record is
+     * written as an older version did (no definition) and the sink's own record removed, so
+     * the sink starts from the stream record: the upgrade path. */
     fp = fopen(path, "w");
     assert_non_null(fp);
     fprintf(fp, "{\"stream\": \"s0\", \"token\": {\"_data\": \"%s\"}, \"invalidate\": true}",
             inv_id);
     fclose(fp);
+    char sink_path[300];
+    snprintf(sink_path, sizeof(sink_path), "%s/s0@mem.json", f->cpdir);
+    assert_int_equal(unlink(sink_path), 0);
 
     /* Restart: startAfter the invalidate token (resumeAfter would fail with 260). */
     insert(f, "c0", 2, "u2");
