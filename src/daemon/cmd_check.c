@@ -368,7 +368,8 @@ int mc_cmd_check(int argc, char **argv)
      * would only find out when it starts the engine); neither connects nor starts anything. */
     mc_cli_setup_logging(MC_LOG_WARN);
     mc_engine_t *probe = mc_engine_new(cfg, NULL, &merr);
-    if (!probe || mc_engine_validate(probe, &merr) != 0) {
+    if (!probe || mc_cli_register_test_sinks(probe, &merr) != 0 ||
+        mc_engine_validate(probe, &merr) != 0) {
         fprintf(stderr, "%s\n", merr.message);
         mc_engine_destroy(probe);
         mc_config_destroy(cfg);
