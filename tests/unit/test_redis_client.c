@@ -377,6 +377,40 @@ static void test_silent_server_times_out(void **state)
     close(lfd);
 }
 
+/* The loop's cached time can be far behind when the first pass runs (a busy owner thread):
+ * the connect deadline has then passed while the address is still being resolved. The client
+ * must neither spin in the timer phase nor give up: it fails that attempt and connects on the
+ * next one. */
+static void test_stale_loop_time_at_start(void **state)
+{
+    (void)state;
+    fx_redis_t srv = {0};
+    if (!fx_redis_start(&srv, 0, NULL)) {
+        skip();
+    }
+    uv_loop_t loop;
+    uv_loop_init(&loop);
+    mc__redis_opts_t o;
+    memset(&o, 0, sizeof o);
+    char url[64];
+    snprintf(url, sizeof url, "redis://localhost:%d", srv.port);
+    assert_int_equal(mc__redis_url_parse(url, strlen(url), &o.url, NULL), 0);
+    o.connect_timeout_ms = 100;
+    o.backoff_initial_ms = 10;
+    mc__redis_t *r = mc__redis_new(&loop, &o, NULL);
+    usleep(300000);
+    recorder_t rec = {0};
+    tagged_t t = {&rec, 0};
+    const char *argv[] = {"PING"};
+    size_t lens[] = {4};
+    assert_int_equal(mc__redis_command(r, 1, argv, lens, on_reply, &t), 0);
+    wait_n(&loop, &rec, 1, 10000);
+    assert_int_equal(rec.ok, 1);
+    close_client(&loop, r);
+    uv_loop_close(&loop);
+    fx_redis_cleanup(&srv);
+}
+
 static void test_max_pending_and_close(void **state)
 {
     (void)state;
@@ -640,6 +674,7 @@ int main(void)
         cmocka_unit_test(test_auth_and_select),
         cmocka_unit_test(test_down_at_start_then_up),
         cmocka_unit_test(test_silent_server_times_out),
+        cmocka_unit_test(test_stale_loop_time_at_start),
         cmocka_unit_test(test_max_pending_and_close),
         cmocka_unit_test(test_xadd_exactly_once_across_restart),
         cmocka_unit_test(test_xadd_refusal_outcomes),

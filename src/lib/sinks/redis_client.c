@@ -56,6 +56,7 @@ struct mc__redis {
     uv_timer_t tick;
     uv_getaddrinfo_t gai;
     bool gai_active;
+    bool resolve_overdue; /* the connect deadline passed while resolving */
     struct addrinfo *addrs, *next_addr;
     uint64_t attempt_started_ms;
     uint64_t next_attempt_ms;
@@ -504,6 +505,15 @@ static void on_resolved(uv_getaddrinfo_t *req, int status, struct addrinfo *res)
         schedule(r); /* lets close finish */
         return;
     }
+    if (r->resolve_overdue) {
+        r->resolve_overdue = false;
+        uv_freeaddrinfo(res);
+        char why[256];
+        snprintf(why, sizeof why, "cannot resolve %.100s within %u ms", r->o.url.host,
+                 r->o.connect_timeout_ms);
+        link_down(r, why);
+        return;
+    }
     if (status < 0 || !res) {
         char why[256];
         snprintf(why, sizeof why, "cannot resolve %.100s: %s", r->o.url.host, uv_strerror(status));
@@ -571,13 +581,20 @@ static void on_tick(uv_timer_t *t)
     if (r->drop_reason) {
         drop_link(r, r->drop_reason);
     }
-    if (r->state == MC__REDIS_CONNECTING && !r->gai_active &&
-        now - r->attempt_started_ms >= r->o.connect_timeout_ms && r->ac) {
-        char why[96];
-        snprintf(why, sizeof why, "connect and handshake took longer than %u ms",
-                 r->o.connect_timeout_ms);
-        r->next_addr = NULL;
-        drop_link(r, why);
+    if (r->state == MC__REDIS_CONNECTING &&
+        now - r->attempt_started_ms >= r->o.connect_timeout_ms) {
+        if (r->gai_active) {
+            /* The resolver runs on libuv's thread pool and may not be cancellable any more:
+             * its callback still comes, and fails the attempt. */
+            r->resolve_overdue = true;
+            uv_cancel((uv_req_t *)&r->gai);
+        } else {
+            char why[96];
+            snprintf(why, sizeof why, "connect and handshake took longer than %u ms",
+                     r->o.connect_timeout_ms);
+            r->next_addr = NULL;
+            drop_link(r, why);
+        }
     }
     if (r->fly.head && now - r->fly.head->sent_ms >= r->o.command_timeout_ms) {
         char why[96];
@@ -613,7 +630,8 @@ static void schedule(mc__redis_t *r)
     if (r->drop_reason || (r->state == MC__REDIS_READY && r->wait.head)) {
         at = now;
     }
-    if (r->state == MC__REDIS_CONNECTING && r->attempt_started_ms + r->o.connect_timeout_ms < at) {
+    if (r->state == MC__REDIS_CONNECTING && !r->resolve_overdue &&
+        r->attempt_started_ms + r->o.connect_timeout_ms < at) {
         at = r->attempt_started_ms + r->o.connect_timeout_ms;
     }
     if (r->state == MC__REDIS_DISCONNECTED && r->next_attempt_ms < at) {
@@ -629,7 +647,10 @@ static void schedule(mc__redis_t *r)
         uv_timer_stop(&r->tick);
         return;
     }
-    uv_timer_start(&r->tick, on_tick, at > now ? at - now : 0, 0);
+    /* Never 0: a timer re-armed for "now" from its own callback runs again in the same pass
+     * of libuv's timer phase, and the loop would never reach I/O (that is where a pending
+     * resolution or a reply would make progress). */
+    uv_timer_start(&r->tick, on_tick, at > now ? at - now : 1, 0);
 }
 
 /* ---- Public ------------------------------------------------------------------------------------ */
