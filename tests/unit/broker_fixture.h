@@ -21,6 +21,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/prctl.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/types.h>
@@ -101,11 +102,47 @@ static inline bool fx_have(const char *prog)
     return false;
 }
 
-/* Starts argv[0] (looked up on PATH) with stdout and stderr to `log` (or /dev/null). */
+/* Children still running, killed at exit: a failed assertion leaves its test early (cmocka
+ * jumps out), and must not leave a broker behind. */
+static pid_t fx_children[64];
+
+static void fx_kill_children(void)
+{
+    for (size_t k = 0; k < sizeof fx_children / sizeof fx_children[0]; k++) {
+        if (fx_children[k] > 0) {
+            kill(fx_children[k], SIGCONT);
+            kill(fx_children[k], SIGKILL);
+            waitpid(fx_children[k], NULL, 0);
+            fx_children[k] = 0;
+        }
+    }
+}
+
+static inline void fx_track(pid_t pid, bool add)
+{
+    static bool registered;
+    if (!registered) {
+        atexit(fx_kill_children);
+        registered = true;
+    }
+    for (size_t k = 0; k < sizeof fx_children / sizeof fx_children[0]; k++) {
+        if (add ? fx_children[k] == 0 : fx_children[k] == pid) {
+            fx_children[k] = add ? pid : 0;
+            return;
+        }
+    }
+}
+
+/* Starts argv[0] (looked up on PATH) with stdout and stderr to `log` (or /dev/null). The
+ * child is killed when this process dies (PR_SET_PDEATHSIG) or exits (atexit). */
 static inline pid_t fx_spawn(char *const argv[], const char *log)
 {
     pid_t pid = fork();
+    if (pid > 0) {
+        fx_track(pid, true);
+    }
     if (pid == 0) {
+        prctl(PR_SET_PDEATHSIG, SIGKILL);
         int fd = open(log ? log : "/dev/null", O_WRONLY | O_CREAT | O_APPEND, 0644);
         if (fd >= 0) {
             dup2(fd, 1);
@@ -124,6 +161,8 @@ static inline void fx_stop(pid_t pid, int sig)
     if (pid <= 0) {
         return;
     }
+    fx_track(pid, false);
+    kill(pid, SIGCONT); /* a stopped child would never act on sig */
     kill(pid, sig);
     for (int i = 0; i < 1000; i++) {
         if (waitpid(pid, NULL, WNOHANG) == pid) {
@@ -210,6 +249,62 @@ static inline void fx_redis_cleanup(fx_redis_t *r)
     fx_redis_stop(r, SIGKILL);
     fx_rmdir(r->dir);
     r->dir[0] = '\0';
+}
+
+/* ---- nats-server ---------------------------------------------------------------------- */
+
+typedef struct fx_nats {
+    pid_t pid;
+    int port;
+    char dir[512]; /* JetStream store directory, kept across restarts */
+} fx_nats_t;
+
+/* Starts `nats-server -js` on `port` (0: a free one) with its store in a new directory (kept
+ * in n->dir across restarts); `extra` is a NULL-terminated list of more arguments. */
+static inline bool fx_nats_start(fx_nats_t *n, int port, const char *const *extra)
+{
+    if (!fx_have("nats-server")) {
+        return false;
+    }
+    if (!n->dir[0]) {
+        fx_tempdir(n->dir, sizeof n->dir, "nats");
+    }
+    for (int attempt = 0; attempt < 5; attempt++) {
+        n->port = port ? port : fx_free_port();
+        char portbuf[16], logbuf[600], store[600];
+        snprintf(portbuf, sizeof portbuf, "%d", n->port);
+        snprintf(logbuf, sizeof logbuf, "%s/nats.log", n->dir);
+        snprintf(store, sizeof store, "%s/store", n->dir);
+        char *argv[64] = {"nats-server", "-js", "-a", "127.0.0.1", "-p", portbuf, "-sd", store};
+        int k = 8;
+        for (int e = 0; extra && extra[e] && k < 63; e++) {
+            argv[k++] = (char *)extra[e];
+        }
+        argv[k] = NULL;
+        n->pid = fx_spawn(argv, logbuf);
+        if (fx_wait_port(n->port, 10000)) {
+            return true;
+        }
+        fx_stop(n->pid, SIGKILL);
+        n->pid = 0;
+        if (port) {
+            break;
+        }
+    }
+    return false;
+}
+
+static inline void fx_nats_stop(fx_nats_t *n, int sig)
+{
+    fx_stop(n->pid, sig);
+    n->pid = 0;
+}
+
+static inline void fx_nats_cleanup(fx_nats_t *n)
+{
+    fx_nats_stop(n, SIGKILL);
+    fx_rmdir(n->dir);
+    n->dir[0] = '\0';
 }
 
 /* ---- A server that accepts and never answers ---------------------------------------------- */
