@@ -1,21 +1,26 @@
 /*
- * fuzz_redis_url.c: libFuzzer target for the `redis://` URL parser (src/lib/sinks/redis_url.c)
- * and the resume-token position reader (src/lib/sinks/redis_stream_id.c), both of which read
- * text from configs or from the wire.
+ * fuzz_sink_urls.c: libFuzzer target for the text the broker sinks read from configs or from
+ * the wire: the `redis://` URL parser (src/lib/sinks/redis_url.c), the NATS server-list check
+ * (src/lib/sinks/nats_client.c) and the resume-token position reader
+ * (src/lib/sinks/redis_stream_id.c).
  *
  * Single-threaded (libFuzzer). Checks beyond "no crash, no leak, no hang":
  *   - a refused URL reports MC_ECONFIG with a message made of fixed words only (so no part
  *     of the input, a password least of all, can reach a log through it);
  *   - an accepted URL has a non-empty host, a port in 1..65535, a db >= 0, NUL-terminated
  *     fields, and its redacted form never contains a non-empty password;
+ *   - the NATS check refuses with MC_ECONFIG and a "nats url (server N): " message, or
+ *     accepts only text with a nats:// or tls:// scheme;
  *   - the token reader either refuses or yields a version 1 or 2 and a token type 0 or 128,
  *     and the ID derived from it formats and parses back to itself.
  */
+#define _GNU_SOURCE /* memmem */
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
+#include "sinks/nats_client.h"
 #include "sinks/redis_client.h"
 #include "sinks/redis_stream_id.h"
 
@@ -52,6 +57,16 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         if (u.password[0] && strlen(u.password) > 3 && strstr(red, u.password)) {
             abort();
         }
+    }
+
+    mc_error_clear(&err);
+    rc = mc__nats_url_check(s, size, &err);
+    if (rc != 0) {
+        if (rc != MC_ECONFIG || strncmp(err.message, "nats url (server ", 17) != 0) {
+            abort();
+        }
+    } else if (!memmem(s, size, "nats://", 7) && !memmem(s, size, "tls://", 6)) {
+        abort();
     }
 
     mc__token_position_t pos;
