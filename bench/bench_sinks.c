@@ -14,14 +14,19 @@
  *   redis_raw_sync     plain hiredis, blocking, pipelined in batches of WINDOW (the other
  *                      executor the Redis sink could use: a thread of its own)
  *   redis_raw_debian   plain hiredis async on the libuv adapter Debian's hiredis 0.14 ships
- *   (more modes are added by the NATS, HTTP and MongoDB parts below)
+ *   nats_js            mc__nats_js_publish (Nats-Msg-Id = event id, headers), WINDOW PubAcks
+ *                      outstanding, into a file-backed JetStream stream (duplicate window 2 min)
+ *   nats_core          mc__nats_publish (core NATS, headers), then one flush round trip
  *
- * Usage: bench_sinks MODE [--events N] [--size BYTES] [--window W]
+ * Usage: bench_sinks MODE [--events N] [--size BYTES] [--window W] [--pool P]
+ * (--pool: NATS modes prepare P events and cycle through them, with message ids made unique
+ * by a counter, so long runs need little memory.)
  * Single-threaded except where a client library runs threads of its own (libnats).
  */
 #include <hiredis/adapters/libuv.h>
 
 #include <inttypes.h>
+#include <pthread.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -31,6 +36,7 @@
 #include <unistd.h>
 
 #include "broker_fixture.h"
+#include "sinks/nats_client.h"
 #include "sinks/redis_client.h"
 #include "sinks/redis_stream.h"
 
@@ -39,6 +45,7 @@ typedef struct bench {
     int events;
     int size;
     int window;
+    int pool; /* events prepared; NATS modes cycle through them (--pool) */
     mc_event_t **evs;
     double wall0, cpu0, broker0;
     pid_t broker;
@@ -80,14 +87,15 @@ static double pid_cpu_s(pid_t pid)
 
 static void prepare_events(bench_t *b)
 {
-    b->evs = calloc((size_t)b->events, sizeof *b->evs);
-    for (int k = 0; k < b->events; k++) {
+    b->evs = calloc((size_t)b->pool, sizeof *b->evs);
+    for (int k = 0; k < b->pool; k++) {
         b->evs[k] = fx_event("orders", (uint64_t)k + 1, 1700000000u + (uint32_t)k / 1000,
                              (uint32_t)k % 1000 + 1, 0, k % 2 ? "alice" : "bob",
                              (size_t)b->size);
         size_t len = 0;
         mc_event_json(b->evs[k], &len); /* rendered once, as the engine does for all sinks */
     }
+    fprintf(stderr, "bench: %d events prepared\n", b->pool);
 }
 
 static void start_clock(bench_t *b)
@@ -350,6 +358,126 @@ static int bench_redis(bench_t *b)
     return rc;
 }
 
+/* ---- NATS --------------------------------------------------------------------------------- */
+
+typedef struct nats_run {
+    pthread_mutex_t lock;
+    pthread_cond_t cond;
+    int done, failed;
+} nats_run_t;
+
+static void on_nats_ack(void *arg, const mc__nats_result_t *res)
+{
+    nats_run_t *nr = arg;
+    pthread_mutex_lock(&nr->lock);
+    nr->done++;
+    nr->failed += res->outcome == MC__NATS_FAILED;
+    pthread_cond_signal(&nr->cond);
+    pthread_mutex_unlock(&nr->lock);
+}
+
+static int bench_nats(bench_t *b)
+{
+    fx_nats_t srv;
+    memset(&srv, 0, sizeof srv);
+    if (!fx_nats_start(&srv, 0, NULL)) {
+        fprintf(stderr, "bench: cannot start nats-server\n");
+        return 1;
+    }
+    b->broker = srv.pid;
+    char url[64];
+    snprintf(url, sizeof url, "nats://127.0.0.1:%d", srv.port);
+    mc__nats_opts_t o;
+    memset(&o, 0, sizeof o);
+    o.url = url;
+    mc_error_t err;
+    mc__nats_t *n = mc__nats_new(&o, &err);
+    mc__nats_status_t st;
+    for (int i = 0; i < 500; i++) {
+        mc__nats_status(n, &st);
+        if (st.state == MC__NATS_CONNECTED) {
+            break;
+        }
+        usleep(10000);
+    }
+    const char *subjects[] = {"mongocast.orders", "mongocast.orders.*"};
+    bool created = false;
+    if (mc__nats_ensure_stream(n, "BENCH", subjects, 2, 120000, &created, &err) != 0) {
+        fprintf(stderr, "bench: %s\n", err.message);
+        return 1;
+    }
+    mc__subject_template_t *tmpl =
+        mc__subject_template_new(MC__SUBJECT_DEFAULT_NATS, MC__SUBJECT_NATS, NULL);
+    bool js = strcmp(b->mode, "nats_js") == 0;
+    nats_run_t nr = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, 0, 0};
+    int failed = 0;
+    start_clock(b);
+    for (int k = 0; k < b->events; k++) {
+        mc_event_t *ev = b->evs[k % b->pool];
+        mc__subject_values_t v;
+        mc__subject_values_from_event(&v, ev);
+        char subj[MC__SUBJECT_MAX + 1];
+        size_t slen = 0, mlen = 0;
+        mc__subject_template_render(tmpl, &v, subj, sizeof subj, &slen, NULL);
+        const char *msg = mc_event_json(ev, &mlen);
+        /* With a pool of events reused, the message id must still be new each time. */
+        char idbuf[256];
+        const char *msg_id = mc_event_id(ev);
+        if (b->pool < b->events) {
+            snprintf(idbuf, sizeof idbuf, "%s-%d", msg_id, k);
+            msg_id = idbuf;
+        }
+        mc__nats_headers_t h = {v.type.p, v.stream.p, v.recipient.p, v.recipient.len};
+        if (!js) {
+            failed += mc__nats_publish(n, subj, &h, msg, mlen, NULL) != 0;
+            continue;
+        }
+        pthread_mutex_lock(&nr.lock);
+        while (k - nr.done >= b->window) {
+            pthread_cond_wait(&nr.cond, &nr.lock);
+        }
+        pthread_mutex_unlock(&nr.lock);
+        int rc;
+        while ((rc = mc__nats_js_publish(n, subj, msg_id, &h, msg, mlen,
+                                         on_nats_ack, &nr, NULL)) == MC_EAGAIN) {
+            usleep(100);
+        }
+        if (rc != 0) {
+            failed++;
+            pthread_mutex_lock(&nr.lock);
+            nr.done++;
+            pthread_mutex_unlock(&nr.lock);
+        }
+    }
+    if (js) {
+        pthread_mutex_lock(&nr.lock);
+        while (nr.done < b->events) {
+            pthread_cond_wait(&nr.cond, &nr.lock);
+        }
+        failed += nr.failed;
+        pthread_mutex_unlock(&nr.lock);
+    } else {
+        /* Core NATS has no acknowledgement: a request/reply after the last message bounds the
+         * time by when the server has read everything (one connection, in order). */
+        /* A JetStream PubAck round trip on a fresh id serves as that flush. */
+        nats_run_t fl = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, 0, 0};
+        mc__nats_js_publish(n, "mongocast.orders", "flush", NULL, "{}", 2, on_nats_ack, &fl, NULL);
+        pthread_mutex_lock(&fl.lock);
+        while (fl.done < 1) {
+            pthread_cond_wait(&fl.cond, &fl.lock);
+        }
+        pthread_mutex_unlock(&fl.lock);
+    }
+    report(b, b->events - failed);
+    if (failed) {
+        fprintf(stderr, "bench: %d of %d failed\n", failed, b->events);
+    }
+    mc__nats_destroy(n);
+    mc__subject_template_destroy(tmpl);
+    fx_nats_cleanup(&srv);
+    return failed ? 1 : 0;
+}
+
 /* ---- Main --------------------------------------------------------------------------------- */
 
 int main(int argc, char **argv)
@@ -372,19 +500,26 @@ int main(int argc, char **argv)
             b.size = atoi(argv[i + 1]);
         } else if (strcmp(argv[i], "--window") == 0) {
             b.window = atoi(argv[i + 1]);
+        } else if (strcmp(argv[i], "--pool") == 0) {
+            b.pool = atoi(argv[i + 1]);
         } else {
             fprintf(stderr, "bench: unknown option %s\n", argv[i]);
             return 2;
         }
     }
+    if (b.pool <= 0 || b.pool > b.events || strncmp(b.mode, "nats_", 5) != 0) {
+        b.pool = b.events;
+    }
     prepare_events(&b);
     int rc = 2;
     if (strncmp(b.mode, "redis_", 6) == 0) {
         rc = bench_redis(&b);
+    } else if (strncmp(b.mode, "nats_", 5) == 0) {
+        rc = bench_nats(&b);
     } else {
         fprintf(stderr, "bench: unknown mode %s\n", b.mode);
     }
-    for (int k = 0; k < b.events; k++) {
+    for (int k = 0; k < b.pool; k++) {
         mc_event_unref(&b.evs[k]);
     }
     free(b.evs);
