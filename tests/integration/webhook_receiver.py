@@ -8,6 +8,7 @@ and can misbehave on purpose:
   --stall-rate P      read the request, then say nothing for --stall-seconds and close
   --reset-rate P      read the request, then reset the connection (RST)
   --reject-ids IDS    answer 400 for these webhook-ids (comma-separated), always
+  --stall-ids IDS     stall (as above) for these webhook-ids, always
 Faults are drawn from a random generator seeded with --seed, per attempt.
 
 Every attempt is appended to --log as one JSON line:
@@ -67,7 +68,7 @@ class Receiver:
 
     def __init__(self, secrets, log_path=None, fail_rate=0.0, throttle_rate=0.0, retry_after=1,
                  stall_rate=0.0, stall_seconds=5.0, reset_rate=0.0, reject_ids=(), seed=1,
-                 keep_bodies=False, tolerance=300):
+                 keep_bodies=False, tolerance=300, stall_ids=()):
         self.keys = [decode_secret(s) for s in secrets]
         self.fail_rate = fail_rate
         self.throttle_rate = throttle_rate
@@ -76,6 +77,7 @@ class Receiver:
         self.stall_seconds = stall_seconds
         self.reset_rate = reset_rate
         self.reject_ids = set(reject_ids)
+        self.stall_ids = set(stall_ids)
         self.keep_bodies = keep_bodies
         self.tolerance = tolerance
         self.rng = random.Random(seed)
@@ -143,7 +145,7 @@ class Receiver:
             rec["answer"] = 400
             self._record(rec)
             return self._answer(h, 400, b'{"error":"rejected"}')
-        fault = self._draw()
+        fault = "stall" if msg_id in self.stall_ids else self._draw()
         if fault == "stall":
             rec["answer"] = "stall"
             self._record(rec)
@@ -200,12 +202,13 @@ def main(argv=None):
     p.add_argument("--stall-seconds", type=float, default=5.0)
     p.add_argument("--reset-rate", type=float, default=0.0)
     p.add_argument("--reject-ids", default="")
+    p.add_argument("--stall-ids", default="")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--keep-bodies", action="store_true")
     a = p.parse_args(argv)
     r = Receiver(a.secret, a.log, a.fail_rate, a.throttle_rate, a.retry_after, a.stall_rate,
                  a.stall_seconds, a.reset_rate, [x for x in a.reject_ids.split(",") if x],
-                 a.seed, a.keep_bodies)
+                 a.seed, a.keep_bodies, stall_ids=[x for x in a.stall_ids.split(",") if x])
     done = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: done.set())
     signal.signal(signal.SIGINT, lambda *_: done.set())
