@@ -17,6 +17,10 @@
  *   nats_js            mc__nats_js_publish (Nats-Msg-Id = event id, headers), WINDOW PubAcks
  *                      outstanding, into a file-backed JetStream stream (duplicate window 2 min)
  *   nats_core          mc__nats_publish (core NATS, headers), then one flush round trip
+ *   mongo_insert       mc__mongo_sink_doc + mc__mongo_insert_ordered in batches of WINDOW
+ *                      (w: majority) into mongo-emulator (MC_EMULATOR, or the build's own)
+ * Webhooks are measured with tests/integration/clients/webhook_client against the Python
+ * receiver (scripts/bench-sinks.sh), which reports the same figures.
  *
  * Usage: bench_sinks MODE [--events N] [--size BYTES] [--window W] [--pool P]
  * (--pool: NATS modes prepare P events and cycle through them, with message ids made unique
@@ -36,6 +40,8 @@
 #include <unistd.h>
 
 #include "broker_fixture.h"
+#include "emu_fixture.h"
+#include "sinks/mongo_sink.h"
 #include "sinks/nats_client.h"
 #include "sinks/redis_client.h"
 #include "sinks/redis_stream.h"
@@ -478,6 +484,67 @@ static int bench_nats(bench_t *b)
     return failed ? 1 : 0;
 }
 
+/* ---- MongoDB ------------------------------------------------------------------------------ */
+
+static int bench_mongo(bench_t *b)
+{
+    if (!getenv("MC_EMULATOR")) {
+        /* This binary is build/bench/bench_sinks; the emulator is build/tools/... */
+        char self[900];
+        ssize_t n = readlink("/proc/self/exe", self, sizeof self - 1);
+        if (n > 0) {
+            self[n] = '\0';
+            char *slash = strrchr(self, '/');
+            if (slash) {
+                *slash = '\0';
+                char path[1024];
+                snprintf(path, sizeof path, "%s/../tools/mongo-emulator/mongo-emulator", self);
+                setenv("MC_EMULATOR", path, 1);
+            }
+        }
+    }
+    char uri[128];
+    if (!emu_fixture_find() || (b->broker = emu_fixture_start(uri, sizeof uri)) <= 0) {
+        fprintf(stderr, "bench: cannot start mongo-emulator\n");
+        return 1;
+    }
+    mongoc_init();
+    mongoc_client_t *client = mongoc_client_new(uri);
+    mongoc_collection_t *coll = mongoc_client_get_collection(client, "bench", "activity");
+    mongoc_write_concern_t *wc = mc__mongo_write_concern(NULL, 0, false, NULL);
+    /* One round trip first, so connecting is not measured. */
+    bson_t ping = BSON_INITIALIZER;
+    BSON_APPEND_INT32(&ping, "ping", 1);
+    mongoc_client_command_simple(client, "admin", &ping, NULL, NULL, NULL);
+    bson_destroy(&ping);
+    bson_t **docs = calloc((size_t)b->window, sizeof *docs);
+    int failed = 0;
+    start_clock(b);
+    for (int k = 0; k < b->events; k += b->window) {
+        int n = b->events - k < b->window ? b->events - k : b->window;
+        for (int i = 0; i < n; i++) {
+            docs[i] = bson_new();
+            mc__mongo_sink_doc(b->evs[k + i], NULL, docs[i], NULL);
+        }
+        mc__mongo_insert_result_t res;
+        if (mc__mongo_insert_ordered(coll, (const bson_t *const *)docs, (size_t)n, wc, NULL, &res,
+                                     NULL) != 0) {
+            failed += n - (int)res.written;
+        }
+        for (int i = 0; i < n; i++) {
+            bson_destroy(docs[i]);
+        }
+    }
+    report(b, b->events - failed);
+    free(docs);
+    mongoc_write_concern_destroy(wc);
+    mongoc_collection_destroy(coll);
+    mongoc_client_destroy(client);
+    mongoc_cleanup();
+    emu_fixture_stop(b->broker);
+    return failed ? 1 : 0;
+}
+
 /* ---- Main --------------------------------------------------------------------------------- */
 
 int main(int argc, char **argv)
@@ -516,6 +583,8 @@ int main(int argc, char **argv)
         rc = bench_redis(&b);
     } else if (strncmp(b.mode, "nats_", 5) == 0) {
         rc = bench_nats(&b);
+    } else if (strcmp(b.mode, "mongo_insert") == 0) {
+        rc = bench_mongo(&b);
     } else {
         fprintf(stderr, "bench: unknown mode %s\n", b.mode);
     }

@@ -19,6 +19,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #define FREE_EASY_MAX 64
 
@@ -175,15 +176,34 @@ static void sock_close(mc__http_t *h, sock_t *s)
     uv_close((uv_handle_t *)&s->poll, handle_closed);
 }
 
+/* curl closes a socket: drop its handle first (libuv must forget the fd before the number
+ * can be reused by a new socket). */
+static int close_socket(void *clientp, curl_socket_t fd)
+{
+    mc__http_t *h = clientp;
+    for (sock_t *s = h->socks; s; s = s->next) {
+        if (s->fd == fd) {
+            sock_close(h, s);
+            if (h->multi) {
+                curl_multi_assign(h->multi, fd, NULL);
+            }
+            break;
+        }
+    }
+    return close(fd);
+}
+
 static int socket_cb(CURL *easy, curl_socket_t fd, int what, void *userp, void *socketp)
 {
     (void)easy;
     mc__http_t *h = userp;
     sock_t *s = socketp;
     if (what == CURL_POLL_REMOVE) {
+        /* curl is done with the socket for now (e.g. an idle kept-alive connection); the
+         * handle stays until curl closes the socket (close_socket), so a reused connection
+         * costs no new handle. */
         if (s) {
-            sock_close(h, s);
-            curl_multi_assign(h->multi, fd, NULL);
+            uv_poll_stop(&s->poll);
         }
         return 0;
     }
@@ -453,6 +473,8 @@ int mc__http_post(mc__http_t *h, const mc__http_request_t *rq, mc__http_cb cb, v
     curl_easy_setopt(e, CURLOPT_WRITEDATA, r);
     curl_easy_setopt(e, CURLOPT_ERRORBUFFER, r->errbuf);
     curl_easy_setopt(e, CURLOPT_PRIVATE, r);
+    curl_easy_setopt(e, CURLOPT_CLOSESOCKETFUNCTION, close_socket);
+    curl_easy_setopt(e, CURLOPT_CLOSESOCKETDATA, h);
     if (curl_multi_add_handle(h->multi, e) != CURLM_OK) {
         recycle(h, r);
         return MC_ENOMEM;
