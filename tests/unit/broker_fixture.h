@@ -195,42 +195,52 @@ static inline void fx_rmdir(const char *dir)
     }
 }
 
-/* ---- redis-server ------------------------------------------------------------------- */
+/* ---- Brokers: redis-server, nats-server ---------------------------------------------- */
 
-typedef struct fx_redis {
+typedef struct fx_broker {
     pid_t pid;
     int port;
-    char dir[512];
-} fx_redis_t;
+    char dir[512]; /* its files (Redis AOF, JetStream store, log), kept across restarts */
+} fx_broker_t;
 
-/* Starts redis-server on `port` (0: a free one) with its files in a new directory (kept in
- * r->dir across restarts); `extra` is a NULL-terminated list of more arguments. */
-static inline bool fx_redis_start(fx_redis_t *r, int port, const char *const *extra)
+typedef fx_broker_t fx_redis_t;
+typedef fx_broker_t fx_nats_t;
+
+/* Starts `argv` (with `{PORT}` and `{DIR}` entries replaced, `extra` appended) on `port` (0:
+ * a free one, retried a few times in case another process takes it first) and waits until it
+ * accepts connections. */
+static inline bool fx_broker_start(fx_broker_t *b, const char *const *argv_tmpl, int port,
+                                   const char *const *extra, const char *tag)
 {
-    if (!fx_have("redis-server")) {
+    if (!fx_have(argv_tmpl[0])) {
         return false;
     }
-    if (!r->dir[0]) {
-        fx_tempdir(r->dir, sizeof r->dir, "redis");
+    if (!b->dir[0]) {
+        fx_tempdir(b->dir, sizeof b->dir, tag);
     }
     for (int attempt = 0; attempt < 5; attempt++) {
-        r->port = port ? port : fx_free_port();
+        b->port = port ? port : fx_free_port();
         char portbuf[16], logbuf[600];
-        snprintf(portbuf, sizeof portbuf, "%d", r->port);
-        snprintf(logbuf, sizeof logbuf, "%s/redis.log", r->dir);
-        char *argv[64] = {"redis-server", "--port", portbuf, "--bind", "127.0.0.1", "--dir",
-                          r->dir, "--save", "", "--daemonize", "no", "--protected-mode", "no"};
-        int n = 13;
+        snprintf(portbuf, sizeof portbuf, "%d", b->port);
+        snprintf(logbuf, sizeof logbuf, "%s/%s.log", b->dir, tag);
+        char *argv[64];
+        int n = 0;
+        for (int k = 0; argv_tmpl[k] && n < 63; k++) {
+            const char *a = argv_tmpl[k];
+            argv[n++] = strcmp(a, "{PORT}") == 0 ? portbuf
+                        : strcmp(a, "{DIR}") == 0 ? b->dir
+                                                  : (char *)a;
+        }
         for (int k = 0; extra && extra[k] && n < 63; k++) {
             argv[n++] = (char *)extra[k];
         }
         argv[n] = NULL;
-        r->pid = fx_spawn(argv, logbuf);
-        if (fx_wait_port(r->port, 10000)) {
+        b->pid = fx_spawn(argv, logbuf);
+        if (fx_wait_port(b->port, 10000)) {
             return true;
         }
-        fx_stop(r->pid, SIGKILL);
-        r->pid = 0;
+        fx_stop(b->pid, SIGKILL);
+        b->pid = 0;
         if (port) {
             break;
         }
@@ -238,74 +248,40 @@ static inline bool fx_redis_start(fx_redis_t *r, int port, const char *const *ex
     return false;
 }
 
-static inline void fx_redis_stop(fx_redis_t *r, int sig)
+static inline void fx_broker_stop(fx_broker_t *b, int sig)
 {
-    fx_stop(r->pid, sig);
-    r->pid = 0;
+    fx_stop(b->pid, sig);
+    b->pid = 0;
 }
 
-static inline void fx_redis_cleanup(fx_redis_t *r)
+static inline void fx_broker_cleanup(fx_broker_t *b)
 {
-    fx_redis_stop(r, SIGKILL);
-    fx_rmdir(r->dir);
-    r->dir[0] = '\0';
+    fx_broker_stop(b, SIGKILL);
+    fx_rmdir(b->dir);
+    b->dir[0] = '\0';
 }
 
-/* ---- nats-server ---------------------------------------------------------------------- */
+/* redis-server with its files in the broker's directory, no RDB snapshots. */
+static inline bool fx_redis_start(fx_redis_t *r, int port, const char *const *extra)
+{
+    static const char *const argv[] = {"redis-server", "--port", "{PORT}", "--bind", "127.0.0.1",
+                                       "--dir", "{DIR}", "--save", "", "--daemonize", "no",
+                                       "--protected-mode", "no", NULL};
+    return fx_broker_start(r, argv, port, extra, "redis");
+}
 
-typedef struct fx_nats {
-    pid_t pid;
-    int port;
-    char dir[512]; /* JetStream store directory, kept across restarts */
-} fx_nats_t;
-
-/* Starts `nats-server -js` on `port` (0: a free one) with its store in a new directory (kept
- * in n->dir across restarts); `extra` is a NULL-terminated list of more arguments. */
+/* nats-server -js with its JetStream store in the broker's directory. */
 static inline bool fx_nats_start(fx_nats_t *n, int port, const char *const *extra)
 {
-    if (!fx_have("nats-server")) {
-        return false;
-    }
-    if (!n->dir[0]) {
-        fx_tempdir(n->dir, sizeof n->dir, "nats");
-    }
-    for (int attempt = 0; attempt < 5; attempt++) {
-        n->port = port ? port : fx_free_port();
-        char portbuf[16], logbuf[600], store[600];
-        snprintf(portbuf, sizeof portbuf, "%d", n->port);
-        snprintf(logbuf, sizeof logbuf, "%s/nats.log", n->dir);
-        snprintf(store, sizeof store, "%s/store", n->dir);
-        char *argv[64] = {"nats-server", "-js", "-a", "127.0.0.1", "-p", portbuf, "-sd", store};
-        int k = 8;
-        for (int e = 0; extra && extra[e] && k < 63; e++) {
-            argv[k++] = (char *)extra[e];
-        }
-        argv[k] = NULL;
-        n->pid = fx_spawn(argv, logbuf);
-        if (fx_wait_port(n->port, 10000)) {
-            return true;
-        }
-        fx_stop(n->pid, SIGKILL);
-        n->pid = 0;
-        if (port) {
-            break;
-        }
-    }
-    return false;
+    static const char *const argv[] = {"nats-server", "-js", "-a", "127.0.0.1", "-p", "{PORT}",
+                                       "-sd", "{DIR}", NULL};
+    return fx_broker_start(n, argv, port, extra, "nats");
 }
 
-static inline void fx_nats_stop(fx_nats_t *n, int sig)
-{
-    fx_stop(n->pid, sig);
-    n->pid = 0;
-}
-
-static inline void fx_nats_cleanup(fx_nats_t *n)
-{
-    fx_nats_stop(n, SIGKILL);
-    fx_rmdir(n->dir);
-    n->dir[0] = '\0';
-}
+#define fx_redis_stop fx_broker_stop
+#define fx_redis_cleanup fx_broker_cleanup
+#define fx_nats_stop fx_broker_stop
+#define fx_nats_cleanup fx_broker_cleanup
 
 /* ---- A server that accepts and never answers ---------------------------------------------- */
 

@@ -10,6 +10,8 @@
  */
 #include "sinks/redis_stream_id.h"
 
+#include "hex.h"
+
 #include <stdio.h>
 #include <string.h>
 
@@ -28,20 +30,6 @@ enum {
 /* Bytes needed up to fromInvalidate: timestamp (9), three integers of at most 9 bytes, the
  * boolean. */
 #define PREFIX_MAX_BYTES (9 + 3 * 9 + 1)
-
-static int hexval(char c)
-{
-    if (c >= '0' && c <= '9') {
-        return c - '0';
-    }
-    if (c >= 'A' && c <= 'F') {
-        return c - 'A' + 10;
-    }
-    if (c >= 'a' && c <= 'f') {
-        return c - 'a' + 10;
-    }
-    return -1;
-}
 
 static int bad_token(mc_error_t *err, const char *why)
 {
@@ -92,7 +80,7 @@ int mc__token_position_parse(const char *hex, size_t len, mc__token_position_t *
     }
     size_t n = len / 2 < sizeof bytes ? len / 2 : sizeof bytes;
     for (size_t k = 0; k < n; k++) {
-        int hi = hexval(hex[2 * k]), lo = hexval(hex[2 * k + 1]);
+        int hi = mc__hex_value(hex[2 * k]), lo = mc__hex_value(hex[2 * k + 1]);
         if (hi < 0 || lo < 0) {
             return bad_token(err, "not a hex string");
         }

@@ -9,6 +9,8 @@
  */
 #include "sinks/redis_client.h"
 
+#include "hex.h"
+
 #include <stdio.h>
 #include <string.h>
 #include <strings.h>
@@ -16,20 +18,6 @@
 static int url_error(mc_error_t *err, const char *what)
 {
     return mc_error_set(err, MC_ECONFIG, MC_DOMAIN_MONGOCAST, MC_ECONFIG, "redis url: %s", what);
-}
-
-static int hexval(char c)
-{
-    if (c >= '0' && c <= '9') {
-        return c - '0';
-    }
-    if (c >= 'A' && c <= 'F') {
-        return c - 'A' + 10;
-    }
-    if (c >= 'a' && c <= 'f') {
-        return c - 'a' + 10;
-    }
-    return -1;
 }
 
 /* Percent-decodes s[0..n) into out (cap bytes with the NUL). False on a bad escape, an
@@ -43,7 +31,7 @@ static bool decode(const char *s, size_t n, char *out, size_t cap)
             if (i + 2 >= n) {
                 return false;
             }
-            int hi = hexval(s[i + 1]), lo = hexval(s[i + 2]);
+            int hi = mc__hex_value(s[i + 1]), lo = mc__hex_value(s[i + 2]);
             if (hi < 0 || lo < 0) {
                 return false;
             }
@@ -147,7 +135,7 @@ int mc__redis_url_parse(const char *url, size_t len, mc__redis_url_t *out, mc_er
         }
         for (size_t i = 0; i < hl; i++) {
             char c = p[1 + i];
-            if (hexval(c) < 0 && c != ':' && c != '.') {
+            if (mc__hex_value(c) < 0 && c != ':' && c != '.') {
                 return url_error(err, "bad [IPv6] host");
             }
         }
