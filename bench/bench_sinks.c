@@ -96,8 +96,7 @@ static void prepare_events(bench_t *b)
     b->evs = calloc((size_t)b->pool, sizeof *b->evs);
     for (int k = 0; k < b->pool; k++) {
         b->evs[k] = fx_event("orders", (uint64_t)k + 1, 1700000000u + (uint32_t)k / 1000,
-                             (uint32_t)k % 1000 + 1, 0, k % 2 ? "alice" : "bob",
-                             (size_t)b->size);
+                             (uint32_t)k % 1000 + 1, 0, k % 2 ? "alice" : "bob", (size_t)b->size);
         size_t len = 0;
         mc_event_json(b->evs[k], &len); /* rendered once, as the engine does for all sinks */
     }
@@ -247,8 +246,9 @@ static int raw_xadd_argv(bench_t *b, int k, const char **argv, size_t *lens, cha
     size_t mlen = 0;
     const char *msg = mc_event_json(b->evs[k], &mlen);
     const char *eid = mc_event_id(b->evs[k]);
-    const char *a[] = {"XADD", "bench:raw", idbuf, "id", eid, "type", v.type.p, "stream",
-                       v.stream.p, "recipient", v.recipient.p, "message", msg};
+    const char *a[] = {"XADD",        "bench:raw", idbuf,    "id",       eid,
+                       "type",        v.type.p,    "stream", v.stream.p, "recipient",
+                       v.recipient.p, "message",   msg};
     for (int i = 0; i < 13; i++) {
         argv[i] = a[i];
         lens[i] = i == 12 ? mlen : strlen(a[i]);
@@ -444,8 +444,8 @@ static int bench_nats(bench_t *b)
         }
         pthread_mutex_unlock(&nr.lock);
         int rc;
-        while ((rc = mc__nats_js_publish(n, subj, msg_id, &h, msg, mlen,
-                                         on_nats_ack, &nr, NULL)) == MC_EAGAIN) {
+        while ((rc = mc__nats_js_publish(n, subj, msg_id, NULL, &h, msg, mlen, on_nats_ack, &nr,
+                                         NULL)) == MC_EAGAIN) {
             usleep(100);
         }
         if (rc != 0) {
@@ -467,7 +467,8 @@ static int bench_nats(bench_t *b)
          * time by when the server has read everything (one connection, in order). */
         /* A JetStream PubAck round trip on a fresh id serves as that flush. */
         nats_run_t fl = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, 0, 0};
-        mc__nats_js_publish(n, "mongocast.orders", "flush", NULL, "{}", 2, on_nats_ack, &fl, NULL);
+        mc__nats_js_publish(n, "mongocast.orders", "flush", NULL, NULL, "{}", 2, on_nats_ack, &fl,
+                            NULL);
         pthread_mutex_lock(&fl.lock);
         while (fl.done < 1) {
             pthread_cond_wait(&fl.cond, &fl.lock);

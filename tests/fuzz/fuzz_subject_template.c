@@ -50,7 +50,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     left -= nul ? tlen + 1 : tlen;
 
     const char *tmpl = use_default ? (kind == MC__SUBJECT_NATS ? MC__SUBJECT_DEFAULT_NATS
-                                                              : MC__SUBJECT_DEFAULT_REDIS)
+                                                               : MC__SUBJECT_DEFAULT_REDIS)
                                    : text;
     mc_error_t err;
     mc__subject_template_t *t = mc__subject_template_new(tmpl, kind, &err);

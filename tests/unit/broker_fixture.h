@@ -227,7 +227,7 @@ static inline bool fx_broker_start(fx_broker_t *b, const char *const *argv_tmpl,
         int n = 0;
         for (int k = 0; argv_tmpl[k] && n < 63; k++) {
             const char *a = argv_tmpl[k];
-            argv[n++] = strcmp(a, "{PORT}") == 0 ? portbuf
+            argv[n++] = strcmp(a, "{PORT}") == 0  ? portbuf
                         : strcmp(a, "{DIR}") == 0 ? b->dir
                                                   : (char *)a;
         }
@@ -264,17 +264,17 @@ static inline void fx_broker_cleanup(fx_broker_t *b)
 /* redis-server with its files in the broker's directory, no RDB snapshots. */
 static inline bool fx_redis_start(fx_redis_t *r, int port, const char *const *extra)
 {
-    static const char *const argv[] = {"redis-server", "--port", "{PORT}", "--bind", "127.0.0.1",
-                                       "--dir", "{DIR}", "--save", "", "--daemonize", "no",
-                                       "--protected-mode", "no", NULL};
+    static const char *const argv[] = {
+        "redis-server", "--port", "{PORT}",      "--bind", "127.0.0.1",        "--dir", "{DIR}",
+        "--save",       "",       "--daemonize", "no",     "--protected-mode", "no",    NULL};
     return fx_broker_start(r, argv, port, extra, "redis");
 }
 
 /* nats-server -js with its JetStream store in the broker's directory. */
 static inline bool fx_nats_start(fx_nats_t *n, int port, const char *const *extra)
 {
-    static const char *const argv[] = {"nats-server", "-js", "-a", "127.0.0.1", "-p", "{PORT}",
-                                       "-sd", "{DIR}", NULL};
+    static const char *const argv[] = {"nats-server", "-js", "-a",    "127.0.0.1", "-p",
+                                       "{PORT}",      "-sd", "{DIR}", NULL};
     return fx_broker_start(n, argv, port, extra, "nats");
 }
 
@@ -366,7 +366,8 @@ static inline mc_event_t *fx_event(const char *stream, uint64_t seq, uint32_t t,
     return ev;
 }
 
-/* ---- Running a loop until something happens ------------------------------------------------------ */
+/* ---- Running a loop until something happens
+ * ------------------------------------------------------ */
 
 /* Runs `loop` until *flag becomes true or timeout_ms passes; returns *flag. */
 static inline bool fx_run_until(uv_loop_t *loop, const volatile bool *flag, int timeout_ms)

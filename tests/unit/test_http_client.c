@@ -409,8 +409,8 @@ static void test_url_check(void **state)
     (void)state;
     assert_int_equal(mc__http_url_check("https://hooks.example.com/a?b=c", NULL), 0);
     assert_int_equal(mc__http_url_check("http://127.0.0.1:8080/hook", NULL), 0);
-    const char *bad[] = {"", "ftp://h/x", "https://user:pw@h/x", "http://", "not a url",
-                         "file:///etc/passwd"};
+    const char *bad[] = {"",        "ftp://h/x", "https://user:pw@h/x",
+                         "http://", "not a url", "file:///etc/passwd"};
     for (size_t k = 0; k < sizeof bad / sizeof bad[0]; k++) {
         mc_error_t err;
         if (mc__http_url_check(bad[k], &err) != MC_ECONFIG) {

@@ -41,8 +41,15 @@ static void test_document_shape(void **state)
     bson_iter_init(&it, d);
     bson_iter_next(&it);
     assert_string_equal(bson_iter_key(&it), "_id");
-    const char *want[] = {"stream", "type", "ns.db", "ns.coll", "documentKey._id", "recipient",
-                          "clusterTime", "change.operationType", "change.fullDocument.owner"};
+    const char *want[] = {"stream",
+                          "type",
+                          "ns.db",
+                          "ns.coll",
+                          "documentKey._id",
+                          "recipient",
+                          "clusterTime",
+                          "change.operationType",
+                          "change.fullDocument.owner"};
     for (size_t k = 0; k < sizeof want / sizeof want[0]; k++) {
         if (!has(d, want[k])) {
             fail_msg("no %s", want[k]);
@@ -81,8 +88,8 @@ static void test_document_shape(void **state)
 static void test_option_errors(void **state)
 {
     (void)state;
-    const char *bad[] = {"{}", "{\"a\": 0}", "{\"a\": \"x\"}", "{\"$a\": 1}", "{\"a..b\": 1}",
-                         "{\"a.\": 1}"};
+    const char *bad[] = {"{}",          "{\"a\": 0}",    "{\"a\": \"x\"}",
+                         "{\"$a\": 1}", "{\"a..b\": 1}", "{\"a.\": 1}"};
     for (size_t k = 0; k < sizeof bad / sizeof bad[0]; k++) {
         bson_t *spec = bson_new_from_json((const uint8_t *)bad[k], -1, NULL);
         mc_error_t err;
@@ -131,8 +138,8 @@ static void test_classify(void **state)
 static void test_loop_guard(void **state)
 {
     (void)state;
-    mc__mongo_watch_t streams[] = {{"orders", "shop", "orders"}, {"shopdb", "shop", NULL},
-                                   {"all", NULL, NULL}};
+    mc__mongo_watch_t streams[] = {
+        {"orders", "shop", "orders"}, {"shopdb", "shop", NULL}, {"all", NULL, NULL}};
     mc_error_t err;
     /* A collection stream on the sink's own collection, a database stream, a cluster stream. */
     assert_int_equal(mc__mongo_loop_check("log", "shop", "orders", true, streams, 1, &err),
@@ -247,9 +254,8 @@ static void test_insert_replay_exactly_once(void **state)
     mongoc_write_concern_t *wc = mc__mongo_write_concern(NULL, 0, false, NULL);
     mc__mongo_insert_result_t res;
     mc__mongo_outcome_t out[N];
-    assert_int_equal(mc__mongo_insert_ordered(c, (const bson_t *const *)docs, 400, wc, out, &res,
-                                              NULL),
-                     0);
+    assert_int_equal(
+        mc__mongo_insert_ordered(c, (const bson_t *const *)docs, 400, wc, out, &res, NULL), 0);
     assert_int_equal(res.written, 400);
     assert_int_equal(res.round_trips, 1);
     /* A replay from event 250 to the end (as after a crash): 150 duplicates, 200 new. */
@@ -267,9 +273,8 @@ static void test_insert_replay_exactly_once(void **state)
     mongoc_collection_t *c2 = mongoc_client_get_collection(e.client, "t", "scattered");
     const bson_t *some[] = {docs[3], docs[10], docs[11], docs[50]};
     assert_int_equal(mc__mongo_insert_ordered(c2, some, 4, wc, NULL, &res, NULL), 0);
-    assert_int_equal(mc__mongo_insert_ordered(c2, (const bson_t *const *)docs, 60, wc, out, &res,
-                                              NULL),
-                     0);
+    assert_int_equal(
+        mc__mongo_insert_ordered(c2, (const bson_t *const *)docs, 60, wc, out, &res, NULL), 0);
     assert_int_equal(res.duplicates, 4);
     assert_int_equal(res.written, 56);
     assert_int_equal(out[10], MC__MONGO_DUPLICATE);
@@ -322,7 +327,8 @@ static void test_ttl_index(void **state)
             found = true;
             assert_true(bson_iter_init_find(&it, ix, "expireAfterSeconds"));
             assert_int_equal(bson_iter_as_int64(&it), 2592000);
-            assert_true(bson_iter_init(&it, ix) && bson_iter_find_descendant(&it, "key.wallTime", &it));
+            assert_true(bson_iter_init(&it, ix) &&
+                        bson_iter_find_descendant(&it, "key.wallTime", &it));
         }
     }
     mongoc_cursor_destroy(cur);

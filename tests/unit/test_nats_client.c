@@ -23,8 +23,9 @@
 static void test_url_check(void **state)
 {
     (void)state;
-    const char *good[] = {"nats://127.0.0.1:4222", "nats://h", "tls://a.example:1",
-                          "nats://u:p@h:2,nats://[::1]:3", " nats://h:4 , nats://k ", "nats://h/"};
+    const char *good[] = {"nats://127.0.0.1:4222",   "nats://h",
+                          "tls://a.example:1",       "nats://u:p@h:2,nats://[::1]:3",
+                          " nats://h:4 , nats://k ", "nats://h/"};
     for (size_t k = 0; k < sizeof good / sizeof good[0]; k++) {
         mc_error_t err;
         if (mc__nats_url_check(good[k], strlen(good[k]), &err) != 0) {
@@ -35,18 +36,12 @@ static void test_url_check(void **state)
         const char *url;
         const char *needle;
     } bad[] = {
-        {"", "missing"},
-        {"h:4222", "expected nats://"},
-        {"http://h", "scheme"},
-        {"nats://", "empty host"},
-        {"nats://h:0", "port"},
-        {"nats://h:65536", "port"},
-        {"nats://h:x", "port"},
-        {"nats://h/x", "paths"},
-        {"nats://h h", "spaces"},
-        {"nats://u:secretpw@h:1,nats://", "server 2"},
-        {"nats://[::1", "IPv6"},
-        {"nats://h!", "bad host"},
+        {"", "missing"},          {"h:4222", "expected nats://"},
+        {"http://h", "scheme"},   {"nats://", "empty host"},
+        {"nats://h:0", "port"},   {"nats://h:65536", "port"},
+        {"nats://h:x", "port"},   {"nats://h/x", "paths"},
+        {"nats://h h", "spaces"}, {"nats://u:secretpw@h:1,nats://", "server 2"},
+        {"nats://[::1", "IPv6"},  {"nats://h!", "bad host"},
     };
     for (size_t k = 0; k < sizeof bad / sizeof bad[0]; k++) {
         mc_error_t err;
@@ -74,8 +69,7 @@ static void test_classify(void **state)
     assert_int_equal(mc__nats_classify(NATS_INVALID_SUBJECT, 0), MC__NATS_PERMANENT);
     assert_int_equal(mc__nats_classify(NATS_ERR, JSStreamMessageExceedsMaximumErr),
                      MC__NATS_PERMANENT);
-    assert_int_equal(mc__nats_classify(NATS_ERR, JSStreamWrongLastSequenceErr),
-                     MC__NATS_PERMANENT);
+    assert_int_equal(mc__nats_classify(NATS_ERR, JSStreamWrongLastSequenceErr), MC__NATS_PERMANENT);
 }
 
 /* ---- Results collected from libnats threads ----------------------------------------- */
@@ -234,8 +228,8 @@ static void publish_range(mc__nats_t *n, int from, int to, int timeout_ms)
             snprintf(body, sizeof body, "{\"n\":%d}", from + k);
             snprintf(subj, sizeof subj, "mongocast.orders.u%d", (from + k) % 7);
             mc__nats_headers_t h = {"insert", "orders", "u", 1};
-            int rc = mc__nats_js_publish(n, subj, id, &h, body, strlen(body), on_ack, &slots[k],
-                                         NULL);
+            int rc = mc__nats_js_publish(n, subj, id, NULL, &h, body, strlen(body), on_ack,
+                                         &slots[k], NULL);
             if (rc != 0) {
                 pthread_mutex_lock(&acks.lock);
                 slots[k].outcome = MC__NATS_FAILED; /* not accepted: try again next round */
@@ -316,8 +310,8 @@ static void test_no_stream_for_subject_is_transient(void **state)
     assert_true(wait_connected(n, 5000));
     acks_reset();
     slot_t s = {-1, 0};
-    assert_int_equal(mc__nats_js_publish(n, "nobody.listens", "x-1", NULL, "{}", 2, on_ack, &s, NULL),
-                     0);
+    assert_int_equal(
+        mc__nats_js_publish(n, "nobody.listens", "x-1", NULL, NULL, "{}", 2, on_ack, &s, NULL), 0);
     assert_true(wait_acks(1, 10000));
     assert_int_equal(acks.transient, 1);
     assert_non_null(strstr(acks.last, "o responders"));
@@ -378,12 +372,15 @@ static void test_core_publish_reaches_only_its_subject(void **state)
     inbox_t alice, all;
     inbox_open(&alice, srv.port, "mongocast.orders.alice");
     inbox_open(&all, srv.port, "mongocast.orders.>");
-    mc__subject_template_t *t = mc__subject_template_new(MC__SUBJECT_DEFAULT_NATS,
-                                                         MC__SUBJECT_NATS, NULL);
+    mc__subject_template_t *t =
+        mc__subject_template_new(MC__SUBJECT_DEFAULT_NATS, MC__SUBJECT_NATS, NULL);
     const char *recipients[] = {"bob", "a.b", "*", ">", "x y", "alice\r\nX: 1", "alice"};
     for (size_t k = 0; k < sizeof recipients / sizeof recipients[0]; k++) {
-        mc__subject_values_t v = {{"orders", 6}, {recipients[k], strlen(recipients[k])},
-                                  {NULL, 0}, {NULL, 0}, {"insert", 6}};
+        mc__subject_values_t v = {{"orders", 6},
+                                  {recipients[k], strlen(recipients[k])},
+                                  {NULL, 0},
+                                  {NULL, 0},
+                                  {"insert", 6}};
         char subj[MC__SUBJECT_MAX + 1];
         size_t len = 0;
         assert_int_equal(mc__subject_template_render(t, &v, subj, sizeof subj, &len, NULL), 0);
@@ -434,8 +431,8 @@ static void test_down_at_start_then_up(void **state)
     acks_reset();
     slot_t s = {-1, 0};
     mc_error_t err;
-    assert_int_equal(mc__nats_js_publish(n, "mongocast.orders.a", "early-1", NULL, "{}", 2, on_ack,
-                                         &s, &err),
+    assert_int_equal(mc__nats_js_publish(n, "mongocast.orders.a", "early-1", NULL, NULL, "{}", 2,
+                                         on_ack, &s, &err),
                      MC_EAGAIN);
     assert_non_null(strstr(err.message, "not connected"));
     assert_int_equal(acks_count(), 0);
@@ -469,8 +466,8 @@ static void test_silent_server(void **state)
     mc__nats_status(n, &st);
     assert_int_not_equal(st.state, MC__NATS_CONNECTED);
     mc_error_t err;
-    assert_int_equal(mc__nats_js_publish(n, "mongocast.orders.a", "s-1", NULL, "{}", 2, on_ack,
-                                         NULL, &err),
+    assert_int_equal(mc__nats_js_publish(n, "mongocast.orders.a", "s-1", NULL, NULL, "{}", 2,
+                                         on_ack, NULL, &err),
                      MC_EAGAIN);
     mc__nats_destroy(n);
     close(lfd);
@@ -499,8 +496,8 @@ static void test_stalled_server(void **state)
         char id[16];
         snprintf(id, sizeof id, "st-%d", k);
         slots[k].outcome = -1;
-        assert_int_equal(mc__nats_js_publish(n, "mongocast.orders.x", id, NULL, "{}", 2, on_ack,
-                                             &slots[k], NULL),
+        assert_int_equal(mc__nats_js_publish(n, "mongocast.orders.x", id, NULL, NULL, "{}", 2,
+                                             on_ack, &slots[k], NULL),
                          0);
     }
     assert_true(wait_acks(20, 10000));
@@ -518,8 +515,8 @@ static void test_stalled_server(void **state)
         char id[16];
         snprintf(id, sizeof id, "sd-%d", k);
         slots[k].outcome = -1;
-        assert_int_equal(mc__nats_js_publish(n, "mongocast.orders.x", id, NULL, "{}", 2, on_ack,
-                                             &slots[k], NULL),
+        assert_int_equal(mc__nats_js_publish(n, "mongocast.orders.x", id, NULL, NULL, "{}", 2,
+                                             on_ack, &slots[k], NULL),
                          0);
     }
     usleep(200000);

@@ -50,10 +50,26 @@ static void test_url_parse(void **state)
     assert_string_equal(mc__redis_url_redact(&u, red, sizeof red), "redis://bob:***@h:1/2");
 
     const char *bad[] = {
-        "", "http://h", "rediss://h", "redis://", "redis://:pw@", "redis://h:0", "redis://h:65536",
-        "redis://h:x", "redis://h/x", "redis://h/-1", "redis://h/1?timeout=3", "redis://h#f",
-        "redis://u:p%zz@h", "redis://u:p%00@h", "redis://u:p%4@h", "redis://[::1", "redis://[]:1",
-        "redis://[::1]x", "redis://h h", "redis://h/99999999999",
+        "",
+        "http://h",
+        "rediss://h",
+        "redis://",
+        "redis://:pw@",
+        "redis://h:0",
+        "redis://h:65536",
+        "redis://h:x",
+        "redis://h/x",
+        "redis://h/-1",
+        "redis://h/1?timeout=3",
+        "redis://h#f",
+        "redis://u:p%zz@h",
+        "redis://u:p%00@h",
+        "redis://u:p%4@h",
+        "redis://[::1",
+        "redis://[]:1",
+        "redis://[::1]x",
+        "redis://h h",
+        "redis://h/99999999999",
     };
     for (size_t k = 0; k < sizeof bad / sizeof bad[0]; k++) {
         mc_error_t err;
@@ -78,16 +94,22 @@ static void test_classify(void **state)
     r.str = "OK";
     assert_int_equal(mc__redis_classify(&r), MC__REDIS_OK);
     r.type = REDIS_REPLY_ERROR;
-    const char *transient[] = {"LOADING Redis is loading", "OOM command not allowed", "BUSY x",
-                               "READONLY You can't write", "MISCONF x", "NOAUTH Authentication required.",
-                               "TRYAGAIN", "MASTERDOWN x", "WRONGPASS invalid"};
+    const char *transient[] = {"LOADING Redis is loading",
+                               "OOM command not allowed",
+                               "BUSY x",
+                               "READONLY You can't write",
+                               "MISCONF x",
+                               "NOAUTH Authentication required.",
+                               "TRYAGAIN",
+                               "MASTERDOWN x",
+                               "WRONGPASS invalid"};
     for (size_t k = 0; k < sizeof transient / sizeof transient[0]; k++) {
         r.str = (char *)transient[k];
         assert_int_equal(mc__redis_classify(&r), MC__REDIS_TRANSIENT);
     }
     const char *permanent[] = {"ERR syntax error", "WRONGTYPE Operation against a key",
-                               "NOPERM this user", "MOVED 3999 127.0.0.1:6381", "LOADINGX",
-                               "EXECABORT x"};
+                               "NOPERM this user", "MOVED 3999 127.0.0.1:6381",
+                               "LOADINGX",         "EXECABORT x"};
     for (size_t k = 0; k < sizeof permanent / sizeof permanent[0]; k++) {
         r.str = (char *)permanent[k];
         assert_int_equal(mc__redis_classify(&r), MC__REDIS_PERMANENT);
@@ -253,8 +275,8 @@ static void test_auth_and_select(void **state)
 {
     (void)state;
     fx_redis_t srv = {0};
-    const char *extra[] = {"--requirepass", "s3cr:et@", "--user", "alice", "on", ">alicepw", "~*",
-                           "&*", "+@all", NULL};
+    const char *extra[] = {"--requirepass", "s3cr:et@", "--user", "alice", "on",
+                           ">alicepw",      "~*",       "&*",     "+@all", NULL};
     if (!fx_redis_start(&srv, 0, extra)) {
         skip();
     }
@@ -457,8 +479,8 @@ typedef struct xrec {
 typedef struct xslot {
     mc__xadd_op_t op;
     xrec_t *x;
-    bool done;    /* a final outcome came back */
-    bool retry;   /* a transient failure: send again */
+    bool done;  /* a final outcome came back */
+    bool retry; /* a transient failure: send again */
 } xslot_t;
 
 static void on_xadd_done(void *arg, const mc__xadd_result_t *res)
@@ -557,8 +579,7 @@ static void test_xadd_exactly_once_across_restart(void **state)
     char url[64];
     snprintf(url, sizeof url, "redis://127.0.0.1:%d", srv.port);
     mc__redis_t *r = client_for(&loop, url, 5000);
-    mc__subject_template_t *tmpl =
-        mc__subject_template_new("mc:{stream}", MC__SUBJECT_REDIS, NULL);
+    mc__subject_template_t *tmpl = mc__subject_template_new("mc:{stream}", MC__SUBJECT_REDIS, NULL);
     xrec_t x = {0};
     xadd_range(&loop, r, tmpl, 0, 300, 0, &x);
     assert_int_equal(x.outcomes[MC__XADD_ADDED], 300);

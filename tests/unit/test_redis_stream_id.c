@@ -152,15 +152,15 @@ static void test_malformed_tokens(void **state)
         "",
         "8",
         "82",
-        "826B021A6900000006",                 /* no version */
-        "826B021A69000000062B",               /* truncated integer */
-        "826B021A69000000062B062C0100296E04", /* version 3 */
-        "826B021A69000000292C0100296E04",     /* version 0 (no token type) */
-        "826B021A69000000062B022B02296E04",   /* token type 1 */
-        "826B021A69000000062B022C0100292904", /* no boolean */
+        "826B021A6900000006",                   /* no version */
+        "826B021A69000000062B",                 /* truncated integer */
+        "826B021A69000000062B062C0100296E04",   /* version 3 */
+        "826B021A69000000292C0100296E04",       /* version 0 (no token type) */
+        "826B021A69000000062B022B02296E04",     /* token type 1 */
+        "826B021A69000000062B022C0100292904",   /* no boolean */
         "826B021A69000000062B022C01002B036E04", /* odd magnitude: a double, not an integer */
-        "716B021A69000000062B022C0100296E04", /* not a Timestamp */
-        "82XB021A69000000062B022C0100296E04", /* not hex */
+        "716B021A69000000062B022C0100296E04",   /* not a Timestamp */
+        "82XB021A69000000062B022C0100296E04",   /* not hex */
     };
     for (size_t k = 0; k < sizeof bad / sizeof bad[0]; k++) {
         mc__token_position_t pos;
@@ -295,7 +295,15 @@ static void test_format_and_parse(void **state)
     assert_int_equal(mc__redis_stream_id_compare(&id, &back), 0);
     assert_int_equal(mc__redis_stream_id_parse("5", 1, &back), 0);
     assert_true(back.ms == 5 && back.seq == 0);
-    const char *bad[] = {"", "-", "1-", "-1", "a-1", "1-2-3", " 1-2", "+1-2", "18446744073709551616-0",
+    const char *bad[] = {"",
+                         "-",
+                         "1-",
+                         "-1",
+                         "a-1",
+                         "1-2-3",
+                         " 1-2",
+                         "+1-2",
+                         "18446744073709551616-0",
                          "1-18446744073709551616"};
     for (size_t k = 0; k < sizeof bad / sizeof bad[0]; k++) {
         if (mc__redis_stream_id_parse(bad[k], strlen(bad[k]), &back) != MC_EINVAL) {

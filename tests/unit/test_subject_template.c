@@ -149,9 +149,11 @@ static void test_compile_errors(void **state)
         }
     }
     /* Good ones, including separators inside a token and spaces in Redis names. */
-    const char *good_redis[] = {"{db}.{coll}", "{db}/{coll}:{recipient}", "a::b", "events {stream}"};
+    const char *good_redis[] = {"{db}.{coll}", "{db}/{coll}:{recipient}", "a::b",
+                                "events {stream}"};
     for (size_t i = 0; i < sizeof good_redis / sizeof good_redis[0]; i++) {
-        mc__subject_template_t *t = mc__subject_template_new(good_redis[i], MC__SUBJECT_REDIS, NULL);
+        mc__subject_template_t *t =
+            mc__subject_template_new(good_redis[i], MC__SUBJECT_REDIS, NULL);
         assert_non_null(t);
         mc__subject_template_destroy(t);
     }

@@ -29,8 +29,8 @@ static void test_vector(void **state)
     assert_non_null(s);
     char out[MC__WEBHOOK_SIG_HEADER_MAX];
     size_t len = 0;
-    assert_int_equal(mc__webhook_sign(s, VEC_ID, strlen(VEC_ID), VEC_TS, VEC_BODY,
-                                      strlen(VEC_BODY), out, &len, &err),
+    assert_int_equal(mc__webhook_sign(s, VEC_ID, strlen(VEC_ID), VEC_TS, VEC_BODY, strlen(VEC_BODY),
+                                      out, &len, &err),
                      0);
     assert_string_equal(out, VEC_SIG);
     assert_int_equal(len, strlen(VEC_SIG));
@@ -89,14 +89,14 @@ static void test_rotation_two_secrets(void **state)
     assert_int_equal(mc__webhook_signer_count(s), 2);
     char out[MC__WEBHOOK_SIG_HEADER_MAX], one[MC__WEBHOOK_SIG_HEADER_MAX];
     size_t len = 0;
-    assert_int_equal(mc__webhook_sign(s, VEC_ID, strlen(VEC_ID), VEC_TS, VEC_BODY,
-                                      strlen(VEC_BODY), out, &len, NULL),
+    assert_int_equal(mc__webhook_sign(s, VEC_ID, strlen(VEC_ID), VEC_TS, VEC_BODY, strlen(VEC_BODY),
+                                      out, &len, NULL),
                      0);
     /* Both signatures, space-separated, in the order of the secrets. */
     assert_int_equal(len, 2 * 47 + 1);
     assert_memory_equal(out, VEC_SIG " ", 48);
-    assert_int_equal(mc__webhook_sign(b, VEC_ID, strlen(VEC_ID), VEC_TS, VEC_BODY,
-                                      strlen(VEC_BODY), one, NULL, NULL),
+    assert_int_equal(mc__webhook_sign(b, VEC_ID, strlen(VEC_ID), VEC_TS, VEC_BODY, strlen(VEC_BODY),
+                                      one, NULL, NULL),
                      0);
     assert_string_equal(out + 48, one);
     /* A receiver knowing either secret verifies. */
@@ -132,9 +132,9 @@ static void test_bad_secrets(void **state)
         {"whsec_", "not valid base64"},
         {"", "whsec_<base64 key>"},
         {"MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw", "whsec_<base64 key>"},
-        {"whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaS", "not valid base64"},  /* length */
-        {"whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLa!w", "not valid base64"}, /* alphabet */
-        {"whsec_QUJDREVGR0hJSktMTU5PUA==", "24 to 64"},                /* 16 bytes */
+        {"whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaS", "not valid base64"},              /* length */
+        {"whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLa!w", "not valid base64"},             /* alphabet */
+        {"whsec_QUJDREVGR0hJSktMTU5PUA==", "24 to 64"},                             /* 16 bytes */
         {"whsec_QUJDREVGR0hJSktMTU5PUFFSU1RVVldYWVphYmNkZWZ=", "not valid base64"}, /* bits */
         {"whsec_QUJDREVGR0hJSktMTU5PUFFSU1RVVldYWVphYmNkZWZnaGlqa2xtbm9wcXJzdHV2d3h5ejAxMjM0NTY3"
          "ODlBQkM=", /* 65 bytes */

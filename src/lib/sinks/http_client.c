@@ -359,8 +359,11 @@ static void check_done(mc__http_t *h)
             ra = (int64_t)retry_after * 1000;
             ra = ra > MC__HTTP_MAX_RETRY_AFTER_MS ? MC__HTTP_MAX_RETRY_AFTER_MS : ra;
         }
-        mc__http_result_t res = {code == CURLE_OK ? 0 : MC_EIO, code == CURLE_OK ? status : 0,
-                                 mc__http_classify(code == CURLE_OK ? status : 0, code), ra, secs,
+        mc__http_result_t res = {code == CURLE_OK ? 0 : MC_EIO,
+                                 code == CURLE_OK ? status : 0,
+                                 mc__http_classify(code == CURLE_OK ? status : 0, code),
+                                 ra,
+                                 secs,
                                  msg};
         r->cb(r->arg, &res);
         recycle(h, r);

@@ -75,13 +75,13 @@ typedef struct mc__http_request {
 } mc__http_request_t;
 
 typedef struct mc__http_result {
-    int status;                 /* 0: a response came (see http_status); MC_EIO: none;
-                                   MC_ECLOSED: the client was closed first */
-    long http_status;           /* 0 without a response */
+    int status;       /* 0: a response came (see http_status); MC_EIO: none;
+                         MC_ECLOSED: the client was closed first */
+    long http_status; /* 0 without a response */
     mc__http_class_t cls;
-    int64_t retry_after_ms;     /* -1: none */
-    double seconds;             /* the request's total time */
-    const char *message;        /* "HTTP 503: <first bytes of the body>", a curl error, ... */
+    int64_t retry_after_ms; /* -1: none */
+    double seconds;         /* the request's total time */
+    const char *message;    /* "HTTP 503: <first bytes of the body>", a curl error, ... */
 } mc__http_result_t;
 
 typedef void (*mc__http_cb)(void *arg, const mc__http_result_t *res);

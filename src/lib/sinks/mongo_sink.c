@@ -77,8 +77,9 @@ static pnode_t *child(pnode_t *n, const char *name, size_t len)
 
 static int proj_error(mc_error_t *err, const char *what, const char *path)
 {
-    return mc_error_set(err, MC_ECONFIG, MC_DOMAIN_MONGOCAST, MC_ECONFIG, "projection%s%.100s%s: %s",
-                        path ? " \"" : "", path ? path : "", path ? "\"" : "", what);
+    return mc_error_set(err, MC_ECONFIG, MC_DOMAIN_MONGOCAST, MC_ECONFIG,
+                        "projection%s%.100s%s: %s", path ? " \"" : "", path ? path : "",
+                        path ? "\"" : "", what);
 }
 
 mc__mongo_projection_t *mc__mongo_projection_new(const bson_t *spec, mc_error_t *err)
@@ -219,8 +220,8 @@ int mc__mongo_sink_doc(const mc_event_t *ev, const mc__mongo_projection_t *proj,
     return 0;
 }
 
-mongoc_write_concern_t *mc__mongo_write_concern(const char *w, int64_t wtimeout_ms,
-                                                bool journal, mc_error_t *err)
+mongoc_write_concern_t *mc__mongo_write_concern(const char *w, int64_t wtimeout_ms, bool journal,
+                                                mc_error_t *err)
 {
     mongoc_write_concern_t *wc = mongoc_write_concern_new();
     if (!w || strcmp(w, "majority") == 0) {
@@ -254,7 +255,7 @@ mongoc_write_concern_t *mc__mongo_write_concern(const char *w, int64_t wtimeout_
 /* Server codes after which the same write can succeed later: elections, shutdowns, network
  * trouble seen by the server, time limits, write concern not (yet) satisfied, conflicts,
  * and Unauthorized (a configuration matter, never the document's fault). */
-static const int transient_codes[] = {6,   7,   13,   50,    64,    89,    91,    112,   133,
+static const int transient_codes[] = {6,   7,   13,  50,   64,    89,    91,    112,   133,
                                       134, 189, 262, 9001, 10107, 11600, 11602, 13435, 13436};
 
 mc__mongo_class_t mc__mongo_classify(const bson_error_t *e, const bson_t *reply)
@@ -411,7 +412,8 @@ int mc__mongo_insert_ordered(mongoc_collection_t *coll, const bson_t *const *doc
         if (wc) {
             mongoc_write_concern_append((mongoc_write_concern_t *)wc, &opts);
         }
-        mongoc_bulk_operation_t *bulk = mongoc_collection_create_bulk_operation_with_opts(coll, &opts);
+        mongoc_bulk_operation_t *bulk =
+            mongoc_collection_create_bulk_operation_with_opts(coll, &opts);
         bson_destroy(&opts);
         size_t end = len - next > MC__MONGO_MAX_BATCH ? next + MC__MONGO_MAX_BATCH : len;
         bson_error_t e;
@@ -536,7 +538,8 @@ int mc__mongo_loop_check(const char *sink, const char *db, const char *coll, boo
     }
     for (size_t k = 0; k < n; k++) {
         const mc__mongo_watch_t *w = &streams[k];
-        bool watches = !w->db || (strcmp(w->db, db) == 0 && (!w->coll || strcmp(w->coll, coll) == 0));
+        bool watches =
+            !w->db || (strcmp(w->db, db) == 0 && (!w->coll || strcmp(w->coll, coll) == 0));
         if (watches) {
             return mc_error_set(err, MC_ECONFIG, MC_DOMAIN_MONGOCAST, MC_ECONFIG,
                                 "sink %s writes into %s.%s, which its stream %s watches: every "

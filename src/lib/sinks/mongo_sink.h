@@ -50,8 +50,8 @@ int mc__mongo_sink_doc(const mc_event_t *ev, const mc__mongo_projection_t *proj,
 /* Parses the write concern option: "majority" (default when NULL), a number of members
  * (0..50), with an optional wtimeout_ms (0: none) and journal flag. MC_ECONFIG for others.
  * The result is mongoc-owned: destroy with mongoc_write_concern_destroy(). */
-mongoc_write_concern_t *mc__mongo_write_concern(const char *w, int64_t wtimeout_ms,
-                                                bool journal, mc_error_t *err);
+mongoc_write_concern_t *mc__mongo_write_concern(const char *w, int64_t wtimeout_ms, bool journal,
+                                                mc_error_t *err);
 
 typedef enum mc__mongo_class {
     MC__MONGO_OK = 0,
@@ -73,11 +73,11 @@ typedef enum mc__mongo_outcome {
 
 typedef struct mc__mongo_insert_result {
     size_t written, duplicates;
-    size_t failed_index;   /* the first failed document, when `failed` */
+    size_t failed_index; /* the first failed document, when `failed` */
     bool failed;
     mc__mongo_class_t cls; /* of that failure */
     char message[256];
-    size_t round_trips;    /* insert commands sent */
+    size_t round_trips; /* insert commands sent */
 } mc__mongo_insert_result_t;
 
 /* Inserts docs[0..n) in order (ordered bulk writes with the write concern `wc`, NULL: the

@@ -59,7 +59,7 @@ struct mc__nats {
     int64_t in_flight;
     int in_handler;
     bool closing;
-    bool nc_closed;    /* the current connection's closed callback ran */
+    bool nc_closed; /* the current connection's closed callback ran */
     mc__nats_state_t state;
     uint64_t reconnects;
     char last_error[256];
@@ -76,8 +76,8 @@ static int url_error(mc_error_t *err, size_t item, const char *what)
 
 static bool host_byte(unsigned char c)
 {
-    return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
-           c == '-' || c == '.' || c == '_';
+    return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '-' ||
+           c == '.' || c == '_';
 }
 
 /* One "scheme://[user[:pass]@]host[:port]" item of s[0..n). */
@@ -130,8 +130,8 @@ static int check_one(const char *s, size_t n, size_t item, mc_error_t *err)
             return url_error(err, item, "bad [IPv6] host");
         }
         for (const char *q = p + 1; q < rb; q++) {
-            if (!((*q >= '0' && *q <= '9') || (*q >= 'a' && *q <= 'f') || (*q >= 'A' && *q <= 'F') ||
-                  *q == ':' || *q == '.')) {
+            if (!((*q >= '0' && *q <= '9') || (*q >= 'a' && *q <= 'f') ||
+                  (*q >= 'A' && *q <= 'F') || *q == ':' || *q == '.')) {
                 return url_error(err, item, "bad [IPv6] host");
             }
         }
@@ -200,27 +200,21 @@ mc__nats_class_t mc__nats_classify(natsStatus s, int js_code)
 {
     switch (js_code) {
     case JSStreamMessageExceedsMaximumErr:
-    case JSStreamWrongLastMsgIDErr:
     case JSStreamWrongLastSequenceErr:
     case JSStreamSequenceNotMatchErr:
     case JSStreamNotMatchErr:
     case JSStreamInvalidErr:
     case JSStreamInvalidConfig:
-    case JSBadRequestErr:
-        return MC__NATS_PERMANENT;
-    default:
-        break;
+    case JSBadRequestErr: return MC__NATS_PERMANENT;
+    default: break;
     }
     switch (s) {
-    case NATS_OK:
-        return js_code ? MC__NATS_TRANSIENT : MC__NATS_OK;
+    case NATS_OK: return js_code ? MC__NATS_TRANSIENT : MC__NATS_OK;
     case NATS_MAX_PAYLOAD:
     case NATS_INVALID_SUBJECT:
     case NATS_INVALID_ARG:
-    case NATS_NOT_PERMITTED:
-        return MC__NATS_PERMANENT;
-    default:
-        return MC__NATS_TRANSIENT;
+    case NATS_NOT_PERMITTED: return MC__NATS_PERMANENT;
+    default: return MC__NATS_TRANSIENT;
     }
 }
 
@@ -291,8 +285,7 @@ static void on_closed(natsConnection *nc, void *closure)
     pthread_mutex_unlock(&n->lock);
 }
 
-static void on_async_error(natsConnection *nc, natsSubscription *sub, natsStatus err,
-                           void *closure)
+static void on_async_error(natsConnection *nc, natsSubscription *sub, natsStatus err, void *closure)
 {
     (void)nc;
     (void)sub;
@@ -383,7 +376,8 @@ static void on_pub_ack(jsCtx *js, natsMsg *msg, jsPubAck *pa, jsPubAckErr *pae, 
     pthread_mutex_unlock(&n->lock);
 }
 
-/* ---- Create and destroy ----------------------------------------------------------------------- */
+/* ---- Create and destroy -----------------------------------------------------------------------
+ */
 
 static void opts_defaults(mc__nats_opts_t *o)
 {
@@ -413,9 +407,9 @@ static void opts_defaults(mc__nats_opts_t *o)
 static mc__nats_t *create_fail(mc__nats_t *n, mc_error_t *err, natsStatus s, const char *what)
 {
     const char *detail = nats_GetLastError(NULL);
-    mc_error_set(err, s == NATS_NO_MEMORY ? MC_ENOMEM : MC_ECONFIG, MC_DOMAIN_MONGOCAST,
-                 (int)s, "nats: %s: %s%s%.200s", what, natsStatus_GetText(s),
-                 detail && *detail ? ": " : "", detail ? detail : "");
+    mc_error_set(err, s == NATS_NO_MEMORY ? MC_ENOMEM : MC_ECONFIG, MC_DOMAIN_MONGOCAST, (int)s,
+                 "nats: %s: %s%s%.200s", what, natsStatus_GetText(s), detail && *detail ? ": " : "",
+                 detail ? detail : "");
     if (n) {
         natsOptions_Destroy(n->nopts);
         free(n->table);
@@ -705,7 +699,8 @@ void mc__nats_destroy(mc__nats_t *n)
     free(n);
 }
 
-/* ---- Publishing --------------------------------------------------------------------------------- */
+/* ---- Publishing ---------------------------------------------------------------------------------
+ */
 
 /* Header values: control bytes and '%' as %XX, so a value can never end its line. */
 static const char *header_value(const char *v, size_t len, char *buf, size_t cap)
@@ -760,7 +755,8 @@ static int publish_error(natsStatus s, int code, mc_error_t *err, const char *wh
     mc__nats_class_t cls = mc__nats_classify(s, code);
     int rc = status_of(cls, s);
     return mc_error_set(err, rc, MC_DOMAIN_MONGOCAST, (int)s, "nats %s: %s (%s)", what,
-                        natsStatus_GetText(s), cls == MC__NATS_PERMANENT ? "permanent" : "transient");
+                        natsStatus_GetText(s),
+                        cls == MC__NATS_PERMANENT ? "permanent" : "transient");
 }
 
 int mc__nats_publish(mc__nats_t *n, const char *subject, const mc__nats_headers_t *h,
@@ -784,8 +780,8 @@ int mc__nats_publish(mc__nats_t *n, const char *subject, const mc__nats_headers_
 }
 
 int mc__nats_js_publish(mc__nats_t *n, const char *subject, const char *msg_id,
-                        const mc__nats_headers_t *h, const void *data, size_t len,
-                        mc__nats_cb cb, void *arg, mc_error_t *err)
+                        const char *expected_last_id, const mc__nats_headers_t *h, const void *data,
+                        size_t len, mc__nats_cb cb, void *arg, mc_error_t *err)
 {
     if (!msg_id || !*msg_id || !cb) {
         return mc_error_set(err, MC_EINVAL, MC_DOMAIN_MONGOCAST, MC_EINVAL,
@@ -826,6 +822,7 @@ int mc__nats_js_publish(mc__nats_t *n, const char *subject, const char *msg_id,
         jsPubOptions po;
         jsPubOptions_Init(&po);
         po.MsgId = msg_id;
+        po.ExpectLastMsgId = expected_last_id;
         po.MaxWait = n->o.ack_timeout_ms;
         pthread_rwlock_rdlock(&n->conn_lock);
         s = n->js ? js_PublishMsgAsync(n->js, &msg, &po) : NATS_CONNECTION_DISCONNECTED;
@@ -847,7 +844,8 @@ int mc__nats_js_publish(mc__nats_t *n, const char *subject, const char *msg_id,
                          "JetStream publish");
 }
 
-/* ---- Streams ---------------------------------------------------------------------------------- */
+/* ---- Streams ----------------------------------------------------------------------------------
+ */
 
 static int ensure_stream(jsCtx *js, const char *name, const char *const *subjects, int n_subjects,
                          int64_t duplicate_window_ms, bool *created, mc_error_t *err);

@@ -50,8 +50,9 @@ typedef enum mc__nats_class {
 /* Classifies a publish failure from its libnats status and JetStream error code (0 when
  * none). Permanent: NATS_MAX_PAYLOAD, NATS_INVALID_SUBJECT, NATS_INVALID_ARG, NATS_NOT_PERMITTED
  * and the JetStream codes that no retry can change (message larger than the stream allows,
- * wrong expected last id/sequence, invalid stream). Everything else is transient
- * (disconnected, timeout, no responders: no stream takes the subject yet, storage full). */
+ * wrong expected sequence, invalid stream). Everything else is transient (disconnected,
+ * timeout, no responders: no stream takes the subject yet, storage full, and a wrong expected
+ * last message id: the message before it is still to come). */
 mc__nats_class_t mc__nats_classify(natsStatus s, int js_code);
 
 typedef enum mc__nats_state {
@@ -62,18 +63,18 @@ typedef enum mc__nats_state {
 } mc__nats_state_t;
 
 typedef struct mc__nats_opts {
-    const char *url;            /* server list (mc__nats_url_check) */
+    const char *url; /* server list (mc__nats_url_check) */
     const char *user, *password;
     const char *token;
     const char *nkey_public, *nkey_seed_file; /* NKey: public key + seed file */
-    const char *creds_file;     /* user JWT + seed (.creds) */
-    uint32_t connect_timeout_ms;  /* default 5000 */
-    uint32_t ack_timeout_ms;      /* default 10000: JetStream PubAck wait per message */
-    uint32_t ping_interval_ms;    /* default 10000 (two unanswered PINGs drop the link) */
-    uint32_t backoff_initial_ms;  /* default 100 */
-    uint32_t backoff_max_ms;      /* default 30000 */
-    int max_pending;              /* default 65536 JetStream publishes in flight */
-    int reconnect_buf_bytes;      /* default 64 MiB buffered while disconnected */
+    const char *creds_file;                   /* user JWT + seed (.creds) */
+    uint32_t connect_timeout_ms;              /* default 5000 */
+    uint32_t ack_timeout_ms;                  /* default 10000: JetStream PubAck wait per message */
+    uint32_t ping_interval_ms;   /* default 10000 (two unanswered PINGs drop the link) */
+    uint32_t backoff_initial_ms; /* default 100 */
+    uint32_t backoff_max_ms;     /* default 30000 */
+    int max_pending;             /* default 65536 JetStream publishes in flight */
+    int reconnect_buf_bytes;     /* default 64 MiB buffered while disconnected */
     void (*on_state)(void *arg, mc__nats_state_t state, const char *why);
     void *state_arg;
 } mc__nats_opts_t;
@@ -113,20 +114,25 @@ typedef enum mc__nats_outcome {
 typedef struct mc__nats_result {
     mc__nats_outcome_t outcome;
     mc__nats_class_t cls;
-    int status;            /* 0, MC_EIO (failure), MC_ECLOSED (client destroyed first) */
-    uint64_t sequence;     /* the stream sequence of a PubAck */
-    const char *message;   /* what failed (borrowed for the callback) */
+    int status;          /* 0, MC_EIO (failure), MC_ECLOSED (client destroyed first) */
+    uint64_t sequence;   /* the stream sequence of a PubAck */
+    const char *message; /* what failed (borrowed for the callback) */
 } mc__nats_result_t;
 
 typedef void (*mc__nats_cb)(void *arg, const mc__nats_result_t *res);
 
 /* JetStream asynchronous publish with header Nats-Msg-Id = msg_id (required, non-empty).
+ * `expected_last_id` (optional) adds Nats-Expected-Last-Msg-Id: the stream then stores the
+ * message only right after that one, which keeps a stream in event order when a message is
+ * lost in transit and a later one arrives first (the later one is refused, transient, and
+ * sent again after the lost one). A replayed message is answered as a duplicate before that
+ * check, so replays stay harmless. Use it only when this publisher alone writes the stream.
  * Returns 0, after which cb runs exactly once on a libnats thread; or MC_EAGAIN (max_pending
  * in flight, or libnats's own bound), MC_ECLOSED, MC_EINVAL (permanent: see err), and cb is
  * never called. */
 int mc__nats_js_publish(mc__nats_t *n, const char *subject, const char *msg_id,
-                        const mc__nats_headers_t *h, const void *data, size_t len,
-                        mc__nats_cb cb, void *arg, mc_error_t *err);
+                        const char *expected_last_id, const mc__nats_headers_t *h, const void *data,
+                        size_t len, mc__nats_cb cb, void *arg, mc_error_t *err);
 
 /* Creates the JetStream stream `name` capturing `subjects` (file storage) with the given
  * duplicate window, unless a stream of that name exists (then it is left as it is, and

@@ -62,7 +62,7 @@ struct mc__redis {
     uint64_t next_attempt_ms;
     mc__backoff_t backoff;
     int handshake_left;
-    const char *drop_reason;    /* a deferred drop of the link (static text) */
+    const char *drop_reason; /* a deferred drop of the link (static text) */
     char reason_buf[256];
     bool closing;
     bool tick_closed;
@@ -313,8 +313,8 @@ static void reply_cb(redisAsyncContext *ac, void *reply_, void *priv)
         if (r->state == MC__REDIS_READY) {
             r->state = MC__REDIS_CONNECTING;
         }
-        const char *why = r->reason_buf[0] ? r->reason_buf
-                                           : (ac->errstr[0] ? ac->errstr : "connection lost");
+        const char *why =
+            r->reason_buf[0] ? r->reason_buf : (ac->errstr[0] ? ac->errstr : "connection lost");
         if (c->internal) {
             redisFreeCommand(c->buf);
             free(c);
@@ -653,7 +653,8 @@ static void schedule(mc__redis_t *r)
     uv_timer_start(&r->tick, on_tick, at > now ? at - now : 1, 0);
 }
 
-/* ---- Public ------------------------------------------------------------------------------------ */
+/* ---- Public ------------------------------------------------------------------------------------
+ */
 
 mc__redis_t *mc__redis_new(uv_loop_t *loop, const mc__redis_opts_t *opts, mc_error_t *err)
 {

@@ -95,11 +95,11 @@ typedef enum mc__redis_state {
 
 typedef struct mc__redis_opts {
     mc__redis_url_t url;
-    uint32_t connect_timeout_ms;  /* default 5000: resolve + connect + handshake */
-    uint32_t command_timeout_ms;  /* default 10000: a reply later than this drops the link */
-    uint32_t backoff_initial_ms;  /* default 100 */
-    uint32_t backoff_max_ms;      /* default 30000 */
-    size_t max_pending;           /* default 65536: commands queued or waiting for a reply */
+    uint32_t connect_timeout_ms; /* default 5000: resolve + connect + handshake */
+    uint32_t command_timeout_ms; /* default 10000: a reply later than this drops the link */
+    uint32_t backoff_initial_ms; /* default 100 */
+    uint32_t backoff_max_ms;     /* default 30000 */
+    size_t max_pending;          /* default 65536: commands queued or waiting for a reply */
     /* Optional: called on every state change and with the reason of each failed attempt
      * (`why` is NULL when the new state is READY). */
     void (*on_state)(void *arg, mc__redis_state_t state, const char *why);
@@ -116,7 +116,7 @@ void mc__redis_opts_defaults(mc__redis_opts_t *o);
 typedef struct mc__redis_result {
     int status;
     mc__redis_class_t cls;
-    bool maybe_done;          /* the command was written: it may have run on the server */
+    bool maybe_done; /* the command was written: it may have run on the server */
     const redisReply *reply;
     const char *message;
 } mc__redis_result_t;
@@ -141,10 +141,10 @@ void mc__redis_close(mc__redis_t *r, void (*on_closed)(void *arg), void *arg);
 
 typedef struct mc__redis_status {
     mc__redis_state_t state;
-    size_t pending;          /* commands queued + waiting for a reply */
-    uint64_t connects;       /* successful handshakes */
-    uint64_t failures;       /* failed attempts and dropped connections */
-    char last_error[256];    /* the reason of the last failure ("" if none) */
+    size_t pending;       /* commands queued + waiting for a reply */
+    uint64_t connects;    /* successful handshakes */
+    uint64_t failures;    /* failed attempts and dropped connections */
+    char last_error[256]; /* the reason of the last failure ("" if none) */
 } mc__redis_status_t;
 
 void mc__redis_status(const mc__redis_t *r, mc__redis_status_t *out);

@@ -33,8 +33,8 @@ mc__xadd_outcome_t mc__xadd_decide(bool exact_found, bool exact_same, bool first
     return MC__XADD_GAP;
 }
 
-int mc__xadd_prepare(mc__xadd_op_t *op, const mc__subject_template_t *key_template,
-                     mc_event_t *ev, uint64_t maxlen, mc_error_t *err)
+int mc__xadd_prepare(mc__xadd_op_t *op, const mc__subject_template_t *key_template, mc_event_t *ev,
+                     uint64_t maxlen, mc_error_t *err)
 {
     memset(op, 0, sizeof *op);
     int rc = mc__redis_stream_id_from_event(ev, &op->id, err);
@@ -43,8 +43,7 @@ int mc__xadd_prepare(mc__xadd_op_t *op, const mc__subject_template_t *key_templa
     }
     mc__subject_values_t v;
     mc__subject_values_from_event(&v, ev);
-    rc = mc__subject_template_render(key_template, &v, op->key, sizeof op->key, &op->key_len,
-                                     err);
+    rc = mc__subject_template_render(key_template, &v, op->key, sizeof op->key, &op->key_len, err);
     if (rc != 0) {
         return rc;
     }
@@ -93,7 +92,8 @@ static const redisReply *only_entry(const redisReply *r)
         return NULL;
     }
     const redisReply *e = r->element[0];
-    if (e->type != REDIS_REPLY_ARRAY || e->elements != 2 || e->element[0]->type != REDIS_REPLY_STRING) {
+    if (e->type != REDIS_REPLY_ARRAY || e->elements != 2 ||
+        e->element[0]->type != REDIS_REPLY_STRING) {
         return NULL;
     }
     return e;
@@ -143,8 +143,8 @@ static void on_exact(void *arg, const mc__redis_result_t *res)
             op->exact_found = true;
             const redisReply *v = entry_field(e->element[1], "id");
             const char *mine = mc_event_id(op->ev);
-            op->exact_same = v && v->type == REDIS_REPLY_STRING && mine &&
-                             v->len == strlen(mine) && memcmp(v->str, mine, v->len) == 0;
+            op->exact_same = v && v->type == REDIS_REPLY_STRING && mine && v->len == strlen(mine) &&
+                             memcmp(v->str, mine, v->len) == 0;
         }
     }
     after_reads(op);
@@ -158,8 +158,8 @@ static void on_first(void *arg, const mc__redis_result_t *res)
     } else {
         const redisReply *e = only_entry(res->reply);
         if (e) {
-            op->first_found = mc__redis_stream_id_parse(e->element[0]->str, e->element[0]->len,
-                                                        &op->first) == 0;
+            op->first_found =
+                mc__redis_stream_id_parse(e->element[0]->str, e->element[0]->len, &op->first) == 0;
         }
     }
     after_reads(op);

@@ -85,8 +85,8 @@ typedef struct mc__xadd_op {
  * maxlen 0 means no trimming. Errors (nothing to send; the event can never be written):
  * MC_EINVAL for an event without a position, MC_ELIMIT for a key or position past the
  * limits. Takes a reference on ev only on success. */
-int mc__xadd_prepare(mc__xadd_op_t *op, const mc__subject_template_t *key_template,
-                     mc_event_t *ev, uint64_t maxlen, mc_error_t *err);
+int mc__xadd_prepare(mc__xadd_op_t *op, const mc__subject_template_t *key_template, mc_event_t *ev,
+                     uint64_t maxlen, mc_error_t *err);
 
 /* Releases the op's event reference. NULL-safe. */
 void mc__xadd_op_cleanup(mc__xadd_op_t *op);

@@ -91,8 +91,10 @@ int mc__token_position_parse(const char *hex, size_t len, mc__token_position_t *
         return bad_token(err, "does not start with a cluster time");
     }
     memset(out, 0, sizeof *out);
-    out->t = (uint32_t)bytes[1] << 24 | (uint32_t)bytes[2] << 16 | (uint32_t)bytes[3] << 8 | bytes[4];
-    out->i = (uint32_t)bytes[5] << 24 | (uint32_t)bytes[6] << 16 | (uint32_t)bytes[7] << 8 | bytes[8];
+    out->t =
+        (uint32_t)bytes[1] << 24 | (uint32_t)bytes[2] << 16 | (uint32_t)bytes[3] << 8 | bytes[4];
+    out->i =
+        (uint32_t)bytes[5] << 24 | (uint32_t)bytes[6] << 16 | (uint32_t)bytes[7] << 8 | bytes[8];
     r.pos = 9;
     uint64_t version = 0, type = 0, txn = 0;
     if (!read_uint(&r, &version) || (version != 1 && version != 2)) {
@@ -132,8 +134,8 @@ int mc__redis_stream_id_make(const mc__token_position_t *pos, uint32_t fragment,
                             MC__REDIS_ID_MAX_FRAGMENT);
     }
     out->ms = (uint64_t)pos->t * 1000u;
-    out->seq = (uint64_t)pos->i << 32 | (uint64_t)pos->txn_op_index << 9 |
-               (uint64_t)fragment << 1 | (pos->from_invalidate ? 1u : 0u);
+    out->seq = (uint64_t)pos->i << 32 | (uint64_t)pos->txn_op_index << 9 | (uint64_t)fragment << 1 |
+               (pos->from_invalidate ? 1u : 0u);
     return 0;
 }
 

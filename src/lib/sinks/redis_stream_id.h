@@ -56,9 +56,9 @@ typedef struct mc__redis_stream_id {
 
 /* The fields of a resume token that give its position (its start, before the UUID). */
 typedef struct mc__token_position {
-    uint32_t t, i;           /* clusterTime */
-    int version;             /* 1 or 2 */
-    int token_type;          /* 128 event, 0 high-water mark */
+    uint32_t t, i;  /* clusterTime */
+    int version;    /* 1 or 2 */
+    int token_type; /* 128 event, 0 high-water mark */
     uint32_t txn_op_index;
     bool from_invalidate;
 } mc__token_position_t;

@@ -68,8 +68,8 @@ static bool parse_int(const char *s, size_t n, long max, long *out)
 
 static bool host_byte_ok(unsigned char c)
 {
-    return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
-           c == '-' || c == '.' || c == '_';
+    return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '-' ||
+           c == '.' || c == '_';
 }
 
 int mc__redis_url_parse(const char *url, size_t len, mc__redis_url_t *out, mc_error_t *err)
@@ -194,8 +194,8 @@ const char *mc__redis_url_redact(const mc__redis_url_t *u, char *buf, size_t cap
 
 /* Error prefixes after which a retry can succeed without anyone changing the command. */
 static const char *const transient_prefixes[] = {
-    "LOADING", "BUSY", "TRYAGAIN", "MASTERDOWN", "CLUSTERDOWN", "READONLY",
-    "OOM", "MISCONF", "NOREPLICAS", "NOAUTH", "WRONGPASS",
+    "LOADING", "BUSY",    "TRYAGAIN",   "MASTERDOWN", "CLUSTERDOWN", "READONLY",
+    "OOM",     "MISCONF", "NOREPLICAS", "NOAUTH",     "WRONGPASS",
 };
 
 mc__redis_class_t mc__redis_classify(const redisReply *reply)

@@ -37,8 +37,8 @@ typedef struct segment {
 } segment_t;
 
 typedef struct token {
-    size_t first, count;    /* its segments */
-    bool only_recipient;    /* every segment is {recipient}: left out when they are empty */
+    size_t first, count; /* its segments */
+    bool only_recipient; /* every segment is {recipient}: left out when they are empty */
 } token_t;
 
 struct mc__subject_template {
@@ -56,8 +56,8 @@ struct mc__subject_template {
  * lone '%' stands for an empty value, so every byte of a rendered value decodes one way. */
 static bool raw_byte(unsigned char c)
 {
-    return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
-           c == '_' || c == '-';
+    return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '_' ||
+           c == '-';
 }
 
 size_t mc__subject_escape(const char *in, size_t len, char *out)
@@ -219,7 +219,8 @@ mc__subject_template_t *mc__subject_template_new(const char *text, mc__subject_k
                 goto fail;
             }
             if (kind == MC__SUBJECT_NATS && tok->count == 0) {
-                compile_error(err, text, i, "empty subject token (leading, trailing or doubled '.')");
+                compile_error(err, text, i,
+                              "empty subject token (leading, trailing or doubled '.')");
                 goto fail;
             }
             if (i == n) {
@@ -291,18 +292,12 @@ bool mc__subject_template_uses_recipient(const mc__subject_template_t *t)
 static const mc__bytes_t *value_of(const mc__subject_values_t *v, seg_kind_t kind)
 {
     switch (kind) {
-    case SEG_STREAM:
-        return &v->stream;
-    case SEG_RECIPIENT:
-        return &v->recipient;
-    case SEG_DB:
-        return &v->db;
-    case SEG_COLL:
-        return &v->coll;
-    case SEG_TYPE:
-        return &v->type;
-    case SEG_LITERAL:
-        break;
+    case SEG_STREAM: return &v->stream;
+    case SEG_RECIPIENT: return &v->recipient;
+    case SEG_DB: return &v->db;
+    case SEG_COLL: return &v->coll;
+    case SEG_TYPE: return &v->type;
+    case SEG_LITERAL: break;
     }
     return NULL;
 }

@@ -75,8 +75,8 @@ static void put_time(mc__json_buf_t *b, int64_t ms)
         return;
     }
     int n = snprintf(text, sizeof text, ", \"time\" : \"%04d-%02d-%02dT%02d:%02d:%02d.%03dZ\"",
-                     tm.tm_year + 1900, tm.tm_mon + 1, tm.tm_mday, tm.tm_hour, tm.tm_min,
-                     tm.tm_sec, frac);
+                     tm.tm_year + 1900, tm.tm_mon + 1, tm.tm_mday, tm.tm_hour, tm.tm_min, tm.tm_sec,
+                     frac);
     mc__json_buf_append(b, text, (size_t)n);
 }
 
@@ -109,8 +109,7 @@ static void put_subject_id(const mc_event_t *ev, char *subject, size_t cap, size
     case BSON_TYPE_INT64:
         snprintf(subject + n, cap - n, "/%" PRId64, bson_iter_as_int64(&it));
         break;
-    default:
-        break;
+    default: break;
     }
 }
 

@@ -65,7 +65,8 @@ static long b64_decode(const char *in, size_t len, uint8_t *out, size_t cap)
                 return -1;
             }
         }
-        uint32_t w = (uint32_t)v[0] << 18 | (uint32_t)v[1] << 12 | (uint32_t)v[2] << 6 | (uint32_t)v[3];
+        uint32_t w =
+            (uint32_t)v[0] << 18 | (uint32_t)v[1] << 12 | (uint32_t)v[2] << 6 | (uint32_t)v[3];
         uint8_t b[3] = {(uint8_t)(w >> 16), (uint8_t)(w >> 8), (uint8_t)w};
         for (int k = 0; k < 3 && o < n; k++) {
             out[o++] = b[k];
@@ -115,8 +116,8 @@ mc__webhook_signer_t *mc__webhook_signer_new(const char *const *secrets, size_t 
             return signer_fail(s, err, MC_ECONFIG,
                                "secret %zu: expected the form whsec_<base64 key>", k + 1);
         }
-        long kl = b64_decode(sec + plen, strlen(sec + plen), s->keys[k].bytes,
-                             sizeof s->keys[k].bytes);
+        long kl =
+            b64_decode(sec + plen, strlen(sec + plen), s->keys[k].bytes, sizeof s->keys[k].bytes);
         if (kl < 0 && strlen(sec + plen) * 3 / 4 > MC__WEBHOOK_KEY_MAX) {
             return signer_fail(s, err, MC_ECONFIG, "secret %zu: the key is longer than 64 bytes",
                                k + 1);
@@ -174,8 +175,8 @@ static int check_id(const char *id, size_t id_len, int64_t timestamp, mc_error_t
 }
 
 int mc__webhook_sign(const mc__webhook_signer_t *s, const char *id, size_t id_len,
-                     int64_t timestamp, const void *body, size_t body_len, char *out,
-                     size_t *len, mc_error_t *err)
+                     int64_t timestamp, const void *body, size_t body_len, char *out, size_t *len,
+                     mc_error_t *err)
 {
     int rc = check_id(id, id_len, timestamp, err);
     if (rc != 0) {
@@ -249,8 +250,7 @@ int mc__webhook_verify(const mc__webhook_signer_t *s, const char *id, size_t id_
     }
     OPENSSL_cleanse(expected, sizeof expected);
     if (!match) {
-        return mc_error_set(err, MC_EAUTH, MC_DOMAIN_MONGOCAST, MC_EAUTH,
-                            "no matching signature");
+        return mc_error_set(err, MC_EAUTH, MC_DOMAIN_MONGOCAST, MC_EAUTH, "no matching signature");
     }
     return 0;
 }

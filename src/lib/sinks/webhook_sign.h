@@ -37,8 +37,7 @@ typedef struct mc__webhook_signer mc__webhook_signer_t;
 /* Decodes `n` secrets (1..MC__WEBHOOK_MAX_SECRETS). Errors (NULL, MC_ECONFIG): no secret,
  * too many, a secret without the "whsec_" prefix, not strict base64, or a key outside 24..64
  * bytes; the message names the secret's index only. */
-mc__webhook_signer_t *mc__webhook_signer_new(const char *const *secrets, size_t n,
-                                             mc_error_t *err);
+mc__webhook_signer_t *mc__webhook_signer_new(const char *const *secrets, size_t n, mc_error_t *err);
 void mc__webhook_signer_destroy(mc__webhook_signer_t *s);
 size_t mc__webhook_signer_count(const mc__webhook_signer_t *s);
 
@@ -47,8 +46,8 @@ size_t mc__webhook_signer_count(const mc__webhook_signer_t *s);
  * *len. Errors: MC_EINVAL when id is empty or contains '.' (the signed content would be
  * ambiguous) or timestamp is negative; MC_ENOMEM when OpenSSL fails. */
 int mc__webhook_sign(const mc__webhook_signer_t *s, const char *id, size_t id_len,
-                     int64_t timestamp, const void *body, size_t body_len, char *out,
-                     size_t *len, mc_error_t *err);
+                     int64_t timestamp, const void *body, size_t body_len, char *out, size_t *len,
+                     mc_error_t *err);
 
 /* Receiver side (tests, examples): 0 when `header` holds at least one v1 signature that
  * matches under one of the signer's keys (constant-time compare) and |now - timestamp| is

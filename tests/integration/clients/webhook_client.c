@@ -121,8 +121,8 @@ static void on_response(void *arg, const mc__http_result_t *res)
         return;
     }
     int64_t elapsed = mc__now_ms() - j->first_ms;
-    if (res->cls == MC__HTTP_PERMANENT || res->status == MC_ECLOSED || j->attempts >= app.max_attempts ||
-        elapsed >= app.max_retry_ms) {
+    if (res->cls == MC__HTTP_PERMANENT || res->status == MC_ECLOSED ||
+        j->attempts >= app.max_attempts || elapsed >= app.max_retry_ms) {
         dead_letter(j, res->message ? res->message : "failed", res->http_status);
         finish_job(j);
         pump();
@@ -219,12 +219,12 @@ static double cpu_s(void)
 int main(int argc, char **argv)
 {
     static struct option longs[] = {
-        {"url", required_argument, 0, 'u'},         {"secret", required_argument, 0, 's'},
-        {"events", required_argument, 0, 'n'},      {"keys", required_argument, 0, 'k'},
-        {"concurrency", required_argument, 0, 'c'}, {"max-attempts", required_argument, 0, 'a'},
-        {"timeout-ms", required_argument, 0, 't'},  {"dead-letter", required_argument, 0, 'd'},
-        {"format", required_argument, 0, 'f'},      {"batch", required_argument, 0, 'b'},
-        {"size", required_argument, 0, 'z'},        {"header", required_argument, 0, 'H'},
+        {"url", required_argument, 0, 'u'},          {"secret", required_argument, 0, 's'},
+        {"events", required_argument, 0, 'n'},       {"keys", required_argument, 0, 'k'},
+        {"concurrency", required_argument, 0, 'c'},  {"max-attempts", required_argument, 0, 'a'},
+        {"timeout-ms", required_argument, 0, 't'},   {"dead-letter", required_argument, 0, 'd'},
+        {"format", required_argument, 0, 'f'},       {"batch", required_argument, 0, 'b'},
+        {"size", required_argument, 0, 'z'},         {"header", required_argument, 0, 'H'},
         {"max-retry-ms", required_argument, 0, 'r'}, {0, 0, 0, 0},
     };
     const char *secrets[MC__WEBHOOK_MAX_SECRETS];
@@ -239,7 +239,10 @@ int main(int argc, char **argv)
     while ((c = getopt_long(argc, argv, "", longs, NULL)) != -1) {
         switch (c) {
         case 'u': app.url = optarg; break;
-        case 's': if (n_secrets < MC__WEBHOOK_MAX_SECRETS) secrets[n_secrets++] = optarg; break;
+        case 's':
+            if (n_secrets < MC__WEBHOOK_MAX_SECRETS)
+                secrets[n_secrets++] = optarg;
+            break;
         case 'n': app.events = atoi(optarg); break;
         case 'k': keys = atoi(optarg); break;
         case 'c': conc = atoi(optarg); break;
@@ -249,7 +252,10 @@ int main(int argc, char **argv)
         case 'f': format = optarg; break;
         case 'b': batch = atoi(optarg) > 0 ? atoi(optarg) : 1; break;
         case 'z': size = atoi(optarg); break;
-        case 'H': if (app.n_extra < 16) extra[app.n_extra++] = optarg; break;
+        case 'H':
+            if (app.n_extra < 16)
+                extra[app.n_extra++] = optarg;
+            break;
         case 'r': app.max_retry_ms = atoll(optarg); break;
         default: return 2;
         }
