@@ -174,6 +174,7 @@ static bool emu_start(emu_t *e)
     if (e->pid <= 0) {
         return false;
     }
+    fx_track(e->pid, true); /* killed at exit if a failed assertion skips emu_stop */
     e->client = mongoc_client_new(e->uri);
     return e->client != NULL;
 }
@@ -181,6 +182,7 @@ static bool emu_start(emu_t *e)
 static void emu_stop(emu_t *e)
 {
     mongoc_client_destroy(e->client);
+    fx_track(e->pid, false);
     emu_fixture_stop(e->pid);
 }
 
