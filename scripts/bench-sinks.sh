@@ -51,7 +51,7 @@ r = json.loads(sys.stdin.read()); mode, bcpu = sys.argv[1], float(sys.argv[2])
 print("mode=%s events=%d wall_s=%.3f cpu_s=%.3f ev_per_cpu_s=%.0f ev_per_s=%.0f broker_cpu_s=%.3f "
       "ev_per_broker_cpu_s=%.0f requests=%d" % (mode, r["delivered"], r["wall_s"], r["cpu_s"],
       r["delivered"] / r["cpu_s"], r["delivered"] / r["wall_s"], bcpu,
-      r["delivered"] / bcpu if bcpu > 0 else 0, r["requests"]))' "$1" "$(echo "$c1 - $c0" | bc)"
+      r["delivered"] / bcpu if bcpu > 0 else 0, r["requests"]))' "$1" "$(awk -v a="$c0" -v b="$c1" 'BEGIN {print b - a}')"
 }
 
 for m in $modes; do
