@@ -254,6 +254,18 @@ int mc_engine_set_sink_runner_opts(mc_engine_t *engine, const char *name,
 int mc_engine_validate(mc_engine_t *engine, mc_error_t *err);
 
 /*
+ * Reachability of each sink whose type has a probe() (`mongocast check`): calls `report` once
+ * per such sink, in config order, with the sink's name, its type's name, 0 or the probe's
+ * MC_E* code, and NULL or the probe's message. Sinks without a probe are skipped. Before
+ * mc_engine_start() only, after a successful mc_engine_validate(); blocks up to `timeout_ms`
+ * per sink. Returns the number of sinks whose probe failed, or MC_EINVAL (started engine).
+ */
+typedef void (*mc_sink_probe_report_fn)(void *userdata, const char *sink_name,
+                                        const char *type_name, int rc, const char *message);
+int mc_engine_probe_sinks(mc_engine_t *engine, int64_t timeout_ms, mc_sink_probe_report_fn report,
+                          void *userdata);
+
+/*
  * Initialises and starts every sink, opens the token store, then spawns the watcher, consumer
  * and checkpoint threads. Returns as soon as the threads run (streams open asynchronously;
  * watch mc_engine_stream_status() or the on_state callback). On error nothing keeps running

@@ -166,6 +166,15 @@ typedef struct mc_sink_type {
      * thread: release what start() acquired there (close connections; MC_SINK_ASYNC sinks
      * uv_close() their handles, which the engine then lets the loop finish). */
     void (*stop)(mc_sink_t *sink);
+
+    /* ABI 2, optional. `mongocast check`'s reachability test: parses `options` as validate()
+     * does, connects to what they point at (and authenticates) within `timeout_ms`, and lets
+     * go of everything before returning, on the calling thread, with no lasting side effect
+     * (it must not create streams, keys or indexes). Called on a scratch instance like
+     * validate() (zeroed ctx, never init()ed). Returns 0 when reachable, otherwise an MC_E*
+     * code with err saying why ("connect 127.0.0.1:6390: Connection refused", "no reply
+     * within 2000 ms"); never puts a secret into err. */
+    int (*probe)(mc_sink_t *sink, const bson_t *options, int64_t timeout_ms, mc_error_t *err);
 } mc_sink_type_t;
 
 /* The instance's private state (ctx_size bytes, zeroed at creation); NULL when ctx_size is 0. */

@@ -797,21 +797,32 @@ static int unknown_type_error(const mc_engine_t *engine, const mc_sink_t *sink, 
 /* Runs the type's option checks on a scratch copy of `sink`: the copy shares the name,
  * options and stream tables (read-only here) but has its own zeroed ctx, so the real
  * instance is untouched and can still be initialised by mc_engine_start(). */
-static int validate_sink(mc_engine_t *engine, mc_sink_t *sink, const mc_sink_type_t *type,
-                         mc_error_t *err)
+/* A copy of `sink` that validate() and probe() may use: zeroed ctx, never initialised. */
+static int scratch_sink(const mc_sink_t *sink, const mc_sink_type_t *type, mc_sink_t *scratch,
+                        mc_error_t *err)
 {
-    mc_sink_t scratch = *sink;
-    scratch.type = type;
-    scratch.ctx = NULL;
-    scratch.init_called = scratch.initialised = scratch.started = false;
+    *scratch = *sink;
+    scratch->type = type;
+    scratch->ctx = NULL;
+    scratch->init_called = scratch->initialised = scratch->started = false;
     if (type->ctx_size) {
-        scratch.ctx = calloc(1, type->ctx_size);
-        if (!scratch.ctx) {
+        scratch->ctx = calloc(1, type->ctx_size);
+        if (!scratch->ctx) {
             return mc_error_set(err, MC_ENOMEM, MC_DOMAIN_MONGOCAST, MC_ENOMEM, "out of memory");
         }
     }
+    return 0;
+}
+
+static int validate_sink(mc_engine_t *engine, mc_sink_t *sink, const mc_sink_type_t *type,
+                         mc_error_t *err)
+{
+    mc_sink_t scratch;
+    int rc = scratch_sink(sink, type, &scratch, err);
+    if (rc != 0) {
+        return rc;
+    }
     mc_error_t serr = {0};
-    int rc;
     if (type->validate) {
         rc = type->validate(&scratch, scratch.options, &serr);
     } else {
@@ -842,6 +853,35 @@ int mc_engine_validate(mc_engine_t *engine, mc_error_t *err)
         }
     }
     return 0;
+}
+
+int mc_engine_probe_sinks(mc_engine_t *engine, int64_t timeout_ms, mc_sink_probe_report_fn report,
+                          void *userdata)
+{
+    if (!engine || engine->state != MC__ENGINE_NEW || !report) {
+        return MC_EINVAL;
+    }
+    int failed = 0;
+    for (size_t k = 0; k < engine->n_sinks; k++) {
+        mc_sink_t *sink = engine->sinks[k];
+        const mc_sink_type_t *type = sink_type(engine, sink);
+        if (!type || type->abi_version < 2 || !type->probe) {
+            continue;
+        }
+        mc_sink_t scratch;
+        mc_error_t perr = {0};
+        int rc = scratch_sink(sink, type, &scratch, &perr);
+        if (rc == 0) {
+            rc = type->probe(&scratch, scratch.options, timeout_ms, &perr);
+            if (rc != 0 && perr.message[0] == '\0') {
+                mc_error_set(&perr, rc, MC_DOMAIN_MONGOCAST, rc, "unreachable");
+            }
+        }
+        free(scratch.ctx);
+        failed += rc != 0;
+        report(userdata, sink->name, type->name, rc, rc == 0 ? NULL : perr.message);
+    }
+    return failed;
 }
 
 static int resolve_and_init_sinks(mc_engine_t *engine, mc_error_t *err)
