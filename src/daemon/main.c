@@ -166,7 +166,10 @@ int main(int argc, char **argv)
     }
     /* libmongoc's shared-memory counters leave a /dev/shm/mongoc-PID file behind whenever the
      * process is killed, and a later process that gets the same pid logs "Falling back to
-     * malloc for counters". mongocast exports its own metrics, so it does not use them. */
+     * malloc for counters". mongocast exports its own metrics, so it does not use them. This
+     * covers builds where mongoc_init() is what creates them; where libmongoc's load-time
+     * constructor already did, only MONGOC_DISABLE_SHM=1 in the environment avoids the file
+     * (the tests set it). */
     setenv("MONGOC_DISABLE_SHM", "1", 0);
     mongoc_init();
     /* Silence libmongoc until the command installs its handler: its own complaints while
