@@ -97,6 +97,10 @@ typedef struct mc_stream_status {
                                         asks for (images off on the collection, or expired) */
     char images_problem[256];        /* why images are known to be off ("" when not): the
                                         reason /readyz and mongocast check show */
+    uint64_t split_events;           /* events larger than 16 MB delivered whole, reassembled
+                                        from their fragments (on_oversize: split) */
+    uint64_t oversize_skipped;       /* events larger than 16 MB delivered as an oversize
+                                        notice (on_oversize: skip) */
 } mc_stream_status_t;
 
 /* The state of a sink's runner. */

@@ -1,0 +1,220 @@
+/*
+ * split_event.c: the fragments of a split change event back into one document (split_event.h).
+ *
+ * Runs on the thread that reads the change stream (watcher or catch-up); one instance each.
+ * Invariants: while an event is under way (of > 0) the fragments 1..n of it are held, in
+ * order, n < of; anything else (a gap, a repeat, a new `of`) resets the state with an error,
+ * because a reassembled event missing a field would be delivered as if it were whole.
+ */
+#include "split_event.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+/* A top-level field larger than this is left out of a thin fragment (skip mode): the notice
+ * needs only small fields, and what it shows of documentKey is cut at 4 KiB anyway. */
+#define THIN_FIELD_MAX (16 * 1024)
+#define PATH_DEPTH_MAX 64
+
+/* Where the fields of a change event usually stand (an unsplit event's order); fields not
+ * listed follow in the order the fragments gave them. */
+static const char *const field_order[] = {
+    "lsid",        "txnNumber",      "_id",         "operationType",
+    "clusterTime", "wallTime",       "collectionUUID", "ns",
+    "to",          "documentKey",    "updateDescription", "fullDocument",
+    "fullDocumentBeforeChange", NULL};
+
+bool mc__split_is_fragment(const bson_t *change)
+{
+    bson_iter_t it;
+    return bson_iter_init_find(&it, change, "splitEvent") && BSON_ITER_HOLDS_DOCUMENT(&it);
+}
+
+void mc__split_reset(mc__split_t *sp)
+{
+    for (uint32_t k = 0; k < sp->n; k++) {
+        bson_destroy(sp->frags[k]);
+    }
+    free(sp->frags);
+    memset(sp, 0, sizeof(*sp));
+}
+
+static int split_error(mc__split_t *sp, mc_error_t *err, int code, const char *what)
+{
+    mc__split_reset(sp);
+    return mc_error_set(err, code, MC_DOMAIN_MONGOCAST, code, "split event: %s", what);
+}
+
+/* The integer at `key` of splitEvent, or -1. */
+static int64_t split_field(const bson_t *frag, const char *key)
+{
+    bson_iter_t it, sub;
+    if (!bson_iter_init_find(&it, frag, "splitEvent") || !BSON_ITER_HOLDS_DOCUMENT(&it) ||
+        !bson_iter_recurse(&it, &sub) || !bson_iter_find(&sub, key) ||
+        !BSON_ITER_HOLDS_NUMBER(&sub)) {
+        return -1;
+    }
+    return bson_iter_as_int64(&sub);
+}
+
+/* Appends to `out` under `key` the part of document `doc` that the dotted `path` selects
+ * ({a: {b: v}} for "a.b"), nothing when the path does not reach a value. Arrays on the way are
+ * not followed: the notice's recipient then stays undecided (admins only). */
+static bool project_path(bson_t *out, const char *key, const bson_t *doc, const char *path,
+                         int depth)
+{
+    const char *dot = strchr(path, '.');
+    size_t seg = dot ? (size_t)(dot - path) : strlen(path);
+    bson_iter_t it;
+    if (depth > PATH_DEPTH_MAX || !bson_iter_init(&it, doc)) {
+        return false;
+    }
+    while (bson_iter_next(&it)) {
+        const char *k = bson_iter_key(&it);
+        if (strlen(k) != seg || memcmp(k, path, seg) != 0) {
+            continue;
+        }
+        bson_t child, sub;
+        if (!dot) {
+            bson_append_document_begin(out, key, -1, &child);
+            bson_append_iter(&child, k, -1, &it);
+            return bson_append_document_end(out, &child);
+        }
+        const uint8_t *data;
+        uint32_t len;
+        if (!BSON_ITER_HOLDS_DOCUMENT(&it)) {
+            return false;
+        }
+        bson_iter_document(&it, &len, &data);
+        if (!bson_init_static(&sub, data, len)) {
+            return false;
+        }
+        bson_t inner = BSON_INITIALIZER;
+        bool ok = project_path(&inner, k, &sub, dot + 1, depth + 1);
+        if (ok) {
+            ok = bson_append_document(out, key, -1, &inner);
+        }
+        bson_destroy(&inner);
+        return ok;
+    }
+    return false;
+}
+
+/* The fields of `frag` a notice needs: small ones whole, the images cut down to the recipient
+ * path (so that the notice goes to the event's owner). */
+static bson_t *thin_copy(const bson_t *frag, const char *recipient_path)
+{
+    bson_t *out = bson_new();
+    bson_iter_t it;
+    if (!out || !bson_iter_init(&it, frag)) {
+        bson_destroy(out);
+        return NULL;
+    }
+    while (bson_iter_next(&it)) {
+        const char *k = bson_iter_key(&it);
+        bool image = strcmp(k, "fullDocument") == 0 || strcmp(k, "fullDocumentBeforeChange") == 0;
+        size_t klen = strlen(k);
+        if (image && recipient_path && strncmp(recipient_path, "fullDocument.", 13) == 0 &&
+            BSON_ITER_HOLDS_DOCUMENT(&it)) {
+            /* The recipient is read at the same path from both images (event.c). */
+            const uint8_t *data;
+            uint32_t len;
+            bson_t doc;
+            bson_iter_document(&it, &len, &data);
+            if (bson_init_static(&doc, data, len)) {
+                project_path(out, k, &doc, recipient_path + 13, 0);
+            }
+            continue;
+        }
+        /* The element's whole size (type, key, value), from the iterator's offsets. */
+        size_t elem = (size_t)(it.next_off - it.off);
+        if (image || elem > THIN_FIELD_MAX) {
+            continue;
+        }
+        bson_append_iter(out, k, (int)klen, &it);
+    }
+    return out;
+}
+
+int mc__split_add(mc__split_t *sp, const bson_t *frag, bool thin, const char *recipient_path,
+                  bool *complete, mc_error_t *err)
+{
+    *complete = false;
+    int64_t n = split_field(frag, "fragment"), of = split_field(frag, "of");
+    if (n < 1 || of < 1 || n > of) {
+        return split_error(sp, err, MC_EINVAL, "splitEvent without a valid {fragment, of}");
+    }
+    if (of > MC__SPLIT_MAX_FRAGMENTS) {
+        return split_error(sp, err, MC_ELIMIT, "more fragments than mongocast reassembles");
+    }
+    if ((sp->of == 0 && n != 1) || (sp->of != 0 && ((uint32_t)of != sp->of || (uint32_t)n != sp->n + 1))) {
+        return split_error(sp, err, MC_EINVAL,
+                           "fragments out of order (a fragment is missing or repeated)");
+    }
+    if (sp->of == 0) {
+        sp->frags = calloc((size_t)of, sizeof(*sp->frags));
+        if (!sp->frags) {
+            return split_error(sp, err, MC_ENOMEM, "out of memory");
+        }
+        sp->of = (uint32_t)of;
+    }
+    bson_t *copy = thin ? thin_copy(frag, recipient_path) : bson_copy(frag);
+    if (!copy) {
+        return split_error(sp, err, MC_ENOMEM, "out of memory");
+    }
+    sp->frags[sp->n++] = copy;
+    sp->bytes += frag->len;
+    *complete = sp->n == sp->of;
+    return 0;
+}
+
+/* Whether `key` is one of field_order's. */
+static bool ordered_field(const char *key)
+{
+    for (size_t k = 0; field_order[k]; k++) {
+        if (strcmp(key, field_order[k]) == 0) {
+            return true;
+        }
+    }
+    return false;
+}
+
+bson_t *mc__split_take(mc__split_t *sp, size_t *bytes)
+{
+    *bytes = sp->bytes;
+    bson_t *out = sp->of > 0 && sp->n == sp->of ? bson_new() : NULL;
+    bool ok = out != NULL;
+    const bson_t *last = ok ? sp->frags[sp->n - 1] : NULL;
+    bson_iter_t it;
+    for (size_t k = 0; ok && field_order[k]; k++) {
+        const char *key = field_order[k];
+        if (strcmp(key, "_id") == 0) {
+            ok = bson_iter_init_find(&it, last, "_id") && bson_append_iter(out, "_id", 3, &it);
+            continue;
+        }
+        for (uint32_t f = 0; f < sp->n; f++) {
+            if (bson_iter_init_find(&it, sp->frags[f], key)) {
+                ok = bson_append_iter(out, key, -1, &it);
+                break;
+            }
+        }
+    }
+    for (uint32_t f = 0; ok && f < sp->n; f++) {
+        if (!bson_iter_init(&it, sp->frags[f])) {
+            ok = false;
+            break;
+        }
+        while (ok && bson_iter_next(&it)) {
+            const char *key = bson_iter_key(&it);
+            if (strcmp(key, "splitEvent") != 0 && !ordered_field(key)) {
+                ok = bson_append_iter(out, key, -1, &it);
+            }
+        }
+    }
+    mc__split_reset(sp);
+    if (!ok) {
+        bson_destroy(out);
+        return NULL;
+    }
+    return out;
+}
