@@ -28,7 +28,8 @@ import time
 import pytest
 
 from daemon_util import *  # noqa: F401,F403
-from live_util import claims, free_port, hs256, live_config, start_live, stream_path, subscribers  # noqa: F401
+from live_util import (claims, free_port, hs256, live_config, start_live, stream_path,
+                       subscribers, wait_http)  # noqa: F401
 from server_util import metrics
 from test_emulator_change_streams import RawStream, raw_streams  # noqa: F401 (fixture)
 
@@ -249,3 +250,40 @@ def test_fail_fails_the_stream_once(tmp_path, daemons, subscribers, db, db_name,
     assert d.alive()
     del sink
     assert d.stop(signal.SIGTERM) == 0
+
+
+@pytest.mark.parametrize("policy", ["split", "skip"])
+def test_catch_up_reads_oversize_events_the_same_way(tmp_path, daemons, db, db_name, mongo_uri,
+                                                     big, policy):
+    """A sink detached before the large event gets it from its catch-up thread (which runs the
+    watcher's read loop from the sink's own position): the same reassembled event (split) or
+    notice (skip), once, between the same neighbours."""
+    port = free_port()
+    path = tmp_path / "slow.jsonl"
+    cfg = live_config(tmp_path / "c.yaml", mongo_uri, {"big": stream(db_name, policy, False)},
+                      port, sinks=[{"name": "slow", "type": "fault", "file": str(path),
+                                    "block_after": 2, "block_ms": 3000, "max_lag_events": 20}],
+                      server_extra={"max_message_bytes": 128 * MIB})
+    d = daemons(cfg, env={"MONGOCAST_TEST_SINKS": "1"})
+    wait_http(port, d)
+    d.wait_open()
+    big.insert_many([{"_id": 100 + i, "n": i} for i in range(40)])
+    wait_for(lambda: metrics(port).get('mongocast_sink_detaches_total{sink="slow"}', 0) >= 1,
+             timeout=30, message="the blocked sink is detached")
+    big_update(big)
+
+    def lines():
+        return [m for m in read_jsonl(path)[0] if m.get("type") in ("change", "oversize")]
+    wait_for(lambda: len(lines()) >= 42, timeout=90, interval=0.5,
+             message="the detached sink catches up past the large event")
+    got = lines()
+    keys = [m["change"]["documentKey"]["_id"] if m["type"] == "change" else m["documentKey"]["_id"]
+            for m in got]
+    assert keys == [100 + i for i in range(40)] + [1, 2]
+    large = got[40]
+    if policy == "split":
+        assert large["type"] == "change" and large["change"]["fullDocument"]["pad"] == "b" * BIG
+        assert "splitEvent" not in large["change"]
+    else:
+        check_notice(large, db_name, documented=False)
+        assert large["documentKey"] == {"_id": 1} and large["operationType"] == "update"
