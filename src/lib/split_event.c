@@ -1,7 +1,8 @@
 /*
  * split_event.c: the fragments of a split change event back into one document (split_event.h).
  *
- * Runs on the thread that reads the change stream (watcher or catch-up); one instance each.
+ * Runs on the thread that reads the change stream (watcher or catch-up); one instance each
+ * (mc__split_too_large_token(): any thread, pure).
  * Invariants: while an event is under way (of > 0) the fragments 1..n of it are held, in
  * order, n < of; anything else (a gap, a repeat, a new `of`) resets the state with an error,
  * because a reassembled event missing a field would be delivered as if it were whole.
@@ -217,4 +218,23 @@ bson_t *mc__split_take(mc__split_t *sp, size_t *bytes)
         return NULL;
     }
     return out;
+}
+
+bool mc__split_too_large_token(const char *msg, char *data, size_t cap, size_t *size)
+{
+    static const char lead[] = "First element: _id: { _data: \"";
+    const char *p = strstr(msg, "BSONObj size: ");
+    *size = p ? (size_t)strtoull(p + 14, NULL, 10) : 0;
+    p = strstr(msg, lead);
+    if (!p) {
+        return false;
+    }
+    p += sizeof(lead) - 1;
+    size_t n = strspn(p, "0123456789abcdefABCDEF");
+    if (n == 0 || n >= cap || p[n] != '"') {
+        return false; /* "..." when MongoDB cut a long token short */
+    }
+    memcpy(data, p, n);
+    data[n] = '\0';
+    return true;
 }

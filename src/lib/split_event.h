@@ -54,6 +54,13 @@ int mc__split_add(mc__split_t *sp, const bson_t *frag, bool thin, const char *re
  * size in *bytes; NULL when out of memory. Resets the state either way. */
 bson_t *mc__split_take(mc__split_t *sp, size_t *bytes);
 
+/* The resume token `_data` (into data, NUL-terminated) and the event size (*size, 0 when
+ * absent) in the message of MongoDB's BSONObjectTooLarge (10334) for a change event: "BSONObj
+ * size: N (0x..) is invalid. ... First element: _id: { _data: "HEX" }". _id is a change event's
+ * first field, so that is the event's own token. False when the message does not have it
+ * whole (a pipeline that moved _id, a message cut short) or it does not fit in cap. */
+bool mc__split_too_large_token(const char *msg, char *data, size_t cap, size_t *size);
+
 /* Drops an event under way (a reopen starts again before its first fragment). */
 void mc__split_reset(mc__split_t *sp);
 

@@ -566,28 +566,6 @@ static void note_split(watcher_t *w, mc_event_t *ev, size_t bytes)
                             : "reassembled from its fragments (on_oversize: split)");
 }
 
-/* The resume token `_data` and the size in MongoDB's BSONObjectTooLarge message ("BSONObj
- * size: N (0x..) is invalid. ... First element: _id: { _data: \"HEX\" }"): the event's own
- * token, since _id is a change event's first field. False when the message lacks it (a
- * pipeline that moved _id, or a message cut short). */
-static bool too_large_token(const char *msg, char *data, size_t cap, size_t *size)
-{
-    const char *p = strstr(msg, "BSONObj size: ");
-    *size = p ? (size_t)strtoull(p + 14, NULL, 10) : 0;
-    p = strstr(msg, "First element: _id: { _data: \"");
-    if (!p) {
-        return false;
-    }
-    p += strlen("First element: _id: { _data: \"");
-    size_t n = strspn(p, "0123456789abcdefABCDEF");
-    if (n == 0 || n >= cap || p[n] != '"') {
-        return false;
-    }
-    memcpy(data, p, n);
-    data[n] = '\0';
-    return true;
-}
-
 /* on_oversize: skip on a server without $changeStreamSplitLargeEvent: the cursor failed with
  * 10334 on the event after the position. Its token is in the server's message; the notice
  * carries it (documentKey and the rest are unknown: null) and the stream resumes after it
@@ -597,7 +575,7 @@ static bool skip_too_large(watcher_t *w, const bson_error_t *err)
 {
     char data[1024];
     size_t size = 0;
-    if (!skips_oversize(w) || !too_large_token(err->message, data, sizeof(data), &size)) {
+    if (!skips_oversize(w) || !mc__split_too_large_token(err->message, data, sizeof(data), &size)) {
         return false;
     }
     bson_t stub = BSON_INITIALIZER, id;
