@@ -6,7 +6,8 @@ a file, is killed with SIGKILL four times and restarted. The events of one trans
 the commit's clusterTime and carry lsid/txnNumber; their resume tokens differ by txnOpIndex.
 The stream reads with batch_size 7, so getMore batches (and with them the sink's positions and
 checkpoints) end inside transactions; each kill waits for a stored position that lies inside a
-transaction (up to a few seconds), so restarts resume from inside one.
+transaction (up to 8 s; checkpoints every 400 ms so that the position seen is still the stored
+one when the kill lands), so restarts resume from inside one.
 
 Checked (like test_daemon_crash.py, at the granularity of single writes):
   1. every write of every transaction is printed (no partial transaction lost);
@@ -98,7 +99,7 @@ def test_sigkill_inside_transactions(tmp_path, daemons, client, mongo_uri, db, d
     cfg = write_config(tmp_path / "c.yaml", mongo_uri,
                        {"s": {"db": db_name, "collection": "c", "max_await_time_ms": 100,
                               "batch_size": 7}},
-                       checkpoint_dir=cp, interval_ms=100)
+                       checkpoint_dir=cp, interval_ms=400)
     db.create_collection("c")
     writer = TxnWriter(client, db.c, rng)
     step = N_TXN // (KILLS + 1)
@@ -133,7 +134,7 @@ def test_sigkill_inside_transactions(tmp_path, daemons, client, mongo_uri, db, d
         wait_for(lambda: writer.done >= thresholds[run] or writer.error, timeout=120,
                  message="writer progress")
         # Kill right after a stored position inside a transaction, if one shows up soon.
-        deadline = time.monotonic() + 5
+        deadline = time.monotonic() + 8
         while time.monotonic() < deadline:
             tok = checkpoint_token(cp, "s", "out")
             if tok and inside_txn(tok, out):
