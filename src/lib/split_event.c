@@ -16,6 +16,8 @@
  * needs only small fields, and what it shows of documentKey is cut at 4 KiB anyway. */
 #define THIN_FIELD_MAX (16 * 1024)
 #define PATH_DEPTH_MAX 64
+/* What a thin image keeps besides the recipient path: its small fields, up to this much. */
+#define IMAGE_BUDGET (64 * 1024)
 
 /* Where the fields of a change event usually stand (an unsplit event's order); fields not
  * listed follow in the order the fragments gave them. */
@@ -58,11 +60,10 @@ static int64_t split_field(const bson_t *frag, const char *key)
     return bson_iter_as_int64(&sub);
 }
 
-/* Appends to `out` under `key` the part of document `doc` that the dotted `path` selects
- * ({a: {b: v}} for "a.b"), nothing when the path does not reach a value. Arrays on the way are
- * not followed: the notice's recipient then stays undecided (admins only). */
-static bool project_path(bson_t *out, const char *key, const bson_t *doc, const char *path,
-                         int depth)
+/* Appends to `out` the field of `doc` that the dotted `path` starts with, cut down to what the
+ * path selects (for "a.b": a: {b: v}); nothing when the path does not reach a value. Arrays on
+ * the way are not followed. */
+static bool project_path(bson_t *out, const bson_t *doc, const char *path, int depth)
 {
     const char *dot = strchr(path, '.');
     size_t seg = dot ? (size_t)(dot - path) : strlen(path);
@@ -75,14 +76,12 @@ static bool project_path(bson_t *out, const char *key, const bson_t *doc, const 
         if (strlen(k) != seg || memcmp(k, path, seg) != 0) {
             continue;
         }
-        bson_t child, sub;
         if (!dot) {
-            bson_append_document_begin(out, key, -1, &child);
-            bson_append_iter(&child, k, -1, &it);
-            return bson_append_document_end(out, &child);
+            return bson_append_iter(out, k, -1, &it);
         }
         const uint8_t *data;
         uint32_t len;
+        bson_t sub;
         if (!BSON_ITER_HOLDS_DOCUMENT(&it)) {
             return false;
         }
@@ -91,18 +90,46 @@ static bool project_path(bson_t *out, const char *key, const bson_t *doc, const 
             return false;
         }
         bson_t inner = BSON_INITIALIZER;
-        bool ok = project_path(&inner, k, &sub, dot + 1, depth + 1);
-        if (ok) {
-            ok = bson_append_document(out, key, -1, &inner);
-        }
+        bool ok = project_path(&inner, &sub, dot + 1, depth + 1) &&
+                  bson_append_document(out, k, -1, &inner);
         bson_destroy(&inner);
         return ok;
     }
     return false;
 }
 
-/* The fields of `frag` a notice needs: small ones whole, the images cut down to the recipient
- * path (so that the notice goes to the event's owner). */
+/* An image, thin: the recipient path (`rest`, the part after "fullDocument.") however deep,
+ * then its other small top-level fields while they fit IMAGE_BUDGET, so that the rules of a
+ * by_collection or lookup recipient (whose paths the watcher does not hand over) usually find
+ * their value too. */
+static void thin_image(bson_t *out, const char *key, const bson_t *doc, const char *rest)
+{
+    bson_t img;
+    bson_append_document_begin(out, key, -1, &img);
+    size_t seg = 0;
+    if (rest) {
+        const char *dot = strchr(rest, '.');
+        seg = dot ? (size_t)(dot - rest) : strlen(rest);
+        project_path(&img, doc, rest, 0);
+    }
+    size_t used = 0;
+    bson_iter_t it;
+    if (bson_iter_init(&it, doc)) {
+        while (bson_iter_next(&it)) {
+            const char *k = bson_iter_key(&it);
+            size_t elem = (size_t)(it.next_off - it.off);
+            if ((rest && strlen(k) == seg && memcmp(k, rest, seg) == 0) ||
+                elem > THIN_FIELD_MAX || used + elem > IMAGE_BUDGET) {
+                continue;
+            }
+            used += elem;
+            bson_append_iter(&img, k, -1, &it);
+        }
+    }
+    bson_append_document_end(out, &img);
+}
+
+/* The fields of `frag` a notice needs: small ones whole, the images thin (thin_image()). */
 static bson_t *thin_copy(const bson_t *frag, const char *recipient_path)
 {
     bson_t *out = bson_new();
@@ -111,28 +138,28 @@ static bson_t *thin_copy(const bson_t *frag, const char *recipient_path)
         bson_destroy(out);
         return NULL;
     }
+    /* The recipient is read at the same path from both images (event.c). */
+    const char *rest = recipient_path && strncmp(recipient_path, "fullDocument.", 13) == 0
+                           ? recipient_path + 13
+                           : NULL;
     while (bson_iter_next(&it)) {
         const char *k = bson_iter_key(&it);
         bool image = strcmp(k, "fullDocument") == 0 || strcmp(k, "fullDocumentBeforeChange") == 0;
-        size_t klen = strlen(k);
-        if (image && recipient_path && strncmp(recipient_path, "fullDocument.", 13) == 0 &&
-            BSON_ITER_HOLDS_DOCUMENT(&it)) {
-            /* The recipient is read at the same path from both images (event.c). */
+        if (image && BSON_ITER_HOLDS_DOCUMENT(&it)) {
             const uint8_t *data;
             uint32_t len;
             bson_t doc;
             bson_iter_document(&it, &len, &data);
             if (bson_init_static(&doc, data, len)) {
-                project_path(out, k, &doc, recipient_path + 13, 0);
+                thin_image(out, k, &doc, rest);
             }
             continue;
         }
         /* The element's whole size (type, key, value), from the iterator's offsets. */
-        size_t elem = (size_t)(it.next_off - it.off);
-        if (image || elem > THIN_FIELD_MAX) {
+        if ((size_t)(it.next_off - it.off) > THIN_FIELD_MAX) {
             continue;
         }
-        bson_append_iter(out, k, (int)klen, &it);
+        bson_append_iter(out, k, -1, &it);
     }
     return out;
 }

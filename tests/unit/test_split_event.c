@@ -101,7 +101,8 @@ static void test_thin_keeps_what_a_notice_needs(void **state)
     memset(big, 'x', 39999);
     big[39999] = '\0';
     char *f1 = malloc(70000);
-    snprintf(f1, 70000, "{\"fullDocument\": {\"pad\": \"%s\", \"owner\": {\"id\": \"alice\"}}, "
+    snprintf(f1, 70000, "{\"fullDocument\": {\"pad\": \"%s\", \"owner\": {\"id\": \"alice\", \"x\": 1}, "
+             "\"n\": 3}, "
              "\"updateDescription\": {\"updatedFields\": {\"pad\": \"%.20000s\"}}}", big, big);
     assert_int_equal(add(&sp, fragment("B1", 1, 2, f1), true, "fullDocument.owner.id", &done), 0);
     snprintf(f1, 70000, "{\"fullDocumentBeforeChange\": {\"pad\": \"%s\", \"owner\": "
@@ -114,10 +115,11 @@ static void test_thin_keeps_what_a_notice_needs(void **state)
     assert_true(bytes > 80000); /* the fragments' own sizes, not the thin copies' */
     assert_true(thin->len < 1024);
     char *json = bson_as_relaxed_extended_json(thin, NULL);
+    /* The path first, then the image's other small fields (none here but the pad, too big). */
     assert_string_equal(json, "{ \"_id\" : { \"_data\" : \"B2\" }, \"operationType\" : \"update\", "
                               "\"documentKey\" : { \"_id\" : 1 }, \"fullDocument\" : { \"owner\" : "
-                              "{ \"id\" : \"alice\" } }, \"fullDocumentBeforeChange\" : { \"owner\" "
-                              ": { \"id\" : \"bob\" } } }");
+                              "{ \"id\" : \"alice\" }, \"n\" : 3 }, \"fullDocumentBeforeChange\" : "
+                              "{ \"owner\" : { \"id\" : \"bob\" } } }");
     bson_free(json);
     bson_destroy(thin);
     free(big);
