@@ -208,6 +208,7 @@ typedef struct mc_adhoc_opts {
     int32_t max_await_time_ms;             /* 0: 1000 */
     mc_on_history_lost_t on_history_lost;  /* default fail */
     const char *stream_name;               /* NULL: "tail" */
+    mc_on_oversize_t on_oversize;          /* default split */
 } mc_adhoc_opts_t;
 
 /*
