@@ -40,6 +40,11 @@ static void fragments(const uint8_t *data, size_t size)
     mc__split_t sp = {0};
     int n = 0;
     while (n++ < 64 && (doc = bson_reader_read(r, &eof)) != NULL) {
+        if (!bson_validate(doc, BSON_VALIDATE_NONE, NULL)) {
+            /* libmongoc hands over only documents it could read; the checks on the result
+             * below assume valid fragments (the module copies values, it does not repair). */
+            continue;
+        }
         bool complete = false;
         mc_error_t err = {0};
         int rc = mc__split_add(&sp, doc, thin, "fullDocument.a.b", &complete, &err);
