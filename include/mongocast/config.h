@@ -39,6 +39,14 @@ typedef enum mc_on_history_lost {
     MC_ON_HISTORY_LOST_RESTART,
 } mc_on_history_lost_t;
 
+/* What a stream does with a change event larger than MongoDB's 16 MB limit (docs/config.md,
+ * on_oversize). SPLIT is 0 so that a zeroed stream config (an ad hoc engine) gets the default. */
+typedef enum mc_on_oversize {
+    MC_ON_OVERSIZE_SPLIT = 0, /* $changeStreamSplitLargeEvent, fragments reassembled */
+    MC_ON_OVERSIZE_SKIP,      /* an oversize notice in its place, counted */
+    MC_ON_OVERSIZE_FAIL,      /* the stream fails (code event_too_large) */
+} mc_on_oversize_t;
+
 typedef enum mc_checkpoint_store {
     MC_CHECKPOINT_FILE = 0,
     MC_CHECKPOINT_MONGODB,
@@ -106,6 +114,7 @@ typedef struct mc_stream_config {
     bool client_filters;
     uint32_t history;                /* events kept for client resume */
     mc_on_history_lost_t on_history_lost;
+    mc_on_oversize_t on_oversize;
     int32_t batch_size;              /* 0: server default */
     int32_t max_await_time_ms;       /* default 1000 */
     mc_config_pos_t pos;

@@ -97,6 +97,10 @@ typedef struct mc_stream_status {
                                         asks for (images off on the collection, or expired) */
     char images_problem[256];        /* why images are known to be off ("" when not): the
                                         reason /readyz and mongocast check show */
+    uint64_t split_events;           /* events larger than 16 MB delivered whole, reassembled
+                                        from their fragments (on_oversize: split) */
+    uint64_t oversize_skipped;       /* events larger than 16 MB delivered as an oversize
+                                        notice (on_oversize: skip) */
 } mc_stream_status_t;
 
 /* The state of a sink's runner. */
@@ -204,6 +208,7 @@ typedef struct mc_adhoc_opts {
     int32_t max_await_time_ms;             /* 0: 1000 */
     mc_on_history_lost_t on_history_lost;  /* default fail */
     const char *stream_name;               /* NULL: "tail" */
+    mc_on_oversize_t on_oversize;          /* default split */
 } mc_adhoc_opts_t;
 
 /*

@@ -100,6 +100,8 @@ mc_event_t *mc_event_new_control(mc_event_kind_t kind, const char *stream, uint6
 #define MC_EVENT_ERROR_CHECKPOINT "checkpoint_error" /* the stored position is unusable */
 #define MC_EVENT_ERROR_FATAL "change_stream_error"   /* an error that retrying cannot fix */
 #define MC_EVENT_ERROR_FAILED "stream_failed"        /* any other failure */
+#define MC_EVENT_ERROR_TOO_LARGE "event_too_large"   /* 10334 with on_oversize: fail (or split
+                                                        on a server that cannot split) */
 
 /* Builds an error control event (kind MC_EVENT_ERROR). `code` is a short stable name (NULL
  * means MC_EVENT_ERROR_FAILED), `server_code` MongoDB's error code or 0, `reason` a fixed
@@ -273,6 +275,16 @@ char *mc_event_oversize_json_view(const mc_event_t *ev, mc_event_view_t view, si
  * subscriber's copy, and are null where its stages removed them or made them something else
  * (or longer than 4 KiB as JSON), so that the notice carries nothing the subscriber's message
  * would not. NULL for another view, a non-change event, or when memory runs out. Any thread. */
+/* Non-zero for a change event that stands in for one too large for MongoDB to return (more
+ * than 16 MB with its images; the stream's on_oversize is skip): it carries only the small
+ * fields (_id, operationType, clusterTime, ns, documentKey, lsid/txnNumber, the recipient
+ * path), its id is a position like any event's, and every rendering of it (mc_event_json(),
+ * its views, mc_event_raw_json()) is the `oversize` notice with "limit":16793600. The value is
+ * the event's size as MongoDB reported it, or 1 when unknown. Any thread. (Additive.) */
+size_t mc_event_server_oversize(const mc_event_t *ev);
+
+#define MC_EVENT_SERVER_MAX_BYTES 16793600 /* MongoDB's limit on one change event */
+
 char *mc_event_oversize_json_view_with_change(const mc_event_t *ev, mc_event_view_t view,
                                               const bson_t *change, size_t size, size_t limit,
                                               size_t *len);

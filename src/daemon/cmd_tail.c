@@ -32,6 +32,7 @@ enum {
     OPT_RAW,
     OPT_READY,
     OPT_ON_HISTORY_LOST,
+    OPT_ON_OVERSIZE,
     OPT_MAX_AWAIT,
     OPT_LOG_LEVEL,
     OPT_WAIT,
@@ -51,6 +52,7 @@ static const mc_cli_opt_t tail_opts[] = {
     {"raw", 0, false, OPT_RAW},
     {"ready", 0, false, OPT_READY},
     {"on-history-lost", 0, true, OPT_ON_HISTORY_LOST},
+    {"on-oversize", 0, true, OPT_ON_OVERSIZE},
     {"max-await-ms", 0, true, OPT_MAX_AWAIT},
     {"log-level", 0, true, OPT_LOG_LEVEL},
     {"wait", 0, true, OPT_WAIT},
@@ -287,6 +289,18 @@ static int parse_args(tail_args_t *t, int argc, char **argv)
             } else {
                 return mc_cli_usage_error("tail", "--on-history-lost: '%s' is not fail or "
                                                   "restart",
+                                          v);
+            }
+            break;
+        case OPT_ON_OVERSIZE:
+            if (strcmp(v, "split") == 0) {
+                t->adhoc.on_oversize = MC_ON_OVERSIZE_SPLIT;
+            } else if (strcmp(v, "skip") == 0) {
+                t->adhoc.on_oversize = MC_ON_OVERSIZE_SKIP;
+            } else if (strcmp(v, "fail") == 0) {
+                t->adhoc.on_oversize = MC_ON_OVERSIZE_FAIL;
+            } else {
+                return mc_cli_usage_error("tail", "--on-oversize: '%s' is not split, skip or fail",
                                           v);
             }
             break;

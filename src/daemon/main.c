@@ -60,6 +60,7 @@ static const command_t commands[] = {
      "  --raw                   print the whole change event in canonical Extended JSON\n"
      "  --ready                 also print {\"type\":\"ready\"} once the stream is open\n"
      "  --on-history-lost P     fail (default) | restart\n"
+     "  --on-oversize P         split (default) | skip | fail: events past MongoDB's 16 MB\n"
      "  --max-await-ms MS       maxAwaitTimeMS of each getMore (default 1000)\n"
      "  --log-level LEVEL       stderr verbosity (default notice)\n"
      "  --wait SECONDS          give up (exit 1) when the change stream has not opened\n"

@@ -392,6 +392,14 @@ char *mcd_metrics_render(mcd_server_t *srv, size_t *len)
     stream_counter(&o, srv, ss, have, "mongocast_images_missing_total",
                    "Events that arrived without the pre- or post-image the stream asks for.",
                    offsetof(mc_stream_status_t, images_missing));
+    stream_counter(&o, srv, ss, have, "mongocast_stream_split_events_total",
+                   "Change events larger than MongoDB's 16 MB limit delivered whole, "
+                   "reassembled from $changeStreamSplitLargeEvent fragments (on_oversize: split).",
+                   offsetof(mc_stream_status_t, split_events));
+    stream_counter(&o, srv, ss, have, "mongocast_stream_oversize_skipped_total",
+                   "Change events larger than MongoDB's 16 MB limit delivered as an oversize "
+                   "notice (on_oversize: skip).",
+                   offsetof(mc_stream_status_t, oversize_skipped));
     help(&o, "mongocast_images_off", "gauge",
          "1 while the stream knows that images it asks for are off somewhere (see /readyz).");
     for (size_t i = 0; i < n; i++) {

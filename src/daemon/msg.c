@@ -38,6 +38,11 @@ static mcd_msg_t *msg_new(mc_event_t *ev, mc_event_view_t view, const bson_t *ch
     msg->view = (uint8_t)view;
     msg->max_bytes = max_bytes;
     msg->ev = mc_event_ref(ev);
+    if (view != MC_EVENT_VIEW_LEFT && mc_event_kind(ev) == MC_EVENT_CHANGE &&
+        mc_event_server_oversize(ev)) {
+        /* An event MongoDB could not return (on_oversize: skip) renders as its notice. */
+        msg->flags |= MCD_MSG_OVERSIZE;
+    }
     if ((max_bytes && len > max_bytes) || len > UINT32_MAX / 2) {
         /* Too big to send: a small notice in its place, built once like the message, and
          * from the subscriber's own change when it has one. */

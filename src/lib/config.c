@@ -35,6 +35,7 @@
 _Static_assert(sizeof(mc_full_document_t) == sizeof(int), "enum size");
 _Static_assert(sizeof(mc_before_change_t) == sizeof(int), "enum size");
 _Static_assert(sizeof(mc_on_history_lost_t) == sizeof(int), "enum size");
+_Static_assert(sizeof(mc_on_oversize_t) == sizeof(int), "enum size");
 _Static_assert(sizeof(mc_checkpoint_store_t) == sizeof(int), "enum size");
 
 typedef struct cfg_ctx {
@@ -631,6 +632,7 @@ static const char *const full_document_names[] = {"default", "updateLookup", "wh
                                                   "required", NULL};
 static const char *const before_change_names[] = {"off", "whenAvailable", "required", NULL};
 static const char *const history_lost_names[] = {"fail", "restart", NULL};
+static const char *const oversize_names[] = {"split", "skip", "fail", NULL};
 static const char *const store_names[] = {"file", "mongodb", NULL};
 static const char *const algorithm_names[] = {"HS256", "RS256", "ES256", NULL};
 static const char *const log_level_names[] = {"error", "warn", "info", "debug", NULL};
@@ -1102,6 +1104,12 @@ static const opt_t stream_opts[] = {
      .def_num = MC_ON_HISTORY_LOST_FAIL,
      .choices = history_lost_names,
      .doc = "what to do when the resume point fell off the oplog"},
+    {.name = "on_oversize",
+     .type = OPT_ENUM,
+     .offset = offsetof(mc_stream_config_t, on_oversize),
+     .def_num = MC_ON_OVERSIZE_SPLIT,
+     .choices = oversize_names,
+     .doc = "what to do with a change event larger than MongoDB's 16 MB limit"},
     {.name = "batch_size",
      .type = OPT_INT32,
      .offset = offsetof(mc_stream_config_t, batch_size),

@@ -1342,6 +1342,7 @@ mc_engine_t *mc_engine_new_adhoc(const mc_adhoc_opts_t *adhoc, const mc_engine_o
     s->full_document_before_change = adhoc->full_document_before_change;
     s->recipient = adhoc->recipient ? bson_strdup(adhoc->recipient) : NULL;
     s->on_history_lost = adhoc->on_history_lost;
+    s->on_oversize = adhoc->on_oversize;
     s->max_await_time_ms = adhoc->max_await_time_ms > 0 ? adhoc->max_await_time_ms : 1000;
     s->history = 0;
     c->n_sinks = 1;

@@ -57,6 +57,11 @@ static inline uint64_t mc__fnv1a(const uint8_t *p, size_t n)
  * shared, -1 for events built outside an engine. */
 void mc__event_set_stream_index(mc_event_t *ev, int index);
 int mc__event_stream_index(const mc_event_t *ev);
+/* Marks a change event built from what the watcher could learn of an event too large for
+ * MongoDB to return (on_oversize: skip): it renders as an `oversize` notice (event_json.c).
+ * `size`: the size MongoDB reported or the fragments added up (0: unknown). Before the event
+ * is shared. */
+void mc__event_set_server_oversize(mc_event_t *ev, size_t size);
 /* True when the event was built with a recipient path (the message then has "recipient"). */
 bool mc__event_recipient_configured(const mc_event_t *ev);
 

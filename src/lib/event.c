@@ -70,6 +70,7 @@ struct mc_event {
     const char *reason;        /* in the block */
     const char *error_code;    /* in the block; error events only */
     int server_code;           /* error events: MongoDB's code, or 0 */
+    size_t server_oversize;    /* on_oversize skip: the size MongoDB reported; 0 otherwise */
     const bson_t *change;      /* &change_view, or NULL for reset/ready/error */
     /* Render caches: the text pointer is published by CAS; its length is stored before the
      * CAS by every renderer. Renderings of one event are byte-identical (pure functions of
@@ -858,6 +859,16 @@ void mc__event_set_stream_index(mc_event_t *ev, int index)
 int mc__event_stream_index(const mc_event_t *ev)
 {
     return ev->stream_index;
+}
+
+void mc__event_set_server_oversize(mc_event_t *ev, size_t size)
+{
+    ev->server_oversize = size ? size : 1;
+}
+
+size_t mc_event_server_oversize(const mc_event_t *ev)
+{
+    return ev->server_oversize;
 }
 
 /* First caller renders and publishes with a CAS; a racing loser frees its copy and uses the

@@ -43,6 +43,8 @@ static void put_recipient(mc__json_buf_t *b, const mc_event_t *ev)
     }
 }
 
+static char *render_server_oversize(const mc_event_t *ev, mc_event_view_t view, size_t *len);
+
 /* The fallback when the change cannot be rendered: the message without a recipient. */
 static char *render_change_error(const mc_event_t *ev, size_t *len)
 {
@@ -104,6 +106,9 @@ char *mc__event_render_json(const mc_event_t *ev, size_t *len)
 {
     mc_event_kind_t kind = mc_event_kind(ev);
     if (kind == MC_EVENT_CHANGE) {
+        if (mc_event_server_oversize(ev)) {
+            return render_server_oversize(ev, MC_EVENT_VIEW_FULL, len);
+        }
         return render_change_message(ev, MC_EVENT_VIEW_FULL, mc_event_change(ev), len);
     }
     const char *reason = mc_event_reason(ev);
@@ -135,6 +140,9 @@ char *mc__event_render_json(const mc_event_t *ev, size_t *len)
 
 char *mc__event_render_entered(const mc_event_t *ev, size_t *len)
 {
+    if (mc_event_server_oversize(ev)) {
+        return render_server_oversize(ev, MC_EVENT_VIEW_ENTERED, len);
+    }
     return render_change_message(ev, MC_EVENT_VIEW_ENTERED,
                                  mc_event_change_view(ev, MC_EVENT_VIEW_ENTERED), len);
 }
@@ -145,6 +153,10 @@ char *mc_event_json_view_with_change(const mc_event_t *ev, mc_event_view_t view,
     if (!ev || !change || mc_event_kind(ev) != MC_EVENT_CHANGE ||
         (view != MC_EVENT_VIEW_FULL && view != MC_EVENT_VIEW_ENTERED)) {
         return NULL;
+    }
+    if (mc_event_server_oversize(ev)) {
+        /* A subscriber's stages never see what MongoDB could not return. */
+        return render_server_oversize(ev, view, len);
     }
     return render_change_message(ev, view, change, len);
 }
@@ -171,6 +183,9 @@ char *mc__event_render_left(const mc_event_t *ev, size_t *len)
 
 char *mc__event_render_raw(const mc_event_t *ev, size_t *len)
 {
+    if (mc_event_server_oversize(ev)) {
+        return render_server_oversize(ev, MC_EVENT_VIEW_FULL, len);
+    }
     const bson_t *change = mc_event_change(ev);
     if (!change) {
         return NULL;
@@ -284,6 +299,14 @@ char *mc_event_oversize_json_view(const mc_event_t *ev, mc_event_view_t view, si
     f.db_len = f.db ? (uint32_t)strlen(f.db) : 0;
     f.coll_len = f.coll ? (uint32_t)strlen(f.coll) : 0;
     return render_oversize(ev, view, &f, size, limit, len);
+}
+
+/* The notice of an event MongoDB could not return (mc_event_server_oversize()): the same
+ * notice as for a message too big to send, with the server's size and limit. */
+static char *render_server_oversize(const mc_event_t *ev, mc_event_view_t view, size_t *len)
+{
+    return mc_event_oversize_json_view(ev, view, mc_event_server_oversize(ev),
+                                       MC_EVENT_SERVER_MAX_BYTES, len);
 }
 
 /* The string at `key` of the document `it` points into, or NULL. */

@@ -48,6 +48,7 @@
 #include "engine_private.h"
 #include "images.h"
 #include "recipient_rules.h"
+#include "split_event.h"
 
 #define CATCHUP_PUSH_WAIT_MS 200
 
@@ -77,6 +78,11 @@ typedef struct watcher {
     const char *fail_code;
     const char *fail_reason;
     int fail_server_code;
+    /* on_oversize (split_event.h): fragments of the event being read, and whether the server
+     * refused $changeStreamSplitLargeEvent (MongoDB before 6.0.9: 40324), after which the
+     * stream is opened without it and an oversize event fails the cursor with 10334. */
+    mc__split_t split;
+    bool split_refused;
     mc__runner_t *cu;          /* catch-up mode: the runner it reads for; NULL: the watcher */
     int cu_slot;
     bool rejoined;             /* catch-up: back on the shared path, stop reading */
@@ -241,11 +247,51 @@ static bson_t *build_opts(watcher_t *w)
     return opts;
 }
 
+/* Whether the stream's own server stages end with $changeStreamSplitLargeEvent. */
+static bool pipeline_splits(const bson_t *pipeline)
+{
+    bson_iter_t it, st;
+    bool last = false;
+    if (!bson_iter_init(&it, pipeline)) {
+        return false;
+    }
+    while (bson_iter_next(&it)) {
+        last = BSON_ITER_HOLDS_DOCUMENT(&it) && bson_iter_recurse(&it, &st) &&
+               bson_iter_next(&st) &&
+               strcmp(bson_iter_key(&st), "$changeStreamSplitLargeEvent") == 0;
+    }
+    return last;
+}
+
+/* Whether this open adds $changeStreamSplitLargeEvent: on_oversize split and skip, unless the
+ * server refused it or the stream's pipeline has it already. Fragment tokens need the stage to
+ * resume from (280 otherwise), so every open of such a stream has it. */
+static bool adds_split_stage(const watcher_t *w)
+{
+    return w->s->cfg->on_oversize != MC_ON_OVERSIZE_FAIL && !w->split_refused &&
+           !pipeline_splits(&w->s->server_pipeline);
+}
+
 static mongoc_change_stream_t *open_stream(watcher_t *w, mongoc_client_t *client)
 {
     const mc_stream_config_t *c = w->s->cfg;
     bson_t *opts = build_opts(w);
     const bson_t *pipeline = &w->s->server_pipeline;
+    bson_t with_split = BSON_INITIALIZER;
+    /* A reopen starts before the first fragment of an event that was under way. */
+    mc__split_reset(&w->split);
+    if (adds_split_stage(w)) {
+        bson_concat(&with_split, pipeline);
+        char key[16];
+        const char *k;
+        bson_uint32_to_string(bson_count_keys(pipeline), &k, key, sizeof(key));
+        bson_t st, empty;
+        bson_append_document_begin(&with_split, k, -1, &st);
+        bson_append_document_begin(&st, "$changeStreamSplitLargeEvent", -1, &empty);
+        bson_append_document_end(&st, &empty);
+        bson_append_document_end(&with_split, &st);
+        pipeline = &with_split;
+    }
     mongoc_change_stream_t *cs;
     if (c->db && c->collection) {
         mongoc_collection_t *coll = mongoc_client_get_collection(client, c->db, c->collection);
@@ -258,6 +304,7 @@ static mongoc_change_stream_t *open_stream(watcher_t *w, mongoc_client_t *client
     } else {
         cs = mongoc_client_watch(client, pipeline, opts);
     }
+    bson_destroy(&with_split);
     bson_destroy(opts);
     return cs;
 }
@@ -286,6 +333,9 @@ static bool fatal_server_code(int code)
     case 40649:
     case 40674: /* conflicting start options */
     case 50865:
+    case 7182500: /* a split event's single field larger than a fragment */
+    case 7182800: /* $changeStreamSplitLargeEvent spec */
+    case 7182802: /* $changeStreamSplitLargeEvent not last */
         return true;
     default:
         return false;
@@ -457,10 +507,111 @@ static bool open_failed(mongoc_change_stream_t *cs, bson_error_t *err, bson_t *r
 static void watcher_cleanup(watcher_t *w, bson_t *reply)
 {
     bson_destroy(reply);
+    mc__split_reset(&w->split);
     mc__position_clear(&w->pos);
     mc_event_unref(&w->pos_ev);
     mc__recipients_destroy(w->rcpt);
     mc__images_destroy(w->images);
+}
+
+/* ---- Oversize events (on_oversize) --------------------------------------------------------- */
+
+static bool skips_oversize(const watcher_t *w)
+{
+    return w->s->cfg->on_oversize == MC_ON_OVERSIZE_SKIP;
+}
+
+/* Takes one fragment of a split event. *whole: the event once its last fragment is in (the
+ * full event for split, only what its notice needs for skip), NULL before. Returns 0, or -1
+ * with err set (fragments that do not add up: reading on would deliver a partial event). */
+static int take_fragment(watcher_t *w, const bson_t *frag, bson_t **whole, size_t *bytes,
+                         bson_error_t *err)
+{
+    mc_error_t serr = {0};
+    bool complete = false;
+    *whole = NULL;
+    if (mc__split_add(&w->split, frag, skips_oversize(w), mc__recipients_event_path(w->rcpt),
+                      &complete, &serr) != 0) {
+        bson_set_error(err, MONGOC_ERROR_CURSOR, MONGOC_ERROR_CHANGE_STREAM_NO_RESUME_TOKEN,
+                       "%s", serr.message);
+        return -1;
+    }
+    if (!complete) {
+        return 0;
+    }
+    *whole = mc__split_take(&w->split, bytes);
+    if (!*whole) {
+        bson_set_error(err, MONGOC_ERROR_CURSOR, MONGOC_ERROR_CHANGE_STREAM_NO_RESUME_TOKEN,
+                       "out of memory reassembling a split event");
+        return -1;
+    }
+    return 0;
+}
+
+/* A reassembled event: counted (by the watcher), and for skip turned into its notice. */
+static void note_split(watcher_t *w, mc_event_t *ev, size_t bytes)
+{
+    bool skip = skips_oversize(w);
+    if (skip) {
+        mc__event_set_server_oversize(ev, bytes);
+    }
+    if (!w->cu) {
+        stream_count(w->s, skip ? &w->s->status.oversize_skipped : &w->s->status.split_events,
+                     1);
+    }
+    mc_log_ratelimited(&w->rl, skip ? MC_LOG_WARN : MC_LOG_INFO, "watcher",
+                       "event larger than 16 MB stream=%s%s id=%.60s bytes=%zu: %s", w->s->cfg->name,
+                       w->cu ? " (catch-up)" : "", mc_event_id(ev), bytes,
+                       skip ? "delivered as an oversize notice (on_oversize: skip)"
+                            : "reassembled from its fragments (on_oversize: split)");
+}
+
+/* on_oversize: skip on a server without $changeStreamSplitLargeEvent: the cursor failed with
+ * 10334 on the event after the position. Its token is in the server's message; the notice
+ * carries it (documentKey and the rest are unknown: null) and the stream resumes after it
+ * (a resume skips the token's own event without returning it, so it is never read again).
+ * False when the token cannot be learned: the stream fails rather than retry forever. */
+static bool skip_too_large(watcher_t *w, const bson_error_t *err)
+{
+    char data[1024];
+    size_t size = 0;
+    if (!skips_oversize(w) || !mc__split_too_large_token(err->message, data, sizeof(data), &size)) {
+        return false;
+    }
+    bson_t stub = BSON_INITIALIZER, id;
+    BSON_APPEND_DOCUMENT_BEGIN(&stub, "_id", &id);
+    BSON_APPEND_UTF8(&id, "_data", data);
+    bson_append_document_end(&stub, &id);
+    mc_error_t eerr = {0};
+    mc_event_t *ev = mc_event_new_change(w->s->cfg->name, next_seq(w), &stub,
+                                         mc__recipients_event_path(w->rcpt), &eerr);
+    bson_destroy(&stub);
+    if (!ev) {
+        return false;
+    }
+    note_split(w, ev, size);
+    set_pos_event(w, ev, false);
+    push_event(w, ev);
+    return true;
+}
+
+/* The server refused the stage this open added (MongoDB before 6.0.9 and 7.0: 40324). The
+ * stream goes on without it; an event past 16 MB then fails the cursor (10334), which skip
+ * handles through the server's message and split cannot: it fails the stream. True when the
+ * caller should reopen at once. */
+static bool split_stage_refused(watcher_t *w, int code)
+{
+    if (code != 40324 || !adds_split_stage(w)) {
+        return false;
+    }
+    w->split_refused = true;
+    mc_log(MC_LOG_WARN, "watcher",
+           "stream=%s: the server does not know $changeStreamSplitLargeEvent (MongoDB 6.0.9 or "
+           "7.0 needed); going on without it: an event larger than 16 MB will %s",
+           w->s->cfg->name,
+           skips_oversize(w) ? "be skipped with a notice that has only its id"
+                             : "fail the stream (on_oversize: split cannot split it here)");
+    return true;
 }
 
 typedef enum read_result {
@@ -513,12 +664,32 @@ static read_result_t read_loop(watcher_t *w, mongoc_change_stream_t *cs, bson_er
                 }
                 continue;
             }
+            bson_t *whole = NULL;
+            size_t whole_bytes = 0;
+            if (mc__split_is_fragment(doc)) {
+                int frc = take_fragment(w, doc, &whole, &whole_bytes, err);
+                if (frc < 0) {
+                    return READ_ERROR;
+                }
+                if (!whole) {
+                    continue; /* more fragments to come; no position inside a split event */
+                }
+                doc = whole;
+                op = NULL;
+                if (bson_iter_init_find(&it, doc, "operationType") && BSON_ITER_HOLDS_UTF8(&it)) {
+                    op = bson_iter_utf8(&it, NULL);
+                }
+            }
             mc_event_t *ev = mc_event_new_change(s->cfg->name, next_seq(w), doc,
                                                  mc__recipients_event_path(w->rcpt), &eerr);
             if (!ev) {
+                bson_destroy(whole);
                 bson_set_error(err, MONGOC_ERROR_CURSOR, MONGOC_ERROR_CHANGE_STREAM_NO_RESUME_TOKEN,
                                "change event unusable: %s", eerr.message);
                 return READ_ERROR;
+            }
+            if (whole) {
+                note_split(w, ev, whole_bytes);
             }
             mc__images_on_event(w->images, ev);
             note_routing(w, ev, mc__recipients_route(w->rcpt, ev, &w->e->stopping));
@@ -527,6 +698,7 @@ static read_result_t read_loop(watcher_t *w, mongoc_change_stream_t *cs, bson_er
                 bson_strncpy(w->last_op_buf, op, sizeof(w->last_op_buf));
                 w->last_op = w->last_op_buf;
             }
+            bson_destroy(whole);
             if (!push_event(w, ev)) {
                 return READ_STOP;
             }
@@ -539,6 +711,9 @@ static read_result_t read_loop(watcher_t *w, mongoc_change_stream_t *cs, bson_er
             return READ_ERROR;
         }
         mc__images_on_idle(w->images);
+        if (mc__split_pending(&w->split)) {
+            continue; /* inside a split event: a fragment's token is no position */
+        }
         /* An empty batch: the post-batch resume token moves on even when nothing matched. */
         const bson_t *tok = mongoc_change_stream_get_resume_token(cs);
         const bson_t *pos = pos_token(w);
@@ -688,6 +863,9 @@ void *mc__watcher_main(void *arg)
         }
         int code = 0;
         err_class_t cls = classify(&err, &reply, &code);
+        if (split_stage_refused(&w, code) || (code == 10334 && skip_too_large(&w, &err))) {
+            continue; /* reopen at once: without the stage, or after the skipped event */
+        }
         if (cls == ERR_HISTORY_LOST && s->cfg->on_history_lost == MC_ON_HISTORY_LOST_RESTART) {
             mc_log(MC_LOG_WARN, "watcher",
                    "history lost stream=%s code=%d: restarting from now (on_history_lost: "
@@ -724,8 +902,14 @@ void *mc__watcher_main(void *arg)
             /* The code first: the status message has a fixed size and the server's message
              * (up to bson_error_t's 504 bytes) would push a trailing code out of it. */
             mc__stream_set_state(s, MC_STREAM_FAILED, code, "code %d: %s", code, err.message);
-            note_failure(&w, MC_EVENT_ERROR_FATAL, code,
-                         "the change stream failed with an error that retrying cannot fix");
+            if (code == 10334) {
+                note_failure(&w, MC_EVENT_ERROR_TOO_LARGE, code,
+                             "a change event is larger than MongoDB's 16 MB limit (on_oversize "
+                             "is fail, or the server cannot split events)");
+            } else {
+                note_failure(&w, MC_EVENT_ERROR_FATAL, code,
+                             "the change stream failed with an error that retrying cannot fix");
+            }
             break;
         }
         uint32_t delay = mc__backoff_next(&w.backoff);
@@ -823,6 +1007,9 @@ static void *catchup_main(void *arg)
         }
         int code = 0;
         err_class_t cls = classify(&err, &reply, &code);
+        if (split_stage_refused(&w, code) || (code == 10334 && skip_too_large(&w, &err))) {
+            continue; /* reopen at once: without the stage, or after the skipped event */
+        }
         if (cls == ERR_HISTORY_LOST && s->cfg->on_history_lost == MC_ON_HISTORY_LOST_RESTART) {
             mc_log(MC_LOG_WARN, "watcher",
                    "history lost while catching up sink=%s stream=%s code=%d: the sink gets a "

@@ -260,9 +260,10 @@ class WsSubscriber(_Collector):
     """A WebSocket subscriber (websockets, asyncio) on a thread of its own. Every text frame is
     parsed as JSON and kept; a frame that is not JSON is a test failure."""
 
-    def __init__(self, port, path, headers=None, name="ws"):
+    def __init__(self, port, path, headers=None, name="ws", max_size=16 * 1024 * 1024):
         super().__init__(name)
         self.url = "ws://127.0.0.1:%d%s" % (port, path)
+        self.max_size = max_size
         self.headers = headers or {}
         self._loop = asyncio.new_event_loop()
         self._ws = None
@@ -288,7 +289,7 @@ class WsSubscriber(_Collector):
         import websockets
         try:
             self._ws = await websockets.connect(self.url, extra_headers=self.headers,
-                                                max_size=16 * 1024 * 1024,
+                                                max_size=self.max_size,
                                                 open_timeout=HTTP_TIMEOUT, ping_interval=None)
         except Exception as e:  # noqa: BLE001 - reported to the test
             self.error = e
@@ -443,8 +444,8 @@ def subscribers():
 
     class Factory:
         @staticmethod
-        def ws(port, path, headers=None, name="ws"):
-            s = WsSubscriber(port, path, headers, name)
+        def ws(port, path, headers=None, name="ws", max_size=16 * 1024 * 1024):
+            s = WsSubscriber(port, path, headers, name, max_size)
             made.append(s)
             return s
 

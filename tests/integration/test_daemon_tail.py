@@ -127,6 +127,23 @@ def test_tail_stream_failure_exits_1(tails, mongo_uri, db, db_name):
          "reason": "the change stream failed with an error that retrying cannot fix"}]
 
 
+def test_tail_on_oversize_skip(tails, mongo_uri, db, db_name):
+    """An update past MongoDB's 16 MB event limit (9 MiB document, pre- and post-image): tail
+    with --on-oversize skip prints the notice, then the next change."""
+    db.create_collection("big", changeStreamPreAndPostImages={"enabled": True})
+    db.big.insert_one({"_id": 1, "pad": "a" * (9 << 20)})
+    t = tails(mongo_uri, "%s.big" % db_name, "--full-document", "updateLookup",
+              "--before-change", "whenAvailable", "--on-oversize", "skip", "--max-await-ms", "100")
+    t.wait_open()
+    db.big.update_one({"_id": 1}, {"$set": {"pad": "b" * (9 << 20)}})
+    db.big.insert_one({"_id": 2})
+    msgs = t.wait_messages(2, timeout=60)
+    assert t.stop() == 0
+    assert msgs[0]["type"] == "oversize" and msgs[0]["documentKey"] == {"_id": 1}
+    assert msgs[0]["limit"] == 16793600
+    assert msgs[1]["type"] == "change" and msgs[1]["change"]["documentKey"] == {"_id": 2}
+
+
 def test_tail_exits_when_stdout_is_closed(tmp_path, mongo_uri, db, db_name):
     """The reader of tail's stdout goes away: tail says it cannot write stdout and exits 1
     (its stdout sink failed for good) instead of reading the change stream for nobody."""
@@ -216,6 +233,8 @@ def test_tail_without_a_server_says_what_it_waits_for(tmp_path):
      "must have exactly one key"),
     (["mongodb://h:1/", "db.c", "--pipeline", '[{"$match": {"a": {"$var": "x"}}}]'],
      "placeholders are bound by subscribers"),
+    (["mongodb://h:1/", "db.c", "--on-oversize", "retry"],
+     "--on-oversize: 'retry' is not split, skip or fail"),
     (["mongodb://h:1/", "db.c", "--bogus"], "unknown option '--bogus'"),
     (["mongodb://h:1/", "db.c", "--pipeline"], "option '--pipeline' needs a value"),
     (["mongodb://h:1/", "db.c", "--raw=yes"], "option '--raw' takes no value"),

@@ -110,6 +110,7 @@ static const char full_config[] =
     "    client_filters: true\n"
     "    history: 0\n"
     "    on_history_lost: restart\n"
+    "    on_oversize: skip\n"
     "    batch_size: 100\n"
     "    max_await_time_ms: 60000\n"
     "  everything: {}\n"
@@ -186,6 +187,7 @@ static void test_full_config(void **state)
     assert_true(s->client_filters);
     assert_int_equal(s->history, 0);
     assert_int_equal(s->on_history_lost, MC_ON_HISTORY_LOST_RESTART);
+    assert_int_equal(s->on_oversize, MC_ON_OVERSIZE_SKIP);
     assert_int_equal(s->batch_size, 100);
     assert_int_equal(s->max_await_time_ms, 60000);
     assert_int_equal(s->pos.line, 26);
@@ -206,6 +208,7 @@ static void test_full_config(void **state)
     assert_false(s->client_filters);
     assert_int_equal(s->history, 10000);
     assert_int_equal(s->on_history_lost, MC_ON_HISTORY_LOST_FAIL);
+    assert_int_equal(s->on_oversize, MC_ON_OVERSIZE_SPLIT);
     assert_int_equal(s->batch_size, 0);
     assert_int_equal(s->max_await_time_ms, 1000);
     assert_null(mc_config_stream(cfg, "nope"));
@@ -216,7 +219,7 @@ static void test_full_config(void **state)
     assert_int_equal(cfg->sinks[0].n_streams, 1);
     assert_string_equal(cfg->sinks[0].streams[0], "orders");
     assert_json(cfg->sinks[0].options, "{ \"pretty\" : true }");
-    assert_int_equal(cfg->sinks[0].pos.line, 52);
+    assert_int_equal(cfg->sinks[0].pos.line, 53);
     assert_int_equal(cfg->sinks[0].pos.col, 5);
     assert_string_equal(cfg->sinks[1].name, "cache");
     assert_string_equal(cfg->sinks[1].type, "redis");
@@ -561,6 +564,8 @@ static void test_errors_types_and_bounds(void **state)
                  "required (got 'false')");
     expect_error("streams:\n  s:\n    on_history_lost: skip\n",
                  "t.yaml:3:22: on_history_lost must be one of: fail, restart (got 'skip')");
+    expect_error("streams:\n  s:\n    on_oversize: retry\n",
+                 "t.yaml:3:18: on_oversize must be one of: split, skip, fail (got 'retry')");
     expect_error("checkpoint: {store: s3}\nstreams: {s: {}}\n",
                  "t.yaml:1:21: store must be one of: file, mongodb (got 's3')");
     expect_error("log_level: verbose\nstreams: {s: {}}\n",

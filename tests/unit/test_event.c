@@ -454,6 +454,36 @@ static mc_event_t *update_event(const char *before, const char *after, const cha
     return ev;
 }
 
+/* An event MongoDB could not return (on_oversize: skip) renders as its notice in every form,
+ * per view, with the server's limit; its routing is that of the change it stands for. */
+static void test_server_oversize_renders_as_notice(void **state)
+{
+    (void)state;
+    mc_event_t *ev = update_event("{\"_id\":7,\"owner\":\"alice\"}", "{\"_id\":7,\"owner\":\"bob\"}",
+                                  NULL);
+    assert_int_equal(mc_event_server_oversize(ev), 0);
+    mc__event_set_server_oversize(ev, 31457742);
+    assert_int_equal(mc_event_server_oversize(ev), 31457742);
+    const char *full = mc_event_json(ev, NULL);
+    assert_string_equal(full, "{\"type\":\"oversize\",\"stream\":\"orders\",\"id\":\"8201\","
+                              "\"recipient\":\"bob\",\"operationType\":\"update\",\"ns\":{\"db\":"
+                              "\"shop\",\"coll\":\"orders\"},\"documentKey\":{\"_id\":7},\"size\":"
+                              "31457742,\"limit\":16793600}");
+    assert_string_equal(mc_event_raw_json(ev, NULL), full);
+    const char *entered = mc_event_json_view(ev, MC_EVENT_VIEW_ENTERED, NULL);
+    assert_non_null(entered);
+    assert_non_null(strstr(entered, "\"entered\":true"));
+    assert_non_null(strstr(entered, "\"limit\":16793600}"));
+    assert_string_equal(mc_event_json_view(ev, MC_EVENT_VIEW_LEFT, NULL),
+                        "{\"type\":\"left\",\"stream\":\"orders\",\"_id\":7}");
+    bson_t *own = json_bson("{\"operationType\":\"update\",\"secret\":1}");
+    char *mine = mc_event_json_view_with_change(ev, MC_EVENT_VIEW_FULL, own, NULL);
+    assert_string_equal(mine, full);
+    bson_free(mine);
+    bson_destroy(own);
+    mc_event_unref(&ev);
+}
+
 static void test_transfer_views(void **state)
 {
     (void)state;
@@ -642,6 +672,7 @@ int main(void)
         cmocka_unit_test(test_recipient_types),
         cmocka_unit_test(test_recipient_null_vs_absent),
         cmocka_unit_test(test_concurrent_first_render),
+        cmocka_unit_test(test_server_oversize_renders_as_notice),
         cmocka_unit_test(test_transfer_views),
         cmocka_unit_test(test_routing_set_later),
     };
