@@ -940,6 +940,10 @@ static void run_job(mcd_snapshots_t *s, snap_job_t *job)
     int64_t cursor = 0;
     int rc = 0;
     if (!session || !mongoc_client_session_append(session, &opts, &berr)) {
+        static mc_log_ratelimit_t rl = MC_LOG_RATELIMIT_INIT(5000);
+        mc_log_ratelimited(&rl, MC_LOG_WARN, "server",
+                           "snapshot read cannot start a session stream=%s code=%u: %s",
+                           job->cfg->name, berr.code, berr.message);
         job_finish(job, JOB_FAILED, MCD_WS_CLOSE_SNAPSHOT, MCD_SNAPSHOT_FAILED,
                    "cannot start a session");
         goto out;
@@ -1080,7 +1084,9 @@ static int ensure_workers(mcd_snapshots_t *s)
         return MC_EINVAL;
     }
     if (!mongoc_uri_has_option(s->uri, MONGOC_URI_SERVERSELECTIONTIMEOUTMS)) {
-        mongoc_uri_set_option_as_int32(s->uri, MONGOC_URI_SERVERSELECTIONTIMEOUTMS, 5000);
+        /* A snapshot is read off the loop and its client waits anyway: give a busy server
+         * longer than the watchers' 5 s before the subscriber is told the read failed. */
+        mongoc_uri_set_option_as_int32(s->uri, MONGOC_URI_SERVERSELECTIONTIMEOUTMS, 30000);
     }
     uint32_t n = s->config->server.snapshot_workers ? s->config->server.snapshot_workers : 2;
     s->pool = mongoc_client_pool_new_with_error(s->uri, &berr);

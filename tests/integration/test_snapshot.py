@@ -19,6 +19,7 @@ replica set too (MONGODB_URI; MongoDB 6.0+ for pre-/post-images).
 
 import json
 import random
+import socket
 import threading
 import time
 
@@ -94,33 +95,43 @@ def build_view(name, msgs):
 
 @pytest.fixture
 def snap_daemon(tmp_path, daemons, mongo_uri, db, db_name):
-    coll = create_with_images(db, "items")
-    port = free_port()
-    base = {"db": db_name, "collection": "items", "max_await_time_ms": 100,
-            "full_document": "whenAvailable", "full_document_before_change": "whenAvailable",
-            "history": 20000}
-    streams = {
-        "items": dict(base, recipient="fullDocument.owner", client_filters=True),
-        "bykind": dict(base, pipeline=[
-            {"$match": {"$or": [{"operationType": "delete"},
-                                {"fullDocument.kind": {"$var": "kind"}}]}}]),
-        "limited": dict(base, client_filters=True, max_snapshot_documents=100),
-        "dbwide": {"db": db_name, "max_await_time_ms": 100},
-        "reshape": dict(base, pipeline=[{"$match": {"fullDocument.kind": {"$var": "kind"}}},
-                                        {"$project": {"fullDocument.pad": 0}}]),
-        "nohistory": dict(base, history=0),
-        "exprwall": dict(base, pipeline=[{"$match": {
-            "fullDocument.kind": {"$var": "kind"}, "$expr": {"$gt": ["$wallTime", None]}}}]),
-    }
-    cfg = live_config(tmp_path / "c.yaml", mongo_uri, streams, port,
-                      auth={"algorithm": "HS256", "secret": SECRET, "admin_role": ADMIN},
-                      server_extra={"snapshot_workers": 2})
-    rng = random.Random(SEED)
-    docs = [{"_id": i, "owner": rng.choice(OWNERS), "kind": KINDS[i % 4], "v": 0,
-             "pad": "x" * rng.randint(10, 200)} for i in range(N_DOCS)]
-    coll.insert_many(docs)
-    d = start_live(daemons, cfg, port, n_streams=len(streams))
-    return port, coll, d
+    """Factory: (port, items collection, daemon) with N_DOCS small documents in `items`, and,
+    with big=True, 12,000 documents of 1 KB in `big` (written before the daemon starts)."""
+    def make(big=False):
+        coll = create_with_images(db, "items")
+        port = free_port()
+        base = {"db": db_name, "collection": "items", "max_await_time_ms": 100,
+                "full_document": "whenAvailable",
+                "full_document_before_change": "whenAvailable", "history": 20000}
+        streams = {
+            "items": dict(base, recipient="fullDocument.owner", client_filters=True),
+            "bykind": dict(base, pipeline=[
+                {"$match": {"$or": [{"operationType": "delete"},
+                                    {"fullDocument.kind": {"$var": "kind"}}]}}]),
+            "limited": dict(base, client_filters=True, max_snapshot_documents=100),
+            "dbwide": {"db": db_name, "max_await_time_ms": 100},
+            "reshape": dict(base, pipeline=[
+                {"$match": {"fullDocument.kind": {"$var": "kind"}}},
+                {"$project": {"fullDocument.pad": 0}}]),
+            "nohistory": dict(base, history=0),
+            "exprwall": dict(base, pipeline=[{"$match": {
+                "fullDocument.kind": {"$var": "kind"}, "$expr": {"$gt": ["$wallTime", None]}}}]),
+        }
+        if big:
+            streams = {"items": streams["items"],
+                       "tinyhist": dict(base, collection="big", history=10)}
+            db["big"].insert_many([{"_id": i, "kind": "big", "v": 0, "pad": "p" * 1000}
+                                   for i in range(12000)])
+        cfg = live_config(tmp_path / "c.yaml", mongo_uri, streams, port,
+                          auth={"algorithm": "HS256", "secret": SECRET, "admin_role": ADMIN},
+                          server_extra={"snapshot_workers": 2})
+        rng = random.Random(SEED)
+        docs = [{"_id": i, "owner": rng.choice(OWNERS), "kind": KINDS[i % 4], "v": 0,
+                 "pad": "x" * rng.randint(10, 200)} for i in range(N_DOCS)]
+        coll.insert_many(docs)
+        d = start_live(daemons, cfg, port, n_streams=len(streams))
+        return port, coll, d
+    return make
 
 
 def writer(coll, stop, counts, rng):
@@ -155,7 +166,7 @@ def writer(coll, stop, counts, rng):
 
 
 def test_snapshot_then_stream_under_write_load(snap_daemon, subscribers):
-    port, coll, d = snap_daemon
+    port, coll, d = snap_daemon()
     admin = {"Authorization": "Bearer " + token("root", admin=True)}
     # (name, transport, path, headers, entitled(doc))
     specs = []
@@ -233,7 +244,7 @@ def test_snapshot_then_stream_under_write_load(snap_daemon, subscribers):
     assert with_changes >= len(specs) // 2, with_changes
 
 
-@pytest.mark.parametrize("stream,kw,code,message", [
+REFUSALS = [
     ("dbwide", {}, "snapshot_not_supported", r"one collection"),
     ("reshape", {"vars": {"kind": "k1"}}, "snapshot_not_supported", r"reshape"),
     ("nohistory", {}, "snapshot_not_supported", r"history"),
@@ -241,19 +252,22 @@ def test_snapshot_then_stream_under_write_load(snap_daemon, subscribers):
      r"updateDescription"),
     ("exprwall", {"vars": {"kind": "k1"}}, "snapshot_not_supported", r"wallTime"),
     ("items", {"since": "82AB"}, "bad_request", r"since"),
-])
-def test_snapshot_refusals(snap_daemon, stream, kw, code, message):
-    port, _, _ = snap_daemon
+]
+
+
+def test_snapshot_refusals(snap_daemon):
+    port, _, _ = snap_daemon()
     headers = {"Authorization": "Bearer " + token("root", admin=True)}
-    for sse in (False, True):
-        assert_refused(upgrade(port, snap_path(stream, **kw), headers=headers, sse=sse), 400,
-                       code, message)
+    for stream, kw, code, message in REFUSALS:
+        for sse in (False, True):
+            assert_refused(upgrade(port, snap_path(stream, **kw), headers=headers, sse=sse), 400,
+                           code, message)
     bad = stream_path("items") + "?snapshot=yes"
     assert_refused(upgrade(port, bad, headers=headers), 400, "bad_request", r"true or false")
 
 
 def test_snapshot_limit(snap_daemon, subscribers):
-    port, coll, _ = snap_daemon
+    port, coll, _ = snap_daemon()
     admin = {"Authorization": "Bearer " + token("root", admin=True)}
     # Within the stream's limit (100): the whole slice, then live.
     small = subscribers.ws(port, snap_path("limited", filter={"documentKey._id": {"$lt": 60}}),
@@ -277,3 +291,54 @@ def test_snapshot_limit(snap_daemon, subscribers):
         assert not any(m.get("type") in ("ready", "change") for m in msgs)
         if transport == "ws":
             assert big.close_code == 4011, big.close_code
+
+
+def raw_sse(port, path, headers):
+    """An SSE request on a socket with a small receive buffer that the test reads only when it
+    wants to (a client that stalls)."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+    sock.connect(("127.0.0.1", port))
+    h = dict({"Host": "127.0.0.1", "Accept": "text/event-stream"}, **headers)
+    sock.sendall(("GET %s HTTP/1.1\r\n" % path + "".join("%s: %s\r\n" % kv for kv in h.items())
+                  + "\r\n").encode())
+    return sock
+
+
+def read_all(sock, timeout=60):
+    sock.settimeout(timeout)
+    data = bytearray()
+    while True:
+        b = sock.recv(1 << 20)
+        if not b:
+            return bytes(data)
+        data += b
+
+
+def test_snapshot_history_overflow_and_stalled_clients(snap_daemon, subscribers):
+    """A client that stalls during its snapshot holds back only its own read (the worker waits
+    for room; nothing piles up in the daemon); when the stream's history (10 here) overflows
+    meanwhile, the client gets snapshot_overflow and the end of the stream instead of a gap. A
+    client that goes away mid-snapshot frees its worker."""
+    port, items, d = snap_daemon(big=True)
+    admin = {"Authorization": "Bearer " + token("root", admin=True)}
+    stalled = raw_sse(port, snap_path("tinyhist"), admin)
+    gone = raw_sse(port, snap_path("tinyhist"), admin)
+    time.sleep(1.0)
+    gone.recv(65536)
+    gone.close()
+    coll = items.database["big"]
+    for i in range(30):
+        coll.update_one({"_id": i}, {"$inc": {"v": 1}})
+    time.sleep(1.5)  # the changes reach the stream's history (and push the oldest out)
+    # The workers are not stuck: a small snapshot completes while the stalled one waits.
+    ok = subscribers.ws(port, snap_path("items", filter={"documentKey._id": {"$lt": 10}}),
+                        headers=admin, name="ok")
+    ok.wait(lambda ms: any(m.get("type") == "ready" for m in ms), 30, "ready")
+    body = read_all(stalled).decode("utf-8", "replace")
+    stalled.close()
+    assert "event: snapshot" in body
+    assert '"code":"snapshot_overflow"' in body, body[-500:]
+    assert '"last":true' in body  # the snapshot itself was whole; the join found the gap
+    assert "event: change" not in body and "event: ready" not in body
+    assert d.alive()
