@@ -279,7 +279,9 @@ static int translate(const bson_t *q, const bson_t *vars, bool may_drop, int dep
                 } else if (rr == TR_NO) {
                     r = TR_NO;
                 }
-                if (rr != TR_NO && !bson_empty(&tr)) {
+                /* An empty branch matches everything: an $and can do without it, an $or or
+                 * a $nor cannot. */
+                if (rr != TR_NO && (!bson_empty(&tr) || k[1] != 'a')) {
                     snprintf(key, sizeof(key), "%u", n++);
                     BSON_APPEND_DOCUMENT(&arr, key, &tr);
                 }
