@@ -13,7 +13,7 @@ with snapshot=true, reads frames as fast as it can (counting bytes; only the las
 carries `count`, is parsed), and stops at the last batch. Each run prints one line:
 
   run=N docs=... seconds=... docs_per_s=... mb_per_s=... daemon_cpu_s=... emulator_cpu_s=...
-  daemon_rss_mb=... daemon_peak_rss_mb=...
+  client_cpu_s=... daemon_rss_mb=... daemon_peak_rss_mb=...
 
 (CPU times are the processes' user+system time during the run, from /proc; daemon_peak_rss_mb
 is the daemon's VmHWM so far; daemon_rss_mb its VmRSS at the end of the run.) Both processes
@@ -23,6 +23,7 @@ are stopped by pid at the end.
 import json
 import os
 import re
+import resource
 import signal
 import socket
 import struct
@@ -112,7 +113,7 @@ def snapshot_once(port):
 def main():
     if len(sys.argv) != 2:
         sys.exit(__doc__)
-    build = sys.argv[1]
+    build = os.path.abspath(sys.argv[1])
     n_docs = int(os.environ.get("SNAP_DOCS", "1000000"))
     doc_bytes = int(os.environ.get("SNAP_DOC_BYTES", "1024"))
     runs = int(os.environ.get("SNAP_RUNS", "3"))
@@ -146,6 +147,7 @@ def main():
         cfg = os.path.join(work, "c.yaml")
         with open(cfg, "w") as f:
             f.write("mongodb:\n  uri: %s\n" % json.dumps(uri))
+            f.write("checkpoint: {store: file, path: %s}\n" % json.dumps(os.path.join(work, "cp")))
             f.write("server: %s\n" % json.dumps({"listen": "127.0.0.1:%d" % port,
                                                  "max_snapshot_documents": n_docs + 1,
                                                  "snapshot_workers": workers}))
@@ -154,7 +156,7 @@ def main():
             f.write("sinks: []\n")
         err = open(os.path.join(work, "daemon.err"), "wb")
         daemon = subprocess.Popen([daemon_bin, "run", "-c", cfg], stdout=subprocess.DEVNULL,
-                                  stderr=err)
+                                  stderr=err, cwd=work)
         deadline = time.monotonic() + 30
         while True:
             with open(os.path.join(work, "daemon.err"), "rb") as f:
@@ -166,13 +168,17 @@ def main():
         print("daemon_rss_idle_mb=%.1f" % status_mb(daemon.pid, "VmRSS"), flush=True)
         for r in range(runs):
             d0, e0 = cpu_s(daemon.pid), cpu_s(emu.pid)
+            ru0 = resource.getrusage(resource.RUSAGE_SELF)
             count, nbytes, secs = snapshot_once(port)
+            ru1 = resource.getrusage(resource.RUSAGE_SELF)
             d1, e1 = cpu_s(daemon.pid), cpu_s(emu.pid)
+            client = (ru1.ru_utime + ru1.ru_stime) - (ru0.ru_utime + ru0.ru_stime)
             if count != n_docs:
                 raise RuntimeError("snapshot had %d documents, expected %d" % (count, n_docs))
             print("run=%d docs=%d seconds=%.3f docs_per_s=%.0f mb_per_s=%.1f daemon_cpu_s=%.2f "
-                  "emulator_cpu_s=%.2f daemon_rss_mb=%.1f daemon_peak_rss_mb=%.1f" % (
+                  "emulator_cpu_s=%.2f client_cpu_s=%.2f daemon_rss_mb=%.1f daemon_peak_rss_mb=%.1f" % (
                       r + 1, count, secs, count / secs, nbytes / secs / 1e6, d1 - d0, e1 - e0,
+                      client,
                       status_mb(daemon.pid, "VmRSS"), status_mb(daemon.pid, "VmHWM")),
                   flush=True)
             time.sleep(1.0)

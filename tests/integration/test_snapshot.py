@@ -97,7 +97,7 @@ def build_view(name, msgs):
 def snap_daemon(tmp_path, daemons, mongo_uri, db, db_name):
     """Factory: (port, items collection, daemon) with N_DOCS small documents in `items`, and,
     with big=True, 12,000 documents of 1 KB in `big` (written before the daemon starts)."""
-    def make(big=False):
+    def make(big=False, server=None):
         coll = create_with_images(db, "items")
         port = free_port()
         base = {"db": db_name, "collection": "items", "max_await_time_ms": 100,
@@ -124,7 +124,7 @@ def snap_daemon(tmp_path, daemons, mongo_uri, db, db_name):
                                    for i in range(12000)])
         cfg = live_config(tmp_path / "c.yaml", mongo_uri, streams, port,
                           auth={"algorithm": "HS256", "secret": SECRET, "admin_role": ADMIN},
-                          server_extra={"snapshot_workers": 2})
+                          server_extra=dict({"snapshot_workers": 2}, **(server or {})))
         rng = random.Random(SEED)
         docs = [{"_id": i, "owner": rng.choice(OWNERS), "kind": KINDS[i % 4], "v": 0,
                  "pad": "x" * rng.randint(10, 200)} for i in range(N_DOCS)]
@@ -342,3 +342,23 @@ def test_snapshot_history_overflow_and_stalled_clients(snap_daemon, subscribers)
     assert '"last":true' in body  # the snapshot itself was whole; the join found the gap
     assert "event: change" not in body and "event: ready" not in body
     assert d.alive()
+
+
+def test_snapshot_oversize_document(snap_daemon, subscribers):
+    """A document whose JSON passes server.max_message_bytes is an oversize notice (with its
+    _id) instead of a batch entry, and is not counted."""
+    port, coll, _ = snap_daemon(server={"max_message_bytes": 4096})
+    coll.insert_one({"_id": "huge", "owner": "u1", "kind": "k0", "pad": "h" * 6000})
+    admin = {"Authorization": "Bearer " + token("root", admin=True)}
+    for transport in ("ws", "sse"):
+        make = subscribers.ws if transport == "ws" else subscribers.sse
+        s = make(port, snap_path("items", filter={"documentKey._id": {"$in": ["huge", 1, 2]}}),
+                 headers=admin, name="oversize-" + transport)
+        s.wait(lambda ms: any(m.get("type") == "ready" for m in ms), 30, "ready")
+        msgs = s.messages()
+        notes = [m for m in msgs if m.get("type") == "oversize"]
+        assert len(notes) == 1 and notes[0]["snapshot"] is True, notes
+        assert notes[0]["documentKey"] == {"_id": "huge"} and notes[0]["limit"] == 4096
+        assert notes[0]["size"] > 6000
+        view, _ = build_view(s.name, [m for m in msgs if m.get("type") != "oversize"])
+        assert sorted(view) == [1, 2]
