@@ -1308,11 +1308,10 @@ void mcd_snapshots_pump(mcd_snapshots_t *s)
     }
 }
 
-void mcd_snapshots_close(mcd_snapshots_t *s)
+/* No more work: every job is cancelled, the workers end once the queue is empty, and nothing
+ * wakes the loop any more. */
+static void stop_all(mcd_snapshots_t *s)
 {
-    if (!s) {
-        return;
-    }
     pthread_mutex_lock(&s->mu);
     s->stopping = true;
     for (snap_job_t *job = s->jobs; job; job = job->next) {
@@ -1322,6 +1321,14 @@ void mcd_snapshots_close(mcd_snapshots_t *s)
     pthread_cond_broadcast(&s->work);
     pthread_cond_broadcast(&s->room);
     pthread_mutex_unlock(&s->mu);
+}
+
+void mcd_snapshots_close(mcd_snapshots_t *s)
+{
+    if (!s) {
+        return;
+    }
+    stop_all(s);
     uv_close((uv_handle_t *)&s->async, NULL);
 }
 
@@ -1330,15 +1337,7 @@ void mcd_snapshots_destroy(mcd_snapshots_t *s)
     if (!s) {
         return;
     }
-    pthread_mutex_lock(&s->mu);
-    s->stopping = true;
-    for (snap_job_t *job = s->jobs; job; job = job->next) {
-        job->cancelled = true;
-    }
-    s->async_open = false;
-    pthread_cond_broadcast(&s->work);
-    pthread_cond_broadcast(&s->room);
-    pthread_mutex_unlock(&s->mu);
+    stop_all(s);
     for (uint32_t i = 0; i < s->n_threads; i++) {
         pthread_join(s->threads[i], NULL);
     }
