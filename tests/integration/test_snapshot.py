@@ -8,9 +8,10 @@ while it writes (WebSocket and SSE). Each subscriber's view, built from its snap
 its changes (`left` removes, `entered` adds), must equal its entitled slice of the collection
 once the writer stops; no change it receives may be at or before its snapshot's cluster time
 (it would be in the snapshot too), and every snapshot batch comes before ready and the
-changes. Scaled for CI (the issue asks 5,000 documents, 1,000 writes/s and 20 subscribers;
-here 3,000 documents, ~300 writes/s for ~6 s and 14 subscribers, which already puts every
-snapshot under write load on a loaded 2-core machine).
+changes. At the issue's scale: 5,000 documents, a writer at about 1,000 writes/s (ordered bulk
+writes of 10, each its own change event) for 6 s, and 20 subscribers subscribing one after the
+other while it writes (the rate the writer reaches depends on the machine: with the sanitizer
+builds on a loaded 2-core machine it is 300-600 writes/s; the test requires at least 150).
 
 Also: refusals (400 with the reason) for what cannot be translated to a query, and the
 document limit (max_snapshot_documents: snapshot_too_large, close 4011). Runs against a real
@@ -35,9 +36,11 @@ ADMIN = "mongocast:all"
 USERS = ["u0", "u1", "u2", "u3", "u4"]
 OWNERS = USERS + [None]
 KINDS = ["k0", "k1", "k2", "k3"]
-N_DOCS = 3000
+N_DOCS = 5000
 WRITE_SECONDS = 6.0
-WRITES_PER_SECOND = 300
+WRITES_PER_SECOND = 1000
+WRITE_BATCH = 10  # writes per bulk_write call
+MIN_WRITES_PER_SECOND = 150  # what the writer must reach at least
 SEED = 1407
 
 
@@ -97,7 +100,7 @@ def build_view(name, msgs):
 def snap_daemon(tmp_path, daemons, mongo_uri, db, db_name):
     """Factory: (port, items collection, daemon) with N_DOCS small documents in `items`, and,
     with big=True, 12,000 documents of 1 KB in `big` (written before the daemon starts)."""
-    def make(big=False, server=None):
+    def make(big=False, server=None, only=None):
         coll = create_with_images(db, "items")
         port = free_port()
         base = {"db": db_name, "collection": "items", "max_await_time_ms": 100,
@@ -117,6 +120,8 @@ def snap_daemon(tmp_path, daemons, mongo_uri, db, db_name):
             "exprwall": dict(base, pipeline=[{"$match": {
                 "fullDocument.kind": {"$var": "kind"}, "$expr": {"$gt": ["$wallTime", None]}}}]),
         }
+        if only:
+            streams = {k: v for k, v in streams.items() if k in only}
         if big:
             streams = {"items": streams["items"],
                        "tinyhist": dict(base, collection="big", history=10)}
@@ -136,37 +141,40 @@ def snap_daemon(tmp_path, daemons, mongo_uri, db, db_name):
 
 def writer(coll, stop, counts, rng):
     """Updates (a fifth of them hand the document to another owner), deletes and inserts, at
-    about WRITES_PER_SECOND."""
+    about WRITES_PER_SECOND, in ordered bulk writes of WRITE_BATCH (each write is its own
+    change event)."""
+    from pymongo import DeleteOne, InsertOne, UpdateOne
     next_id = N_DOCS
     live = list(range(N_DOCS))
-    interval = 1.0 / WRITES_PER_SECOND
+    interval = WRITE_BATCH / WRITES_PER_SECOND
     t0 = time.monotonic()
     n = 0
     while not stop.is_set():
-        r = rng.random()
-        if r < 0.6 and live:
-            _id = rng.choice(live)
-            upd = {"$inc": {"v": 1}}
-            if rng.random() < 0.2:
-                upd["$set"] = {"owner": rng.choice(OWNERS)}
-            coll.update_one({"_id": _id}, upd)
-        elif r < 0.8 and live:
-            _id = live.pop(rng.randrange(len(live)))
-            coll.delete_one({"_id": _id})
-        else:
-            coll.insert_one({"_id": next_id, "owner": rng.choice(OWNERS),
-                             "kind": KINDS[next_id % 4], "v": 0, "pad": "new"})
-            live.append(next_id)
-            next_id += 1
-        n += 1
+        ops = []
+        for _ in range(WRITE_BATCH):
+            r = rng.random()
+            if r < 0.6 and live:
+                upd = {"$inc": {"v": 1}}
+                if rng.random() < 0.2:
+                    upd["$set"] = {"owner": rng.choice(OWNERS)}
+                ops.append(UpdateOne({"_id": rng.choice(live)}, upd))
+            elif r < 0.8 and live:
+                ops.append(DeleteOne({"_id": live.pop(rng.randrange(len(live)))}))
+            else:
+                ops.append(InsertOne({"_id": next_id, "owner": rng.choice(OWNERS),
+                                      "kind": KINDS[next_id % 4], "v": 0, "pad": "new"}))
+                live.append(next_id)
+                next_id += 1
+        coll.bulk_write(ops, ordered=True)
+        n += len(ops)
         counts[0] = n
-        delay = t0 + n * interval - time.monotonic()
+        delay = t0 + (n / WRITE_BATCH) * interval - time.monotonic()
         if delay > 0:
             time.sleep(delay)
 
 
 def test_snapshot_then_stream_under_write_load(snap_daemon, subscribers):
-    port, coll, d = snap_daemon()
+    port, coll, d = snap_daemon(only=("items", "bykind"))
     admin = {"Authorization": "Bearer " + token("root", admin=True)}
     # (name, transport, path, headers, entitled(doc))
     specs = []
@@ -194,6 +202,19 @@ def test_snapshot_then_stream_under_write_load(snap_daemon, subscribers):
          lambda doc: doc["kind"] == "k2"),
         ("sse-kind3", "sse", snap_path("bykind", token=token("u4"), vars={"kind": "k3"}), None,
          lambda doc: doc["kind"] == "k3"),
+        ("ws-kind0", "ws", snap_path("bykind", token=token("u1"), vars={"kind": "k0"}), None,
+         lambda doc: doc["kind"] == "k0"),
+        ("sse-admin", "sse", snap_path("items"), admin, lambda doc: True),
+        ("ws-u0-k2", "ws", snap_path("items", token=token("u0"), filter={
+            "$or": [{"operationType": "delete"}, {"fullDocument.kind": "k2"}]}), None,
+         lambda doc: doc.get("owner") == "u0" and doc["kind"] in ("k2",)),
+        ("sse-u4-range", "sse", snap_path("items", token=token("u4"), filter={
+            "documentKey._id": {"$gte": 1000, "$lt": 4000}}), None,
+         lambda doc: doc.get("owner") == "u4" and 1000 <= doc["_id"] < 4000),
+        ("ws-u3-again", "ws", snap_path("items", token=token("u3")), None,
+         lambda doc: doc.get("owner") == "u3"),
+        ("ws-admin-new", "ws", snap_path("items", filter={"documentKey._id": {"$gte": N_DOCS}}),
+         admin, lambda doc: doc["_id"] >= N_DOCS),
     ]
 
     stop = threading.Event()
@@ -214,7 +235,9 @@ def test_snapshot_then_stream_under_write_load(snap_daemon, subscribers):
     finally:
         stop.set()
         w.join(10)
-    assert counts[0] > WRITES_PER_SECOND * WRITE_SECONDS * 0.4, "writer too slow: %d" % counts[0]
+    # The sanitizer build of the emulator and the daemon share two loaded cores with the
+    # writer: what proves the property is that writes kept coming during every snapshot.
+    assert counts[0] > MIN_WRITES_PER_SECOND * WRITE_SECONDS, "writer too slow: %d" % counts[0]
 
     final = {doc["_id"]: doc for doc in coll.find({})}
     for name, transport, path, headers, entitled in specs:
