@@ -9,8 +9,9 @@
  *     it, moves finished batches to the connection as its send queue allows (pump) and joins
  *     the subscriber to its stream at the end (fanout.c);
  *   - snapshot workers (server.snapshot_workers threads, started on first use, each with a
- *     connection from a MongoDB client pool of their own) run the read: `find` with
- *     readConcern snapshot on one session, then getMores, check each document as the change
+ *     connection from a MongoDB client pool of their own) run the read: a find with
+ *     readConcern snapshot on one session (an aggregate when the find's reply does not say
+ *     the snapshot's time), then getMores, check each document as the change
  *     of its insert would be checked (the stream's server $match stages, the subscriber's
  *     routing view, per-subscriber $match stages and filter: mcd_subscription_apply(), the
  *     same code as live delivery), and render batches of compact JSON framed for the
@@ -902,10 +903,7 @@ static int take_batch(reader_t *rd, const bson_t *reply, const char *which, int6
         }
     }
     if (!rd->at_t) {
-        rd_fail(rd, MCD_WS_CLOSE_SNAPSHOT, MCD_SNAPSHOT_FAILED,
-                   "the server did not say the snapshot's cluster time (MongoDB 5.0 or later "
-                   "is needed)");
-        return MC_EINVAL;
+        return MC_ENOTFOUND; /* the caller decides: ask again, or fail */
     }
     while (have_docs && bson_iter_next(&docs)) {
         bson_t doc;
@@ -926,6 +924,49 @@ static bool job_cancelled(snap_job_t *job)
     bool c = job->cancelled;
     pthread_mutex_unlock(&job->s->mu);
     return c;
+}
+
+/* The read's first command: a find, or the same read as an aggregate of one $match. */
+static void first_command(const snap_job_t *job, bool aggregate, bson_t *cmd)
+{
+    bson_reinit(cmd);
+    if (aggregate) {
+        bson_t pipeline, stage, cursor_opt;
+        BSON_APPEND_UTF8(cmd, "aggregate", job->cfg->collection);
+        BSON_APPEND_ARRAY_BEGIN(cmd, "pipeline", &pipeline);
+        BSON_APPEND_DOCUMENT_BEGIN(&pipeline, "0", &stage);
+        BSON_APPEND_DOCUMENT(&stage, "$match", &job->query);
+        bson_append_document_end(&pipeline, &stage);
+        bson_append_array_end(cmd, &pipeline);
+        BSON_APPEND_DOCUMENT_BEGIN(cmd, "cursor", &cursor_opt);
+        BSON_APPEND_INT32(&cursor_opt, "batchSize", SNAP_SERVER_BATCH);
+        bson_append_document_end(cmd, &cursor_opt);
+    } else {
+        BSON_APPEND_UTF8(cmd, "find", job->cfg->collection);
+        BSON_APPEND_DOCUMENT(cmd, "filter", &job->query);
+        BSON_APPEND_INT32(cmd, "batchSize", SNAP_SERVER_BATCH);
+    }
+    bson_t rcn;
+    BSON_APPEND_DOCUMENT_BEGIN(cmd, "readConcern", &rcn);
+    BSON_APPEND_UTF8(&rcn, "level", "snapshot");
+    bson_append_document_end(cmd, &rcn);
+}
+
+/* Ends a cursor the read leaves open (stopped early). */
+static void kill_cursor(mongoc_client_t *client, const snap_job_t *job, const bson_t *opts,
+                        int64_t cursor)
+{
+    if (cursor == 0) {
+        return;
+    }
+    bson_t cmd = BSON_INITIALIZER, arr, reply;
+    BSON_APPEND_UTF8(&cmd, "killCursors", job->cfg->collection);
+    BSON_APPEND_ARRAY_BEGIN(&cmd, "cursors", &arr);
+    BSON_APPEND_INT64(&arr, "0", cursor);
+    bson_append_array_end(&cmd, &arr);
+    mongoc_client_read_command_with_opts(client, job->cfg->db, &cmd, NULL, opts, &reply, NULL);
+    bson_destroy(&reply);
+    bson_destroy(&cmd);
 }
 
 static void run_job(mcd_snapshots_t *s, snap_job_t *job)
@@ -951,13 +992,8 @@ static void run_job(mcd_snapshots_t *s, snap_job_t *job)
         goto out;
     }
     batch_open(&rd);
-    BSON_APPEND_UTF8(&cmd, "find", job->cfg->collection);
-    BSON_APPEND_DOCUMENT(&cmd, "filter", &job->query);
-    BSON_APPEND_INT32(&cmd, "batchSize", SNAP_SERVER_BATCH);
-    bson_t rcn;
-    BSON_APPEND_DOCUMENT_BEGIN(&cmd, "readConcern", &rcn);
-    BSON_APPEND_UTF8(&rcn, "level", "snapshot");
-    bson_append_document_end(&cmd, &rcn);
+    bool aggregate = false;
+    first_command(job, aggregate, &cmd);
     bool ok = mongoc_client_read_command_with_opts(client, job->cfg->db, &cmd, NULL, &opts, &reply,
                                                    &berr);
     const char *which = "firstBatch";
@@ -976,6 +1012,24 @@ static void run_job(mcd_snapshots_t *s, snap_job_t *job)
         }
         rc = take_batch(&rd, &reply, which, &cursor);
         bson_destroy(&reply);
+        if (rc == MC_ENOTFOUND && !aggregate) {
+            /* MongoDB leaves atClusterTime out of the reply of a find that returns nothing
+             * (SERVER-83472); the same read as an aggregate always says it (a find is the
+             * cheaper read otherwise, on the emulator by far). Nothing was taken yet. */
+            kill_cursor(client, job, &opts, cursor);
+            cursor = 0;
+            aggregate = true;
+            first_command(job, aggregate, &cmd);
+            ok = mongoc_client_read_command_with_opts(client, job->cfg->db, &cmd, NULL, &opts,
+                                                      &reply, &berr);
+            continue;
+        }
+        if (rc == MC_ENOTFOUND) {
+            rd_fail(&rd, MCD_WS_CLOSE_SNAPSHOT, MCD_SNAPSHOT_FAILED,
+                    "the server did not say the snapshot's cluster time (MongoDB 5.0 or later "
+                    "is needed)");
+            rc = MC_EINVAL;
+        }
         if (rc != 0 || cursor == 0) {
             break;
         }
@@ -991,17 +1045,7 @@ static void run_job(mcd_snapshots_t *s, snap_job_t *job)
                                                   &berr);
         which = "nextBatch";
     }
-    if (cursor != 0) {
-        bson_reinit(&cmd);
-        BSON_APPEND_UTF8(&cmd, "killCursors", job->cfg->collection);
-        bson_t arr;
-        BSON_APPEND_ARRAY_BEGIN(&cmd, "cursors", &arr);
-        BSON_APPEND_INT64(&arr, "0", cursor);
-        bson_append_array_end(&cmd, &arr);
-        mongoc_client_read_command_with_opts(client, job->cfg->db, &cmd, NULL, &opts, &reply,
-                                             NULL);
-        bson_destroy(&reply);
-    }
+    kill_cursor(client, job, &opts, cursor);
     if (rc == 0) {
         rc = batch_flush(&rd, true);
     } else {

@@ -213,6 +213,9 @@ def test_snapshot_then_stream_under_write_load(snap_daemon, subscribers):
          lambda doc: doc.get("owner") == "u4" and 1000 <= doc["_id"] < 4000),
         ("ws-u3-again", "ws", snap_path("items", token=token("u3")), None,
          lambda doc: doc.get("owner") == "u3"),
+        # Entitled to nothing: an empty snapshot still ends with its last batch and T.
+        ("ws-nobody", "ws", snap_path("items", token=token("nobody")), None,
+         lambda doc: doc.get("owner") == "nobody"),
         ("ws-admin-new", "ws", snap_path("items", filter={"documentKey._id": {"$gte": N_DOCS}}),
          admin, lambda doc: doc["_id"] >= N_DOCS),
     ]
@@ -260,7 +263,9 @@ def test_snapshot_then_stream_under_write_load(snap_daemon, subscribers):
         msgs = s.messages()
         _, done = build_view(name, msgs)
         assert any(m.get("type") == "ready" for m in msgs[done + 1:]), name
-        assert sum(len(m["documents"]) for m in msgs if m.get("type") == "snapshot") > 0, name
+        sent = sum(len(m["documents"]) for m in msgs if m.get("type") == "snapshot")
+        assert (sent == 0) == (name == "ws-nobody"), (name, sent)
+        assert msgs[done]["count"] == sent, name
     # The snapshots were taken under write load: most subscribers received changes after
     # theirs.
     with_changes = sum(1 for s in subs.values() if s.changes())
