@@ -117,6 +117,7 @@ typedef struct mc_stream_config {
     mc_on_oversize_t on_oversize;
     int32_t batch_size;              /* 0: server default */
     int32_t max_await_time_ms;       /* default 1000 */
+    uint32_t max_snapshot_documents; /* 0: server.max_snapshot_documents */
     mc_config_pos_t pos;
 } mc_stream_config_t;
 
@@ -158,6 +159,8 @@ typedef struct mc_config {
         uint32_t max_message_bytes; /* larger events become an oversize notice; 16 MiB */
         uint32_t filter_budget_us;  /* per subscriber and event; 2000 */
         uint32_t max_connections_per_address; /* 0: no limit */
+        uint32_t max_snapshot_documents;      /* per ?snapshot=true; 0: refused */
+        uint32_t snapshot_workers;            /* snapshot reader threads; 2 */
     } server;
     struct {
         bool enabled;

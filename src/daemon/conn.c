@@ -328,6 +328,16 @@ void mcd_conn_set_remove(mcd_conn_t *c)
     c->set = NULL;
 }
 
+/* A closing connection leaves its set, whose owner may have to know (snapshot.c). */
+static void leave_set_closing(mcd_conn_t *c)
+{
+    mcd_conn_set_t *set = c->set;
+    mcd_conn_set_remove(c);
+    if (set && set->on_close) {
+        set->on_close(c);
+    }
+}
+
 void mcd_conn_set_cleanup(mcd_conn_set_t *set)
 {
     free(set->v);
@@ -513,7 +523,7 @@ void mcd_conn_close(mcd_conn_t *c, uint16_t code, const char *reason, bool drop)
         return;
     }
     const char *stream = c->set ? c->set->name : NULL;
-    mcd_conn_set_remove(c);
+    leave_set_closing(c);
     switch (c->transport) {
     case MCD_T_WS: {
         if (drop) {
@@ -835,7 +845,7 @@ void mcd_conn_abort(mcd_conn_t *c)
         return;
     }
     mcd_conn_table_t *t = mcd_conn_table(c);
-    mcd_conn_set_remove(c);
+    leave_set_closing(c);
     plain_remove(c);
     if (c->addr) {
         addr_release(t, c->addr);

@@ -66,6 +66,9 @@ typedef struct mcd_conn_set {
     uint32_t n;
     uint32_t cap;
     const char *name; /* for logs: the stream's name */
+    /* Called when a connection leaves the set because it closes (not for
+     * mcd_conn_set_remove() by the set's owner); NULL: nothing to do. */
+    void (*on_close)(mcd_conn_t *c);
 } mcd_conn_set_t;
 
 /* One TCP connection. Kept small: an idle WebSocket subscriber is this struct, its
@@ -84,6 +87,8 @@ struct mcd_conn {
     mcd_http_req_t *req; /* while a request is being read, else NULL */
     mcd_conn_set_t *set; /* the stream's subscribers this connection is one of, or NULL */
     mcd_subscription_t *sub;
+    void *snap;        /* the snapshot being read for this subscriber (snapshot.c), or NULL */
+    uint64_t snap_skip; /* after a snapshot: skip changes at or before this cluster time */
     mcd_conn_link_t plain;      /* in the table's plain list (MCD_CF_PLAIN) */
     mcd_conn_link_t addr_plain; /* in addr->plain (MCD_CF_PLAIN and addr) */
     mcd_addr_t *addr;           /* its address's entry, or NULL (no per-address limit) */

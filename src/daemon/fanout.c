@@ -38,6 +38,7 @@
 #include <string.h>
 
 #include "fanout.h"
+#include "engine_private.h" /* mc__token_cluster_time */
 
 /* A resume's replay runs in one step: its filter budget is this many events' worth. */
 #define REPLAY_BUDGET 32
@@ -86,6 +87,7 @@ static void ring_clear(mcd_hub_t *hub)
     }
     hub->ring_head = 0;
     hub->ring_len = 0;
+    hub->ring_epoch++;
 }
 
 static void hub_cleanup(mcd_hub_t *hub)
@@ -114,6 +116,7 @@ static void ring_push(mcd_hub_t *hub, mcd_msg_t *msg)
     }
     hub->ring[(hub->ring_head + hub->ring_len) % hub->ring_cap] = mcd_msg_ref(msg);
     hub->ring_len++;
+    hub->ring_pushed++;
 }
 
 static mcd_msg_t *ring_at(const mcd_hub_t *hub, uint32_t i)
@@ -238,6 +241,92 @@ static mcd_msg_t *message_for(mcd_hub_t *hub, mcd_conn_t *c, mcd_msg_t *full,
     return m;
 }
 
+/* Sends `conn` what it gets of the ring's messages from index `first` on (the same decision as
+ * live delivery, hub_publish, within one budget for the whole replay: it runs in one step on
+ * the loop), leaving out changes at or before cluster time `after` (0: none). Returns 0, or -1
+ * when the connection was ended or closed on the way. */
+static int replay_from(mcd_hub_t *hub, mcd_conn_t *conn, uint32_t first, uint64_t after)
+{
+    mc_filter_budget_t budget = {.cpu_ns = hub->fanout->filter_budget_ns * REPLAY_BUDGET};
+    for (uint32_t i = first; i < hub->ring_len; i++) {
+        mcd_msg_t *full = ring_at(hub, i);
+        if (after && mc_event_kind(full->ev) == MC_EVENT_CHANGE) {
+            uint64_t ct = mcd_event_cluster_time(full->ev);
+            if (ct && ct <= after) {
+                continue;
+            }
+        }
+        bool own, ended;
+        mcd_msg_t *vm = message_for(hub, conn, full, &budget, "during replay", &own, &ended);
+        if (ended) {
+            return -1;
+        }
+        if (!vm) {
+            continue;
+        }
+        int rc = mcd_conn_send(conn, vm, true);
+        if (own) {
+            mcd_msg_unref(vm);
+        }
+        if (rc != 0) {
+            return -1;
+        }
+    }
+    return 0;
+}
+
+/* Puts `conn` into the live set. Returns 0, or -1 (closed: out of memory). */
+static int join_live(mcd_hub_t *hub, mcd_conn_t *conn)
+{
+    if (mcd_conn_set_add(&hub->subs, conn) != 0) {
+        mcd_conn_abort(conn);
+        return -1;
+    }
+    if (mcd_subscription_matches_all(conn->sub)) {
+        conn->flags |= MCD_CF_MATCH_ALL;
+    } else {
+        conn->flags &= (uint8_t)~MCD_CF_MATCH_ALL;
+    }
+    return 0;
+}
+
+uint64_t mcd_event_cluster_time(const mc_event_t *ev)
+{
+    uint32_t t = 0, i = 0;
+    if (!mc_event_cluster_time(ev, &t, &i)) {
+        const bson_t *token = mc_event_resume_token(ev);
+        if (!token || !mc__token_cluster_time(token, &t, &i)) {
+            return 0;
+        }
+    }
+    return (uint64_t)t << 32 | i;
+}
+
+int mcd_hub_join_after_snapshot(mcd_hub_t *hub, mcd_conn_t *conn, uint64_t seq, uint32_t epoch,
+                                uint64_t at)
+{
+    if (hub->error_msg) {
+        /* The stream failed while the snapshot was read: its error message ends this
+         * subscriber as it ended the others. */
+        if (mcd_conn_send(conn, hub->error_msg, false) == 0) {
+            mcd_conn_close(conn, MCD_WS_CLOSE_STREAM_FAILED, "stream failed", false);
+        }
+        return -1;
+    }
+    uint64_t oldest = hub->ring_pushed - hub->ring_len;
+    if (epoch != hub->ring_epoch || seq < oldest || !hub->ring_cap) {
+        return 1;
+    }
+    if (stream_open_now(hub) && mcd_conn_send(conn, hub->ready_msg, false) != 0) {
+        return -1;
+    }
+    if (replay_from(hub, conn, (uint32_t)(seq - oldest), at) != 0) {
+        return -1;
+    }
+    conn->snap_skip = at;
+    return join_live(hub, conn);
+}
+
 int mcd_hub_subscribe(mcd_hub_t *hub, mcd_conn_t *conn, const char *since)
 {
     long found = -1;
@@ -262,39 +351,10 @@ int mcd_hub_subscribe(mcd_hub_t *hub, mcd_conn_t *conn, const char *since)
     if (stream_open_now(hub) && mcd_conn_send(conn, hub->ready_msg, false) != 0) {
         return -1;
     }
-    if (found >= 0) {
-        /* One budget for the whole replay: it runs in one step on the loop. */
-        mc_filter_budget_t budget = {.cpu_ns = hub->fanout->filter_budget_ns * REPLAY_BUDGET};
-        for (uint32_t i = (uint32_t)found + 1; i < hub->ring_len; i++) {
-            /* The same decision as live delivery (hub_publish), within the replay's budget. */
-            bool own, ended;
-            mcd_msg_t *vm = message_for(hub, conn, ring_at(hub, i), &budget, "during replay",
-                                        &own, &ended);
-            if (ended) {
-                return -1;
-            }
-            if (!vm) {
-                continue;
-            }
-            int rc = mcd_conn_send(conn, vm, true);
-            if (own) {
-                mcd_msg_unref(vm);
-            }
-            if (rc != 0) {
-                return -1;
-            }
-        }
-    }
-    if (mcd_conn_set_add(&hub->subs, conn) != 0) {
-        mcd_conn_abort(conn);
+    if (found >= 0 && replay_from(hub, conn, (uint32_t)found + 1, 0) != 0) {
         return -1;
     }
-    if (mcd_subscription_matches_all(conn->sub)) {
-        conn->flags |= MCD_CF_MATCH_ALL;
-    } else {
-        conn->flags &= (uint8_t)~MCD_CF_MATCH_ALL;
-    }
-    return 0;
+    return join_live(hub, conn);
 }
 
 static void hub_publish(mcd_hub_t *hub, mc_event_t *ev)
@@ -345,10 +405,23 @@ static void hub_publish(mcd_hub_t *hub, mc_event_t *ev)
     uint8_t skip_check = check && mc_event_change(ev) ? MCD_CF_MATCH_ALL : 0;
     /* Backwards: closing a slow consumer swaps the last subscriber into its slot, which this
      * loop has already visited. */
+    uint64_t ct = UINT64_MAX; /* the change's cluster time, read once when a subscriber asks */
     for (uint32_t i = hub->subs.n; i-- > 0;) {
         mcd_conn_t *c = hub->subs.v[i];
         mcd_msg_t *m = msg;
         bool own = false;
+        if (c->snap_skip && kind == MC_EVENT_CHANGE) {
+            /* Joined after a snapshot at snap_skip: a change at or before it is in the
+             * snapshot already. Changes come in cluster-time order, so the first one after it
+             * ends the check. */
+            if (ct == UINT64_MAX) {
+                ct = mcd_event_cluster_time(ev);
+            }
+            if (ct && ct <= c->snap_skip) {
+                continue;
+            }
+            c->snap_skip = 0;
+        }
         if (check && !(c->flags & skip_check)) {
             mc_filter_budget_t budget = {.cpu_ns = hub->fanout->filter_budget_ns};
             bool ended;

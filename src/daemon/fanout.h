@@ -35,6 +35,8 @@ typedef struct mcd_hub {
     uint64_t replays;     /* resumes served from history */
     uint64_t resets;      /* resumes answered with reset */
     int64_t last_wall_ms; /* wallTime of the newest change, INT64_MIN when none */
+    uint64_t ring_pushed; /* messages ever pushed into the ring (snapshot joins count from it) */
+    uint32_t ring_epoch;  /* times the ring was cleared (a reset) */
 } mcd_hub_t;
 
 /* The hubs of every stream of a config, and the engine that feeds them (NULL in tests). */
@@ -59,6 +61,20 @@ mcd_hub_t *mcd_fanout_hub(mcd_fanout_t *fo, const char *stream);
  * history, ready when the stream is open, replay of what follows `since`, then live. Returns
  * 0, or -1 when the connection was closed on the way (slow consumer, out of memory). */
 int mcd_hub_subscribe(mcd_hub_t *hub, mcd_conn_t *conn, const char *since);
+
+/* Joins `conn` after its snapshot at cluster time `at` (Timestamp t << 32 | i) finished: the
+ * stream's failure when it failed meanwhile (then the subscriber is ended), ready when the
+ * stream is open, the changes the ring got since it held `seq` messages (hub->ring_pushed when
+ * the snapshot started, in ring epoch `epoch`) that are after `at`, then live delivery, which
+ * skips changes at or before `at` (a lagging stream may still bring some). Returns 0, -1 when
+ * the connection was closed on the way, or 1 when the ring no longer holds everything since
+ * `seq` (it overflowed, or a reset cleared it): the caller ends the subscriber. */
+int mcd_hub_join_after_snapshot(mcd_hub_t *hub, mcd_conn_t *conn, uint64_t seq, uint32_t epoch,
+                                uint64_t at);
+
+/* The cluster time of a change (Timestamp t << 32 | i): its clusterTime field, else its resume
+ * token's; 0 when neither says. */
+uint64_t mcd_event_cluster_time(const mc_event_t *ev);
 
 /* The fan-out sink type (attached with mc_engine_add_sink; userdata = the mcd_fanout_t). */
 extern const mc_sink_type_t mcd_fanout_sink_type;

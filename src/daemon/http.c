@@ -466,6 +466,8 @@ int mcd_http_target_parse(const char *target, size_t len, mcd_http_target_t *out
                 slot = &out->filter;
             } else if (nlen == 5 && memcmp(name, "token", 5) == 0) {
                 slot = &out->token;
+            } else if (nlen == 8 && memcmp(name, "snapshot", 8) == 0) {
+                slot = &out->snapshot;
             }
             if (slot && set_param(slot, v, vlen, why) != 0) {
                 goto fail;
@@ -486,6 +488,7 @@ void mcd_http_target_cleanup(mcd_http_target_t *t)
     free(t->vars);
     free(t->filter);
     free(t->token);
+    free(t->snapshot);
     memset(t, 0, sizeof(*t));
 }
 

@@ -104,6 +104,7 @@ typedef struct mcd_http_target {
     char *vars;
     char *filter;
     char *token;
+    char *snapshot; /* "true" / "false" (checked by the route) */
 } mcd_http_target_t;
 
 /* Parses an origin-form target ("/path?query"). Returns 0, or -1 with a static message in

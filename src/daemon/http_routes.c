@@ -300,9 +300,21 @@ static void route_subscribe(mcd_conn_t *c, mcd_http_req_t *req, mcd_http_target_
         return;
     }
     const char *since = t->since;
+    bool snapshot = false;
+    if (t->snapshot && strcmp(t->snapshot, "true") == 0) {
+        snapshot = true;
+    } else if (t->snapshot && *t->snapshot && strcmp(t->snapshot, "false") != 0) {
+        mcd_http_refuse(c, 400, "bad_request", "snapshot must be true or false", ka, NULL);
+        return;
+    }
+    if (snapshot && since) {
+        mcd_http_refuse(c, 400, "bad_request", "snapshot and since cannot be combined", ka, NULL);
+        return;
+    }
     const char *last_id = sse ? mcd_http_req_header(req, MCD_H_LAST_EVENT_ID) : NULL;
     if (last_id && *last_id) {
         since = last_id; /* the browser's reconnect knows better than the original URL */
+        snapshot = false; /* it had its snapshot: resume after its last change */
     }
     if (since && !mcd_http_valid_event_id(since)) {
         mcd_http_refuse(c, 400, "invalid_since", "since must be an event id (hexadecimal)", ka,
@@ -315,8 +327,23 @@ static void route_subscribe(mcd_conn_t *c, mcd_http_req_t *req, mcd_http_target_
                         ka, NULL);
         return;
     }
+    bson_t snap_query = BSON_INITIALIZER;
+    if (snapshot && !srv->config->server.max_snapshot_documents &&
+        !hub->cfg->max_snapshot_documents) {
+        mcd_refuse(&r, 400, "snapshot_not_supported",
+                   "snapshots are turned off (server.max_snapshot_documents is 0)");
+    }
+    if (snapshot && (r.status || !srv->snapshots ||
+                     mcd_snapshot_plan(hub->cfg, sub, t->vars, t->filter, &snap_query, &r) != 0)) {
+        bson_destroy(&snap_query);
+        mcd_subscription_destroy(sub);
+        mcd_http_refuse(c, r.status ? r.status : 503, r.code ? r.code : "shutting_down",
+                        r.message, ka, NULL);
+        return;
+    }
 
     if ((ws ? mcd_ws_session_start(c, accept_key) : mcd_sse_session_start(c, origin)) != 0) {
+        bson_destroy(&snap_query);
         mcd_subscription_destroy(sub);
         return;
     }
@@ -328,6 +355,13 @@ static void route_subscribe(mcd_conn_t *c, mcd_http_req_t *req, mcd_http_target_
     c->deadline_ms = 0;
     c->expires_s =
         id.expires_at > 0 ? (uint32_t)(id.expires_at > UINT32_MAX ? UINT32_MAX : id.expires_at) : 0;
+    if (snapshot) {
+        /* The documents first, read on a snapshot worker; the stream joins after them
+         * (snapshot.c). */
+        mcd_snapshot_start(srv->snapshots, hub, c, &snap_query);
+        return;
+    }
+    bson_destroy(&snap_query);
     if (mcd_hub_subscribe(hub, c, since) != 0) {
         if (!(c->flags & MCD_CF_CLOSED) && c->state != MCD_ST_CLOSING) {
             mcd_conn_abort(c);

@@ -357,6 +357,17 @@ char *mcd_metrics_render(mcd_server_t *srv, size_t *len)
            "Events whose message (in any routing view) passed server.max_message_bytes and "
            "went to live subscribers as an oversize notice.",
            srv->fanout.oversize);
+    mcd_snapshot_stats_t snap;
+    mcd_snapshots_stats(srv->snapshots, &snap);
+    scalar(&o, "mongocast_snapshots_active", "gauge",
+           "?snapshot=true subscriptions whose snapshot is being read or sent.", snap.active);
+    help(&o, "mongocast_snapshots_total", "counter",
+         "Snapshots started, and how they ended (completed: joined to the stream; failed: "
+         "too large, history overflow, read error, closed by the client).");
+    put(&o, "mongocast_snapshots_total{result=\"completed\"} %" PRIu64 "\n", snap.completed);
+    put(&o, "mongocast_snapshots_total{result=\"failed\"} %" PRIu64 "\n", snap.failed);
+    scalar(&o, "mongocast_snapshot_documents_total", "counter",
+           "Documents sent in completed snapshots.", snap.documents);
 
     help(&o, "mongocast_stream_subscribers", "gauge", "Live subscribers per stream.");
     for (size_t i = 0; i < n; i++) {

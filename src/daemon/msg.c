@@ -137,6 +137,21 @@ mcd_msg_t *mcd_msg_new_raw(const void *bytes, size_t len)
     return msg;
 }
 
+mcd_msg_t *mcd_msg_new_taken(char *bytes, size_t off, size_t len)
+{
+    mcd_msg_t *msg = len <= UINT32_MAX ? calloc(1, sizeof(*msg)) : NULL;
+    if (!msg) {
+        bson_free(bytes);
+        return NULL;
+    }
+    msg->refs = 1;
+    msg->flags = MCD_MSG_RAW | MCD_MSG_BSON_MEM;
+    msg->owned = bytes;
+    msg->body = bytes + off;
+    msg->body_len = (uint32_t)len;
+    return msg;
+}
+
 void mcd_msg_unref(mcd_msg_t *msg)
 {
     if (!msg || (msg->flags & MCD_MSG_STATIC)) {
@@ -149,7 +164,11 @@ void mcd_msg_unref(mcd_msg_t *msg)
     mcd_msg_unref(msg->views[1]);
     mc_event_unref(&msg->ev);
     free(msg->sse_head);
-    free(msg->owned);
+    if (msg->flags & MCD_MSG_BSON_MEM) {
+        bson_free(msg->owned);
+    } else {
+        free(msg->owned);
+    }
     free(msg);
 }
 

@@ -22,6 +22,7 @@
 #define MCD_MSG_RAW 0x2      /* `body` is written as is for every transport */
 #define MCD_MSG_OVERSIZE 0x4 /* `body` is the view's oversize notice (SSE event: oversize) */
 #define MCD_MSG_COUNTED 0x8  /* FULL: the fan-out counted the event as oversize */
+#define MCD_MSG_BSON_MEM 0x10 /* `owned` came from bson_malloc (freed with bson_free) */
 
 /* One message, built once and shared by every connection that sends it (a connection's queue
  * holds references, never copies). For an event, the WebSocket frame is ws_hdr + body and the
@@ -69,6 +70,11 @@ mcd_msg_t *mcd_msg_view(mcd_msg_t *full, mc_event_view_t view);
  * memory runs out. */
 mcd_msg_t *mcd_msg_new_own(mcd_msg_t *full, mc_event_view_t view, const bson_t *change);
 mcd_msg_t *mcd_msg_new_raw(const void *bytes, size_t len);
+/* A raw message that takes over `bytes` (bson_malloc'ed, e.g. a json_writer buffer) and sends
+ * `len` bytes from `off`: a message framed by its maker for one transport (snapshot batches,
+ * built on a worker thread; the loop thread takes them over). Frees `bytes` and returns NULL
+ * when memory runs out. Any thread. */
+mcd_msg_t *mcd_msg_new_taken(char *bytes, size_t off, size_t len);
 void mcd_msg_unref(mcd_msg_t *msg);
 static inline mcd_msg_t *mcd_msg_ref(mcd_msg_t *msg)
 {

@@ -45,6 +45,7 @@ static int64_t wall_ms(void)
 static void flush_cb(uv_check_t *h)
 {
     mcd_server_t *srv = h->data;
+    mcd_snapshots_pump(srv->snapshots); /* batches the connections have room for now */
     mcd_conn_flush_dirty(&srv->table);
     mcd_listener_pass(srv);
 }
@@ -141,6 +142,7 @@ static void on_stop(uv_async_t *a)
         default: break;
         }
     }
+    mcd_snapshots_close(srv->snapshots);
     uv_timer_start(&srv->tick, on_tick, 20, 20);
 }
 
@@ -255,6 +257,11 @@ mcd_server_t *mcd_server_new(const mc_config_t *config, mc_error_t *err)
                      "server.listen: cannot parse '%s' (HOST:PORT)", listen);
         goto fail_loop;
     }
+    srv->snapshots = mcd_snapshots_new(&srv->loop, config);
+    if (!srv->snapshots) {
+        mc_error_set(err, MC_ENOMEM, MC_DOMAIN_MONGOCAST, MC_ENOMEM, "out of memory");
+        goto fail_loop;
+    }
     uv_timer_start(&srv->tick, on_tick, srv->timing.tick_ms, srv->timing.tick_ms);
     uv_check_start(&srv->flush_check, flush_cb);
     return srv;
@@ -355,6 +362,7 @@ void mcd_server_destroy(mcd_server_t *srv)
         mcd_server_stop(srv, MCD_WS_CLOSE_GOING_AWAY, NULL);
         uv_loop_close(&srv->loop);
     }
+    mcd_snapshots_destroy(srv->snapshots); /* after the loop: joins the workers */
     mcd_fanout_cleanup(&srv->fanout);
     mcd_auth_destroy(srv->auth);
     mcd_conn_table_cleanup(&srv->table);

@@ -22,6 +22,7 @@
 #include "mongocast.h"
 #include "msg.h"
 #include "server.h"
+#include "snapshot.h"
 #include "sse.h"
 #include "subscription.h"
 #include "ws.h"
@@ -62,6 +63,7 @@ struct mcd_server {
     uint32_t max_subscribers; /* server.max_connections */
     mcd_conn_table_t table;   /* every connection; its size leaves room for plain HTTP */
     mcd_fanout_t fanout;      /* the streams' hubs */
+    mcd_snapshots_t *snapshots; /* ?snapshot=true reads (snapshot.c) */
     char *rbuf;               /* the one read buffer all connections share */
     size_t rbuf_len;
     uint32_t accepts_left; /* connections still accepted in this loop pass */

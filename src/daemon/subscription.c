@@ -406,3 +406,13 @@ bool mcd_subscription_matches_all(const mcd_subscription_t *sub)
 {
     return sub && sub->matches_all;
 }
+
+const uint8_t *mcd_subscription_identity(const mcd_subscription_t *sub, size_t *len)
+{
+    if (!sub || !sub->restrict_recipient) {
+        *len = 0;
+        return NULL;
+    }
+    *len = sub->identity_len;
+    return sub->identity;
+}

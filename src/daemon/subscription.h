@@ -93,6 +93,11 @@ bool mcd_subscription_matches_all(const mcd_subscription_t *sub);
  * from mcd_subscription_apply()'s copy, not the shared ones. */
 bool mcd_subscription_reshapes(const mcd_subscription_t *sub);
 
+/* The canonical identity (mongocast/identity.h) this subscriber's changes are restricted to
+ * (*len bytes, possibly 0: it matches no recipient), or NULL when it is not restricted (admins,
+ * public streams, streams without recipient, servers without auth). */
+const uint8_t *mcd_subscription_identity(const mcd_subscription_t *sub, size_t *len);
+
 /* Checks, once at start-up, the stream's per-subscriber stages (mc_stream_config_check_pipeline;
  * the loader already did for a loaded config). Returns 0, or MC_ECONFIG with "stream NAME:
  * pipeline stage I: ..." in err. */

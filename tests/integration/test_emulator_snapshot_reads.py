@@ -76,6 +76,16 @@ def test_snapshot_without_at_cluster_time_reports_its_time(db):
     db.c.insert_one({"_id": 2})
     # the reported time names exactly the data that was read
     assert snapshot_find(db, "c", at)["cursor"]["firstBatch"] == [{"_id": 1}]
+    # like mongod (SERVER-83472), a find that returns nothing does not say its time; an
+    # aggregate does
+    empty = snapshot_find(db, "c", filter={"_id": 99})
+    assert empty["cursor"]["firstBatch"] == []
+    if not real_server_uri():  # a later server may fix it
+        assert "atClusterTime" not in empty["cursor"]
+    r = db.command(SON([("aggregate", "c"), ("pipeline", [{"$match": {"_id": 99}}]),
+                        ("cursor", {}), ("readConcern", {"level": "snapshot"})]))
+    assert r["cursor"]["firstBatch"] == [] and isinstance(r["cursor"]["atClusterTime"],
+                                                          Timestamp)
 
 
 def test_each_version_of_a_document_at_its_time(db):

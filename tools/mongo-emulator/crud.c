@@ -1216,8 +1216,10 @@ void emu_cmd_find(emu_conn_t *conn, const bson_t *cmd, const char *db, bson_t *r
         if (limit > 0 && batch > limit) {
             batch = limit;
         }
+        /* Like mongod (SERVER-83472), a snapshot find that returns nothing does not say its
+         * atClusterTime (aggregate does). */
         emu_cursor_reply_first_at(srv, ns, out.data, out.len, (long)batch, single,
-                                  has_at ? at : NULL, reply);
+                                  has_at && out.len > 0 ? at : NULL, reply);
     }
     bson_free(slots.v);
     matcher_cleanup(&m);
