@@ -32,6 +32,18 @@
 #                   read_boundary_frac to the latency summary.
 #                   FANOUT_DAEMON_WRAP: a command prefix that exec()s the daemon in place
 #                   (e.g. "valgrind --tool=callgrind"), so that $! is still the daemon's pid.
+#                   FANOUT_SERVERS (default "daemon"): the servers each throughput and latency
+#                   phase runs against, one after the other within each run (so that runs
+#                   alternate): daemon (`mongocast run`), floor_writev and floor_uring
+#                   (bench/bench_floor.c, the floor program: the same frames to the same
+#                   clients with only the kernel's work, no emulator; docs/PERFORMANCE.md,
+#                   "The floor"). The floor sends groups of FANOUT_FLOOR_BATCH events (a
+#                   mean; default "auto": the deliveries per write of the daemon's run just
+#                   before in the same phase, 1 without one), messages of
+#                   FANOUT_FLOOR_MSG_BYTES (629, the daemon's message for a 200-byte
+#                   document). Every line gets server=NAME (floor lines also floor_batch=B);
+#                   the summary gives each server's medians and the daemon's CPU per delivery
+#                   as a ratio to each floor.
 set -euo pipefail
 build=${1:-build}
 runs=${2:-5}
@@ -54,6 +66,7 @@ out=$(mktemp)
 pid=
 dpid=
 work=
+floor_batch=1
 cleanup() {
   if [ -n "$dpid" ]; then kill "$dpid" 2>/dev/null || true; fi
   if [ -n "$pid" ]; then kill "$pid" 2>/dev/null || true; fi
@@ -122,6 +135,56 @@ stop_daemon() {
   work=
 }
 
+# Starts bench_floor with io $1 for the phase's load; sets dpid, dport (no emulator).
+start_floor() {
+  local events=${FANOUT_EVENTS:-20000} rate=${FANOUT_RATE:-2000}
+  if [ "$2" = latency ]; then
+    rate=${FANOUT_LAT_RATE:-1000}
+    events=$((rate * ${FANOUT_LAT_SECONDS:-10}))
+  fi
+  floor_batch=${FANOUT_FLOOR_BATCH:-auto}
+  if [ "$floor_batch" = auto ]; then
+    # the daemon's frames per write in its last run of this phase, within [1, 64]
+    floor_batch=$(grep "phase=$2 " "$out" | grep " server=daemon" | tail -1 |
+      sed -n 's/.* deliveries_per_write=\([0-9.]*\).*/\1/p' |
+      awk '{b = $1} END {if (b < 1) b = 1; if (b > 64) b = 64; print b}')
+  fi
+  work=$(mktemp -d)
+  "$build/bench/bench_floor" --clients "${FANOUT_CLIENTS:-1000}" --events "$events" \
+    --rate "$rate" --batch "$floor_batch" --msg-bytes "${FANOUT_FLOOR_MSG_BYTES:-629}" \
+    --io "$1" 2>"$work/daemon.err" &
+  dpid=$!
+  dport=
+  for _ in $(seq 200); do
+    dport=$(sed -n 's/.*server listening on [^ ]*:\([0-9]*\).*/\1/p' "$work/daemon.err" \
+      2>/dev/null | head -1 || true)
+    [ -n "$dport" ] && return 0
+    sleep 0.05
+  done
+  echo "bench: bench_floor did not start" >&2; cat "$work/daemon.err" >&2; exit 1
+}
+
+# One fan-out phase against the floor program (server $2: floor_writev or floor_uring).
+floor_phase() {
+  case $1 in throughput | latency) ;; *) return 0 ;; esac
+  start_floor "${2#floor_}" "$1"
+  local rc=0 mode_args
+  if [ "$1" = throughput ]; then
+    mode_args=(--events "${FANOUT_EVENTS:-20000}" --rate "${FANOUT_RATE:-2000}")
+  else
+    mode_args=(--rate "${FANOUT_LAT_RATE:-1000}" --seconds "${FANOUT_LAT_SECONDS:-10}")
+  fi
+  "$build/bench/bench_fanout" "$1" --url "ws://127.0.0.1:$dport/v1/streams/fan" --generated 1 \
+    --daemon-pid "$dpid" --size "${FANOUT_DOC_BYTES:-200}" \
+    --client-poll-us "${FANOUT_CLIENT_POLL_US:-0}" --client-nice "${FANOUT_CLIENT_NICE:-0}" \
+    --exact-reads "${FANOUT_EXACT_READS:-0}" --clients "${FANOUT_CLIENTS:-1000}" \
+    --procs "${FANOUT_PROCS:-2}" "${mode_args[@]}" >"$out.one" || rc=$?
+  sed "s/\$/ server=$2 floor_batch=$floor_batch/" "$out.one" >>"$out"
+  rm -f "$out.one"
+  [ "$rc" = 0 ] || { echo "bench: floor phase $1 ($2) failed (rc=$rc)" >&2; cat "$work/daemon.err" >&2; }
+  stop_daemon
+}
+
 # One fan-out phase against a fresh emulator and daemon; its report line goes to $out.
 fanout_phase() {
   start_emulator
@@ -135,24 +198,26 @@ fanout_phase() {
     throughput)
       "$build/bench/bench_fanout" throughput "${common[@]}" --clients "${FANOUT_CLIENTS:-1000}" \
         --procs "${FANOUT_PROCS:-2}" --events "${FANOUT_EVENTS:-20000}" \
-        --rate "${FANOUT_RATE:-2000}" --batch "${FANOUT_BATCH:-10}" >>"$out" || rc=$?
+        --rate "${FANOUT_RATE:-2000}" --batch "${FANOUT_BATCH:-10}" >"$out.one" || rc=$?
       ;;
     latency)
       "$build/bench/bench_fanout" latency "${common[@]}" --clients "${FANOUT_CLIENTS:-1000}" \
         --procs "${FANOUT_PROCS:-2}" --rate "${FANOUT_LAT_RATE:-1000}" \
-        --seconds "${FANOUT_LAT_SECONDS:-10}" >>"$out" || rc=$?
+        --seconds "${FANOUT_LAT_SECONDS:-10}" >"$out.one" || rc=$?
       ;;
     idle)
       "$build/bench/bench_fanout" idle "${common[@]}" --clients "${FANOUT_CLIENTS:-1000}" \
-        --procs "${FANOUT_PROCS:-2}" >>"$out" || rc=$?
+        --procs "${FANOUT_PROCS:-2}" >"$out.one" || rc=$?
       ;;
     idle_max)
       "$build/bench/bench_fanout" idle "${common[@]}" --clients "${FANOUT_IDLE_MAX:-19000}" \
-        --procs "${FANOUT_IDLE_PROCS:-4}" >"$out.one" || rc=$?
-      sed 's/^phase=idle /phase=idle_max /' "$out.one" >>"$out"
-      rm -f "$out.one"
+        --procs "${FANOUT_IDLE_PROCS:-4}" >"$out.two" || rc=$?
+      sed 's/^phase=idle /phase=idle_max /' "$out.two" >"$out.one"
+      rm -f "$out.two"
       ;;
   esac
+  sed 's/$/ server=daemon/' "$out.one" >>"$out"
+  rm -f "$out.one"
   [ "$rc" = 0 ] || echo "bench: fanout phase $1 failed (rc=$rc)" >&2
   stop_daemon
   stop_emulator
@@ -162,7 +227,15 @@ for b in $select; do
   : >"$out"
   for i in $(seq "$runs"); do
     if [ "$b" = fanout ]; then
-      for ph in ${FANOUT_PHASES:-throughput latency idle idle_max}; do fanout_phase "$ph"; done
+      for ph in ${FANOUT_PHASES:-throughput latency idle idle_max}; do
+        for srv in ${FANOUT_SERVERS:-daemon}; do
+          case $srv in
+            daemon) fanout_phase "$ph" ;;
+            floor_writev | floor_uring) floor_phase "$ph" "$srv" ;;
+            *) echo "bench: unknown server $srv in FANOUT_SERVERS" >&2; exit 1 ;;
+          esac
+        done
+      done
       continue
     fi
     if [ "$b" = expr ]; then
@@ -224,41 +297,63 @@ for b in $select; do
         "$(field stages json_onepass_prototype_us)" "$(field stages prototype_mismatches)"
       ;;
     fanout)
-      # mrange PHASE KEY: "median (min-max, n runs)" of KEY over the lines of phase PHASE
+      # mrange PHASE KEY: "median (min-max, n runs)" of KEY over the lines of phase PHASE and
+      # server $srv in $out; mval PHASE KEY: the median alone
+      sel() { grep "phase=$1 " "$out" | grep " server=$srv\( \|\$\)" | sed -n "s/.* $2=\([0-9.-]*\).*/\1/p"; }
       mrange() {
-        grep "phase=$1 " "$out" | sed -n "s/.* $2=\([0-9.-]*\).*/\1/p" | sort -n |
+        sel "$1" "$2" | sort -n |
           awk '{a[NR]=$1} END {if (NR) printf "%s (%s-%s, %d runs)",
             (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2), a[1], a[NR], NR}'
+      }
+      mval() {
+        local v
+        v=$(sel "$1" "$2")
+        if [ -n "$v" ]; then echo "$v" | median; fi
       }
       echo "bench_fanout, $runs runs, medians (min-max), client processes at nice" \
         "${FANOUT_CLIENT_NICE:-0}:"
       for ph in ${FANOUT_PHASES:-throughput latency idle idle_max}; do
-        echo "  $ph:"
-        case $ph in
-          throughput | latency)
-            for key in complete deliveries_per_daemon_cpu_s deliveries_per_wall_s daemon_cpu_s \
-              daemon_sys_s daemon_cpu_us_per_delivery daemon_cpu_util daemon_runq_wait_s \
-              clients_cpu_s emulator_cpu_s msg_bytes missing slow_closes stamp_shared_frac \
-              $([ "${FANOUT_EXACT_READS:-0}" = 0 ] || echo read_boundary_frac); do
-              printf '    %-34s %s\n' "$key" "$(mrange "$ph" "$key")"
-            done
-            lat="lat_insert_to_client"
-            [ "$ph" = latency ] && lat="$lat lat_insert_to_arrival lat_insert_to_ref \
-              lat_ref_to_arrival lat_ref_to_arrival_exact lat_ref_to_arrival_low lat_ref_to_first fanout_spread"
-            for h in $lat; do
-              for q in p50 p99 p999 max; do
-                printf '    %-34s %s\n' "${h}_${q}_ms" "$(mrange "$ph" "${h}_${q}_ms")"
+        for srv in ${FANOUT_SERVERS:-daemon}; do
+          grep "phase=$ph " "$out" | grep -q " server=$srv\( \|\$\)" || continue
+          echo "  $ph ($srv):"
+          case $ph in
+            throughput | latency)
+              for key in complete deliveries_per_daemon_cpu_s deliveries_per_wall_s daemon_cpu_s \
+                daemon_sys_s daemon_cpu_us_per_delivery daemon_cpu_util daemon_runq_wait_s \
+                deliveries_per_write clients_cpu_s emulator_cpu_s msg_bytes missing slow_closes \
+                stamp_shared_frac $([ "$srv" = daemon ] || echo floor_batch) \
+                $([ "${FANOUT_EXACT_READS:-0}" = 0 ] || echo read_boundary_frac); do
+                printf '    %-34s %s\n' "$key" "$(mrange "$ph" "$key")"
               done
-            done
-            ;;
-          idle | idle_max)
-            for key in clients subscribed rss_before_kib rss_kib rss_bytes_per_conn \
-              anon_bytes_per_conn pss_kib kernel_tcp_bytes_per_conn_both_ends \
-              kernel_slab_bytes_per_conn_both_ends daemon_fds; do
-              printf '    %-34s %s\n' "$key" "$(mrange "$ph" "$key")"
-            done
-            ;;
-        esac
+              lat="lat_insert_to_client"
+              [ "$ph" = latency ] && [ "$srv" = daemon ] && lat="$lat lat_insert_to_arrival \
+                lat_insert_to_ref lat_ref_to_arrival lat_ref_to_arrival_exact \
+                lat_ref_to_arrival_low lat_ref_to_first fanout_spread"
+              for h in $lat; do
+                for q in p50 p99 p999 max; do
+                  printf '    %-34s %s\n' "${h}_${q}_ms" "$(mrange "$ph" "${h}_${q}_ms")"
+                done
+              done
+              ;;
+            idle | idle_max)
+              for key in clients subscribed rss_before_kib rss_kib rss_bytes_per_conn \
+                anon_bytes_per_conn pss_kib kernel_tcp_bytes_per_conn_both_ends \
+                kernel_slab_bytes_per_conn_both_ends daemon_fds; do
+                printf '    %-34s %s\n' "$key" "$(mrange "$ph" "$key")"
+              done
+              ;;
+          esac
+        done
+        # The daemon's CPU per delivery as a ratio to each floor (medians of the same runs).
+        srv=daemon
+        d=$(mval "$ph" daemon_cpu_us_per_delivery)
+        for f in floor_writev floor_uring; do
+          srv=$f
+          fl=$(mval "$ph" daemon_cpu_us_per_delivery)
+          if [ -z "$d" ] || [ -z "$fl" ]; then continue; fi
+          printf '  %s: daemon CPU per delivery / %s = %s / %s = %s\n' "$ph" "$f" "$d" "$fl" \
+            "$(awk -v a="$d" -v b="$fl" 'BEGIN {if (b > 0) printf "%.2f", a / b}')"
+        done
       done
       ;;
   esac
