@@ -140,6 +140,7 @@ typedef struct mc_config {
         uint32_t max_message_bytes; /* larger events become an oversize notice; 16 MiB */
         uint32_t filter_budget_us;  /* per subscriber and event; 2000 */
         uint32_t max_connections_per_address; /* 0: no limit */
+        char *io; /* how sockets are written: "auto" | "uring" | "writev"; default "auto" */
     } server;
     struct {
         bool enabled;
