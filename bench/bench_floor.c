@@ -198,8 +198,33 @@ static bool flush_pending(conn_t *c)
     return true;
 }
 
+static size_t iov_total(const struct iovec *iov, int n)
+{
+    size_t total = 0;
+    for (int k = 0; k < n; k++) {
+        total += iov[k].iov_len;
+    }
+    return total;
+}
+
+/* The result of one send of the group (bytes, or -errno): a short or refused write keeps the
+ * rest, another error closes the connection. */
+static void after_send(conn_t *c, const struct iovec *iov, int n, size_t total, ssize_t res)
+{
+    if (res < 0) {
+        if (res == -EAGAIN) {
+            keep_rest(c, iov, n, 0);
+        } else {
+            conn_close(c);
+        }
+    } else if ((size_t)res < total) {
+        keep_rest(c, iov, n, (size_t)res);
+    }
+}
+
 static void send_writev(const struct iovec *iov, int n)
 {
+    size_t total = iov_total(iov, n);
     for (int i = 0; i < n_conns; i++) {
         conn_t *c = &conns[i];
         if (!c->open) {
@@ -212,32 +237,17 @@ static void send_writev(const struct iovec *iov, int n)
         ssize_t w = writev(c->fd, iov, n);
         syscalls++;
         sends++;
-        size_t total = 0;
-        for (int k = 0; k < n; k++) {
-            total += iov[k].iov_len;
-        }
-        if (w < 0) {
-            if (errno == EAGAIN) {
-                keep_rest(c, iov, n, 0);
-            } else {
-                conn_close(c);
-            }
-        } else if ((size_t)w < total) {
-            keep_rest(c, iov, n, (size_t)w);
-        }
+        after_send(c, iov, n, total, w < 0 ? -(ssize_t)errno : w);
     }
 }
 
 static struct io_uring ring;
 
-/* One SENDMSG per connection, all submitted together; waits for every completion before the
- * group's buffers are reused (the clients keep up, so sends complete at once or shortly). */
+/* One SENDMSG per connection, all submitted together with one io_uring_enter; each completes
+ * during it (MSG_DONTWAIT), so the results are read from the ring without another call. */
 static void send_uring(struct iovec *iov, int n)
 {
-    size_t total = 0;
-    for (int k = 0; k < n; k++) {
-        total += iov[k].iov_len;
-    }
+    size_t total = iov_total(iov, n);
     int queued = 0;
     for (int i = 0; i < n_conns; i++) {
         conn_t *c = &conns[i];
@@ -257,7 +267,9 @@ static void send_uring(struct iovec *iov, int n)
         memset(&c->mh, 0, sizeof(c->mh));
         c->mh.msg_iov = iov;
         c->mh.msg_iovlen = (size_t)n;
-        io_uring_prep_sendmsg(sqe, c->fd, &c->mh, MSG_NOSIGNAL);
+        /* Non-blocking like the daemon's: a full socket is -EAGAIN at once (kept for later),
+         * never a send left waiting in the kernel. */
+        io_uring_prep_sendmsg(sqe, c->fd, &c->mh, MSG_DONTWAIT | MSG_NOSIGNAL);
         io_uring_sqe_set_data(sqe, c);
         queued++;
         sends++;
@@ -279,15 +291,7 @@ static void send_uring(struct iovec *iov, int n)
         int res = cqe->res;
         io_uring_cqe_seen(&ring, cqe);
         queued--;
-        if (res < 0) {
-            if (res == -EAGAIN) {
-                keep_rest(c, iov, n, 0);
-            } else {
-                conn_close(c);
-            }
-        } else if ((size_t)res < total) {
-            keep_rest(c, iov, n, (size_t)res);
-        }
+        after_send(c, iov, n, total, res);
     }
 }
 

@@ -32,13 +32,16 @@
 #                   read_boundary_frac to the latency summary.
 #                   FANOUT_DAEMON_WRAP: a command prefix that exec()s the daemon in place
 #                   (e.g. "valgrind --tool=callgrind"), so that $! is still the daemon's pid.
-#                   FANOUT_SERVERS (default "daemon"): the servers each throughput and latency
-#                   phase runs against, one after the other within each run (so that runs
-#                   alternate): daemon (`mongocast run`), floor_writev and floor_uring
+#                   FANOUT_SERVERS (default "daemon"): the servers each phase runs against, one
+#                   after the other within each run (so that runs alternate): daemon
+#                   (`mongocast run`, server.io FANOUT_SERVER_IO or the default), daemon_uring
+#                   and daemon_writev (server.io forced), before (the daemon of the build
+#                   directory FANOUT_BEFORE_BUILD, for before/after figures), floor_writev and
+#                   floor_uring (throughput and latency phases only)
 #                   (bench/bench_floor.c, the floor program: the same frames to the same
 #                   clients with only the kernel's work, no emulator; docs/PERFORMANCE.md,
 #                   "The floor"). The floor sends groups of FANOUT_FLOOR_BATCH events (a
-#                   mean; default "auto": the deliveries per write of the daemon's run just
+#                   mean; default "auto": the deliveries per send of the daemon's run just
 #                   before in the same phase, 1 without one), messages of
 #                   FANOUT_FLOOR_MSG_BYTES (629, the daemon's message for a 200-byte
 #                   document). Every line gets server=NAME (floor lines also floor_batch=B);
@@ -89,8 +92,10 @@ stop_emulator() {
   pid=
 }
 
-# Starts `mongocast run` on the running emulator with a generated config; sets dpid, dport.
+# Starts `mongocast run` (binary $1, default $daemon; server.io $2 when given) on the running
+# emulator with a generated config; sets dpid, dport.
 start_daemon() {
+  local bin=${1:-$daemon} io=${2:-}
   work=$(mktemp -d)
   cat >"$work/fanout.yaml" <<EOF
 mongodb:
@@ -101,6 +106,7 @@ checkpoint:
 server:
   listen: 127.0.0.1:0
   max_connections: 20000
+${io:+  io: $io}
 streams:
   fan:
     db: bench
@@ -109,7 +115,7 @@ streams:
 sinks: []
 EOF
   # shellcheck disable=SC2086  # FANOUT_DAEMON_WRAP is a command prefix, split on purpose
-  ${FANOUT_DAEMON_WRAP:-} "$daemon" run -c "$work/fanout.yaml" >"$work/daemon.out" \
+  ${FANOUT_DAEMON_WRAP:-} "$bin" run -c "$work/fanout.yaml" >"$work/daemon.out" \
     2>"$work/daemon.err" &
   dpid=$!
   dport=
@@ -144,10 +150,14 @@ start_floor() {
   fi
   floor_batch=${FANOUT_FLOOR_BATCH:-auto}
   if [ "$floor_batch" = auto ]; then
-    # the daemon's frames per write in its last run of this phase, within [1, 64]
-    floor_batch=$(grep "phase=$2 " "$out" | grep " server=daemon" | tail -1 |
-      sed -n 's/.* deliveries_per_write=\([0-9.]*\).*/\1/p' |
-      awk '{b = $1} END {if (b < 1) b = 1; if (b > 64) b = 64; print b}')
+    # the deliveries per send (io_uring or writev; else per write call) of the last daemon
+    # run of this phase, within [1, 64]
+    floor_batch=$(grep "phase=$2 " "$out" | grep -E " server=(daemon[a-z_]*|before)( |$)" |
+      tail -1 | awk '{
+        w = 0; s = 0
+        if (match($0, / deliveries_per_write=[0-9.]+/)) w = substr($0, RSTART + 22, RLENGTH - 22)
+        if (match($0, / deliveries_per_send=[0-9.]+/)) s = substr($0, RSTART + 21, RLENGTH - 21)
+        b = s > 0 ? s : w } END {if (b < 1) b = 1; if (b > 64) b = 64; print b}')
   fi
   work=$(mktemp -d)
   "$build/bench/bench_floor" --clients "${FANOUT_CLIENTS:-1000}" --events "$events" \
@@ -185,10 +195,21 @@ floor_phase() {
   stop_daemon
 }
 
-# One fan-out phase against a fresh emulator and daemon; its report line goes to $out.
+# One fan-out phase ($1) against a fresh emulator and daemon (server $2: daemon, daemon_uring,
+# daemon_writev or before); its report line goes to $out.
 fanout_phase() {
+  local srv=${2:-daemon} bin=$daemon io=${FANOUT_SERVER_IO:-}
+  case $srv in
+    daemon_uring) io=uring ;;
+    daemon_writev) io=writev ;;
+    before)
+      bin=${FANOUT_BEFORE_BUILD:?FANOUT_BEFORE_BUILD: the build directory of the daemon before}
+      bin=$bin/src/daemon/mongocast
+      io=
+      ;;
+  esac
   start_emulator
-  start_daemon
+  start_daemon "$bin" "$io"
   local common=(--url "ws://127.0.0.1:$dport/v1/streams/fan"
     --uri "mongodb://127.0.0.1:$port/?replicaSet=rs0" --daemon-pid "$dpid" --emulator-pid "$pid"
     --size "${FANOUT_DOC_BYTES:-200}" --client-poll-us "${FANOUT_CLIENT_POLL_US:-0}"
@@ -216,7 +237,15 @@ fanout_phase() {
       rm -f "$out.two"
       ;;
   esac
-  sed 's/$/ server=daemon/' "$out.one" >>"$out"
+  # The daemon's sends over its life (ready messages included; 0 for a daemon without the
+  # counter), and deliveries per send over the bench window.
+  local sends
+  sends=$(curl -s "http://127.0.0.1:$dport/metrics" |
+    awk '/^mongocast_socket_sends_total/ {s += $2} END {print s + 0}')
+  awk -v srv="$srv" -v sends="$sends" '{
+    d = 0; if (match($0, / deliveries=[0-9]+/)) d = substr($0, RSTART + 12, RLENGTH - 12)
+    printf "%s server=%s daemon_sends=%d deliveries_per_send=%.2f\n", $0, srv, sends,
+      (sends > 0 ? d / sends : 0) }' "$out.one" >>"$out"
   rm -f "$out.one"
   [ "$rc" = 0 ] || echo "bench: fanout phase $1 failed (rc=$rc)" >&2
   stop_daemon
@@ -230,7 +259,7 @@ for b in $select; do
       for ph in ${FANOUT_PHASES:-throughput latency idle idle_max}; do
         for srv in ${FANOUT_SERVERS:-daemon}; do
           case $srv in
-            daemon) fanout_phase "$ph" ;;
+            daemon | daemon_uring | daemon_writev | before) fanout_phase "$ph" "$srv" ;;
             floor_writev | floor_uring) floor_phase "$ph" "$srv" ;;
             *) echo "bench: unknown server $srv in FANOUT_SERVERS" >&2; exit 1 ;;
           esac
@@ -320,8 +349,8 @@ for b in $select; do
             throughput | latency)
               for key in complete deliveries_per_daemon_cpu_s deliveries_per_wall_s daemon_cpu_s \
                 daemon_sys_s daemon_cpu_us_per_delivery daemon_cpu_util daemon_runq_wait_s \
-                deliveries_per_write clients_cpu_s emulator_cpu_s msg_bytes missing slow_closes \
-                stamp_shared_frac $([ "$srv" = daemon ] || echo floor_batch) \
+                deliveries_per_write deliveries_per_send clients_cpu_s emulator_cpu_s msg_bytes missing slow_closes \
+                stamp_shared_frac $(case $srv in floor_*) echo floor_batch ;; esac) \
                 $([ "${FANOUT_EXACT_READS:-0}" = 0 ] || echo read_boundary_frac); do
                 printf '    %-34s %s\n' "$key" "$(mrange "$ph" "$key")"
               done
@@ -344,15 +373,17 @@ for b in $select; do
               ;;
           esac
         done
-        # The daemon's CPU per delivery as a ratio to each floor (medians of the same runs).
-        srv=daemon
-        d=$(mval "$ph" daemon_cpu_us_per_delivery)
-        for f in floor_writev floor_uring; do
-          srv=$f
-          fl=$(mval "$ph" daemon_cpu_us_per_delivery)
-          if [ -z "$d" ] || [ -z "$fl" ]; then continue; fi
-          printf '  %s: daemon CPU per delivery / %s = %s / %s = %s\n' "$ph" "$f" "$d" "$fl" \
-            "$(awk -v a="$d" -v b="$fl" 'BEGIN {if (b > 0) printf "%.2f", a / b}')"
+        # Each daemon's CPU per delivery as a ratio to each floor (medians of the same runs).
+        for dsrv in daemon daemon_uring daemon_writev before; do
+          srv=$dsrv
+          d=$(mval "$ph" daemon_cpu_us_per_delivery)
+          for f in floor_writev floor_uring; do
+            srv=$f
+            fl=$(mval "$ph" daemon_cpu_us_per_delivery)
+            if [ -z "$d" ] || [ -z "$fl" ]; then continue; fi
+            printf '  %s: %s CPU per delivery / %s = %s / %s = %s\n' "$ph" "$dsrv" "$f" "$d" \
+              "$fl" "$(awk -v a="$d" -v b="$fl" 'BEGIN {if (b > 0) printf "%.2f", a / b}')"
+          done
         done
       done
       ;;

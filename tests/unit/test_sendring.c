@@ -29,6 +29,7 @@
 #include <unistd.h>
 
 #include "conn.h"
+#include "conn_pair.h"
 #include "mongocast.h"
 #include "sendring.h"
 
@@ -48,33 +49,31 @@ static void drain(uv_loop_t *loop)
     }
 }
 
-/* A connected loopback pair whose server side is a WebSocket subscriber connection in `t`;
- * both socket buffers small. */
 static void tcp_pair(mcd_conn_table_t *t, uv_loop_t *loop, peer_t *p)
 {
-    int l = socket(AF_INET, SOCK_STREAM, 0);
-    assert_true(l >= 0);
-    struct sockaddr_in sa = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
-    socklen_t slen = sizeof(sa);
-    assert_int_equal(bind(l, (struct sockaddr *)&sa, sizeof(sa)), 0);
-    assert_int_equal(listen(l, 1), 0);
-    assert_int_equal(getsockname(l, (struct sockaddr *)&sa, &slen), 0);
     memset(p, 0, sizeof(*p));
-    p->client = socket(AF_INET, SOCK_STREAM, 0);
-    int small = 4096;
-    setsockopt(p->client, SOL_SOCKET, SO_RCVBUF, &small, sizeof(small));
-    assert_int_equal(connect(p->client, (struct sockaddr *)&sa, sizeof(sa)), 0);
-    int fd = accept(l, NULL, NULL);
-    assert_true(fd >= 0);
-    close(l);
-    setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &small, sizeof(small));
-    p->conn = mcd_conn_new(t, loop);
-    assert_non_null(p->conn);
-    assert_int_equal(uv_tcp_open(&p->conn->tcp, fd), 0);
-    assert_int_equal(mcd_conn_add(p->conn, NULL), 0);
-    mcd_conn_subscribed(p->conn);
-    p->conn->state = MCD_ST_WS;
-    p->conn->transport = MCD_T_WS;
+    p->conn = conn_pair(t, loop, &p->client);
+}
+
+/* A table on `loop`, writing through a ring when `uring`; false (nothing to clean up) when the
+ * kernel refuses io_uring. */
+static bool table_init(mcd_conn_table_t *t, uv_loop_t *loop, bool uring)
+{
+    assert_int_equal(uv_loop_init(loop), 0);
+    assert_int_equal(mcd_conn_table_init(t, 8, 0, 16u << 20, 1000), 0);
+    if (!uring) {
+        return true;
+    }
+    mcd_sendring_t *r = NULL;
+    mc_error_t err;
+    if (mcd_sendring_new(&r, 8, &err) != 0) {
+        fprintf(stderr, "io_uring unavailable here: %s\n", err.message);
+        mcd_conn_table_cleanup(t);
+        assert_int_equal(uv_loop_close(loop), 0);
+        return false;
+    }
+    assert_int_equal(mcd_conn_table_use_ring(t, r), 0);
+    return true;
 }
 
 /* Reads at most `max` bytes the peer has, without blocking. */
@@ -115,8 +114,8 @@ static mcd_msg_t *message(int i)
         m = mcd_msg_new_raw(p, pad + 1);
     } else {
         bson_t *doc = BCON_NEW("_id", "{", "_data", BCON_UTF8("82AB"), "}", "operationType",
-                               BCON_UTF8("insert"), "fullDocument", "{", "i", BCON_INT32(i),
-                               "pad", BCON_UTF8(p), "}");
+                               BCON_UTF8("insert"), "fullDocument", "{", "i", BCON_INT32(i), "pad",
+                               BCON_UTF8(p), "}");
         mc_error_t err = {0};
         mc_event_t *ev = mc_event_new_change("orders", 7, doc, NULL, &err);
         assert_non_null(ev);
@@ -152,19 +151,9 @@ static bool run_path(bool uring, mcd_msg_t **msgs, peer_t peers[N_PEERS], uint64
                      int *short_writes)
 {
     uv_loop_t loop;
-    assert_int_equal(uv_loop_init(&loop), 0);
     mcd_conn_table_t t;
-    assert_int_equal(mcd_conn_table_init(&t, 8, 0, 16u << 20, 1000), 0);
-    if (uring) {
-        mcd_sendring_t *r = NULL;
-        mc_error_t err;
-        if (mcd_sendring_new(&r, 8, &err) != 0) {
-            fprintf(stderr, "io_uring unavailable here: %s\n", err.message);
-            mcd_conn_table_cleanup(&t);
-            assert_int_equal(uv_loop_close(&loop), 0);
-            return false;
-        }
-        assert_int_equal(mcd_conn_table_use_ring(&t, r), 0);
+    if (!table_init(&t, &loop, uring)) {
+        return false;
     }
     for (int p = 0; p < N_PEERS; p++) {
         tcp_pair(&t, &loop, &peers[p]);
@@ -347,18 +336,9 @@ static void test_peer_gone(void **state)
     (void)state;
     for (int uring = 0; uring < 2; uring++) {
         uv_loop_t loop;
-        assert_int_equal(uv_loop_init(&loop), 0);
         mcd_conn_table_t t;
-        assert_int_equal(mcd_conn_table_init(&t, 8, 0, 16u << 20, 1000), 0);
-        if (uring) {
-            mcd_sendring_t *r = NULL;
-            mc_error_t err;
-            if (mcd_sendring_new(&r, 8, &err) != 0) {
-                mcd_conn_table_cleanup(&t);
-                assert_int_equal(uv_loop_close(&loop), 0);
-                break;
-            }
-            assert_int_equal(mcd_conn_table_use_ring(&t, r), 0);
+        if (!table_init(&t, &loop, uring)) {
+            break;
         }
         peer_t p;
         tcp_pair(&t, &loop, &p);
