@@ -9,28 +9,31 @@
  *            insert N documents (not measured as intake; reported for information);
  *   engine   a real engine from an in-memory YAML config (file checkpoint store in a temp
  *            directory, seeded with the recorded position so the stream resumes right before
- *            the first insert; recipient path fullDocument.owner; stdout sink), plus a tiny
- *            counting sink that notes the CPU and wall clock when the N-th change has been
- *            through the stdout sink. Process CPU (CLOCK_PROCESS_CPUTIME_ID, all threads),
- *            getrusage user/sys split, and CPU per thread (/proc/self/task) are reported;
+ *            the first insert; recipient path fullDocument.owner; stdout sink, on its own
+ *            runner thread). Main polls the sink's counters every 5 ms and notes the
+ *            CPU and wall clock when the N-th change has been written and completed. Process
+ *            CPU (CLOCK_PROCESS_CPUTIME_ID, all threads), getrusage user/sys split, and CPU
+ *            per thread (/proc/self/task, by the names the library gives its threads:
+ *            mcwatch:<stream>, mcsink:<sink>) are reported;
  *   raw      stage (a) on its own: a bare libmongoc change stream with the same options from
  *            the same position reads the same N events (mongoc_change_stream_next only);
  *   stages   stages (b)-(e) as in-process microbenchmarks over the first K change documents
- *            the engine delivered, repeated until N calls: (b) mc_event_new_change (copy,
- *            token, fields, recipient), (c) mc_event_json, (d) the real stdout sink's
- *            publish + flush every 256 events (the engine's batch size), (e) mc_event_unref
- *            (freeing). The stdout sink instance belongs to a second engine in external
- *            dispatch mode, so this thread is its dispatch thread, as the sink contract
- *            requires. Queue hand-off and engine bookkeeping have no public entry point: they
- *            are the end-to-end figure minus the sum of the stages (reported as residual).
+ *            (collected, untimed, by a memory sink in a third engine), repeated until N
+ *            calls: (b) mc_event_new_change (copy, token, fields, recipient), (c)
+ *            mc_event_json, (d) the real stdout sink's publish + flush every 256 events (the
+ *            runner's batch size), (e) mc_event_unref (freeing). The stdout sink instance
+ *            belongs to a second engine whose stream watches an idle collection; once its
+ *            runner has handled the stream's ready event it never calls the sink again, so
+ *            this thread is the sink's only caller, as the sink contract requires. Routing,
+ *            runner hand-off and bookkeeping have no public entry point: they are the
+ *            end-to-end figure minus the sum of the stages (reported as residual).
  *
  * Standard output is the stdout sink's destination: at start-up this program moves the
  * original standard output aside for its own report (key=value lines) and points fd 1 at
  * --sink-out (default /dev/null).
  *
- * Threads: main runs every phase; during the engine phase the engine's watcher, dispatch and
- * checkpoint threads run as well, and the counting sink's publish runs on the dispatch thread
- * and talks to main only through `count_state` (mutex + condition variable).
+ * Threads: main runs every phase; during the engine phase the engine's watcher, stdout-runner
+ * and checkpoint threads run as well; main only reads the sink's counters.
  */
 #include <mongocast/config.h>
 #include <mongocast/engine.h>
@@ -59,7 +62,7 @@
 #define IDLE_COLL_NAME "intake_idle"
 #define STREAM_NAME "intake"
 #define RECIPIENT_PATH "fullDocument.owner"
-#define DISPATCH_BATCH 256 /* the engine flushes its sinks after each batch of this size */
+#define DISPATCH_BATCH 256 /* a runner flushes its sink after each batch of up to this size */
 #define MAX_THREADS 64
 
 /* ---- Clocks ------------------------------------------------------------------------------ */
@@ -140,6 +143,7 @@ static double thread_cpu_seconds(long tid)
 typedef struct thread_cpu {
     long tid;
     double cpu_s;
+    char name[32]; /* /proc/self/task/<tid>/comm */
 } thread_cpu_t;
 
 /* Fills `out` with every thread of this process and its CPU time; returns the count. */
@@ -157,6 +161,16 @@ static size_t list_threads(thread_cpu_t *out, size_t max)
         }
         out[n].tid = atol(de->d_name);
         out[n].cpu_s = thread_cpu_seconds(out[n].tid);
+        out[n].name[0] = '\0';
+        char path[96];
+        snprintf(path, sizeof(path), "/proc/self/task/%ld/comm", out[n].tid);
+        FILE *f = fopen(path, "r");
+        if (f) {
+            if (fgets(out[n].name, sizeof(out[n].name), f)) {
+                out[n].name[strcspn(out[n].name, "\n")] = '\0';
+            }
+            fclose(f);
+        }
         n++;
     }
     closedir(d);
@@ -370,70 +384,15 @@ static char *preload(mongoc_client_t *client, const opts_t *o)
     return position;
 }
 
-/* ---- The counting sink ------------------------------------------------------------------- */
+/* ---- Events kept for the stage benchmarks ---------------------------------------------- */
 
-/* Shared between the dispatch thread (publish) and main (waits). */
 typedef struct count_state {
-    pthread_mutex_t lock;
-    pthread_cond_t done_cond;
     uint64_t target;
-    uint64_t count;
-    bool done;
-    double done_cpu, done_wall; /* clocks when the target was reached */
-    usage_t done_usage;
-    long dispatch_tid;
     mc_event_t **keep; /* the first `keep_max` change events, for the stage benchmarks */
     size_t keep_max;
     size_t kept;
     size_t first_change_bytes; /* BSON size of the first change document */
 } count_state_t;
-
-static int count_init(mc_sink_t *sink, const bson_t *options, mc_error_t *err)
-{
-    (void)sink;
-    (void)options;
-    (void)err;
-    return 0;
-}
-
-/* Registered after the stdout sink, so an event counted here has already been written. */
-static int count_publish(mc_sink_t *sink, mc_event_t *ev)
-{
-    count_state_t *st = mc_sink_userdata(sink);
-    if (mc_event_kind(ev) != MC_EVENT_CHANGE) {
-        return MC_SINK_SKIP;
-    }
-    /* No lock on the hot path: only this thread writes count and kept before `done`. */
-    if (st->count == 0) {
-        st->dispatch_tid = (long)syscall(SYS_gettid);
-        st->first_change_bytes = mc_event_change(ev)->len;
-    }
-    if (st->kept < st->keep_max) {
-        st->keep[st->kept++] = mc_event_ref(ev);
-    }
-    if (++st->count == st->target) {
-        double cpu = cpu_now();
-        double wall = wall_now();
-        usage_t u = usage_now();
-        pthread_mutex_lock(&st->lock);
-        st->done_cpu = cpu;
-        st->done_wall = wall;
-        st->done_usage = u;
-        st->done = true;
-        pthread_cond_signal(&st->done_cond);
-        pthread_mutex_unlock(&st->lock);
-    }
-    return 0;
-}
-
-static const mc_sink_type_t count_sink_type = {
-    .abi_version = MC_SINK_ABI_VERSION,
-    .name = "bench-count",
-    .flags = 0,
-    .ctx_size = 0,
-    .init = count_init,
-    .publish = count_publish,
-};
 
 /* ---- Engine phase ------------------------------------------------------------------------ */
 
@@ -519,6 +478,47 @@ static void check_stream(mc_engine_t *engine)
     }
 }
 
+/* The first K change events from `position`, read by a memory sink (not timed). */
+static void collect_events(const opts_t *o, const char *position, count_state_t *st)
+{
+    char *tmp = make_temp_dir();
+    char *cp_dir = bson_strdup_printf("%s/checkpoints", tmp);
+    seed_checkpoint(cp_dir, position);
+    char *base = config_yaml(o, cp_dir, COLL_NAME, 1000);
+    /* The same stream, with a memory sink in place of stdout. */
+    char *cut = strstr(base, "sinks:\n");
+    if (!cut) {
+        die("config without sinks");
+    }
+    *cut = '\0';
+    char *yaml = bson_strdup_printf("%ssinks:\n  - {name: keep, type: memory, control: false, "
+                                    "max_events: %zu}\n",
+                                    base, st->keep_max);
+    mc_error_t err = {0};
+    mc_config_t *config = mc_config_load_string(yaml, strlen(yaml), "collect.yaml", &err);
+    mc_engine_opts_t eo = {.no_checkpoint = false};
+    mc_engine_t *engine = config ? mc_engine_new(config, &eo, &err) : NULL;
+    if (!engine || mc_engine_start(engine, &err) != 0) {
+        die("collect engine: %s", err.message);
+    }
+    mc_sink_t *keep = mc_engine_sink(engine, "keep");
+    if (mc_sink_memory_wait(keep, st->keep_max, 120000) != 0) {
+        die("collect: only %zu of %zu events", mc_sink_memory_count(keep), st->keep_max);
+    }
+    for (size_t i = 0; i < st->keep_max; i++) {
+        st->keep[i] = mc_sink_memory_get(keep, i);
+    }
+    st->kept = st->keep_max;
+    st->first_change_bytes = mc_event_change(st->keep[0])->len;
+    mc_engine_destroy(engine);
+    mc_config_destroy(config);
+    remove_temp_dir(tmp, "checkpoints");
+    bson_free(yaml);
+    bson_free(base);
+    bson_free(cp_dir);
+    bson_free(tmp);
+}
+
 typedef struct engine_result {
     double cpu_s, wall_s, user_s, sys_s;
 } engine_result_t;
@@ -538,10 +538,6 @@ static engine_result_t run_engine(const opts_t *o, const char *position, count_s
     if (!engine) {
         die("mc_engine_new: %s", err.message);
     }
-    const char *streams[] = {STREAM_NAME};
-    if (mc_engine_add_sink(engine, &count_sink_type, "count", streams, 1, NULL, st, &err) != 0) {
-        die("mc_engine_add_sink: %s", err.message);
-    }
 
     thread_cpu_t before[MAX_THREADS];
     size_t n_before = list_threads(before, MAX_THREADS);
@@ -551,29 +547,38 @@ static engine_result_t run_engine(const opts_t *o, const char *position, count_s
     if (mc_engine_start(engine, &err) != 0) {
         die("mc_engine_start: %s", err.message);
     }
-    pthread_mutex_lock(&st->lock);
+    /* Done when the stdout sink has written the N-th change and completed it (nothing of the
+     * stream left in its queue). Polled every 5 ms: at most 5 ms late on the wall clock, and
+     * a few hundred polls cost main well under a millisecond of CPU. */
     double deadline = wall0 + 600;
-    while (!st->done) {
-        struct timespec ts;
-        clock_gettime(CLOCK_REALTIME, &ts);
-        ts.tv_sec += 1;
-        pthread_cond_timedwait(&st->done_cond, &st->lock, &ts);
-        if (!st->done) {
-            pthread_mutex_unlock(&st->lock);
+    double done_cpu, done_wall;
+    usage_t done_usage;
+    uint64_t polls = 0;
+    for (;;) {
+        mc_sink_stats_t sk;
+        if (mc_engine_sink_stats(engine, 0, &sk) == 0 && sk.published >= st->target &&
+            sk.lag_events == 0) {
+            done_cpu = cpu_now();
+            done_wall = wall_now();
+            done_usage = usage_now();
+            break;
+        }
+        struct timespec ts = {0, 5000000};
+        nanosleep(&ts, NULL);
+        if (++polls % 200 == 0) {
             check_stream(engine);
             if (wall_now() > deadline) {
-                die("timed out after %" PRIu64 " of %" PRIu64 " events", st->count, st->target);
+                die("timed out after %" PRIu64 " of %" PRIu64 " events", sk.published,
+                    st->target);
             }
-            pthread_mutex_lock(&st->lock);
         }
     }
-    pthread_mutex_unlock(&st->lock);
 
     /* Per-thread CPU, read while the engine still runs (it idles in getMore by now). */
     thread_cpu_t after[MAX_THREADS];
     size_t n_after = list_threads(after, MAX_THREADS);
     long main_tid = (long)syscall(SYS_gettid);
-    double dispatch_s = 0, main_s = 0, top_other_s = 0, others_s = 0;
+    double sink_s = 0, watcher_s = 0, main_s = 0, others_s = 0;
     for (size_t i = 0; i < n_after; i++) {
         double base = 0;
         for (size_t j = 0; j < n_before; j++) {
@@ -582,15 +587,17 @@ static engine_result_t run_engine(const opts_t *o, const char *position, count_s
             }
         }
         double d = after[i].cpu_s - base;
-        if (after[i].tid == st->dispatch_tid) {
-            dispatch_s = d;
+        if (strcmp(after[i].name, "mcsink:out") == 0) {
+            sink_s = d;
+        } else if (strcmp(after[i].name, "mcwatch:" STREAM_NAME) == 0 && d > watcher_s) {
+            /* libmongoc's monitor thread, started from the watcher, inherits its name: the
+             * watcher is the busy one. */
+            others_s += watcher_s;
+            watcher_s = d;
         } else if (after[i].tid == main_tid) {
             main_s = d;
         } else {
             others_s += d;
-            if (d > top_other_s) {
-                top_other_s = d;
-            }
         }
     }
 
@@ -606,18 +613,17 @@ static engine_result_t run_engine(const opts_t *o, const char *position, count_s
     bson_free(cp_dir);
     bson_free(tmp);
 
-    engine_result_t r = {st->done_cpu - cpu0, st->done_wall - wall0,
-                         st->done_usage.user_s - u0.user_s, st->done_usage.sys_s - u0.sys_s};
+    engine_result_t r = {done_cpu - cpu0, done_wall - wall0, done_usage.user_s - u0.user_s,
+                         done_usage.sys_s - u0.sys_s};
     double n = (double)o->docs;
     fprintf(report,
             "phase=engine events=%d change_bytes=%zu cpu_s=%.3f user_s=%.3f sys_s=%.3f "
             "wall_s=%.3f events_per_cpu_s=%.0f events_per_wall_s=%.0f cpu_us_per_event=%.3f "
-            "watcher_thread_cpu_s=%.3f dispatch_thread_cpu_s=%.3f other_threads_cpu_s=%.3f "
+            "watcher_thread_cpu_s=%.3f sink_thread_cpu_s=%.3f other_threads_cpu_s=%.3f "
             "main_thread_cpu_s=%.3f vcsw=%ld ivcsw=%ld stop_cpu_s=%.3f\n",
             o->docs, st->first_change_bytes, r.cpu_s, r.user_s, r.sys_s, r.wall_s, n / r.cpu_s,
-            n / r.wall_s, r.cpu_s / n * 1e6, top_other_s, dispatch_s, others_s - top_other_s,
-            main_s, st->done_usage.vcsw - u0.vcsw, st->done_usage.ivcsw - u0.ivcsw,
-            cpu_stop1 - cpu_stop0);
+            n / r.wall_s, r.cpu_s / n * 1e6, watcher_s, sink_s, others_s, main_s,
+            done_usage.vcsw - u0.vcsw, done_usage.ivcsw - u0.ivcsw, cpu_stop1 - cpu_stop0);
     return r;
 }
 
@@ -939,12 +945,6 @@ static void jb_change_message(jbuf_t *b, mc_event_t *ev)
 
 /* ---- Stages (b)-(e): microbenchmarks --------------------------------------------------- */
 
-static void noop_notify(mc_engine_t *engine, void *userdata)
-{
-    (void)engine;
-    (void)userdata;
-}
-
 typedef struct stage_result {
     double normalise_s, json_s, sink_s, free_s;
     double proto_s;       /* stage (c'): the one-pass prototype renderer */
@@ -955,7 +955,7 @@ typedef struct stage_result {
 
 static stage_result_t run_stages(const opts_t *o, count_state_t *st)
 {
-    /* A second engine that owns a stdout sink instance and lets this thread dispatch. Its
+    /* A second engine that owns a stdout sink instance, for this thread to call directly. Its
      * stream watches an idle collection; only its ready event is ever queued. */
     mc_error_t err = {0};
     char *yaml = bson_strdup_printf("mongodb:\n"
@@ -971,7 +971,7 @@ static stage_result_t run_stages(const opts_t *o, count_state_t *st)
     if (!config) {
         die("config: %s", err.message);
     }
-    mc_engine_opts_t eo = {.no_checkpoint = true, .notify = noop_notify};
+    mc_engine_opts_t eo = {.no_checkpoint = true};
     mc_engine_t *engine = mc_engine_new(config, &eo, &err);
     if (!engine || mc_engine_start(engine, &err) != 0) {
         die("stage engine: %s", err.message);
@@ -980,6 +980,19 @@ static stage_result_t run_stages(const opts_t *o, count_state_t *st)
     const mc_sink_type_t *type = sink ? mc_sink_get_type(sink) : NULL;
     if (!type) {
         die("stage engine has no stdout sink");
+    }
+    /* Its runner calls the sink for the ready event only; after that, this thread is the
+     * sink's only caller. */
+    for (int i = 0;; i++) {
+        mc_sink_stats_t sk;
+        if (mc_engine_sink_stats(engine, 0, &sk) == 0 && sk.skipped >= 1) {
+            break;
+        }
+        if (i > 30000) {
+            die("the stage engine's stream did not open");
+        }
+        struct timespec ts = {0, 1000000};
+        nanosleep(&ts, NULL);
     }
 
     size_t k = st->kept;
@@ -1110,14 +1123,13 @@ int main(int argc, char **argv)
 
     count_state_t st;
     memset(&st, 0, sizeof(st));
-    pthread_mutex_init(&st.lock, NULL);
-    pthread_cond_init(&st.done_cond, NULL);
     st.target = (uint64_t)o.docs;
-    st.keep_max = o.skip_stages ? 0 : (size_t)o.sample;
-    st.keep = calloc(st.keep_max ? st.keep_max : 1, sizeof(*st.keep));
+    st.keep_max = o.skip_stages ? 1 : (size_t)o.sample;
+    st.keep = calloc(st.keep_max, sizeof(*st.keep));
     if (!st.keep) {
         die("out of memory");
     }
+    collect_events(&o, position, &st);
 
     engine_result_t e = run_engine(&o, position, &st);
     double raw_per_event = o.skip_raw ? -1 : run_raw(&o, position);
@@ -1148,8 +1160,6 @@ int main(int argc, char **argv)
     mongoc_collection_destroy(coll);
     mongoc_client_destroy(client);
     bson_free(position);
-    pthread_mutex_destroy(&st.lock);
-    pthread_cond_destroy(&st.done_cond);
     mongoc_cleanup();
     fclose(report);
     return 0;

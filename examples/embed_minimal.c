@@ -10,8 +10,8 @@
  * engine drains what it already read and stores its position under ./embed-checkpoints, so
  * the next run resumes where this one stopped.
  *
- * Threads: main() only starts and stops the engine; the sink's publish() runs on the engine's
- * dispatch thread, one event at a time, in order.
+ * Threads: main() only starts and stops the engine; the sink's publish() runs on its runner's
+ * own thread, one event at a time, in order.
  */
 #include <mongoc/mongoc.h>
 #include <mongocast.h>

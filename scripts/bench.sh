@@ -12,7 +12,11 @@
 #   bench_fanout:   (docs/PERFORMANCE.md, "Fan-out") each phase of each run gets a fresh
 #                   emulator and a fresh `mongocast run` with a generated config (one public
 #                   stream on bench.fanout, server.listen 127.0.0.1:0, max_connections 20000).
-#                   FANOUT_PHASES (default "throughput latency idle idle_max"),
+#                   FANOUT_PHASES (default "throughput latency idle idle_max"; also
+#                   "latency_blocked": the latency phase with one more sink in the daemon, a
+#                   fault sink that blocks forever on its first event, registered through
+#                   MONGOCAST_TEST_SINKS=1; with max_lag_events 2000 it is detached after about
+#                   2 s and its catch-up cursor runs too: neither may slow the live feed),
 #                   FANOUT_CLIENTS (1000), FANOUT_PROCS (2), FANOUT_DOC_BYTES (200),
 #                   throughput: FANOUT_EVENTS (20000) at FANOUT_RATE events/s (2000; 0: as
 #                   fast as the writer can) in insert_many batches of FANOUT_BATCH (10);
@@ -93,10 +97,16 @@ stop_emulator() {
 }
 
 # Starts `mongocast run` (binary $1, default $daemon; server.io $2 when given) on the running
-# emulator with a generated config; sets dpid, dport.
+# emulator with a generated config; sets dpid, dport. $3 "blocked": also a sink that blocks
+# forever (fault sink, test builds of the config only).
 start_daemon() {
   local bin=${1:-$daemon} io=${2:-}
   work=$(mktemp -d)
+  local sinks="sinks: []"
+  if [ "${3:-}" = blocked ]; then
+    sinks="sinks:
+  - {name: blocked, type: fault, block_after: 0, block_ms: -1, max_lag_events: 2000}"
+  fi
   cat >"$work/fanout.yaml" <<EOF
 mongodb:
   uri: "mongodb://127.0.0.1:$port/?replicaSet=rs0"
@@ -112,11 +122,11 @@ streams:
     db: bench
     collection: fanout
     public: true
-sinks: []
+$sinks
 EOF
   # shellcheck disable=SC2086  # FANOUT_DAEMON_WRAP is a command prefix, split on purpose
-  ${FANOUT_DAEMON_WRAP:-} "$bin" run -c "$work/fanout.yaml" >"$work/daemon.out" \
-    2>"$work/daemon.err" &
+  MONGOCAST_TEST_SINKS=1 ${FANOUT_DAEMON_WRAP:-} "$bin" run -c "$work/fanout.yaml" \
+    >"$work/daemon.out" 2>"$work/daemon.err" &
   dpid=$!
   dport=
   for _ in $(seq 600); do
@@ -209,7 +219,11 @@ fanout_phase() {
       ;;
   esac
   start_emulator
-  start_daemon "$bin" "$io"
+  if [ "$1" = latency_blocked ]; then
+    start_daemon "$bin" "$io" blocked
+  else
+    start_daemon "$bin" "$io"
+  fi
   local common=(--url "ws://127.0.0.1:$dport/v1/streams/fan"
     --uri "mongodb://127.0.0.1:$port/?replicaSet=rs0" --daemon-pid "$dpid" --emulator-pid "$pid"
     --size "${FANOUT_DOC_BYTES:-200}" --client-poll-us "${FANOUT_CLIENT_POLL_US:-0}"
@@ -221,10 +235,12 @@ fanout_phase() {
         --procs "${FANOUT_PROCS:-2}" --events "${FANOUT_EVENTS:-20000}" \
         --rate "${FANOUT_RATE:-2000}" --batch "${FANOUT_BATCH:-10}" >"$out.one" || rc=$?
       ;;
-    latency)
+    latency | latency_blocked)
       "$build/bench/bench_fanout" latency "${common[@]}" --clients "${FANOUT_CLIENTS:-1000}" \
         --procs "${FANOUT_PROCS:-2}" --rate "${FANOUT_LAT_RATE:-1000}" \
         --seconds "${FANOUT_LAT_SECONDS:-10}" >"$out.one" || rc=$?
+      sed "s/^phase=latency /phase=$1 /" "$out.one" >"$out.two"
+      mv "$out.two" "$out.one"
       ;;
     idle)
       "$build/bench/bench_fanout" idle "${common[@]}" --clients "${FANOUT_CLIENTS:-1000}" \
@@ -308,7 +324,7 @@ for b in $select; do
     intake)
       echo "bench_intake, $runs runs, medians (target: events_per_cpu_s >= 100000):"
       for key in events_per_cpu_s events_per_wall_s cpu_us_per_event user_s sys_s \
-        watcher_thread_cpu_s dispatch_thread_cpu_s; do
+        watcher_thread_cpu_s sink_thread_cpu_s; do
         printf '  engine %-28s %s\n' "$key" "$(field engine "$key")"
       done
       echo "  CPU microseconds per event by stage:"
@@ -346,16 +362,16 @@ for b in $select; do
           grep "phase=$ph " "$out" | grep -q " server=$srv\( \|\$\)" || continue
           echo "  $ph ($srv):"
           case $ph in
-            throughput | latency)
+            throughput | latency | latency_blocked)
               for key in complete deliveries_per_daemon_cpu_s deliveries_per_wall_s daemon_cpu_s \
                 daemon_sys_s daemon_cpu_us_per_delivery daemon_cpu_util daemon_runq_wait_s \
-                deliveries_per_write deliveries_per_send clients_cpu_s emulator_cpu_s msg_bytes missing slow_closes \
-                stamp_shared_frac $(case $srv in floor_*) echo floor_batch ;; esac) \
+                deliveries_per_write deliveries_per_send clients_cpu_s emulator_cpu_s msg_bytes \
+                missing slow_closes stamp_shared_frac $(case $srv in floor_*) echo floor_batch ;; esac) \
                 $([ "${FANOUT_EXACT_READS:-0}" = 0 ] || echo read_boundary_frac); do
                 printf '    %-34s %s\n' "$key" "$(mrange "$ph" "$key")"
               done
               lat="lat_insert_to_client"
-              [ "$ph" = latency ] && [ "$srv" = daemon ] && lat="$lat lat_insert_to_arrival \
+              [ "$ph" != throughput ] && [ "$srv" = daemon ] && lat="$lat lat_insert_to_arrival \
                 lat_insert_to_ref lat_ref_to_arrival lat_ref_to_arrival_exact \
                 lat_ref_to_arrival_low lat_ref_to_first fanout_spread"
               for h in $lat; do

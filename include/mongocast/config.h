@@ -117,6 +117,15 @@ typedef struct mc_sink_config {
     char **streams;  /* names of the streams this sink takes; all streams when n_streams == 0 */
     size_t n_streams;
     bson_t *options; /* every other key of the sink entry, for the sink type to interpret */
+    /* The sink's runner (0 / NULL: the engine's defaults, see mc_sink_runner_opts_t). */
+    uint32_t max_lag_events;
+    struct {
+        uint32_t initial_ms;
+        uint32_t max_ms;
+        uint32_t max_attempts;
+        uint32_t max_retry_ms;
+    } retry;
+    char *dead_letter_file; /* dead_letter: {file: PATH} */
     mc_config_pos_t pos;
 } mc_sink_config_t;
 

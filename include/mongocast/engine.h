@@ -1,17 +1,21 @@
 /*
  * mongocast/engine.h: runs the change streams of a config and delivers their events to sinks.
  *
- * Threads (see docs/engine-notes.md):
+ * Threads (docs/ARCHITECTURE.md has the picture):
  *   - one watcher thread per stream: opens the change stream on a client from a shared
  *     mongoc_client_pool_t, normalises each change into an mc_event_t, resolves its
- *     recipient, and pushes it into one bounded queue shared by all streams; it resumes,
- *     reopens after invalidate and retries with backoff on its own;
- *   - one dispatch thread: pops the queue and hands each event to the sinks of its stream in
- *     order (by default the engine's own consumer thread; an embedder that runs an event loop,
- *     such as the daemon's libuv loop, can own dispatching instead: see mc_engine_opts_t.notify
- *     and mc_engine_dispatch());
- *   - one checkpoint thread: every checkpoint.interval_ms, writes each stream's stored resume
- *     position (the low-watermark of durable acks) to the token store (file or MongoDB).
+ *     recipient, and routes it: a reference goes into the bounded queue of every sink runner
+ *     of its stream (never blocking on a sink, except for room in a live sink's queue); it
+ *     resumes, reopens after invalidate and retries with backoff on its own;
+ *   - one runner per sink instance (see mongocast/sink.h): a thread of its own for blocking
+ *     sinks, the engine's shared I/O loop thread (libuv) for MC_SINK_ASYNC sinks, or the
+ *     embedder's dispatch thread for MC_SINK_LIVE sinks when mc_engine_opts_t.notify is set
+ *     (mc_engine_dispatch());
+ *   - a catch-up thread per stream of a detached runner, while it catches up: the same read
+ *     loop as a watcher, from the runner's own position, into the runner's queue only;
+ *   - one checkpoint thread: every checkpoint.interval_ms, writes each (stream, sink)
+ *     position that moved, and each stream's position (the oldest of its sinks'), to the
+ *     token store (file or MongoDB).
  *
  * Lifecycle: mc_engine_new() -> [mc_engine_register_sink_type(), mc_engine_add_sink()] ->
  * [mc_engine_validate()] -> mc_engine_start() -> ... -> mc_engine_stop() ->
@@ -95,18 +99,57 @@ typedef struct mc_stream_status {
                                         reason /readyz and mongocast check show */
 } mc_stream_status_t;
 
-/* Counters of one sink instance, copied out by mc_engine_sink_stats(). Every event offered to
- * the sink ends in exactly one of published, skipped and failed. */
+/* The state of a sink's runner. */
+typedef enum mc_sink_state {
+    MC_SINK_IDLE = 0,        /* engine not started */
+    MC_SINK_RUNNING = 1,     /* attached: takes events from the shared path */
+    MC_SINK_RETRYING = 2,    /* attached, waiting to offer an event again (message says why) */
+    MC_SINK_CATCHING_UP = 3, /* detached: reads the stream again from its own position */
+    MC_SINK_FAILED = 4,      /* stopped for good in this run (message says why) */
+    MC_SINK_STOPPED = 5,     /* engine stopped */
+} mc_sink_state_t;
+
+/* "idle", "running", "retrying", "catching_up", "failed", "stopped". */
+const char *mc_sink_state_name(mc_sink_state_t state);
+
+/* Counters and state of one sink instance, copied out by mc_engine_sink_stats(). Every
+ * event offered to the sink ends in exactly one of published, skipped and failed (a retried
+ * event is offered once). */
 typedef struct mc_sink_stats {
     const char *name;   /* the instance's name (borrowed; lives as long as the engine) */
     const char *type;   /* its type's name (borrowed; the config's spelling until
                            mc_engine_start() resolved it) */
     uint64_t published; /* publish() returned 0 */
     uint64_t skipped;   /* publish() returned MC_SINK_SKIP */
-    uint64_t failed;    /* publish() returned an error (or MC_EAGAIN until the engine gave up
-                           retrying during mc_engine_stop()) */
-    uint64_t retries;   /* MC_EAGAIN answers (back-pressure): the same event offered again */
+    uint64_t failed;    /* given up: dead-lettered, dropped (unclassified error of a
+                           non-durable sink), or the event that failed the sink */
+    uint64_t retries;   /* offers of an event again after MC_EAGAIN or a transient failure */
+    /* Runner (all zero before mc_engine_start()). */
+    mc_sink_state_t state;
+    bool durable;           /* MC_SINK_DURABLE: a failure makes the engine not ready */
+    uint64_t dead_letters;  /* events written to the dead letter */
+    uint64_t detaches;      /* times the sink was detached (lag bound passed) */
+    uint64_t lag_events;    /* events routed to the sink and not complete yet, including
+                               (estimated) those a detached sink still has to catch up on */
+    int64_t lag_ms;         /* age (by wallTime) of the oldest event the sink has not
+                               completed (catching up: the age of its position, an upper
+                               bound); 0 when it is up to date */
+    char message[256];      /* why the state is what it is ("" when running) */
 } mc_sink_stats_t;
+
+/* Per-sink runner settings (the config's sinks[].max_lag_events, retry, dead_letter). Zero
+ * fields take the defaults. */
+typedef struct mc_sink_runner_opts {
+    uint32_t max_lag_events;   /* queue bound before the sink is detached; 0: 10000 (live
+                                  sinks: mc_engine_opts_t.queue_capacity) */
+    uint32_t retry_initial_ms; /* first backoff ceiling; 0: 100 */
+    uint32_t retry_max_ms;     /* backoff cap; 0: 30000 */
+    uint32_t max_attempts;     /* offers of one event before a transient failure counts as
+                                  permanent; 0: unlimited */
+    uint32_t max_retry_ms;     /* the same bound as time since the first failure; 0: none */
+    const char *dead_letter_file; /* JSON lines of events that failed permanently; NULL: a
+                                     permanent failure fails the sink */
+} mc_sink_runner_opts_t;
 
 /* Called on a watcher thread whenever a stream changes state. Must be quick and thread-safe;
  * may call mc_engine_stream_status() but no lifecycle function. */
@@ -114,22 +157,24 @@ typedef void (*mc_stream_state_cb)(mc_engine_t *engine, const char *stream,
                                    mc_stream_state_t state, const char *message,
                                    void *userdata);
 
-/* Called (from a watcher thread) when the queue goes from empty to non-empty, in external
- * dispatch mode. Typically uv_async_send(). Must be thread-safe and must not block. */
+/* Called (from a watcher thread) when a live sink's queue goes from empty to non-empty, in
+ * external dispatch mode. Typically uv_async_send(). Must be thread-safe and must not block. */
 typedef void (*mc_engine_notify_cb)(mc_engine_t *engine, void *userdata);
 
 typedef struct mc_engine_opts {
-    size_t queue_capacity;        /* events in flight between watchers and dispatch; 0: 4096 */
-    uint32_t max_unacked;         /* per stream, events not yet stable; 0: 10000 */
-    uint32_t backoff_initial_ms;  /* 0: 200 */
+    size_t queue_capacity;        /* queue bound of live sinks (the watcher waits for room);
+                                     0: 4096 */
+    uint32_t max_unacked;         /* default max_lag_events of the other sinks; 0: 10000 */
+    uint32_t backoff_initial_ms;  /* watchers' reopen backoff; 0: 200 */
     uint32_t backoff_max_ms;      /* 0: 30000 */
     uint32_t drain_timeout_ms;    /* how long stop waits for sinks to drain; 0: 10000 */
     bool no_checkpoint;           /* keep positions in memory only (no token store) */
     const char *app_name;         /* sent in the MongoDB handshake; NULL: "mongocast" */
     mc_stream_state_cb on_state;  /* optional */
     void *on_state_userdata;
-    /* External dispatch: when notify is set, the engine starts no consumer thread; the
-     * embedder calls mc_engine_dispatch() on its own (single) thread after each notify. */
+    /* External dispatch: when notify is set, MC_SINK_LIVE sinks run on the embedder's
+     * (single) thread, which calls mc_engine_dispatch() after each notify. Other sinks keep
+     * their own executors. */
     mc_engine_notify_cb notify;
     void *notify_userdata;
 } mc_engine_opts_t;
@@ -189,6 +234,12 @@ int mc_engine_add_sink(mc_engine_t *engine, const mc_sink_type_t *type, const ch
                        const char *const *streams, size_t n_streams, const bson_t *options,
                        void *userdata, mc_error_t *err);
 
+/* Sets the runner settings of sink `name` (config sinks take theirs from the config; this
+ * overrides them). `opts` is copied. Before mc_engine_start() only. Returns 0, MC_ENOTFOUND,
+ * MC_EINVAL (engine started). */
+int mc_engine_set_sink_runner_opts(mc_engine_t *engine, const char *name,
+                                   const mc_sink_runner_opts_t *opts, mc_error_t *err);
+
 /*
  * Checks every sink without starting anything, for `mongocast check`: each config sink's
  * type is registered (built-in or mc_engine_register_sink_type()) and each sink accepts its
@@ -203,6 +254,18 @@ int mc_engine_add_sink(mc_engine_t *engine, const mc_sink_type_t *type, const ch
 int mc_engine_validate(mc_engine_t *engine, mc_error_t *err);
 
 /*
+ * Reachability of each sink whose type has a probe() (`mongocast check`): calls `report` once
+ * per such sink, in config order, with the sink's name, its type's name, 0 or the probe's
+ * MC_E* code, and NULL or the probe's message. Sinks without a probe are skipped. Before
+ * mc_engine_start() only, after a successful mc_engine_validate(); blocks up to `timeout_ms`
+ * per sink. Returns the number of sinks whose probe failed, or MC_EINVAL (started engine).
+ */
+typedef void (*mc_sink_probe_report_fn)(void *userdata, const char *sink_name,
+                                        const char *type_name, int rc, const char *message);
+int mc_engine_probe_sinks(mc_engine_t *engine, int64_t timeout_ms, mc_sink_probe_report_fn report,
+                          void *userdata);
+
+/*
  * Initialises and starts every sink, opens the token store, then spawns the watcher, consumer
  * and checkpoint threads. Returns as soon as the threads run (streams open asynchronously;
  * watch mc_engine_stream_status() or the on_state callback). On error nothing keeps running
@@ -213,21 +276,25 @@ int mc_engine_validate(mc_engine_t *engine, mc_error_t *err);
 int mc_engine_start(mc_engine_t *engine, mc_error_t *err);
 
 /*
- * Stops reading MongoDB, delivers what was already read to the sinks, lets them drain (up to
- * drain_timeout_ms), writes every stream's final position to the token store and joins all
- * threads. Idempotent; returns 0, or MC_EAGAIN when a sink did not drain in time (positions
- * are then stored only up to what was acknowledged), or MC_EIO when the last checkpoint write
- * failed. In external dispatch mode call it on the dispatch thread: it dispatches the rest of
- * the queue itself.
+ * Stops reading MongoDB (watchers and catch-up cursors), lets every runner deliver what it
+ * already holds, retrying until the deadline, lets the sinks drain (up to drain_timeout_ms in
+ * all), writes every (stream, sink) position and stream position to the token store and joins
+ * all threads. Idempotent; returns 0, or MC_EAGAIN when a sink did not drain in time
+ * (positions are then stored only up to what was complete), or MC_EIO when the last
+ * checkpoint write failed. Any thread. In external dispatch mode, called on the dispatch
+ * thread it delivers what live sinks hold itself; called on another thread (the daemon's
+ * main thread, so that its loop keeps serving sockets meanwhile) it waits while the
+ * dispatch thread keeps calling mc_engine_dispatch(), and gives live events up once the
+ * dispatch thread stops taking them for a second.
  */
 int mc_engine_stop(mc_engine_t *engine, mc_error_t *err);
 
 /* Stops the engine if needed, destroys every sink and frees the engine. NULL-safe. */
 void mc_engine_destroy(mc_engine_t *engine);
 
-/* External dispatch only: pops and delivers up to `max_events` queued items (0: all that are
- * queued now) and flushes the sinks. Returns the number of events delivered. Call on the one
- * dispatch thread. */
+/* External dispatch only: delivers up to `max_events` events queued for MC_SINK_LIVE sinks
+ * (0: all that are queued now) and flushes them. Returns the number of events delivered.
+ * Call on the one dispatch thread. After mc_engine_stop() it returns 0. */
 size_t mc_engine_dispatch(mc_engine_t *engine, size_t max_events);
 
 /* Number of streams, and the i-th stream's name (borrowed, lives as long as the engine). */
@@ -237,7 +304,8 @@ const char *mc_engine_stream_name(const mc_engine_t *engine, size_t i);
 /* Copies stream `name`'s status into *out. Returns 0 or MC_ENOTFOUND. Any thread. */
 int mc_engine_stream_status(mc_engine_t *engine, const char *name, mc_stream_status_t *out);
 
-/* True when every stream is MC_STREAM_OPEN (for /readyz). */
+/* True when every stream is MC_STREAM_OPEN and no durable sink failed (for /readyz; the
+ * reason of a failed sink is in its mc_sink_stats_t.message). */
 bool mc_engine_ready(mc_engine_t *engine);
 
 /* True when every stream is FAILED or STOPPED (nothing left to run, e.g. `tail` can exit). */
@@ -250,9 +318,10 @@ mc_sink_t *mc_engine_sink(mc_engine_t *engine, const char *name);
  * mc_engine_add_sink()). The table is fixed once mc_engine_start() ran. */
 size_t mc_engine_sink_count(const mc_engine_t *engine);
 
-/* Copies the counters of the i-th sink instance into *out. Returns 0 or MC_ENOTFOUND (i out
- * of range). Any thread, also while events flow: the counters are atomics, each read on its
- * own, so a snapshot taken mid-dispatch may be one event apart between fields. */
+/* Copies the counters and state of the i-th sink instance into *out. Returns 0 or
+ * MC_ENOTFOUND (i out of range). Any thread, also while events flow: the counters are
+ * atomics, each read on its own, so a snapshot taken mid-delivery may be one event apart
+ * between fields. */
 int mc_engine_sink_stats(mc_engine_t *engine, size_t i, mc_sink_stats_t *out);
 
 /* The config the engine runs (borrowed; the built one for ad hoc engines). */

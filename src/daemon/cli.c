@@ -208,3 +208,16 @@ bool mc_cli_valid_db_name(const char *name)
     }
     return strpbrk(name, "/\\.\" $") == NULL;
 }
+
+int mc_cli_register_test_sinks(mc_engine_t *engine, mc_error_t *err)
+{
+    const char *on = getenv("MONGOCAST_TEST_SINKS");
+    if (!engine || !on || strcmp(on, "1") != 0) {
+        return 0;
+    }
+    int rc = mc_engine_register_sink_type(engine, mc_sink_fault_type(), err);
+    if (rc == 0) {
+        rc = mc_engine_register_sink_type(engine, mc_sink_fault_async_type(), err);
+    }
+    return rc;
+}

@@ -90,6 +90,14 @@ char *mc_cli_redact_uri(const char *uri_text);
 /* True when `name` is a usable database name (non-empty, < 64 bytes, none of / \ . " $ space). */
 bool mc_cli_valid_db_name(const char *name);
 
+/* ---- Test sinks ---------------------------------------------------------------------------- */
+
+/* When the environment variable MONGOCAST_TEST_SINKS is "1", registers the fault-injection
+ * sink types ("fault", "fault_async", mongocast/sink.h) with `engine`, so that tests can put
+ * them in a config; otherwise does nothing (they stay unknown types). Returns 0 or the
+ * registration error. */
+int mc_cli_register_test_sinks(mc_engine_t *engine, mc_error_t *err);
+
 /* ---- Commands ---------------------------------------------------------------------------- */
 
 int mc_cmd_run(int argc, char **argv);

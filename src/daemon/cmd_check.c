@@ -55,6 +55,16 @@ static void report(checker_t *c, const char *tag, const char *fmt, ...)
     }
 }
 
+static void report_sink_probe(void *userdata, const char *sink_name, const char *type_name,
+                              int rc, const char *message)
+{
+    if (rc == 0) {
+        report(userdata, "ok", "sink %s (%s): reachable", sink_name, type_name);
+    } else {
+        report(userdata, "FAIL", "sink %s (%s): %s", sink_name, type_name, message);
+    }
+}
+
 /* The file store creates its directory (and parents) at start: it is usable when the
  * directory, or its nearest existing ancestor, is a writable directory. */
 static void check_file_store(checker_t *c, const char *dir)
@@ -368,13 +378,13 @@ int mc_cmd_check(int argc, char **argv)
      * would only find out when it starts the engine); neither connects nor starts anything. */
     mc_cli_setup_logging(MC_LOG_WARN);
     mc_engine_t *probe = mc_engine_new(cfg, NULL, &merr);
-    if (!probe || mc_engine_validate(probe, &merr) != 0) {
+    if (!probe || mc_cli_register_test_sinks(probe, &merr) != 0 ||
+        mc_engine_validate(probe, &merr) != 0) {
         fprintf(stderr, "%s\n", merr.message);
         mc_engine_destroy(probe);
         mc_config_destroy(cfg);
         return MC_EXIT_FAIL;
     }
-    mc_engine_destroy(probe);
 
     checker_t c = {0, 0};
     report(&c, "ok", "config %s (%zu stream%s, %zu sink%s)", path, cfg->n_streams,
@@ -401,6 +411,10 @@ int mc_cmd_check(int argc, char **argv)
             check_images(&c, client, shown, &cfg->streams[i]);
         }
     }
+    /* Brokers, webhook receivers and other clusters the sinks write to: reachable (and
+     * accepting the credentials) within the timeout, with the probe's reason otherwise. */
+    mc_engine_probe_sinks(probe, timeout_ms, report_sink_probe, &c);
+    mc_engine_destroy(probe);
     if (c.failures == 0) {
         printf("check passed%s\n", c.warnings ? " with warnings" : "");
     } else {

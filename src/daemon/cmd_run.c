@@ -4,17 +4,20 @@
  * SIGTERM/SIGINT.
  *
  * Threads: the main thread owns the config, the engine and the server and does every
- * lifecycle call; the engine runs its watcher and checkpoint threads, and the server's libuv
- * loop thread is the engine's dispatch thread (external dispatch: the engine's notify hook
- * wakes the loop, which calls mc_engine_dispatch() and, at shutdown, mc_engine_stop()).
+ * lifecycle call, including mc_engine_stop(); the engine runs its watcher, sink-runner,
+ * I/O-loop and checkpoint threads, and the server's libuv loop thread runs only the live
+ * fan-out (external dispatch: the engine's notify hook wakes the loop, which calls
+ * mc_engine_dispatch()). The fault-injection sink types are registered when
+ * MONGOCAST_TEST_SINKS=1 (tests only).
  * Signals are blocked before any thread starts and taken synchronously by the main loop
  * (sigtimedwait), so no work happens in a signal handler. During the final drain a small
  * watchdog thread waits for a second SIGTERM/SIGINT and then exits at once (an operator's
  * "really stop now").
  *
- * Shutdown (SIGTERM/SIGINT): mcd_server_stop() has the loop thread stop the engine (what was
- * read is dispatched, sinks drain, final checkpoint), then close every WebSocket client with
- * 1001 after what was queued for it and end SSE streams; the process exits 0.
+ * Shutdown (SIGTERM/SIGINT): mc_engine_stop() on the main thread (what was read is
+ * delivered, sinks drain, final checkpoint; the loop keeps running meanwhile), then
+ * mcd_server_stop() closes every WebSocket client with 1001 after what was queued for it and
+ * ends SSE streams; the process exits 0.
  *
  * Reload (SIGHUP): the new config is checked first (an invalid one never stops anything);
  * then the server and the engine are both stopped (WebSocket clients get 1012 "server
@@ -79,8 +82,9 @@ static int start_runtime(const mc_config_t *cfg, mcd_server_t **server_out,
     opts.app_name = "mongocast";
     mcd_server_engine_opts(server, &opts);
     mc_engine_t *engine = mc_engine_new(cfg, &opts, err);
-    if (!engine || mcd_server_attach(server, engine, err) != 0 ||
-        mc_engine_start(engine, err) != 0 || mcd_server_start(server, err) != 0) {
+    if (!engine || mc_cli_register_test_sinks(engine, err) != 0 ||
+        mcd_server_attach(server, engine, err) != 0 || mc_engine_start(engine, err) != 0 ||
+        mcd_server_start(server, err) != 0) {
         /* Stops the engine too when it did start (on this thread: the loop never ran). */
         mcd_server_stop(server, 1001, NULL);
         mc_engine_destroy(engine);
@@ -92,14 +96,18 @@ static int start_runtime(const mc_config_t *cfg, mcd_server_t **server_out,
     return 0;
 }
 
-/* Stops and frees the running server and engine; returns the mc_engine_stop() status. */
+/* Stops and frees the running server and engine; returns the mc_engine_stop() status. The
+ * engine stops first, on this thread: its runners drain and its final checkpoint is written
+ * while the loop keeps serving sockets and dispatching what is left for the live fan-out;
+ * then the server closes its clients after the last events. */
 static int stop_runtime(daemon_state_t *d, const char *why, uint16_t ws_code)
 {
     mc_error_t err;
     mc_error_clear(&err);
     mc_log(MC_LOG_NOTICE, "daemon", "stopping engine (%s): draining sinks, final checkpoint",
            why);
-    int rc = mcd_server_stop(d->server, ws_code, &err);
+    int rc = mc_engine_stop(d->engine, &err);
+    mcd_server_stop(d->server, ws_code, NULL);
     if (rc == MC_EAGAIN) {
         mc_log(MC_LOG_WARN, "daemon",
                "sinks did not drain in time; positions stored up to what was acknowledged: %s",

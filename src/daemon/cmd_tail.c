@@ -4,12 +4,13 @@
  *
  * Threads: the main thread parses the arguments, owns the engine and waits for signals; the
  * engine's watcher thread calls on_state() (which only formats one line and writes it to
- * stderr with a single write(2)); the engine's dispatch thread writes stdout.
+ * stderr with a single write(2)); the stdout sink's runner thread writes stdout. When stdout
+ * fails for good (the reader closed the pipe), tail stops with a message and status 1.
  *
  * Invariants: every argument is checked before anything connects, and a bad one exits with
  * MC_EXIT_USAGE and a message naming it. stdout carries only change lines; everything else
  * (progress, retries, errors) goes to stderr. The exit status is 0 after SIGINT/SIGTERM and 1
- * when the stream failed for good, when it did not open within --wait seconds (default 30;
+ * when the stream or stdout failed for good, when it did not open within --wait seconds (default 30;
  * the first failure prints what tail waits for and a hint), or the engine could not start.
  * Once the stream was open, later interruptions are retried without a limit, as `run` does.
  */
@@ -390,7 +391,9 @@ int mc_cmd_tail(int argc, char **argv)
         return rc;
     }
     mc_cli_setup_logging(t.level);
-    mc_cli_block_signals(false);
+    /* SIGPIPE ignored: a reader that goes away fails the stdout sink (EPIPE, permanent), and
+     * tail says so and exits 1 below instead of dying silently by the signal. */
+    mc_cli_block_signals(true);
 
     mc_engine_opts_t opts;
     memset(&opts, 0, sizeof(opts));
@@ -439,6 +442,12 @@ int mc_cmd_tail(int argc, char **argv)
                 st.state == MC_STREAM_RETRYING ? why
                                                : "; no answer from a MongoDB replica set "
                                                  "at the URI yet");
+            status = MC_EXIT_FAIL;
+            break;
+        }
+        mc_sink_stats_t sk;
+        if (mc_engine_sink_stats(engine, 0, &sk) == 0 && sk.state == MC_SINK_FAILED) {
+            say("mongocast tail: cannot write stdout: %s", sk.message);
             status = MC_EXIT_FAIL;
             break;
         }

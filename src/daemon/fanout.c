@@ -2,9 +2,12 @@
  * fanout.c: the WebSocket/SSE fan-out: a sink type the engine dispatches into and one hub per
  * stream (history ring + subscribers). See fanout.h.
  *
- * Thread: the server's loop thread only. The engine calls publish()/flush() there because
- * the daemon runs the engine in external dispatch mode (mc_engine_dispatch() from the loop's
- * async callback); init/destroy run on the owner's thread and touch no loop state.
+ * Thread: the server's loop thread only. The fan-out is an MC_SINK_LIVE sink and the daemon
+ * runs the engine in external dispatch mode, so its runner's publish()/flush() run in
+ * mc_engine_dispatch() from the loop's async callback (every other sink has its own executor
+ * and never touches the loop); init/destroy run on the owner's thread and touch no loop
+ * state. A live sink is never detached: a slow subscriber is cut (4002) instead, and a full
+ * live queue makes the watcher wait, so no event is lost for subscribers that keep up.
  * Invariants:
  *   - encode once: every event becomes one mcd_msg_t per view a subscriber receives (FULL,
  *     and ENTERED / LEFT when a write moved a document between owners; msg.c), each with its
@@ -447,7 +450,7 @@ static int fanout_publish(mc_sink_t *sink, mc_event_t *ev)
 const mc_sink_type_t mcd_fanout_sink_type = {
     .abi_version = MC_SINK_ABI_VERSION,
     .name = "live-clients",
-    .flags = 0,
+    .flags = MC_SINK_LIVE, /* runs on the loop (mc_engine_dispatch), never detached */
     .ctx_size = sizeof(fanout_ctx_t),
     .init = fanout_init,
     .publish = fanout_publish,

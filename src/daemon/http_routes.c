@@ -154,41 +154,15 @@ static void route_streams(mcd_conn_t *c, bool keep_alive)
 static void route_readyz(mcd_conn_t *c, bool keep_alive)
 {
     mcd_server_t *srv = mcd_conn_server(c);
-    bool ready = srv->engine && !srv->engine_stopped && mc_engine_ready(srv->engine);
-    char body[4096];
-    size_t n = (size_t)snprintf(body, sizeof(body), "{\"ready\":%s,\"streams\":{",
-                                ready ? "true" : "false");
-    for (size_t i = 0; i < srv->fanout.n_hubs && n + 300 < sizeof(body); i++) {
-        const char *state = "stopped";
-        mc_stream_status_t st;
-        if (srv->engine &&
-            mc_engine_stream_status(srv->engine, srv->fanout.hubs[i].cfg->name, &st) == 0) {
-            state = mc_stream_state_name(st.state);
-        }
-        n += (size_t)snprintf(body + n, sizeof(body) - n, "%s\"", i ? "," : "");
-        mcd_json_escape(body, sizeof(body) - 64, &n, srv->fanout.hubs[i].cfg->name);
-        n += (size_t)snprintf(body + n, sizeof(body) - n, "\":\"%s\"", state);
+    size_t n = 0;
+    bool ready = false;
+    char *body = mcd_readyz_render(srv, !srv->engine_stopped, &n, &ready);
+    if (!body) {
+        mcd_conn_abort(c);
+        return;
     }
-    n += (size_t)snprintf(body + n, sizeof(body) - n, "}");
-    /* Streams that run but cannot route everything: pre-/post-images off (images.c). Ready
-     * still means "every change stream is open"; these say what is degraded. */
-    bool any = false;
-    for (size_t i = 0; i < srv->fanout.n_hubs && n + 600 < sizeof(body); i++) {
-        mc_stream_status_t st;
-        if (!srv->engine ||
-            mc_engine_stream_status(srv->engine, srv->fanout.hubs[i].cfg->name, &st) != 0 ||
-            !st.images_problem[0]) {
-            continue;
-        }
-        n += (size_t)snprintf(body + n, sizeof(body) - n, "%s\"", any ? "," : ",\"degraded\":{");
-        mcd_json_escape(body, sizeof(body) - 64, &n, srv->fanout.hubs[i].cfg->name);
-        n += (size_t)snprintf(body + n, sizeof(body) - n, "\":\"");
-        mcd_json_escape(body, sizeof(body) - 64, &n, st.images_problem);
-        n += (size_t)snprintf(body + n, sizeof(body) - n, "\"");
-        any = true;
-    }
-    n += (size_t)snprintf(body + n, sizeof(body) - n, "%s}", any ? "}" : "");
     respond(c, ready ? 200 : 503, "application/json", NULL, body, n, false, keep_alive);
+    free(body);
 }
 
 static void route_metrics(mcd_conn_t *c, bool keep_alive)

@@ -48,8 +48,9 @@ static const command_t commands[] = {
      "one JSON line on stdout:\n"
      "  {\"type\":\"change\",\"stream\":\"tail\",\"id\":...,\"change\":{...}}\n"
      "or with --raw the change event itself in canonical Extended JSON. Progress and errors\n"
-     "go to stderr. Exits 0 on SIGINT/SIGTERM, 1 when the change stream fails or does not\n"
-     "open within --wait seconds (a server that is not there).\n"
+     "go to stderr. Exits 0 on SIGINT/SIGTERM, 1 when the change stream fails, when stdout\n"
+     "cannot be written any more (its reader went away), or when the stream does not open\n"
+     "within --wait seconds (a server that is not there).\n"
      "\n"
      "  --pipeline JSON         stages after $changeStream, a JSON array: '[{\"$match\": ...}]'\n"
      "  --full-document MODE    default | updateLookup | whenAvailable | required\n"
@@ -165,7 +166,10 @@ int main(int argc, char **argv)
     }
     /* libmongoc's shared-memory counters leave a /dev/shm/mongoc-PID file behind whenever the
      * process is killed, and a later process that gets the same pid logs "Falling back to
-     * malloc for counters". mongocast exports its own metrics, so it does not use them. */
+     * malloc for counters". mongocast exports its own metrics, so it does not use them. This
+     * covers builds where mongoc_init() is what creates them; where libmongoc's load-time
+     * constructor already did, only MONGOC_DISABLE_SHM=1 in the environment avoids the file
+     * (the tests set it). */
     setenv("MONGOC_DISABLE_SHM", "1", 0);
     mongoc_init();
     /* Silence libmongoc until the command installs its handler: its own complaints while

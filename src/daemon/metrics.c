@@ -1,5 +1,6 @@
 /*
- * metrics.c: /metrics in the Prometheus text exposition format (version 0.0.4).
+ * metrics.c: /metrics in the Prometheus text exposition format (version 0.0.4), and the
+ * body of /readyz (streams' states, and every sink that is not running with its reason).
  *
  * Thread: the server's loop thread (reads the server's counters without locks; the engine's
  * per-stream status is copied out with mc_engine_stream_status(), which is thread-safe).
@@ -80,9 +81,111 @@ static const char *label(const char *s, char *tmp, size_t cap)
     return tmp;
 }
 
+/* The per-sink families that are one number per sink (mc_sink_stats_t fields). */
+static double lag_events(const mc_sink_stats_t *s)
+{
+    return (double)s->lag_events;
+}
+static double lag_seconds(const mc_sink_stats_t *s)
+{
+    return (double)s->lag_ms / 1000.0;
+}
+static double retries(const mc_sink_stats_t *s)
+{
+    return (double)s->retries;
+}
+static double dead_letters(const mc_sink_stats_t *s)
+{
+    return (double)s->dead_letters;
+}
+static double detaches(const mc_sink_stats_t *s)
+{
+    return (double)s->detaches;
+}
+
+typedef struct sink_family {
+    const char *name, *type, *help;
+    double (*value)(const mc_sink_stats_t *s);
+    bool seconds; /* printed with milliseconds; counts as integers */
+} sink_family_t;
+
+static const sink_family_t sink_families[] = {
+    {"mongocast_sink_lag_events", "gauge",
+     "Events routed to the sink and not complete yet (an estimate while it catches up).",
+     lag_events, false},
+    {"mongocast_sink_lag_seconds", "gauge",
+     "Age (by wallTime) of the oldest event the sink has not completed; 0 when up to date.",
+     lag_seconds, true},
+    {"mongocast_sink_retries_total", "counter",
+     "Offers of an event again after a transient failure or a busy answer, per sink.", retries,
+     false},
+    {"mongocast_sink_dead_letters_total", "counter",
+     "Events that failed permanently and went to the sink's dead letter.", dead_letters, false},
+    {"mongocast_sink_detaches_total", "counter",
+     "Times the sink passed max_lag_events and was detached to catch up on its own.", detaches,
+     false},
+};
+
+/* A JSON string (quotes, backslashes and control characters escaped). */
+static void json_string(out_t *o, const char *s)
+{
+    put(o, "\"");
+    for (; *s; s++) {
+        unsigned char c = (unsigned char)*s;
+        if (c == '"' || c == '\\') {
+            put(o, "\\%c", c);
+        } else if (c < 0x20) {
+            put(o, "\\u%04x", c);
+        } else {
+            put(o, "%c", c);
+        }
+    }
+    put(o, "\"");
+}
+
 static void help(out_t *o, const char *name, const char *type, const char *text)
 {
     put(o, "# HELP %s %s\n# TYPE %s %s\n", name, text, name, type);
+}
+
+static bool out_init(out_t *o, size_t cap)
+{
+    *o = (out_t){.cap = cap, .buf = malloc(cap)};
+    if (o->buf) {
+        o->buf[0] = '\0';
+    }
+    return o->buf != NULL;
+}
+
+/* The text built, or NULL (freed) when memory ran out on the way. */
+static char *out_finish(out_t *o, size_t *len)
+{
+    if (o->failed) {
+        free(o->buf);
+        return NULL;
+    }
+    *len = o->len;
+    return o->buf;
+}
+
+/* Every stream's status, in hub order: ss[i] is valid when have[i]. False when memory runs
+ * out (nothing to free then). */
+static bool read_streams(mcd_server_t *srv, mc_stream_status_t **ss, bool **have)
+{
+    size_t n = srv->fanout.n_hubs;
+    *ss = calloc(n ? n : 1, sizeof(**ss));
+    *have = calloc(n ? n : 1, sizeof(**have));
+    if (!*ss || !*have) {
+        free(*ss);
+        free(*have);
+        return false;
+    }
+    for (size_t i = 0; i < n; i++) {
+        (*have)[i] = srv->engine && mc_engine_stream_status(srv->engine,
+                                                            srv->fanout.hubs[i].cfg->name,
+                                                            &(*ss)[i]) == 0;
+    }
+    return true;
 }
 
 /* A metric without labels: its HELP and TYPE lines and its one sample. */
@@ -112,12 +215,10 @@ static void stream_counter(out_t *o, const mcd_server_t *srv, const mc_stream_st
 
 char *mcd_metrics_render(mcd_server_t *srv, size_t *len)
 {
-    out_t o = {.cap = 8192};
-    o.buf = malloc(o.cap);
-    if (!o.buf) {
+    out_t o;
+    if (!out_init(&o, 8192)) {
         return NULL;
     }
-    o.buf[0] = '\0';
     const mcd_stats_t *st = &srv->table.stats;
     int64_t now = (int64_t)time(NULL) * 1000;
     /* Millisecond wall clock for the checkpoint age, which is short (about the checkpoint
@@ -128,17 +229,11 @@ char *mcd_metrics_render(mcd_server_t *srv, size_t *len)
     char l[400];
 
     size_t n = srv->fanout.n_hubs;
-    mc_stream_status_t *ss = calloc(n ? n : 1, sizeof(*ss));
-    bool *have = calloc(n ? n : 1, sizeof(*have));
-    if (!ss || !have) {
-        free(ss);
-        free(have);
+    mc_stream_status_t *ss;
+    bool *have;
+    if (!read_streams(srv, &ss, &have)) {
         free(o.buf);
         return NULL;
-    }
-    for (size_t i = 0; i < n; i++) {
-        have[i] = srv->engine &&
-                  mc_engine_stream_status(srv->engine, srv->fanout.hubs[i].cfg->name, &ss[i]) == 0;
     }
 
     help(&o, "mongocast_events_in_total", "counter", "Change events read from MongoDB per stream.");
@@ -150,10 +245,25 @@ char *mcd_metrics_render(mcd_server_t *srv, size_t *len)
     help(&o, "mongocast_events_out_total", "counter",
          "Events (changes and control events) a sink accepted, per sink instance; the live "
          "WebSocket/SSE fan-out is sink \"live-clients\".");
+    /* One snapshot per sink for every family below (each snapshot takes the runner's lock). */
     size_t n_sinks = srv->engine ? mc_engine_sink_count(srv->engine) : 0;
+    mc_sink_stats_t *sks = calloc(n_sinks ? n_sinks : 1, sizeof(*sks));
+    bool *sk_ok = calloc(n_sinks ? n_sinks : 1, sizeof(*sk_ok));
+    if (!sks || !sk_ok) {
+        free(sks);
+        free(sk_ok);
+        free(ss);
+        free(have);
+        free(o.buf);
+        return NULL;
+    }
+    for (size_t k = 0; k < n_sinks; k++) {
+        sk_ok[k] = mc_engine_sink_stats(srv->engine, k, &sks[k]) == 0;
+    }
     mc_sink_stats_t sk;
     for (size_t k = 0; k < n_sinks; k++) {
-        if (mc_engine_sink_stats(srv->engine, k, &sk) == 0) {
+        if (sk_ok[k]) {
+            sk = sks[k];
             put(&o, "mongocast_events_out_total{sink=\"%s\"} %" PRIu64 "\n",
                 label(sk.name, l, sizeof(l)), sk.published);
         }
@@ -166,17 +276,45 @@ char *mcd_metrics_render(mcd_server_t *srv, size_t *len)
     help(&o, "mongocast_events_skipped_total", "counter",
          "Events a sink did not take (e.g. control events it ignores), per sink instance.");
     for (size_t k = 0; k < n_sinks; k++) {
-        if (mc_engine_sink_stats(srv->engine, k, &sk) == 0) {
+        if (sk_ok[k]) {
+            sk = sks[k];
             put(&o, "mongocast_events_skipped_total{sink=\"%s\"} %" PRIu64 "\n",
                 label(sk.name, l, sizeof(l)), sk.skipped);
         }
     }
     help(&o, "mongocast_publish_failures_total", "counter",
-         "Events a sink failed to publish (logged), per sink instance.");
+         "Events a sink gave up on (dead-lettered, dropped, or the one that failed the sink), "
+         "per sink instance.");
     for (size_t k = 0; k < n_sinks; k++) {
-        if (mc_engine_sink_stats(srv->engine, k, &sk) == 0) {
+        if (sk_ok[k]) {
+            sk = sks[k];
             put(&o, "mongocast_publish_failures_total{sink=\"%s\"} %" PRIu64 "\n",
                 label(sk.name, l, sizeof(l)), sk.failed);
+        }
+    }
+    help(&o, "mongocast_sink_state", "gauge",
+         "1 for the sink runner's current state (running, retrying, catching_up, failed), 0 "
+         "for the others.");
+    static const mc_sink_state_t states[] = {MC_SINK_RUNNING, MC_SINK_RETRYING,
+                                             MC_SINK_CATCHING_UP, MC_SINK_FAILED};
+    for (size_t k = 0; k < n_sinks; k++) {
+        if (sk_ok[k]) {
+            sk = sks[k];
+            label(sk.name, l, sizeof(l));
+            for (size_t j = 0; j < sizeof(states) / sizeof(states[0]); j++) {
+                put(&o, "mongocast_sink_state{sink=\"%s\",state=\"%s\"} %d\n", l,
+                    mc_sink_state_name(states[j]), sk.state == states[j] ? 1 : 0);
+            }
+        }
+    }
+    for (size_t f = 0; f < sizeof(sink_families) / sizeof(sink_families[0]); f++) {
+        const sink_family_t *fam = &sink_families[f];
+        help(&o, fam->name, fam->type, fam->help);
+        for (size_t k = 0; k < n_sinks; k++) {
+            if (sk_ok[k]) {
+                put(&o, "%s{sink=\"%s\"} ", fam->name, label(sks[k].name, l, sizeof(l)));
+                put(&o, fam->seconds ? "%.3f\n" : "%.0f\n", fam->value(&sks[k]));
+            }
         }
     }
     help(&o, "mongocast_deliveries_total", "counter",
@@ -308,10 +446,66 @@ char *mcd_metrics_render(mcd_server_t *srv, size_t *len)
     }
     free(ss);
     free(have);
-    if (o.failed) {
+    free(sks);
+    free(sk_ok);
+    return out_finish(&o, len);
+}
+
+char *mcd_readyz_render(mcd_server_t *srv, bool engine_running, size_t *len, bool *ready)
+{
+    out_t o;
+    mc_stream_status_t *ss;
+    bool *have;
+    if (!out_init(&o, 1024)) {
+        return NULL;
+    }
+    if (!read_streams(srv, &ss, &have)) {
         free(o.buf);
         return NULL;
     }
-    *len = o.len;
-    return o.buf;
+    *ready = engine_running && srv->engine && mc_engine_ready(srv->engine);
+    size_t n = srv->fanout.n_hubs;
+    put(&o, "{\"ready\":%s,\"streams\":{", *ready ? "true" : "false");
+    for (size_t i = 0; i < n; i++) {
+        put(&o, "%s", i ? "," : "");
+        json_string(&o, srv->fanout.hubs[i].cfg->name);
+        put(&o, ":\"%s\"", have[i] ? mc_stream_state_name(ss[i].state) : "stopped");
+    }
+    put(&o, "}");
+    /* Streams that run but cannot route everything: pre-/post-images off (images.c). Ready
+     * still means "every change stream is open"; these say what is degraded. */
+    bool first = true;
+    for (size_t i = 0; i < n; i++) {
+        if (!have[i] || !ss[i].images_problem[0]) {
+            continue;
+        }
+        put(&o, "%s", first ? ",\"degraded\":{" : ",");
+        first = false;
+        json_string(&o, srv->fanout.hubs[i].cfg->name);
+        put(&o, ":");
+        json_string(&o, ss[i].images_problem);
+    }
+    put(&o, "%s", first ? "" : "}");
+    /* Sinks that are not plainly running, with the reason (a failed durable one is why the
+     * daemon is not ready). */
+    size_t n_sinks = srv->engine ? mc_engine_sink_count(srv->engine) : 0;
+    first = true;
+    mc_sink_stats_t sk;
+    for (size_t k = 0; k < n_sinks; k++) {
+        if (mc_engine_sink_stats(srv->engine, k, &sk) != 0 || sk.state == MC_SINK_RUNNING ||
+            sk.state == MC_SINK_IDLE || sk.state == MC_SINK_STOPPED) {
+            continue;
+        }
+        put(&o, "%s", first ? ",\"sinks\":{" : ",");
+        first = false;
+        json_string(&o, sk.name);
+        put(&o, ":{\"state\":\"%s\",\"durable\":%s,\"reason\":", mc_sink_state_name(sk.state),
+            sk.durable ? "true" : "false");
+        json_string(&o, sk.message);
+        put(&o, "}");
+    }
+    put(&o, "%s}", first ? "" : "}");
+    free(ss);
+    free(have);
+    return out_finish(&o, len);
 }

@@ -124,4 +124,10 @@ void mcd_sse_session_tick(mcd_conn_t *c, int64_t now, int64_t wall_s);
 /* Renders the Prometheus text exposition into a new buffer (*len: its length). */
 char *mcd_metrics_render(mcd_server_t *srv, size_t *len);
 
+/* The /readyz body (malloc'ed; NULL when memory runs out): {"ready": bool, "streams": {name:
+ * state}, "sinks": {name: {state, durable, reason}}} with only the sinks that are not running
+ * listed. *ready: every stream open and no durable sink failed (and `engine_running`). Loop
+ * thread. */
+char *mcd_readyz_render(mcd_server_t *srv, bool engine_running, size_t *len, bool *ready);
+
 #endif

@@ -1,10 +1,14 @@
 /*
  * clock.c: monotonic milliseconds for timeouts and deadlines, wall-clock milliseconds for
  * stored timestamps, and the absolute CLOCK_MONOTONIC deadlines that pthread_cond_timedwait
- * needs (every condition variable of the library is created with CLOCK_MONOTONIC). Any
- * thread; no state.
+ * needs (every condition variable of the library is created with CLOCK_MONOTONIC); and the
+ * names the library's threads carry in `top -H` and /proc. Any thread; no state.
  */
+#include <stdio.h>
 #include <time.h>
+#if defined(__linux__)
+#include <sys/prctl.h>
+#endif
 
 #include "engine_private.h"
 
@@ -56,4 +60,16 @@ void mc__deadline_after_ms(struct timespec *ts, int64_t ms)
 void mc__deadline_after_us(struct timespec *ts, int64_t us)
 {
     deadline_after(ts, us / 1000000, (long)(us % 1000000) * 1000L);
+}
+
+void mc__thread_name(const char *prefix, const char *name)
+{
+#if defined(__linux__)
+    char buf[16]; /* the kernel keeps 15 characters */
+    snprintf(buf, sizeof(buf), "%s%s", prefix, name ? name : "");
+    prctl(PR_SET_NAME, buf, 0, 0, 0);
+#else
+    (void)prefix;
+    (void)name;
+#endif
 }

@@ -1249,6 +1249,51 @@ static int sink_option(cfg_ctx_t *ctx, const mc__cfg_node_t *key, const mc__cfg_
 static int check_sink(cfg_ctx_t *ctx, const mc__cfg_node_t *map, void *base,
                       const mc__cfg_node_t *const *found);
 
+static const opt_t sink_retry_opts[] = {
+    {.name = "initial_ms",
+     .type = OPT_UINT32,
+     .offset = offsetof(mc_sink_config_t, retry.initial_ms),
+     .def_num = 100,
+     .min = 1,
+     .max = 3600000,
+     .doc = "ceiling of the first retry delay (full jitter: a delay is uniform in [0, ceiling])"},
+    {.name = "max_ms",
+     .type = OPT_UINT32,
+     .offset = offsetof(mc_sink_config_t, retry.max_ms),
+     .def_num = 30000,
+     .min = 1,
+     .max = 86400000,
+     .doc = "cap of the retry delay ceiling, which doubles per attempt"},
+    {.name = "max_attempts",
+     .type = OPT_UINT32,
+     .offset = offsetof(mc_sink_config_t, retry.max_attempts),
+     .def_num = 0,
+     .min = 0,
+     .max = 1000000000,
+     .doc = "offers of one event before a transient failure counts as permanent; 0: no limit"},
+    {.name = "max_retry_ms",
+     .type = OPT_UINT32,
+     .offset = offsetof(mc_sink_config_t, retry.max_retry_ms),
+     .def_num = 0,
+     .min = 0,
+     .max = 2000000000,
+     .doc = "time since an event first failed after which it counts as permanent; 0: none"},
+};
+static const opt_table_t sink_retry_table = {sink_retry_opts, N_OPTS(sink_retry_opts), "", NULL,
+                                             NULL};
+
+static const opt_t sink_dead_letter_opts[] = {
+    {.name = "file",
+     .type = OPT_STRING,
+     .offset = offsetof(mc_sink_config_t, dead_letter_file),
+     .required = true,
+     .min = 1,
+     .max = 4096,
+     .doc = "file that receives events which failed permanently, one JSON line each"},
+};
+static const opt_table_t sink_dead_letter_table = {
+    sink_dead_letter_opts, N_OPTS(sink_dead_letter_opts), "", NULL, NULL};
+
 static const opt_t sink_opts[] = {
     {.name = "name",
      .type = OPT_STRING,
@@ -1268,6 +1313,21 @@ static const opt_t sink_opts[] = {
      .offset = offsetof(mc_sink_config_t, streams),
      .count_offset = offsetof(mc_sink_config_t, n_streams),
      .doc = "names of the streams this sink takes; omit for every stream"},
+    {.name = "max_lag_events",
+     .type = OPT_UINT32,
+     .offset = offsetof(mc_sink_config_t, max_lag_events),
+     .def_num = 10000,
+     .min = 1,
+     .max = 1000000,
+     .doc = "events queued for the sink before it is detached and catches up on its own"},
+    {.name = "retry",
+     .type = OPT_SECTION,
+     .section = &sink_retry_table,
+     .doc = "how the sink's runner retries transient failures"},
+    {.name = "dead_letter",
+     .type = OPT_SECTION,
+     .section = &sink_dead_letter_table,
+     .doc = "where events that fail permanently go; without it such a failure fails the sink"},
 };
 static const opt_table_t sink_table = {sink_opts, N_OPTS(sink_opts), "[]", check_sink, sink_option};
 
@@ -1349,7 +1409,8 @@ static int parse_sinks(cfg_ctx_t *ctx, const opt_t *o, const mc__cfg_node_t *v, 
         sk->pos.col = item->col;
         sk->options = bson_new();
         snprintf(sub, sizeof(sub), "sinks[%zu]", i);
-        if (parse_table(ctx, &sink_table, item, sk, sub) != 0) {
+        if (apply_defaults(ctx, &sink_table, sk) != 0 ||
+            parse_table(ctx, &sink_table, item, sk, sub) != 0) {
             return -1;
         }
     }
@@ -1847,6 +1908,7 @@ void mc_config_destroy(mc_config_t *config)
         bson_free(sk->type);
         free_list(sk->streams, sk->n_streams);
         bson_destroy(sk->options);
+        bson_free(sk->dead_letter_file);
     }
     bson_free(config->sinks);
     bson_free(config);

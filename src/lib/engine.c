@@ -1,18 +1,19 @@
 /*
  * engine.c: mc_engine_t: builds streams and sinks from a config, validates sinks without
- * starting them (`mongocast check`), runs the consumer (dispatch) and checkpoint threads, owns
- * the lifecycle, and keeps the per-sink and per-stream checkpoint counters of the status API.
+ * starting them (`mongocast check`), starts and stops the watchers, the sink runners and
+ * their executors, the I/O loop and the checkpoint thread, owns the lifecycle, and answers
+ * the status API.
  *
- * Threads: lifecycle functions run on the caller's thread; the consumer thread runs
- * consumer_main() -> dispatch_items() (or the embedder's thread runs mc_engine_dispatch());
- * the checkpoint thread runs checkpoint_main(); watcher threads run watcher.c.
+ * Threads: lifecycle functions run on the caller's thread; watcher threads run watcher.c
+ * (and route through router.c); sink runners run sink_runner.c on their executors (their own
+ * threads, the I/O loop of ioloop.c, or the embedder's thread in mc_engine_dispatch()); the
+ * checkpoint thread runs checkpoint_main() -> ledger.c.
  *
- * Invariants: the stream and sink tables are built before any thread starts and never
- * change afterwards, so threads read them without locks. Events of one stream pass through
- * the one FIFO queue and the one dispatch thread, so sinks see them in sequence order. The
- * stored position only moves when checkpoint.c says everything before it is delivered.
- * The loop-thread seam: dispatch_items() is the only code that calls publish/flush; the
- * daemon's libuv loop can own it through opts.notify + mc_engine_dispatch().
+ * Invariants: the stream, sink, runner and route tables are built before any thread starts
+ * and never change afterwards, so threads read them without locks. Stop order: watchers and
+ * catch-up threads first (no more input), then every runner delivers what it holds until the
+ * drain deadline, then the I/O loop, then the final ledger write: the stored positions cover
+ * exactly what the sinks completed.
  */
 #include <errno.h>
 #include <stdlib.h>
@@ -22,11 +23,10 @@
 #include "config_internal.h"
 #include "engine_private.h"
 
-#define DISPATCH_BATCH 256
-#define EAGAIN_RETRY_MS 5
-/* How long the consumer thread waits for a batch to build up once the queue is empty,
- * before it sleeps until the next push (queue.c): bounds the latency this adds. */
-#define CONSUMER_LINGER_US 250
+#define DEFAULT_LIVE_CAPACITY 4096
+#define DEFAULT_MAX_LAG 10000
+#define DEFAULT_RETRY_INITIAL_MS 100
+#define DEFAULT_RETRY_MAX_MS 30000
 
 /* ---- Pipeline split ------------------------------------------------------------------- */
 
@@ -184,7 +184,9 @@ int mc_engine_stream_status(mc_engine_t *engine, const char *name, mc_stream_sta
     out->checkpoint_written_seq = atomic_load_explicit(&s->stat_cp_seq, memory_order_relaxed);
     out->checkpoint_failures = atomic_load_explicit(&s->stat_cp_failures, memory_order_relaxed);
     mc__position_t pos = {0};
-    mc__checkpoint_stable(s->checkpoint, &pos);
+    if (engine->state == MC__ENGINE_RUNNING || engine->state == MC__ENGINE_STOPPED) {
+        mc__ledger_stream_position(s, &pos);
+    }
     out->stored_seq = pos.seq;
     if (pos.token) {
         out->has_position = true;
@@ -208,7 +210,27 @@ bool mc_engine_ready(mc_engine_t *engine)
             return false;
         }
     }
+    for (size_t k = 0; k < engine->n_sinks; k++) {
+        mc_sink_t *sink = engine->sinks[k];
+        if (sink->runner && (sink->type->flags & MC_SINK_DURABLE) &&
+            mc__runner_failed(sink->runner)) {
+            return false;
+        }
+    }
     return engine->n_streams > 0;
+}
+
+const char *mc_sink_state_name(mc_sink_state_t state)
+{
+    switch (state) {
+    case MC_SINK_IDLE: return "idle";
+    case MC_SINK_RUNNING: return "running";
+    case MC_SINK_RETRYING: return "retrying";
+    case MC_SINK_CATCHING_UP: return "catching_up";
+    case MC_SINK_FAILED: return "failed";
+    case MC_SINK_STOPPED: return "stopped";
+    default: return "unknown";
+    }
 }
 
 bool mc_engine_finished(mc_engine_t *engine)
@@ -242,22 +264,23 @@ int mc_engine_sink_stats(mc_engine_t *engine, size_t i, mc_sink_stats_t *out)
     if (!engine || !out || i >= engine->n_sinks) {
         return MC_ENOTFOUND;
     }
-    const mc_sink_t *sink = engine->sinks[i];
+    mc_sink_t *sink = engine->sinks[i];
+    memset(out, 0, sizeof(*out));
     out->name = sink->name;
     out->type = sink->type ? sink->type->name : sink->cfg->type;
+    out->durable = sink->type && (sink->type->flags & MC_SINK_DURABLE);
     out->published = atomic_load_explicit(&sink->stat_published, memory_order_relaxed);
     out->skipped = atomic_load_explicit(&sink->stat_skipped, memory_order_relaxed);
     out->failed = atomic_load_explicit(&sink->stat_failed, memory_order_relaxed);
     out->retries = atomic_load_explicit(&sink->stat_retries, memory_order_relaxed);
+    out->dead_letters = atomic_load_explicit(&sink->stat_dead_letters, memory_order_relaxed);
+    out->detaches = atomic_load_explicit(&sink->stat_detaches, memory_order_relaxed);
+    if (sink->runner) {
+        mc__runner_stats(sink->runner, out);
+    } else {
+        out->state = MC_SINK_IDLE;
+    }
     return 0;
-}
-
-/* For counters with a single writer thread: a plain load and store is enough (readers only
- * need to see some recent value) and avoids a locked read-modify-write per event. */
-static void bump(_Atomic uint64_t *counter)
-{
-    atomic_store_explicit(counter, atomic_load_explicit(counter, memory_order_relaxed) + 1,
-                          memory_order_relaxed);
 }
 
 const mc_config_t *mc_engine_config(const mc_engine_t *engine)
@@ -296,6 +319,19 @@ static bool valid_type_name(const char *name)
     return true;
 }
 
+/* ABI 1 and 2; the version-2 flags only with version 2, and a sink runs on one executor. */
+static bool valid_abi(const mc_sink_type_t *type)
+{
+    if (type->abi_version < 1 || type->abi_version > MC_SINK_ABI_VERSION) {
+        return false;
+    }
+    uint32_t v2_flags = MC_SINK_ASYNC | MC_SINK_LIVE;
+    if (type->abi_version < 2 && (type->flags & v2_flags)) {
+        return false;
+    }
+    return (type->flags & v2_flags) != v2_flags;
+}
+
 static const mc_sink_type_t *find_type(const mc_engine_t *engine, const char *name)
 {
     for (size_t i = 0; i < engine->n_types; i++) {
@@ -317,11 +353,12 @@ int mc_engine_register_sink_type(mc_engine_t *engine, const mc_sink_type_t *type
         return mc_error_set(err, MC_EINVAL, MC_DOMAIN_MONGOCAST, MC_EINVAL,
                             "sink types must be registered before mc_engine_start()");
     }
-    if (type->abi_version != MC_SINK_ABI_VERSION || !type->init || !type->publish ||
-        !valid_type_name(type->name)) {
+    if (!valid_abi(type) || !type->init || !type->publish || !valid_type_name(type->name)) {
         return mc_error_set(err, MC_EINVAL, MC_DOMAIN_MONGOCAST, MC_EINVAL,
-                            "sink type '%s' is invalid (abi_version %u, expected %u; init and "
-                            "publish are required; name must match [a-z0-9_.-]{1,64})",
+                            "sink type '%s' is invalid (abi_version %u, expected 1 to %u; "
+                            "init and publish are required; name must match [a-z0-9_.-]{1,64}; "
+                            "MC_SINK_ASYNC and MC_SINK_LIVE need version 2 and exclude each "
+                            "other)",
                             type->name ? type->name : "(null)", type->abi_version,
                             MC_SINK_ABI_VERSION);
     }
@@ -345,11 +382,12 @@ static void sink_free(mc_sink_t *sink)
     if (sink->init_called && sink->type->destroy) {
         sink->type->destroy(sink);
     }
+    mc__runner_destroy(sink->runner);
     free(sink->ctx);
     bson_free(sink->name);
     bson_destroy(sink->options);
     free(sink->takes_stream);
-    free(sink->bit);
+    bson_free(sink->ropts_dead_letter);
     free(sink);
 }
 
@@ -363,18 +401,16 @@ static mc_sink_t *sink_alloc(mc_engine_t *engine, const char *name, const bson_t
     sink->name = bson_strdup(name);
     sink->options = options ? bson_copy(options) : bson_new();
     sink->takes_stream = calloc(engine->n_streams ? engine->n_streams : 1, sizeof(bool));
-    sink->bit = calloc(engine->n_streams ? engine->n_streams : 1, sizeof(int));
-    if (!sink->options || !sink->takes_stream || !sink->bit) {
+    if (!sink->options || !sink->takes_stream) {
         sink_free(sink);
         return NULL;
-    }
-    for (size_t i = 0; i < engine->n_streams; i++) {
-        sink->bit[i] = -1;
     }
     atomic_init(&sink->stat_published, 0);
     atomic_init(&sink->stat_skipped, 0);
     atomic_init(&sink->stat_failed, 0);
     atomic_init(&sink->stat_retries, 0);
+    atomic_init(&sink->stat_dead_letters, 0);
+    atomic_init(&sink->stat_detaches, 0);
     return sink;
 }
 
@@ -415,6 +451,7 @@ static const char *config_name(const mc_config_t *config)
 }
 
 static void engine_free(mc_engine_t *engine);
+static void free_owned_config(mc_config_t *c);
 
 mc_engine_t *mc_engine_new(const mc_config_t *config, const mc_engine_opts_t *opts,
                            mc_error_t *err)
@@ -444,10 +481,10 @@ mc_engine_t *mc_engine_new(const mc_config_t *config, const mc_engine_opts_t *op
     }
     mc_engine_opts_t *o = &engine->opts;
     if (!o->queue_capacity) {
-        o->queue_capacity = 4096;
+        o->queue_capacity = DEFAULT_LIVE_CAPACITY;
     }
     if (!o->max_unacked) {
-        o->max_unacked = 10000;
+        o->max_unacked = DEFAULT_MAX_LAG;
     }
     if (!o->backoff_initial_ms) {
         o->backoff_initial_ms = 200;
@@ -461,13 +498,17 @@ mc_engine_t *mc_engine_new(const mc_config_t *config, const mc_engine_opts_t *op
     atomic_init(&engine->stopping, false);
     atomic_init(&engine->checkpoint_quit, false);
     atomic_init(&engine->stop_started_ms, 0);
+    atomic_init(&engine->dispatch_seen, false);
+    atomic_init(&engine->dispatch_last_ms, 0);
     pthread_mutex_init(&engine->stop_lock, NULL);
     pthread_mutex_init(&engine->cp_lock, NULL);
+    pthread_mutex_init(&engine->catchup_lock, NULL);
     pthread_condattr_t ca;
     pthread_condattr_init(&ca);
     pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
     pthread_cond_init(&engine->stop_cond, &ca);
     pthread_cond_init(&engine->cp_cond, &ca);
+    pthread_cond_init(&engine->catchup_cond, &ca);
     pthread_condattr_destroy(&ca);
     engine->types[engine->n_types++] = &mc__sink_stdout_type;
     engine->types[engine->n_types++] = &mc__sink_memory_type;
@@ -501,6 +542,7 @@ mc_engine_t *mc_engine_new(const mc_config_t *config, const mc_engine_opts_t *op
         atomic_init(&s->stat_cp_failures, 0);
         bson_init(&s->server_pipeline);
         pthread_mutex_init(&s->lock, NULL);
+        pthread_mutex_init(&s->route_lock, NULL);
         engine->n_streams = i + 1; /* from here on engine_free() cleans this stream up */
         if (!sc->name || !*sc->name) {
             mc_error_set(err, MC_ECONFIG, MC_DOMAIN_MONGOCAST, MC_ECONFIG,
@@ -533,11 +575,6 @@ mc_engine_t *mc_engine_new(const mc_config_t *config, const mc_engine_opts_t *op
                 goto fail;
             }
         }
-        s->checkpoint = mc__checkpoint_new(o->max_unacked);
-        if (!s->checkpoint) {
-            mc_error_set(err, MC_ENOMEM, MC_DOMAIN_MONGOCAST, MC_ENOMEM, "out of memory");
-            goto fail;
-        }
         bson_strncpy(s->status.name, sc->name, sizeof(s->status.name));
         s->status.state = MC_STREAM_IDLE;
     }
@@ -563,6 +600,12 @@ mc_engine_t *mc_engine_new(const mc_config_t *config, const mc_engine_opts_t *op
             goto fail;
         }
         sink->cfg = kc;
+        sink->ropts.max_lag_events = kc->max_lag_events;
+        sink->ropts.retry_initial_ms = kc->retry.initial_ms;
+        sink->ropts.retry_max_ms = kc->retry.max_ms;
+        sink->ropts.max_attempts = kc->retry.max_attempts;
+        sink->ropts.max_retry_ms = kc->retry.max_retry_ms;
+        sink->ropts.dead_letter_file = kc->dead_letter_file;
         int bad = bind_streams(engine, sink, kc->streams, kc->n_streams);
         if (bad >= 0) {
             mc_error_set(err, MC_ECONFIG, MC_DOMAIN_MONGOCAST, MC_ECONFIG,
@@ -589,7 +632,7 @@ int mc_engine_add_sink(mc_engine_t *engine, const mc_sink_type_t *type, const ch
         return mc_error_set(err, MC_EINVAL, MC_DOMAIN_MONGOCAST, MC_EINVAL,
                             "sinks must be added before mc_engine_start()");
     }
-    if (type->abi_version != MC_SINK_ABI_VERSION || !type->init || !type->publish) {
+    if (!valid_abi(type) || !type->init || !type->publish) {
         return mc_error_set(err, MC_EINVAL, MC_DOMAIN_MONGOCAST, MC_EINVAL,
                             "sink type '%s' is invalid", type->name ? type->name : "(null)");
     }
@@ -618,195 +661,68 @@ int mc_engine_add_sink(mc_engine_t *engine, const mc_sink_type_t *type, const ch
     return 0;
 }
 
-/* ---- Dispatch (consumer thread or the embedder's loop thread) -------------------------- */
-
-void mc__item_free(void *p)
+int mc_engine_set_sink_runner_opts(mc_engine_t *engine, const char *name,
+                                   const mc_sink_runner_opts_t *opts, mc_error_t *err)
 {
-    mc__item_t *item = p;
-    if (!item) {
-        return;
+    if (!engine || !name || !opts) {
+        return mc_error_set(err, MC_EINVAL, MC_DOMAIN_MONGOCAST, MC_EINVAL,
+                            "engine, name and opts are required");
     }
-    if (item->embedded) {
-        /* The item is part of the event: read nothing from it after this unref. */
-        mc_event_t *ev = item->ev;
-        mc_event_unref(&ev);
-        return;
+    if (engine->state != MC__ENGINE_NEW) {
+        return mc_error_set(err, MC_EINVAL, MC_DOMAIN_MONGOCAST, MC_EINVAL,
+                            "runner settings must be set before mc_engine_start()");
     }
-    mc_event_unref(&item->ev);
-    if (item->token) {
-        bson_destroy(item->token);
+    mc_sink_t *sink = mc_engine_sink(engine, name);
+    if (!sink) {
+        return mc_error_set(err, MC_ENOTFOUND, MC_DOMAIN_MONGOCAST, MC_ENOTFOUND,
+                            "no sink named %s", name);
     }
-    free(item);
+    bson_free(sink->ropts_dead_letter);
+    sink->ropts_dead_letter = opts->dead_letter_file ? bson_strdup(opts->dead_letter_file) : NULL;
+    sink->ropts = *opts;
+    sink->ropts.dead_letter_file = sink->ropts_dead_letter;
+    return 0;
 }
 
-static bool give_up_retrying(mc_engine_t *engine)
-{
-    if (!atomic_load(&engine->stopping)) {
-        return false;
-    }
-    int64_t started = atomic_load(&engine->stop_started_ms);
-    return started && mc__now_ms() - started > (int64_t)engine->opts.drain_timeout_ms;
-}
-
-static void dispatch_event(mc_engine_t *engine, mc__stream_t *s, mc_event_t *ev)
-{
-    static _Thread_local mc_log_ratelimit_t rl = MC_LOG_RATELIMIT_INIT(5000);
-    uint64_t seq = mc_event_seq(ev);
-    uint32_t t = 0, i = 0;
-    mc_event_cluster_time(ev, &t, &i);
-    int rc = mc__checkpoint_add(s->checkpoint, seq, mc_event_resume_token(ev),
-                                mc_event_kind(ev) == MC_EVENT_INVALIDATE, t, i, s->durable_mask);
-    if (rc != 0) {
-        /* Only a bug can get here (sequence gap); keep delivering, the position just stops
-         * advancing for this stream, which errs on the side of redelivery. */
-        mc_log(MC_LOG_ERROR, "engine", "checkpoint rejected event stream=%s seq=%" PRIu64,
-               s->cfg->name, seq);
-    }
-    for (size_t k = 0; k < s->n_sinks; k++) {
-        mc_sink_t *sink = s->sinks[k];
-        int prc = sink->type->publish(sink, ev);
-        while (prc == MC_EAGAIN && !give_up_retrying(engine)) {
-            bump(&sink->stat_retries);
-            struct timespec ts = {0, EAGAIN_RETRY_MS * 1000000L};
-            nanosleep(&ts, NULL);
-            prc = sink->type->publish(sink, ev);
-        }
-        int bit = sink->bit[s->index];
-        if (prc == 0) {
-            bump(&sink->stat_published);
-        } else if (prc == MC_SINK_SKIP) {
-            bump(&sink->stat_skipped);
-            if (bit >= 0) {
-                mc__checkpoint_ack(s->checkpoint, seq, bit);
-            }
-        } else {
-            /* Errors, and positive values the contract does not define. */
-            bump(&sink->stat_failed);
-            mc_log_ratelimited(&rl, MC_LOG_WARN, "engine",
-                               "publish failed sink=%s stream=%s seq=%" PRIu64 " error=%s",
-                               sink->name, s->cfg->name, seq, mc_strerror(prc));
-        }
-    }
-}
-
-/* An event counts as published (and so may be covered by a stored position when its stream
- * has no durable sink) only once every sink has flushed it: a line still in a stdio buffer
- * when the process is killed must not be behind the checkpoint. */
-typedef struct published {
-    mc__stream_t *stream;
-    uint64_t seq;
-} published_t;
-
-static size_t dispatch_items(mc_engine_t *engine, void **items, size_t n)
-{
-    published_t published[DISPATCH_BATCH];
-    size_t events = 0;
-    for (size_t k = 0; k < n; k++) {
-        mc__item_t *item = items[k];
-        mc__stream_t *s = &engine->streams[item->stream_index];
-        if (item->type == MC__ITEM_EVENT) {
-            dispatch_event(engine, s, item->ev);
-            published[events].stream = s;
-            published[events].seq = mc_event_seq(item->ev);
-            events++;
-        } else {
-            mc__checkpoint_position(s->checkpoint, item->token, item->invalidate, item->ct_t,
-                                    item->ct_i);
-        }
-        mc__item_free(item);
-    }
-    if (n > 0) {
-        for (size_t k = 0; k < engine->n_sinks; k++) {
-            mc_sink_t *sink = engine->sinks[k];
-            if (sink->started && sink->type->flush) {
-                sink->type->flush(sink);
-            }
-        }
-    }
-    /* Runs of consecutive seqs of one stream (the usual case) take one lock each. */
-    for (size_t k = 0; k < events;) {
-        size_t j = k + 1;
-        while (j < events && published[j].stream == published[k].stream &&
-               published[j].seq == published[j - 1].seq + 1) {
-            j++;
-        }
-        mc__checkpoint_published_range(published[k].stream->checkpoint, published[k].seq,
-                                       published[j - 1].seq);
-        k = j;
-    }
-    return events;
-}
+/* ---- External dispatch (the embedder's loop thread) --------------------------------------- */
 
 size_t mc_engine_dispatch(mc_engine_t *engine, size_t max_events)
 {
-    void *items[DISPATCH_BATCH];
+    if (!engine || engine->state != MC__ENGINE_RUNNING) {
+        return 0;
+    }
+    if (!atomic_load(&engine->dispatch_seen)) {
+        engine->dispatch_thread = pthread_self();
+        atomic_store(&engine->dispatch_seen, true);
+    }
+    atomic_store(&engine->dispatch_last_ms, mc__now_ms());
     size_t total = 0;
-    size_t budget = max_events ? max_events : mc__queue_capacity(engine->queue);
-    while (total < budget) {
-        size_t want = budget - total < DISPATCH_BATCH ? budget - total : DISPATCH_BATCH;
-        size_t n = mc__queue_pop(engine->queue, items, want, 0, NULL);
-        if (n == 0) {
-            break;
+    for (size_t k = 0; k < engine->n_sinks; k++) {
+        mc__runner_t *r = engine->sinks[k]->runner;
+        if (r && mc__runner_exec(r) == MC__EXEC_EXTERNAL) {
+            size_t budget = max_events ? (max_events > total ? max_events - total : 0) : 0;
+            if (max_events && budget == 0) {
+                break;
+            }
+            for (;;) {
+                size_t n = mc__runner_run_once(r, budget);
+                total += n;
+                if (n == 0 || (max_events && total >= max_events)) {
+                    break;
+                }
+                budget = max_events ? max_events - total : 0;
+            }
         }
-        dispatch_items(engine, items, n);
-        total += n;
     }
     return total;
 }
 
-static void *consumer_main(void *arg)
-{
-    mc_engine_t *engine = arg;
-    void *items[DISPATCH_BATCH];
-    for (;;) {
-        bool closed = false;
-        size_t n = mc__queue_pop_batch(engine->queue, items, DISPATCH_BATCH, CONSUMER_LINGER_US,
-                                       &closed);
-        if (n == 0 && closed) {
-            break;
-        }
-        dispatch_items(engine, items, n);
-    }
-    return NULL;
-}
-
 /* ---- Checkpoint thread ----------------------------------------------------------------- */
-
-static int write_positions(mc_engine_t *engine)
-{
-    static _Thread_local mc_log_ratelimit_t rl = MC_LOG_RATELIMIT_INIT(10000);
-    int result = 0;
-    for (size_t i = 0; i < engine->n_streams; i++) {
-        mc__stream_t *s = &engine->streams[i];
-        mc__position_t pos = {0};
-        if (!mc__checkpoint_take_dirty(s->checkpoint, &pos)) {
-            continue;
-        }
-        mc_error_t err = {0};
-        if (mc__token_store_save(engine->store, s->cfg->name, &pos, &err) != 0) {
-            mc__checkpoint_set_dirty(s->checkpoint);
-            bump(&s->stat_cp_failures);
-            mc_log_ratelimited(&rl, MC_LOG_WARN, "checkpoint",
-                               "write failed stream=%s: %s", s->cfg->name, err.message);
-            result = MC_EIO;
-        } else {
-            atomic_store_explicit(&s->stat_cp_event_ms, (int64_t)pos.ct_t * 1000,
-                                  memory_order_relaxed);
-            atomic_store_explicit(&s->stat_cp_seq, pos.seq, memory_order_relaxed);
-            /* Last, so a reader that sees the new time also sees the position it stored
-             * (readers load it first). */
-            atomic_store_explicit(&s->stat_cp_written_ms, mc__wall_ms(), memory_order_release);
-            mc_log(MC_LOG_DEBUG, "checkpoint", "stored stream=%s seq=%" PRIu64, s->cfg->name,
-                   pos.seq);
-        }
-        mc__position_clear(&pos);
-    }
-    return result;
-}
 
 static void *checkpoint_main(void *arg)
 {
     mc_engine_t *engine = arg;
+    mc__thread_name("mccheckpoint", NULL);
     uint32_t interval = engine->config->checkpoint.interval_ms;
     if (interval == 0) {
         interval = 1000;
@@ -825,18 +741,12 @@ static void *checkpoint_main(void *arg)
         if (atomic_load(&engine->checkpoint_quit)) {
             break; /* the final write happens in mc_engine_stop(), after draining */
         }
-        write_positions(engine);
+        mc__ledger_write(engine);
     }
     return NULL;
 }
 
 /* ---- Start / stop / destroy -------------------------------------------------------------- */
-
-static void queue_notify(void *userdata)
-{
-    mc_engine_t *engine = userdata;
-    engine->opts.notify(engine, engine->opts.notify_userdata);
-}
 
 /* A sink's error as start and validate report it: with the config position when the sink
  * comes from the config. A type answering > 0 (not an error code) gets MC_ECONFIG. */
@@ -887,21 +797,32 @@ static int unknown_type_error(const mc_engine_t *engine, const mc_sink_t *sink, 
 /* Runs the type's option checks on a scratch copy of `sink`: the copy shares the name,
  * options and stream tables (read-only here) but has its own zeroed ctx, so the real
  * instance is untouched and can still be initialised by mc_engine_start(). */
-static int validate_sink(mc_engine_t *engine, mc_sink_t *sink, const mc_sink_type_t *type,
-                         mc_error_t *err)
+/* A copy of `sink` that validate() and probe() may use: zeroed ctx, never initialised. */
+static int scratch_sink(const mc_sink_t *sink, const mc_sink_type_t *type, mc_sink_t *scratch,
+                        mc_error_t *err)
 {
-    mc_sink_t scratch = *sink;
-    scratch.type = type;
-    scratch.ctx = NULL;
-    scratch.init_called = scratch.initialised = scratch.started = false;
+    *scratch = *sink;
+    scratch->type = type;
+    scratch->ctx = NULL;
+    scratch->init_called = scratch->initialised = scratch->started = false;
     if (type->ctx_size) {
-        scratch.ctx = calloc(1, type->ctx_size);
-        if (!scratch.ctx) {
+        scratch->ctx = calloc(1, type->ctx_size);
+        if (!scratch->ctx) {
             return mc_error_set(err, MC_ENOMEM, MC_DOMAIN_MONGOCAST, MC_ENOMEM, "out of memory");
         }
     }
+    return 0;
+}
+
+static int validate_sink(mc_engine_t *engine, mc_sink_t *sink, const mc_sink_type_t *type,
+                         mc_error_t *err)
+{
+    mc_sink_t scratch;
+    int rc = scratch_sink(sink, type, &scratch, err);
+    if (rc != 0) {
+        return rc;
+    }
     mc_error_t serr = {0};
-    int rc;
     if (type->validate) {
         rc = type->validate(&scratch, scratch.options, &serr);
     } else {
@@ -934,6 +855,35 @@ int mc_engine_validate(mc_engine_t *engine, mc_error_t *err)
     return 0;
 }
 
+int mc_engine_probe_sinks(mc_engine_t *engine, int64_t timeout_ms, mc_sink_probe_report_fn report,
+                          void *userdata)
+{
+    if (!engine || engine->state != MC__ENGINE_NEW || !report) {
+        return MC_EINVAL;
+    }
+    int failed = 0;
+    for (size_t k = 0; k < engine->n_sinks; k++) {
+        mc_sink_t *sink = engine->sinks[k];
+        const mc_sink_type_t *type = sink_type(engine, sink);
+        if (!type || type->abi_version < 2 || !type->probe) {
+            continue;
+        }
+        mc_sink_t scratch;
+        mc_error_t perr = {0};
+        int rc = scratch_sink(sink, type, &scratch, &perr);
+        if (rc == 0) {
+            rc = type->probe(&scratch, scratch.options, timeout_ms, &perr);
+            if (rc != 0 && perr.message[0] == '\0') {
+                mc_error_set(&perr, rc, MC_DOMAIN_MONGOCAST, rc, "unreachable");
+            }
+        }
+        free(scratch.ctx);
+        failed += rc != 0;
+        report(userdata, sink->name, type->name, rc, rc == 0 ? NULL : perr.message);
+    }
+    return failed;
+}
+
 static int resolve_and_init_sinks(mc_engine_t *engine, mc_error_t *err)
 {
     for (size_t k = 0; k < engine->n_sinks; k++) {
@@ -943,8 +893,8 @@ static int resolve_and_init_sinks(mc_engine_t *engine, mc_error_t *err)
             return unknown_type_error(engine, sink, err);
         }
     }
-    /* Per-stream sink lists and durable bits, before any init so a failing init leaves
-     * consistent tables for engine_free(). */
+    /* Per-stream sink lists, before any init so a failing init leaves consistent tables for
+     * engine_free(). */
     for (size_t i = 0; i < engine->n_streams; i++) {
         mc__stream_t *s = &engine->streams[i];
         size_t n = 0;
@@ -960,17 +910,10 @@ static int resolve_and_init_sinks(mc_engine_t *engine, mc_error_t *err)
         if (!s->sinks) {
             return mc_error_set(err, MC_ENOMEM, MC_DOMAIN_MONGOCAST, MC_ENOMEM, "out of memory");
         }
-        int bit = 0;
         for (size_t k = 0; k < engine->n_sinks; k++) {
             mc_sink_t *sink = engine->sinks[k];
-            if (!sink->takes_stream[i]) {
-                continue;
-            }
-            s->sinks[s->n_sinks++] = sink;
-            if (sink->type->flags & MC_SINK_DURABLE) {
-                sink->bit[i] = bit;
-                s->durable_mask |= (uint64_t)1 << bit;
-                bit++;
+            if (sink->takes_stream[i]) {
+                s->sinks[s->n_sinks++] = sink;
             }
         }
         if (s->n_sinks == 0) {
@@ -997,6 +940,73 @@ static int resolve_and_init_sinks(mc_engine_t *engine, mc_error_t *err)
     return 0;
 }
 
+static mc__exec_t executor_of(const mc_engine_t *engine, const mc_sink_type_t *type)
+{
+    if (type->abi_version >= 2 && (type->flags & MC_SINK_ASYNC)) {
+        return MC__EXEC_LOOP;
+    }
+    if (type->abi_version >= 2 && (type->flags & MC_SINK_LIVE) && engine->opts.notify) {
+        return MC__EXEC_EXTERNAL;
+    }
+    return MC__EXEC_THREAD;
+}
+
+/* Runner settings: the config's (or mc_engine_set_sink_runner_opts()'s), defaults for zeros. */
+static void resolve_runner_opts(const mc_engine_t *engine, mc_sink_t *sink)
+{
+    mc_sink_runner_opts_t *o = &sink->ropts;
+    if (!o->max_lag_events) {
+        o->max_lag_events = engine->opts.max_unacked;
+    }
+    if (!o->retry_initial_ms) {
+        o->retry_initial_ms = DEFAULT_RETRY_INITIAL_MS;
+    }
+    if (!o->retry_max_ms) {
+        o->retry_max_ms = DEFAULT_RETRY_MAX_MS;
+    }
+}
+
+/* Runners, their executors' resources, the streams' routes and definitions. Before any
+ * sink's start(), so that async sinks find the I/O loop. */
+static int build_runners(mc_engine_t *engine, mc_error_t *err)
+{
+    for (size_t k = 0; k < engine->n_sinks; k++) {
+        if (executor_of(engine, engine->sinks[k]->type) == MC__EXEC_LOOP && !engine->ioloop) {
+            engine->ioloop = mc__ioloop_new(err);
+            if (!engine->ioloop) {
+                return err ? err->code : MC_EIO;
+            }
+        }
+    }
+    for (size_t k = 0; k < engine->n_sinks; k++) {
+        mc_sink_t *sink = engine->sinks[k];
+        resolve_runner_opts(engine, sink);
+        mc__exec_t exec = executor_of(engine, sink->type);
+        bool live = sink->type->abi_version >= 2 && (sink->type->flags & MC_SINK_LIVE);
+        uint32_t cap = live ? (uint32_t)engine->opts.queue_capacity : sink->ropts.max_lag_events;
+        sink->runner = mc__runner_new(sink, exec, cap, err);
+        if (!sink->runner) {
+            return err ? err->code : MC_ENOMEM;
+        }
+        if (exec == MC__EXEC_LOOP &&
+            mc__runner_loop_attach(sink->runner, mc__ioloop_uv(engine->ioloop)) != 0) {
+            return mc_error_set(err, MC_EIO, MC_DOMAIN_MONGOCAST, MC_EIO,
+                                "sink %s: cannot attach to the I/O loop", sink->name);
+        }
+    }
+    for (size_t i = 0; i < engine->n_streams; i++) {
+        mc__stream_t *s = &engine->streams[i];
+        if (mc__route_init(s) != 0) {
+            return mc_error_set(err, MC_ENOMEM, MC_DOMAIN_MONGOCAST, MC_ENOMEM, "out of memory");
+        }
+        int rc = mc__ledger_definition(s, err);
+        if (rc != 0) {
+            return rc;
+        }
+    }
+    return 0;
+}
+
 static void join_watchers(mc_engine_t *engine)
 {
     for (size_t i = 0; i < engine->n_streams; i++) {
@@ -1006,6 +1016,12 @@ static void join_watchers(mc_engine_t *engine)
             s->thread_started = false;
         }
     }
+    /* Catch-up threads are detached: wait until the last one has left. */
+    pthread_mutex_lock(&engine->catchup_lock);
+    while (engine->catchups > 0) {
+        pthread_cond_wait(&engine->catchup_cond, &engine->catchup_lock);
+    }
+    pthread_mutex_unlock(&engine->catchup_lock);
 }
 
 static void signal_stop(mc_engine_t *engine)
@@ -1015,9 +1031,6 @@ static void signal_stop(mc_engine_t *engine)
     atomic_store(&engine->stopping, true);
     pthread_cond_broadcast(&engine->stop_cond);
     pthread_mutex_unlock(&engine->stop_lock);
-    for (size_t i = 0; i < engine->n_streams; i++) {
-        mc__checkpoint_close(engine->streams[i].checkpoint);
-    }
 }
 
 static void stop_checkpointer(mc_engine_t *engine)
@@ -1033,6 +1046,34 @@ static void stop_checkpointer(mc_engine_t *engine)
     engine->checkpointer_started = false;
 }
 
+/* Every runner delivers what it holds until the deadline, drains and stops. Returns 0 or
+ * MC_EAGAIN (some sink did not complete everything). */
+static int stop_runners(mc_engine_t *engine, int64_t deadline)
+{
+    int result = 0;
+    for (size_t k = 0; k < engine->n_sinks; k++) {
+        if (engine->sinks[k]->runner) {
+            mc__runner_begin_stop(engine->sinks[k]->runner, deadline);
+        }
+    }
+    bool on_dispatch = atomic_load(&engine->dispatch_seen) &&
+                       pthread_equal(pthread_self(), engine->dispatch_thread);
+    for (size_t k = 0; k < engine->n_sinks; k++) {
+        mc__runner_t *r = engine->sinks[k]->runner;
+        if (!r) {
+            continue;
+        }
+        if (mc__runner_exec(r) == MC__EXEC_LOOP && !mc__ioloop_running(engine->ioloop)) {
+            continue; /* closed below, where the loop runs once more on this thread */
+        }
+        if (mc__runner_finish_stop(r, deadline, on_dispatch) != 0) {
+            result = MC_EAGAIN;
+        }
+    }
+    mc__ioloop_stop(engine->ioloop);
+    return result;
+}
+
 int mc_engine_start(mc_engine_t *engine, mc_error_t *err)
 {
     if (!engine || engine->state != MC__ENGINE_NEW) {
@@ -1041,6 +1082,9 @@ int mc_engine_start(mc_engine_t *engine, mc_error_t *err)
     }
     const mc_config_t *config = engine->config;
     int rc = resolve_and_init_sinks(engine, err);
+    if (rc == 0) {
+        rc = build_runners(engine, err);
+    }
     if (rc != 0) {
         goto fail;
     }
@@ -1059,9 +1103,16 @@ int mc_engine_start(mc_engine_t *engine, mc_error_t *err)
     mongoc_client_pool_set_error_api(engine->pool, MONGOC_ERROR_API_VERSION_2);
     mongoc_client_pool_set_appname(engine->pool,
                                    engine->opts.app_name ? engine->opts.app_name : "mongocast");
-    /* One client per watcher plus the token store and a little slack: a pool that is too
-     * small would make a watcher block in pop() forever. */
-    mongoc_client_pool_max_size(engine->pool, (uint32_t)engine->n_streams + 4);
+    /* One client per watcher, one per catch-up cursor that may run (a detached sink catches
+     * up on each of its streams), the token store and a little slack: a pool that is too
+     * small would make a thread block in pop() until another returns its client. */
+    size_t clients = engine->n_streams + 4;
+    for (size_t k = 0; k < engine->n_sinks; k++) {
+        for (size_t i = 0; i < engine->n_streams; i++) {
+            clients += engine->sinks[k]->takes_stream[i];
+        }
+    }
+    mongoc_client_pool_max_size(engine->pool, (uint32_t)clients);
 
     if (!engine->opts.no_checkpoint) {
         if (config->checkpoint.store == MC_CHECKPOINT_MONGODB) {
@@ -1088,28 +1139,25 @@ int mc_engine_start(mc_engine_t *engine, mc_error_t *err)
         }
         sink->started = true;
     }
-    engine->queue = mc__queue_new(engine->opts.queue_capacity);
-    if (!engine->queue) {
-        rc = mc_error_set(err, MC_ENOMEM, MC_DOMAIN_MONGOCAST, MC_ENOMEM, "out of memory");
-        goto fail;
-    }
-    if (engine->opts.notify) {
-        mc__queue_set_notify(engine->queue, queue_notify, engine);
-    }
     engine->state = MC__ENGINE_RUNNING;
+    for (size_t k = 0; k < engine->n_sinks; k++) {
+        mc_error_t serr = {0};
+        rc = mc__runner_start(engine->sinks[k]->runner, &serr);
+        if (rc != 0) {
+            mc_error_set(err, rc, MC_DOMAIN_MONGOCAST, rc, "sink %s: %s", engine->sinks[k]->name,
+                         serr.message);
+            goto fail_running;
+        }
+    }
+    if (engine->ioloop && (rc = mc__ioloop_start(engine->ioloop, err)) != 0) {
+        goto fail_running;
+    }
     if (!engine->opts.no_checkpoint) {
         if (pthread_create(&engine->checkpointer, NULL, checkpoint_main, engine) != 0) {
             rc = mc_error_set(err, MC_ENOMEM, MC_DOMAIN_ERRNO, errno, "cannot start thread");
             goto fail_running;
         }
         engine->checkpointer_started = true;
-    }
-    if (!engine->opts.notify) {
-        if (pthread_create(&engine->consumer, NULL, consumer_main, engine) != 0) {
-            rc = mc_error_set(err, MC_ENOMEM, MC_DOMAIN_ERRNO, errno, "cannot start thread");
-            goto fail_running;
-        }
-        engine->consumer_started = true;
     }
     for (size_t i = 0; i < engine->n_streams; i++) {
         mc__stream_t *s = &engine->streams[i];
@@ -1127,13 +1175,10 @@ int mc_engine_start(mc_engine_t *engine, mc_error_t *err)
 fail_running:
     signal_stop(engine);
     join_watchers(engine);
-    mc__queue_close(engine->queue);
-    if (engine->consumer_started) {
-        pthread_join(engine->consumer, NULL);
-        engine->consumer_started = false;
-    }
+    stop_runners(engine, mc__now_ms());
     stop_checkpointer(engine);
 fail:
+    mc__ioloop_stop(engine->ioloop);
     engine->state = MC__ENGINE_FAILED;
     return rc ? rc : MC_EINVAL;
 }
@@ -1146,35 +1191,12 @@ int mc_engine_stop(mc_engine_t *engine, mc_error_t *err)
     int result = 0;
     signal_stop(engine);
     join_watchers(engine);
-    mc__queue_close(engine->queue);
-    if (engine->consumer_started) {
-        pthread_join(engine->consumer, NULL);
-        engine->consumer_started = false;
-    } else {
-        while (mc_engine_dispatch(engine, 0) > 0) {
-        }
-    }
     int64_t deadline = mc__now_ms() + engine->opts.drain_timeout_ms;
-    for (size_t k = 0; k < engine->n_sinks; k++) {
-        mc_sink_t *sink = engine->sinks[k];
-        if (sink->started && sink->type->drain && sink->type->drain(sink, deadline) != 0) {
-            mc_log(MC_LOG_WARN, "engine", "sink did not drain in time sink=%s", sink->name);
-            result = MC_EAGAIN;
-        }
-    }
-    for (size_t i = 0; i < engine->n_streams; i++) {
-        mc__stream_t *s = &engine->streams[i];
-        int64_t left = deadline - mc__now_ms();
-        if (mc__checkpoint_wait_idle(s->checkpoint, left > 0 ? left : 0) != 0) {
-            mc_log(MC_LOG_WARN, "engine",
-                   "stream stops with unacknowledged events stream=%s pending=%u "
-                   "(they will be redelivered after restart)",
-                   s->cfg->name, mc__checkpoint_pending(s->checkpoint));
-            result = MC_EAGAIN;
-        }
+    if (stop_runners(engine, deadline) != 0) {
+        result = MC_EAGAIN;
     }
     stop_checkpointer(engine);
-    if (engine->store && write_positions(engine) != 0) {
+    if (engine->store && mc__ledger_write(engine) != 0) {
         result = MC_EIO;
     }
     for (size_t i = 0; i < engine->n_streams; i++) {
@@ -1183,15 +1205,13 @@ int mc_engine_stop(mc_engine_t *engine, mc_error_t *err)
     engine->state = MC__ENGINE_STOPPED;
     if (result == MC_EAGAIN) {
         mc_error_set(err, MC_EAGAIN, MC_DOMAIN_MONGOCAST, MC_EAGAIN,
-                     "some sinks did not drain; positions stored up to the last ack");
+                     "some sinks did not drain; positions stored up to what they completed");
     } else if (result == MC_EIO) {
         mc_error_set(err, MC_EIO, MC_DOMAIN_MONGOCAST, MC_EIO, "final checkpoint write failed");
     }
     mc_log(MC_LOG_INFO, "engine", "stopped");
     return result;
 }
-
-static void free_owned_config(mc_config_t *c);
 
 static void engine_free(mc_engine_t *engine)
 {
@@ -1202,15 +1222,20 @@ static void engine_free(mc_engine_t *engine)
     for (size_t i = 0; i < engine->n_streams; i++) {
         mc__stream_t *s = &engine->streams[i];
         bson_destroy(&s->server_pipeline);
-        mc__checkpoint_destroy(s->checkpoint);
+        if (s->definition) {
+            bson_destroy(s->definition);
+        }
+        mc__route_cleanup(s);
+        mc__position_clear(&s->written);
         free(s->sinks);
         if (s->start_token) {
             bson_destroy(s->start_token);
         }
         pthread_mutex_destroy(&s->lock);
+        pthread_mutex_destroy(&s->route_lock);
     }
     free(engine->streams);
-    mc__queue_destroy(engine->queue, mc__item_free);
+    mc__ioloop_destroy(engine->ioloop);
     mc__token_store_destroy(engine->store);
     if (engine->pool) {
         mongoc_client_pool_destroy(engine->pool);
@@ -1218,8 +1243,10 @@ static void engine_free(mc_engine_t *engine)
     mongoc_uri_destroy(engine->uri);
     pthread_cond_destroy(&engine->stop_cond);
     pthread_cond_destroy(&engine->cp_cond);
+    pthread_cond_destroy(&engine->catchup_cond);
     pthread_mutex_destroy(&engine->stop_lock);
     pthread_mutex_destroy(&engine->cp_lock);
+    pthread_mutex_destroy(&engine->catchup_lock);
     free_owned_config(engine->owned_config);
     free(engine);
 }
@@ -1255,6 +1282,7 @@ static void free_owned_config(mc_config_t *c)
         mc_sink_config_t *k = &c->sinks[i];
         bson_free(k->name);
         bson_free(k->type);
+        bson_free(k->dead_letter_file);
         for (size_t j = 0; j < k->n_streams; j++) {
             bson_free(k->streams[j]);
         }

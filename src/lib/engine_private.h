@@ -1,10 +1,14 @@
 /*
- * engine_private.h: internal interfaces of the engine modules (queue, backoff, checkpoint,
- * token stores, event internals, watcher) and the engine's own structs.
+ * engine_private.h: internal interfaces of the engine modules (router, sink runners and
+ * their executors, ledger, token stores, backoff, event internals, watcher) and the engine's
+ * own structs.
  *
- * Sections are grouped by the thread that calls them. Cross-thread hand-off happens only in
- * the queue (watcher -> dispatch) and the checkpoint (dispatch/sinks -> checkpoint writer,
- * with back-pressure towards the watcher); everything else is owned by one thread.
+ * Sections are grouped by the thread that calls them. Cross-thread hand-off happens in the
+ * runners' queues (watcher or catch-up thread -> executor; acks from any thread), in the
+ * router's per-stream lock (watcher vs. a catch-up thread rejoining) and in the ledger
+ * (runners -> checkpoint writer); everything else is owned by one thread.
+ * Lock order: stream route_lock -> runner lock -> (nothing). No lock is held while a sink
+ * callback runs.
  */
 #ifndef MC_ENGINE_PRIVATE_H
 #define MC_ENGINE_PRIVATE_H
@@ -32,6 +36,20 @@ int64_t mc__wall_ms(void);     /* realtime, ms since epoch */
  * "now"; absurdly long ones are capped so the sum cannot overflow. */
 void mc__deadline_after_ms(struct timespec *ts, int64_t ms);
 void mc__deadline_after_us(struct timespec *ts, int64_t us);
+/* Names the calling thread "<prefix><name>" (15 characters at most), e.g. "mcsink:out". */
+void mc__thread_name(const char *prefix, const char *name);
+
+/* FNV-1a, 64 bits: hash-table keys and stable fingerprints (not a defence against chosen
+ * input). Any thread. */
+static inline uint64_t mc__fnv1a(const uint8_t *p, size_t n)
+{
+    uint64_t h = 0xcbf29ce484222325ull;
+    for (size_t i = 0; i < n; i++) {
+        h ^= p[i];
+        h *= 0x100000001b3ull;
+    }
+    return h;
+}
 
 /* ---- Event internals (watcher thread builds, then immutable) -------------------------- */
 
@@ -89,40 +107,8 @@ int mc__event_set_routing(mc_event_t *ev, const mc__routing_t *r);
  * *post_value (may be NULL) receives what the path held after the write. */
 int mc__event_route_by_path(mc_event_t *ev, const char *path, mc__vstate_t *post_value);
 
-/* The cluster time at the head of a resume token's _data (MongoDB's and the emulator's
- * KeyString layout); 0, 0 when the token is opaque (watcher.c). */
-void mc__token_cluster_time(const bson_t *token, uint32_t *t, uint32_t *i);
-
 /* The state of an event's recipient (MC__R_NONE for events of streams without one). */
 mc__rstate_t mc__event_recipient_state(const mc_event_t *ev);
-
-/* ---- Bounded MPSC queue (push: watcher threads; pop: dispatch thread) ----------------- */
-
-typedef struct mc__queue mc__queue_t;
-typedef void (*mc__queue_notify_fn)(void *userdata);
-
-/* capacity >= 1. Returns NULL on allocation failure. */
-mc__queue_t *mc__queue_new(size_t capacity);
-/* Frees the queue; `free_item` (may be NULL) is called on every item still queued. */
-void mc__queue_destroy(mc__queue_t *q, void (*free_item)(void *item));
-/* Called (outside the lock) by the push that makes the queue non-empty. Set before use. */
-void mc__queue_set_notify(mc__queue_t *q, mc__queue_notify_fn fn, void *userdata);
-/* Blocks while full, up to timeout_ms (< 0: forever). 0, MC_EAGAIN (timed out, item not
- * queued), MC_ECLOSED (closed; item not queued). Never drops. */
-int mc__queue_push(mc__queue_t *q, void *item, int64_t timeout_ms);
-/* Pops up to `max` items into `items` (FIFO), waiting up to timeout_ms for the first one
- * (0: no wait; < 0: forever). Returns the count; 0 with *closed set once closed and empty. */
-size_t mc__queue_pop(mc__queue_t *q, void **items, size_t max, int64_t timeout_ms,
-                     bool *closed);
-/* The consumer thread's pop: takes what is queued; when nothing is, lingers up to linger_us
- * (pushes do not wake it until a batch has built up), then waits without limit for the
- * next push, which wakes it at once. Returns 0 only once closed and empty (*closed set). */
-size_t mc__queue_pop_batch(mc__queue_t *q, void **items, size_t max, int64_t linger_us,
-                           bool *closed);
-/* After close, pushes fail with MC_ECLOSED and waiting pushers wake; pops still drain. */
-void mc__queue_close(mc__queue_t *q);
-size_t mc__queue_len(mc__queue_t *q);
-size_t mc__queue_capacity(const mc__queue_t *q);
 
 /* ---- Backoff (owned by one thread) ---------------------------------------------------- */
 
@@ -140,71 +126,83 @@ uint32_t mc__backoff_ceiling(const mc__backoff_t *b);
 uint32_t mc__backoff_next(mc__backoff_t *b);
 void mc__backoff_reset(mc__backoff_t *b);
 
-/* ---- Checkpoint: low-watermark of acks per stream -------------------------------------
- * add/published: dispatch thread; ack: any thread; reserve: watcher thread; take_dirty:
- * checkpoint thread. All calls lock the checkpoint's mutex. */
+/* ---- Positions and marks (any thread) --------------------------------------------------- */
 
-typedef struct mc__checkpoint mc__checkpoint_t;
-
-/* A stored/stable resume position. */
+/* A stored/stable resume position (a copy; owned by whoever holds the struct). */
 typedef struct mc__position {
     bson_t *token;        /* the resume token document ({_data: ...}); NULL = none */
     bool invalidate;      /* token is an invalidate's: restart with startAfter */
     uint32_t ct_t, ct_i;  /* clusterTime of the event, 0 when unknown */
-    uint64_t seq;         /* newest event seq covered by this position (0: none) */
+    uint64_t seq;         /* newest event seq covered by this position (0: none / unknown) */
 } mc__position_t;
 
 void mc__position_clear(mc__position_t *p);
 void mc__position_copy(mc__position_t *dst, const mc__position_t *src);
 
-/* capacity: maximum of reserved-but-not-yet-stable events (back-pressure bound). */
-mc__checkpoint_t *mc__checkpoint_new(uint32_t capacity);
-void mc__checkpoint_destroy(mc__checkpoint_t *cp);
-/* Sets the position loaded from the token store (not dirty). */
-void mc__checkpoint_set_initial(mc__checkpoint_t *cp, const mc__position_t *pos);
-/* Watcher: waits until fewer than `capacity` events are pending, then reserves a slot.
- * 0, MC_EAGAIN (timeout), MC_ECLOSED. */
-int mc__checkpoint_reserve(mc__checkpoint_t *cp, int64_t timeout_ms);
-/* Dispatch: registers event `seq` (must be last seq + 1, or the first) with its token
- * (copied, may be NULL) before it is published; `required` is the bitmask of durable sinks
- * that must ack it. MC_EINVAL for an out-of-order seq or a full ring (a reserve was missed). */
-int mc__checkpoint_add(mc__checkpoint_t *cp, uint64_t seq, const bson_t *token, bool invalidate,
-                       uint32_t ct_t, uint32_t ct_i, uint64_t required);
-/* Dispatch: every sink has been offered event `seq`. */
-void mc__checkpoint_published(mc__checkpoint_t *cp, uint64_t seq);
-/* The same for every registered seq in [first, last], under one lock. */
-void mc__checkpoint_published_range(mc__checkpoint_t *cp, uint64_t first, uint64_t last);
-/* Any thread: durable sink number `bit` acked `seq`. Ignores unknown/old seqs and repeats. */
-void mc__checkpoint_ack(mc__checkpoint_t *cp, uint64_t seq, int bit);
-/* Dispatch: a newer position without an event (post-batch resume token of a quiet stream);
- * becomes stable once every event before it is. */
-void mc__checkpoint_position(mc__checkpoint_t *cp, const bson_t *token, bool invalidate,
-                             uint32_t ct_t, uint32_t ct_i);
-/* Checkpoint thread: if the stable position changed since the last take, copies it into
- * *out (caller clears it with mc__position_clear) and returns true. */
-bool mc__checkpoint_take_dirty(mc__checkpoint_t *cp, mc__position_t *out);
-/* Marks the stable position dirty again (a write failed). */
-void mc__checkpoint_set_dirty(mc__checkpoint_t *cp);
-/* Copies the stable position (caller clears it). */
-void mc__checkpoint_stable(mc__checkpoint_t *cp, mc__position_t *out);
-/* Number of events registered but not yet stable. */
-uint32_t mc__checkpoint_pending(mc__checkpoint_t *cp);
-/* Waits up to timeout_ms until no event is pending. 0 or MC_EAGAIN. */
-int mc__checkpoint_wait_idle(mc__checkpoint_t *cp, int64_t timeout_ms);
-/* Wakes and fails every waiting reserve with MC_ECLOSED, now and later. */
-void mc__checkpoint_close(mc__checkpoint_t *cp);
+/* The clusterTime a resume token starts with (KeyString "82" + 8 hex secs + 8 hex inc, as
+ * MongoDB's and the emulator's tokens do); false and 0, 0 when the token is opaque. */
+bool mc__token_cluster_time(const bson_t *token, uint32_t *t, uint32_t *i);
+/* The token's `_data` string, or NULL. */
+const char *mc__token_data(const bson_t *token);
+/* Order of two resume tokens of one stream by their `_data` (KeyString hex compares in oplog
+ * order; a post-batch high-water mark sorts after every event it covers). */
+int mc__token_data_cmp(const char *a, const char *b);
 
-/* ---- Token stores (blocking: watcher threads load, checkpoint thread saves) ---------- */
+/* A position without an event (a post-batch token, a loaded checkpoint), refcounted so that
+ * every runner of a stream can hold it like an event. Immutable after mc__mark_new(). */
+typedef struct mc__mark {
+    atomic_int refs;
+    int stream_index;
+    bson_t *token;        /* owned, never NULL */
+    const char *data;     /* the token's _data, or NULL */
+    bool invalidate;
+    uint32_t ct_t, ct_i;
+    uint64_t seq;         /* seq of the newest event routed before it (0: none) */
+} mc__mark_t;
+
+mc__mark_t *mc__mark_new(int stream_index, const bson_t *token, bool invalidate, uint64_t seq);
+mc__mark_t *mc__mark_from_position(int stream_index, const mc__position_t *pos);
+mc__mark_t *mc__mark_ref(mc__mark_t *m);
+void mc__mark_unref(mc__mark_t **m);
+
+/* What a runner's queue entry or a position holds: an event or a mark (one reference). */
+typedef struct mc__pref {
+    mc_event_t *ev;
+    mc__mark_t *mark;
+} mc__pref_t;
+
+const char *mc__pref_data(const mc__pref_t *p);
+bool mc__pref_empty(const mc__pref_t *p);
+/* Drops the reference; the pref becomes empty. */
+void mc__pref_clear(mc__pref_t *p);
+/* Replaces *dst by `src` (its reference is taken). */
+void mc__pref_move(mc__pref_t *dst, mc__pref_t *src);
+/* dst = a new reference to what src holds. */
+void mc__pref_copy(mc__pref_t *dst, const mc__pref_t *src);
+/* Fills *out with a copy of the position (token NULL when empty or a tokenless event). */
+void mc__pref_position(const mc__pref_t *p, mc__position_t *out);
+
+/* ---- Token stores (blocking: watcher threads load, the checkpoint thread saves) -------- */
 
 typedef struct mc__token_store mc__token_store_t;
 
+/* One stored record: the position of a stream (sink NULL) or of one sink for a stream, with
+ * the stream definition that wrote it (NULL when the record predates definitions). */
+typedef struct mc__record {
+    mc__position_t pos;
+    bson_t *definition; /* {ns, fingerprint, options}; owned */
+    char where[300];    /* the file or document, for messages ("dir/s.json") */
+} mc__record_t;
+
+void mc__record_clear(mc__record_t *r);
+
 typedef struct mc__token_store_vtable {
     const char *name;
-    /* Fills *out; MC_ENOTFOUND when nothing is stored for the stream. */
-    int (*load)(mc__token_store_t *store, const char *stream, mc__position_t *out,
-                mc_error_t *err);
-    int (*save)(mc__token_store_t *store, const char *stream, const mc__position_t *pos,
-                mc_error_t *err);
+    /* Fills *out; MC_ENOTFOUND when nothing is stored (out->where is still set). */
+    int (*load)(mc__token_store_t *store, const char *stream, const char *sink,
+                mc__record_t *out, mc_error_t *err);
+    int (*save)(mc__token_store_t *store, const char *stream, const char *sink,
+                const mc__position_t *pos, const bson_t *definition, mc_error_t *err);
     void (*destroy)(mc__token_store_t *store);
 } mc__token_store_vtable_t;
 
@@ -212,47 +210,46 @@ struct mc__token_store {
     const mc__token_store_vtable_t *vt;
 };
 
-/* Directory store: <dir>/<stream>.json per stream. Creates the directory if missing. */
+/* Directory store: <dir>/<stream>.json per stream and <dir>/<stream>@<sink>.json per sink of
+ * a stream. Creates the directory if missing. */
 mc__token_store_t *mc__token_store_file_new(const char *dir, mc_error_t *err);
-/* MongoDB store: upserts {_id: stream, token, clusterTime, invalidate, updatedAt}. The pool
- * is borrowed. */
+/* MongoDB store: {_id: stream, ...} per stream and {_id: {stream, sink}, ...} per sink, each
+ * with token, clusterTime, invalidate, definition and updatedAt. The pool is borrowed. */
 mc__token_store_t *mc__token_store_mongo_new(mongoc_client_pool_t *pool, const char *db,
                                              const char *coll, mc_error_t *err);
-int mc__token_store_load(mc__token_store_t *s, const char *stream, mc__position_t *out,
-                         mc_error_t *err);
-int mc__token_store_save(mc__token_store_t *s, const char *stream, const mc__position_t *pos,
-                         mc_error_t *err);
+int mc__token_store_load(mc__token_store_t *s, const char *stream, const char *sink,
+                         mc__record_t *out, mc_error_t *err);
+int mc__token_store_save(mc__token_store_t *s, const char *stream, const char *sink,
+                         const mc__position_t *pos, const bson_t *definition, mc_error_t *err);
 void mc__token_store_destroy(mc__token_store_t *s);
-/* The file name used for a stream: bytes outside [A-Za-z0-9_.-] are %XX-escaped and a
- * leading '.' too, so a stream name can never escape the directory. bson_malloc'ed. */
-char *mc__token_store_file_name(const char *stream);
+/* The file name used for a stream (sink NULL) or a (stream, sink) pair: bytes outside
+ * [A-Za-z0-9_.-] are %XX-escaped and a leading '.' too, so a name can never escape the
+ * directory, and the '@' between stream and sink is never part of either. bson_malloc'ed. */
+char *mc__token_store_file_name(const char *stream, const char *sink);
+/* Reads the shared record fields (token, clusterTime, invalidate, definition) from a stored
+ * document into *out. MC_EIO with a message naming `where` when the token is missing. */
+int mc__record_from_bson(const bson_t *doc, const char *where, mc__record_t *out,
+                         mc_error_t *err);
+/* Appends the shared record fields to `doc`. */
+void mc__record_append(bson_t *doc, const mc__position_t *pos, const bson_t *definition);
 
-/* ---- Engine structs (shared by engine.c, watcher.c, sink.c) --------------------------- */
+/* ---- Dead letter (a runner's executor thread) ------------------------------------------- */
 
-#define MC__MAX_SINKS_PER_STREAM 64 /* acks are tracked in a 64-bit mask */
+typedef struct mc__dead_letter mc__dead_letter_t;
 
-/* What flows through the queue. */
-typedef enum mc__item_type {
-    MC__ITEM_EVENT = 0,    /* ev holds a reference */
-    MC__ITEM_POSITION = 1, /* a newer resume position without an event */
-} mc__item_type_t;
+/* Opens (creating, appending) the file. NULL and err on failure. */
+mc__dead_letter_t *mc__dead_letter_open(const char *path, mc_error_t *err);
+/* Appends {"sink","stream","id","error","attempts","at","message"} as one line and fsyncs it.
+ * 0 or MC_EIO. */
+int mc__dead_letter_write(mc__dead_letter_t *dl, const char *sink, mc_event_t *ev,
+                          const char *error, uint32_t attempts, mc_error_t *err);
+void mc__dead_letter_close(mc__dead_letter_t *dl);
 
-typedef struct mc__item {
-    mc__item_type_t type;
-    int stream_index;
-    bool embedded;        /* lives inside ev (mc__event_item()): freed with the event */
-    mc_event_t *ev;       /* EVENT: holds the queue's reference */
-    bson_t *token;        /* POSITION (owned) */
-    bool invalidate;      /* POSITION: token is an invalidate's */
-    uint32_t ct_t, ct_i;  /* POSITION: clusterTime when known */
-} mc__item_t;
+/* ---- Engine structs (shared by engine.c, watcher.c, router.c, sink_runner.c, ...) --------- */
 
-/* Drops the item's event reference and frees a POSITION item. */
-void mc__item_free(void *item);
+#define MC__MAX_SINKS_PER_STREAM 64 /* routes per stream (each event is one ref per route) */
 
-/* The queue item embedded in every event, so pushing an event allocates nothing. An event
- * is pushed at most once (by the watcher that built it), so the one slot is enough. */
-mc__item_t *mc__event_item(mc_event_t *ev);
+typedef struct mc__runner mc__runner_t;
 
 struct mc_sink {
     const mc_sink_type_t *type;  /* resolved by mc_engine_start() for config sinks */
@@ -263,30 +260,57 @@ struct mc_sink {
     void *userdata;
     bson_t *options;
     bool *takes_stream;      /* [n_streams] */
-    int *bit;                /* [n_streams]: bit in the stream's durable mask, -1 if none */
     bool init_called;        /* init() ran, so destroy() is owed whatever it returned */
     bool initialised;        /* init() succeeded */
     bool started;
-    /* mc_engine_sink_stats() counters: written by the dispatch thread alone (load + store,
-     * no read-modify-write needed), read by any thread. */
+    mc_sink_runner_opts_t ropts; /* resolved runner settings (strings point into cfg or
+                                    ropts_dead_letter) */
+    char *ropts_dead_letter;     /* owned copy for mc_engine_set_sink_runner_opts() */
+    mc__runner_t *runner;        /* from mc_engine_start() on */
+    /* mc_engine_sink_stats() counters: written by the sink's executor thread alone (load +
+     * store, no read-modify-write needed), read by any thread. */
     _Atomic uint64_t stat_published;
     _Atomic uint64_t stat_skipped;
     _Atomic uint64_t stat_failed;
     _Atomic uint64_t stat_retries;
+    _Atomic uint64_t stat_dead_letters;
+    _Atomic uint64_t stat_detaches;
 };
+
+/* One (stream, runner) edge of the router. Guarded by the stream's route_lock. */
+typedef struct mc__route {
+    mc__runner_t *runner;
+    int slot;           /* the stream's index among the runner's streams */
+    bool attached;      /* the shared path hands this runner the stream's items */
+    char *skip_until;   /* _data: items up to it are skipped (the runner already has them:
+                           its stored position at start, its catch-up's end at a rejoin) */
+} mc__route_t;
 
 typedef struct mc__stream {
     mc_engine_t *engine;
     int index;
     const mc_stream_config_t *cfg;
     bson_t server_pipeline;  /* stages sent to MongoDB */
+    bson_t *definition;      /* {ns, fingerprint, options}: stored with every checkpoint */
     pthread_t thread;
     bool thread_started;
-    mc__checkpoint_t *checkpoint;
     mc_sink_t **sinks;       /* the sinks taking this stream, in config order */
     size_t n_sinks;
-    uint64_t durable_mask;   /* bits of the durable sinks among them */
     uint64_t next_seq;       /* watcher thread only */
+
+    /* Router state (router.c), guarded by route_lock. */
+    pthread_mutex_t route_lock;
+    mc__route_t *routes;     /* [n_sinks], same order as sinks */
+    char *head;              /* _data of the newest item routed; "" before any */
+    size_t head_cap;
+    mc__pref_t routed;       /* the newest item with a token routed (position of a stream
+                                without sinks) */
+    mc__pref_t final;        /* the stream's error event once it failed, for the runners that
+                                were detached then and rejoin later */
+
+    /* Ledger (ledger.c): written by the checkpoint thread (and by stop after joining it). */
+    mc__position_t written;  /* the stream record last stored */
+    mc__position_t *sink_written; /* [n_sinks]: each sink's record last stored (or loaded) */
 
     /* Ad hoc start options (tail): used only when no stored position exists. */
     bson_t *start_token;     /* resumeAfter */
@@ -299,7 +323,7 @@ typedef struct mc__stream {
     _Atomic uint64_t stat_events;
     _Atomic uint64_t stat_last_seq;
     _Atomic int64_t stat_last_event_ms;
-    /* Token-store writes, written by whichever thread runs write_positions() (the checkpoint
+    /* Token-store writes, written by whichever thread runs the ledger writes (the checkpoint
      * thread, then mc_engine_stop() after joining it: one writer at a time). */
     _Atomic int64_t stat_cp_written_ms;
     _Atomic int64_t stat_cp_event_ms;
@@ -315,6 +339,8 @@ typedef enum mc__engine_state {
 } mc__engine_state_t;
 
 #define MC__MAX_SINK_TYPES 64
+
+typedef struct mc__ioloop mc__ioloop_t;
 
 struct mc_engine {
     const mc_config_t *config;
@@ -334,15 +360,24 @@ struct mc_engine {
     mongoc_uri_t *uri;
     mongoc_client_pool_t *pool;
     mc__token_store_t *store;
-    mc__queue_t *queue;
+    mc__ioloop_t *ioloop;      /* NULL unless some sink is MC_SINK_ASYNC */
 
-    atomic_bool stopping;      /* watchers: leave as soon as possible */
-    _Atomic int64_t stop_started_ms; /* monotonic; bounds EAGAIN retries while stopping */
+    atomic_bool stopping;      /* watchers, catch-ups, retries: leave as soon as possible */
+    _Atomic int64_t stop_started_ms;
     pthread_mutex_t stop_lock; /* with stop_cond: interruptible sleeps */
     pthread_cond_t stop_cond;
 
-    pthread_t consumer;
-    bool consumer_started;
+    /* Catch-up threads (detached threads; stop waits until none is left). */
+    pthread_mutex_t catchup_lock;
+    pthread_cond_t catchup_cond;
+    int catchups;
+
+    /* External dispatch: the thread that last called mc_engine_dispatch(), so that stop
+     * knows whether it runs there. */
+    _Atomic bool dispatch_seen;
+    pthread_t dispatch_thread;
+    _Atomic int64_t dispatch_last_ms;
+
     pthread_t checkpointer;
     bool checkpointer_started;
     atomic_bool checkpoint_quit;
@@ -350,8 +385,16 @@ struct mc_engine {
     pthread_cond_t cp_cond;
 };
 
+/* ---- Watcher and catch-up threads (watcher.c) ------------------------------------------- */
+
 /* Watcher thread entry; arg is an mc__stream_t *. */
 void *mc__watcher_main(void *arg);
+
+/* Starts a detached catch-up thread that reads stream `s` for runner `r` (its stream slot
+ * `slot`) from `from` (taken; an empty pref: from the stream's start) until it can rejoin the
+ * shared path. Counted in engine->catchups. Returns 0 or MC_ENOMEM (nothing started; the
+ * caller fails the runner). */
+int mc__catchup_spawn(mc__stream_t *s, mc__runner_t *r, int slot, mc__pref_t *from);
 
 /* Sleeps up to ms unless the engine is stopping. Returns true when stopping. */
 bool mc__engine_sleep(mc_engine_t *engine, int64_t ms);
@@ -363,6 +406,136 @@ void mc__stream_set_state(mc__stream_t *s, mc_stream_state_t state, int server_c
     __attribute__((format(printf, 4, 5)))
 #endif
     ;
+
+/* ---- Router (router.c; watcher threads, and catch-up threads to rejoin) ----------------- */
+
+/* Hands `ev` (taken) to every attached runner of its stream; a runner whose queue is full is
+ * detached (never waited for), except a live one, for which the watcher waits. Returns false
+ * only when the engine stops while waiting (the event was not routed to every runner). */
+bool mc__route_event(mc__stream_t *s, mc_event_t *ev);
+/* The same for a position without an event (taken). */
+bool mc__route_mark(mc__stream_t *s, mc__mark_t *m);
+/* Catch-up thread: if the catch-up has reached the shared path's newest item (`data` >= it),
+ * reattaches the route of `r` with skip_until = data and returns true. `force` reattaches
+ * whatever the position (history lost and restarted: skip nothing). A runner that rejoins a
+ * stream which failed meanwhile gets the stream's error event then. */
+bool mc__route_rejoin(mc__stream_t *s, mc__runner_t *r, int slot, const char *data, bool force);
+/* Engine start/stop: builds and frees the stream's routes. */
+int mc__route_init(mc__stream_t *s);
+void mc__route_cleanup(mc__stream_t *s);
+
+/* ---- Sink runners (sink_runner.c) -------------------------------------------------------- */
+
+typedef enum mc__exec {
+    MC__EXEC_THREAD = 0, /* a thread of its own */
+    MC__EXEC_LOOP,       /* the engine's shared I/O loop */
+    MC__EXEC_EXTERNAL,   /* the embedder's dispatch thread (mc_engine_dispatch) */
+} mc__exec_t;
+
+/* Builds the runner of `sink` (its streams are those sink->takes_stream marks). */
+mc__runner_t *mc__runner_new(mc_sink_t *sink, mc__exec_t exec, uint32_t capacity,
+                             mc_error_t *err);
+void mc__runner_destroy(mc__runner_t *r);
+/* Opens the dead letter and starts the executor (thread, or handles on the I/O loop, which
+ * must not run yet). */
+int mc__runner_start(mc__runner_t *r, mc_error_t *err);
+mc__exec_t mc__runner_exec(const mc__runner_t *r);
+mc_sink_t *mc__runner_sink(const mc__runner_t *r);
+bool mc__runner_live(const mc__runner_t *r);
+int mc__runner_slot(const mc__runner_t *r, int stream_index);
+
+/* Router: appends an item (taken on success) of stream slot `slot`. 0, MC_EAGAIN (full),
+ * MC_ECLOSED (the runner does not accept the stream: detached or failed). Never blocks. */
+int mc__runner_push(mc__runner_t *r, int slot, mc__pref_t *item);
+/* Waits up to timeout_ms for room, then pushes. `catchup`: a catch-up thread's push, which
+ * leaves room for the shared path and is refused (MC_ECLOSED) once the runner failed or
+ * stopped accepting catch-up input. Returns 0, MC_EAGAIN (timed out), MC_ECLOSED. */
+int mc__runner_push_wait(mc__runner_t *r, int slot, mc__pref_t *item, int64_t timeout_ms,
+                         bool catchup);
+/* Router: the shared path detaches the runner (queue full). */
+void mc__runner_request_detach(mc__runner_t *r);
+/* Router, holding the stream's route lock: the stream slot takes shared-path items again. */
+void mc__runner_rejoin(mc__runner_t *r, int slot);
+/* Router: an item of the slot was not handed over (detached); for the lag estimate. */
+void mc__runner_missed(mc__runner_t *r, int slot);
+/* Fails the runner for good (this run) with a reason. Any thread. */
+void mc__runner_fail_all(mc__runner_t *r, const char *fmt, ...)
+#if defined(__GNUC__)
+    __attribute__((format(printf, 2, 3)))
+#endif
+    ;
+/* Acks and failures from the sink (sink.c). Any thread. */
+void mc__runner_ack(mc__runner_t *r, const mc_event_t *ev, int stream_index, uint64_t seq);
+int mc__runner_fail(mc__runner_t *r, const mc_event_t *ev, mc_sink_error_class_t cls,
+                    int64_t retry_after_ms, const char *message);
+
+/* External and loop executors: one pass (a batch of at most `budget` items, 0: a default).
+ * Returns the number of items handled. */
+size_t mc__runner_run_once(mc__runner_t *r, size_t budget);
+/* Loop executor: creates the runner's handles on the I/O loop (before it runs). */
+int mc__runner_loop_attach(mc__runner_t *r, void *uv_loop);
+
+/* Stop: no more input will come (watchers and catch-ups are joined); deliver what is held
+ * until `deadline_ms`, drain the sink, then stop it. begin wakes the executor; finish waits
+ * for it (joining a thread runner) and returns 0 or MC_EAGAIN (not everything completed). */
+void mc__runner_begin_stop(mc__runner_t *r, int64_t deadline_ms);
+int mc__runner_finish_stop(mc__runner_t *r, int64_t deadline_ms, bool on_dispatch_thread);
+
+/* Ledger: the slot's newest complete position (a new reference; empty when none) and
+ * whether it moved since the last take (then cleared). */
+bool mc__runner_take_done(mc__runner_t *r, int slot, mc__pref_t *out, bool *dirty,
+                          uint64_t *seq);
+/* Ledger at start: the slot's initial position (taken; dirty: write it at the next interval).
+ * Only before the stream routes anything. */
+void mc__runner_set_done(mc__runner_t *r, int slot, mc__mark_t *m, bool dirty);
+/* Whether the slot has a position yet. */
+bool mc__runner_has_done(mc__runner_t *r, int slot);
+/* A write of the slot's position failed: write it again next time. */
+void mc__runner_mark_dirty(mc__runner_t *r, int slot);
+/* 0 while running; the stop deadline once stopping (mc_sink_deadline_ms()). */
+int64_t mc__runner_deadline(const mc__runner_t *r);
+/* Status API. */
+void mc__runner_stats(mc__runner_t *r, mc_sink_stats_t *out);
+bool mc__runner_failed(mc__runner_t *r);
+
+/* ---- The engine's I/O loop (ioloop.c) ---------------------------------------------------- */
+
+mc__ioloop_t *mc__ioloop_new(mc_error_t *err);
+void *mc__ioloop_uv(mc__ioloop_t *l);
+/* Starts the loop thread (after every async sink's start() and runner handles). */
+int mc__ioloop_start(mc__ioloop_t *l, mc_error_t *err);
+bool mc__ioloop_running(const mc__ioloop_t *l);
+/* Closes every handle still open, lets the loop run their close callbacks, joins the thread
+ * (or runs the loop here when it never started). Idempotent. */
+void mc__ioloop_stop(mc__ioloop_t *l);
+void mc__ioloop_destroy(mc__ioloop_t *l);
+
+/* ---- Ledger (ledger.c) -------------------------------------------------------------------- */
+
+/* Engine start: the stream's definition record ({ns, fingerprint, options}). */
+int mc__ledger_definition(mc__stream_t *s, mc_error_t *err);
+/* Watcher thread, before the first open: loads the stream's and its sinks' records, refuses
+ * any from another namespace, another definition or the future (server clusterTime from
+ * `client`), and sets each runner's initial position and skip point. *start gets the
+ * position the watcher opens from (token NULL: none stored). Returns 0, MC_ECONFIG (refused:
+ * err says why and what to do), MC_EIO (unreadable), MC_ESERVER (cannot reach the server:
+ * transient). Logs the start position chosen. */
+int mc__ledger_load(mc__stream_t *s, mongoc_client_t *client, mc__position_t *start,
+                    mc_error_t *err);
+/* Checks one loaded record of stream `name` against the stream's `definition`: 0, or
+ * MC_ECONFIG with the reason and the operator's way out in err (another namespace, another
+ * definition, a clusterTime more than a few seconds ahead of the server's `server_t`; 0:
+ * unknown, not checked). A record without a definition passes (logged). Any thread. */
+int mc__ledger_check_record(const char *name, const bson_t *definition, const mc__record_t *rec,
+                            uint32_t server_t, uint32_t server_i, mc_error_t *err);
+/* Watcher thread, right after an open without a stored position: the first position the
+ * change stream reported becomes the initial position of every runner that has none. */
+void mc__ledger_origin(mc__stream_t *s, const bson_t *token);
+/* The stream's position: the oldest of its runners' complete positions. */
+void mc__ledger_stream_position(mc__stream_t *s, mc__position_t *out);
+/* Checkpoint thread (and stop): writes what moved. 0 or MC_EIO (a write failed; retried at
+ * the next call). */
+int mc__ledger_write(mc_engine_t *e);
 
 /* Built-in sink types (sinks/). */
 extern const mc_sink_type_t mc__sink_stdout_type;

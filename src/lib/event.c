@@ -82,7 +82,6 @@ struct mc_event {
     atomic_size_t raw_len;
     atomic_size_t json_entered_len;
     atomic_size_t json_left_len;
-    mc__item_t item;           /* the queue item that carries this event (engine.c) */
     bson_t change_view;        /* static view of the change bytes that follow the struct */
     bson_t doc_key;            /* static view into the change */
     bson_t token;              /* static view into the change (_id) */
@@ -971,9 +970,4 @@ const char *mc__event_summary(const mc_event_t *ev, mc_event_view_t view, size_t
         *len = n;
     }
     return s;
-}
-
-mc__item_t *mc__event_item(mc_event_t *ev)
-{
-    return &ev->item;
 }

@@ -2,8 +2,8 @@
  * images.c: keeps a stream's pre- and post-images on, or says loudly that they are off
  * (images.h).
  *
- * Thread: the stream's watcher thread only; it writes the stream's status fields under the
- * stream's lock.
+ * Thread: the stream's watcher thread; it writes the stream's status fields under the
+ * stream's lock. A sink's catch-up thread has its own quiet instance, which writes no status.
  *
  * Invariants: `known` holds the collections (db, coll) whose images this instance checked and
  * found on (or turned on) since they last went away (drop, rename, dropDatabase); at most
@@ -33,6 +33,7 @@ struct mc__images {
     mc__stream_t *s;
     const mc_stream_config_t *cfg;
     bool want_post, want_pre, ensure;
+    bool quiet; /* a catch-up's instance: no stream status, no missing-image log */
     bool pending; /* collection-level stream: its collection needs a look */
     int64_t next_check_ms;
     known_t *known; /* database- and cluster-level streams with ensure_images */
@@ -51,6 +52,9 @@ static void set_problem(mc__images_t *im, const char *db, const char *coll, cons
 
 static void set_problem(mc__images_t *im, const char *db, const char *coll, const char *fmt, ...)
 {
+    if (im->quiet) {
+        return;
+    }
     char msg[sizeof(im->s->status.images_problem)];
     va_list ap;
     va_start(ap, fmt);
@@ -66,7 +70,7 @@ static void set_problem(mc__images_t *im, const char *db, const char *coll, cons
 /* Clears the problem when it was about db.coll (NULL coll: whatever it was about). */
 static void clear_problem(mc__images_t *im, const char *db, const char *coll)
 {
-    if (!im->problem_coll[0] ||
+    if (im->quiet || !im->problem_coll[0] ||
         (coll && (strcmp(im->problem_coll, coll) != 0 || strcmp(im->problem_db, db) != 0))) {
         return;
     }
@@ -214,7 +218,7 @@ static void known_remove(mc__images_t *im, const char *db, const char *coll)
 
 /* ---- Hooks -------------------------------------------------------------------------------- */
 
-mc__images_t *mc__images_new(mc__stream_t *s)
+mc__images_t *mc__images_new(mc__stream_t *s, bool quiet)
 {
     const mc_stream_config_t *c = s->cfg;
     bool want_post = c->full_document == MC_FULL_DOCUMENT_WHEN_AVAILABLE ||
@@ -237,6 +241,7 @@ mc__images_t *mc__images_new(mc__stream_t *s)
     im->want_post = want_post;
     im->want_pre = want_pre;
     im->ensure = c->ensure_images;
+    im->quiet = quiet;
     im->rl_off = (mc_log_ratelimit_t)MC_LOG_RATELIMIT_INIT(10000);
     im->rl_missing = (mc_log_ratelimit_t)MC_LOG_RATELIMIT_INIT(10000);
     return im;
@@ -396,14 +401,17 @@ void mc__images_on_event(mc__images_t *im, const mc_event_t *ev)
         }
         return;
     }
-    pthread_mutex_lock(&im->s->lock);
-    im->s->status.images_missing++;
-    pthread_mutex_unlock(&im->s->lock);
-    mc_log_ratelimited(&im->rl_missing, MC_LOG_ERROR, "images",
-                       "%s event without its %s stream=%s ns=%s.%s: it reaches admins only; "
-                       "turn on changeStreamPreAndPostImages there (mongocast enable-images, or "
-                       "ensure_images: true)",
-                       op, wanted(im), im->cfg->name, db, coll);
+    if (!im->quiet) {
+        /* A catch-up re-reads events the watcher counted and reported already. */
+        pthread_mutex_lock(&im->s->lock);
+        im->s->status.images_missing++;
+        pthread_mutex_unlock(&im->s->lock);
+        mc_log_ratelimited(&im->rl_missing, MC_LOG_ERROR, "images",
+                           "%s event without its %s stream=%s ns=%s.%s: it reaches admins only; "
+                           "turn on changeStreamPreAndPostImages there (mongocast enable-images, "
+                           "or ensure_images: true)",
+                           op, wanted(im), im->cfg->name, db, coll);
+    }
     set_problem(im, db, coll, "%s events from %s.%s arrive without %s", op, db, coll, wanted(im));
     if (im->ensure) {
         /* Someone turned them off (or the collection came back unseen): on again, for the

@@ -19,7 +19,8 @@
  *     log, the stream status (images_missing, images_problem: /readyz and /metrics show it);
  *   - in both cases counts the events that arrived without their image.
  *
- * Thread: the stream's watcher thread only. Commands use a client from the engine's pool.
+ * Thread: the stream's watcher thread, or a catch-up thread (its own quiet instance).
+ * Commands use a client from the engine's pool.
  */
 #ifndef MC_IMAGES_H
 #define MC_IMAGES_H
@@ -31,8 +32,10 @@
 typedef struct mc__images mc__images_t;
 
 /* NULL when the stream needs nothing of this module (no images asked for, no ensure_images)
- * or memory runs out; every hook accepts NULL. */
-mc__images_t *mc__images_new(mc__stream_t *s);
+ * or memory runs out; every hook accepts NULL. `quiet`: a sink's catch-up thread, which
+ * re-reads events the watcher saw already: it turns images on like the watcher but leaves
+ * the stream's status (images_missing, images_problem) and the missing-image log line to it. */
+mc__images_t *mc__images_new(mc__stream_t *s, bool quiet);
 void mc__images_destroy(mc__images_t *im);
 
 /* The change stream (re)opened; `after_invalidate`: the watched namespace went away. */

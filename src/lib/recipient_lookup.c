@@ -2,8 +2,8 @@
  * recipient_lookup.c: resolves an event's recipient through another collection as of the
  * event's cluster time (see recipient_lookup.h for the contract and its limits).
  *
- * Thread: the stream's watcher thread only (it owns the instance, its client and its change
- * stream on the lookup collection).
+ * Thread: the thread that owns the instance only, a stream's watcher or a catch-up thread (it
+ * owns the instance, its client and its change stream on the lookup collection).
  *
  * Invariants:
  *   - "covered": every change of the lookup collection with clusterTime <= covered has been
@@ -203,16 +203,6 @@ uint64_t mc__lookup_covered(const mc__recipient_lookup_t *l)
 
 /* ---- Cache ---------------------------------------------------------------------------- */
 
-static uint64_t fnv1a(const uint8_t *p, size_t n)
-{
-    uint64_t h = 1469598103934665603ull;
-    for (size_t i = 0; i < n; i++) {
-        h ^= p[i];
-        h *= 1099511628211ull;
-    }
-    return h;
-}
-
 static void lru_unlink(mc__recipient_lookup_t *l, centry_t *e)
 {
     if (e->prev) {
@@ -257,7 +247,7 @@ static centry_t *cache_find(mc__recipient_lookup_t *l, const uint8_t *key, uint3
     if (!l->buckets) {
         return NULL;
     }
-    return *chain_slot(l, fnv1a(key, key_len), key, key_len);
+    return *chain_slot(l, mc__fnv1a(key, key_len), key, key_len);
 }
 
 static void cache_remove(mc__recipient_lookup_t *l, centry_t *e)
@@ -323,7 +313,7 @@ static void cache_put(mc__recipient_lookup_t *l, const uint8_t *key, uint32_t ke
     if (!e) {
         return;
     }
-    e->hash = fnv1a(key, key_len);
+    e->hash = mc__fnv1a(key, key_len);
     e->changed = changed;
     e->key_len = key_len;
     e->val_len = vlen;

@@ -35,8 +35,8 @@
  * reference can fail closed. `field` other than `_id` must identify at most one document
  * (a unique index).
  *
- * Thread: one instance per stream, owned and used only by that stream's watcher thread; no
- * locking.
+ * Thread: one instance per reader of a stream (its watcher; each catch-up thread has its own),
+ * owned and used only by that thread; no locking.
  */
 #ifndef MC_RECIPIENT_LOOKUP_H
 #define MC_RECIPIENT_LOOKUP_H

@@ -2,7 +2,7 @@
  * recipient_rules.c: a stream's recipient rules and summaries as its watcher applies them
  * (recipient_rules.h).
  *
- * Thread: the stream's watcher thread only.
+ * Thread: the thread that owns the instance only (the stream's watcher, or a catch-up thread).
  *
  * Invariants: every rule of the config has one compiled entry (the single form is rule 0 of
  * its own); a rule's lookup points at exactly one instance of `lookups`, shared by every rule

@@ -17,7 +17,9 @@
  * event of a collection no rule names, with no default, has no recipient (admins only) and is
  * not counted as unresolved: the configuration says so.
  *
- * Thread: one instance per stream, built and used only by its watcher thread.
+ * Thread: one instance per reader of a stream, built and used only by that thread: the
+ * stream's watcher, and each catch-up thread of a detached sink (its own instance, so its
+ * lookups follow the older events it reads).
  */
 #ifndef MC_RECIPIENT_RULES_H
 #define MC_RECIPIENT_RULES_H

@@ -1,10 +1,13 @@
 /*
- * sink.c: accessors of sink instances and the ack path into the stream checkpoints.
+ * sink.c: accessors of sink instances, and the paths from a sink back into its runner: acks,
+ * classified failures, the I/O loop, interruptible sleeps.
  *
  * Accessors read fields fixed before mc_engine_start() spawns threads, so any thread may
- * call them. mc_sink_ack() runs on whatever thread the sink delivers from; it only touches
- * the stream's checkpoint, which has its own lock.
+ * call them. mc_sink_ack() and mc_sink_fail() run on whatever thread the sink delivers from;
+ * they only touch the sink's runner, which has its own lock.
  */
+#include <stdarg.h>
+#include <stdio.h>
 #include <string.h>
 
 #include "engine_private.h"
@@ -50,25 +53,12 @@ bool mc_sink_has_stream(const mc_sink_t *sink, const char *stream)
     return i >= 0 && sink->takes_stream && sink->takes_stream[i];
 }
 
-static void ack_index(mc_sink_t *sink, int idx, uint64_t seq)
-{
-    mc_engine_t *engine = sink->engine;
-    if (idx < 0 || (size_t)idx >= engine->n_streams || !sink->bit || sink->bit[idx] < 0) {
-        return;
-    }
-    mc__checkpoint_ack(engine->streams[idx].checkpoint, seq, sink->bit[idx]);
-}
-
 void mc_sink_ack(mc_sink_t *sink, const mc_event_t *ev)
 {
-    if (!sink || !ev || !sink->engine) {
+    if (!sink || !ev || !sink->runner) {
         return;
     }
-    int idx = mc__event_stream_index(ev);
-    if (idx < 0 || (size_t)idx >= sink->engine->n_streams) {
-        idx = stream_index(sink->engine, mc_event_stream(ev));
-    }
-    ack_index(sink, idx, mc_event_seq(ev));
+    mc__runner_ack(sink->runner, ev, -1, 0);
 }
 
 int mc_sink_ack_seq(mc_sink_t *sink, const char *stream, uint64_t seq)
@@ -80,6 +70,53 @@ int mc_sink_ack_seq(mc_sink_t *sink, const char *stream, uint64_t seq)
     if (idx < 0) {
         return MC_ENOTFOUND;
     }
-    ack_index(sink, idx, seq);
+    if (sink->runner) {
+        mc__runner_ack(sink->runner, NULL, idx, seq);
+    }
     return 0;
+}
+
+int mc_sink_fail(mc_sink_t *sink, const mc_event_t *ev, mc_sink_error_class_t cls,
+                 int64_t retry_after_ms, const char *fmt, ...)
+{
+    char msg[256] = "";
+    if (fmt) {
+        va_list ap;
+        va_start(ap, fmt);
+        vsnprintf(msg, sizeof(msg), fmt, ap);
+        va_end(ap);
+    }
+    if (cls != MC_SINK_PERMANENT) {
+        cls = MC_SINK_TRANSIENT;
+    }
+    if (!sink || !sink->runner) {
+        return cls == MC_SINK_PERMANENT ? MC_EINVAL : MC_EIO;
+    }
+    return mc__runner_fail(sink->runner, ev, cls, retry_after_ms, msg);
+}
+
+void *mc_sink_uv_loop(mc_sink_t *sink)
+{
+    if (!sink || !sink->type || !(sink->type->flags & MC_SINK_ASYNC) || !sink->engine) {
+        return NULL;
+    }
+    return mc__ioloop_uv(sink->engine->ioloop);
+}
+
+bool mc_sink_stopping(const mc_sink_t *sink)
+{
+    return sink && sink->engine && atomic_load(&sink->engine->stopping);
+}
+
+int64_t mc_sink_deadline_ms(const mc_sink_t *sink)
+{
+    return sink && sink->runner ? mc__runner_deadline(sink->runner) : 0;
+}
+
+bool mc_sink_sleep(mc_sink_t *sink, int64_t ms)
+{
+    if (!sink || !sink->engine) {
+        return false;
+    }
+    return mc__engine_sleep(sink->engine, ms);
 }

@@ -2,8 +2,9 @@
  * summary.c: `summary` templates (summary.h): compiled once, rendered once per event and
  * view on the watcher thread that builds the event.
  *
- * Thread: compilation on the config loader's thread (to check) and on the watcher thread (to
- * use); rendering on the watcher thread. A compiled summary is immutable.
+ * Thread: compilation on the config loader's thread (to check) and on the thread that routes
+ * (a stream's watcher, or a catch-up thread: to use); rendering there. A compiled summary is
+ * immutable.
  *
  * Invariants: a template's parts point into its own copy of the text; rendering never writes
  * more than MC__SUMMARY_MAX bytes (plus the NUL) and always leaves valid UTF-8; the cost of one

@@ -1,8 +1,13 @@
 /*
- * token_store_file.c: resume positions stored as one small JSON file per stream.
+ * token_store_file.c: resume positions stored as one small JSON file per stream
+ * (<stream>.json: the stream's position, the oldest of its sinks') and one per sink of a
+ * stream (<stream>@<sink>.json: where that sink resumes).
+ *
+ * Each file is one line of compact canonical Extended JSON (what mongocast writes
+ * everywhere); load also reads libbson's spaced form of older files.
  *
  * Blocking; called from watcher threads (load, once at start) and the checkpoint thread
- * (save). Different streams use different files, so no locking is needed between them.
+ * (save). Different records use different files, so no locking is needed between them.
  * Crash safety: a save writes <name>.json.tmp, fsyncs it, renames it over <name>.json and
  * fsyncs the directory. rename() is atomic, so after a crash at any point the file holds
  * either the previous position or the new one, never a torn mix; a leftover .tmp is ignored
@@ -18,6 +23,7 @@
 #include <unistd.h>
 
 #include "engine_private.h"
+#include "json_writer.h"
 
 #define MAX_FILE_BYTES (1024 * 1024)
 
@@ -26,13 +32,10 @@ typedef struct file_store {
     char *dir;
 } file_store_t;
 
-char *mc__token_store_file_name(const char *stream)
+static char *escape_into(char *p, const char *name)
 {
-    size_t n = strlen(stream);
-    char *out = bson_malloc(n * 3 + sizeof(".json"));
-    char *p = out;
-    for (size_t i = 0; i < n; i++) {
-        unsigned char c = (unsigned char)stream[i];
+    for (size_t i = 0; name[i]; i++) {
+        unsigned char c = (unsigned char)name[i];
         bool plain = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
                      c == '_' || c == '-' || (c == '.' && i > 0);
         if (plain) {
@@ -40,6 +43,18 @@ char *mc__token_store_file_name(const char *stream)
         } else {
             p += sprintf(p, "%%%02X", c);
         }
+    }
+    return p;
+}
+
+char *mc__token_store_file_name(const char *stream, const char *sink)
+{
+    size_t n = strlen(stream) + (sink ? strlen(sink) + 1 : 0);
+    char *out = bson_malloc(n * 3 + sizeof(".json"));
+    char *p = escape_into(out, stream);
+    if (sink) {
+        *p++ = '@';
+        p = escape_into(p, sink);
     }
     strcpy(p, ".json");
     return out;
@@ -80,23 +95,26 @@ static int mkdir_p(const char *dir, mc_error_t *err)
     return 0;
 }
 
-static char *path_for(const file_store_t *fs, const char *stream, const char *suffix)
+static char *path_for(const file_store_t *fs, const char *stream, const char *sink,
+                      const char *suffix)
 {
-    char *name = mc__token_store_file_name(stream);
+    char *name = mc__token_store_file_name(stream, sink);
     char *path = bson_strdup_printf("%s/%s%s", fs->dir, name, suffix);
     bson_free(name);
     return path;
 }
 
-static int file_load(mc__token_store_t *store, const char *stream, mc__position_t *out,
-                     mc_error_t *err)
+static int file_load(mc__token_store_t *store, const char *stream, const char *sink,
+                     mc__record_t *out, mc_error_t *err)
 {
     file_store_t *fs = (file_store_t *)store;
-    char *path = path_for(fs, stream, "");
+    char *path = path_for(fs, stream, sink, "");
+    bson_strncpy(out->where, path, sizeof(out->where));
     int rc = 0;
     char *buf = NULL;
     bson_t doc = BSON_INITIALIZER;
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    /* O_NONBLOCK: a FIFO put in place of the file must not hang the watcher in open(). */
+    int fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK);
     if (fd < 0) {
         int e = errno;
         rc = e == ENOENT ? MC_ENOTFOUND : MC_EIO;
@@ -104,10 +122,11 @@ static int file_load(mc__token_store_t *store, const char *stream, mc__position_
         goto done;
     }
     struct stat st;
-    if (fstat(fd, &st) != 0 || st.st_size > MAX_FILE_BYTES) {
+    if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode) || st.st_size > MAX_FILE_BYTES) {
         rc = mc_error_set(err, MC_EIO, MC_DOMAIN_MONGOCAST, MC_ELIMIT,
-                          "%s: checkpoint file unreadable or larger than %d bytes", path,
-                          MAX_FILE_BYTES);
+                          "%s: checkpoint file unreadable, not a regular file or larger than "
+                          "%d bytes",
+                          path, MAX_FILE_BYTES);
         goto done;
     }
     buf = bson_malloc((size_t)st.st_size + 1);
@@ -131,25 +150,7 @@ static int file_load(mc__token_store_t *store, const char *stream, mc__position_
                           "%s: corrupt checkpoint file: %s", path, berr.message);
         goto done;
     }
-    bson_iter_t it, d;
-    if (!bson_iter_init_find(&it, &doc, "token") || !BSON_ITER_HOLDS_DOCUMENT(&it) ||
-        !bson_iter_recurse(&it, &d) || !bson_iter_find(&d, "_data") ||
-        !BSON_ITER_HOLDS_UTF8(&d)) {
-        rc = mc_error_set(err, MC_EIO, MC_DOMAIN_MONGOCAST, MC_EINVAL,
-                          "%s: corrupt checkpoint file: no token._data string", path);
-        goto done;
-    }
-    const uint8_t *data;
-    uint32_t len;
-    bson_iter_document(&it, &len, &data);
-    mc__position_clear(out);
-    out->token = bson_new_from_data(data, len);
-    if (bson_iter_init_find(&it, &doc, "invalidate") && BSON_ITER_HOLDS_BOOL(&it)) {
-        out->invalidate = bson_iter_bool(&it);
-    }
-    if (bson_iter_init_find(&it, &doc, "clusterTime") && BSON_ITER_HOLDS_TIMESTAMP(&it)) {
-        bson_iter_timestamp(&it, &out->ct_t, &out->ct_i);
-    }
+    rc = mc__record_from_bson(&doc, path, out, err);
 done:
     if (fd >= 0) {
         close(fd);
@@ -176,25 +177,25 @@ static int write_all(int fd, const char *p, size_t n)
     return 0;
 }
 
-static int file_save(mc__token_store_t *store, const char *stream, const mc__position_t *pos,
-                     mc_error_t *err)
+static int file_save(mc__token_store_t *store, const char *stream, const char *sink,
+                     const mc__position_t *pos, const bson_t *definition, mc_error_t *err)
 {
     file_store_t *fs = (file_store_t *)store;
     bson_t doc = BSON_INITIALIZER;
     BSON_APPEND_UTF8(&doc, "stream", stream);
-    BSON_APPEND_DOCUMENT(&doc, "token", pos->token);
-    BSON_APPEND_TIMESTAMP(&doc, "clusterTime", pos->ct_t, pos->ct_i);
-    BSON_APPEND_BOOL(&doc, "invalidate", pos->invalidate);
-    BSON_APPEND_DATE_TIME(&doc, "updatedAt", mc__wall_ms());
+    if (sink) {
+        BSON_APPEND_UTF8(&doc, "sink", sink);
+    }
+    mc__record_append(&doc, pos, definition);
     size_t jlen = 0;
-    char *json = bson_as_canonical_extended_json(&doc, &jlen);
+    char *json = mc__json_render(&doc, MC__JSON_CANONICAL_COMPACT, 0, &jlen, NULL);
     bson_destroy(&doc);
     if (!json) {
         return mc_error_set(err, MC_EINVAL, MC_DOMAIN_MONGOCAST, MC_EINVAL,
                             "stream %s: resume token cannot be rendered as JSON", stream);
     }
-    char *tmp = path_for(fs, stream, ".tmp");
-    char *final = path_for(fs, stream, "");
+    char *tmp = path_for(fs, stream, sink, ".tmp");
+    char *final = path_for(fs, stream, sink, "");
     int rc = 0;
     int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
     if (fd < 0) {

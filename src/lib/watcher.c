@@ -1,31 +1,45 @@
 /*
  * watcher.c: one thread per stream that owns the change stream: open, read, normalise,
- * route, push, and heal.
+ * route, and heal; and the catch-up threads of detached sink runners, which run the same
+ * read loop (same event building, recipient routing, summaries and image hooks) from a
+ * runner's own position into that runner's queue only, until they can rejoin the shared path.
  *
- * Watcher thread only (one per stream); it shares nothing with other watchers except the
- * queue, the client pool and the stream's status (locked in engine.c).
+ * Watcher thread only (one per stream), or one catch-up thread per (runner, stream) being
+ * caught up; a thread shares nothing with the others except the runners' queues (through
+ * router.c or mc__runner_push_wait()), the client pool and the stream's status (locked in
+ * engine.c). Only the watcher changes the stream's status and counters, emits ready and
+ * reset to every sink, and numbers events; catch-up events have seq 0.
  *
  * Position rules (DESIGN §1, reliability-notes §2.6):
  *   - `pos` is the newest position this watcher handed to the queue: the last event's token,
  *     or the post-batch resume token of an empty batch (so quiet streams keep a fresh
  *     position). Every reopen starts from `pos`, never from "now", unless history was lost
  *     and on_history_lost is restart.
- *   - At start `pos` is the stored checkpoint: startAfter when it is an invalidate's token,
- *     resumeAfter otherwise; with nothing stored the stream starts now (or at the ad hoc
- *     start option).
+ *   - At start `pos` is the oldest stored position of the stream's sinks (ledger.c, which
+ *     also refuses records of another namespace, definition or deployment): startAfter when
+ *     it is an invalidate's token, resumeAfter otherwise; with nothing stored the stream
+ *     starts now (or at the ad hoc start option), and the first position the server reports
+ *     becomes every sink's initial position.
  *   - After an invalidate the stream is destroyed and reopened with startAfter the
  *     invalidate token before next() is called again: libmongoc 1.23 would otherwise resume
  *     with resumeAfter that token and the server would answer 260 (wire notes §3.6).
  * Routing happens here, before an event is shared: mc_event_new_change() decides a path
  * recipient from the write itself; the lookup form (recipient_lookup.c) reads its own change
  * stream on the lookup collection up to the event's cluster time, so events must be routed
- * in stream order, one at a time, on this thread. An event whose recipient cannot be decided
- * is counted (status.unresolved_recipients) and logged, rate-limited.
+ * in stream order, one at a time, on the thread that reads them. A catch-up thread has its
+ * own routing instance, whose lookup streams start at the first (older) event it reads, so
+ * it routes each event as of that event's own time, exactly as the watcher did. An event
+ * whose recipient cannot be decided is counted (status.unresolved_recipients, by the watcher
+ * only) and logged, rate-limited. A catch-up's image hooks run quiet (images.h): the watcher
+ * owns the stream's image status.
  * libmongoc resumes the errors it classifies as resumable by itself, once per error; what it
  * hands back is classified here: transient -> backoff and reopen; 286 -> on_history_lost;
  * everything else that says "this will never work" -> the stream fails, the others go on.
- * A stream that fails says so in its last event, an error event (announce_failure()), with a
- * fixed reason: the server's own text goes only to the log and the stream's status.
+ * A stream that fails (a fatal error, lost history with on_history_lost: fail, a stored
+ * position ledger.c refuses or cannot read, routing that cannot be set up) says so in its
+ * last event, an error event (announce_failure()), with a fixed reason: the server's own text
+ * goes only to the log and the stream's status. A catch-up never fails the stream: what
+ * stops it fails its runner, which is reported per sink.
  */
 #include <stdlib.h>
 #include <string.h>
@@ -35,7 +49,7 @@
 #include "images.h"
 #include "recipient_rules.h"
 
-#define PUSH_WAIT_MS 200
+#define CATCHUP_PUSH_WAIT_MS 200
 
 typedef enum err_class {
     ERR_TRANSIENT = 0,
@@ -55,13 +69,17 @@ typedef struct watcher {
     mc_log_ratelimit_t rl;
     mc_log_ratelimit_t rl_unresolved;
     mc_log_ratelimit_t rl_missing;
-    mc__recipients_t *rcpt; /* the stream's recipient rules, lookups and summaries */
+    mc__recipients_t *rcpt; /* the stream's recipient rules, lookups and summaries (a catch-up
+                               has its own: its lookups follow its own, older, events) */
     mc__images_t *images;   /* pre-/post-images kept on or watched; NULL: not needed */
     /* Why the stream failed, for its error event: static strings (NULL: the generic code and
      * reason) and MongoDB's code or 0. */
     const char *fail_code;
     const char *fail_reason;
     int fail_server_code;
+    mc__runner_t *cu;          /* catch-up mode: the runner it reads for; NULL: the watcher */
+    int cu_slot;
+    bool rejoined;             /* catch-up: back on the shared path, stop reading */
 } watcher_t;
 
 static bool stopping(const watcher_t *w)
@@ -91,49 +109,44 @@ static int64_t status_wall_ms(void)
 
 /* ---- Pushing ----------------------------------------------------------------------------- */
 
-static bool push_item(watcher_t *w, mc__item_t *item)
+/* The next sequence number: the watcher numbers its stream's events; a catch-up re-reads
+ * events the shared path numbered already, so its events carry 0. */
+static uint64_t next_seq(watcher_t *w)
 {
-    for (;;) {
-        int rc = mc__queue_push(w->e->queue, item, PUSH_WAIT_MS);
-        if (rc == 0) {
-            return true;
-        }
-        if (rc == MC_ECLOSED || stopping(w)) {
-            mc__item_free(item);
-            return false;
-        }
-    }
+    return w->cu ? 0 : w->s->next_seq++;
 }
 
-/* Takes `ev`. Blocks while the stream has too many unacknowledged events (back-pressure
- * from durable sinks) or the queue is full (a slow dispatch); gives up only when stopping,
- * in which case the event was never delivered and the stored position does not cover it. */
+/* Catch-up: pushes into the runner's queue (waiting for room), then rejoins the shared path
+ * if it has caught up. False: stop reading (rejoined, the runner failed, or stopping). */
+static bool catchup_push(watcher_t *w, mc__pref_t *item)
+{
+    const char *data = mc__pref_data(item);
+    char *keep = data ? bson_strdup(data) : NULL;
+    int rc;
+    do {
+        rc = mc__runner_push_wait(w->cu, w->cu_slot, item, CATCHUP_PUSH_WAIT_MS, true);
+    } while (rc == MC_EAGAIN && !stopping(w));
+    mc__pref_clear(item);
+    bool ok = rc == 0;
+    if (ok && keep && mc__route_rejoin(w->s, w->cu, w->cu_slot, keep, false)) {
+        w->rejoined = true;
+        ok = false;
+    }
+    bson_free(keep);
+    return ok;
+}
+
+/* Takes `ev`. The watcher routes it to the stream's runners (router.c: never blocks on a
+ * sink, only on room in a live one); a catch-up pushes it into its runner. False when the
+ * reader must stop (engine stopping; catch-up rejoined or its runner gone). */
 static bool push_event(watcher_t *w, mc_event_t *ev)
 {
     mc__stream_t *s = w->s;
-    bool logged = false;
-    for (;;) {
-        int rc = mc__checkpoint_reserve(s->checkpoint, PUSH_WAIT_MS);
-        if (rc == 0) {
-            break;
-        }
-        if (rc == MC_ECLOSED || stopping(w)) {
-            mc_event_unref(&ev);
-            return false;
-        }
-        if (!logged) {
-            mc_log(MC_LOG_INFO, "watcher",
-                   "back-pressure: waiting for sinks to acknowledge stream=%s", s->cfg->name);
-            logged = true;
-        }
-    }
-    /* The item lives in the event (no allocation); it carries the watcher's reference. */
-    mc__item_t *item = mc__event_item(ev);
     mc__event_set_stream_index(ev, s->index);
-    item->type = MC__ITEM_EVENT;
-    item->stream_index = s->index;
-    item->embedded = true;
-    item->ev = ev;
+    if (w->cu) {
+        mc__pref_t item = {.ev = ev};
+        return catchup_push(w, &item);
+    }
     /* This watcher is the only writer of its stream's counters: plain stores, no lock. */
     atomic_store_explicit(&s->stat_last_seq, mc_event_seq(ev), memory_order_relaxed);
     if (mc_event_kind(ev) == MC_EVENT_CHANGE) {
@@ -142,51 +155,21 @@ static bool push_event(watcher_t *w, mc_event_t *ev)
                               memory_order_relaxed);
         atomic_store_explicit(&s->stat_last_event_ms, status_wall_ms(), memory_order_relaxed);
     }
-    return push_item(w, item);
-}
-
-/* Post-batch tokens have no clusterTime beside them; MongoDB's tokens (and the emulator's)
- * start with the KeyString timestamp "82" + 8 hex secs + 8 hex inc, which is what the stored
- * record's clusterTime is for (operators reading the checkpoint) and what the recipient
- * lookup's stream measures its progress with. Opaque otherwise: 0, 0. */
-void mc__token_cluster_time(const bson_t *token, uint32_t *t, uint32_t *i)
-{
-    *t = *i = 0;
-    bson_iter_t it;
-    if (!bson_iter_init_find(&it, token, "_data") || !BSON_ITER_HOLDS_UTF8(&it)) {
-        return;
-    }
-    uint32_t len;
-    const char *hex = bson_iter_utf8(&it, &len);
-    if (len < 18 || hex[0] != '8' || hex[1] != '2') {
-        return;
-    }
-    uint64_t v = 0;
-    for (int k = 2; k < 18; k++) {
-        char c = hex[k];
-        int d = c >= '0' && c <= '9' ? c - '0' : c >= 'A' && c <= 'F' ? c - 'A' + 10
-                : c >= 'a' && c <= 'f' ? c - 'a' + 10 : -1;
-        if (d < 0) {
-            return;
-        }
-        v = (v << 4) | (uint64_t)d;
-    }
-    *t = (uint32_t)(v >> 32);
-    *i = (uint32_t)v;
+    return mc__route_event(s, ev) && !stopping(w);
 }
 
 static bool push_position(watcher_t *w, const bson_t *token)
 {
-    mc__item_t *item = calloc(1, sizeof(*item));
-    if (!item) {
+    uint64_t seq = w->cu ? 0 : atomic_load_explicit(&w->s->stat_last_seq, memory_order_relaxed);
+    mc__mark_t *m = mc__mark_new(w->s->index, token, false, seq);
+    if (!m) {
         return false;
     }
-    item->type = MC__ITEM_POSITION;
-    item->stream_index = w->s->index;
-    item->token = bson_copy(token);
-    item->invalidate = false;
-    mc__token_cluster_time(token, &item->ct_t, &item->ct_i);
-    return push_item(w, item);
+    if (w->cu) {
+        mc__pref_t item = {.mark = m};
+        return catchup_push(w, &item);
+    }
+    return mc__route_mark(w->s, m) && !stopping(w);
 }
 
 /* The watcher's position: an owned token (stored checkpoint, post-batch token, ad hoc
@@ -345,7 +328,7 @@ static err_class_t classify(const bson_error_t *e, const bson_t *reply, int *ser
 
 static bool emit_control(watcher_t *w, mc_event_kind_t kind, const char *reason)
 {
-    mc_event_t *ev = mc_event_new_control(kind, w->s->cfg->name, w->s->next_seq++, reason);
+    mc_event_t *ev = mc_event_new_control(kind, w->s->cfg->name, next_seq(w), reason);
     return ev && push_event(w, ev);
 }
 
@@ -363,13 +346,16 @@ static void note_failure(watcher_t *w, const char *code, int server_code, const 
 static void announce_failure(watcher_t *w)
 {
     mc__stream_t *s = w->s;
+    if (w->cu) {
+        return; /* a catch-up never fails the stream; its runner's failure is the sink's */
+    }
     pthread_mutex_lock(&s->lock);
     bool failed = s->status.state == MC_STREAM_FAILED;
     pthread_mutex_unlock(&s->lock);
     if (!failed) {
         return;
     }
-    mc_event_t *ev = mc_event_new_error(s->cfg->name, s->next_seq++, w->fail_code,
+    mc_event_t *ev = mc_event_new_error(s->cfg->name, next_seq(w), w->fail_code,
                                         w->fail_server_code, w->fail_reason);
     if (ev) {
         push_event(w, ev);
@@ -417,12 +403,18 @@ static void note_routing(watcher_t *w, const mc_event_t *ev, mc__route_note_t no
     }
     const char *op = mc_event_operation_type(ev);
     const char *why;
+    /* The watcher counted this event already when a catch-up re-reads it: the counters stay
+     * the watcher's; the log line (rate-limited) still says what the catch-up found. */
     if (note == MC__ROUTE_MISSING) {
-        stream_count(w->s, &w->s->status.recipient_missing, 1);
+        if (!w->cu) {
+            stream_count(w->s, &w->s->status.recipient_missing, 1);
+        }
         why = "the recipient path holds no identity (missing, null, or removed by a pipeline "
               "stage: see mongocast check)";
     } else {
-        stream_count(w->s, &w->s->status.unresolved_recipients, 1);
+        if (!w->cu) {
+            stream_count(w->s, &w->s->status.unresolved_recipients, 1);
+        }
         why = mc__event_recipient_state(ev) == MC__R_UNRESOLVED && op && strcmp(op, "delete") == 0
                   ? "a delete without a pre-image (full_document_before_change), or a lookup "
                     "that could not be proven exact"
@@ -431,9 +423,44 @@ static void note_routing(watcher_t *w, const mc_event_t *ev, mc__route_note_t no
     }
     mc_log_ratelimited(
         note == MC__ROUTE_MISSING ? &w->rl_missing : &w->rl_unresolved, MC_LOG_WARN, "watcher",
-        "recipient %s stream=%s op=%s ns=%s.%s: %s; event goes to admins only",
-        note == MC__ROUTE_MISSING ? "missing" : "unresolved", w->s->cfg->name, op ? op : "?",
-        mc_event_db(ev) ? mc_event_db(ev) : "?", mc_event_coll(ev) ? mc_event_coll(ev) : "?", why);
+        "recipient %s stream=%s%s%s op=%s ns=%s.%s: %s; event goes to admins only",
+        note == MC__ROUTE_MISSING ? "missing" : "unresolved", w->s->cfg->name,
+        w->cu ? " catch-up sink=" : "", w->cu ? mc_sink_name(mc__runner_sink(w->cu)) : "",
+        op ? op : "?", mc_event_db(ev) ? mc_event_db(ev) : "?",
+        mc_event_coll(ev) ? mc_event_coll(ev) : "?", why);
+}
+
+/* Keeps the server's reply of a failed call (an empty document when there is none). */
+static void keep_reply(bson_t *out, const bson_t *reply)
+{
+    bson_destroy(out);
+    if (reply) {
+        bson_copy_to(reply, out);
+    } else {
+        bson_init(out);
+    }
+}
+
+/* Whether opening `cs` failed; then err and reply say why. */
+static bool open_failed(mongoc_change_stream_t *cs, bson_error_t *err, bson_t *reply)
+{
+    const bson_t *r = NULL;
+    memset(err, 0, sizeof(*err));
+    if (!mongoc_change_stream_error_document(cs, err, &r)) {
+        return false;
+    }
+    keep_reply(reply, r);
+    return true;
+}
+
+/* Frees what a watcher or catch-up thread holds when it leaves. */
+static void watcher_cleanup(watcher_t *w, bson_t *reply)
+{
+    bson_destroy(reply);
+    mc__position_clear(&w->pos);
+    mc_event_unref(&w->pos_ev);
+    mc__recipients_destroy(w->rcpt);
+    mc__images_destroy(w->images);
 }
 
 typedef enum read_result {
@@ -457,7 +484,7 @@ static read_result_t read_loop(watcher_t *w, mongoc_change_stream_t *cs, bson_er
             }
             mc_error_t eerr = {0};
             if (op && strcmp(op, "invalidate") == 0) {
-                mc_event_t *ev = mc_event_new_invalidate(s->cfg->name, s->next_seq++, doc,
+                mc_event_t *ev = mc_event_new_invalidate(s->cfg->name, next_seq(w), doc,
                                                          invalidate_reason(w), &eerr);
                 if (!ev) {
                     bson_set_error(err, MONGOC_ERROR_CURSOR, MONGOC_ERROR_CHANGE_STREAM_NO_RESUME_TOKEN,
@@ -465,9 +492,11 @@ static read_result_t read_loop(watcher_t *w, mongoc_change_stream_t *cs, bson_er
                     return READ_ERROR;
                 }
                 set_pos_event(w, ev, true);
-                mc_log(MC_LOG_NOTICE, "watcher", "invalidated stream=%s reason=%s, reopening",
-                       s->cfg->name, mc_event_reason(ev));
-                stream_count(s, &s->status.invalidates, 1);
+                mc_log(MC_LOG_NOTICE, "watcher", "invalidated stream=%s reason=%s, reopening%s",
+                       s->cfg->name, mc_event_reason(ev), w->cu ? " (catch-up)" : "");
+                if (!w->cu) {
+                    stream_count(s, &s->status.invalidates, 1);
+                }
                 w->last_op = NULL;
                 if (!push_event(w, ev)) {
                     return READ_STOP;
@@ -484,7 +513,7 @@ static read_result_t read_loop(watcher_t *w, mongoc_change_stream_t *cs, bson_er
                 }
                 continue;
             }
-            mc_event_t *ev = mc_event_new_change(s->cfg->name, s->next_seq++, doc,
+            mc_event_t *ev = mc_event_new_change(s->cfg->name, next_seq(w), doc,
                                                  mc__recipients_event_path(w->rcpt), &eerr);
             if (!ev) {
                 bson_set_error(err, MONGOC_ERROR_CURSOR, MONGOC_ERROR_CHANGE_STREAM_NO_RESUME_TOKEN,
@@ -506,12 +535,7 @@ static read_result_t read_loop(watcher_t *w, mongoc_change_stream_t *cs, bson_er
         }
         const bson_t *reply = NULL;
         if (mongoc_change_stream_error_document(cs, err, &reply)) {
-            bson_destroy(reply_out);
-            if (reply) {
-                bson_copy_to(reply, reply_out);
-            } else {
-                bson_init(reply_out);
-            }
+            keep_reply(reply_out, reply);
             return READ_ERROR;
         }
         mc__images_on_idle(w->images);
@@ -523,46 +547,40 @@ static read_result_t read_loop(watcher_t *w, mongoc_change_stream_t *cs, bson_er
             if (!push_position(w, tok)) {
                 return READ_STOP;
             }
+        } else if (w->cu && pos && mc__route_rejoin(s, w->cu, w->cu_slot, mc__token_data(pos),
+                                                     false)) {
+            /* A catch-up at the end of the oplog with nothing new: it has caught up. */
+            w->rejoined = true;
+            return READ_STOP;
         }
         mc__backoff_reset(&w->backoff);
     }
     return READ_STOP;
 }
 
-static void load_start_position(watcher_t *w, bool *failed)
+/* Loads and checks the stored positions (ledger.c) on the watcher's first client. Returns 0,
+ * MC_ESERVER (the server cannot be reached: retried like an open error) or another error
+ * (refused or unreadable: the stream fails, err says why). */
+static int load_start_position(watcher_t *w, mongoc_client_t *client, mc_error_t *err)
 {
-    mc__stream_t *s = w->s;
-    mc_engine_t *e = w->e;
-    *failed = false;
-    if (e->store) {
-        mc_error_t err = {0};
-        int rc = mc__token_store_load(e->store, s->cfg->name, &w->pos, &err);
-        if (rc == 0) {
-            mc__checkpoint_set_initial(s->checkpoint, &w->pos);
-            mc_log(MC_LOG_INFO, "watcher", "resuming from stored position stream=%s via=%s",
-                   s->cfg->name, w->pos.invalidate ? "startAfter" : "resumeAfter");
-            return;
-        }
-        if (rc != MC_ENOTFOUND) {
-            /* Starting from "now" here would silently skip every change since the last
-             * run; the operator has to decide. */
-            mc_log(MC_LOG_ERROR, "watcher", "cannot read checkpoint stream=%s: %s",
-                   s->cfg->name, err.message);
-            mc__stream_set_state(s, MC_STREAM_FAILED, 0, "cannot read checkpoint: %s",
-                                 err.message);
-            note_failure(w, MC_EVENT_ERROR_CHECKPOINT, 0, "the stored checkpoint cannot be used");
-            *failed = true;
-            return;
-        }
+    mc__position_t start = {0};
+    int rc = mc__ledger_load(w->s, client, &start, err);
+    if (rc != 0) {
+        return rc;
     }
-    if (s->start_token) {
-        w->pos.token = bson_copy(s->start_token);
+    mc__position_clear(&w->pos);
+    if (start.token) {
+        w->pos = start;
+    } else if (w->s->start_token) {
+        w->pos.token = bson_copy(w->s->start_token);
     }
+    return 0;
 }
 
 void *mc__watcher_main(void *arg)
 {
     mc__stream_t *s = arg;
+    mc__thread_name("mcwatch:", s->cfg->name);
     watcher_t w;
     memset(&w, 0, sizeof(w));
     w.s = s;
@@ -576,7 +594,7 @@ void *mc__watcher_main(void *arg)
     const char *name = s->cfg->name;
     mc_error_t rerr = {0};
     w.rcpt = mc__recipients_new(s->cfg, name, w.e->pool, &rerr);
-    w.images = mc__images_new(s);
+    w.images = mc__images_new(s, false);
 
     bool failed = false;
     if (!w.rcpt) {
@@ -585,26 +603,43 @@ void *mc__watcher_main(void *arg)
         mc__stream_set_state(s, MC_STREAM_FAILED, 0, "cannot set up routing: %s", rerr.message);
         note_failure(&w, MC_EVENT_ERROR_FAILED, 0, "stream failed");
         failed = true;
-    } else {
-        load_start_position(&w, &failed);
     }
+    bool loaded = false;
     bool after_error = false, after_invalidate = false;
     bson_t reply = BSON_INITIALIZER;
 
     while (!failed && !stopping(&w)) {
         mongoc_client_t *client = mongoc_client_pool_pop(w.e->pool);
+        if (!loaded) {
+            mc_error_t lerr = {0};
+            int lrc = load_start_position(&w, client, &lerr);
+            if (lrc == MC_ESERVER) {
+                mongoc_client_pool_push(w.e->pool, client);
+                uint32_t delay = mc__backoff_next(&w.backoff);
+                mc_log_ratelimited(&w.rl, MC_LOG_WARN, "watcher",
+                                   "stream=%s retry_in_ms=%u: %s", name, delay, lerr.message);
+                mc__stream_set_state(s, MC_STREAM_RETRYING, 0, "%s", lerr.message);
+                if (mc__engine_sleep(w.e, delay)) {
+                    break;
+                }
+                continue;
+            }
+            if (lrc != 0) {
+                mongoc_client_pool_push(w.e->pool, client);
+                /* Starting from "now" here would silently skip every change since the last
+                 * run; the operator has to decide (the message says how). */
+                mc_log(MC_LOG_ERROR, "watcher", "stream=%s cannot start: %s", name, lerr.message);
+                mc__stream_set_state(s, MC_STREAM_FAILED, 0, "%s", lerr.message);
+                note_failure(&w, MC_EVENT_ERROR_CHECKPOINT, 0,
+                             "the stored checkpoint cannot be used");
+                break;
+            }
+            loaded = true;
+        }
         mongoc_change_stream_t *cs = open_stream(&w, client);
         bson_error_t err;
-        const bson_t *r = NULL;
         read_result_t rr;
-        memset(&err, 0, sizeof(err));
-        if (mongoc_change_stream_error_document(cs, &err, &r)) {
-            bson_destroy(&reply);
-            if (r) {
-                bson_copy_to(r, &reply);
-            } else {
-                bson_init(&reply);
-            }
+        if (open_failed(cs, &err, &reply)) {
             rr = READ_ERROR;
         } else {
             w.first_open = false;
@@ -622,6 +657,18 @@ void *mc__watcher_main(void *arg)
                 mc__stream_set_state(s, MC_STREAM_OPEN, 0, "open");
                 mc_log(MC_LOG_INFO, "watcher", "change stream open stream=%s", name);
                 if (!emit_control(&w, MC_EVENT_READY, NULL)) {
+                    mongoc_change_stream_destroy(cs);
+                    mongoc_client_pool_push(w.e->pool, client);
+                    break;
+                }
+            }
+            const bson_t *first = pos_token(&w) ? NULL : mongoc_change_stream_get_resume_token(cs);
+            if (first && !bson_empty(first)) {
+                /* Opened from "now": the position the server reports is where every sink
+                 * without one starts (and catches up from, should it detach early). */
+                mc__ledger_origin(s, first);
+                set_pos(&w, first, false);
+                if (!push_position(&w, first)) {
                     mongoc_change_stream_destroy(cs);
                     mongoc_client_pool_push(w.e->pool, client);
                     break;
@@ -692,10 +739,160 @@ void *mc__watcher_main(void *arg)
         }
     }
     announce_failure(&w);
-    bson_destroy(&reply);
-    mc__position_clear(&w.pos);
-    mc_event_unref(&w.pos_ev);
-    mc__recipients_destroy(w.rcpt);
-    mc__images_destroy(w.images);
+    watcher_cleanup(&w, &reply);
     return NULL;
+}
+
+/* ---- Catch-up threads ---------------------------------------------------------------------- */
+
+typedef struct catchup_arg {
+    mc__stream_t *s;
+    mc__runner_t *r;
+    int slot;
+    mc__pref_t from;
+} catchup_arg_t;
+
+static void catchup_done(mc_engine_t *e)
+{
+    pthread_mutex_lock(&e->catchup_lock);
+    e->catchups--;
+    pthread_cond_broadcast(&e->catchup_cond);
+    pthread_mutex_unlock(&e->catchup_lock);
+}
+
+/* Reads the stream from the runner's position into the runner only, until it can rejoin the
+ * shared path; the stream's on_history_lost decides what a lost position means for it. */
+static void *catchup_main(void *arg)
+{
+    catchup_arg_t *a = arg;
+    mc__stream_t *s = a->s;
+    mc__thread_name("mccatchup:", s->cfg->name);
+    watcher_t w;
+    memset(&w, 0, sizeof(w));
+    w.s = s;
+    w.e = s->engine;
+    w.cu = a->r;
+    w.cu_slot = a->slot;
+    w.rl = (mc_log_ratelimit_t)MC_LOG_RATELIMIT_INIT(10000);
+    w.rl_unresolved = (mc_log_ratelimit_t)MC_LOG_RATELIMIT_INIT(10000);
+    w.rl_missing = (mc_log_ratelimit_t)MC_LOG_RATELIMIT_INIT(10000);
+    mc__backoff_init(&w.backoff, w.e->opts.backoff_initial_ms, w.e->opts.backoff_max_ms,
+                     (uint64_t)mc__wall_ms() * 2654435761u + (uint64_t)(uintptr_t)a->r);
+    const char *name = s->cfg->name;
+    const char *sink = mc_sink_name(mc__runner_sink(a->r));
+    /* Routing of its own: its lookups start at the first event it reads, as the watcher's do
+     * after a restart, so an old event is routed as of its own cluster time. */
+    mc_error_t rerr = {0};
+    w.rcpt = mc__recipients_new(s->cfg, name, w.e->pool, &rerr);
+    w.images = mc__images_new(s, true);
+    mc__pref_position(&a->from, &w.pos);
+    mc__pref_clear(&a->from);
+    if (!w.rcpt) {
+        mc__runner_fail_all(a->r, "cannot catch up on stream %s: cannot set up routing: %s",
+                            name, rerr.message);
+        mc__position_clear(&w.pos);
+    } else if (!w.pos.token) {
+        mc__runner_fail_all(a->r, "cannot catch up on stream %s: no position to resume from",
+                            name);
+    } else {
+        mc_log(MC_LOG_NOTICE, "watcher", "catching up sink=%s stream=%s from=%.40s", sink, name,
+               mc__token_data(w.pos.token) ? mc__token_data(w.pos.token) : "?");
+    }
+    bson_t reply = BSON_INITIALIZER;
+    bool after_invalidate = false;
+    while (w.pos.token && !stopping(&w) && !w.rejoined) {
+        mongoc_client_t *client = mongoc_client_pool_pop(w.e->pool);
+        mongoc_change_stream_t *cs = open_stream(&w, client);
+        bson_error_t err;
+        read_result_t rr;
+        if (open_failed(cs, &err, &reply)) {
+            rr = READ_ERROR;
+        } else {
+            mc__images_on_open(w.images, after_invalidate);
+            after_invalidate = false;
+            rr = read_loop(&w, cs, &err, &reply);
+        }
+        mongoc_change_stream_destroy(cs);
+        mongoc_client_pool_push(w.e->pool, client);
+        if (rr == READ_STOP) {
+            break;
+        }
+        if (rr == READ_REOPEN) {
+            after_invalidate = true;
+            continue;
+        }
+        int code = 0;
+        err_class_t cls = classify(&err, &reply, &code);
+        if (cls == ERR_HISTORY_LOST && s->cfg->on_history_lost == MC_ON_HISTORY_LOST_RESTART) {
+            mc_log(MC_LOG_WARN, "watcher",
+                   "history lost while catching up sink=%s stream=%s code=%d: the sink gets a "
+                   "reset and rejoins the live stream (on_history_lost: restart); changes in "
+                   "between are lost for it: %s",
+                   sink, name, code, err.message);
+            mc_event_t *ev = mc_event_new_control(MC_EVENT_RESET, name, 0, "history lost");
+            mc__pref_t item = {.ev = ev};
+            if (ev) {
+                mc__event_set_stream_index(ev, s->index);
+            }
+            if (!ev || mc__runner_push_wait(a->r, a->slot, &item, 5000, true) != 0) {
+                mc__pref_clear(&item);
+            }
+            mc__route_rejoin(s, a->r, a->slot, NULL, true);
+            break;
+        }
+        if (cls == ERR_HISTORY_LOST) {
+            mc__runner_fail_all(a->r,
+                                "history lost while catching up on stream %s (code %d): its "
+                                "position is no longer in the oplog and on_history_lost is "
+                                "fail. Delete its checkpoint or set on_history_lost: restart: %s",
+                                name, code, err.message);
+            break;
+        }
+        if (cls == ERR_FATAL) {
+            mc__runner_fail_all(a->r, "catching up on stream %s failed (code %d): %s", name,
+                                code, err.message);
+            break;
+        }
+        uint32_t delay = mc__backoff_next(&w.backoff);
+        mc_log_ratelimited(&w.rl, MC_LOG_WARN, "watcher",
+                           "catch-up error sink=%s stream=%s code=%u retry_in_ms=%u: %s", sink,
+                           name, err.code, delay, err.message);
+        if (mc__engine_sleep(w.e, delay)) {
+            break;
+        }
+    }
+    watcher_cleanup(&w, &reply);
+    mc_engine_t *e = w.e;
+    free(a);
+    catchup_done(e);
+    return NULL;
+}
+
+int mc__catchup_spawn(mc__stream_t *s, mc__runner_t *r, int slot, mc__pref_t *from)
+{
+    catchup_arg_t *a = calloc(1, sizeof(*a));
+    if (!a) {
+        return MC_ENOMEM;
+    }
+    a->s = s;
+    a->r = r;
+    a->slot = slot;
+    mc__pref_move(&a->from, from);
+    mc_engine_t *e = s->engine;
+    pthread_mutex_lock(&e->catchup_lock);
+    e->catchups++;
+    pthread_mutex_unlock(&e->catchup_lock);
+    pthread_attr_t attr;
+    pthread_attr_init(&attr);
+    pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+    pthread_t t;
+    int rc = pthread_create(&t, &attr, catchup_main, a);
+    pthread_attr_destroy(&attr);
+    if (rc != 0) {
+        mc__pref_move(from, &a->from);
+        free(a);
+        catchup_done(e);
+        return MC_ENOMEM;
+    }
+    return 0;
 }

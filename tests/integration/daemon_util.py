@@ -107,9 +107,11 @@ def full_change(m):
     return {"_id": {"_data": m["id"]}, **c}
 
 
-def checkpoint_token(cp_dir, stream):
-    """The stored resume token `_data` of a stream in the file store, or None."""
-    p = Path(cp_dir) / ("%s.json" % stream)
+def checkpoint_token(cp_dir, stream, sink=None):
+    """The stored resume token `_data` of a stream (the oldest of its sinks') in the file
+    store, or of one sink for that stream (`<stream>@<sink>.json`, where that sink resumes),
+    or None."""
+    p = Path(cp_dir) / ("%s%s.json" % (stream, "@" + sink if sink else ""))
     try:
         doc = json.loads(p.read_text())
     except (FileNotFoundError, ValueError):
@@ -120,18 +122,27 @@ def checkpoint_token(cp_dir, stream):
 class Daemon:
     """One `mongocast run -c CONFIG` process with stdout and stderr in files."""
 
-    def __init__(self, config, workdir, name="mongocast", args=(), stdout_path=None):
+    def __init__(self, config, workdir, name="mongocast", args=(), stdout_path=None, env=None,
+                 stdout=None):
+        """`env`: variables added to the environment (e.g. MONGOCAST_TEST_SINKS=1 for the
+        fault sink types); `stdout`: a file object to use as the daemon's stdout instead of
+        the file at stdout_path (e.g. the write end of a pipe)."""
         self.config = Path(config)
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.stdout_path = Path(stdout_path) if stdout_path else self.workdir / (name + ".out")
         self.stderr_path = self.workdir / (name + ".err")
-        self._out = open(str(self.stdout_path), "ab")
+        self._out = stdout if stdout is not None else open(str(self.stdout_path), "ab")
         self._err = open(str(self.stderr_path), "ab")
         self._err_start = self.stderr_path.stat().st_size
+        full_env = None
+        if env:
+            full_env = dict(os.environ)
+            full_env.update(env)
         self.proc = subprocess.Popen([str(mongocast_bin()), "run", "-c", str(self.config)]
                                      + list(args), stdout=self._out, stderr=self._err,
-                                     stdin=subprocess.DEVNULL, cwd=str(self.workdir))
+                                     stdin=subprocess.DEVNULL, cwd=str(self.workdir),
+                                     env=full_env)
         self.returncode = None
 
     @property

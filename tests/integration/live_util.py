@@ -209,15 +209,23 @@ class _Collector:
     def __init__(self, name):
         self.name = name
         self.msgs = []
+        self.recv_times = []
         self.error = None
         self.closed = False
         self.close_code = None
         self._cond = threading.Condition()
 
     def _add(self, msg):
+        now = time.time()
         with self._cond:
             self.msgs.append(msg)
+            self.recv_times.append(now)
             self._cond.notify_all()
+
+    def received(self):
+        """(message, wall-clock time it was read) pairs, in arrival order."""
+        with self._cond:
+            return list(zip(self.msgs, self.recv_times))
 
     def messages(self):
         with self._cond:

@@ -44,8 +44,10 @@ def test_sigkill_during_inserts_loses_nothing(tmp_path, daemons, mongo_uri, db, 
     Setup: stream `s` on the written collection, file checkpoint store written every 150 ms,
     stdout sink into out-K.jsonl for run K (K = 0..4). Runs 0-3 are SIGKILLed when the writer
     has passed a random number of documents (seeded), run 4 is stopped with SIGTERM once
-    everything arrived. Right after each kill, the stream's checkpoint file is read: that token
-    T_k is the last position run k stored, and the one run k+1 resumes from.
+    everything arrived. Right after each kill, the stdout sink's checkpoint file (s@out.json)
+    is read: that token T_k is the last position run k stored for the sink, and the one run
+    k+1 resumes it from. The stream's own record (s.json, the oldest of its sinks') must never
+    lie ahead of it.
 
     Ordering: event ids (`_id._data`, the resume token) are KeyString hex, whose string order is
     the oplog order (clusterTime first), and a checkpoint token compares the same way whether it
@@ -88,12 +90,15 @@ def test_sigkill_during_inserts_loses_nothing(tmp_path, daemons, mongo_uri, db, 
             break
         # Restarting from "now" without any stored position would be data loss by design, so
         # the first kill waits until a first position is stored.
-        wait_for(lambda: checkpoint_token(cp, "s"), timeout=30, message="a first checkpoint")
+        wait_for(lambda: checkpoint_token(cp, "s", "out"), timeout=30,
+                 message="a first checkpoint")
         wait_for(lambda: writer.done >= thresholds[run] or writer.error or
                  writer.done >= N_DOCS, timeout=120, message="writer progress")
         time.sleep(extra_delays[run])
         assert d.kill() == -signal.SIGKILL
-        tokens.append(checkpoint_token(cp, "s"))
+        tokens.append(checkpoint_token(cp, "s", "out"))
+        stream_tok = checkpoint_token(cp, "s")
+        assert stream_tok and stream_tok <= tokens[-1], (stream_tok, tokens[-1])
 
     writer.join(180)
     assert writer.error is None, writer.error

@@ -5,17 +5,20 @@ What is asserted: tail prints one message (docs/protocol.md) per change with the
 and the values the writer produced; --raw prints the change event itself in canonical Extended
 JSON; argument errors exit 2 with a message naming the argument; a stream that fails exits 1
 with the server's reason and code; without a server it says what it waits for and gives up after
---wait; SIGINT/SIGTERM exit 0.
+--wait; when its stdout's reader goes away it says so and exits 1; SIGINT/SIGTERM exit 0.
 """
 
 import json
 import signal
 import socket
+import subprocess
 import time
 
 import pytest
 
+from conftest import SANITIZER_RE
 from daemon_util import *  # noqa: F401,F403  (fixtures: daemons, tails)
+from daemon_util import START_TIMEOUT
 
 
 def test_tail_prints_every_change_in_message_shape(tails, mongo_uri, db, db_name):
@@ -122,6 +125,36 @@ def test_tail_stream_failure_exits_1(tails, mongo_uri, db, db_name):
     assert t.messages() == [
         {"type": "error", "stream": "tail", "code": "change_stream_error", "server_code": 280,
          "reason": "the change stream failed with an error that retrying cannot fix"}]
+
+
+def test_tail_exits_when_stdout_is_closed(tmp_path, mongo_uri, db, db_name):
+    """The reader of tail's stdout goes away: tail says it cannot write stdout and exits 1
+    (its stdout sink failed for good) instead of reading the change stream for nobody."""
+    err_path = tmp_path / "tail.err"
+    with open(str(err_path), "wb") as err:
+        p = subprocess.Popen([str(mongocast_bin()), "tail", mongo_uri, "%s.c" % db_name,
+                              "--max-await-ms", "100"], stdout=subprocess.PIPE, stderr=err,
+                             stdin=subprocess.DEVNULL)
+        try:
+            wait_for(lambda: "change stream open" in err_path.read_text("utf-8", "replace"),
+                     timeout=START_TIMEOUT, message="mongocast tail to open its change stream")
+            db["c"].insert_one({"_id": 0})
+            assert json.loads(p.stdout.readline())["change"]["documentKey"] == {"_id": 0}
+            p.stdout.close()
+            for i in range(1, 50):
+                db["c"].insert_one({"_id": i})
+                if p.poll() is not None:
+                    break
+                time.sleep(0.05)
+            rc = p.wait(30)
+        finally:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    text = err_path.read_text("utf-8", "replace")
+    assert rc == 1, text
+    assert "mongocast tail: cannot write stdout: " in text, text
+    assert SANITIZER_RE.search(text) is None, text
 
 
 def test_tail_long_error_keeps_its_code(tails, mongo_uri, db_name):

@@ -1,7 +1,7 @@
 /*
  * emu_fixture.h: mongo-emulator as a child process, for the unit tests that run the engine end
- * to end (test_engine.c, test_engine_stats.c, test_recipient_lookup.c), and the removal of
- * their checkpoint directories. Header-only: each test is one executable.
+ * to end (test_engine.c, test_engine_stats.c, test_engine_runners.c, test_recipient_lookup.c),
+ * the removal of their checkpoint directories, and reading the tokens stored there. Header-only: each test is one executable.
  *
  * The binary is found through MC_EMULATOR or next to the build tree
  * (tools/mongo-emulator/mongo-emulator relative to the test executable's ../..); a test without
@@ -10,6 +10,7 @@
 #ifndef MC_TEST_EMU_FIXTURE_H
 #define MC_TEST_EMU_FIXTURE_H
 
+#include <bson/bson.h>
 #include <dirent.h>
 #include <signal.h>
 #include <stdbool.h>
@@ -123,6 +124,35 @@ static inline void emu_fixture_rm_dir(const char *dir)
     }
     closedir(d);
     rmdir(dir);
+}
+
+/* The stored token `_data` of stream `stream` (sink NULL: the stream's own record) or of one
+ * of its sinks in file checkpoint store `dir`, into `out`; "" when there is none. */
+static inline const char *emu_fixture_stored_token(const char *dir, const char *stream,
+                                                   const char *sink, char *out, size_t size)
+{
+    char path[400];
+    snprintf(path, sizeof(path), "%s/%s%s%s.json", dir, stream, sink ? "@" : "",
+             sink ? sink : "");
+    out[0] = '\0';
+    FILE *fp = fopen(path, "r");
+    if (!fp) {
+        return out;
+    }
+    char text[8192] = {0};
+    size_t n = fread(text, 1, sizeof(text) - 1, fp);
+    fclose(fp);
+    bson_t doc;
+    bson_error_t jerr;
+    bson_iter_t it;
+    if (n > 0 && bson_init_from_json(&doc, text, -1, &jerr)) {
+        if (bson_iter_init(&it, &doc) && bson_iter_find_descendant(&it, "token._data", &it) &&
+            BSON_ITER_HOLDS_UTF8(&it)) {
+            snprintf(out, size, "%s", bson_iter_utf8(&it, NULL));
+        }
+        bson_destroy(&doc);
+    }
+    return out;
 }
 
 #endif

@@ -724,6 +724,18 @@ const char *emu_coll_index_by_key(const emu_coll_t *c, const bson_t *key)
     return NULL;
 }
 
+/* Same expireAfterSeconds (by value, or both absent) in an index's stored spec and a request. */
+static bool same_expiry(const bson_t *have, const bson_t *want)
+{
+    bson_iter_t a, b;
+    bool ha = bson_iter_init_find(&a, have, "expireAfterSeconds");
+    bool hb = bson_iter_init_find(&b, want, "expireAfterSeconds");
+    if (ha != hb) {
+        return false;
+    }
+    return !ha || bson_iter_as_int64(&a) == bson_iter_as_int64(&b);
+}
+
 static void default_index_name(const bson_t *key, char *buf, size_t size)
 {
     bson_iter_t it;
@@ -793,6 +805,14 @@ int emu_coll_add_index(emu_coll_t *c, const bson_t *spec, bool *added, mc_error_
                 return mc_error_set(err, MC_EINVAL, MC_DOMAIN_MONGODB, 86,
                                     "An existing index has the same name as the requested "
                                     "index but different options. Requested index: %s",
+                                    name);
+            }
+            if (i > 0 && !same_expiry(&o->spec, spec)) {
+                /* mongod: IndexOptionsConflict, e.g. a TTL index asked for with another
+                 * expiry (changing it takes collMod). */
+                return mc_error_set(err, MC_EINVAL, MC_DOMAIN_MONGODB, 85,
+                                    "An equivalent index already exists with the same name but "
+                                    "different options. Requested index: %s",
                                     name);
             }
             return 0;
