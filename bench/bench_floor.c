@@ -222,16 +222,26 @@ static void after_send(conn_t *c, const struct iovec *iov, int n, size_t total, 
     }
 }
 
+/* Whether the group goes to `c` now: an open connection whose earlier rest is written; with
+ * a rest still waiting, the group is kept behind it. */
+static bool may_send(conn_t *c, const struct iovec *iov, int n)
+{
+    if (!c->open) {
+        return false;
+    }
+    if (c->pend_len && !flush_pending(c)) {
+        keep_rest(c, iov, n, 0);
+        return false;
+    }
+    return true;
+}
+
 static void send_writev(const struct iovec *iov, int n)
 {
     size_t total = iov_total(iov, n);
     for (int i = 0; i < n_conns; i++) {
         conn_t *c = &conns[i];
-        if (!c->open) {
-            continue;
-        }
-        if (c->pend_len && !flush_pending(c)) {
-            keep_rest(c, iov, n, 0);
+        if (!may_send(c, iov, n)) {
             continue;
         }
         ssize_t w = writev(c->fd, iov, n);
@@ -251,11 +261,7 @@ static void send_uring(struct iovec *iov, int n)
     int queued = 0;
     for (int i = 0; i < n_conns; i++) {
         conn_t *c = &conns[i];
-        if (!c->open) {
-            continue;
-        }
-        if (c->pend_len && !flush_pending(c)) {
-            keep_rest(c, iov, n, 0);
+        if (!may_send(c, iov, n)) {
             continue;
         }
         struct io_uring_sqe *sqe = io_uring_get_sqe(&ring);

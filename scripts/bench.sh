@@ -165,9 +165,9 @@ start_floor() {
     floor_batch=$(grep "phase=$2 " "$out" | grep -E " server=(daemon[a-z_]*|before)( |$)" |
       tail -1 | awk '{
         w = 0; s = 0
-        if (match($0, / deliveries_per_write=[0-9.]+/)) w = substr($0, RSTART + 22, RLENGTH - 22)
-        if (match($0, / deliveries_per_send=[0-9.]+/)) s = substr($0, RSTART + 21, RLENGTH - 21)
-        b = s > 0 ? s : w } END {if (b < 1) b = 1; if (b > 64) b = 64; print b}')
+        if (match($0, / deliveries_per_write=[0-9.]+/)) w = substr($0, RSTART + 22, RLENGTH - 22) + 0
+        if (match($0, / deliveries_per_send=[0-9.]+/)) s = substr($0, RSTART + 21, RLENGTH - 21) + 0
+        b = s > 0 ? s : w } END {b += 0; if (b < 1) b = 1; if (b > 64) b = 64; print b}')
   fi
   work=$(mktemp -d)
   "$build/bench/bench_floor" --clients "${FANOUT_CLIENTS:-1000}" --events "$events" \
