@@ -204,12 +204,13 @@ static void raise_nofile(void)
 }
 
 /* server.io: io_uring for the table's writes when the kernel allows it (auto, uring), else
- * writev; uring refuses to start without it. Decided once, here, and logged. */
+ * writev; uring refuses to start without it. Decided once, here; the choice is logged when the
+ * server starts (a config that fails later, e.g. on a sink, then prints only its error). */
 static int setup_io(mcd_server_t *srv, mc_error_t *err)
 {
     mcd_io_mode_t mode = mcd_io_mode_parse(srv->config->server.io);
     if (mode == MCD_IO_WRITEV) {
-        mc_log(MC_LOG_INFO, "server", "socket writes: writev (server.io: writev)");
+        snprintf(srv->io_note, sizeof(srv->io_note), "socket writes: writev (server.io: writev)");
         return 0;
     }
     mcd_sendring_t *ring = NULL;
@@ -222,9 +223,9 @@ static int setup_io(mcd_server_t *srv, mc_error_t *err)
         }
     }
     if (rc == 0) {
-        mc_log(MC_LOG_INFO, "server",
-               "socket writes: io_uring, up to %u sends per submission (server.io: %s)",
-               mcd_sendring_room(srv->table.ring), mode == MCD_IO_URING ? "uring" : "auto");
+        snprintf(srv->io_note, sizeof(srv->io_note),
+                 "socket writes: io_uring, up to %u sends per submission (server.io: %s)",
+                 mcd_sendring_room(srv->table.ring), mode == MCD_IO_URING ? "uring" : "auto");
         return 0;
     }
     if (mode == MCD_IO_URING) {
@@ -232,8 +233,9 @@ static int setup_io(mcd_server_t *srv, mc_error_t *err)
                             "server.io: uring, but io_uring is not available here (%s)",
                             why.message);
     }
-    mc_log(MC_LOG_WARN, "server", "socket writes: writev, io_uring is not available here (%s)",
-           why.message);
+    srv->io_note_warn = true;
+    snprintf(srv->io_note, sizeof(srv->io_note),
+             "socket writes: writev, io_uring is not available here (%s)", why.message);
     return 0;
 }
 
@@ -348,6 +350,7 @@ int mcd_server_start(mcd_server_t *srv, mc_error_t *err)
     if (srv->thread_started) {
         return 0;
     }
+    mc_log(srv->io_note_warn ? MC_LOG_WARN : MC_LOG_INFO, "server", "%s", srv->io_note);
     int rc = mcd_listener_bind(srv, err);
     if (rc != 0) {
         return rc;
