@@ -39,6 +39,14 @@
  *               ones (in this mode _exact are the others, _low bounds the shared ones by the
  *               connection's previous different stamp). Two to three system calls per frame
  *               instead of one per wake-up: more client CPU.
+ *   --generated 1 (throughput, latency): the server generates the events itself (bench_floor,
+ *               the floor program): instead of inserting, the bench sends SIGUSR1 to
+ *               --daemon-pid right after its first CPU reading and waits for EVENTS changes;
+ *               bench_t is then the generation time (no reference watcher, no MongoDB).
+ *               Throughput and latency lines carry daemon_writes (the daemon's write-type
+ *               system calls over the window, /proc/PID/io syscw; sends submitted through
+ *               io_uring are not counted) and deliveries_per_write (0 when the writes are
+ *               too few to be the sends: fewer than one per 64 deliveries).
  *   idle        C subscribers that only hold their connection; daemon RSS and RssAnon before
  *               and after (/proc/PID/status, smaps_rollup), per connection. The baseline is
  *               taken after one warm-up subscriber came and went. Kernel memory (socket
@@ -180,6 +188,7 @@ typedef struct opts {
     int client_nice;
     int client_poll_us;
     int exact_reads;
+    int generated;
     char host[256];
     int port;
     char path[1024];
@@ -286,6 +295,27 @@ static double proc_cpu_split(long pid, double *sys)
 static double proc_cpu_s(long pid)
 {
     return proc_cpu_split(pid, NULL);
+}
+
+/* The write-type system calls a process made so far (`syscw` of /proc/PID/io: write, writev
+ * and the like; sends submitted through io_uring are not counted), -1 when unreadable. */
+static int64_t proc_syscw(long pid)
+{
+    char path[64];
+    snprintf(path, sizeof(path), "/proc/%ld/io", pid);
+    FILE *f = fopen(path, "r");
+    if (!f) {
+        return -1;
+    }
+    char line[128];
+    long long v = -1;
+    while (fgets(line, sizeof(line), f)) {
+        if (sscanf(line, "syscw: %lld", &v) == 1) {
+            break;
+        }
+    }
+    fclose(f);
+    return (int64_t)v;
 }
 
 #define MAX_THREADS 64
@@ -849,8 +879,7 @@ static ssize_t recv_stamped(client_t *c, uint8_t *dst, size_t want, int flags, i
 
 /* A frame read by on_readable_exact is complete; `stamp` is the kernel stamp of the read that
  * ended at its last byte. Returns false when the connection must die. */
-static bool exact_frame_done(client_t *c, int64_t stamp, uint8_t b0, const uint8_t *pl,
-                             size_t plen)
+static bool exact_frame_done(client_t *c, int64_t stamp, uint8_t b0, const uint8_t *pl, size_t plen)
 {
     P->now = now_ns();
     P->arrival = stamp ? stamp : P->now;
@@ -1318,6 +1347,7 @@ typedef struct window {
     double daemon_sys;
     double emu_cpu;
     double client_cpu;
+    int64_t daemon_syscw;
     thread_cpu_t threads;
 } window_t;
 
@@ -1327,6 +1357,7 @@ static void window_mark(window_t *w)
     w->daemon_cpu = proc_cpu_split(O.daemon_pid, &w->daemon_sys);
     w->emu_cpu = O.emulator_pid > 0 ? proc_cpu_s(O.emulator_pid) : -1;
     w->client_cpu = children_cpu_s();
+    w->daemon_syscw = proc_syscw(O.daemon_pid);
     threads_cpu(O.daemon_pid, &w->threads);
 }
 
@@ -1343,7 +1374,7 @@ static int run_writer_phase(void)
 {
     mongoc_init();
     bson_error_t error;
-    mongoc_client_t *client = mongoc_client_new(O.uri);
+    mongoc_client_t *client = mongoc_client_new(O.generated ? "mongodb://127.0.0.1:1" : O.uri);
     if (!client) {
         fprintf(stderr, "bench_fanout: bad uri %s\n", O.uri);
         return 1;
@@ -1360,7 +1391,7 @@ static int run_writer_phase(void)
     mongoc_client_t *ref_client = NULL;
     mongoc_collection_t *ref_coll = NULL;
     bool ref_started = false;
-    if (O.mode == MODE_LATENCY) {
+    if (O.mode == MODE_LATENCY && !O.generated) {
         ref_client = mongoc_client_new(O.uri);
         ref_coll = mongoc_client_get_collection(ref_client, O.db, O.coll);
         bson_t *cs_opts = BCON_NEW("maxAwaitTimeMS", BCON_INT64(1000));
@@ -1387,6 +1418,14 @@ static int run_writer_phase(void)
     int64_t start = w0.t;
     int64_t inserted = 0;
     int64_t lag_max_ns = 0;
+    if (O.generated) {
+        /* The server generates the events (bench_floor): start it now. */
+        if (kill((pid_t)O.daemon_pid, SIGUSR1) != 0) {
+            perror("bench_fanout: kill SIGUSR1");
+            return 1;
+        }
+        inserted = S->n_events;
+    }
     while (inserted < S->n_events) {
         int n = (int)(S->n_events - inserted < batch ? S->n_events - inserted : batch);
         if (O.rate > 0) {
@@ -1463,21 +1502,26 @@ static int run_writer_phase(void)
     char threads[256];
     double runq_wait = 0;
     threads_delta(&w0.threads, &w1.threads, threads, sizeof(threads), &runq_wait);
+    int64_t writes =
+        w0.daemon_syscw >= 0 && w1.daemon_syscw >= 0 ? w1.daemon_syscw - w0.daemon_syscw : -1;
     printf("phase=%s clients=%d procs=%d events=%" PRId64 " doc_bytes=%d msg_bytes=%.0f "
-           "rate=%.0f batch=%d client_nice=%d client_poll_us=%d complete=%d deliveries=%" PRIu64
-           " missing=%" PRIu64 " wall_s=%.3f write_s=%.3f writer_lag_max_ms=%.1f daemon_cpu_s=%.3f "
+           "rate=%.0f batch=%d generated=%d client_nice=%d client_poll_us=%d complete=%d "
+           "deliveries=%" PRIu64 " missing=%" PRIu64
+           " wall_s=%.3f write_s=%.3f writer_lag_max_ms=%.1f daemon_cpu_s=%.3f "
            "daemon_sys_s=%.3f deliveries_per_daemon_cpu_s=%.0f deliveries_per_wall_s=%.0f "
            "daemon_cpu_us_per_delivery=%.3f daemon_cpu_us_per_event=%.1f daemon_cpu_util=%.2f "
            "clients_cpu_s=%.3f emulator_cpu_s=%.3f slow_closes=%" PRIu64 " closes=%" PRIu64
-           " client_errors=%" PRIu64 " daemon_runq_wait_s=%.3f daemon_threads=%s",
+           " client_errors=%" PRIu64 " daemon_runq_wait_s=%.3f daemon_threads=%s"
+           " daemon_writes=%" PRId64 " deliveries_per_write=%.2f",
            O.mode == MODE_LATENCY ? "latency" : "throughput", O.clients, O.procs, S->n_events,
-           doc_bytes, got ? (double)SUM64(bytes) / (double)got : 0.0, O.rate, batch, O.client_nice,
-           O.client_poll_us, complete, got, want - (got < want ? got : want), wall,
+           doc_bytes, got ? (double)SUM64(bytes) / (double)got : 0.0, O.rate, batch, O.generated,
+           O.client_nice, O.client_poll_us, complete, got, want - (got < want ? got : want), wall,
            (double)(t_written - w0.t) / 1e9, (double)lag_max_ns / 1e6, dcpu,
            w1.daemon_sys - w0.daemon_sys, dcpu > 0 ? (double)got / dcpu : 0.0, (double)got / wall,
            got ? dcpu * 1e6 / (double)got : 0.0, dcpu * 1e6 / (double)S->n_events, dcpu / wall,
            w1.client_cpu - w0.client_cpu, w0.emu_cpu >= 0 ? w1.emu_cpu - w0.emu_cpu : -1.0,
-           SUM32(slow), SUM32(closed), SUM32(errors), runq_wait, threads);
+           SUM32(slow), SUM32(closed), SUM32(errors), runq_wait, threads, writes,
+           writes > 0 && (double)writes * 64 >= (double)got ? (double)got / (double)writes : 0.0);
     print_hist("lat_insert_to_client", &h_ins);
     if (O.mode == MODE_LATENCY) {
         print_hist("lat_insert_to_arrival", &h_arr);
@@ -1599,7 +1643,7 @@ static void usage(void)
             "         [--coll fanout] [--clients 1000] [--procs 2] [--events N] [--rate R]\n"
             "         [--seconds S] [--size 200] [--batch B] [--hold S] [--concurrency 128]\n"
             "         [--timeout 20] [--client-nice N] [--client-poll-us US]\n"
-            "         [--exact-reads 0|1]\n");
+            "         [--exact-reads 0|1] [--generated 0|1]\n");
     exit(2);
 }
 
@@ -1691,6 +1735,8 @@ int main(int argc, char **argv)
             if (O.exact_reads < 0 || O.exact_reads > 1) {
                 usage();
             }
+        } else if (!strcmp(k, "--generated")) {
+            O.generated = atoi(v);
         } else if (!strcmp(k, "--client-nice")) {
             O.client_nice = atoi(v);
         } else {
@@ -1699,7 +1745,7 @@ int main(int argc, char **argv)
     }
     if (!O.url || parse_url(O.url) != 0 || O.daemon_pid <= 0 || O.clients <= 0 || O.procs <= 0 ||
         O.procs > MAX_PROCS || O.concurrency <= 0 || O.size < 64 ||
-        (O.mode != MODE_IDLE && !O.uri)) {
+        (O.mode != MODE_IDLE && !O.uri && !O.generated)) {
         usage();
     }
     if (O.mode == MODE_LATENCY) {

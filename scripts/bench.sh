@@ -36,6 +36,21 @@
 #                   read_boundary_frac to the latency summary.
 #                   FANOUT_DAEMON_WRAP: a command prefix that exec()s the daemon in place
 #                   (e.g. "valgrind --tool=callgrind"), so that $! is still the daemon's pid.
+#                   FANOUT_SERVERS (default "daemon"): the servers each phase runs against, one
+#                   after the other within each run (so that runs alternate): daemon
+#                   (`mongocast run`, server.io FANOUT_SERVER_IO or the default), daemon_uring
+#                   and daemon_writev (server.io forced), before (the daemon of the build
+#                   directory FANOUT_BEFORE_BUILD, for before/after figures), floor_writev and
+#                   floor_uring (throughput and latency phases only)
+#                   (bench/bench_floor.c, the floor program: the same frames to the same
+#                   clients with only the kernel's work, no emulator; docs/PERFORMANCE.md,
+#                   "The floor"). The floor sends groups of FANOUT_FLOOR_BATCH events (a
+#                   mean; default "auto": the deliveries per send of the daemon's run just
+#                   before in the same phase, 1 without one), messages of
+#                   FANOUT_FLOOR_MSG_BYTES (629, the daemon's message for a 200-byte
+#                   document). Every line gets server=NAME (floor lines also floor_batch=B);
+#                   the summary gives each server's medians and the daemon's CPU per delivery
+#                   as a ratio to each floor.
 set -euo pipefail
 build=${1:-build}
 runs=${2:-5}
@@ -58,6 +73,7 @@ out=$(mktemp)
 pid=
 dpid=
 work=
+floor_batch=1
 cleanup() {
   if [ -n "$dpid" ]; then kill "$dpid" 2>/dev/null || true; fi
   if [ -n "$pid" ]; then kill "$pid" 2>/dev/null || true; fi
@@ -80,12 +96,14 @@ stop_emulator() {
   pid=
 }
 
-# Starts `mongocast run` on the running emulator with a generated config; sets dpid, dport.
-# $1 "blocked": also a sink that blocks forever (fault sink, test builds of the config only).
+# Starts `mongocast run` (binary $1, default $daemon; server.io $2 when given) on the running
+# emulator with a generated config; sets dpid, dport. $3 "blocked": also a sink that blocks
+# forever (fault sink, test builds of the config only).
 start_daemon() {
+  local bin=${1:-$daemon} io=${2:-}
   work=$(mktemp -d)
   local sinks="sinks: []"
-  if [ "${1:-}" = blocked ]; then
+  if [ "${3:-}" = blocked ]; then
     sinks="sinks:
   - {name: blocked, type: fault, block_after: 0, block_ms: -1, max_lag_events: 2000}"
   fi
@@ -98,6 +116,7 @@ checkpoint:
 server:
   listen: 127.0.0.1:0
   max_connections: 20000
+${io:+  io: $io}
 streams:
   fan:
     db: bench
@@ -106,7 +125,7 @@ streams:
 $sinks
 EOF
   # shellcheck disable=SC2086  # FANOUT_DAEMON_WRAP is a command prefix, split on purpose
-  MONGOCAST_TEST_SINKS=1 ${FANOUT_DAEMON_WRAP:-} "$daemon" run -c "$work/fanout.yaml" \
+  MONGOCAST_TEST_SINKS=1 ${FANOUT_DAEMON_WRAP:-} "$bin" run -c "$work/fanout.yaml" \
     >"$work/daemon.out" 2>"$work/daemon.err" &
   dpid=$!
   dport=
@@ -132,10 +151,79 @@ stop_daemon() {
   work=
 }
 
-# One fan-out phase against a fresh emulator and daemon; its report line goes to $out.
+# Starts bench_floor with io $1 for the phase's load; sets dpid, dport (no emulator).
+start_floor() {
+  local events=${FANOUT_EVENTS:-20000} rate=${FANOUT_RATE:-2000}
+  if [ "$2" = latency ]; then
+    rate=${FANOUT_LAT_RATE:-1000}
+    events=$((rate * ${FANOUT_LAT_SECONDS:-10}))
+  fi
+  floor_batch=${FANOUT_FLOOR_BATCH:-auto}
+  if [ "$floor_batch" = auto ]; then
+    # the deliveries per send (io_uring or writev; else per write call) of the last daemon
+    # run of this phase, within [1, 64]
+    floor_batch=$(grep "phase=$2 " "$out" | grep -E " server=(daemon[a-z_]*|before)( |$)" |
+      tail -1 | awk '{
+        w = 0; s = 0
+        if (match($0, / deliveries_per_write=[0-9.]+/)) w = substr($0, RSTART + 22, RLENGTH - 22) + 0
+        if (match($0, / deliveries_per_send=[0-9.]+/)) s = substr($0, RSTART + 21, RLENGTH - 21) + 0
+        b = s > 0 ? s : w } END {b += 0; if (b < 1) b = 1; if (b > 64) b = 64; print b}')
+  fi
+  work=$(mktemp -d)
+  "$build/bench/bench_floor" --clients "${FANOUT_CLIENTS:-1000}" --events "$events" \
+    --rate "$rate" --batch "$floor_batch" --msg-bytes "${FANOUT_FLOOR_MSG_BYTES:-629}" \
+    --io "$1" 2>"$work/daemon.err" &
+  dpid=$!
+  dport=
+  for _ in $(seq 200); do
+    dport=$(sed -n 's/.*server listening on [^ ]*:\([0-9]*\).*/\1/p' "$work/daemon.err" \
+      2>/dev/null | head -1 || true)
+    [ -n "$dport" ] && return 0
+    sleep 0.05
+  done
+  echo "bench: bench_floor did not start" >&2; cat "$work/daemon.err" >&2; exit 1
+}
+
+# One fan-out phase against the floor program (server $2: floor_writev or floor_uring).
+floor_phase() {
+  case $1 in throughput | latency) ;; *) return 0 ;; esac
+  start_floor "${2#floor_}" "$1"
+  local rc=0 mode_args
+  if [ "$1" = throughput ]; then
+    mode_args=(--events "${FANOUT_EVENTS:-20000}" --rate "${FANOUT_RATE:-2000}")
+  else
+    mode_args=(--rate "${FANOUT_LAT_RATE:-1000}" --seconds "${FANOUT_LAT_SECONDS:-10}")
+  fi
+  "$build/bench/bench_fanout" "$1" --url "ws://127.0.0.1:$dport/v1/streams/fan" --generated 1 \
+    --daemon-pid "$dpid" --size "${FANOUT_DOC_BYTES:-200}" \
+    --client-poll-us "${FANOUT_CLIENT_POLL_US:-0}" --client-nice "${FANOUT_CLIENT_NICE:-0}" \
+    --exact-reads "${FANOUT_EXACT_READS:-0}" --clients "${FANOUT_CLIENTS:-1000}" \
+    --procs "${FANOUT_PROCS:-2}" "${mode_args[@]}" >"$out.one" || rc=$?
+  sed "s/\$/ server=$2 floor_batch=$floor_batch/" "$out.one" >>"$out"
+  rm -f "$out.one"
+  [ "$rc" = 0 ] || { echo "bench: floor phase $1 ($2) failed (rc=$rc)" >&2; cat "$work/daemon.err" >&2; }
+  stop_daemon
+}
+
+# One fan-out phase ($1) against a fresh emulator and daemon (server $2: daemon, daemon_uring,
+# daemon_writev or before); its report line goes to $out.
 fanout_phase() {
+  local srv=${2:-daemon} bin=$daemon io=${FANOUT_SERVER_IO:-}
+  case $srv in
+    daemon_uring) io=uring ;;
+    daemon_writev) io=writev ;;
+    before)
+      bin=${FANOUT_BEFORE_BUILD:?FANOUT_BEFORE_BUILD: the build directory of the daemon before}
+      bin=$bin/src/daemon/mongocast
+      io=
+      ;;
+  esac
   start_emulator
-  if [ "$1" = latency_blocked ]; then start_daemon blocked; else start_daemon; fi
+  if [ "$1" = latency_blocked ]; then
+    start_daemon "$bin" "$io" blocked
+  else
+    start_daemon "$bin" "$io"
+  fi
   local common=(--url "ws://127.0.0.1:$dport/v1/streams/fan"
     --uri "mongodb://127.0.0.1:$port/?replicaSet=rs0" --daemon-pid "$dpid" --emulator-pid "$pid"
     --size "${FANOUT_DOC_BYTES:-200}" --client-poll-us "${FANOUT_CLIENT_POLL_US:-0}"
@@ -145,26 +233,36 @@ fanout_phase() {
     throughput)
       "$build/bench/bench_fanout" throughput "${common[@]}" --clients "${FANOUT_CLIENTS:-1000}" \
         --procs "${FANOUT_PROCS:-2}" --events "${FANOUT_EVENTS:-20000}" \
-        --rate "${FANOUT_RATE:-2000}" --batch "${FANOUT_BATCH:-10}" >>"$out" || rc=$?
+        --rate "${FANOUT_RATE:-2000}" --batch "${FANOUT_BATCH:-10}" >"$out.one" || rc=$?
       ;;
     latency | latency_blocked)
       "$build/bench/bench_fanout" latency "${common[@]}" --clients "${FANOUT_CLIENTS:-1000}" \
         --procs "${FANOUT_PROCS:-2}" --rate "${FANOUT_LAT_RATE:-1000}" \
         --seconds "${FANOUT_LAT_SECONDS:-10}" >"$out.one" || rc=$?
-      sed "s/^phase=latency /phase=$1 /" "$out.one" >>"$out"
-      rm -f "$out.one"
+      sed "s/^phase=latency /phase=$1 /" "$out.one" >"$out.two"
+      mv "$out.two" "$out.one"
       ;;
     idle)
       "$build/bench/bench_fanout" idle "${common[@]}" --clients "${FANOUT_CLIENTS:-1000}" \
-        --procs "${FANOUT_PROCS:-2}" >>"$out" || rc=$?
+        --procs "${FANOUT_PROCS:-2}" >"$out.one" || rc=$?
       ;;
     idle_max)
       "$build/bench/bench_fanout" idle "${common[@]}" --clients "${FANOUT_IDLE_MAX:-19000}" \
-        --procs "${FANOUT_IDLE_PROCS:-4}" >"$out.one" || rc=$?
-      sed 's/^phase=idle /phase=idle_max /' "$out.one" >>"$out"
-      rm -f "$out.one"
+        --procs "${FANOUT_IDLE_PROCS:-4}" >"$out.two" || rc=$?
+      sed 's/^phase=idle /phase=idle_max /' "$out.two" >"$out.one"
+      rm -f "$out.two"
       ;;
   esac
+  # The daemon's sends over its life (ready messages included; 0 for a daemon without the
+  # counter), and deliveries per send over the bench window.
+  local sends
+  sends=$(curl -s "http://127.0.0.1:$dport/metrics" |
+    awk '/^mongocast_socket_sends_total/ {s += $2} END {print s + 0}')
+  awk -v srv="$srv" -v sends="$sends" '{
+    d = 0; if (match($0, / deliveries=[0-9]+/)) d = substr($0, RSTART + 12, RLENGTH - 12)
+    printf "%s server=%s daemon_sends=%d deliveries_per_send=%.2f\n", $0, srv, sends,
+      (sends > 0 ? d / sends : 0) }' "$out.one" >>"$out"
+  rm -f "$out.one"
   [ "$rc" = 0 ] || echo "bench: fanout phase $1 failed (rc=$rc)" >&2
   stop_daemon
   stop_emulator
@@ -174,7 +272,15 @@ for b in $select; do
   : >"$out"
   for i in $(seq "$runs"); do
     if [ "$b" = fanout ]; then
-      for ph in ${FANOUT_PHASES:-throughput latency idle idle_max}; do fanout_phase "$ph"; done
+      for ph in ${FANOUT_PHASES:-throughput latency idle idle_max}; do
+        for srv in ${FANOUT_SERVERS:-daemon}; do
+          case $srv in
+            daemon | daemon_uring | daemon_writev | before) fanout_phase "$ph" "$srv" ;;
+            floor_writev | floor_uring) floor_phase "$ph" "$srv" ;;
+            *) echo "bench: unknown server $srv in FANOUT_SERVERS" >&2; exit 1 ;;
+          esac
+        done
+      done
       continue
     fi
     if [ "$b" = expr ]; then
@@ -236,41 +342,65 @@ for b in $select; do
         "$(field stages json_onepass_prototype_us)" "$(field stages prototype_mismatches)"
       ;;
     fanout)
-      # mrange PHASE KEY: "median (min-max, n runs)" of KEY over the lines of phase PHASE
+      # mrange PHASE KEY: "median (min-max, n runs)" of KEY over the lines of phase PHASE and
+      # server $srv in $out; mval PHASE KEY: the median alone
+      sel() { grep "phase=$1 " "$out" | grep " server=$srv\( \|\$\)" | sed -n "s/.* $2=\([0-9.-]*\).*/\1/p"; }
       mrange() {
-        grep "phase=$1 " "$out" | sed -n "s/.* $2=\([0-9.-]*\).*/\1/p" | sort -n |
+        sel "$1" "$2" | sort -n |
           awk '{a[NR]=$1} END {if (NR) printf "%s (%s-%s, %d runs)",
             (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2), a[1], a[NR], NR}'
+      }
+      mval() {
+        local v
+        v=$(sel "$1" "$2")
+        if [ -n "$v" ]; then echo "$v" | median; fi
       }
       echo "bench_fanout, $runs runs, medians (min-max), client processes at nice" \
         "${FANOUT_CLIENT_NICE:-0}:"
       for ph in ${FANOUT_PHASES:-throughput latency idle idle_max}; do
-        echo "  $ph:"
-        case $ph in
-          throughput | latency | latency_blocked)
-            for key in complete deliveries_per_daemon_cpu_s deliveries_per_wall_s daemon_cpu_s \
-              daemon_sys_s daemon_cpu_us_per_delivery daemon_cpu_util daemon_runq_wait_s \
-              clients_cpu_s emulator_cpu_s msg_bytes missing slow_closes stamp_shared_frac \
-              $([ "${FANOUT_EXACT_READS:-0}" = 0 ] || echo read_boundary_frac); do
-              printf '    %-34s %s\n' "$key" "$(mrange "$ph" "$key")"
-            done
-            lat="lat_insert_to_client"
-            [ "$ph" != throughput ] && lat="$lat lat_insert_to_arrival lat_insert_to_ref \
-              lat_ref_to_arrival lat_ref_to_arrival_exact lat_ref_to_arrival_low lat_ref_to_first fanout_spread"
-            for h in $lat; do
-              for q in p50 p99 p999 max; do
-                printf '    %-34s %s\n' "${h}_${q}_ms" "$(mrange "$ph" "${h}_${q}_ms")"
+        for srv in ${FANOUT_SERVERS:-daemon}; do
+          grep "phase=$ph " "$out" | grep -q " server=$srv\( \|\$\)" || continue
+          echo "  $ph ($srv):"
+          case $ph in
+            throughput | latency | latency_blocked)
+              for key in complete deliveries_per_daemon_cpu_s deliveries_per_wall_s daemon_cpu_s \
+                daemon_sys_s daemon_cpu_us_per_delivery daemon_cpu_util daemon_runq_wait_s \
+                deliveries_per_write deliveries_per_send clients_cpu_s emulator_cpu_s msg_bytes \
+                missing slow_closes stamp_shared_frac $(case $srv in floor_*) echo floor_batch ;; esac) \
+                $([ "${FANOUT_EXACT_READS:-0}" = 0 ] || echo read_boundary_frac); do
+                printf '    %-34s %s\n' "$key" "$(mrange "$ph" "$key")"
               done
-            done
-            ;;
-          idle | idle_max)
-            for key in clients subscribed rss_before_kib rss_kib rss_bytes_per_conn \
-              anon_bytes_per_conn pss_kib kernel_tcp_bytes_per_conn_both_ends \
-              kernel_slab_bytes_per_conn_both_ends daemon_fds; do
-              printf '    %-34s %s\n' "$key" "$(mrange "$ph" "$key")"
-            done
-            ;;
-        esac
+              lat="lat_insert_to_client"
+              [ "$ph" != throughput ] && [ "$srv" = daemon ] && lat="$lat lat_insert_to_arrival \
+                lat_insert_to_ref lat_ref_to_arrival lat_ref_to_arrival_exact \
+                lat_ref_to_arrival_low lat_ref_to_first fanout_spread"
+              for h in $lat; do
+                for q in p50 p99 p999 max; do
+                  printf '    %-34s %s\n' "${h}_${q}_ms" "$(mrange "$ph" "${h}_${q}_ms")"
+                done
+              done
+              ;;
+            idle | idle_max)
+              for key in clients subscribed rss_before_kib rss_kib rss_bytes_per_conn \
+                anon_bytes_per_conn pss_kib kernel_tcp_bytes_per_conn_both_ends \
+                kernel_slab_bytes_per_conn_both_ends daemon_fds; do
+                printf '    %-34s %s\n' "$key" "$(mrange "$ph" "$key")"
+              done
+              ;;
+          esac
+        done
+        # Each daemon's CPU per delivery as a ratio to each floor (medians of the same runs).
+        for dsrv in daemon daemon_uring daemon_writev before; do
+          srv=$dsrv
+          d=$(mval "$ph" daemon_cpu_us_per_delivery)
+          for f in floor_writev floor_uring; do
+            srv=$f
+            fl=$(mval "$ph" daemon_cpu_us_per_delivery)
+            if [ -z "$d" ] || [ -z "$fl" ]; then continue; fi
+            printf '  %s: %s CPU per delivery / %s = %s / %s = %s\n' "$ph" "$dsrv" "$f" "$d" \
+              "$fl" "$(awk -v a="$d" -v b="$fl" 'BEGIN {if (b > 0) printf "%.2f", a / b}')"
+          done
+        done
       done
       ;;
   esac

@@ -10,7 +10,7 @@ set -euo pipefail
 packages=(
   build-essential cmake pkg-config
   libbson-dev libmongoc-dev libuv1-dev node-llhttp libssl-dev
-  libhiredis-dev libcurl4-openssl-dev libnats-dev libyaml-dev libpcre2-dev
+  libhiredis-dev libcurl4-openssl-dev libnats-dev libyaml-dev libpcre2-dev liburing-dev
   libcmocka-dev clang libclang-rt-14-dev
   python3 python3-pytest python3-pymongo python3-websockets python3-redis
   python3-jwt python3-requests

@@ -161,6 +161,7 @@ typedef struct mc_config {
         uint32_t max_connections_per_address; /* 0: no limit */
         uint32_t max_snapshot_documents;      /* per ?snapshot=true; 0: refused */
         uint32_t snapshot_workers;            /* snapshot reader threads; 2 */
+        char *io; /* how sockets are written: "auto" | "uring" | "writev"; default "auto" */
     } server;
     struct {
         bool enabled;

@@ -223,7 +223,9 @@ const bson_t *mc_event_change(const mc_event_t *ev);
  * rendered once on first use and cached (concurrent first calls are safe; one rendering wins,
  * the others are discarded):
  *   change:     {"type":"change","stream":S,"id":<_data>,"recipient":R,"summary":L,"change":{...}}
- *               (change in relaxed Extended JSON; "recipient" is present only when the stream
+ *               (change in relaxed Extended JSON without its _id when that is exactly
+ *               {"_data": <id>}: the resume token is carried once, as "id"; a token with any
+ *               other shape stays in the change. "recipient" is present only when the stream
  *               has a recipient: the identity as mc_event_recipient() spells it, or null;
  *               "summary" only when the stream's summary rendered a line for this event)
  *   invalidate: {"type":"invalidate","stream":S,"reason":"drop"}

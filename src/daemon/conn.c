@@ -27,6 +27,7 @@
 
 #include "sse.h"
 
+#include <errno.h>
 #include <inttypes.h>
 #include <malloc.h>
 #include <stdlib.h>
@@ -71,8 +72,11 @@ int mcd_conn_table_init(mcd_conn_table_t *t, uint32_t max_conns, uint32_t max_pe
     return 0;
 }
 
+static void drop_ring(mcd_conn_table_t *t);
+
 void mcd_conn_table_cleanup(mcd_conn_table_t *t)
 {
+    drop_ring(t);
     free(t->conns);
     free(t->dirty);
     free(t->addrs); /* entries go with their last connection */
@@ -705,6 +709,106 @@ static void on_write(uv_write_t *req, int status)
     }
 }
 
+/* Drops the references of `n` messages of a write that failed and closes the connection. */
+static void fail_batch(mcd_conn_t *c, mcd_msg_t **batch, uint32_t n, uint64_t bytes)
+{
+    for (uint32_t i = 0; i < n; i++) {
+        mcd_msg_unref(batch[i]);
+    }
+    release_bytes(c, bytes);
+    mcd_conn_abort(c);
+}
+
+/* Pops up to `max` messages of c's queue into `batch` and their buffers into `bufs` (room
+ * for 3 per message); returns how many, with their bytes in *total and buffers in *nb. */
+static uint32_t pop_batch(mcd_conn_t *c, uint32_t max, mcd_msg_t **batch, uv_buf_t *bufs,
+                          unsigned *nb, uint64_t *total)
+{
+    uint32_t n = c->q_len < max ? c->q_len : max;
+    *total = 0;
+    *nb = 0;
+    for (uint32_t i = 0; i < n; i++) {
+        mcd_msg_t *m = q_pop(c);
+        batch[i] = m;
+        *total += mcd_msg_size(m, c->transport);
+        *nb += mcd_msg_bufs(m, c->transport, bufs + *nb);
+    }
+    c->pending_bytes -= (uint32_t)*total;
+    return n;
+}
+
+/* The kernel took `written` of the `total` bytes of the n popped messages in `batch` (whose
+ * buffers are bufs[0..nb)): releases the messages it took whole and hands the rest to one
+ * uv_write whose request holds their references. Both write paths (writev and io_uring) end
+ * here, so what reaches the socket after a short write does not depend on the path. Returns
+ * 0 when everything was written, 1 when a uv_write holds the rest, -1 when the connection
+ * was closed. */
+static int after_write(mcd_conn_t *c, mcd_msg_t **batch, uint32_t n, uv_buf_t *bufs, unsigned nb,
+                       uint64_t total, uint64_t written)
+{
+    uint32_t k = 0;
+    uint64_t done = 0;
+    while (k < n) {
+        size_t sz = mcd_msg_size(batch[k], c->transport);
+        if (done + sz > written) {
+            break;
+        }
+        done += sz;
+        mcd_msg_unref(batch[k]);
+        k++;
+    }
+    release_bytes(c, done);
+    if (k == n) {
+        return 0;
+    }
+    /* Skip the bytes already written, possibly inside a buffer. */
+    unsigned j = 0;
+    uint64_t skip = written;
+    while (skip >= bufs[j].len && skip > 0) {
+        skip -= bufs[j].len;
+        j++;
+    }
+    bufs[j].base += skip;
+    bufs[j].len -= (size_t)skip;
+    mcd_wreq_t *w = malloc(sizeof(*w) + (n - k) * sizeof(mcd_msg_t *));
+    if (!w) {
+        fail_batch(c, batch + k, n - k, total - done);
+        return -1;
+    }
+    w->conn = c;
+    w->n = n - k;
+    w->bytes = total - done;
+    memcpy(w->msgs, batch + k, (n - k) * sizeof(mcd_msg_t *));
+    c->n_writes++;
+    int rc = uv_write(&w->req, (uv_stream_t *)&c->tcp, bufs + j, nb - j, on_write);
+    if (rc != 0) {
+        c->n_writes--;
+        fail_batch(c, w->msgs, w->n, w->bytes);
+        free(w);
+        return -1;
+    }
+    return 1;
+}
+
+/* One direct write of the popped batch (writev through uv_try_write, only when nothing is in
+ * flight: bytes must stay in order), then after_write(). Returns as after_write(). */
+static int try_write(mcd_conn_t *c, mcd_msg_t **batch, uint32_t n, uv_buf_t *bufs, unsigned nb,
+                     uint64_t total)
+{
+    uint64_t written = 0;
+    if (c->n_writes == 0) {
+        int r = uv_try_write((uv_stream_t *)&c->tcp, bufs, nb);
+        mcd_conn_table(c)->stats.writev_sends++;
+        if (r > 0) {
+            written = (uint64_t)r;
+        } else if (r < 0 && r != UV_EAGAIN) {
+            fail_batch(c, batch, n, total);
+            return -1;
+        }
+    }
+    return after_write(c, batch, n, bufs, nb, total, written);
+}
+
 /* Hands queued messages to the socket: first with uv_try_write (no allocation at all when
  * the socket takes everything, the common case), and what the kernel did not take with one
  * uv_write whose request holds the remaining messages' references. */
@@ -713,86 +817,149 @@ void mcd_conn_start_write(mcd_conn_t *c)
     static uv_buf_t bufs[WRITE_BATCH * 3];
     static mcd_msg_t *batch[WRITE_BATCH];
     while (c->q_len && c->n_writes < MAX_WRITES && !(c->flags & MCD_CF_CLOSED)) {
-        uint32_t n = c->q_len < WRITE_BATCH ? c->q_len : WRITE_BATCH;
-        uint64_t total = 0;
-        unsigned nb = 0;
-        for (uint32_t i = 0; i < n; i++) {
-            mcd_msg_t *m = q_pop(c);
-            batch[i] = m;
-            total += mcd_msg_size(m, c->transport);
-            nb += mcd_msg_bufs(m, c->transport, bufs + nb);
-        }
-        c->pending_bytes -= (uint32_t)total;
-        uint64_t written = 0;
-        if (c->n_writes == 0) {
-            /* Only when nothing is in flight: bytes must stay in order. */
-            int r = uv_try_write((uv_stream_t *)&c->tcp, bufs, nb);
-            if (r > 0) {
-                written = (uint64_t)r;
-            } else if (r < 0 && r != UV_EAGAIN) {
-                for (uint32_t i = 0; i < n; i++) {
-                    mcd_msg_unref(batch[i]);
-                }
-                release_bytes(c, total);
-                mcd_conn_abort(c);
-                return;
-            }
-        }
-        /* Release the messages the kernel took whole. */
-        uint32_t k = 0;
-        uint64_t done = 0;
-        while (k < n) {
-            size_t sz = mcd_msg_size(batch[k], c->transport);
-            if (done + sz > written) {
-                break;
-            }
-            done += sz;
-            mcd_msg_unref(batch[k]);
-            k++;
-        }
-        release_bytes(c, done);
-        if (k == n) {
-            continue;
-        }
-        /* Skip the bytes already written, possibly inside a buffer. */
-        unsigned j = 0;
-        uint64_t skip = written;
-        while (skip >= bufs[j].len && skip > 0) {
-            skip -= bufs[j].len;
-            j++;
-        }
-        bufs[j].base += skip;
-        bufs[j].len -= (size_t)skip;
-        mcd_wreq_t *w = malloc(sizeof(*w) + (n - k) * sizeof(mcd_msg_t *));
-        if (!w) {
-            for (uint32_t i = k; i < n; i++) {
-                mcd_msg_unref(batch[i]);
-            }
-            release_bytes(c, total - done);
-            mcd_conn_abort(c);
-            return;
-        }
-        w->conn = c;
-        w->n = n - k;
-        w->bytes = total - done;
-        memcpy(w->msgs, batch + k, (n - k) * sizeof(mcd_msg_t *));
-        c->n_writes++;
-        int rc = uv_write(&w->req, (uv_stream_t *)&c->tcp, bufs + j, nb - j, on_write);
-        if (rc != 0) {
-            c->n_writes--;
-            for (uint32_t i = 0; i < w->n; i++) {
-                mcd_msg_unref(w->msgs[i]);
-            }
-            release_bytes(c, w->bytes);
-            free(w);
-            mcd_conn_abort(c);
+        unsigned nb;
+        uint64_t total;
+        uint32_t n = pop_batch(c, WRITE_BATCH, batch, bufs, &nb, &total);
+        if (try_write(c, batch, n, bufs, nb, total) < 0) {
             return;
         }
     }
 }
 
+/* ---- io_uring submission ------------------------------------------------------------------ */
+
+/* libuv promises that a uv_buf_t is laid out as a struct iovec on Unix: the buffers built
+ * for writev go to io_uring as they are. */
+_Static_assert(sizeof(uv_buf_t) == sizeof(struct iovec) &&
+                   offsetof(uv_buf_t, base) == offsetof(struct iovec, iov_base) &&
+                   offsetof(uv_buf_t, len) == offsetof(struct iovec, iov_len),
+               "uv_buf_t is not an iovec");
+
+#define RING_MSGS 4096         /* messages in one submission */
+#define RING_MSGS_PER_CONN 64u /* per connection and submission; more go by start_write */
+
+/* One connection's send in a submission. */
+typedef struct ring_slot {
+    mcd_conn_t *c;
+    uint32_t first; /* its messages: batch->msgs[first .. first + n) */
+    uint32_t n;
+    uint32_t first_buf; /* its buffers: batch->bufs[first_buf .. first_buf + nb) */
+    unsigned nb;
+    uint64_t total;
+} ring_slot_t;
+
+struct mcd_ring_batch {
+    ring_slot_t *slots; /* as many as the ring takes per submission */
+    uint32_t n_slots;
+    uint32_t n_msgs;
+    uint32_t n_bufs;
+    mcd_msg_t *msgs[RING_MSGS];
+    uv_buf_t bufs[RING_MSGS * 3];
+};
+
+int mcd_conn_table_use_ring(mcd_conn_table_t *t, mcd_sendring_t *ring)
+{
+    struct mcd_ring_batch *b = calloc(1, sizeof(*b));
+    ring_slot_t *slots = b ? calloc(mcd_sendring_room(ring), sizeof(*slots)) : NULL;
+    if (!slots) {
+        free(b);
+        mcd_sendring_destroy(ring);
+        return MC_ENOMEM;
+    }
+    b->slots = slots;
+    t->batch = b;
+    t->ring = ring;
+    return 0;
+}
+
+static void drop_ring(mcd_conn_table_t *t)
+{
+    mcd_sendring_destroy(t->ring);
+    t->ring = NULL;
+    if (t->batch) {
+        free(t->batch->slots);
+        free(t->batch);
+        t->batch = NULL;
+    }
+}
+
+static void ring_done(void *tag, int res, void *arg)
+{
+    ring_slot_t *s = tag;
+    struct mcd_ring_batch *b = arg;
+    mcd_conn_t *c = s->c;
+    mcd_msg_t **batch = b->msgs + s->first;
+    uv_buf_t *bufs = b->bufs + s->first_buf;
+    if (res == MCD_SENDRING_NOT_SENT) {
+        /* The kernel never saw it: the ordinary write, as if there were no ring. */
+        try_write(c, batch, s->n, bufs, s->nb, s->total);
+        return;
+    }
+    if (res < 0 && res != -EAGAIN) {
+        fail_batch(c, batch, s->n, s->total);
+        return;
+    }
+    after_write(c, batch, s->n, bufs, s->nb, s->total, res > 0 ? (uint64_t)res : 0);
+}
+
+/* Submits the sends added so far and handles their results. */
+static void ring_submit(mcd_conn_table_t *t)
+{
+    struct mcd_ring_batch *b = t->batch;
+    if (!b->n_slots) {
+        return;
+    }
+    uint64_t before = mcd_sendring_submits(t->ring);
+    mc_error_t err;
+    int rc = mcd_sendring_run(t->ring, ring_done, b, &err);
+    t->stats.ring_submits += mcd_sendring_submits(t->ring) - before;
+    t->stats.ring_sends += b->n_slots;
+    b->n_slots = b->n_msgs = b->n_bufs = 0;
+    if (rc != 0) {
+        mc_log(MC_LOG_ERROR, "server", "io_uring failed (%s): writing with writev from now on",
+               err.message);
+        drop_ring(t);
+    }
+}
+
+/* The first batch of every dirty connection with nothing in flight, in one submission (or a
+ * few, when the connections are more than the ring or the scratch takes at once). */
+static void ring_flush(mcd_conn_table_t *t)
+{
+    struct mcd_ring_batch *b = t->batch;
+    for (uint32_t i = 0; i < t->n_dirty && t->ring; i++) {
+        mcd_conn_t *c = t->dirty[i];
+        if (!c || (c->flags & MCD_CF_CLOSED) || !c->q_len || c->n_writes) {
+            continue;
+        }
+        uint32_t n = c->q_len < RING_MSGS_PER_CONN ? c->q_len : RING_MSGS_PER_CONN;
+        if (b->n_msgs + n > RING_MSGS || !mcd_sendring_room(t->ring)) {
+            ring_submit(t);
+            if (!t->ring) {
+                return;
+            }
+        }
+        uv_os_fd_t fd;
+        if (uv_fileno((uv_handle_t *)&c->tcp, &fd) != 0) {
+            continue; /* left to start_write, which reports the error */
+        }
+        ring_slot_t *s = &b->slots[b->n_slots++];
+        s->c = c;
+        s->first = b->n_msgs;
+        s->first_buf = b->n_bufs;
+        s->n = pop_batch(c, n, b->msgs + s->first, b->bufs + s->first_buf, &s->nb, &s->total);
+        b->n_msgs += s->n;
+        b->n_bufs += s->nb;
+        mcd_sendring_add(t->ring, fd, (const struct iovec *)(b->bufs + s->first_buf), s->nb, s);
+    }
+    ring_submit(t);
+}
+
 void mcd_conn_flush_dirty(mcd_conn_table_t *t)
 {
+    if (t->ring) {
+        ring_flush(t);
+    }
     /* Index loop: writing never marks connections dirty, but mcd_conn_abort() may run. */
     for (uint32_t i = 0; i < t->n_dirty; i++) {
         mcd_conn_t *c = t->dirty[i];

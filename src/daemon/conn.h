@@ -16,6 +16,7 @@
 
 #include "http.h"
 #include "msg.h"
+#include "sendring.h"
 #include "subscription.h"
 #include "ws.h"
 
@@ -123,6 +124,9 @@ typedef struct mcd_stats {
     uint64_t queued_bytes; /* sum of conn->queued_bytes */
     uint64_t evicted;      /* connections closed to make room for new ones */
     uint64_t pipelining;   /* connections closed for pipelining without reading */
+    uint64_t writev_sends; /* writes made directly (uv_try_write: one writev each) */
+    uint64_t ring_sends;   /* sends submitted through io_uring */
+    uint64_t ring_submits; /* io_uring_enter calls that submitted them */
     uint32_t conns[3];     /* open connections by transport */
 } mcd_stats_t;
 
@@ -141,8 +145,10 @@ typedef struct mcd_conn_table {
     mcd_conn_t **dirty;
     uint32_t n_dirty;
     uint32_t dirty_cap;
-    uint32_t max_queue; /* server.max_send_queue_bytes */
-    uint32_t linger_ms; /* closing connection: time to write and read the peer's close */
+    uint32_t max_queue;           /* server.max_send_queue_bytes */
+    uint32_t linger_ms;           /* closing connection: time to write and read the peer's close */
+    mcd_sendring_t *ring;         /* io_uring sends (server.io), NULL: writev */
+    struct mcd_ring_batch *batch; /* the sends of one submission (with ring) */
     mcd_stats_t stats;
 } mcd_conn_table_t;
 
@@ -150,8 +156,12 @@ typedef struct mcd_conn_table {
  * Returns 0 or MC_ENOMEM. */
 int mcd_conn_table_init(mcd_conn_table_t *t, uint32_t max_conns, uint32_t max_per_addr,
                         uint32_t max_queue, uint32_t linger_ms);
-/* Frees the table's arrays (the connections must be gone). */
+/* Frees the table's arrays and its ring (the connections must be gone). */
 void mcd_conn_table_cleanup(mcd_conn_table_t *t);
+/* From now on the table's connections are written through `ring` (taken over; destroyed
+ * with the table, or at once if the ring fails later: then writes go back to writev).
+ * Returns 0 or MC_ENOMEM (the ring is then destroyed and writev stays). */
+int mcd_conn_table_use_ring(mcd_conn_table_t *t, mcd_sendring_t *ring);
 
 static inline mcd_conn_table_t *mcd_conn_table(const mcd_conn_t *c)
 {
@@ -219,7 +229,9 @@ void mcd_conn_close(mcd_conn_t *c, uint16_t code, const char *reason, bool drop)
 /* Housekeeping: returns an idle connection's heap ring (see mcd_conn_t). */
 void mcd_conn_trim(mcd_conn_t *c);
 
-/* Writes every dirty connection (the loop's check phase). */
+/* Writes every dirty connection (the loop's check phase): with a ring, the first batch of
+ * each connection that has nothing in flight goes out in one io_uring submission for all of
+ * them; the rest, and everything without a ring, by mcd_conn_start_write(). */
 void mcd_conn_flush_dirty(mcd_conn_table_t *t);
 
 /* Adds `c` to `set`. Returns 0 or MC_ENOMEM. */

@@ -346,6 +346,18 @@ char *mcd_metrics_render(mcd_server_t *srv, size_t *len)
            "Connections that were not subscribers closed to make room for a new connection "
            "(full table, or server.max_connections_per_address).",
            st->evicted);
+    help(&o, "mongocast_server_io", "gauge",
+         "How sockets are written (server.io): 1 for the mode in use, uring or writev.");
+    put(&o, "mongocast_server_io{mode=\"%s\"} 1\n", srv->table.ring ? "uring" : "writev");
+    help(&o, "mongocast_socket_sends_total", "counter",
+         "Writes of queued bytes handed to the kernel: path writev is one writev(2) call each, "
+         "path uring one send submitted through io_uring.");
+    put(&o, "mongocast_socket_sends_total{path=\"writev\"} %" PRIu64 "\n", st->writev_sends);
+    put(&o, "mongocast_socket_sends_total{path=\"uring\"} %" PRIu64 "\n", st->ring_sends);
+    scalar(&o, "mongocast_io_uring_submits_total", "counter",
+           "io_uring_enter calls that submitted sends (one per loop pass, more with more "
+           "connections than one submission takes).",
+           st->ring_submits);
     scalar(&o, "mongocast_pipelining_disconnects_total", "counter",
            "Connections closed for pipelining requests without reading the answers.",
            st->pipelining);
@@ -416,7 +428,8 @@ char *mcd_metrics_render(mcd_server_t *srv, size_t *len)
     for (size_t i = 0; i < n; i++) {
         if (have[i]) {
             put(&o, "mongocast_images_off{stream=\"%s\"} %d\n",
-                label(srv->fanout.hubs[i].cfg->name, l, sizeof(l)), ss[i].images_problem[0] ? 1 : 0);
+                label(srv->fanout.hubs[i].cfg->name, l, sizeof(l)),
+                ss[i].images_problem[0] ? 1 : 0);
         }
     }
     help(&o, "mongocast_client_resumes_total", "counter",

@@ -205,6 +205,42 @@ static void raise_nofile(void)
     }
 }
 
+/* server.io: io_uring for the table's writes when the kernel allows it (auto, uring), else
+ * writev; uring refuses to start without it. Decided once, here; the choice is logged when the
+ * server starts (a config that fails later, e.g. on a sink, then prints only its error). */
+static int setup_io(mcd_server_t *srv, mc_error_t *err)
+{
+    mcd_io_mode_t mode = mcd_io_mode_parse(srv->config->server.io);
+    if (mode == MCD_IO_WRITEV) {
+        snprintf(srv->io_note, sizeof(srv->io_note), "socket writes: writev (server.io: writev)");
+        return 0;
+    }
+    mcd_sendring_t *ring = NULL;
+    mc_error_t why;
+    int rc = mcd_sendring_new(&ring, srv->table.max_conns, &why);
+    if (rc == 0) {
+        rc = mcd_conn_table_use_ring(&srv->table, ring);
+        if (rc != 0) {
+            mc_error_set(&why, rc, MC_DOMAIN_MONGOCAST, rc, "out of memory");
+        }
+    }
+    if (rc == 0) {
+        snprintf(srv->io_note, sizeof(srv->io_note),
+                 "socket writes: io_uring, up to %u sends per submission (server.io: %s)",
+                 mcd_sendring_room(srv->table.ring), mode == MCD_IO_URING ? "uring" : "auto");
+        return 0;
+    }
+    if (mode == MCD_IO_URING) {
+        return mc_error_set(err, MC_ECONFIG, MC_DOMAIN_MONGOCAST, MC_ECONFIG,
+                            "server.io: uring, but io_uring is not available here (%s)",
+                            why.message);
+    }
+    srv->io_note_warn = true;
+    snprintf(srv->io_note, sizeof(srv->io_note),
+             "socket writes: writev, io_uring is not available here (%s)", why.message);
+    return 0;
+}
+
 mcd_server_t *mcd_server_new(const mc_config_t *config, mc_error_t *err)
 {
     mcd_server_t *srv = calloc(1, sizeof(*srv));
@@ -229,6 +265,9 @@ mcd_server_t *mcd_server_new(const mc_config_t *config, mc_error_t *err)
                             srv->timing.linger_ms) != 0 ||
         mcd_fanout_init(&srv->fanout, config) != 0) {
         mc_error_set(err, MC_ENOMEM, MC_DOMAIN_MONGOCAST, MC_ENOMEM, "out of memory");
+        goto fail_early;
+    }
+    if (setup_io(srv, err) != 0) {
         goto fail_early;
     }
     srv->auth = mcd_auth_new(config, err);
@@ -318,6 +357,7 @@ int mcd_server_start(mcd_server_t *srv, mc_error_t *err)
     if (srv->thread_started) {
         return 0;
     }
+    mc_log(srv->io_note_warn ? MC_LOG_WARN : MC_LOG_INFO, "server", "%s", srv->io_note);
     int rc = mcd_listener_bind(srv, err);
     if (rc != 0) {
         return rc;

@@ -636,6 +636,7 @@ static const char *const oversize_names[] = {"split", "skip", "fail", NULL};
 static const char *const store_names[] = {"file", "mongodb", NULL};
 static const char *const algorithm_names[] = {"HS256", "RS256", "ES256", NULL};
 static const char *const log_level_names[] = {"error", "warn", "info", "debug", NULL};
+static const char *const server_io_names[] = {"auto", "uring", "writev", NULL};
 
 /* MongoDB accepts only these stages after $changeStream. */
 static const char *const change_stream_stages[] = {"$addFields",
@@ -1636,6 +1637,12 @@ static const opt_t server_opts[] = {
      .min = 1,
      .max = 64,
      .doc = "threads (and MongoDB connections) that read snapshots"},
+    {.name = "io",
+     .type = OPT_ENUM_STRING,
+     .offset = offsetof(mc_config_t, server.io),
+     .def_str = "auto",
+     .choices = server_io_names,
+     .doc = "auto | uring | writev: how sockets are written (io_uring batches, or writev)"},
 };
 static const opt_table_t server_table = {server_opts, N_OPTS(server_opts), "", NULL, NULL};
 
@@ -1896,6 +1903,7 @@ void mc_config_destroy(mc_config_t *config)
     bson_free(config->checkpoint.collection);
     bson_free(config->server.listen);
     free_list(config->server.allowed_origins, config->server.n_allowed_origins);
+    bson_free(config->server.io);
     bson_free(config->auth.algorithm);
     bson_free(config->auth.secret);
     bson_free(config->auth.public_key_file);

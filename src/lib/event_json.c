@@ -7,7 +7,9 @@
  * one-pass writer (json_writer.c), sized from the change's BSON length: no intermediate
  * message document. Every message is compact JSON (no whitespace outside strings): the bytes
  * are libbson 1.23's relaxed Extended JSON of the message document {type, stream, id,
- * [recipient], [entered], [summary], change} with the spaces outside strings removed. Where
+ * [recipient], [entered], [summary], change} with the spaces outside strings removed, except
+ * that the change leaves out its `_id` when that is exactly {_data: id} (the resume token is
+ * carried once, as "id"; the raw form keeps the whole change). Where
  * libbson would refuse the message (invalid UTF-8 in the change or the recipient), the
  * message still goes out with "change": null and an "error" field rather than being lost
  * silently; only a stream name or id that cannot be rendered yields NULL. The `oversize`
@@ -59,6 +61,25 @@ static char *render_change_error(const mc_event_t *ev, size_t *len)
     return mc__json_buf_steal(&b, len);
 }
 
+/* The offset (bson_iter_t.off) of the change's first top-level `_id` when it is exactly
+ * {_data: <id>}, the resume token the message already carries as "id"; 0 otherwise (then the
+ * change keeps its _id: a token with more fields, or none, is sent as it is). */
+static uint32_t token_element(const bson_t *change, const char *id, size_t id_len)
+{
+    bson_iter_t it, tok;
+    if (!bson_iter_init_find(&it, change, "_id") || !BSON_ITER_HOLDS_DOCUMENT(&it) ||
+        !bson_iter_recurse(&it, &tok) || !bson_iter_next(&tok) ||
+        strcmp(bson_iter_key(&tok), "_data") != 0 || !BSON_ITER_HOLDS_UTF8(&tok)) {
+        return 0;
+    }
+    uint32_t len = 0;
+    const char *data = bson_iter_utf8(&tok, &len);
+    if (len != id_len || memcmp(data, id, id_len) != 0 || bson_iter_next(&tok)) {
+        return 0;
+    }
+    return it.off;
+}
+
 /* The change message of `view` (FULL, or ENTERED with "entered") carrying `change`: the
  * view's own change document, or a subscriber's copy of it (mc_event_json_view_with_change). */
 static char *render_change_message(const mc_event_t *ev, mc_event_view_t view, const bson_t *change,
@@ -95,8 +116,10 @@ static char *render_change_message(const mc_event_t *ev, mc_event_view_t view, c
         mc__json_write_string(&b, summary, summary_len);
     }
     MC__JSON_LIT(&b, ",\"change\":");
-    /* The change is a value inside the top-level message document: parent depth 0. */
-    mc__json_write_embedded(&b, change, MC__JSON_RELAXED_COMPACT, 0);
+    /* The change is a value inside the top-level message document: parent depth 0. Its _id
+     * is the token "id" already carries: sent once (docs/protocol.md, "Messages"). */
+    mc__json_write_embedded_except(&b, change, MC__JSON_RELAXED_COMPACT, 0,
+                                   token_element(change, id, id_len));
     MC__JSON_LIT(&b, "}");
     char *s = mc__json_buf_steal(&b, len);
     return s ? s : render_change_error(ev, len);

@@ -743,7 +743,7 @@ static bool parse_index(const char *s, uint32_t len, uint32_t *out)
 static bool visit_array(eval_t *x, const node_t *pn, const bson_value_t *arr, size_t ci)
 {
     bson_iter_t it;
-    uint32_t idx;
+    uint32_t idx = 0; /* set when numeric; GCC -O2 cannot see that */
     bool numeric = parse_index(pn->comp[ci], pn->comp_len[ci], &idx);
     bool yielded = false;
     if (!safe_iter_init(&it, arr->value.v_doc.data, arr->value.v_doc.data_len)) {

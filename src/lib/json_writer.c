@@ -553,7 +553,7 @@ static void put_base64(writer_t *w, const uint8_t *s, size_t n)
 
 /* ---- Documents ---------------------------------------------------------------------------- */
 
-static void put_container(writer_t *w, bson_iter_t *it, bool array, int depth);
+static void put_container(writer_t *w, bson_iter_t *it, bool array, int depth, uint32_t skip);
 static void put_top_document(writer_t *w, const uint8_t *data, size_t len);
 
 /* The one value this writer hands to libbson: it is rendered as the only element (empty key)
@@ -667,7 +667,7 @@ static void put_value(writer_t *w, const bson_iter_t *it, int depth)
             W_LIT(w, "{ ... }"); /* for arrays too, as libbson does */
             return;
         }
-        put_container(w, &child, array, depth + 1);
+        put_container(w, &child, array, depth + 1, 0);
         return;
     }
     case BSON_TYPE_BINARY: {
@@ -801,8 +801,9 @@ static void put_value(writer_t *w, const bson_iter_t *it, int depth)
 }
 
 /* A document or array at depth `depth` (0 for a whole document), walked with `it`, fresh from
- * bson_iter_init_from_data() (the same checks as libbson's bson_init_static()). */
-static void put_container(writer_t *w, bson_iter_t *it_in, bool array, int depth)
+ * bson_iter_init_from_data() (the same checks as libbson's bson_init_static()). The element
+ * at offset `skip` (bson_iter_t.off; 0: none) is left out, as if the document lacked it. */
+static void put_container(writer_t *w, bson_iter_t *it_in, bool array, int depth, uint32_t skip)
 {
     mc__json_buf_t *b = w->b;
     bson_iter_t it = *it_in;
@@ -813,6 +814,9 @@ static void put_container(writer_t *w, bson_iter_t *it_in, bool array, int depth
     }
     bool first = true;
     while (bson_iter_next(&it)) {
+        if (skip && it.off == skip) {
+            continue;
+        }
         const uint8_t *key = (const uint8_t *)bson_iter_key(&it);
         uint32_t key_len = bson_iter_key_len(&it);
         if (!first) {
@@ -856,7 +860,7 @@ static void put_top_document(writer_t *w, const uint8_t *data, size_t len)
         fail(w, MC__JSON_EINVALID);
         return;
     }
-    put_container(w, &it, false, 0);
+    put_container(w, &it, false, 0, 0);
 }
 
 int mc__json_write_document(mc__json_buf_t *b, const bson_t *doc, mc__json_mode_t mode)
@@ -869,6 +873,12 @@ int mc__json_write_document(mc__json_buf_t *b, const bson_t *doc, mc__json_mode_
 int mc__json_write_embedded(mc__json_buf_t *b, const bson_t *doc, mc__json_mode_t mode,
                             int parent_depth)
 {
+    return mc__json_write_embedded_except(b, doc, mode, parent_depth, 0);
+}
+
+int mc__json_write_embedded_except(mc__json_buf_t *b, const bson_t *doc, mc__json_mode_t mode,
+                                   int parent_depth, uint32_t skip)
+{
     writer_t w = writer_of(b, mode);
     bson_iter_t it;
     if (!bson_iter_init_from_data(&it, bson_get_data(doc), doc->len)) {
@@ -877,7 +887,7 @@ int mc__json_write_embedded(mc__json_buf_t *b, const bson_t *doc, mc__json_mode_
     if (parent_depth >= MAX_RECURSION) {
         W_LIT(&w, "{ ... }");
     } else {
-        put_container(&w, &it, false, parent_depth + 1);
+        put_container(&w, &it, false, parent_depth + 1, skip);
     }
     return b->err;
 }

@@ -105,6 +105,12 @@ int mc__json_write_document(mc__json_buf_t *b, const bson_t *doc, mc__json_mode_
 int mc__json_write_embedded(mc__json_buf_t *b, const bson_t *doc, mc__json_mode_t mode,
                             int parent_depth);
 
+/* The same without the element at offset `skip` of `doc` (bson_iter_t.off of one of its
+ * top-level elements; 0: none), as libbson would render the document without that element:
+ * how a message leaves out what it carries elsewhere (the change's _id, docs/protocol.md). */
+int mc__json_write_embedded_except(mc__json_buf_t *b, const bson_t *doc, mc__json_mode_t mode,
+                                   int parent_depth, uint32_t skip);
+
 /* Renders `doc` into a new bson_malloc'ed string exactly like bson_as_relaxed_extended_json()
  * or bson_as_canonical_extended_json() (or that text compacted); NULL where libbson returns NULL,
  * or when the output would exceed `max` bytes (0: MC__JSON_MAX_DEFAULT). `err`, when not NULL,

@@ -8,7 +8,9 @@
  * through libbson's JSON parser as the same BSON as libbson's own text does. Inputs are not
  * filtered with bson_validate: documents that pass it (any flags) are a subset of what is compared
  * here, and corrupt ones must be refused the same way by both renderers (libbson's renderer
- * bounds-checks through bson_iter). Single-threaded.
+ * bounds-checks through bson_iter). The change as a message carries it (its first top-level
+ * `_id` left out, mc__json_write_embedded_except) must equal libbson's compacted text of a copy
+ * without that element and read back to the same BSON. Single-threaded.
  */
 #include <stddef.h>
 #include <stdint.h>
@@ -93,6 +95,66 @@ static void compare_compact(const bson_t *doc, mc__json_mode_t mode)
     bson_free(got);
 }
 
+/* A message's change without its first top-level `_id` (the token the message carries as
+ * "id"): what the writer leaves out must be exactly that element. */
+static void compare_except_id(const bson_t *doc)
+{
+    bson_iter_t it;
+    if (!bson_iter_init(&it, doc)) {
+        return;
+    }
+    uint32_t skip = 0;
+    bson_t copy = BSON_INITIALIZER;
+    bool copied = true;
+    while (bson_iter_next(&it)) {
+        if (!skip && strcmp(bson_iter_key(&it), "_id") == 0) {
+            skip = it.off;
+            continue;
+        }
+        copied = copied && bson_append_iter(&copy, NULL, 0, &it);
+    }
+    if (!skip || !copied || it.err_off) {
+        bson_destroy(&copy);
+        return; /* no _id, or corrupt: compare_compact covers refusals */
+    }
+    bson_t wrap = BSON_INITIALIZER;
+    bson_append_document(&wrap, "change", 6, &copy);
+    size_t spaced_len = 0, want_len = 0, got_len = 0;
+    char *spaced = bson_as_relaxed_extended_json(&wrap, &spaced_len);
+    mc__json_buf_t b;
+    mc__json_buf_init(&b, 0, 0);
+    MC__JSON_LIT(&b, "{\"change\":");
+    mc__json_write_embedded_except(&b, doc, MC__JSON_RELAXED_COMPACT, 0, skip);
+    MC__JSON_LIT(&b, "}");
+    char *got = mc__json_buf_steal(&b, &got_len);
+    if ((spaced == NULL) != (got == NULL)) {
+        mismatch("except _id refusal", spaced, got);
+    }
+    if (spaced) {
+        char *want = json_strip_spaces(spaced, spaced_len, &want_len);
+        if (want_len != got_len || memcmp(want, got, want_len) != 0) {
+            mismatch("except _id", want, got);
+        }
+        bson_t x, y;
+        bson_error_t e;
+        int px = bson_init_from_json(&x, spaced, (ssize_t)spaced_len, &e);
+        int py = bson_init_from_json(&y, got, (ssize_t)got_len, &e);
+        if (px != py ||
+            (px && (x.len != y.len || memcmp(bson_get_data(&x), bson_get_data(&y), x.len) != 0))) {
+            mismatch("except _id read back", spaced, got);
+        }
+        if (px) {
+            bson_destroy(&x);
+            bson_destroy(&y);
+        }
+        bson_free(want);
+    }
+    bson_free(spaced);
+    bson_free(got);
+    bson_destroy(&wrap);
+    bson_destroy(&copy);
+}
+
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
     if (size < 5 || size > 1 << 20) {
@@ -113,6 +175,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         compare(&doc, MC__JSON_CANONICAL);
         compare_compact(&doc, MC__JSON_RELAXED);
         compare_compact(&doc, MC__JSON_CANONICAL);
+        compare_except_id(&doc);
     }
     free(copy);
     return 0;

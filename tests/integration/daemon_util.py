@@ -31,7 +31,8 @@ START_TIMEOUT = 30.0  # ASan build, loaded 2-core machine
 STOP_TIMEOUT = 20.0
 
 __all__ = ["Daemon", "daemons", "mongocast_bin", "write_config", "run_cli", "read_jsonl",
-           "checkpoint_token", "changes_of", "wait_for", "fail_point", "Tail", "tails"]
+           "checkpoint_token", "changes_of", "full_change", "wait_for", "fail_point", "Tail",
+           "tails"]
 
 
 def mongocast_bin():
@@ -93,6 +94,17 @@ def changes_of(msgs, stream=None, op=None):
             continue
         out.append(m)
     return out
+
+
+def full_change(m):
+    """The change event of a change message as MongoDB produced it: the message carries the
+    resume token once, as "id", and leaves `_id` out of "change" when it is exactly
+    {"_data": id} (docs/protocol.md, "Messages"). Asserts that the message follows that rule."""
+    c = m["change"]
+    assert c.get("_id") != {"_data": m["id"]}, "the token must not be sent twice: %r" % m
+    if "_id" in c:
+        return c  # a token of another shape stays in the change
+    return {"_id": {"_data": m["id"]}, **c}
 
 
 def checkpoint_token(cp_dir, stream, sink=None):

@@ -981,6 +981,37 @@ static void test_maximum(void **state)
 
 /* ---- Event messages --------------------------------------------------------------------- */
 
+/* `change` as the message carries it: without its first top-level `_id` when that is
+ * exactly {"_data": id} (docs/protocol.md: the token is sent once, as "id"). */
+static void append_change_as_sent(bson_t *msg, const bson_t *change, const char *id)
+{
+    bson_t out;
+    bson_append_document_begin(msg, "change", 6, &out);
+    bson_iter_t it;
+    bool dropped = false;
+    if (bson_iter_init(&it, change)) {
+        while (bson_iter_next(&it)) {
+            if (!dropped && strcmp(bson_iter_key(&it), "_id") == 0) {
+                dropped = true; /* only the first _id can be the token */
+                bson_t tok;
+                bson_t *want = BCON_NEW("_data", BCON_UTF8(id));
+                uint32_t len = 0;
+                const uint8_t *data = NULL;
+                if (BSON_ITER_HOLDS_DOCUMENT(&it)) {
+                    bson_iter_document(&it, &len, &data);
+                }
+                bool is_token = data && bson_init_static(&tok, data, len) && bson_equal(&tok, want);
+                bson_destroy(want);
+                if (is_token) {
+                    continue;
+                }
+            }
+            bson_append_iter(&out, NULL, 0, &it);
+        }
+    }
+    bson_append_document_end(msg, &out);
+}
+
 /* The message as libbson renders the message document (with the error fallback); the
  * message mongocast sends is this text without the spaces outside strings. */
 static char *old_message(mc_event_t *ev)
@@ -1006,7 +1037,7 @@ static char *old_message(mc_event_t *ev)
             BSON_APPEND_NULL(&msg, "recipient");
         }
     }
-    BSON_APPEND_DOCUMENT(&msg, "change", mc_event_change(ev));
+    append_change_as_sent(&msg, mc_event_change(ev), mc_event_id(ev));
     char *s = bson_as_relaxed_extended_json(&msg, NULL);
     bson_destroy(&msg);
     if (s) {
@@ -1065,19 +1096,45 @@ static void test_event_messages(void **state)
         const char *owner = owners[i % 5];
         BSON_APPEND_UTF8(&full, "owner", owner);
         rnd_doc(&full, 1, false, i % 7 == 0);
-        bson_t *change = BCON_NEW(
-            "_id", "{", "_data", BCON_UTF8("8264A7F2D1000000012B022C01"), "}", "operationType",
-            "insert", "clusterTime", BCON_TIMESTAMP(1688728273, 1), "wallTime",
-            BCON_DATE_TIME(1688728273456LL), "ns", "{", "db", "shop", "coll", "orders", "}");
+        /* The token: {_data} (left out of the message), or with another field after or
+         * before _data (kept), or an _id that is not first. */
+        bson_t *change = bson_new();
+        if (i % 4 == 3) {
+            BSON_APPEND_UTF8(change, "operationType", "insert");
+        }
+        bson_t tok;
+        BSON_APPEND_DOCUMENT_BEGIN(change, "_id", &tok);
+        if (i % 8 == 5) {
+            BSON_APPEND_INT32(&tok, "_typeBits", 1);
+        }
+        BSON_APPEND_UTF8(&tok, "_data", "8264A7F2D1000000012B022C01");
+        if (i % 8 == 1) {
+            BSON_APPEND_BINARY(&tok, "_typeBits", BSON_SUBTYPE_BINARY, (const uint8_t *)"\x01", 1);
+        }
+        bson_append_document_end(change, &tok);
+        bson_t *rest = BCON_NEW("operationType", "insert", "clusterTime",
+                                BCON_TIMESTAMP(1688728273, 1), "wallTime",
+                                BCON_DATE_TIME(1688728273456LL), "ns", "{", "db", "shop", "coll",
+                                "orders", "}");
+        bson_concat(change, rest);
+        bson_destroy(rest);
         BSON_APPEND_DOCUMENT(change, "fullDocument", &full);
         const char *path = i % 3 == 0 ? NULL : (i % 3 == 1 ? "fullDocument.owner" : "nope.x");
         check_event(i % 2 ? "orders" : "str\"eam \xe2\x82\xac", change, path);
         bson_destroy(change);
         bson_destroy(&full);
     }
-    /* An empty change (only the token). */
+    /* An empty change (only the token): an empty change object. */
     bson_t *tiny = BCON_NEW("_id", "{", "_data", "00", "}");
     check_event("s", tiny, NULL);
+    mc_error_t terr = {0};
+    mc_event_t *tev = mc_event_new_change("s", 1, tiny, NULL, &terr);
+    assert_non_null(tev);
+    assert_string_equal(mc_event_json(tev, NULL),
+                        "{\"type\":\"change\",\"stream\":\"s\",\"id\":\"00\",\"change\":{}}");
+    /* The raw form is the whole change, token included. */
+    assert_string_equal(mc_event_raw_json(tev, NULL), "{\"_id\":{\"_data\":\"00\"}}");
+    mc_event_unref(&tev);
     bson_destroy(tiny);
 
     /* The message for a change with invalid UTF-8 keeps the event with an error field. */
