@@ -1098,6 +1098,15 @@ static void *runner_main(void *arg)
 int mc__runner_start(mc__runner_t *r, mc_error_t *err)
 {
     const char *dl = r->sink->ropts.dead_letter_file;
+    const mc_sink_config_t *kc = r->sink->cfg;
+    if (!dl && kc && kc->dead_letter_db && !r->dl) {
+        r->dl = mc__dead_letter_open_mongo(kc->dead_letter_uri ? kc->dead_letter_uri
+                                                                : r->engine->config->mongodb_uri,
+                                           kc->dead_letter_db, kc->dead_letter_collection, err);
+        if (!r->dl) {
+            return err ? err->code : MC_EIO;
+        }
+    }
     if (dl && !r->dl) {
         r->dl = mc__dead_letter_open(dl, err);
         if (!r->dl) {
