@@ -146,20 +146,29 @@ static void delivery_metrics(out_t *o, mc_engine_t *engine, const mc_sink_stats_
     }
     char l[300];
     if (any) {
-        help(o, "mongocast_sink_attempts_total", "counter",
-             "Events tried by the sink, each attempt counted (a batch of 100 counts 100).");
-        for (size_t k = 0; k < n_sinks; k++) {
-            if (ds[k].active) {
-                put(o, "mongocast_sink_attempts_total{sink=\"%s\"} %" PRIu64 "\n",
-                    label(sks[k].name, l, sizeof(l)), ds[k].attempts);
-            }
-        }
-        help(o, "mongocast_sink_requests_total", "counter",
-             "Requests (webhook) or insert commands (mongodb) sent by the sink.");
-        for (size_t k = 0; k < n_sinks; k++) {
-            if (ds[k].active) {
-                put(o, "mongocast_sink_requests_total{sink=\"%s\"} %" PRIu64 "\n",
-                    label(sks[k].name, l, sizeof(l)), ds[k].requests);
+        static const struct {
+            const char *name, *type, *help;
+            size_t offset;
+        } plain[] = {
+            {"mongocast_sink_attempts_total", "counter",
+             "Events tried by the sink, each attempt counted (a batch of 100 counts 100).",
+             offsetof(mc_sink_delivery_stats_t, attempts)},
+            {"mongocast_sink_requests_total", "counter",
+             "Requests (webhook) or insert commands (mongodb) sent by the sink.",
+             offsetof(mc_sink_delivery_stats_t, requests)},
+            {"mongocast_sink_in_flight", "gauge",
+             "Events in requests or writes of the sink not answered yet.",
+             offsetof(mc_sink_delivery_stats_t, in_flight)},
+        };
+        for (size_t f = 0; f < sizeof(plain) / sizeof(plain[0]); f++) {
+            help(o, plain[f].name, plain[f].type, plain[f].help);
+            for (size_t k = 0; k < n_sinks; k++) {
+                if (ds[k].active) {
+                    uint64_t v;
+                    memcpy(&v, (const char *)&ds[k] + plain[f].offset, sizeof(v));
+                    put(o, "%s{sink=\"%s\"} %" PRIu64 "\n", plain[f].name,
+                        label(sks[k].name, l, sizeof(l)), v);
+                }
             }
         }
         help(o, "mongocast_sink_outcomes_total", "counter",
@@ -173,14 +182,6 @@ static void delivery_metrics(out_t *o, mc_engine_t *engine, const mc_sink_stats_
                         label(sks[k].name, l, sizeof(l)),
                         mc_sink_outcome_name((mc_sink_outcome_t)c), ds[k].outcome[c]);
                 }
-            }
-        }
-        help(o, "mongocast_sink_in_flight", "gauge",
-             "Events in requests or writes of the sink not answered yet.");
-        for (size_t k = 0; k < n_sinks; k++) {
-            if (ds[k].active) {
-                put(o, "mongocast_sink_in_flight{sink=\"%s\"} %" PRIu64 "\n",
-                    label(sks[k].name, l, sizeof(l)), ds[k].in_flight);
             }
         }
         help(o, "mongocast_sink_request_seconds", "histogram",

@@ -17,29 +17,16 @@ import socket
 import threading
 import time
 
-import pytest
 
 from daemon_util import *  # noqa: F401,F403
 from live_util import free_port, live_config, subscribers, wait_http  # noqa: F401
 from server_util import metrics
-from webhook_receiver import Receiver, verify, decode_secret  # noqa: F401
+from webhook_receiver import receivers  # noqa: F401
 
 SECRET_A = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 SECRET_B = "whsec_dGVzdC1zZWNyZXQtbnVtYmVyLXR3by0xMjM0NTY="
 
 
-@pytest.fixture
-def receivers():
-    started = []
-
-    def make(**kw):
-        r = Receiver(**kw).start()
-        started.append(r)
-        return r
-
-    yield make
-    for r in started:
-        r.stop()
 
 
 def n_of(msg):

@@ -193,6 +193,25 @@ class Receiver:
             h.wfile.write(body)
 
 
+try:
+    import pytest
+
+    @pytest.fixture
+    def receivers():
+        """Factory of in-process receivers (Receiver(**kw), started), all stopped at teardown."""
+        started = []
+
+        def make(**kw):
+            r = Receiver(**kw).start()
+            started.append(r)
+            return r
+
+        yield make
+        for r in started:
+            r.stop()
+except ImportError:  # run as a program without pytest
+    pass
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--secret", action="append", required=True)
