@@ -17,7 +17,6 @@ import socket
 import threading
 import time
 
-
 from daemon_util import *  # noqa: F401,F403
 from live_util import free_port, live_config, subscribers, wait_http  # noqa: F401
 from server_util import metrics
@@ -284,3 +283,54 @@ def test_check_probes_both_sink_types(tmp_path, receivers, mongo_uri, db_name):
     assert r.returncode != 0
     assert "Connection refused" in out, out
     assert not good.attempts  # a probe sends no request
+
+
+def test_retry_after_fresh_timestamps_and_exhaustion(tmp_path, daemons, receivers, mongo_uri, db,
+                                                     db_name):
+    """A 429's Retry-After is waited for; every attempt has its own timestamp and signature
+    and the same webhook-id; a receiver that always fails makes each event go to the dead
+    letter after retry.max_attempts, with the last status in the reason."""
+    slow = receivers(secrets=[SECRET_A], throttle_rate=0.25, retry_after=1, seed=3,
+                     keep_bodies=True)
+    broken = receivers(secrets=[SECRET_A], fail_rate=1.0)
+    dead = tmp_path / "dead.jsonl"
+    db.create_collection("c")
+    cfg = write_config(
+        tmp_path / "c.yaml", mongo_uri,
+        {"s": {"db": db_name, "collection": "c", "max_await_time_ms": 100}},
+        sinks=[{"name": "slow", "type": "webhook", "url": slow.url, "secret": SECRET_A,
+                "retry": {"initial_ms": 10, "max_ms": 20}},
+               {"name": "broken", "type": "webhook", "url": broken.url, "secret": SECRET_A,
+                "retry": {"initial_ms": 10, "max_ms": 20, "max_attempts": 3},
+                "dead_letter": {"file": str(dead)}}],
+        checkpoint_dir=tmp_path / "cp")
+    d = daemons(cfg)
+    d.wait_open()
+    n = 12
+    db.c.insert_many([{"n": i} for i in range(n)])
+    wait_for(lambda: len([a for a in list(slow.attempts) if a["answer"] == 200]) >= n,
+             timeout=40, message="slow receiver has every event")
+    wait_for(lambda: dead.exists() and len(dead.read_text().splitlines()) >= n, timeout=30,
+             message="every event of the broken receiver dead-lettered")
+    assert d.stop() == 0
+    by_id = {}
+    for a in slow.attempts:
+        by_id.setdefault(a["id"], []).append(a)
+    throttled = 0
+    for tries in by_id.values():
+        for prev, nxt in zip(tries, tries[1:]):
+            if prev["answer"] == 429:
+                throttled += 1
+                assert nxt["at"] - prev["at"] >= 0.95, "Retry-After not honoured"
+                assert int(nxt["ts"]) >= int(prev["ts"])
+    assert throttled >= 1
+    assert [a["body"]["change"]["fullDocument"]["n"] for a in slow.attempts
+            if a["answer"] == 200] == list(range(n))
+    lines = [json.loads(x) for x in dead.read_text().splitlines()]
+    assert sorted(x["message"]["change"]["fullDocument"]["n"] for x in lines) == list(range(n))
+    assert all("gave up after 3 attempts: HTTP 500" in x["error"] for x in lines)
+    # exactly 3 attempts per event at the broken receiver
+    counts = {}
+    for a in broken.attempts:
+        counts[a["id"]] = counts.get(a["id"], 0) + 1
+    assert sorted(counts.values()) == [3] * n
