@@ -12,7 +12,7 @@ const double mc_sink_latency_bounds[MC_SINK_LATENCY_BUCKETS] = {
 };
 
 static const char *const outcome_names[MC_SINK_OUT_COUNT] = {
-    "2xx",     "3xx",       "4xx",       "5xx",       "timeout",
+    "2xx",        "3xx",     "4xx",       "5xx",       "timeout",
     "connection", "written", "duplicate", "transient", "permanent",
 };
 

@@ -184,7 +184,8 @@ static int parse_opts(mc_sink_t *sink, const bson_t *options, mg_opts_t *o, mc_e
                 }
             } else if (!strcmp(k, "collection")) {
                 rc = mc__sopt_string(&it, 200, &o->collection, err);
-                if (rc == 0 && (o->collection[0] == '$' || strncmp(o->collection, "system.", 7) == 0)) {
+                if (rc == 0 &&
+                    (o->collection[0] == '$' || strncmp(o->collection, "system.", 7) == 0)) {
                     rc = mc_error_set(err, MC_ECONFIG, MC_DOMAIN_MONGOCAST, MC_ECONFIG,
                                       "option collection: '%s' is not a collection name this sink "
                                       "may write",
@@ -206,8 +207,8 @@ static int parse_opts(mc_sink_t *sink, const bson_t *options, mg_opts_t *o, mc_e
             } else if (!strcmp(k, "write_concern")) {
                 rc = parse_wc(&it, o, err);
             } else if (!strcmp(k, "expire_after_seconds")) {
-                rc = mc__sopt_int(&it, 1, (int64_t)100 * 365 * 86400, &o->expire_after_seconds,
-                                  err);
+                rc =
+                    mc__sopt_int(&it, 1, (int64_t)100 * 365 * 86400, &o->expire_after_seconds, err);
             } else {
                 rc = mc__sopt_unknown(k, known_opts, err);
             }
@@ -328,8 +329,9 @@ static int ensure_ttl(mg_t *m, mc_error_t *err)
     int rc = mc__mongo_ensure_ttl_index(m->coll, m->o.expire_after_seconds, err);
     m->ttl_pending = rc != 0 && rc != MC_ECONFIG;
     if (m->ttl_pending) {
-        mc_log(MC_LOG_WARN, "mongodb", "sink=%s: TTL index not created yet (tried again before "
-                                       "the next write): %s",
+        mc_log(MC_LOG_WARN, "mongodb",
+               "sink=%s: TTL index not created yet (tried again before "
+               "the next write): %s",
                m->sink->name, err->message);
         return 0;
     }
@@ -465,8 +467,8 @@ static void mg_flush(mc_sink_t *sink)
         atomic_store_explicit(&sink->stat_retries,
                               atomic_load_explicit(&sink->stat_retries, memory_order_relaxed) + 1,
                               memory_order_relaxed);
-        mc_log(MC_LOG_WARN, "mongodb", "write failed sink=%s attempt=%u: %s (retrying)",
-               sink->name, attempts, res.message);
+        mc_log(MC_LOG_WARN, "mongodb", "write failed sink=%s attempt=%u: %s (retrying)", sink->name,
+               attempts, res.message);
         if (mc_sink_sleep(sink, mc__backoff_next(&bo))) {
             /* Stopping: the rest stays unacknowledged and is written after the restart. */
             break;

@@ -115,11 +115,11 @@ typedef struct wh {
     mc__http_t *http;
     mc__ksched_t *sched;
     mc__webhook_signer_t *signer;
-    item_t *items;  /* every item held */
+    item_t *items; /* every item held */
     size_t n_items;
-    job_t *jobs;    /* every job not freed */
-    size_t requests; /* jobs with a request in flight or a retry pending */
-    item_t *carry;  /* handed out by the scheduler, did not fit the last batch */
+    job_t *jobs;             /* every job not freed */
+    size_t requests;         /* jobs with a request in flight or a retry pending */
+    item_t *carry;           /* handed out by the scheduler, did not fit the last batch */
     const char *const *hdrs; /* per-request header array scratch */
     bool stopped;
     mc_log_ratelimit_t rl;
@@ -128,9 +128,23 @@ typedef struct wh {
 /* ---- Options --------------------------------------------------------------------------------- */
 
 static const char *const known_opts[] = {
-    "url", "headers", "secret", "secrets", "connect_timeout_ms", "timeout_ms", "tls_verify",
-    "ca_file", "http2", "format", "source_prefix", "batch_max_events", "batch_max_bytes",
-    "concurrency", "order_key", "max_pending_events", NULL,
+    "url",
+    "headers",
+    "secret",
+    "secrets",
+    "connect_timeout_ms",
+    "timeout_ms",
+    "tls_verify",
+    "ca_file",
+    "http2",
+    "format",
+    "source_prefix",
+    "batch_max_events",
+    "batch_max_bytes",
+    "concurrency",
+    "order_key",
+    "max_pending_events",
+    NULL,
 };
 
 static void opts_free(wh_opts_t *o)
@@ -161,10 +175,9 @@ static bool token_char(unsigned char c)
  * bytes. Errors name the header, never its value (it may be a credential). */
 static int parse_headers(bson_iter_t *it, wh_opts_t *o, mc_error_t *err)
 {
-    static const char *const reserved[] = {"webhook-id", "webhook-timestamp",
-                                           "webhook-signature", "content-type",
-                                           "content-length", "host", "transfer-encoding",
-                                           "connection", "expect", NULL};
+    static const char *const reserved[] = {
+        "webhook-id", "webhook-timestamp", "webhook-signature", "content-type", "content-length",
+        "host",       "transfer-encoding", "connection",        "expect",       NULL};
     bson_iter_t h;
     if (!BSON_ITER_HOLDS_DOCUMENT(it) || !bson_iter_recurse(it, &h)) {
         return mc_error_set(err, MC_ECONFIG, MC_DOMAIN_MONGOCAST, MC_ECONFIG,
@@ -214,8 +227,8 @@ static int parse_headers(bson_iter_t *it, wh_opts_t *o, mc_error_t *err)
 static int parse_secret(const bson_iter_t *it, wh_opts_t *o, mc_error_t *err)
 {
     if (o->n_secrets >= MC__WEBHOOK_MAX_SECRETS) {
-        return mc_error_set(err, MC_ECONFIG, MC_DOMAIN_MONGOCAST, MC_ECONFIG,
-                            "at most %d secrets", MC__WEBHOOK_MAX_SECRETS);
+        return mc_error_set(err, MC_ECONFIG, MC_DOMAIN_MONGOCAST, MC_ECONFIG, "at most %d secrets",
+                            MC__WEBHOOK_MAX_SECRETS);
     }
     if (!BSON_ITER_HOLDS_UTF8(it)) {
         return mc_error_set(err, MC_ECONFIG, MC_DOMAIN_MONGOCAST, MC_ECONFIG,
@@ -381,8 +394,8 @@ static int wh_probe(mc_sink_t *sink, const bson_t *options, int64_t timeout_ms, 
     rc = MC_EIO;
     char why[160] = "no address";
     for (struct addrinfo *a = res; a && rc != 0; a = a->ai_next) {
-        int fd = socket(a->ai_family, a->ai_socktype | SOCK_NONBLOCK | SOCK_CLOEXEC,
-                        a->ai_protocol);
+        int fd =
+            socket(a->ai_family, a->ai_socktype | SOCK_NONBLOCK | SOCK_CLOEXEC, a->ai_protocol);
         if (fd < 0) {
             snprintf(why, sizeof(why), "%s", strerror(errno));
             continue;
@@ -413,8 +426,7 @@ static int wh_probe(mc_sink_t *sink, const bson_t *options, int64_t timeout_ms, 
     }
     freeaddrinfo(res);
     if (rc != 0) {
-        mc_error_set(err, MC_EIO, MC_DOMAIN_MONGOCAST, MC_EIO, "connect %s:%s: %s", h, port,
-                     why);
+        mc_error_set(err, MC_EIO, MC_DOMAIN_MONGOCAST, MC_EIO, "connect %s:%s: %s", h, port, why);
     }
 done:
     curl_free(host);
@@ -810,8 +822,7 @@ static void on_response(void *arg, const mc__http_result_t *res)
         }
         if (exhausted(w, j, now)) {
             char why[400];
-            snprintf(why, sizeof(why), "gave up after %u attempts: %s", j->attempts,
-                     res->message);
+            snprintf(why, sizeof(why), "gave up after %u attempts: %s", j->attempts, res->message);
             settle(w, j, from, n, false, why);
         } else {
             int64_t delay = mc__backoff_next(&j->backoff);
