@@ -136,6 +136,9 @@ typedef struct mc_sink_config {
         uint32_t max_retry_ms;
     } retry;
     char *dead_letter_file; /* dead_letter: {file: PATH} */
+    char *dead_letter_db;   /* dead_letter: {db, collection, uri}: a collection instead */
+    char *dead_letter_collection;
+    char *dead_letter_uri;  /* NULL: mongodb.uri */
     mc_config_pos_t pos;
 } mc_sink_config_t;
 

@@ -4,7 +4,7 @@
  * A sink type is a const vtable (mc_sink_type_t) with a name that configs refer to
  * (`type: stdout`). The engine creates one instance (mc_sink_t) per `sinks:` entry, or per
  * mc_engine_add_sink() call, and zero-allocates `ctx_size` bytes of private state for it
- * (mc_sink_ctx()). Built-in types: "stdout" and "memory" (registered in every engine), and
+ * (mc_sink_ctx()). Built-in types: "stdout", "memory", "webhook" and "mongodb" (registered in every engine), and
  * "fault" / "fault_async" (fault injection for tests, registered on request:
  * mc_sink_fault_type()). Embedders add their own with mc_engine_register_sink_type() (see
  * examples/embed_minimal.c).

@@ -18,6 +18,7 @@
 #include <string.h>
 #include <time.h>
 
+#include "mongocast/sink_delivery.h"
 #include "server_internal.h"
 
 typedef struct out {
@@ -125,6 +126,90 @@ static const sink_family_t sink_families[] = {
      "Times the sink passed max_lag_events and was detached to catch up on its own.", detaches,
      false},
 };
+
+static void help(out_t *o, const char *name, const char *type, const char *text);
+
+/* The request metrics of the sinks that report them (webhook, mongodb: sink_delivery.h). */
+static void delivery_metrics(out_t *o, mc_engine_t *engine, const mc_sink_stats_t *sks,
+                             const bool *sk_ok, size_t n_sinks)
+{
+    mc_sink_delivery_stats_t *ds = calloc(n_sinks ? n_sinks : 1, sizeof(*ds));
+    if (!ds) {
+        o->failed = true;
+        return;
+    }
+    bool any = false;
+    for (size_t k = 0; k < n_sinks; k++) {
+        ds[k].active = sk_ok[k] && mc_engine_sink_delivery_stats(engine, k, &ds[k]) == 0 &&
+                       ds[k].active;
+        any |= ds[k].active;
+    }
+    char l[300];
+    if (any) {
+        static const struct {
+            const char *name, *type, *help;
+            size_t offset;
+        } plain[] = {
+            {"mongocast_sink_attempts_total", "counter",
+             "Events tried by the sink, each attempt counted (a batch of 100 counts 100).",
+             offsetof(mc_sink_delivery_stats_t, attempts)},
+            {"mongocast_sink_requests_total", "counter",
+             "Requests (webhook) or insert commands (mongodb) sent by the sink.",
+             offsetof(mc_sink_delivery_stats_t, requests)},
+            {"mongocast_sink_in_flight", "gauge",
+             "Events in requests or writes of the sink not answered yet.",
+             offsetof(mc_sink_delivery_stats_t, in_flight)},
+        };
+        for (size_t f = 0; f < sizeof(plain) / sizeof(plain[0]); f++) {
+            help(o, plain[f].name, plain[f].type, plain[f].help);
+            for (size_t k = 0; k < n_sinks; k++) {
+                if (ds[k].active) {
+                    uint64_t v;
+                    memcpy(&v, (const char *)&ds[k] + plain[f].offset, sizeof(v));
+                    put(o, "%s{sink=\"%s\"} %" PRIu64 "\n", plain[f].name,
+                        label(sks[k].name, l, sizeof(l)), v);
+                }
+            }
+        }
+        help(o, "mongocast_sink_outcomes_total", "counter",
+             "Outcomes by class: requests (webhook: 2xx, 3xx, 4xx, 5xx, timeout, connection) or "
+             "documents (mongodb: written, duplicate, transient, permanent).");
+        for (size_t k = 0; k < n_sinks; k++) {
+            for (int c = 0; ds[k].active && c < MC_SINK_OUT_COUNT; c++) {
+                if (ds[k].outcomes & (1u << c)) {
+                    put(o, "mongocast_sink_outcomes_total{sink=\"%s\",class=\"%s\"} %" PRIu64
+                           "\n",
+                        label(sks[k].name, l, sizeof(l)),
+                        mc_sink_outcome_name((mc_sink_outcome_t)c), ds[k].outcome[c]);
+                }
+            }
+        }
+        help(o, "mongocast_sink_request_seconds", "histogram",
+             "Time from sending a request (or insert command) to its answer.");
+        for (size_t k = 0; k < n_sinks; k++) {
+            if (!ds[k].active) {
+                continue;
+            }
+            label(sks[k].name, l, sizeof(l));
+            for (int b = 0; b < MC_SINK_LATENCY_BUCKETS; b++) {
+                if (b + 1 < MC_SINK_LATENCY_BUCKETS) {
+                    put(o, "mongocast_sink_request_seconds_bucket{sink=\"%s\",le=\"%g\"} %" PRIu64
+                           "\n",
+                        l, mc_sink_latency_bounds[b], ds[k].latency_bucket[b]);
+                } else {
+                    put(o, "mongocast_sink_request_seconds_bucket{sink=\"%s\",le=\"+Inf\"} %" PRIu64
+                           "\n",
+                        l, ds[k].latency_bucket[b]);
+                }
+            }
+            put(o, "mongocast_sink_request_seconds_sum{sink=\"%s\"} %.6f\n", l,
+                ds[k].latency_sum_s);
+            put(o, "mongocast_sink_request_seconds_count{sink=\"%s\"} %" PRIu64 "\n", l,
+                ds[k].latency_count);
+        }
+    }
+    free(ds);
+}
 
 /* A JSON string (quotes, backslashes and control characters escaped). */
 static void json_string(out_t *o, const char *s)
@@ -316,6 +401,9 @@ char *mcd_metrics_render(mcd_server_t *srv, size_t *len)
                 put(&o, fam->seconds ? "%.3f\n" : "%.0f\n", fam->value(&sks[k]));
             }
         }
+    }
+    if (srv->engine) {
+        delivery_metrics(&o, srv->engine, sks, sk_ok, n_sinks);
     }
     help(&o, "mongocast_deliveries_total", "counter",
          "Messages queued to live subscribers, per transport.");

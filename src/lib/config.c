@@ -1297,17 +1297,66 @@ static const opt_t sink_retry_opts[] = {
 static const opt_table_t sink_retry_table = {sink_retry_opts, N_OPTS(sink_retry_opts), "", NULL,
                                              NULL};
 
+static int check_dead_letter(cfg_ctx_t *ctx, const mc__cfg_node_t *map, void *base,
+                             const mc__cfg_node_t *const *found);
+
 static const opt_t sink_dead_letter_opts[] = {
     {.name = "file",
      .type = OPT_STRING,
      .offset = offsetof(mc_sink_config_t, dead_letter_file),
-     .required = true,
      .min = 1,
      .max = 4096,
      .doc = "file that receives events which failed permanently, one JSON line each"},
+    {.name = "db",
+     .type = OPT_STRING,
+     .offset = offsetof(mc_sink_config_t, dead_letter_db),
+     .min = 1,
+     .max = 63,
+     .doc = "database of the dead-letter collection (with collection; instead of file)"},
+    {.name = "collection",
+     .type = OPT_STRING,
+     .offset = offsetof(mc_sink_config_t, dead_letter_collection),
+     .min = 1,
+     .max = 200,
+     .doc = "collection that receives events which failed permanently, one document each"},
+    {.name = "uri",
+     .type = OPT_STRING,
+     .offset = offsetof(mc_sink_config_t, dead_letter_uri),
+     .min = 1,
+     .max = 4096,
+     .doc = "cluster of the dead-letter collection; default mongodb.uri"},
 };
 static const opt_table_t sink_dead_letter_table = {
-    sink_dead_letter_opts, N_OPTS(sink_dead_letter_opts), "", NULL, NULL};
+    sink_dead_letter_opts, N_OPTS(sink_dead_letter_opts), "", check_dead_letter, NULL};
+
+/* Exactly one form: {file} or {db, collection[, uri]}. */
+static int check_dead_letter(cfg_ctx_t *ctx, const mc__cfg_node_t *map, void *base,
+                             const mc__cfg_node_t *const *found)
+{
+    const mc_sink_config_t *sk = base;
+    bool coll_form = sk->dead_letter_db || sk->dead_letter_collection || sk->dead_letter_uri;
+    if (sk->dead_letter_file && coll_form) {
+        return fail(ctx, found_node(&sink_dead_letter_table, found, "file"),
+                    "dead_letter takes either file or {db, collection}, not both");
+    }
+    if (!sk->dead_letter_file && !coll_form) {
+        return fail(ctx, map, "dead_letter needs file: PATH, or db and collection");
+    }
+    if (coll_form && (!sk->dead_letter_db || !sk->dead_letter_collection)) {
+        return fail(ctx, map, "dead_letter needs both db and collection");
+    }
+    if (sk->dead_letter_db && strpbrk(sk->dead_letter_db, "/\\. \"$")) {
+        return fail(ctx, found_node(&sink_dead_letter_table, found, "db"),
+                    "dead_letter.db '%.64s' is not a valid database name", sk->dead_letter_db);
+    }
+    if (sk->dead_letter_collection && (sk->dead_letter_collection[0] == '$' ||
+                                       strncmp(sk->dead_letter_collection, "system.", 7) == 0)) {
+        return fail(ctx, found_node(&sink_dead_letter_table, found, "collection"),
+                    "dead_letter.collection '%.64s' is not a collection a sink may write",
+                    sk->dead_letter_collection);
+    }
+    return 0;
+}
 
 static const opt_t sink_opts[] = {
     {.name = "name",
@@ -1938,6 +1987,9 @@ void mc_config_destroy(mc_config_t *config)
         free_list(sk->streams, sk->n_streams);
         bson_destroy(sk->options);
         bson_free(sk->dead_letter_file);
+        bson_free(sk->dead_letter_db);
+        bson_free(sk->dead_letter_collection);
+        bson_free(sk->dead_letter_uri);
     }
     bson_free(config->sinks);
     bson_free(config);

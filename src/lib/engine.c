@@ -512,6 +512,8 @@ mc_engine_t *mc_engine_new(const mc_config_t *config, const mc_engine_opts_t *op
     pthread_condattr_destroy(&ca);
     engine->types[engine->n_types++] = &mc__sink_stdout_type;
     engine->types[engine->n_types++] = &mc__sink_memory_type;
+    engine->types[engine->n_types++] = &mc__sink_webhook_type;
+    engine->types[engine->n_types++] = &mc__sink_mongodb_type;
 
     bson_error_t berr;
     engine->uri = mongoc_uri_new_with_error(config->mongodb_uri, &berr);

@@ -26,6 +26,7 @@
 #include "mongocast/event.h"
 #include "mongocast/log.h"
 #include "mongocast/sink.h"
+#include "sinks/delivery.h"
 
 /* ---- Clock (any thread) ------------------------------------------------------------- */
 
@@ -249,6 +250,11 @@ mc__dead_letter_t *mc__dead_letter_open(const char *path, mc_error_t *err);
 int mc__dead_letter_write(mc__dead_letter_t *dl, const char *sink, mc_event_t *ev,
                           const char *error, uint32_t attempts, mc_error_t *err);
 void mc__dead_letter_close(mc__dead_letter_t *dl);
+/* The collection form (`dead_letter: {db, collection, uri}`): the same record as a document
+ * (message as a sub-document, at as a date, _id "<sink>/<event id>" so a replay is a duplicate
+ * and counts as written), inserted with w: majority. Connects lazily (on the first write). */
+mc__dead_letter_t *mc__dead_letter_open_mongo(const char *uri, const char *db,
+                                              const char *collection, mc_error_t *err);
 
 /* ---- Engine structs (shared by engine.c, watcher.c, router.c, sink_runner.c, ...) --------- */
 
@@ -280,6 +286,7 @@ struct mc_sink {
     _Atomic uint64_t stat_retries;
     _Atomic uint64_t stat_dead_letters;
     _Atomic uint64_t stat_detaches;
+    mc__delivery_t delivery; /* webhook / mongodb request metrics (sinks/delivery.h) */
 };
 
 /* One (stream, runner) edge of the router. Guarded by the stream's route_lock. */
@@ -545,5 +552,7 @@ int mc__ledger_write(mc_engine_t *e);
 /* Built-in sink types (sinks/). */
 extern const mc_sink_type_t mc__sink_stdout_type;
 extern const mc_sink_type_t mc__sink_memory_type;
+extern const mc_sink_type_t mc__sink_webhook_type; /* sinks/sink_webhook.c */
+extern const mc_sink_type_t mc__sink_mongodb_type; /* sinks/sink_mongodb.c */
 
 #endif

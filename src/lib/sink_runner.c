@@ -112,6 +112,7 @@ struct mc__runner {
     int64_t retry_at;
     int64_t hint_ms;                /* Retry-After asked by mc_sink_fail() */
     _Atomic uint32_t fails_pending; /* entries flagged RF_FAIL_* not handled yet */
+    uint32_t ack_hint;              /* ring index after the last entry an ack found */
     char last_error[256];
 
     mc_sink_state_t state;
@@ -479,6 +480,19 @@ static void retire_locked(mc__runner_t *r)
 static rentry_t *find_event_locked(mc__runner_t *r, const mc_event_t *ev, int slot, uint64_t seq)
 {
     uint32_t n = r->count;
+    if (ev && n > ACK_SCAN_HEAD) {
+        /* Acks of a sink with many events in flight tend to follow the previous one (a batch,
+         * or keys served in turn): look right after it first, so that they stay O(1) however
+         * deep the ring is. */
+        uint32_t from = (r->ack_hint + r->cap - r->head) % r->cap;
+        for (uint32_t k = from; k < n && k < from + ACK_SCAN_HEAD; k++) {
+            rentry_t *e = entry_at(r, k);
+            if (e->p.ev == ev) {
+                r->ack_hint = (r->head + k + 1) % r->cap;
+                return e;
+            }
+        }
+    }
     uint32_t front = n < ACK_SCAN_HEAD ? n : ACK_SCAN_HEAD;
     for (uint32_t i = 0; i < n; i++) {
         /* The first few from the head (in-order acks), then the rest from the tail (a sink
@@ -489,6 +503,7 @@ static rentry_t *find_event_locked(mc__runner_t *r, const mc_event_t *ev, int sl
             continue;
         }
         if (ev ? e->p.ev == ev : (e->slot == slot && mc_event_seq(e->p.ev) == seq)) {
+            r->ack_hint = (r->head + k + 1) % r->cap;
             return e;
         }
     }
@@ -1098,6 +1113,15 @@ static void *runner_main(void *arg)
 int mc__runner_start(mc__runner_t *r, mc_error_t *err)
 {
     const char *dl = r->sink->ropts.dead_letter_file;
+    const mc_sink_config_t *kc = r->sink->cfg;
+    if (!dl && kc && kc->dead_letter_db && !r->dl) {
+        r->dl = mc__dead_letter_open_mongo(kc->dead_letter_uri ? kc->dead_letter_uri
+                                                                : r->engine->config->mongodb_uri,
+                                           kc->dead_letter_db, kc->dead_letter_collection, err);
+        if (!r->dl) {
+            return err ? err->code : MC_EIO;
+        }
+    }
     if (dl && !r->dl) {
         r->dl = mc__dead_letter_open(dl, err);
         if (!r->dl) {

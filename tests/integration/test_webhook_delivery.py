@@ -15,7 +15,7 @@ from collections import defaultdict
 import pytest
 
 from conftest import find_binary
-from webhook_receiver import Receiver
+from webhook_receiver import Receiver, receivers  # noqa: F401
 
 SECRET_A = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 SECRET_B = "whsec_QUJDREVGR0hJSktMTU5PUFFSU1RVVldYWVphYmNkZWY="
@@ -41,18 +41,6 @@ def run_client(url, tmp_path, *args, secrets=(SECRET_A,), timeout=300):
     return summary, dead_ids
 
 
-@pytest.fixture
-def receivers():
-    started = []
-
-    def make(**kw):
-        r = Receiver(**kw).start()
-        started.append(r)
-        return r
-
-    yield make
-    for r in started:
-        r.stop()
 
 
 def test_faults_exactly_once_in_order_and_dead_lettered(receivers, tmp_path):

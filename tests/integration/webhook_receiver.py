@@ -9,6 +9,7 @@ and can misbehave on purpose:
   --reset-rate P      read the request, then reset the connection (RST)
   --reject-ids IDS    answer 400 for these webhook-ids (comma-separated), always
   --stall-ids IDS     stall (as above) for these webhook-ids, always
+(in-process only: reject_if, a function of the body that answers 400 when it returns True)
 Faults are drawn from a random generator seeded with --seed, per attempt.
 
 Every attempt is appended to --log as one JSON line:
@@ -68,7 +69,7 @@ class Receiver:
 
     def __init__(self, secrets, log_path=None, fail_rate=0.0, throttle_rate=0.0, retry_after=1,
                  stall_rate=0.0, stall_seconds=5.0, reset_rate=0.0, reject_ids=(), seed=1,
-                 keep_bodies=False, tolerance=300, stall_ids=()):
+                 keep_bodies=False, tolerance=300, stall_ids=(), reject_if=None):
         self.keys = [decode_secret(s) for s in secrets]
         self.fail_rate = fail_rate
         self.throttle_rate = throttle_rate
@@ -78,6 +79,7 @@ class Receiver:
         self.reset_rate = reset_rate
         self.reject_ids = set(reject_ids)
         self.stall_ids = set(stall_ids)
+        self.reject_if = reject_if  # body bytes -> True: answer 400 (ids not known up front)
         self.keep_bodies = keep_bodies
         self.tolerance = tolerance
         self.rng = random.Random(seed)
@@ -141,7 +143,7 @@ class Receiver:
         rec = {"id": msg_id, "ts": ts, "sig_ok": ok, "at": time.time(),
                "body_sha": hashlib.sha256(body).hexdigest()[:16],
                "content_type": h.headers.get("Content-Type")}
-        if msg_id in self.reject_ids:
+        if msg_id in self.reject_ids or (self.reject_if and self.reject_if(body)):
             rec["answer"] = 400
             self._record(rec)
             return self._answer(h, 400, b'{"error":"rejected"}')
@@ -190,6 +192,25 @@ class Receiver:
         if body:
             h.wfile.write(body)
 
+
+try:
+    import pytest
+
+    @pytest.fixture
+    def receivers():
+        """Factory of in-process receivers (Receiver(**kw), started), all stopped at teardown."""
+        started = []
+
+        def make(**kw):
+            r = Receiver(**kw).start()
+            started.append(r)
+            return r
+
+        yield make
+        for r in started:
+            r.stop()
+except ImportError:  # run as a program without pytest
+    pass
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])

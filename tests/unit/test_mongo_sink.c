@@ -56,6 +56,9 @@ static void test_document_shape(void **state)
         }
     }
     assert_true(bson_iter_init_find(&it, d, "clusterTime") && BSON_ITER_HOLDS_TIMESTAMP(&it));
+    /* The recipient is the value it was in the change (here the string), not its JSON. */
+    assert_true(bson_iter_init_find(&it, d, "recipient") && BSON_ITER_HOLDS_UTF8(&it));
+    assert_string_equal(bson_iter_utf8(&it, NULL), "alice");
     assert_false(has(d, "wallTime")); /* the test event has none */
     bson_destroy(d);
 

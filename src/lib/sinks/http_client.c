@@ -364,7 +364,8 @@ static void check_done(mc__http_t *h)
                                  mc__http_classify(code == CURLE_OK ? status : 0, code),
                                  ra,
                                  secs,
-                                 msg};
+                                 msg,
+                                 code == CURLE_OPERATION_TIMEDOUT};
         r->cb(r->arg, &res);
         recycle(h, r);
     }
@@ -508,7 +509,7 @@ void mc__http_close(mc__http_t *h, void (*on_closed)(void *arg), void *arg)
     while ((r = h->reqs) != NULL) {
         curl_multi_remove_handle(h->multi, r->easy);
         list_remove(h, r);
-        mc__http_result_t res = {MC_ECLOSED, 0, MC__HTTP_TRANSIENT, -1, 0, "client closed"};
+        mc__http_result_t res = {MC_ECLOSED, 0, MC__HTTP_TRANSIENT, -1, 0, "client closed", false};
         r->cb(r->arg, &res);
         recycle(h, r);
     }

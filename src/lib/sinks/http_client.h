@@ -82,6 +82,7 @@ typedef struct mc__http_result {
     int64_t retry_after_ms; /* -1: none */
     double seconds;         /* the request's total time */
     const char *message;    /* "HTTP 503: <first bytes of the body>", a curl error, ... */
+    bool timed_out;         /* no complete answer within the connect or total timeout */
 } mc__http_result_t;
 
 typedef void (*mc__http_cb)(void *arg, const mc__http_result_t *res);

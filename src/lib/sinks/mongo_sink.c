@@ -167,6 +167,45 @@ static void project(const pnode_t *node, const uint8_t *data, uint32_t len, bson
     }
 }
 
+/* The recipient as the value it was in the change (string, integer, ObjectId, binary), from
+ * its canonical identity (mongocast/identity.h), so the log can be queried by it directly. */
+static void append_recipient(bson_t *out, const mc_event_t *ev)
+{
+    size_t len = 0;
+    const uint8_t *id = mc_event_recipient_identity(ev, &len);
+    if (!id || len < 1) {
+        return;
+    }
+    const uint8_t *p = id + 1;
+    size_t n = len - 1;
+    switch (id[0]) {
+    case 's': bson_append_utf8(out, "recipient", -1, (const char *)p, (int)n); break;
+    case 'i':
+        if (n == 8) {
+            uint64_t v = 0;
+            for (size_t k = 0; k < 8; k++) {
+                v = v << 8 | p[k];
+            }
+            BSON_APPEND_INT64(out, "recipient", (int64_t)v);
+        }
+        break;
+    case 'o':
+        if (n == 12) {
+            bson_oid_t oid;
+            bson_oid_init_from_data(&oid, p);
+            BSON_APPEND_OID(out, "recipient", &oid);
+        }
+        break;
+    case 'b':
+        if (n >= 1) {
+            bson_append_binary(out, "recipient", -1, (bson_subtype_t)p[0], p + 1,
+                               (uint32_t)(n - 1));
+        }
+        break;
+    default: break;
+    }
+}
+
 int mc__mongo_sink_doc(const mc_event_t *ev, const mc__mongo_projection_t *proj, bson_t *out,
                        mc_error_t *err)
 {
@@ -195,9 +234,7 @@ int mc__mongo_sink_doc(const mc_event_t *ev, const mc__mongo_projection_t *proj,
     if (mc_event_document_key(ev)) {
         BSON_APPEND_DOCUMENT(out, "documentKey", mc_event_document_key(ev));
     }
-    if (mc_event_recipient(ev)) {
-        BSON_APPEND_UTF8(out, "recipient", mc_event_recipient(ev));
-    }
+    append_recipient(out, ev);
     uint32_t t = 0, i = 0;
     if (mc_event_cluster_time(ev, &t, &i)) {
         BSON_APPEND_TIMESTAMP(out, "clusterTime", t, i);
@@ -419,9 +456,15 @@ int mc__mongo_insert_ordered(mongoc_collection_t *coll, const bson_t *const *doc
         bson_error_t e;
         memset(&e, 0, sizeof e);
         bool ok = true;
+        /* No client-side validation: the documents hold what MongoDB itself returned, and
+         * libmongoc's default checks refuse field names with '$' or '.', which MongoDB 5.0+
+         * allows in documents (and they cost a UTF-8 pass over every byte). */
+        bson_t iopts = BSON_INITIALIZER;
+        BSON_APPEND_BOOL(&iopts, "validate", false);
         for (size_t k = next; k < end && ok; k++) {
-            ok = mongoc_bulk_operation_insert_with_opts(bulk, docs[todo[k]], NULL, &e);
+            ok = mongoc_bulk_operation_insert_with_opts(bulk, docs[todo[k]], &iopts, &e);
         }
+        bson_destroy(&iopts);
         bson_t reply;
         uint32_t ran = ok ? mongoc_bulk_operation_execute(bulk, &reply, &e) : 0;
         if (!ok) {

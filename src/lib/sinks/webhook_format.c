@@ -162,8 +162,14 @@ static int append_cloudevent(mc__json_buf_t *b, mc_event_t *ev, const char *sour
     MC__JSON_LIT(b, ", \"datacontenttype\" : \"application/json\"");
     const char *recipient = mc_event_recipient(ev);
     if (recipient) {
+        /* A string recipient is its JSON text as is; other identities (a number, an
+         * ObjectId) are that text as a string: CloudEvents attributes cannot be objects. */
         MC__JSON_LIT(b, ", \"recipient\" : ");
-        put_string(b, recipient);
+        if (recipient[0] == '"') {
+            mc__json_buf_append(b, recipient, strlen(recipient));
+        } else {
+            put_string(b, recipient);
+        }
     }
     MC__JSON_LIT(b, ", \"data\" : ");
     mc__json_buf_append(b, msg, msg_len);

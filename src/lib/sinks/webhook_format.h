@@ -15,7 +15,8 @@
  *   time             wallTime as RFC 3339 UTC with milliseconds, else the cluster time's
  *                    second; absent when the event has neither
  *   datacontenttype  "application/json"
- *   recipient        (extension attribute) the event's recipient, when it has one
+ *   recipient        (extension attribute) the event's recipient, when it has one: a string
+ *                    as itself, another identity as its Extended JSON text ("{\"$oid\":...}")
  *   data             the JSON message of docs/protocol.md, exactly as the "message" format
  *                    sends it, so both formats carry the same payload
  *
