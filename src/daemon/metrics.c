@@ -102,6 +102,14 @@ static double detaches(const mc_sink_stats_t *s)
 {
     return (double)s->detaches;
 }
+static double acked(const mc_sink_stats_t *s)
+{
+    return (double)s->acked;
+}
+static double in_flight(const mc_sink_stats_t *s)
+{
+    return (double)s->in_flight;
+}
 
 typedef struct sink_family {
     const char *name, *type, *help;
@@ -124,6 +132,12 @@ static const sink_family_t sink_families[] = {
     {"mongocast_sink_detaches_total", "counter",
      "Times the sink passed max_lag_events and was detached to catch up on its own.", detaches,
      false},
+    {"mongocast_sink_acked_total", "counter",
+     "Events a durable sink acknowledged (e.g. Redis replied, JetStream sent its PubAck).", acked,
+     false},
+    {"mongocast_sink_in_flight", "gauge",
+     "Events published to the sink and not complete yet (awaiting their ack or flush).",
+     in_flight, false},
 };
 
 /* A JSON string (quotes, backslashes and control characters escaped). */

@@ -275,6 +275,7 @@ struct mc_sink {
     _Atomic uint64_t stat_retries;
     _Atomic uint64_t stat_dead_letters;
     _Atomic uint64_t stat_detaches;
+    _Atomic uint64_t stat_acked; /* any thread (acks): fetch_add */
 };
 
 /* One (stream, runner) edge of the router. Guarded by the stream's route_lock. */
@@ -540,5 +541,7 @@ int mc__ledger_write(mc_engine_t *e);
 /* Built-in sink types (sinks/). */
 extern const mc_sink_type_t mc__sink_stdout_type;
 extern const mc_sink_type_t mc__sink_memory_type;
+extern const mc_sink_type_t mc__sink_redis_type; /* sinks/sink_redis.c */
+extern const mc_sink_type_t mc__sink_nats_type;  /* sinks/sink_nats.c */
 
 #endif

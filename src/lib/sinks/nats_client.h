@@ -117,7 +117,13 @@ typedef struct mc__nats_result {
     int status;          /* 0, MC_EIO (failure), MC_ECLOSED (client destroyed first) */
     uint64_t sequence;   /* the stream sequence of a PubAck */
     const char *message; /* what failed (borrowed for the callback) */
+    int js_code;         /* the JetStream error code of a refusal (0: none), e.g.
+                            MC__NATS_JS_WRONG_LAST_MSG_ID */
 } mc__nats_result_t;
+
+/* The server's code for "wrong last msg ID" (Nats-Expected-Last-Msg-Id did not match; the
+ * server's JSStreamWrongLastMsgIDErrF, not named in libnats 3.4's headers). */
+#define MC__NATS_JS_WRONG_LAST_MSG_ID 10070
 
 typedef void (*mc__nats_cb)(void *arg, const mc__nats_result_t *res);
 

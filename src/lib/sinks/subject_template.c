@@ -381,6 +381,19 @@ static mc__bytes_t str_value(const char *s)
     return b;
 }
 
+/* A recipient is the Extended JSON text of its identity: a string identity is used without
+ * its quotes (`alice`, not `"alice"`; escapes inside stay as JSON wrote them), others as
+ * written (`5`, `{"$oid":"..."}`). So the string "5" and the number 5 share a name. */
+static mc__bytes_t recipient_value(const char *s)
+{
+    mc__bytes_t b = str_value(s);
+    if (b.len >= 2 && s[0] == '"' && s[b.len - 1] == '"') {
+        b.p++;
+        b.len -= 2;
+    }
+    return b;
+}
+
 void mc__subject_values_from_event(mc__subject_values_t *v, const mc_event_t *ev)
 {
     const char *type = mc_event_operation_type(ev);
@@ -388,7 +401,7 @@ void mc__subject_values_from_event(mc__subject_values_t *v, const mc_event_t *ev
         type = mc_event_kind_name(mc_event_kind(ev));
     }
     v->stream = str_value(mc_event_stream(ev));
-    v->recipient = str_value(mc_event_recipient(ev));
+    v->recipient = recipient_value(mc_event_recipient(ev));
     v->db = str_value(mc_event_db(ev));
     v->coll = str_value(mc_event_coll(ev));
     v->type = str_value(type);
