@@ -430,3 +430,18 @@ def test_check_reports_unreachable_brokers(tmp_path, mongo_uri, db_name, redis_s
     assert re.search(r"FAIL.*sink quiet \(redis\): ", out), out
     assert re.search(r"FAIL.*sink ndown \(nats\): ", out), out
     assert "sekret" not in out
+
+
+def test_broker_example_config_checks(tmp_path, mongo_uri, redis_server, nats_server):
+    """examples/brokers.yaml as shipped: valid, and every broker sink reachable."""
+    import os
+    from conftest import REPO
+    example = str(REPO / "examples" / "brokers.yaml")
+    env = dict(os.environ, MONGODB_URI=mongo_uri, REDIS_URL=redis_server.url,
+               NATS_URL=nats_server.url)
+    p = run_cli("check", "-c", example, env=env, cwd=str(tmp_path))
+    out = p.stdout + p.stderr
+    for name, kind in (("orders-redis-stream", "redis"), ("orders-redis-live", "redis"),
+                       ("orders-jetstream", "nats"), ("orders-nats-live", "nats")):
+        assert re.search(r"ok.*sink %s \(%s\): reachable" % (name, kind), out), out
+    assert p.returncode == 0, out
