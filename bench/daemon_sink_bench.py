@@ -3,6 +3,9 @@
 
   bench/daemon_sink_bench.py BUILD_DIR redis|jetstream [--events N] [--size BYTES]
 
+Mode `stdout` is the reference: the same daemon path into a stdout sink writing to a file
+(no broker), i.e. what reading and building the events costs without a broker sink.
+
 Starts mongo-emulator, the broker (redis-server with appendonly off, or nats-server -js) on
 free loopback ports, runs `mongocast run` once to store a position, stops it, inserts N
 documents of about BYTES bytes (insert_many batches of 1,000), then starts the daemon again
@@ -66,9 +69,12 @@ def wait_port(port):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("build")
-    ap.add_argument("mode", choices=["redis", "jetstream"])
+    ap.add_argument("mode", choices=["redis", "jetstream", "stdout"])
     ap.add_argument("--events", type=int, default=100000)
     ap.add_argument("--size", type=int, default=1024)
+    ap.add_argument("--max-lag", type=int, default=1000000,
+                    help="the sink's max_lag_events: with the default 10,000, a backlog of "
+                         "N events detaches the sink and its catch-up reads the stream again")
     a = ap.parse_args()
     build = os.path.abspath(a.build)
     work = tempfile.mkdtemp(prefix="mc-sinkbench-")
@@ -88,25 +94,36 @@ def main():
         eport = int(re.search(r"listening on \S+:(\d+)", open(logf).read()).group(1))
         uri = "mongodb://127.0.0.1:%d/?replicaSet=rs0" % eport
         bport = free_port()
-        if a.mode == "redis":
+        if a.mode == "stdout":  # the reference: the same daemon path into a file
+            broker = None
+            sink = "{name: out, type: stdout, max_lag_events: %d}" % a.max_lag
+
+            def count():
+                try:
+                    with open(os.path.join(work, "daemon-second.log"), "rb") as f:
+                        return f.read().count(b'"type":"change"')
+                except OSError:
+                    return 0
+        elif a.mode == "redis":
             broker = spawn(["redis-server", "--port", str(bport), "--bind", "127.0.0.1", "--save",
                             "", "--appendonly", "no", "--dir", work], "redis")
             sink = ('{name: out, type: redis, url: "redis://127.0.0.1:%d", mode: stream, '
-                    'key: "bench:{stream}"}' % bport)
+                    'key: "bench:{stream}", max_lag_events: %d}' % (bport, a.max_lag))
             r = redis.Redis(port=bport)
             count = lambda: r.xlen("bench:s")  # noqa: E731
         else:
             broker = spawn(["nats-server", "-js", "-a", "127.0.0.1", "-p", str(bport), "-sd",
                             os.path.join(work, "js")], "nats")
             sink = ('{name: out, type: nats, url: "nats://127.0.0.1:%d", mode: jetstream, '
-                    'create_stream: BENCH}' % bport)
+                    'create_stream: BENCH, max_lag_events: %d}' % (bport, a.max_lag))
             exe = build + "/tests/integration/clients/broker_client"
 
             def count():
                 p = subprocess.run([exe, "nats-count", "nats://127.0.0.1:%d" % bport, "BENCH"],
                                    capture_output=True)
                 return int(p.stdout or 0) if p.returncode == 0 else 0
-        wait_port(bport)
+        if broker:
+            wait_port(bport)
         cfg = os.path.join(work, "c.yaml")
         with open(cfg, "w") as f:
             f.write("mongodb: {uri: \"%s\"}\n"
@@ -128,23 +145,33 @@ def main():
         d = run_daemon("first")
         wait(opened("first"), 30, "the first daemon")
         client.bench.c.insert_one({"warm": 1})
-        wait(lambda: count() >= 1, 30, "the first event in the broker")
+        if broker:
+            wait(lambda: count() >= 1, 30, "the first event in the broker")
         d.send_signal(signal.SIGTERM)
         d.wait(30)
         pad = "x" * max(0, a.size - 60)
         for start in range(0, a.events, 1000):
             client.bench.c.insert_many([{"seq": i, "owner": "user%d" % (i % 100), "pad": pad}
                                         for i in range(start, min(a.events, start + 1000))])
-        b0, t0 = cpu_s(broker.pid), time.monotonic()
+        bcpu = (lambda: cpu_s(broker.pid)) if broker else (lambda: 0.0)
+        b0, t0 = bcpu(), time.monotonic()
         d = run_daemon("second")
         c0 = 0.0  # from the daemon's start: its start-up is charged too (conservative)
-        target = a.events + 1
+        perf = None
+        if os.environ.get("SINK_BENCH_PERF"):  # a file: `perf record -g` of the second daemon
+            perf = subprocess.Popen(["perf", "record", "-g", "-p", str(d.pid), "-o",
+                                     os.environ["SINK_BENCH_PERF"]], stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.DEVNULL)
+        target = a.events + (1 if broker else 0)
         deadline = time.monotonic() + 600
         while count() < target:
             if time.monotonic() > deadline:
                 raise SystemExit("bench: only %d of %d events arrived" % (count(), target))
             time.sleep(0.01 if a.mode == "redis" else 0.05)
-        c1, b1, t1 = cpu_s(d.pid), cpu_s(broker.pid), time.monotonic()
+        c1, b1, t1 = cpu_s(d.pid), bcpu(), time.monotonic()
+        if perf:
+            perf.send_signal(signal.SIGINT)
+            perf.wait(60)
         n, dc, bc, wall = a.events, c1 - c0, b1 - b0, t1 - t0
         print("mode=%s events=%d wall_s=%.3f daemon_cpu_s=%.3f ev_per_daemon_cpu_s=%.0f "
               "ev_per_s=%.0f broker_cpu_s=%.3f ev_per_broker_cpu_s=%.0f"

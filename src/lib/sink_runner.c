@@ -486,11 +486,15 @@ static void retire_locked(mc__runner_t *r)
 static rentry_t *find_event_locked(mc__runner_t *r, const mc_event_t *ev, int slot, uint64_t seq)
 {
     uint32_t n = r->count;
-    uint32_t front = n < ACK_SCAN_HEAD ? n : ACK_SCAN_HEAD;
+    /* Acks and failures concern published entries (or the batch being published): search
+     * [0, pub) first, the first few from the head (in-order acks), then the rest from its end
+     * (a sink acking newest first, or acks racing ahead of a slow head); only then the
+     * unpublished rest. A long queue behind a window of entries in flight then costs
+     * nothing per ack. */
+    uint32_t pub = r->busy_end < n ? r->busy_end : n;
+    uint32_t front = pub < ACK_SCAN_HEAD ? pub : ACK_SCAN_HEAD;
     for (uint32_t i = 0; i < n; i++) {
-        /* The first few from the head (in-order acks), then the rest from the tail (a sink
-         * acking newest first, or acks racing ahead of a slow head). */
-        uint32_t k = i < front ? i : n - 1 - (i - front);
+        uint32_t k = i >= pub ? i : i < front ? i : pub - 1 - (i - front);
         rentry_t *e = entry_at(r, k);
         if (!e->p.ev) {
             continue;
