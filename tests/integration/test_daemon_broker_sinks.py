@@ -32,18 +32,11 @@ from conftest import find_binary
 from daemon_util import *  # noqa: F401,F403
 from live_util import free_port, http_get, live_config, subscribers, wait_http  # noqa: F401
 from server_util import metrics
+from test_daemon_runners import sink_state
 
 N_DOCS = 6000
 BATCH = 40
 KILLS = 5
-
-
-def sink_state(port, sink):
-    m = metrics(port)
-    for st in ("running", "retrying", "catching_up", "failed"):
-        if m.get('mongocast_sink_state{sink="%s",state="%s"}' % (sink, st)) == 1:
-            return st
-    return None
 
 
 class Writer(threading.Thread):
