@@ -6,6 +6,10 @@
 #                nats_core mongo_insert webhook webhook_batch
 #   SINK_EVENTS  events per run (default 200000; webhook modes: SINK_WEBHOOK_EVENTS, 20000)
 #   SINK_SIZE    document size in bytes (default 1024)
+#   SINK_DAEMON_EVENTS  events per run of the daemon_* modes (default 100000)
+# The daemon_* modes run the real daemon (bench/daemon_sink_bench.py): daemon_redis (type:
+# redis, mode: stream), daemon_jetstream (type: nats, mode: jetstream), daemon_stdout (the
+# reference: the same daemon into a stdout sink); their ev_per_cpu_s is per daemon CPU-second.
 # bench_sinks starts its own broker per run (redis-server, nats-server -js, mongo-emulator) on
 # a free loopback port; the webhook modes start tests/integration/webhook_receiver.py (no
 # faults) and run tests/integration/clients/webhook_client against it, one event per request
@@ -15,7 +19,8 @@ set -euo pipefail
 build=${1:-build}
 runs=${2:-5}
 root=$(cd "$(dirname "$0")/.." && pwd)
-modes=${SINK_MODES:-"redis_xadd redis_publish redis_raw_sync redis_raw_debian nats_js nats_core mongo_insert webhook webhook_batch"}
+modes=${SINK_MODES:-"redis_xadd redis_publish redis_raw_sync redis_raw_debian nats_js nats_core mongo_insert webhook webhook_batch daemon_stdout daemon_redis daemon_jetstream"}
+daemon_events=${SINK_DAEMON_EVENTS:-100000}
 events=${SINK_EVENTS:-200000}
 wh_events=${SINK_WEBHOOK_EVENTS:-20000}
 size=${SINK_SIZE:-1024}
@@ -59,6 +64,11 @@ for m in $modes; do
     case $m in
       webhook) webhook_run webhook 1 >>"$out" ;;
       webhook_batch) webhook_run webhook_batch 100 >>"$out" ;;
+      daemon_stdout|daemon_redis|daemon_jetstream)
+        # the whole daemon (`mongocast run`) with that sink: bench/daemon_sink_bench.py
+        /usr/bin/python3 "$root/bench/daemon_sink_bench.py" "$build" "${m#daemon_}" \
+          --events "$daemon_events" --size "$size" 2>/dev/null |
+          sed "s/^mode=[a-z]*/mode=$m/; s/ev_per_daemon_cpu_s/ev_per_cpu_s/" >>"$out" ;;
       *) "$build/bench/bench_sinks" "$m" --events "$events" --size "$size" 2>/dev/null >>"$out" ;;
     esac
   done

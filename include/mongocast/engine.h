@@ -139,6 +139,9 @@ typedef struct mc_sink_stats {
                                completed (catching up: the age of its position, an upper
                                bound); 0 when it is up to date */
     char message[256];      /* why the state is what it is ("" when running) */
+    uint64_t acked;         /* events a durable sink acknowledged (mc_sink_ack()) */
+    uint64_t in_flight;     /* events published and not complete yet (awaiting their ack or
+                               the flush), also counted in lag_events */
 } mc_sink_stats_t;
 
 /* Per-sink runner settings (the config's sinks[].max_lag_events, retry, dead_letter). Zero

@@ -228,6 +228,15 @@ int mc_sink_fail(mc_sink_t *sink, const mc_event_t *ev, mc_sink_error_class_t cl
  * sinks. Valid from start() until stop(); use it only on the loop's thread (or in start()). */
 void *mc_sink_uv_loop(mc_sink_t *sink);
 
+/* ABI 2: the sink's position for `stream` right now: the resume token `_data` of the newest
+ * item of that stream it completed with everything before it (what the checkpoint stores for
+ * it). Before the sink's first event of the stream in this run, that is the position it
+ * resumed from: its stored position after a restart, or the stream's starting point (often a
+ * high-water mark rather than an event's id). Written NUL-terminated into buf. Returns 0,
+ * MC_ENOTFOUND when the sink has no position for that stream (yet, or does not take it),
+ * MC_ELIMIT when cap is too small. Any thread. */
+int mc_sink_position(mc_sink_t *sink, const char *stream, char *buf, size_t cap);
+
 /* Sleeps up to `ms` on the calling thread unless the engine stops first. Returns true when the
  * engine is stopping (then give up and return from publish/drain). For blocking sinks. */
 bool mc_sink_sleep(mc_sink_t *sink, int64_t ms);

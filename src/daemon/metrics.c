@@ -103,6 +103,14 @@ static double detaches(const mc_sink_stats_t *s)
 {
     return (double)s->detaches;
 }
+static double acked(const mc_sink_stats_t *s)
+{
+    return (double)s->acked;
+}
+static double in_flight(const mc_sink_stats_t *s)
+{
+    return (double)s->in_flight;
+}
 
 typedef struct sink_family {
     const char *name, *type, *help;
@@ -125,6 +133,13 @@ static const sink_family_t sink_families[] = {
     {"mongocast_sink_detaches_total", "counter",
      "Times the sink passed max_lag_events and was detached to catch up on its own.", detaches,
      false},
+    {"mongocast_sink_acked_total", "counter",
+     "Events a durable sink acknowledged (e.g. Redis replied, JetStream sent its PubAck).", acked,
+     false},
+    {"mongocast_sink_in_flight", "gauge",
+     "Events published to the sink and not complete yet (awaiting their ack or flush; a "
+     "webhook's or mongodb sink's events in requests not answered yet, retries included).",
+     in_flight, false},
 };
 
 static void help(out_t *o, const char *name, const char *type, const char *text);
@@ -156,9 +171,6 @@ static void delivery_metrics(out_t *o, mc_engine_t *engine, const mc_sink_stats_
             {"mongocast_sink_requests_total", "counter",
              "Requests (webhook) or insert commands (mongodb) sent by the sink.",
              offsetof(mc_sink_delivery_stats_t, requests)},
-            {"mongocast_sink_in_flight", "gauge",
-             "Events in requests or writes of the sink not answered yet.",
-             offsetof(mc_sink_delivery_stats_t, in_flight)},
         };
         for (size_t f = 0; f < sizeof(plain) / sizeof(plain[0]); f++) {
             help(o, plain[f].name, plain[f].type, plain[f].help);

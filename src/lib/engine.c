@@ -275,6 +275,7 @@ int mc_engine_sink_stats(mc_engine_t *engine, size_t i, mc_sink_stats_t *out)
     out->retries = atomic_load_explicit(&sink->stat_retries, memory_order_relaxed);
     out->dead_letters = atomic_load_explicit(&sink->stat_dead_letters, memory_order_relaxed);
     out->detaches = atomic_load_explicit(&sink->stat_detaches, memory_order_relaxed);
+    out->acked = atomic_load_explicit(&sink->stat_acked, memory_order_relaxed);
     if (sink->runner) {
         mc__runner_stats(sink->runner, out);
     } else {
@@ -411,6 +412,7 @@ static mc_sink_t *sink_alloc(mc_engine_t *engine, const char *name, const bson_t
     atomic_init(&sink->stat_retries, 0);
     atomic_init(&sink->stat_dead_letters, 0);
     atomic_init(&sink->stat_detaches, 0);
+    atomic_init(&sink->stat_acked, 0);
     return sink;
 }
 
@@ -512,6 +514,8 @@ mc_engine_t *mc_engine_new(const mc_config_t *config, const mc_engine_opts_t *op
     pthread_condattr_destroy(&ca);
     engine->types[engine->n_types++] = &mc__sink_stdout_type;
     engine->types[engine->n_types++] = &mc__sink_memory_type;
+    engine->types[engine->n_types++] = &mc__sink_redis_type;
+    engine->types[engine->n_types++] = &mc__sink_nats_type;
     engine->types[engine->n_types++] = &mc__sink_webhook_type;
     engine->types[engine->n_types++] = &mc__sink_mongodb_type;
 

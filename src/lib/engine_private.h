@@ -287,6 +287,7 @@ struct mc_sink {
     _Atomic uint64_t stat_dead_letters;
     _Atomic uint64_t stat_detaches;
     mc__delivery_t delivery; /* webhook / mongodb request metrics (sinks/delivery.h) */
+    _Atomic uint64_t stat_acked; /* any thread (acks): fetch_add */
 };
 
 /* One (stream, runner) edge of the router. Guarded by the stream's route_lock. */
@@ -552,6 +553,8 @@ int mc__ledger_write(mc_engine_t *e);
 /* Built-in sink types (sinks/). */
 extern const mc_sink_type_t mc__sink_stdout_type;
 extern const mc_sink_type_t mc__sink_memory_type;
+extern const mc_sink_type_t mc__sink_redis_type; /* sinks/sink_redis.c */
+extern const mc_sink_type_t mc__sink_nats_type;  /* sinks/sink_nats.c */
 extern const mc_sink_type_t mc__sink_webhook_type; /* sinks/sink_webhook.c */
 extern const mc_sink_type_t mc__sink_mongodb_type; /* sinks/sink_mongodb.c */
 

@@ -95,6 +95,27 @@ int mc_sink_fail(mc_sink_t *sink, const mc_event_t *ev, mc_sink_error_class_t cl
     return mc__runner_fail(sink->runner, ev, cls, retry_after_ms, msg);
 }
 
+int mc_sink_position(mc_sink_t *sink, const char *stream, char *buf, size_t cap)
+{
+    int idx = sink && stream && sink->engine ? stream_index(sink->engine, stream) : -1;
+    int slot = idx >= 0 && sink->runner ? mc__runner_slot(sink->runner, idx) : -1;
+    if (slot < 0 || !buf) {
+        return MC_ENOTFOUND;
+    }
+    mc__pref_t p = {0};
+    int rc = MC_ENOTFOUND;
+    if (mc__runner_take_done(sink->runner, slot, &p, NULL, NULL) && mc__pref_data(&p)) {
+        const char *d = mc__pref_data(&p);
+        size_t n = strlen(d);
+        rc = n < cap ? 0 : MC_ELIMIT;
+        if (rc == 0) {
+            memcpy(buf, d, n + 1);
+        }
+    }
+    mc__pref_clear(&p);
+    return rc;
+}
+
 void *mc_sink_uv_loop(mc_sink_t *sink)
 {
     if (!sink || !sink->type || !(sink->type->flags & MC_SINK_ASYNC) || !sink->engine) {

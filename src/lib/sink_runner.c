@@ -445,6 +445,13 @@ void mc__runner_rejoin(mc__runner_t *r, int slot)
 /* Retires complete entries from the head into their slot's `done` position. Lock held. */
 static void retire_locked(mc__runner_t *r)
 {
+    /* While the executor publishes a batch outside the lock ([npub, busy_end)), it addresses
+     * entries by their index from the head: retiring would shift them under it (an ack from
+     * another thread, e.g. a libnats PubAck, during a batch). The executor retires after the
+     * batch. */
+    if (r->busy_end > r->npub) {
+        return;
+    }
     bool retired = false;
     while (r->count > 0) {
         rentry_t *e = entry_at(r, 0);
@@ -493,11 +500,15 @@ static rentry_t *find_event_locked(mc__runner_t *r, const mc_event_t *ev, int sl
             }
         }
     }
-    uint32_t front = n < ACK_SCAN_HEAD ? n : ACK_SCAN_HEAD;
+    /* Acks and failures concern published entries (or the batch being published): search
+     * [0, pub) first, the first few from the head (in-order acks), then the rest from its end
+     * (a sink acking newest first, or acks racing ahead of a slow head); only then the
+     * unpublished rest. A long queue behind a window of entries in flight then costs
+     * nothing per ack. */
+    uint32_t pub = r->busy_end < n ? r->busy_end : n;
+    uint32_t front = pub < ACK_SCAN_HEAD ? pub : ACK_SCAN_HEAD;
     for (uint32_t i = 0; i < n; i++) {
-        /* The first few from the head (in-order acks), then the rest from the tail (a sink
-         * acking newest first, or acks racing ahead of a slow head). */
-        uint32_t k = i < front ? i : n - 1 - (i - front);
+        uint32_t k = i >= pub ? i : i < front ? i : pub - 1 - (i - front);
         rentry_t *e = entry_at(r, k);
         if (!e->p.ev) {
             continue;
@@ -524,6 +535,7 @@ void mc__runner_ack(mc__runner_t *r, const mc_event_t *ev, int stream_index, uin
     bool notify = false;
     if (e && !(e->flags & RF_ACKED)) {
         e->flags |= RF_ACKED;
+        atomic_fetch_add_explicit(&r->sink->stat_acked, 1, memory_order_relaxed);
         if ((e->flags & RF_PUBLISHED) && !(e->flags & (RF_FAIL_T | RF_FAIL_P))) {
             e->flags |= RF_DONE;
             retire_locked(r);
@@ -1398,6 +1410,7 @@ void mc__runner_stats(mc__runner_t *r, mc_sink_stats_t *out)
     pthread_mutex_lock(&r->lock);
     out->state = r->state;
     bson_strncpy(out->message, r->message, sizeof(out->message));
+    out->in_flight = r->npub;
     /* Marks (positions without an event) are rare: counted as entries, they keep this O(1). */
     uint64_t lag = r->count;
     int64_t oldest = INT64_MIN;

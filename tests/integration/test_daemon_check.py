@@ -125,8 +125,8 @@ def test_check_and_run_refuse_non_regular_files(tmp_path, kind):
 
 SINK_ERRORS = [
     ("unknown_type", "  - {name: out, type: stdout}\n  - {name: bad, type: nosuch}\n",
-     "8:5: sink bad: unknown sink type 'nosuch' (known types: stdout, memory, webhook, "
-     "mongodb)"),
+     "8:5: sink bad: unknown sink type 'nosuch' (known types: stdout, memory, redis, nats, "
+     "webhook, mongodb)"),
     ("stdout_option", "  - {name: out, type: stdout, rwa: true}\n",
      "7:5: sink out: unknown option 'rwa' for sink type stdout (known: raw, ready)"),
     ("stdout_option_type", "  - {name: out, type: stdout, raw: 1}\n",

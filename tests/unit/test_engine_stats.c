@@ -342,7 +342,8 @@ static void test_validate_unknown_type_with_position(void **state)
     mc_error_t err = {0};
     assert_int_equal(mc_engine_validate(e, &err), MC_ECONFIG);
     assert_string_equal(err.message, "conf.yaml:11:5: sink bad: unknown sink type 'nosuch' "
-                                     "(known types: stdout, memory, webhook, mongodb)");
+                                     "(known types: stdout, memory, redis, nats, webhook, "
+                                     "mongodb)");
     /* mc_engine_start() reports exactly the same. */
     mc_error_t serr = {0};
     assert_int_equal(mc_engine_start(e, &serr), MC_ECONFIG);
@@ -354,8 +355,8 @@ static void test_validate_unknown_type_with_position(void **state)
     e = engine_new(f);
     assert_int_equal(mc_engine_validate(e, &err), MC_ECONFIG);
     assert_string_equal(err.message, "conf.yaml:11:5: sink bad: unknown sink type 'stdot'; did "
-                                     "you mean 'stdout'? (known types: stdout, memory, webhook, "
-                                     "mongodb)");
+                                     "you mean 'stdout'? (known types: stdout, memory, redis, nats, "
+                                     "webhook, mongodb)");
 }
 
 static void test_validate_bad_options_with_position(void **state)

@@ -608,7 +608,7 @@ static void test_xadd_exactly_once_across_restart(void **state)
     assert_string_equal(f->element[6]->str, "recipient");
     assert_string_equal(f->element[7]->str, "bob");
     assert_string_equal(f->element[8]->str, "message");
-    assert_non_null(strstr(f->element[9]->str, "\"type\" : \"change\""));
+    assert_non_null(strstr(f->element[9]->str, "\"type\":\"change\""));
     freeReplyObject(rep);
     mc__subject_template_destroy(tmpl);
     close_client(&loop, r);

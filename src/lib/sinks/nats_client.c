@@ -338,9 +338,9 @@ static entry_t *table_take(mc__nats_t *n, const char *id)
 }
 
 static void run_cb(entry_t *e, mc__nats_outcome_t outcome, mc__nats_class_t cls, int status,
-                   uint64_t seq, const char *message)
+                   uint64_t seq, const char *message, int js_code)
 {
-    mc__nats_result_t res = {outcome, cls, status, seq, message};
+    mc__nats_result_t res = {outcome, cls, status, seq, message, js_code};
     e->cb(e->arg, &res);
     free(e);
 }
@@ -358,15 +358,15 @@ static void on_pub_ack(jsCtx *js, natsMsg *msg, jsPubAck *pa, jsPubAckErr *pae, 
     if (e) {
         if (pa) {
             run_cb(e, pa->Duplicate ? MC__NATS_DUPLICATE : MC__NATS_STORED, MC__NATS_OK, 0,
-                   pa->Sequence, NULL);
+                   pa->Sequence, NULL, 0);
         } else {
             natsStatus s = pae ? pae->Err : NATS_ERR;
             int code = pae ? (int)pae->ErrCode : 0;
             char why[256];
-            snprintf(why, sizeof why, "%s%s%.200s", natsStatus_GetText(s),
+            snprintf(why, sizeof why, "%s%s%.230s", natsStatus_GetText(s),
                      pae && pae->ErrText && *pae->ErrText ? ": " : "",
                      pae && pae->ErrText ? pae->ErrText : "");
-            run_cb(e, MC__NATS_FAILED, mc__nats_classify(s, code), MC_EIO, 0, why);
+            run_cb(e, MC__NATS_FAILED, mc__nats_classify(s, code), MC_EIO, 0, why, code);
         }
     }
     natsMsg_Destroy(msg);
@@ -470,7 +470,7 @@ static void release_js(mc__nats_t *n, jsCtx *js, int status, const char *why)
             entry_t *e = id ? table_take(n, id) : NULL;
             pthread_mutex_unlock(&n->lock);
             if (e) {
-                run_cb(e, MC__NATS_FAILED, MC__NATS_TRANSIENT, status, 0, why);
+                run_cb(e, MC__NATS_FAILED, MC__NATS_TRANSIENT, status, 0, why, 0);
             }
         }
         natsMsgList_Destroy(&pending);
@@ -688,7 +688,7 @@ void mc__nats_destroy(mc__nats_t *n)
         entry_t *e = n->table[i];
         while (e) {
             entry_t *next = e->next;
-            run_cb(e, MC__NATS_FAILED, MC__NATS_TRANSIENT, MC_ECLOSED, 0, "client closed");
+            run_cb(e, MC__NATS_FAILED, MC__NATS_TRANSIENT, MC_ECLOSED, 0, "client closed", 0);
             e = next;
         }
     }

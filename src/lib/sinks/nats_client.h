@@ -117,7 +117,13 @@ typedef struct mc__nats_result {
     int status;          /* 0, MC_EIO (failure), MC_ECLOSED (client destroyed first) */
     uint64_t sequence;   /* the stream sequence of a PubAck */
     const char *message; /* what failed (borrowed for the callback) */
+    int js_code;         /* the JetStream error code of a refusal (0: none), e.g.
+                            MC__NATS_JS_WRONG_LAST_MSG_ID */
 } mc__nats_result_t;
+
+/* The server's code for "wrong last msg ID" (Nats-Expected-Last-Msg-Id did not match; the
+ * server's JSStreamWrongLastMsgIDErrF, not named in libnats 3.4's headers). */
+#define MC__NATS_JS_WRONG_LAST_MSG_ID 10070
 
 typedef void (*mc__nats_cb)(void *arg, const mc__nats_result_t *res);
 
@@ -125,8 +131,11 @@ typedef void (*mc__nats_cb)(void *arg, const mc__nats_result_t *res);
  * `expected_last_id` (optional) adds Nats-Expected-Last-Msg-Id: the stream then stores the
  * message only right after that one, which keeps a stream in event order when a message is
  * lost in transit and a later one arrives first (the later one is refused, transient, and
- * sent again after the lost one). A replayed message is answered as a duplicate before that
- * check, so replays stay harmless. Use it only when this publisher alone writes the stream.
+ * sent again after the lost one). nats-server (2.9) checks the expectation before the
+ * duplicate id, so a replay that does not follow the stream's last message is refused with
+ * js_code MC__NATS_JS_WRONG_LAST_MSG_ID ("wrong last msg ID: <last>") rather than answered as
+ * a duplicate: the caller decides from <last> (sink_nats.c). Use it only when this publisher
+ * alone writes the stream.
  * Returns 0, after which cb runs exactly once on a libnats thread; or MC_EAGAIN (max_pending
  * in flight, or libnats's own bound), MC_ECLOSED, MC_EINVAL (permanent: see err), and cb is
  * never called. */

@@ -101,11 +101,11 @@ static int parse_wc(bson_iter_t *it, mg_opts_t *o, mc_error_t *err)
                                   "write_concern.w must be \"majority\" or a number");
             }
         } else if (!strcmp(k, "wtimeout_ms")) {
-            rc = mc__sopt_int(&d, 0, 3600000, &o->wtimeout_ms, err);
+            rc = mc__opt_int(&d, 0, 3600000, &o->wtimeout_ms, err);
         } else if (!strcmp(k, "journal")) {
-            rc = mc__sopt_bool(&d, &o->journal, err);
+            rc = mc__opt_bool(&d, &o->journal, err);
         } else {
-            rc = mc__sopt_unknown(k, wc_keys, err);
+            rc = mc__opt_unknown(k, "write_concern of a mongodb sink", wc_keys, err);
         }
         if (rc != 0) {
             return rc;
@@ -167,7 +167,7 @@ static int parse_opts(mc_sink_t *sink, const bson_t *options, mg_opts_t *o, mc_e
         while (rc == 0 && bson_iter_next(&it)) {
             const char *k = bson_iter_key(&it);
             if (!strcmp(k, "uri")) {
-                rc = mc__sopt_string(&it, 4096, &o->uri, err);
+                rc = mc__opt_string_dup(&it, 4096, &o->uri, err);
                 bson_error_t be;
                 mongoc_uri_t *u = rc == 0 ? mongoc_uri_new_with_error(o->uri, &be) : NULL;
                 if (rc == 0 && !u) {
@@ -177,13 +177,13 @@ static int parse_opts(mc_sink_t *sink, const bson_t *options, mg_opts_t *o, mc_e
                 }
                 mongoc_uri_destroy(u);
             } else if (!strcmp(k, "db")) {
-                rc = mc__sopt_string(&it, 63, &o->db, err);
+                rc = mc__opt_string_dup(&it, 63, &o->db, err);
                 if (rc == 0 && strpbrk(o->db, "/\\. \"$")) {
                     rc = mc_error_set(err, MC_ECONFIG, MC_DOMAIN_MONGOCAST, MC_ECONFIG,
                                       "option db: '%s' is not a valid database name", o->db);
                 }
             } else if (!strcmp(k, "collection")) {
-                rc = mc__sopt_string(&it, 200, &o->collection, err);
+                rc = mc__opt_string_dup(&it, 200, &o->collection, err);
                 if (rc == 0 &&
                     (o->collection[0] == '$' || strncmp(o->collection, "system.", 7) == 0)) {
                     rc = mc_error_set(err, MC_ECONFIG, MC_DOMAIN_MONGOCAST, MC_ECONFIG,
@@ -208,9 +208,9 @@ static int parse_opts(mc_sink_t *sink, const bson_t *options, mg_opts_t *o, mc_e
                 rc = parse_wc(&it, o, err);
             } else if (!strcmp(k, "expire_after_seconds")) {
                 rc =
-                    mc__sopt_int(&it, 1, (int64_t)100 * 365 * 86400, &o->expire_after_seconds, err);
+                    mc__opt_int(&it, 1, (int64_t)100 * 365 * 86400, &o->expire_after_seconds, err);
             } else {
-                rc = mc__sopt_unknown(k, known_opts, err);
+                rc = mc__opt_unknown(k, "a mongodb sink", known_opts, err);
             }
         }
     }

@@ -256,7 +256,7 @@ static int parse_opts(const bson_t *options, wh_opts_t *o, mc_error_t *err)
         while (rc == 0 && bson_iter_next(&it)) {
             const char *k = bson_iter_key(&it);
             if (!strcmp(k, "url")) {
-                rc = mc__sopt_string(&it, 4096, &o->url, err);
+                rc = mc__opt_string_dup(&it, 4096, &o->url, err);
             } else if (!strcmp(k, "headers")) {
                 rc = parse_headers(&it, o, err);
             } else if (!strcmp(k, "secret")) {
@@ -273,28 +273,28 @@ static int parse_opts(const bson_t *options, wh_opts_t *o, mc_error_t *err)
                     rc = parse_secret(&a, o, err);
                 }
             } else if (!strcmp(k, "connect_timeout_ms")) {
-                rc = mc__sopt_int(&it, 1, 600000, &o->connect_timeout_ms, err);
+                rc = mc__opt_int(&it, 1, 600000, &o->connect_timeout_ms, err);
             } else if (!strcmp(k, "timeout_ms")) {
-                rc = mc__sopt_int(&it, 1, 600000, &o->timeout_ms, err);
+                rc = mc__opt_int(&it, 1, 600000, &o->timeout_ms, err);
             } else if (!strcmp(k, "tls_verify")) {
-                rc = mc__sopt_bool(&it, &o->tls_verify, err);
+                rc = mc__opt_bool(&it, &o->tls_verify, err);
             } else if (!strcmp(k, "ca_file")) {
-                rc = mc__sopt_string(&it, 4096, &o->ca_file, err);
+                rc = mc__opt_string_dup(&it, 4096, &o->ca_file, err);
             } else if (!strcmp(k, "http2")) {
-                rc = mc__sopt_bool(&it, &o->http2, err);
+                rc = mc__opt_bool(&it, &o->http2, err);
             } else if (!strcmp(k, "format")) {
                 const char *f = BSON_ITER_HOLDS_UTF8(&it) ? bson_iter_utf8(&it, NULL) : "";
                 rc = mc__webhook_format_parse(f, &o->format, err);
             } else if (!strcmp(k, "source_prefix")) {
-                rc = mc__sopt_string(&it, 256, &o->source_prefix, err);
+                rc = mc__opt_string_dup(&it, 256, &o->source_prefix, err);
             } else if (!strcmp(k, "batch_max_events")) {
-                rc = mc__sopt_int(&it, 1, WH_MAX_BATCH, &o->batch_max_events, err);
+                rc = mc__opt_int(&it, 1, WH_MAX_BATCH, &o->batch_max_events, err);
             } else if (!strcmp(k, "batch_max_bytes")) {
-                rc = mc__sopt_int(&it, 1024, 64 << 20, &o->batch_max_bytes, err);
+                rc = mc__opt_int(&it, 1024, 64 << 20, &o->batch_max_bytes, err);
             } else if (!strcmp(k, "concurrency")) {
-                rc = mc__sopt_int(&it, 1, WH_MAX_CONCURRENCY, &o->concurrency, err);
+                rc = mc__opt_int(&it, 1, WH_MAX_CONCURRENCY, &o->concurrency, err);
             } else if (!strcmp(k, "max_pending_events")) {
-                rc = mc__sopt_int(&it, 1, 1000000, &o->max_pending, err);
+                rc = mc__opt_int(&it, 1, 1000000, &o->max_pending, err);
             } else if (!strcmp(k, "order_key")) {
                 const char *v = BSON_ITER_HOLDS_UTF8(&it) ? bson_iter_utf8(&it, NULL) : "";
                 if (!strcmp(v, "recipient")) {
@@ -308,7 +308,7 @@ static int parse_opts(const bson_t *options, wh_opts_t *o, mc_error_t *err)
                                       "option order_key must be recipient, document or none");
                 }
             } else {
-                rc = mc__sopt_unknown(k, known_opts, err);
+                rc = mc__opt_unknown(k, "a webhook sink", known_opts, err);
             }
         }
     }

@@ -381,6 +381,20 @@ static mc__bytes_t str_value(const char *s)
     return b;
 }
 
+/* A string recipient is its own bytes (`alice`, not the JSON text `"alice"`; taken from its
+ * canonical identity, mongocast/identity.h, so escapes are real bytes); other identities are
+ * their JSON text (`5`, `{"$oid":"..."}`). So the string "5" and the number 5 share a name. */
+static mc__bytes_t recipient_value(const mc_event_t *ev)
+{
+    size_t len = 0;
+    const uint8_t *id = mc_event_recipient_identity(ev, &len);
+    if (id && len >= 1 && id[0] == 's') {
+        mc__bytes_t b = {(const char *)id + 1, len - 1};
+        return b;
+    }
+    return str_value(mc_event_recipient(ev));
+}
+
 void mc__subject_values_from_event(mc__subject_values_t *v, const mc_event_t *ev)
 {
     const char *type = mc_event_operation_type(ev);
@@ -388,7 +402,7 @@ void mc__subject_values_from_event(mc__subject_values_t *v, const mc_event_t *ev
         type = mc_event_kind_name(mc_event_kind(ev));
     }
     v->stream = str_value(mc_event_stream(ev));
-    v->recipient = str_value(mc_event_recipient(ev));
+    v->recipient = recipient_value(ev);
     v->db = str_value(mc_event_db(ev));
     v->coll = str_value(mc_event_coll(ev));
     v->type = str_value(type);

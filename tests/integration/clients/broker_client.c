@@ -12,7 +12,9 @@
  *   broker_client redis-publish URL CHANNEL_TEMPLATE RECIPIENT...  (one event each; prints
  *                 the channel of each)
  *   broker_client nats-js URL N POSFILE          (stream ORDERS on mongocast.orders[.*])
- *   broker_client nats-dump URL                  (prints "seq msg-id" per stored message)
+ *   broker_client nats-dump URL [STREAM]         (prints "seq msg-id data" per stored message
+ *                                                 of STREAM, default ORDERS)
+ *   broker_client nats-count URL [STREAM]        (prints how many messages STREAM holds)
  *
  * Prints one JSON summary line; exit status 0 when every event got a final good outcome.
  */
@@ -352,25 +354,33 @@ static int nats_js(const char *url, int n, const char *posfile)
     return R.outcomes[MC__NATS_FAILED] ? 1 : 0;
 }
 
-static int nats_dump(const char *url)
+/* Prints "seq msg-id data" per message of `stream` (dump), or the message count (count). */
+static int nats_dump(const char *url, const char *stream, bool count_only)
 {
     natsConnection *nc = NULL;
     jsCtx *js = NULL;
     jsStreamInfo *si = NULL;
     if (natsConnection_ConnectTo(&nc, url) != NATS_OK ||
         natsConnection_JetStream(&js, nc, NULL) != NATS_OK ||
-        js_GetStreamInfo(&si, js, "ORDERS", NULL, NULL) != NATS_OK) {
-        fprintf(stderr, "cannot read stream ORDERS\n");
+        js_GetStreamInfo(&si, js, stream, NULL, NULL) != NATS_OK) {
+        fprintf(stderr, "cannot read stream %s\n", stream);
+        jsCtx_Destroy(js);
+        natsConnection_Destroy(nc);
         return 2;
     }
-    for (uint64_t seq = si->State.FirstSeq; seq && seq <= si->State.LastSeq; seq++) {
+    if (count_only) {
+        printf("%llu\n", (unsigned long long)si->State.Msgs);
+    }
+    for (uint64_t seq = si->State.FirstSeq; !count_only && seq && seq <= si->State.LastSeq;
+         seq++) {
         natsMsg *m = NULL;
-        if (js_GetMsg(&m, js, "ORDERS", seq, NULL, NULL) != NATS_OK) {
+        if (js_GetMsg(&m, js, stream, seq, NULL, NULL) != NATS_OK) {
             continue;
         }
         const char *id = NULL;
         natsMsgHeader_Get(m, "Nats-Msg-Id", &id);
-        printf("%llu %s\n", (unsigned long long)seq, id ? id : "-");
+        printf("%llu %s %.*s\n", (unsigned long long)seq, id ? id : "-", natsMsg_GetDataLength(m),
+               natsMsg_GetData(m));
         natsMsg_Destroy(m);
     }
     jsStreamInfo_Destroy(si);
@@ -393,7 +403,10 @@ int main(int argc, char **argv)
         return nats_js(argv[2], atoi(argv[3]), argv[4]);
     }
     if (argc >= 3 && strcmp(argv[1], "nats-dump") == 0) {
-        return nats_dump(argv[2]);
+        return nats_dump(argv[2], argc >= 4 ? argv[3] : "ORDERS", false);
+    }
+    if (argc >= 3 && strcmp(argv[1], "nats-count") == 0) {
+        return nats_dump(argv[2], argc >= 4 ? argv[3] : "ORDERS", true);
     }
     fprintf(stderr, "usage: see the comment at the top of broker_client.c\n");
     return 2;
