@@ -752,6 +752,37 @@ static int load_start_position(watcher_t *w, mongoc_client_t *client, mc_error_t
     return 0;
 }
 
+/* What a watcher or catch-up loop does after one open-and-read. */
+typedef enum cycle_next {
+    CYCLE_STOP,   /* the engine stops */
+    CYCLE_AGAIN,  /* reopen at once (invalidate, the split stage refused, an event skipped) */
+    CYCLE_FAILED, /* an error: *cls and *code say which */
+} cycle_next_t;
+
+/* Ends one cycle of the read loops shared by the watcher and the catch-up threads: releases
+ * the cursor and the client, then decides between stopping, reopening at once and handling
+ * an error. Sets *after_invalidate when an invalidate ended the read. */
+static cycle_next_t end_cycle(watcher_t *w, mongoc_change_stream_t *cs, mongoc_client_t *client,
+                              read_result_t rr, bson_error_t *err, const bson_t *reply,
+                              bool *after_invalidate, err_class_t *cls, int *code)
+{
+    mongoc_change_stream_destroy(cs);
+    mongoc_client_pool_push(w->e->pool, client);
+    if (rr == READ_STOP) {
+        return CYCLE_STOP;
+    }
+    if (rr == READ_REOPEN) {
+        *after_invalidate = true;
+        return CYCLE_AGAIN;
+    }
+    *code = 0;
+    *cls = classify(err, reply, code);
+    if (split_stage_refused(w, *code) || (*code == 10334 && skip_too_large(w, err))) {
+        return CYCLE_AGAIN; /* without the stage, or after the skipped event */
+    }
+    return CYCLE_FAILED;
+}
+
 void *mc__watcher_main(void *arg)
 {
     mc__stream_t *s = arg;
@@ -851,20 +882,15 @@ void *mc__watcher_main(void *arg)
             }
             rr = read_loop(&w, cs, &err, &reply);
         }
-        mongoc_change_stream_destroy(cs);
-        mongoc_client_pool_push(w.e->pool, client);
-
-        if (rr == READ_STOP) {
+        int code = 0;
+        err_class_t cls = ERR_TRANSIENT;
+        cycle_next_t next =
+            end_cycle(&w, cs, client, rr, &err, &reply, &after_invalidate, &cls, &code);
+        if (next == CYCLE_STOP) {
             break;
         }
-        if (rr == READ_REOPEN) {
-            after_invalidate = true;
+        if (next == CYCLE_AGAIN) {
             continue;
-        }
-        int code = 0;
-        err_class_t cls = classify(&err, &reply, &code);
-        if (split_stage_refused(&w, code) || (code == 10334 && skip_too_large(&w, &err))) {
-            continue; /* reopen at once: without the stage, or after the skipped event */
         }
         if (cls == ERR_HISTORY_LOST && s->cfg->on_history_lost == MC_ON_HISTORY_LOST_RESTART) {
             mc_log(MC_LOG_WARN, "watcher",
@@ -996,19 +1022,15 @@ static void *catchup_main(void *arg)
             after_invalidate = false;
             rr = read_loop(&w, cs, &err, &reply);
         }
-        mongoc_change_stream_destroy(cs);
-        mongoc_client_pool_push(w.e->pool, client);
-        if (rr == READ_STOP) {
+        int code = 0;
+        err_class_t cls = ERR_TRANSIENT;
+        cycle_next_t next =
+            end_cycle(&w, cs, client, rr, &err, &reply, &after_invalidate, &cls, &code);
+        if (next == CYCLE_STOP) {
             break;
         }
-        if (rr == READ_REOPEN) {
-            after_invalidate = true;
+        if (next == CYCLE_AGAIN) {
             continue;
-        }
-        int code = 0;
-        err_class_t cls = classify(&err, &reply, &code);
-        if (split_stage_refused(&w, code) || (code == 10334 && skip_too_large(&w, &err))) {
-            continue; /* reopen at once: without the stage, or after the skipped event */
         }
         if (cls == ERR_HISTORY_LOST && s->cfg->on_history_lost == MC_ON_HISTORY_LOST_RESTART) {
             mc_log(MC_LOG_WARN, "watcher",
