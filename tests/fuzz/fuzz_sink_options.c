@@ -1,13 +1,13 @@
 /*
- * fuzz_sink_options.c: libFuzzer target for the option parsers of the webhook and mongodb
- * sink types (src/lib/sinks/sink_webhook.c, sink_mongodb.c): the input, when it is a valid
+ * fuzz_sink_options.c: libFuzzer target for the option parsers of the sink types (webhook,
+ * mongodb, redis, nats: src/lib/sinks/sink_*.c, sink_opts.c): the input, when it is a valid
  * BSON document, is handed to each type's validate() as the sink's options (what the config
  * loader builds from YAML).
  *
  * Single-threaded (libFuzzer). Checks beyond "no crash, no leak, no hang": the result is 0 or
- * MC_ECONFIG with a non-empty message, and no message shows the value of a `secret` or of
- * an element of `secrets` (8 bytes or longer): secrets must never reach a log through an
- * error.
+ * MC_ECONFIG with a non-empty message, and no message shows the value of a `secret`,
+ * `password` or `token` option or of an element of `secrets` (8 bytes or longer): secrets
+ * must never reach a log through an error.
  */
 #define _GNU_SOURCE /* memmem */
 #include <stdint.h>
@@ -35,10 +35,13 @@ static bool leaks_secret(const bson_t *doc, const char *msg)
 {
     bson_iter_t it, a;
     uint32_t len = 0;
-    if (bson_iter_init_find(&it, doc, "secret") && BSON_ITER_HOLDS_UTF8(&it)) {
-        const char *v = bson_iter_utf8(&it, &len);
-        if (contains(doc, msg, v, len)) {
-            return true;
+    static const char *const single[] = {"secret", "password", "token"};
+    for (size_t k = 0; k < sizeof(single) / sizeof(single[0]); k++) {
+        if (bson_iter_init_find(&it, doc, single[k]) && BSON_ITER_HOLDS_UTF8(&it)) {
+            const char *v = bson_iter_utf8(&it, &len);
+            if (contains(doc, msg, v, len)) {
+                return true;
+            }
         }
     }
     if (bson_iter_init_find(&it, doc, "secrets") && BSON_ITER_HOLDS_ARRAY(&it) &&
@@ -63,8 +66,9 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         return 0;
     }
     static mc_engine_t engine; /* no config: the mongodb loop guard has no streams to check */
-    const mc_sink_type_t *types[] = {&mc__sink_webhook_type, &mc__sink_mongodb_type};
-    for (size_t t = 0; t < 2; t++) {
+    const mc_sink_type_t *types[] = {&mc__sink_webhook_type, &mc__sink_mongodb_type,
+                                     &mc__sink_redis_type, &mc__sink_nats_type};
+    for (size_t t = 0; t < sizeof(types) / sizeof(types[0]); t++) {
         mc_sink_t sink;
         memset(&sink, 0, sizeof(sink));
         sink.engine = &engine;
