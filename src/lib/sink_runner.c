@@ -104,9 +104,15 @@ struct mc__runner {
     int *slot_of; /* [engine n_streams] -> slot or -1 */
     wait_state_t waiting;
 
-    /* Retry of the first unpublished entry (executor; read under the lock). */
+    /* Retry of the first unpublished entry (executor; read under the lock). `attempts` counts
+     * the failures of one entry and goes back to 0 only when that entry completes (acked,
+     * flushed, skipped or dead-lettered): `retired` counts entries ever retired, and the failed
+     * entry is complete once it reaches `fail_mark`. An accepted publish() is not a success
+     * for a durable sink, whose failure may still come in a callback. `busy` (MC_EAGAIN) is
+     * flow control, not failure, and is reset by any accepted publish() (executor only). */
     mc__backoff_t backoff, busy;
     uint32_t attempts;
+    uint64_t retired, fail_mark;
     int64_t first_fail_ms;
     bool retry_pending;
     int64_t retry_at;
@@ -140,6 +146,12 @@ struct mc__runner {
 static rentry_t *entry_at(mc__runner_t *r, uint32_t i)
 {
     return &r->ring[(r->head + i) % r->cap];
+}
+
+/* The position of `e` from the head of the queue. */
+static uint32_t index_of(const mc__runner_t *r, const rentry_t *e)
+{
+    return (uint32_t)(((uint32_t)(e - r->ring) + r->cap - r->head) % r->cap);
 }
 
 static void bump(_Atomic uint64_t *c, uint64_t n)
@@ -443,6 +455,8 @@ void mc__runner_rejoin(mc__runner_t *r, int slot)
 /* ---- Completion ------------------------------------------------------------------------------ */
 
 /* Retires complete entries from the head into their slot's `done` position. Lock held. */
+static void retry_over_locked(mc__runner_t *r);
+
 static void retire_locked(mc__runner_t *r)
 {
     /* While the executor publishes a batch outside the lock ([npub, busy_end)), it addresses
@@ -474,7 +488,11 @@ static void retire_locked(mc__runner_t *r)
         r->count--;
         r->npub--;
         r->busy_end--;
+        r->retired++;
         retired = true;
+    }
+    if (retired && r->attempts > 0 && r->retired >= r->fail_mark) {
+        retry_over_locked(r);
     }
     if (retired) {
         pthread_cond_broadcast(&r->room);
@@ -649,18 +667,20 @@ static bool retries_exhausted_locked(mc__runner_t *r, int64_t now)
     return o->max_retry_ms && r->attempts > 0 && now - r->first_fail_ms >= o->max_retry_ms;
 }
 
-/* Schedules the next offer of the first unpublished entry. Lock held. */
-static void schedule_retry_locked(mc__runner_t *r, bool busy)
+/* Schedules the next offer of the first unpublished entry: after a failure of entry `failed`,
+ * or after a busy answer (`failed` NULL). Lock held. */
+static void schedule_retry_locked(mc__runner_t *r, const rentry_t *failed)
 {
     int64_t now = mc__now_ms();
     int64_t delay;
-    if (busy) {
+    if (!failed) {
         delay = mc__backoff_next(&r->busy);
     } else {
         if (r->attempts == 0) {
             r->first_fail_ms = now;
         }
         r->attempts++;
+        r->fail_mark = r->retired + index_of(r, failed) + 1;
         delay = mc__backoff_next(&r->backoff);
         if (r->hint_ms > delay) {
             delay = r->hint_ms;
@@ -676,17 +696,25 @@ static void schedule_retry_locked(mc__runner_t *r, bool busy)
     settle_state_locked(r);
 }
 
-static void succeeded_locked(mc__runner_t *r)
+/* The entry whose failures `attempts` counted is complete (any thread that retires, lock
+ * held): the next failure starts a new count. */
+static void retry_over_locked(mc__runner_t *r)
 {
-    bool was_retrying = r->attempts > 0;
-    r->attempts = 0;
-    r->retry_pending = false;
-    mc__backoff_reset(&r->backoff);
-    mc__backoff_reset(&r->busy);
-    if (was_retrying) {
-        settle_state_locked(r);
-        mc_log(MC_LOG_NOTICE, "runner", "sink goes on delivering sink=%s", r->sink->name);
+    if (r->attempts == 0) {
+        return;
     }
+    r->attempts = 0;
+    mc__backoff_reset(&r->backoff);
+    settle_state_locked(r);
+    mc_log(MC_LOG_NOTICE, "runner", "sink goes on delivering sink=%s", r->sink->name);
+}
+
+/* The failed entry was given up for good (executor, lock held). */
+static void gave_up_locked(mc__runner_t *r)
+{
+    retry_over_locked(r);
+    r->retry_pending = false;
+    mc__backoff_reset(&r->busy);
 }
 
 /* A permanent failure of `ev` (the executor holds a reference): dead letter, or the sink fails.
@@ -729,7 +757,7 @@ static bool give_up_locked(mc__runner_t *r, rentry_t *e)
     mc_event_unref(&ev);
     pthread_mutex_lock(&r->lock);
     if (gone && !r->failed) {
-        succeeded_locked(r);
+        gave_up_locked(r);
     }
     return gone && !r->failed;
 }
@@ -763,7 +791,7 @@ static bool handle_reported_failures_locked(mc__runner_t *r)
             }
             r->npub = i;
             r->busy_end = i; /* only called between batches */
-            schedule_retry_locked(r, false);
+            schedule_retry_locked(r, e);
             return true;
         }
         e->flags &= (uint8_t) ~(RF_FAIL_T | RF_FAIL_P);
@@ -847,7 +875,7 @@ static int classify_locked(mc__runner_t *r, rentry_t *e, int rc)
         if (f & RF_FAIL_P || retries_exhausted_locked(r, mc__now_ms())) {
             return -2;
         }
-        schedule_retry_locked(r, false);
+        schedule_retry_locked(r, e);
         return -1;
     }
     if (rc == 0) {
@@ -857,7 +885,7 @@ static int classify_locked(mc__runner_t *r, rentry_t *e, int rc)
         return O_SKIP;
     }
     if (rc == MC_EAGAIN) {
-        schedule_retry_locked(r, true);
+        schedule_retry_locked(r, NULL);
         return -1;
     }
     snprintf(r->last_error, sizeof(r->last_error), "publish returned %d (%s)", rc,
@@ -873,7 +901,7 @@ static int classify_locked(mc__runner_t *r, rentry_t *e, int rc)
     if (retries_exhausted_locked(r, mc__now_ms())) {
         return -2;
     }
-    schedule_retry_locked(r, false);
+    schedule_retry_locked(r, e);
     return -1;
 }
 
@@ -938,11 +966,11 @@ static size_t step(mc__runner_t *r, size_t budget)
             } else {
                 skipped++;
             }
-            if (r->attempts > 0 || r->busy.attempt > 0) {
-                /* attempts and the backoffs are written by this thread only (under the lock,
-                 * for readers). */
+            if (r->busy.attempt > 0) {
+                /* `busy` is written by this thread only (under the lock, for readers). An
+                 * accepted publish() ends a busy spell, not a failure: see `attempts`. */
                 pthread_mutex_lock(&r->lock);
-                succeeded_locked(r);
+                mc__backoff_reset(&r->busy);
                 pthread_mutex_unlock(&r->lock);
             }
             continue;
@@ -956,8 +984,8 @@ static size_t step(mc__runner_t *r, size_t budget)
             }
             o = O_GONE;
         }
-        if (o >= 0 && (r->attempts > 0 || r->busy.attempt > 0)) {
-            succeeded_locked(r);
+        if (o >= 0) {
+            mc__backoff_reset(&r->busy);
         }
         pthread_mutex_unlock(&r->lock);
         if (o < 0) {

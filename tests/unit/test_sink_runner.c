@@ -512,6 +512,62 @@ static void test_async_failure_rewinds_to_the_failed_event(void **state)
     assert_int_equal(fixture_close(1000), 0);
 }
 
+/* A durable sink accepts each offer and reports the failure later (a callback): the accepted
+ * publish() is not a success, so the attempts add up to max_attempts and the event goes to the
+ * dead letter instead of being offered for ever. */
+static void test_async_failures_count_to_max_attempts(void **state)
+{
+    (void)state;
+    fixture_t tmp;
+    snprintf(tmp.dl_path, sizeof(tmp.dl_path), "/tmp/mc_test_runner_dl_async.%d", (int)getpid());
+    unlink(tmp.dl_path);
+    mc_sink_runner_opts_t o = {.max_attempts = 3, .dead_letter_file = tmp.dl_path};
+    fixture_open(&durable_type, 64, &o);
+    snprintf(F.dl_path, sizeof(F.dl_path), "%s", tmp.dl_path);
+    S.auto_ack = false;
+    push_range(1, 2);
+    for (size_t offers = 1; offers <= 3; offers++) {
+        assert_true(wait_log(offers + 1, 3000)); /* 1, then 2 offered once more per failure */
+        pthread_mutex_lock(&S.lock);
+        mc_event_t *acc[MAX_LOG];
+        size_t n = S.n_accepted;
+        memcpy(acc, S.accepted, n * sizeof(*acc));
+        S.n_accepted = 0;
+        pthread_mutex_unlock(&S.lock);
+        for (size_t i = 0; i < n; i++) {
+            if (mc_event_seq(acc[i]) == 1) {
+                mc_sink_ack(F.sink, acc[i]);
+            } else {
+                mc_sink_fail(F.sink, acc[i], MC_SINK_TRANSIENT, 0, "late failure");
+            }
+            mc_event_unref(&acc[i]);
+        }
+    }
+    assert_true(wait_done(2, 3000)); /* the third failure gave up: dead-lettered */
+    usleep(50000);
+    pthread_mutex_lock(&S.lock);
+    assert_int_equal(S.n_log, 4); /* 1, and 2 three times: never a fourth offer */
+    pthread_mutex_unlock(&S.lock);
+    mc_sink_stats_t st = stats();
+    assert_int_equal(st.dead_letters, 1);
+    assert_int_equal(st.retries, 2);
+    FILE *fp = fopen(F.dl_path, "r");
+    assert_non_null(fp);
+    char line[4096] = {0};
+    assert_non_null(fgets(line, sizeof(line), fp));
+    fclose(fp);
+    assert_non_null(strstr(line, "\"attempts\":3"));
+    /* A later event fails once and then succeeds: a new count, not the old one's. */
+    S.auto_ack = true;
+    S.transient_seq = 3;
+    S.transient_times = 2;
+    push_range(3, 3);
+    assert_true(wait_done(3, 5000));
+    assert_int_equal(stats().dead_letters, 1);
+    assert_int_equal(fixture_close(1000), 0);
+    unlink(tmp.dl_path);
+}
+
 static void test_queue_is_bounded(void **state)
 {
     (void)state;
@@ -610,6 +666,7 @@ int main(void)
         cmocka_unit_test(test_retrying_state_while_failing),
         cmocka_unit_test(test_busy_is_not_an_attempt),
         cmocka_unit_test(test_max_attempts_then_dead_letter),
+        cmocka_unit_test(test_async_failures_count_to_max_attempts),
         cmocka_unit_test(test_permanent_without_dead_letter_fails),
         cmocka_unit_test(test_out_of_order_acks_complete_a_prefix),
         cmocka_unit_test(test_async_failure_rewinds_to_the_failed_event),
