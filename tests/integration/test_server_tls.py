@@ -14,7 +14,6 @@ import shutil
 import signal
 import socket
 import ssl
-import subprocess
 import time
 
 import pytest
@@ -23,58 +22,12 @@ import websockets
 
 from daemon_util import *  # noqa: F401,F403
 from server_util import LISTEN_RE, RawSSE, server_config, stream
-
-OPENSSL = shutil.which("openssl")
-
-
-# ---- certificates --------------------------------------------------------------------------
-
-def _openssl(*args, cwd):
-    subprocess.run([OPENSSL] + list(args), cwd=str(cwd), check=True, capture_output=True,
-                   timeout=60)
-
-
-def make_ca(d, name):
-    """A self-signed CA (P-256): (cert path, key path)."""
-    _openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
-             "-keyout", "%s.key" % name, "-out", "%s.pem" % name, "-days", "2",
-             "-subj", "/CN=%s" % name, cwd=d)
-    return d / ("%s.pem" % name), d / ("%s.key" % name)
-
-
-def make_cert(d, ca, name, client=False):
-    """A certificate for 127.0.0.1 / localhost (or a client certificate) signed by `ca`."""
-    ca_pem, ca_key = ca
-    ext = d / ("%s.ext" % name)
-    ext.write_text("extendedKeyUsage=clientAuth\n" if client else
-                   "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n")
-    _openssl("req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
-             "-keyout", "%s.key" % name, "-out", "%s.csr" % name, "-subj", "/CN=%s" % name,
-             cwd=d)
-    _openssl("x509", "-req", "-in", "%s.csr" % name, "-CA", str(ca_pem), "-CAkey", str(ca_key),
-             "-CAcreateserial", "-out", "%s.pem" % name, "-days", "2", "-extfile", str(ext),
-             cwd=d)
-    return d / ("%s.pem" % name), d / ("%s.key" % name)
+from tls_util import client_ctx, make_cert, make_pki
 
 
 @pytest.fixture
 def pki(tmp_path):
-    if not OPENSSL:
-        pytest.fail("the openssl CLI is missing (scripts/install-deps.sh installs it)",
-                    pytrace=False)
-    d = tmp_path / "pki"
-    d.mkdir()
-    ca = make_ca(d, "test-ca")
-    other_ca = make_ca(d, "other-ca")
-    return {"dir": d, "ca": ca, "other_ca": other_ca,
-            "server": make_cert(d, ca, "server-1")}
-
-
-def client_ctx(ca_pem, cert=None):
-    ctx = ssl.create_default_context(cafile=str(ca_pem))
-    if cert:
-        ctx.load_cert_chain(str(cert[0]), str(cert[1]))
-    return ctx
+    return make_pki(tmp_path)
 
 
 # ---- daemon --------------------------------------------------------------------------------
