@@ -33,11 +33,14 @@
  * stream from its stored position. The config an engine and a server run outlives them (both
  * borrow it).
  */
+#include <errno.h>
+#include <fcntl.h>
 #include <pthread.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include "cli.h"
@@ -162,23 +165,43 @@ static void log_started(const daemon_state_t *d, const char *what)
 
 #define MAX_CONFIG_TEXT (16u << 20)
 
-/* The whole file as a NUL-terminated string, or NULL (unreadable, larger than 16 MiB). Only
- * compared with a later read: does a reload change anything but the TLS files? */
+/* The whole file as a NUL-terminated string, or NULL (not a regular file, unreadable, larger
+ * than 16 MiB). Only compared with a later read: does a reload change anything but the TLS
+ * files? O_NONBLOCK: a FIFO put in the file's place must not block the main thread. */
 static char *read_config_text(const char *path)
 {
-    FILE *f = fopen(path, "rb");
-    if (!f) {
+    int fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK | O_NOCTTY);
+    if (fd < 0) {
         return NULL;
     }
-    char *buf = malloc(MAX_CONFIG_TEXT + 1);
-    size_t n = buf ? fread(buf, 1, MAX_CONFIG_TEXT + 1, f) : 0;
-    bool bad = !buf || ferror(f) || n > MAX_CONFIG_TEXT;
-    fclose(f);
-    if (bad) {
+    struct stat st;
+    char *buf = NULL;
+    if (fstat(fd, &st) == 0 && S_ISREG(st.st_mode) && st.st_size <= (off_t)MAX_CONFIG_TEXT) {
+        buf = malloc(MAX_CONFIG_TEXT + 1);
+    }
+    size_t n = 0;
+    while (buf && n <= MAX_CONFIG_TEXT) {
+        ssize_t r = read(fd, buf + n, MAX_CONFIG_TEXT + 1 - n);
+        if (r < 0 && errno == EINTR) {
+            continue;
+        }
+        if (r < 0) {
+            free(buf);
+            buf = NULL;
+        }
+        if (r <= 0) {
+            break;
+        }
+        n += (size_t)r;
+    }
+    close(fd);
+    if (buf && n > MAX_CONFIG_TEXT) {
         free(buf);
-        return NULL;
+        buf = NULL;
     }
-    buf[n] = '\0';
+    if (buf) {
+        buf[n] = '\0';
+    }
     return buf;
 }
 
@@ -310,13 +333,12 @@ int mc_cmd_run(int argc, char **argv)
 
     mc_error_t err;
     mc_error_clear(&err);
-    d.config_text = read_config_text(d.config_path);
     d.config = mc_config_load_file(d.config_path, &err);
     if (!d.config) {
-        free(d.config_text);
         fprintf(stderr, "%s\n", err.message);
         return MC_EXIT_FAIL;
     }
+    d.config_text = read_config_text(d.config_path);
     mc_cli_setup_logging(MC_LOG_INFO);
     apply_log_level(&d, d.config);
     /* Before the engine spawns its threads, so that they all inherit the blocked mask. */

@@ -435,6 +435,9 @@ void mcd_conn_trim(mcd_conn_t *c)
     if (c->q != &c->q_one && c->q_len == 0 && !(c->flags & MCD_CF_Q_USED)) {
         q_release(c);
     }
+    if (c->tls && !(c->flags & MCD_CF_Q_USED)) {
+        mcd_tls_conn_trim(c->tls);
+    }
     c->flags &= (uint8_t)~MCD_CF_Q_USED;
 }
 

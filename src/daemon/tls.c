@@ -13,6 +13,7 @@
  */
 #include "tls.h"
 
+#include <openssl/buffer.h>
 #include <openssl/err.h>
 #include <openssl/pem.h>
 #include <openssl/ssl.h>
@@ -24,9 +25,8 @@
 #include <sys/stat.h>
 
 #define MAX_INPUT_BEFORE_HANDSHAKE (64u * 1024)
-/* An output BIO that grew past this for one large message is replaced by a fresh one once
- * written, so an idle connection does not keep the memory. */
-#define MAX_KEPT_OUTPUT (64u * 1024)
+/* Output BIOs up to this size are reused as they are (see mcd_tls_conn_output_done()). */
+#define SMALL_OUTPUT (8u * 1024)
 
 struct mcd_tls_ctx {
     pthread_mutex_t lock;
@@ -399,18 +399,38 @@ size_t mcd_tls_conn_output(mcd_tls_conn_t *tc, const char **data)
     return n > 0 ? (size_t)n : 0;
 }
 
+/* A fresh, empty output BIO instead of the current one (which must hold nothing unwritten). */
+static bool replace_output(mcd_tls_conn_t *tc)
+{
+    BIO *fresh = BIO_new(BIO_s_mem());
+    if (!fresh) {
+        return false;
+    }
+    BIO_set_mem_eof_return(fresh, -1);
+    SSL_set0_wbio(tc->ssl, fresh); /* frees the old one */
+    tc->out = fresh;
+    return true;
+}
+
+void mcd_tls_conn_trim(mcd_tls_conn_t *tc)
+{
+    BUF_MEM *bm = NULL;
+    BIO_get_mem_ptr(tc->out, &bm);
+    if (bm && bm->length == 0 && bm->max > SMALL_OUTPUT) {
+        replace_output(tc);
+    }
+}
+
 void mcd_tls_conn_output_done(mcd_tls_conn_t *tc)
 {
-    char *p = NULL;
-    long n = BIO_get_mem_data(tc->out, &p);
-    if (n > (long)MAX_KEPT_OUTPUT) {
-        BIO *fresh = BIO_new(BIO_s_mem());
-        if (fresh) {
-            BIO_set_mem_eof_return(fresh, -1);
-            SSL_set0_wbio(tc->ssl, fresh); /* frees the old one */
-            tc->out = fresh;
-            return;
-        }
+    /* Resetting a memory BIO clears its whole allocation, not just what was written: a
+     * buffer that a burst made large, and that now carries little, is replaced by a fresh
+     * one instead (so a reset never clears more than four times what it carried, and an
+     * idle connection does not keep the burst's memory). */
+    BUF_MEM *bm = NULL;
+    BIO_get_mem_ptr(tc->out, &bm);
+    if (bm && bm->max > SMALL_OUTPUT && bm->length < bm->max / 4 && replace_output(tc)) {
+        return;
     }
     (void)BIO_reset(tc->out);
 }

@@ -73,5 +73,7 @@ void mcd_tls_conn_close_notify(mcd_tls_conn_t *tc);
 size_t mcd_tls_conn_output(mcd_tls_conn_t *tc, const char **data);
 /* Forgets the output once the caller has written or copied it all. */
 void mcd_tls_conn_output_done(mcd_tls_conn_t *tc);
+/* Housekeeping of an idle connection: gives back an output buffer a burst made large. */
+void mcd_tls_conn_trim(mcd_tls_conn_t *tc);
 
 #endif
