@@ -335,6 +335,9 @@ mcd_tls_feed_result_t mcd_tls_conn_feed(mcd_tls_conn_t *tc, char *out, size_t ca
         }
         return failed(tc, e);
     }
+    if (BIO_ctrl_pending(tc->in) == 0 && !SSL_has_pending(tc->ssl)) {
+        return MCD_TLS_MORE; /* nothing buffered: no need to ask OpenSSL */
+    }
     ERR_clear_error();
     int n = SSL_read(tc->ssl, out, cap > INT32_MAX ? INT32_MAX : (int)cap);
     if (n > 0) {
