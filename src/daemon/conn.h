@@ -210,7 +210,8 @@ bool mcd_conn_table_trim(mcd_conn_table_t *t);
 int mcd_conn_send(mcd_conn_t *conn, mcd_msg_t *msg, bool replay);
 
 /* Queues raw bytes (HTTP answers, close and pong frames, copied unless the socket takes them
- * at once): never refused for size. Returns 0, or -1 when the connection was closed. */
+ * at once; always queued on a TLS connection, whose bytes are encrypted in order when it
+ * writes): never refused for size. Returns 0, or -1 when the connection was closed. */
 int mcd_conn_send_raw(mcd_conn_t *c, const void *bytes, size_t len);
 
 /* Queues a static message (never freed) after what is queued. Returns 0 or -1 (closed). */
