@@ -64,10 +64,18 @@
  * mask; pongs carry a zero mask); every time is CLOCK_REALTIME, one clock for every process
  * of the machine and the clock of the kernel's receive timestamps.
  *
+ * TLS: a wss:// URL makes every subscriber (and the warm-up) connect over TLS (OpenSSL, no
+ * certificate verification: loopback benchmarks against a test certificate); reads are
+ * SSL_read until it wants more, pongs SSL_write. Throughput and idle only (the latency
+ * mode's kernel receive stamps describe ciphertext, and --exact-reads reads frames by
+ * parts; both are refused with TLS).
+ *
  * Output: one "phase=... key=value ..." line (scripts/bench.sh takes medians of them).
  */
 #define _GNU_SOURCE
 #include <mongoc/mongoc.h>
+#include <openssl/err.h>
+#include <openssl/ssl.h>
 #include <uv.h>
 
 #include <dirent.h>
@@ -189,6 +197,7 @@ typedef struct opts {
     int client_poll_us;
     int exact_reads;
     int generated;
+    bool tls; /* wss:// */
     char host[256];
     int port;
     char path[1024];
@@ -487,7 +496,7 @@ static long count_fds(long pid)
 
 /* ---- The client process ------------------------------------------------------------------ */
 
-enum { C_CONNECTING, C_HANDSHAKE, C_OPEN, C_DEAD };
+enum { C_CONNECTING, C_TLS, C_HANDSHAKE, C_OPEN, C_DEAD };
 
 typedef struct client {
     uv_poll_t poll; /* first member: the handle's address is the client's */
@@ -509,6 +518,7 @@ typedef struct client {
     int64_t last_stamp; /* kernel stamp of this connection's latest change message */
     int64_t prev_stamp; /* the stamp before last_stamp that differed from it (0: none) */
     uint32_t *pend;     /* recv_us entry of the latest change message, not yet known exact */
+    SSL *ssl;           /* wss:// */
 } client_t;
 
 typedef struct proc {
@@ -535,8 +545,21 @@ typedef struct proc {
 } proc_t;
 
 static proc_t *P;
+static SSL_CTX *tls_ctx; /* wss://: one per process, made after the fork */
+
+static SSL_CTX *client_tls_ctx(void)
+{
+    if (!tls_ctx) {
+        tls_ctx = SSL_CTX_new(TLS_client_method());
+        if (tls_ctx) {
+            SSL_CTX_set_verify(tls_ctx, SSL_VERIFY_NONE, NULL);
+        }
+    }
+    return tls_ctx;
+}
 
 static void start_connects(void);
+static void on_io(uv_poll_t *h, int status, int events);
 
 static void on_closed(uv_handle_t *h)
 {
@@ -550,7 +573,7 @@ static void client_dead(client_t *c, bool count_closed)
     if (c->state == C_DEAD) {
         return;
     }
-    if (c->state == C_CONNECTING || c->state == C_HANDSHAKE) {
+    if (c->state == C_CONNECTING || c->state == C_TLS || c->state == C_HANDSHAKE) {
         atomic_fetch_add(&P->slot->failed, 1);
         P->inflight--;
         start_connects();
@@ -558,6 +581,8 @@ static void client_dead(client_t *c, bool count_closed)
         atomic_fetch_add(&P->slot->closed, 1);
     }
     c->state = C_DEAD;
+    SSL_free(c->ssl);
+    c->ssl = NULL;
     free(c->buf);
     c->buf = NULL;
     c->len = c->cap = 0;
@@ -652,7 +677,8 @@ static void send_pong(client_t *c, const uint8_t *payload, size_t len)
     f[1] = (uint8_t)(0x80 | len);
     memset(f + 2, 0, 4);
     memcpy(f + 6, payload, len);
-    if (write(c->fd, f, 6 + len) != (ssize_t)(6 + len)) {
+    if (c->ssl ? SSL_write(c->ssl, f, (int)(6 + len)) != (int)(6 + len)
+               : write(c->fd, f, 6 + len) != (ssize_t)(6 + len)) {
         atomic_fetch_add(&P->slot->errors, 1);
     }
 }
@@ -841,6 +867,56 @@ static void on_readable(client_t *c)
         atomic_fetch_add_explicit(&P->slot->stamp_shared, P->read_changes - 1,
                                   memory_order_relaxed);
     }
+}
+
+/* wss://: everything OpenSSL can decrypt now (it may hold records after the socket is empty,
+ * so read until it wants more). */
+static void on_readable_tls(client_t *c)
+{
+    for (int i = 0; i < 64 && c->state != C_DEAD; i++) {
+        ERR_clear_error();
+        int n = SSL_read(c->ssl, P->rbuf, READ_BUF);
+        if (n <= 0) {
+            int e = SSL_get_error(c->ssl, n);
+            if (e != SSL_ERROR_WANT_READ && e != SSL_ERROR_WANT_WRITE) {
+                client_dead(c, true);
+            }
+            return;
+        }
+        P->now = now_ns();
+        P->arrival = P->now;
+        P->read_changes = 0;
+        P->last_slot = NULL;
+        P->low = 0;
+        consume(c, P->rbuf, (size_t)n);
+    }
+}
+
+/* wss://: advances the client's TLS handshake; once done, sends the upgrade request. */
+static void tls_step(client_t *c)
+{
+    ERR_clear_error();
+    int r = SSL_do_handshake(c->ssl);
+    if (r == 1) {
+        c->state = C_HANDSHAKE;
+        if (SSL_write(c->ssl, P->request, (int)P->request_len) != (int)P->request_len ||
+            uv_poll_start(&c->poll, UV_READABLE, on_io) != 0) {
+            client_dead(c, false);
+        }
+        return;
+    }
+    int e = SSL_get_error(c->ssl, r);
+    if (e == SSL_ERROR_WANT_READ || e == SSL_ERROR_WANT_WRITE) {
+        if (uv_poll_start(&c->poll, e == SSL_ERROR_WANT_READ ? UV_READABLE : UV_WRITABLE,
+                          on_io) != 0) {
+            client_dead(c, false);
+        }
+        return;
+    }
+    char why[160];
+    ERR_error_string_n(ERR_peek_last_error(), why, sizeof(why));
+    fprintf(stderr, "bench_fanout: TLS handshake failed: %s\n", why);
+    client_dead(c, false);
 }
 
 /* One recvmsg of at most want bytes; *stamp gets the kernel receive timestamp of the last
@@ -1039,6 +1115,17 @@ static void on_io(uv_poll_t *h, int status, int events)
             client_dead(c, false);
             return;
         }
+        if (O.tls) {
+            c->ssl = SSL_new(client_tls_ctx());
+            if (!c->ssl || SSL_set_fd(c->ssl, c->fd) != 1) {
+                client_dead(c, false);
+                return;
+            }
+            SSL_set_connect_state(c->ssl);
+            c->state = C_TLS;
+            tls_step(c);
+            return;
+        }
         c->state = C_HANDSHAKE;
         /* The request is small: the socket takes it whole or the connection is broken. */
         if (write(c->fd, P->request, P->request_len) != (ssize_t)P->request_len ||
@@ -1047,8 +1134,14 @@ static void on_io(uv_poll_t *h, int status, int events)
         }
         return;
     }
+    if (c->state == C_TLS) {
+        tls_step(c);
+        return;
+    }
     if (events & UV_READABLE) {
-        if (O.exact_reads) {
+        if (c->ssl) {
+            on_readable_tls(c);
+        } else if (O.exact_reads) {
             on_readable_exact(c);
         } else {
             on_readable(c);
@@ -1617,15 +1710,27 @@ static int warm_up(void)
                       O.path, O.host, O.port);
     char buf[4096];
     size_t got = 0;
-    bool ok = write(fd, req, (size_t)rl) == rl;
+    SSL *ssl = NULL;
+    if (O.tls) {
+        ssl = SSL_new(client_tls_ctx());
+        if (!ssl || SSL_set_fd(ssl, fd) != 1 || SSL_connect(ssl) != 1) {
+            fprintf(stderr, "bench_fanout: warm-up TLS handshake failed\n");
+            SSL_free(ssl);
+            close(fd);
+            return -1;
+        }
+    }
+    bool ok = ssl ? SSL_write(ssl, req, rl) == rl : write(fd, req, (size_t)rl) == rl;
     while (ok && got < sizeof(buf) - 1 && !memmem(buf, got, "\"ready\"", 7)) {
-        ssize_t n = read(fd, buf + got, sizeof(buf) - 1 - got);
+        ssize_t n = ssl ? SSL_read(ssl, buf + got, (int)(sizeof(buf) - 1 - got))
+                        : read(fd, buf + got, sizeof(buf) - 1 - got);
         if (n <= 0) {
             ok = false;
         } else {
             got += (size_t)n;
         }
     }
+    SSL_free(ssl);
     close(fd);
     if (!ok) {
         fprintf(stderr, "bench_fanout: warm-up subscriber got no ready message\n");
@@ -1638,7 +1743,7 @@ static int warm_up(void)
 static void usage(void)
 {
     fprintf(stderr,
-            "usage: bench_fanout throughput|latency|idle --url ws://HOST:PORT/v1/streams/NAME\n"
+            "usage: bench_fanout throughput|latency|idle --url ws[s]://HOST:PORT/v1/streams/NAME\n"
             "         --daemon-pid PID [--emulator-pid PID] [--uri MONGODB_URI] [--db bench]\n"
             "         [--coll fanout] [--clients 1000] [--procs 2] [--events N] [--rate R]\n"
             "         [--seconds S] [--size 200] [--batch B] [--hold S] [--concurrency 128]\n"
@@ -1650,10 +1755,14 @@ static void usage(void)
 static int parse_url(const char *url)
 {
     const char *p = url;
-    if (strncmp(p, "ws://", 5) != 0) {
+    if (strncmp(p, "wss://", 6) == 0) {
+        O.tls = true;
+        p += 6;
+    } else if (strncmp(p, "ws://", 5) == 0) {
+        p += 5;
+    } else {
         return -1;
     }
-    p += 5;
     const char *colon = strchr(p, ':');
     const char *slash = strchr(p, '/');
     if (!colon || !slash || colon > slash || (size_t)(colon - p) >= sizeof(O.host) ||
@@ -1747,6 +1856,10 @@ int main(int argc, char **argv)
         O.procs > MAX_PROCS || O.concurrency <= 0 || O.size < 64 ||
         (O.mode != MODE_IDLE && !O.uri && !O.generated)) {
         usage();
+    }
+    if (O.tls && (O.mode == MODE_LATENCY || O.exact_reads)) {
+        fprintf(stderr, "bench_fanout: wss:// is for the throughput and idle phases only\n");
+        return 2;
     }
     if (O.mode == MODE_LATENCY) {
         if (O.rate <= 0) {

@@ -40,7 +40,10 @@
 #                   after the other within each run (so that runs alternate): daemon
 #                   (`mongocast run`, server.io FANOUT_SERVER_IO or the default), daemon_uring
 #                   and daemon_writev (server.io forced), before (the daemon of the build
-#                   directory FANOUT_BEFORE_BUILD, for before/after figures), floor_writev and
+#                   directory FANOUT_BEFORE_BUILD, for before/after figures), daemon_tls (the
+#                   daemon with server.tls on a self-signed P-256 certificate made by the
+#                   openssl CLI, subscribers on wss://; throughput and idle phases only),
+#                   floor_writev and
 #                   floor_uring (throughput and latency phases only)
 #                   (bench/bench_floor.c, the floor program: the same frames to the same
 #                   clients with only the kernel's work, no emulator; docs/PERFORMANCE.md,
@@ -100,8 +103,16 @@ stop_emulator() {
 # emulator with a generated config; sets dpid, dport. $3 "blocked": also a sink that blocks
 # forever (fault sink, test builds of the config only).
 start_daemon() {
-  local bin=${1:-$daemon} io=${2:-}
+  local bin=${1:-$daemon} io=${2:-} tls=${4:-}
   work=$(mktemp -d)
+  local tls_lines="" scheme=http
+  if [ -n "$tls" ]; then
+    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 \
+      -subj /CN=127.0.0.1 -addext subjectAltName=IP:127.0.0.1 \
+      -keyout "$work/key.pem" -out "$work/cert.pem" 2>/dev/null
+    tls_lines="  tls: {cert_file: $work/cert.pem, key_file: $work/key.pem}"
+    scheme=https
+  fi
   local sinks="sinks: []"
   if [ "${3:-}" = blocked ]; then
     sinks="sinks:
@@ -117,6 +128,7 @@ server:
   listen: 127.0.0.1:0
   max_connections: 20000
 ${io:+  io: $io}
+$tls_lines
 streams:
   fan:
     db: bench
@@ -138,7 +150,7 @@ EOF
   done
   [ -n "$dport" ] || { echo "bench: mongocast did not start" >&2; cat "$work/daemon.err" >&2; exit 1; }
   for _ in $(seq 600); do
-    curl -sf "http://127.0.0.1:$dport/readyz" >/dev/null && return 0
+    curl -skf "$scheme://127.0.0.1:$dport/readyz" >/dev/null && return 0
     sleep 0.05
   done
   echo "bench: mongocast not ready" >&2; cat "$work/daemon.err" >&2; exit 1
@@ -208,8 +220,9 @@ floor_phase() {
 # One fan-out phase ($1) against a fresh emulator and daemon (server $2: daemon, daemon_uring,
 # daemon_writev or before); its report line goes to $out.
 fanout_phase() {
-  local srv=${2:-daemon} bin=$daemon io=${FANOUT_SERVER_IO:-}
+  local srv=${2:-daemon} bin=$daemon io=${FANOUT_SERVER_IO:-} tls="" ws=ws http=http
   case $srv in
+    daemon_tls) tls=1 ws=wss http=https ;;
     daemon_uring) io=uring ;;
     daemon_writev) io=writev ;;
     before)
@@ -222,9 +235,9 @@ fanout_phase() {
   if [ "$1" = latency_blocked ]; then
     start_daemon "$bin" "$io" blocked
   else
-    start_daemon "$bin" "$io"
+    start_daemon "$bin" "$io" "" "$tls"
   fi
-  local common=(--url "ws://127.0.0.1:$dport/v1/streams/fan"
+  local common=(--url "$ws://127.0.0.1:$dport/v1/streams/fan"
     --uri "mongodb://127.0.0.1:$port/?replicaSet=rs0" --daemon-pid "$dpid" --emulator-pid "$pid"
     --size "${FANOUT_DOC_BYTES:-200}" --client-poll-us "${FANOUT_CLIENT_POLL_US:-0}"
     --client-nice "${FANOUT_CLIENT_NICE:-0}" --exact-reads "${FANOUT_EXACT_READS:-0}")
@@ -256,7 +269,7 @@ fanout_phase() {
   # The daemon's sends over its life (ready messages included; 0 for a daemon without the
   # counter), and deliveries per send over the bench window.
   local sends
-  sends=$(curl -s "http://127.0.0.1:$dport/metrics" |
+  sends=$(curl -sk "$http://127.0.0.1:$dport/metrics" |
     awk '/^mongocast_socket_sends_total/ {s += $2} END {print s + 0}')
   awk -v srv="$srv" -v sends="$sends" '{
     d = 0; if (match($0, / deliveries=[0-9]+/)) d = substr($0, RSTART + 12, RLENGTH - 12)
@@ -275,7 +288,7 @@ for b in $select; do
       for ph in ${FANOUT_PHASES:-throughput latency idle idle_max}; do
         for srv in ${FANOUT_SERVERS:-daemon}; do
           case $srv in
-            daemon | daemon_uring | daemon_writev | before) fanout_phase "$ph" "$srv" ;;
+            daemon | daemon_uring | daemon_writev | daemon_tls | before) fanout_phase "$ph" "$srv" ;;
             floor_writev | floor_uring) floor_phase "$ph" "$srv" ;;
             *) echo "bench: unknown server $srv in FANOUT_SERVERS" >&2; exit 1 ;;
           esac

@@ -15,6 +15,7 @@ packages=(
   python3 python3-pytest python3-pymongo python3-websockets python3-redis
   python3-jwt python3-requests
   redis-server nats-server
+  openssl  # the CLI: the TLS tests make their test CA and certificates with it
 )
 for arg in "$@"; do
   case "$arg" in

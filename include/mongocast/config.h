@@ -165,6 +165,13 @@ typedef struct mc_config {
         uint32_t max_snapshot_documents;      /* per ?snapshot=true; 0: refused */
         uint32_t snapshot_workers;            /* snapshot reader threads; 2 */
         char *io; /* how sockets are written: "auto" | "uring" | "writev"; default "auto" */
+        struct {
+            bool enabled;         /* the server.tls section is present: the listener speaks TLS */
+            char *cert_file;      /* PEM certificate chain (leaf first) */
+            char *key_file;       /* PEM private key of the leaf certificate */
+            char *client_ca_file; /* PEM CAs a client certificate must chain to; NULL: none asked */
+            char *min_version;    /* "1.2" (default) | "1.3" */
+        } tls;
     } server;
     struct {
         bool enabled;

@@ -19,6 +19,7 @@
 #include <unistd.h>
 
 #include "cli.h"
+#include "tls.h"
 
 enum { OPT_CONFIG = 1, OPT_TIMEOUT };
 
@@ -394,6 +395,17 @@ int mc_cmd_check(int argc, char **argv)
     }
     if (cfg->checkpoint.store == MC_CHECKPOINT_FILE) {
         check_file_store(&c, cfg->checkpoint.path ? cfg->checkpoint.path : "./data/checkpoints");
+    }
+    if (cfg->server.tls.enabled) {
+        /* The certificate chain and the key load and belong together (what `run` needs). */
+        mc_error_t terr;
+        mc_error_clear(&terr);
+        if (mcd_tls_check(cfg, &terr) != 0) {
+            report(&c, "FAIL", "tls: %s", terr.message);
+        } else {
+            report(&c, "ok", "tls: certificate %s and key %s load and match",
+                   cfg->server.tls.cert_file, cfg->server.tls.key_file);
+        }
     }
 
     char *shown = mc_cli_redact_uri(cfg->mongodb_uri);

@@ -19,8 +19,11 @@
  * mcd_server_stop() closes every WebSocket client with 1001 after what was queued for it and
  * ends SSE streams; the process exits 0.
  *
- * Reload (SIGHUP): the new config is checked first (an invalid one never stops anything);
- * then the server and the engine are both stopped (WebSocket clients get 1012 "server
+ * Reload (SIGHUP): the new config is checked first, its server.tls certificate and key
+ * included (an invalid one never stops anything). With TLS on and a config file identical to
+ * the running one, only the certificate and key are re-read (certificate rotation): new
+ * connections get the new one, open connections keep going on theirs, nothing restarts.
+ * Otherwise the server and the engine are both stopped (WebSocket clients get 1012 "server
  * restarting", so they reconnect; the resume history is per run and starts empty) and a new
  * server and engine start from the new config, listening on its server.listen. If they fail
  * to start, the previous config is started again.
@@ -30,14 +33,19 @@
  * stream from its stored position. The config an engine and a server run outlives them (both
  * borrow it).
  */
+#include <errno.h>
+#include <fcntl.h>
 #include <pthread.h>
 #include <signal.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include "cli.h"
 #include "server.h"
+#include "tls.h"
 
 enum { OPT_CONFIG = 1, OPT_LOG_LEVEL };
 
@@ -52,6 +60,7 @@ typedef struct daemon_state {
     bool cli_level_set;
     mc_log_level_t cli_level;
     mc_config_t *config;
+    char *config_text; /* the file's bytes when `config` was loaded (NULL: unreadable) */
     mc_engine_t *engine;
     mcd_server_t *server;
 } daemon_state_t;
@@ -154,6 +163,65 @@ static void log_started(const daemon_state_t *d, const char *what)
            cfg->path ? cfg->path : "?", cfg->n_streams, n, names, (long)getpid());
 }
 
+#define MAX_CONFIG_TEXT (16u << 20)
+
+/* The whole file as a NUL-terminated string, or NULL (not a regular file, unreadable, larger
+ * than 16 MiB). Only compared with a later read: does a reload change anything but the TLS
+ * files? O_NONBLOCK: a FIFO put in the file's place must not block the main thread. */
+static char *read_config_text(const char *path)
+{
+    int fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK | O_NOCTTY);
+    if (fd < 0) {
+        return NULL;
+    }
+    struct stat st;
+    char *buf = NULL;
+    if (fstat(fd, &st) == 0 && S_ISREG(st.st_mode) && st.st_size <= (off_t)MAX_CONFIG_TEXT) {
+        buf = malloc(MAX_CONFIG_TEXT + 1);
+    }
+    size_t n = 0;
+    while (buf && n <= MAX_CONFIG_TEXT) {
+        ssize_t r = read(fd, buf + n, MAX_CONFIG_TEXT + 1 - n);
+        if (r < 0 && errno == EINTR) {
+            continue;
+        }
+        if (r < 0) {
+            free(buf);
+            buf = NULL;
+        }
+        if (r <= 0) {
+            break;
+        }
+        n += (size_t)r;
+    }
+    close(fd);
+    if (buf && n > MAX_CONFIG_TEXT) {
+        free(buf);
+        buf = NULL;
+    }
+    if (buf) {
+        buf[n] = '\0';
+    }
+    return buf;
+}
+
+/* SIGHUP with TLS on and the config file unchanged: new certificate for new connections,
+ * everything else keeps running. */
+static void reload_tls_only(daemon_state_t *d, mc_config_t *cfg)
+{
+    mc_error_t err;
+    mc_error_clear(&err);
+    if (mcd_server_tls_reload(d->server, cfg, &err) != 0) {
+        mc_log(MC_LOG_ERROR, "daemon",
+               "TLS reload refused, keeping the running certificate and configuration: %s",
+               err.message);
+    } else {
+        mc_log(MC_LOG_NOTICE, "daemon",
+               "reloaded TLS certificate only (config unchanged); open connections keep theirs");
+    }
+    mc_config_destroy(cfg);
+}
+
 /* SIGHUP: replace the running engine by one for the file's current content, or keep the
  * running one when the file is not usable. Returns false only when nothing runs any more. */
 static bool reload(daemon_state_t *d)
@@ -177,11 +245,27 @@ static bool reload(daemon_state_t *d)
         return true;
     }
     mc_engine_destroy(probe);
+    char *text = read_config_text(d->config_path);
+    if (cfg->server.tls.enabled && d->config->server.tls.enabled && text && d->config_text &&
+        strcmp(text, d->config_text) == 0) {
+        free(text);
+        reload_tls_only(d, cfg);
+        return true;
+    }
+    if (mcd_tls_check(cfg, &err) != 0) {
+        mc_log(MC_LOG_ERROR, "daemon", "reload failed, keeping the running configuration: %s",
+               err.message);
+        free(text);
+        mc_config_destroy(cfg);
+        return true;
+    }
     stop_runtime(d, "reload", 1012);
     apply_log_level(d, cfg);
     if (start_runtime(cfg, &d->server, &d->engine, &err) == 0) {
         mc_config_destroy(d->config);
         d->config = cfg;
+        free(d->config_text);
+        d->config_text = text;
         log_started(d, "reloaded");
         return true;
     }
@@ -189,6 +273,7 @@ static bool reload(daemon_state_t *d)
            "the new configuration failed to start (%s); going back to the previous one",
            err.message);
     mc_config_destroy(cfg);
+    free(text);
     apply_log_level(d, d->config);
     mc_error_clear(&err);
     if (start_runtime(d->config, &d->server, &d->engine, &err) != 0) {
@@ -253,6 +338,7 @@ int mc_cmd_run(int argc, char **argv)
         fprintf(stderr, "%s\n", err.message);
         return MC_EXIT_FAIL;
     }
+    d.config_text = read_config_text(d.config_path);
     mc_cli_setup_logging(MC_LOG_INFO);
     apply_log_level(&d, d.config);
     /* Before the engine spawns its threads, so that they all inherit the blocked mask. */
@@ -266,6 +352,7 @@ int mc_cmd_run(int argc, char **argv)
             mc_log(MC_LOG_ERROR, "daemon", "cannot start: %s", err.message);
         }
         mc_config_destroy(d.config);
+        free(d.config_text);
         return MC_EXIT_FAIL;
     }
     log_started(&d, "running");
@@ -295,6 +382,7 @@ int mc_cmd_run(int argc, char **argv)
         break;
     }
     mc_config_destroy(d.config);
+    free(d.config_text);
     mc_log(MC_LOG_NOTICE, "daemon", "stopped");
     mc_log_set_handler(NULL, NULL);
     return status;

@@ -435,6 +435,9 @@ void mcd_conn_trim(mcd_conn_t *c)
     if (c->q != &c->q_one && c->q_len == 0 && !(c->flags & MCD_CF_Q_USED)) {
         q_release(c);
     }
+    if (c->tls && !(c->flags & MCD_CF_Q_USED)) {
+        mcd_tls_conn_trim(c->tls);
+    }
     c->flags &= (uint8_t)~MCD_CF_Q_USED;
 }
 
@@ -470,7 +473,7 @@ int mcd_conn_send_raw(mcd_conn_t *c, const void *bytes, size_t len)
     if (c->flags & MCD_CF_CLOSED) {
         return -1;
     }
-    if (!c->q_len && !c->n_writes) {
+    if (!c->q_len && !c->n_writes && !c->tls) {
         /* Nothing ahead of it: try the socket directly and copy only what it did not take
          * (handshake answers and pongs usually need no allocation). */
         uv_buf_t b = uv_buf_init((char *)bytes, (unsigned)len);
@@ -673,6 +676,12 @@ static void maybe_finish(mcd_conn_t *c)
         return;
     }
     c->flags |= MCD_CF_SHUTDOWN;
+    if (c->tls) {
+        mcd_tls_conn_close_notify(c->tls);
+        if (mcd_conn_tls_flush(c, 0) != 0) {
+            return;
+        }
+    }
     uv_shutdown_t *req = malloc(sizeof(*req));
     if (!req) {
         mcd_conn_abort(c);
@@ -812,8 +821,14 @@ static int try_write(mcd_conn_t *c, mcd_msg_t **batch, uint32_t n, uv_buf_t *buf
 /* Hands queued messages to the socket: first with uv_try_write (no allocation at all when
  * the socket takes everything, the common case), and what the kernel did not take with one
  * uv_write whose request holds the remaining messages' references. */
+static void tls_start_write(mcd_conn_t *c);
+
 void mcd_conn_start_write(mcd_conn_t *c)
 {
+    if (c->tls) {
+        tls_start_write(c);
+        return;
+    }
     static uv_buf_t bufs[WRITE_BATCH * 3];
     static mcd_msg_t *batch[WRITE_BATCH];
     while (c->q_len && c->n_writes < MAX_WRITES && !(c->flags & MCD_CF_CLOSED)) {
@@ -821,6 +836,144 @@ void mcd_conn_start_write(mcd_conn_t *c)
         uint64_t total;
         uint32_t n = pop_batch(c, WRITE_BATCH, batch, bufs, &nb, &total);
         if (try_write(c, batch, n, bufs, nb, total) < 0) {
+            return;
+        }
+    }
+}
+
+/* ---- TLS connections ---------------------------------------------------------------------------
+ * The queue holds the same shared plaintext messages as for any connection; each TLS
+ * connection encrypts its own copy when it writes: up to TLS_CHUNK bytes of messages per
+ * write, gathered into one buffer so that a small event is one record, not one per buffer.
+ * The ciphertext goes out by uv_try_write straight from the session's output and, for what the
+ * kernel does not take, one uv_write of a copy. The queue accounting is the same as for plain
+ * connections: a message's bytes count as queued until the write that carries its ciphertext
+ * completes, and what waits unencrypted counts as pending, so the slow-consumer limit bounds a
+ * TLS connection exactly as a plain one (its ciphertext in flight is at most MAX_WRITES
+ * chunks). TLS connections never go through io_uring (ring_flush skips them). */
+
+#define TLS_CHUNK (16u * 1024) /* one full TLS record of plaintext per write */
+
+typedef struct tls_wreq {
+    uv_write_t req;
+    mcd_conn_t *conn;
+    uint64_t bytes; /* plaintext queue bytes this ciphertext carries */
+    char data[];
+} tls_wreq_t;
+
+static void on_tls_write(uv_write_t *req, int status)
+{
+    tls_wreq_t *w = (tls_wreq_t *)req;
+    mcd_conn_t *c = w->conn;
+    release_bytes(c, w->bytes);
+    free(w);
+    c->n_writes--;
+    if (c->flags & MCD_CF_CLOSED) {
+        return;
+    }
+    if (status < 0) {
+        mcd_conn_abort(c);
+        return;
+    }
+    if (c->q_len) {
+        mcd_conn_start_write(c);
+    } else {
+        maybe_finish(c);
+    }
+}
+
+int mcd_conn_tls_flush(mcd_conn_t *c, uint64_t bytes)
+{
+    if (c->flags & MCD_CF_CLOSED) {
+        release_bytes(c, bytes);
+        return -1;
+    }
+    const char *out = NULL;
+    size_t len = mcd_tls_conn_output(c->tls, &out);
+    size_t done = 0;
+    if (len && !c->n_writes) {
+        uv_buf_t b = uv_buf_init((char *)out, (unsigned)len);
+        int r = uv_try_write((uv_stream_t *)&c->tcp, &b, 1);
+        mcd_conn_table(c)->stats.writev_sends++;
+        if (r < 0 && r != UV_EAGAIN) {
+            mcd_tls_conn_output_done(c->tls);
+            release_bytes(c, bytes);
+            mcd_conn_abort(c);
+            return -1;
+        }
+        done = r > 0 ? (size_t)r : 0;
+    }
+    if (done == len) {
+        mcd_tls_conn_output_done(c->tls);
+        release_bytes(c, bytes);
+        return 0;
+    }
+    tls_wreq_t *w = malloc(sizeof(*w) + (len - done));
+    if (!w) {
+        mcd_tls_conn_output_done(c->tls);
+        release_bytes(c, bytes);
+        mcd_conn_abort(c);
+        return -1;
+    }
+    memcpy(w->data, out + done, len - done);
+    mcd_tls_conn_output_done(c->tls);
+    w->conn = c;
+    w->bytes = bytes;
+    c->n_writes++;
+    uv_buf_t b = uv_buf_init(w->data, (unsigned)(len - done));
+    if (uv_write(&w->req, (uv_stream_t *)&c->tcp, &b, 1, on_tls_write) != 0) {
+        c->n_writes--;
+        release_bytes(c, bytes);
+        free(w);
+        mcd_conn_abort(c);
+        return -1;
+    }
+    return 0;
+}
+
+/* Encrypts queued messages, a chunk at a time, while fewer than MAX_WRITES writes are on
+ * their way. Nothing is written before the handshake completes (the queue waits). */
+static void tls_start_write(mcd_conn_t *c)
+{
+    static _Thread_local char plain[TLS_CHUNK];
+    uv_buf_t bufs[3];
+    if (!mcd_tls_conn_established(c->tls)) {
+        return;
+    }
+    while (c->q_len && c->n_writes < MAX_WRITES && !(c->flags & MCD_CF_CLOSED)) {
+        uint64_t total = 0;
+        size_t used = 0;
+        bool ok = true;
+        while (ok && c->q_len && total < TLS_CHUNK) {
+            mcd_msg_t *m = q_pop(c);
+            unsigned nb = mcd_msg_bufs(m, c->transport, bufs);
+            total += mcd_msg_size(m, c->transport);
+            for (unsigned i = 0; ok && i < nb; i++) {
+                if (used + bufs[i].len <= TLS_CHUNK) {
+                    memcpy(plain + used, bufs[i].base, bufs[i].len);
+                    used += bufs[i].len;
+                    continue;
+                }
+                /* A large buffer: what is gathered first, then the buffer itself. */
+                ok = mcd_tls_conn_encrypt(c->tls, plain, used) == 0 &&
+                     mcd_tls_conn_encrypt(c->tls, bufs[i].base, bufs[i].len) == 0;
+                used = 0;
+            }
+            mcd_msg_unref(m);
+        }
+        c->pending_bytes -= (uint32_t)total;
+        if (ok) {
+            ok = mcd_tls_conn_encrypt(c->tls, plain, used) == 0;
+        }
+        if (!ok) {
+            static mc_log_ratelimit_t rl = MC_LOG_RATELIMIT_INIT(5000);
+            mc_log_ratelimited(&rl, MC_LOG_WARN, "server", "TLS write failed: %s",
+                               mcd_tls_conn_error(c->tls));
+            release_bytes(c, total);
+            mcd_conn_abort(c);
+            return;
+        }
+        if (mcd_conn_tls_flush(c, total) != 0) {
             return;
         }
     }
@@ -929,8 +1082,8 @@ static void ring_flush(mcd_conn_table_t *t)
     struct mcd_ring_batch *b = t->batch;
     for (uint32_t i = 0; i < t->n_dirty && t->ring; i++) {
         mcd_conn_t *c = t->dirty[i];
-        if (!c || (c->flags & MCD_CF_CLOSED) || !c->q_len || c->n_writes) {
-            continue;
+        if (!c || (c->flags & MCD_CF_CLOSED) || !c->q_len || c->n_writes || c->tls) {
+            continue; /* TLS connections: ciphertext is made per connection in start_write */
         }
         uint32_t n = c->q_len < RING_MSGS_PER_CONN ? c->q_len : RING_MSGS_PER_CONN;
         if (b->n_msgs + n > RING_MSGS || !mcd_sendring_room(t->ring)) {
@@ -1003,6 +1156,7 @@ static void on_close(uv_handle_t *h)
     }
     mcd_subscription_destroy(c->sub);
     mcd_ws_parser_cleanup(&c->ws);
+    mcd_tls_conn_free(c->tls);
     free(c);
 }
 

@@ -18,6 +18,7 @@
 #include "msg.h"
 #include "sendring.h"
 #include "subscription.h"
+#include "tls.h"
 #include "ws.h"
 
 typedef enum mcd_conn_state {
@@ -93,6 +94,7 @@ struct mcd_conn {
     mcd_conn_link_t plain;      /* in the table's plain list (MCD_CF_PLAIN) */
     mcd_conn_link_t addr_plain; /* in addr->plain (MCD_CF_PLAIN and addr) */
     mcd_addr_t *addr;           /* its address's entry, or NULL (no per-address limit) */
+    mcd_tls_conn_t *tls;        /* its TLS session (server.tls), NULL: plain TCP */
     mcd_msg_t **q;              /* pending messages (ring): &q_one or a heap ring */
     mcd_msg_t *q_one;           /* the inline one-slot ring */
     int64_t deadline_ms;        /* request timeout, pong deadline or close deadline */
@@ -127,6 +129,8 @@ typedef struct mcd_stats {
     uint64_t writev_sends; /* writes made directly (uv_try_write: one writev each) */
     uint64_t ring_sends;   /* sends submitted through io_uring */
     uint64_t ring_submits; /* io_uring_enter calls that submitted them */
+    uint64_t tls_handshakes_ok;
+    uint64_t tls_handshakes_failed; /* bad or wrong-CA handshakes, plain HTTP, timeouts */
     uint32_t conns[3];     /* open connections by transport */
 } mcd_stats_t;
 
@@ -206,7 +210,8 @@ bool mcd_conn_table_trim(mcd_conn_table_t *t);
 int mcd_conn_send(mcd_conn_t *conn, mcd_msg_t *msg, bool replay);
 
 /* Queues raw bytes (HTTP answers, close and pong frames, copied unless the socket takes them
- * at once): never refused for size. Returns 0, or -1 when the connection was closed. */
+ * at once; always queued on a TLS connection, whose bytes are encrypted in order when it
+ * writes): never refused for size. Returns 0, or -1 when the connection was closed. */
 int mcd_conn_send_raw(mcd_conn_t *c, const void *bytes, size_t len);
 
 /* Queues a static message (never freed) after what is queued. Returns 0 or -1 (closed). */
@@ -228,6 +233,11 @@ void mcd_conn_close(mcd_conn_t *c, uint16_t code, const char *reason, bool drop)
 
 /* Housekeeping: returns an idle connection's heap ring (see mcd_conn_t). */
 void mcd_conn_trim(mcd_conn_t *c);
+
+/* TLS connections (server.tls): what the session wrote to its output (handshake messages,
+ * records, alerts) goes to the socket after what is already on its way; `bytes` of the send
+ * queue's accounting are released once it is written. Returns 0, or -1 (closed). */
+int mcd_conn_tls_flush(mcd_conn_t *c, uint64_t bytes);
 
 /* Writes every dirty connection (the loop's check phase): with a ring, the first batch of
  * each connection that has nothing in flight goes out in one io_uring submission for all of

@@ -3,7 +3,8 @@
  * into the connection table (making room by closing the least recently used connection that
  * is not a subscriber, when the table or the client's address is at its limit; refusing only
  * when every connection in the way is a subscriber), and routing what a connection reads to
- * its session (HTTP requests or WebSocket frames).
+ * its session (HTTP requests or WebSocket frames), through its TLS session first when
+ * server.tls is on (tls_session.c).
  *
  * Thread: mcd_listener_parse() and mcd_listener_bind() run on the owner's thread before the
  * loop runs; everything else on the loop thread.
@@ -69,6 +70,16 @@ static void on_alloc(uv_handle_t *h, size_t suggested, uv_buf_t *buf)
     *buf = uv_buf_init(srv->rbuf, (unsigned)srv->rbuf_len);
 }
 
+/* Plaintext read on a connection, to its session. */
+static void route_input(mcd_conn_t *c, char *data, size_t len)
+{
+    switch (c->state) {
+    case MCD_ST_HTTP: mcd_http_input(c, data, len); break;
+    case MCD_ST_WS: mcd_ws_input(c, (uint8_t *)data, len); break;
+    default: break; /* SSE clients have nothing to say; closing connections are drained */
+    }
+}
+
 static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf)
 {
     mcd_conn_t *c = (mcd_conn_t *)s;
@@ -82,11 +93,12 @@ static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf)
     if (nread == 0) {
         return;
     }
-    switch (c->state) {
-    case MCD_ST_HTTP: mcd_http_input(c, buf->base, (size_t)nread); break;
-    case MCD_ST_WS: mcd_ws_input(c, (uint8_t *)buf->base, (size_t)nread); break;
-    default: break; /* SSE clients have nothing to say; closing connections are drained */
+    if (c->tls) {
+        /* Decrypted in place, then routed below (tls_session.c). */
+        mcd_tls_input(c, buf->base, (size_t)nread, mcd_conn_server(c)->rbuf_len, route_input);
+        return;
     }
+    route_input(c, buf->base, (size_t)nread);
 }
 
 /* Takes the connection libuv has accepted into the table. */
@@ -103,6 +115,10 @@ static void accept_one(mcd_server_t *srv)
     struct sockaddr_storage peer;
     int plen = sizeof(peer);
     bool known = uv_tcp_getpeername(&c->tcp, (struct sockaddr *)&peer, &plen) == 0;
+    if (srv->tls && !srv->stopping && !(c->tls = mcd_tls_conn_new(srv->tls))) {
+        uv_close((uv_handle_t *)&c->tcp, mcd_conn_free_cb); /* out of memory */
+        return;
+    }
     if (srv->stopping || mcd_conn_admit(&srv->table, known ? &peer : NULL) != 0 ||
         mcd_conn_add(c, known ? &peer : NULL) != 0) {
         /* No room that a plain connection could give up: a best-effort answer without
@@ -115,7 +131,10 @@ static void accept_one(mcd_server_t *srv)
                          "Content-Length: %zu\r\nConnection: close\r\nRetry-After: 5\r\n\r\n%s",
                          sizeof(body) - 1, body);
         uv_buf_t b = uv_buf_init(full, (unsigned)n);
-        uv_try_write((uv_stream_t *)&c->tcp, &b, 1);
+        if (!c->tls) { /* a TLS client cannot read it before a handshake: just closed */
+            uv_try_write((uv_stream_t *)&c->tcp, &b, 1);
+        }
+        mcd_tls_conn_free(c->tls);
         mcd_count_refusal(&srv->table.stats, 503);
         uv_close((uv_handle_t *)&c->tcp, mcd_conn_free_cb);
         return;
@@ -183,7 +202,12 @@ int mcd_listener_bind(mcd_server_t *srv, mc_error_t *err)
         srv->port = ntohs(((struct sockaddr_in *)&bound)->sin_port);
         snprintf(srv->address, sizeof(srv->address), "%s:%d", ip, srv->port);
     }
-    mc_log(MC_LOG_NOTICE, "server", "server listening on %s max_connections=%u", srv->address,
-           srv->max_subscribers);
+    mc_log(MC_LOG_NOTICE, "server", "server listening on %s max_connections=%u%s", srv->address,
+           srv->max_subscribers, srv->tls ? " tls=on" : "");
+    if (srv->tls) {
+        char what[512];
+        mcd_tls_ctx_describe(srv->tls, what, sizeof(what));
+        mc_log(MC_LOG_NOTICE, "server", "TLS certificate: %s", what);
+    }
     return 0;
 }

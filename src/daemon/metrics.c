@@ -446,6 +446,15 @@ char *mcd_metrics_render(mcd_server_t *srv, size_t *len)
            "Connections that were not subscribers closed to make room for a new connection "
            "(full table, or server.max_connections_per_address).",
            st->evicted);
+    if (srv->tls) {
+        help(&o, "mongocast_tls_handshakes_total", "counter",
+             "TLS handshakes on the listener (server.tls): ok, or failed (bad or untrusted "
+             "client certificate, unsupported version, garbage, plain HTTP on the TLS port).");
+        put(&o, "mongocast_tls_handshakes_total{result=\"ok\"} %" PRIu64 "\n",
+            st->tls_handshakes_ok);
+        put(&o, "mongocast_tls_handshakes_total{result=\"failed\"} %" PRIu64 "\n",
+            st->tls_handshakes_failed);
+    }
     help(&o, "mongocast_server_io", "gauge",
          "How sockets are written (server.io): 1 for the mode in use, uring or writev.");
     put(&o, "mongocast_server_io{mode=\"%s\"} 1\n", srv->table.ring ? "uring" : "writev");

@@ -270,6 +270,9 @@ mcd_server_t *mcd_server_new(const mc_config_t *config, mc_error_t *err)
     if (setup_io(srv, err) != 0) {
         goto fail_early;
     }
+    if (config->server.tls.enabled && mcd_tls_ctx_new(config, &srv->tls, err) != 0) {
+        goto fail_early;
+    }
     srv->auth = mcd_auth_new(config, err);
     if (!srv->auth) {
         goto fail_early;
@@ -318,6 +321,7 @@ fail_early:
     mcd_fanout_cleanup(&srv->fanout);
     mcd_auth_destroy(srv->auth);
     mcd_conn_table_cleanup(&srv->table);
+    mcd_tls_ctx_destroy(srv->tls);
     free(srv->rbuf);
     free(srv);
     return NULL;
@@ -393,6 +397,21 @@ int mcd_server_stop(mcd_server_t *srv, uint16_t ws_code, mc_error_t *err)
     return srv->engine_rc;
 }
 
+int mcd_server_tls_reload(mcd_server_t *srv, const mc_config_t *config, mc_error_t *err)
+{
+    if (!srv->tls) {
+        return mc_error_set(err, MC_ECONFIG, MC_DOMAIN_MONGOCAST, MC_ECONFIG,
+                            "server.tls is not configured");
+    }
+    int rc = mcd_tls_ctx_reload(srv->tls, config, err);
+    if (rc == 0) {
+        char what[512];
+        mcd_tls_ctx_describe(srv->tls, what, sizeof(what));
+        mc_log(MC_LOG_NOTICE, "server", "TLS certificate reloaded for new connections: %s", what);
+    }
+    return rc;
+}
+
 void mcd_server_destroy(mcd_server_t *srv)
 {
     if (!srv) {
@@ -406,6 +425,7 @@ void mcd_server_destroy(mcd_server_t *srv)
     mcd_fanout_cleanup(&srv->fanout);
     mcd_auth_destroy(srv->auth);
     mcd_conn_table_cleanup(&srv->table);
+    mcd_tls_ctx_destroy(srv->tls); /* after the loop: every connection is closed */
     free(srv->metrics_text);
     free(srv->rbuf);
     free(srv);

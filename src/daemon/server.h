@@ -66,6 +66,13 @@ int mcd_server_start(mcd_server_t *srv, mc_error_t *err);
  */
 int mcd_server_stop(mcd_server_t *srv, uint16_t ws_code, mc_error_t *err);
 
+/* SIGHUP with TLS on and an unchanged config (cmd_run.c): re-reads server.tls's certificate
+ * and key (the paths in `config`) for new connections; open connections keep theirs and
+ * nothing else restarts. On error (unreadable file, key that does not match) the current
+ * certificate stays and err says why. Owner's thread; safe while the loop runs. Returns 0,
+ * MC_ECONFIG (also when TLS is off) or MC_ENOMEM. */
+int mcd_server_tls_reload(mcd_server_t *srv, const mc_config_t *config, mc_error_t *err);
+
 /* Frees the server (stops it first if needed). NULL-safe. */
 void mcd_server_destroy(mcd_server_t *srv);
 

@@ -25,6 +25,7 @@
 #include "snapshot.h"
 #include "sse.h"
 #include "subscription.h"
+#include "tls.h"
 #include "ws.h"
 
 typedef struct mcd_timing {
@@ -43,6 +44,7 @@ struct mcd_server {
     mc_engine_t *engine;
     uv_loop_t loop;
     uv_tcp_t listener;
+    mcd_tls_ctx_t *tls; /* server.tls: the certificate new connections get; NULL: plain TCP */
     uv_async_t dispatch_async;
     uv_async_t stop_async;
     uv_timer_t tick;
@@ -92,6 +94,14 @@ int mcd_listener_bind(mcd_server_t *srv, mc_error_t *err);
 /* Once per loop pass (the check phase): a new allowance of accepts, and the connection left
  * waiting by the last pass. */
 void mcd_listener_pass(mcd_server_t *srv);
+
+/* ---- tls_session.c --------------------------------------------------------------------------- */
+
+/* Where a connection's plaintext goes (listener.c: by the connection's state). */
+typedef void (*mcd_input_fn)(mcd_conn_t *c, char *data, size_t len);
+/* What a TLS connection read: `data` holds `len` bytes of ciphertext in a buffer of `cap`
+ * bytes, which is reused for the plaintext handed to `deliver`. */
+void mcd_tls_input(mcd_conn_t *c, char *data, size_t len, size_t cap, mcd_input_fn deliver);
 
 /* ---- http_routes.c --------------------------------------------------------------------------- */
 

@@ -637,6 +637,7 @@ static const char *const store_names[] = {"file", "mongodb", NULL};
 static const char *const algorithm_names[] = {"HS256", "RS256", "ES256", NULL};
 static const char *const log_level_names[] = {"error", "warn", "info", "debug", NULL};
 static const char *const server_io_names[] = {"auto", "uring", "writev", NULL};
+static const char *const tls_version_names[] = {"1.2", "1.3", NULL};
 
 /* MongoDB accepts only these stages after $changeStream. */
 static const char *const change_stream_stages[] = {"$addFields",
@@ -1616,6 +1617,44 @@ static const opt_t checkpoint_opts[] = {
 static const opt_table_t checkpoint_table = {checkpoint_opts, N_OPTS(checkpoint_opts), "", NULL,
                                              NULL};
 
+static int check_server_tls(cfg_ctx_t *ctx, const mc__cfg_node_t *map, void *base,
+                            const mc__cfg_node_t *const *found)
+{
+    ((mc_config_t *)base)->server.tls.enabled = true;
+    return 0;
+}
+
+static const opt_t server_tls_opts[] = {
+    {.name = "cert_file",
+     .type = OPT_STRING,
+     .offset = offsetof(mc_config_t, server.tls.cert_file),
+     .required = true,
+     .min = 1,
+     .max = 4096,
+     .doc = "PEM certificate chain of the server, leaf first; re-read on SIGHUP"},
+    {.name = "key_file",
+     .type = OPT_STRING,
+     .offset = offsetof(mc_config_t, server.tls.key_file),
+     .required = true,
+     .min = 1,
+     .max = 4096,
+     .doc = "PEM private key of that certificate (unencrypted); re-read on SIGHUP"},
+    {.name = "client_ca_file",
+     .type = OPT_STRING,
+     .offset = offsetof(mc_config_t, server.tls.client_ca_file),
+     .min = 1,
+     .max = 4096,
+     .doc = "PEM CA certificates: when set, every client must present a certificate they signed"},
+    {.name = "min_version",
+     .type = OPT_ENUM_STRING,
+     .offset = offsetof(mc_config_t, server.tls.min_version),
+     .def_str = "1.2",
+     .choices = tls_version_names,
+     .doc = "1.2 | 1.3: the oldest TLS version accepted"},
+};
+static const opt_table_t server_tls_table = {server_tls_opts, N_OPTS(server_tls_opts), "",
+                                             check_server_tls, NULL};
+
 static const opt_t server_opts[] = {
     {.name = "listen",
      .type = OPT_STRING,
@@ -1692,6 +1731,10 @@ static const opt_t server_opts[] = {
      .def_str = "auto",
      .choices = server_io_names,
      .doc = "auto | uring | writev: how sockets are written (io_uring batches, or writev)"},
+    {.name = "tls",
+     .type = OPT_SECTION,
+     .section = &server_tls_table,
+     .doc = "TLS on the listener (https://, wss://); omit for plain TCP"},
 };
 static const opt_table_t server_table = {server_opts, N_OPTS(server_opts), "", NULL, NULL};
 
@@ -1953,6 +1996,10 @@ void mc_config_destroy(mc_config_t *config)
     bson_free(config->server.listen);
     free_list(config->server.allowed_origins, config->server.n_allowed_origins);
     bson_free(config->server.io);
+    bson_free(config->server.tls.cert_file);
+    bson_free(config->server.tls.key_file);
+    bson_free(config->server.tls.client_ca_file);
+    bson_free(config->server.tls.min_version);
     bson_free(config->auth.algorithm);
     bson_free(config->auth.secret);
     bson_free(config->auth.public_key_file);

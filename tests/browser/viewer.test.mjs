@@ -9,7 +9,7 @@
 //
 // Environment: MC_VIEWER_URL (the daemon's base URL), MC_VIEWER_STREAM, MC_TOKEN_ALICE,
 // MC_TOKEN_BAD (a token the daemon refuses: signed with the wrong key), MC_ARTIFACTS (where
-// viewer.png goes). Exits 0 when every check passed, 1 (with the reason) otherwise; a Chromium
+// viewer.png goes), MC_VIEWER_TLS (see below). Exits 0 when every check passed, 1 (with the reason) otherwise; a Chromium
 // that cannot start is a failure, never a skip.
 
 import { mkdirSync, mkdtempSync, rmSync } from "node:fs";
@@ -29,6 +29,11 @@ const STREAM = env("MC_VIEWER_STREAM");
 const TOKEN_ALICE = env("MC_TOKEN_ALICE");
 const TOKEN_BAD = env("MC_TOKEN_BAD");
 const ARTIFACTS = process.env.MC_ARTIFACTS || "tests/artifacts";
+// MC_VIEWER_TLS=1: BASE is https:// with the harness's test certificate, which Chromium is
+// told to accept (the page then subscribes over wss://); only checks 1 to 3 run and the
+// screenshot is viewer-tls.png.
+const TLS = process.env.MC_VIEWER_TLS === "1";
+const SHOT = TLS ? "viewer-tls.png" : "viewer.png";
 const WAIT = 20000;
 
 // ---- stdio protocol with the harness ----
@@ -115,7 +120,12 @@ async function run(page) {
         "each row has its own summary line");
   check((await page.locator("#feed img").count()) === 0, "no <img> element was created");
   check((await page.evaluate(() => window.__xss)) === undefined, "no script ran from event data");
-  await page.screenshot({ path: join(ARTIFACTS, "viewer.png"), fullPage: true });
+  await page.screenshot({ path: join(ARTIFACTS, SHOT), fullPage: true });
+  if (TLS) {
+    check(page.url().startsWith("https://"), `the page was loaded over https: ${page.url()}`);
+    check(pageErrors.length === 0, `no JavaScript errors in the page: ${pageErrors.join("; ")}`);
+    return;
+  }
 
   // 4. Pause buffers (with a counter), resume shows what arrived meanwhile.
   await page.click("#pause");
@@ -175,6 +185,7 @@ async function main() {
       args: ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
              "--disable-background-networking", "--disable-component-update", "--disable-sync"],
       viewport: { width: 1280, height: 900 },
+      ignoreHTTPSErrors: TLS,
       timeout: 60000,
     });
   } catch (e) {

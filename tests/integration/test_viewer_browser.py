@@ -11,6 +11,7 @@ are missing this test FAILS, loudly: a viewer that was never run in a browser is
 import os
 import queue
 import shutil
+import socket
 import subprocess
 import threading
 import time
@@ -21,6 +22,7 @@ from conftest import REPO
 from daemon_util import *  # noqa: F401,F403
 from live_util import (claims, create_with_images, free_port, hs256, http_get, live_config,
                        start_live)
+from tls_util import client_ctx, make_pki
 
 BROWSER_DIR = REPO / "tests" / "browser"
 ARTIFACTS = REPO / "tests" / "artifacts"
@@ -57,9 +59,41 @@ def test_viewer_page_served(tmp_path, daemons, mongo_uri, db_name):
 
 
 def test_viewer_in_chromium(tmp_path, daemons, mongo_uri, db, db_name):
+    _run_viewer(tmp_path, daemons, mongo_uri, db, db_name, tls=False)
+
+
+def test_viewer_in_chromium_over_tls(tmp_path, daemons, mongo_uri, db, db_name):
+    """server.tls: the page loads from https:// and its subscription goes over wss://."""
+    _run_viewer(tmp_path, daemons, mongo_uri, db, db_name, tls=True)
+
+
+def _start_tls(daemons, cfg, ca_pem, port):
+    d = daemons(cfg)
+    d.wait_stderr(r"server listening on .* tls=on")
+    d.wait_open(1)
+    ctx = client_ctx(ca_pem)
+
+    def up():
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=2) as raw:
+                with ctx.wrap_socket(raw, server_hostname="127.0.0.1") as s:
+                    s.sendall(b"GET /readyz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                    return s.recv(64).startswith(b"HTTP/1.1 200")
+        except OSError:
+            return False
+    wait_for(up, timeout=30, interval=0.1, message="mongocast /readyz over https")
+    return d
+
+
+def _run_viewer(tmp_path, daemons, mongo_uri, db, db_name, tls):
     _require_browser_tools()
     port = free_port()
-    base = "http://127.0.0.1:%d" % port
+    base = "%s://127.0.0.1:%d" % ("https" if tls else "http", port)
+    server_extra = None
+    if tls:
+        pki = make_pki(tmp_path)
+        server_extra = {"tls": {"cert_file": str(pki["server"][0]),
+                                "key_file": str(pki["server"][1])}}
     create_with_images(db, "items")
     stream = {"db": db_name, "collection": "items", "max_await_time_ms": 100,
               "recipient": "fullDocument.owner", "full_document": "whenAvailable",
@@ -70,8 +104,9 @@ def test_viewer_in_chromium(tmp_path, daemons, mongo_uri, db, db_name):
     cfg = live_config(tmp_path / "c.yaml", mongo_uri, {"items": stream}, port,
                       auth={"algorithm": "HS256", "secret": SECRET,
                             "admin_role": "mongocast:all"},
-                      allowed_origins=[base])
-    state = {"daemon": start_live(daemons, cfg, port)}
+                      allowed_origins=[base], server_extra=server_extra)
+    state = {"daemon": _start_tls(daemons, cfg, pki["ca"][0], port) if tls
+             else start_live(daemons, cfg, port)}
 
     def restart():
         assert state["daemon"].stop() == 0
@@ -100,6 +135,7 @@ def test_viewer_in_chromium(tmp_path, daemons, mongo_uri, db, db_name):
         "MC_TOKEN_ALICE": hs256(SECRET, claims("alice")),
         "MC_TOKEN_BAD": hs256("not-the-secret-" + SECRET, claims("alice")),
         "MC_ARTIFACTS": str(ARTIFACTS),
+        "MC_VIEWER_TLS": "1" if tls else "0",
     })
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     proc = subprocess.Popen(["node", str(BROWSER_DIR / "viewer.test.mjs")], cwd=str(REPO),
@@ -140,4 +176,7 @@ def test_viewer_in_chromium(tmp_path, daemons, mongo_uri, db, db_name):
     assert rc == 0, "browser test failed (exit %s):\n%s\ndaemon stderr tail:\n%s" % (
         rc, out, state["daemon"].stderr_text()[-3000:])
     assert "all checks passed" in out
-    assert (ARTIFACTS / "viewer.png").stat().st_size > 1000
+    assert (ARTIFACTS / ("viewer-tls.png" if tls else "viewer.png")).stat().st_size > 1000
+    if tls:
+        # The page and its WebSocket both went over TLS (no plain request reached the port).
+        assert "plain HTTP request on the TLS port" not in state["daemon"].stderr_text()

@@ -250,6 +250,8 @@ static void test_defaults(void **state)
     assert_int_equal(cfg->server.max_message_bytes, 16777216);
     assert_int_equal(cfg->server.filter_budget_us, 2000);
     assert_int_equal(cfg->server.max_connections_per_address, 0);
+    assert_false(cfg->server.tls.enabled);
+    assert_null(cfg->server.tls.cert_file);
     assert_false(cfg->auth.enabled);
     assert_null(cfg->auth.algorithm);
     assert_string_equal(cfg->auth.identity_claim, "sub");
@@ -834,6 +836,28 @@ static void check_documented(const char *name, void *ud)
     }
 }
 
+static void test_server_tls(void **state)
+{
+    mc_config_t *cfg = load("server:\n  tls: {cert_file: /c.pem, key_file: /k.pem, "
+                            "client_ca_file: /ca.pem, min_version: 1.3}\nstreams: {a: {}}\n");
+    assert_true(cfg->server.tls.enabled);
+    assert_string_equal(cfg->server.tls.cert_file, "/c.pem");
+    assert_string_equal(cfg->server.tls.key_file, "/k.pem");
+    assert_string_equal(cfg->server.tls.client_ca_file, "/ca.pem");
+    assert_string_equal(cfg->server.tls.min_version, "1.3");
+    mc_config_destroy(cfg);
+    cfg = load("server:\n  tls: {cert_file: /c.pem, key_file: /k.pem}\nstreams: {a: {}}\n");
+    assert_true(cfg->server.tls.enabled);
+    assert_null(cfg->server.tls.client_ca_file);
+    assert_string_equal(cfg->server.tls.min_version, "1.2");
+    mc_config_destroy(cfg);
+    expect_error("server:\n  tls: {cert_file: /c.pem}\nstreams: {a: {}}\n",
+                 "t.yaml:2:8: missing required key 'key_file' in server.tls");
+    expect_error("server:\n  tls: {cert_file: /c.pem, key_file: /k.pem, min_version: 1.1}\n"
+                 "streams: {a: {}}\n",
+                 "t.yaml:2:59: min_version must be one of: 1.2, 1.3 (got '1.1')");
+}
+
 static void test_docs_cover_options(void **state)
 {
     char docs[1024];
@@ -863,6 +887,7 @@ int main(void)
         cmocka_unit_test(test_errors_sinks),
         cmocka_unit_test(test_limits),
         cmocka_unit_test(test_load_file),
+        cmocka_unit_test(test_server_tls),
         cmocka_unit_test(test_docs_cover_options),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
