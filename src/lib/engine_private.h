@@ -425,6 +425,20 @@ int mc__catchup_spawn_at(mc__stream_t *s, mc__runner_t *r, int slot, uint32_t t,
 /* Whether a resume token's `_data` is a copy position: the progress of a sink's initial
  * snapshot (docs/config.md, "Initial snapshot"), never sent to MongoDB. Any thread. */
 bool mc__copy_token(const char *data);
+/* A copy position, parsed (docs/config.md, "Initial snapshot", Ids). */
+typedef struct mc__copy_position {
+    uint32_t start_t, start_i; /* T: the changes continue after it */
+    uint64_t number;           /* the document's number in the copy, from 1 */
+    bool done;                 /* the "copied" position: no document, no read time */
+    uint32_t read_t, read_i;   /* R: the time the document was read at */
+    bson_t *id_doc;            /* {_id: <the document's _id>} (owned; NULL when done) */
+} mc__copy_position_t;
+#define MC__COPY_MAX_ID_BYTES 2048 /* a larger {_id} cannot make a copy position */
+/* 0, or MC_EINVAL with the reason (not a copy position, malformed). Any thread. */
+int mc__copy_position_parse(const char *data, mc__copy_position_t *out, mc_error_t *err);
+/* The `_data` (bson_malloc'ed), or NULL when id_doc is larger than MC__COPY_MAX_ID_BYTES. */
+char *mc__copy_position_format(const mc__copy_position_t *p);
+void mc__copy_position_clear(mc__copy_position_t *p);
 /* Watcher thread, in mc__ledger_load() with the route lock held, before anything is routed:
  * decides whether route k starts with an initial copy (its sink has initial: snapshot and
  * `own`, its stored record, is NULL) or resumes one (`own` is a copy position). Then the

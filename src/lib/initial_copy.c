@@ -40,7 +40,6 @@
 
 #define COPY_MARKER "5E"
 #define COPY_DONE_NUMBER UINT64_MAX
-#define COPY_MAX_ID_BYTES 2048   /* a larger _id cannot make a copy position */
 #define COPY_PUSH_WAIT_MS 200
 #define COPY_HEAD_POLL_MS 50
 #define PREFIX_LEN (2 + 16 + 2)  /* "82" T marker */
@@ -84,60 +83,81 @@ bool mc__copy_token(const char *data)
            memcmp(data + 18, COPY_MARKER, 2) == 0;
 }
 
-/* Fills the job from a copy position. False when it is malformed. */
-static bool copy_token_parse(const char *data, copy_job_t *job)
+static int bad_position(mc_error_t *err, const char *why)
 {
+    return mc_error_set(err, MC_EINVAL, MC_DOMAIN_MONGOCAST, MC_EINVAL, "copy position: %s",
+                        why);
+}
+
+int mc__copy_position_parse(const char *data, mc__copy_position_t *out, mc_error_t *err)
+{
+    memset(out, 0, sizeof(*out));
     uint32_t hi, lo;
-    if (!mc__copy_token(data) || !parse_hex_u32(data + 2, &job->start_t) ||
-        !parse_hex_u32(data + 10, &job->start_i) || !parse_hex_u32(data + 20, &hi) ||
-        !parse_hex_u32(data + 28, &lo)) {
-        return false;
+    if (!mc__copy_token(data)) {
+        return bad_position(err, "not a copy position");
     }
-    job->number = (uint64_t)hi << 32 | lo;
-    if (job->number == COPY_DONE_NUMBER) {
-        job->done = true;
-        return strlen(data) == PREFIX_LEN + 16;
+    if (!parse_hex_u32(data + 2, &out->start_t) || !parse_hex_u32(data + 10, &out->start_i) ||
+        !parse_hex_u32(data + 20, &hi) || !parse_hex_u32(data + 28, &lo)) {
+        return bad_position(err, "bad hex digits");
     }
+    out->number = (uint64_t)hi << 32 | lo;
     const char *p = data + PREFIX_LEN + 16;
     size_t len = strlen(p);
-    if (len < 16 + 10 || len % 2 != 0 || (len - 16) / 2 > COPY_MAX_ID_BYTES ||
-        !parse_hex_u32(p, &job->read_t) || !parse_hex_u32(p + 8, &job->read_i)) {
-        return false;
+    if (out->number == COPY_DONE_NUMBER) {
+        out->done = true;
+        return len == 0 ? 0 : bad_position(err, "bytes after the end of a copy");
+    }
+    if (out->number == 0) {
+        return bad_position(err, "document number 0");
+    }
+    if (len < 16 + 2 * 5 || len % 2 != 0 || (len - 16) / 2 > MC__COPY_MAX_ID_BYTES) {
+        return bad_position(err, "bad length");
+    }
+    if (!parse_hex_u32(p, &out->read_t) || !parse_hex_u32(p + 8, &out->read_i)) {
+        return bad_position(err, "bad read time");
     }
     p += 16;
     len = (len - 16) / 2;
     uint8_t *bytes = malloc(len);
     if (!bytes) {
-        return false;
+        return mc_error_set(err, MC_ENOMEM, MC_DOMAIN_MONGOCAST, MC_ENOMEM, "out of memory");
     }
     for (size_t k = 0; k < len; k++) {
         int a = mc__hex_value(p[2 * k]), b = mc__hex_value(p[2 * k + 1]);
         if (a < 0 || b < 0) {
             free(bytes);
-            return false;
+            return bad_position(err, "bad hex digits");
         }
         bytes[k] = (uint8_t)(a << 4 | b);
     }
     bson_t doc;
     bson_iter_t it;
     bool ok = bson_init_static(&doc, bytes, len) && bson_validate(&doc, BSON_VALIDATE_NONE, NULL) &&
-              bson_iter_init_find(&it, &doc, "_id");
+              bson_iter_init(&it, &doc) && bson_iter_next(&it) && !strcmp(bson_iter_key(&it), "_id") &&
+              !bson_iter_next(&it);
     if (ok) {
-        job->after = bson_copy(&doc);
+        out->id_doc = bson_copy(&doc);
     }
     free(bytes);
-    return ok && job->after;
+    if (!ok) {
+        return bad_position(err, "the _id is not one BSON document {_id: ...}");
+    }
+    return out->id_doc ? 0 : mc_error_set(err, MC_ENOMEM, MC_DOMAIN_MONGOCAST, MC_ENOMEM,
+                                          "out of memory");
 }
 
-/* The copy position of document `number` with `_id` doc `idoc` ({_id: ...}; NULL: done). */
-static char *copy_token_make(const copy_job_t *job, uint64_t number, const bson_t *idoc)
+char *mc__copy_position_format(const mc__copy_position_t *p)
 {
+    const bson_t *idoc = p->done ? NULL : p->id_doc;
     size_t n = idoc ? idoc->len : 0;
+    if (n > MC__COPY_MAX_ID_BYTES || (!p->done && !idoc)) {
+        return NULL;
+    }
     char *out = bson_malloc(PREFIX_LEN + 16 + 16 + 2 * n + 1);
-    int w = sprintf(out, "82%08X%08X" COPY_MARKER "%016" PRIX64, job->start_t, job->start_i,
-                    idoc ? number : COPY_DONE_NUMBER);
+    int w = sprintf(out, "82%08X%08X" COPY_MARKER "%016" PRIX64, p->start_t, p->start_i,
+                    idoc ? p->number : COPY_DONE_NUMBER);
     if (idoc) {
-        w += sprintf(out + w, "%08X%08X", job->read_t, job->read_i);
+        w += sprintf(out + w, "%08X%08X", p->read_t, p->read_i);
         const uint8_t *b = bson_get_data(idoc);
         static const char digits[] = "0123456789ABCDEF";
         for (size_t k = 0; k < n; k++) {
@@ -147,6 +167,44 @@ static char *copy_token_make(const copy_job_t *job, uint64_t number, const bson_
         out[w] = '\0';
     }
     return out;
+}
+
+void mc__copy_position_clear(mc__copy_position_t *p)
+{
+    bson_destroy(p->id_doc);
+    memset(p, 0, sizeof(*p));
+}
+
+/* Fills the job from a stored copy position. */
+static int job_from_position(copy_job_t *job, const char *data, mc_error_t *err)
+{
+    mc__copy_position_t p;
+    int rc = mc__copy_position_parse(data, &p, err);
+    if (rc == 0) {
+        job->start_t = p.start_t;
+        job->start_i = p.start_i;
+        job->read_t = p.read_t;
+        job->read_i = p.read_i;
+        job->done = p.done;
+        job->number = p.done ? 0 : p.number;
+        job->after = p.id_doc;
+        p.id_doc = NULL;
+    }
+    mc__copy_position_clear(&p);
+    return rc;
+}
+
+/* The copy position of document `number` with `_id` doc `idoc` ({_id: ...}; NULL: done). */
+static char *copy_token_make(const copy_job_t *job, uint64_t number, const bson_t *idoc)
+{
+    mc__copy_position_t p = {.start_t = job->start_t,
+                             .start_i = job->start_i,
+                             .number = number,
+                             .done = !idoc,
+                             .read_t = job->read_t,
+                             .read_i = job->read_i,
+                             .id_doc = (bson_t *)idoc};
+    return mc__copy_position_format(&p);
 }
 
 /* ---- Planning (watcher thread, ledger load) -------------------------------------------- */
@@ -178,13 +236,14 @@ bool mc__copy_plan(mc__stream_t *s, size_t k, const mc__position_t *own)
     job->r = rt->runner;
     job->sink = sink;
     job->slot = rt->slot;
-    if (resume && !copy_token_parse(data, job)) {
+    mc_error_t perr = {0};
+    if (resume && job_from_position(job, data, &perr) != 0) {
         bson_destroy(job->after);
         free(job);
         mc__runner_fail_all(rt->runner,
-                            "initial snapshot of stream %s: the stored copy position is not one "
-                            "this version wrote; delete the sink's checkpoint to copy again",
-                            s->cfg->name);
+                            "initial snapshot of stream %s: the stored position cannot be used "
+                            "(%s); delete the sink's checkpoint to copy again",
+                            s->cfg->name, perr.message);
         rt->attached = false;
         rt->copy = true;
         return true;
@@ -287,14 +346,19 @@ static copy_result_t take_document(copy_job_t *job, mc__recipients_t *rcpt,
     }
     bson_t idoc = BSON_INITIALIZER;
     BSON_APPEND_VALUE(&idoc, "_id", bson_iter_value(&id));
-    if (idoc.len > COPY_MAX_ID_BYTES) {
+    if (idoc.len > MC__COPY_MAX_ID_BYTES) {
         bson_destroy(&idoc);
         mc_error_set(err, MC_ELIMIT, MC_DOMAIN_MONGOCAST, MC_ELIMIT,
-                     "a document's _id is larger than %d bytes", COPY_MAX_ID_BYTES);
+                     "a document's _id is larger than %d bytes as BSON", MC__COPY_MAX_ID_BYTES);
         return COPY_FATAL;
     }
     uint64_t number = job->number + 1;
     char *token = copy_token_make(job, number, &idoc);
+    if (!token) {
+        bson_destroy(&idoc);
+        mc_error_set(err, MC_ENOMEM, MC_DOMAIN_MONGOCAST, MC_ENOMEM, "out of memory");
+        return COPY_FATAL;
+    }
     bson_t change = BSON_INITIALIZER;
     int rc = build_change(job, stages, doc, &id, token, &change, err);
     bson_free(token);
@@ -627,6 +691,9 @@ static void run_copy(copy_job_t *job)
     if (!was_done) {
         /* The position that says "copied": a restart goes straight to the changes. */
         char *data = copy_token_make(job, 0, NULL);
+        if (!data) {
+            goto out;
+        }
         bson_t token = BSON_INITIALIZER;
         BSON_APPEND_UTF8(&token, "_data", data);
         bson_free(data);
