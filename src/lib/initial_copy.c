@@ -230,6 +230,8 @@ bool mc__copy_plan(mc__stream_t *s, size_t k, const mc__position_t *own)
     if (!job) {
         mc__runner_fail_all(rt->runner, "initial snapshot of stream %s: out of memory",
                             s->cfg->name);
+        rt->attached = false;
+        rt->copy = true;
         return true;
     }
     job->s = s;

@@ -297,3 +297,53 @@ def test_sigterm_during_copy_then_resume(tmp_path, daemons, mongo_uri, db, db_na
     assert d2.stop() == 0
     got = [m["change"]["fullDocument"]["n"] for m in copied_lines()]
     assert got == list(range(n))
+
+
+def test_read_time_lost_after_restart_continues_at_a_newer_time(tmp_path, daemons, client,
+                                                                mongo_uri, db, db_name):
+    """The copy is killed, then the server's snapshot history no longer reaches its read time
+    (SnapshotTooOld): the restart copies the rest at a newer time and still delivers every
+    change after the original T, so the sink ends with every document and every change."""
+    n = 1500
+    db.c.insert_many([{"_id": i, "n": i, "v": 0} for i in range(n)])
+    out = tmp_path / "fault.jsonl"
+    cfg = write_config(
+        tmp_path / "c.yaml", mongo_uri, {"s": {"db": db_name, "collection": "c",
+                                               "max_await_time_ms": 100}},
+        sinks=[{"name": "f", "type": "fault", "file": str(out), "delay_ms": 2,
+                "initial": "snapshot", "initial_batch_size": 100, "max_lag_events": 50}],
+        checkpoint_dir=tmp_path / "cp")
+    env = {"MONGOCAST_TEST_SINKS": "1"}
+
+    def lines():
+        msgs, _ = read_jsonl(out) if out.exists() else ([], [])
+        return [m for m in msgs if m.get("type") == "change"]
+
+    d = daemons(cfg, name="first", env=env)
+    wait_for(lambda: len(lines()) >= 300, timeout=30, interval=0.05, message="copying")
+    assert d.kill() == -9
+    assert len(lines()) < n
+    was = client.admin.command("setParameter", 1, minSnapshotHistoryWindowInSeconds=1)["was"]
+    try:
+        # Changes after T, made while the daemon is down (the first below the copy's
+        # position, the last above it), then the read time leaves the history.
+        db.c.update_one({"_id": 1}, {"$set": {"v": 1}})
+        db.c.update_one({"_id": n - 1}, {"$set": {"v": 1}})
+        db.c.insert_one({"_id": n, "n": n, "v": 1})
+        time.sleep(2.5)
+        db.c.update_one({"_id": 2}, {"$set": {"v": 2}})
+        d2 = daemons(cfg, name="second", env=env)
+        d2.wait_stderr(r"initial snapshot copied sink=f stream=s", timeout=40)
+        assert "cannot read at" in d2.stderr_text()
+        wait_for(lambda: len([m for m in lines() if m["change"].get("snapshot") is not True])
+                 >= 4, timeout=30, message="the changes after T")
+        assert d2.stop() == 0
+    finally:
+        client.admin.command("setParameter", 1, minSnapshotHistoryWindowInSeconds=was)
+    msgs = lines()
+    copies = {m["change"]["documentKey"]["_id"] for m in msgs if m["change"].get("snapshot")}
+    # Every document of T is copied (the one inserted after T may come in the newer copy).
+    assert set(range(n)) <= copies
+    changes = [m["change"] for m in msgs if m["change"].get("snapshot") is not True]
+    keys = [(c["operationType"], c["documentKey"]["_id"]) for c in changes]
+    assert keys == [("update", 1), ("update", n - 1), ("insert", n), ("update", 2)]
