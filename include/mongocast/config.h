@@ -47,6 +47,14 @@ typedef enum mc_on_oversize {
     MC_ON_OVERSIZE_FAIL,      /* the stream fails (code event_too_large) */
 } mc_on_oversize_t;
 
+/* What a sink does before its first change when it has no stored position for a stream
+ * (docs/config.md, "Initial snapshot"). NONE is 0: a zeroed sink config keeps today's start. */
+typedef enum mc_sink_initial {
+    MC_SINK_INITIAL_NONE = 0, /* start with the stream */
+    MC_SINK_INITIAL_SNAPSHOT, /* copy the watched collection at one cluster time T, then the
+                                 changes after T */
+} mc_sink_initial_t;
+
 typedef enum mc_checkpoint_store {
     MC_CHECKPOINT_FILE = 0,
     MC_CHECKPOINT_MONGODB,
@@ -139,6 +147,8 @@ typedef struct mc_sink_config {
     char *dead_letter_db;   /* dead_letter: {db, collection, uri}: a collection instead */
     char *dead_letter_collection;
     char *dead_letter_uri;  /* NULL: mongodb.uri */
+    mc_sink_initial_t initial;   /* initial: none | snapshot */
+    uint32_t initial_batch_size; /* documents per server batch of the initial copy */
     mc_config_pos_t pos;
 } mc_sink_config_t;
 

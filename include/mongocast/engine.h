@@ -142,6 +142,12 @@ typedef struct mc_sink_stats {
     uint64_t acked;         /* events a durable sink acknowledged (mc_sink_ack()) */
     uint64_t in_flight;     /* events published and not complete yet (awaiting their ack or
                                the flush), also counted in lag_events */
+    /* initial: snapshot (docs/config.md, "Initial snapshot"): whether the sink has a copy in
+     * this run (started or resumed, or found complete at start), the documents its copies
+     * queued in this run, and whether every copy has read its last document. */
+    bool snapshot;
+    uint64_t snapshot_documents;
+    bool snapshot_done;
 } mc_sink_stats_t;
 
 /* Per-sink runner settings (the config's sinks[].max_lag_events, retry, dead_letter). Zero

@@ -414,6 +414,24 @@ char *mcd_metrics_render(mcd_server_t *srv, size_t *len)
             }
         }
     }
+    help(&o, "mongocast_sink_snapshot_documents_total", "counter",
+         "Documents the sink's initial snapshot (initial: snapshot) queued in this run, over "
+         "its streams; only sinks with an initial snapshot.");
+    for (size_t k = 0; k < n_sinks; k++) {
+        if (sk_ok[k] && sks[k].snapshot) {
+            put(&o, "mongocast_sink_snapshot_documents_total{sink=\"%s\"} %" PRIu64 "\n",
+                label(sks[k].name, l, sizeof(l)), sks[k].snapshot_documents);
+        }
+    }
+    help(&o, "mongocast_sink_snapshot_done", "gauge",
+         "1 when every initial snapshot of the sink has read its last document (also when that "
+         "happened in an earlier run), 0 while one is copying.");
+    for (size_t k = 0; k < n_sinks; k++) {
+        if (sk_ok[k] && sks[k].snapshot) {
+            put(&o, "mongocast_sink_snapshot_done{sink=\"%s\"} %d\n",
+                label(sks[k].name, l, sizeof(l)), sks[k].snapshot_done ? 1 : 0);
+        }
+    }
     if (srv->engine) {
         delivery_metrics(&o, srv->engine, sks, sk_ok, n_sinks);
     }

@@ -37,6 +37,7 @@ _Static_assert(sizeof(mc_before_change_t) == sizeof(int), "enum size");
 _Static_assert(sizeof(mc_on_history_lost_t) == sizeof(int), "enum size");
 _Static_assert(sizeof(mc_on_oversize_t) == sizeof(int), "enum size");
 _Static_assert(sizeof(mc_checkpoint_store_t) == sizeof(int), "enum size");
+_Static_assert(sizeof(mc_sink_initial_t) == sizeof(int), "enum size");
 
 typedef struct cfg_ctx {
     const char *name;
@@ -1359,6 +1360,8 @@ static int check_dead_letter(cfg_ctx_t *ctx, const mc__cfg_node_t *map, void *ba
     return 0;
 }
 
+static const char *const sink_initial_names[] = {"none", "snapshot", NULL};
+
 static const opt_t sink_opts[] = {
     {.name = "name",
      .type = OPT_STRING,
@@ -1393,8 +1396,54 @@ static const opt_t sink_opts[] = {
      .type = OPT_SECTION,
      .section = &sink_dead_letter_table,
      .doc = "where events that fail permanently go; without it such a failure fails the sink"},
+    {.name = "initial",
+     .type = OPT_ENUM,
+     .offset = offsetof(mc_sink_config_t, initial),
+     .def_num = MC_SINK_INITIAL_NONE,
+     .choices = sink_initial_names,
+     .doc = "none | snapshot: copy the watched collection first when the sink has no position"},
+    {.name = "initial_batch_size",
+     .type = OPT_UINT32,
+     .offset = offsetof(mc_sink_config_t, initial_batch_size),
+     .def_num = 1000,
+     .min = 1,
+     .max = 100000,
+     .doc = "documents per server batch of the initial snapshot copy"},
 };
 static const opt_table_t sink_table = {sink_opts, N_OPTS(sink_opts), "[]", check_sink, sink_option};
+
+/* initial: snapshot copies one collection per stream: every stream the sink takes must
+ * watch a collection, and the sink type must accept events without a change-stream
+ * position (Redis stream entry IDs are derived from one). */
+static int check_sink_initial(cfg_ctx_t *ctx, const mc_sink_config_t *sk,
+                              const mc__cfg_node_t *node)
+{
+    const mc_config_t *cfg = ctx->config;
+    if (sk->initial != MC_SINK_INITIAL_SNAPSHOT) {
+        return 0;
+    }
+    if (!strcmp(sk->type, "redis")) {
+        return fail(ctx, node,
+                    "sink '%s': initial: snapshot is not supported by type redis (its stream "
+                    "entry IDs come from change-stream positions, which copied documents do not "
+                    "have)",
+                    sk->name);
+    }
+    for (size_t k = 0; k < cfg->n_streams; k++) {
+        const mc_stream_config_t *st = &cfg->streams[k];
+        bool takes = sk->n_streams == 0;
+        for (size_t i = 0; i < sk->n_streams && !takes; i++) {
+            takes = !strcmp(sk->streams[i], st->name);
+        }
+        if (takes && (!st->db || !st->collection)) {
+            return fail(ctx, node,
+                        "sink '%s': initial: snapshot copies one collection per stream, but "
+                        "stream '%.80s' watches a whole %s",
+                        sk->name, st->name, st->db ? "database" : "cluster");
+        }
+    }
+    return 0;
+}
 
 static int check_sink(cfg_ctx_t *ctx, const mc__cfg_node_t *map, void *base,
                       const mc__cfg_node_t *const *found)
@@ -1443,7 +1492,7 @@ static int check_sink(cfg_ctx_t *ctx, const mc__cfg_node_t *map, void *base,
         return fail(ctx, item, "sink '%s' refers to unknown stream '%.80s'", sk->name,
                     sk->streams[i]);
     }
-    return 0;
+    return check_sink_initial(ctx, sk, found_node(&sink_table, found, "initial"));
 }
 
 static int parse_sinks(cfg_ctx_t *ctx, const opt_t *o, const mc__cfg_node_t *v, void *base,

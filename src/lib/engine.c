@@ -276,6 +276,9 @@ int mc_engine_sink_stats(mc_engine_t *engine, size_t i, mc_sink_stats_t *out)
     out->dead_letters = atomic_load_explicit(&sink->stat_dead_letters, memory_order_relaxed);
     out->detaches = atomic_load_explicit(&sink->stat_detaches, memory_order_relaxed);
     out->acked = atomic_load_explicit(&sink->stat_acked, memory_order_relaxed);
+    out->snapshot = atomic_load(&sink->copy_seen);
+    out->snapshot_documents = atomic_load(&sink->stat_copy_docs);
+    out->snapshot_done = out->snapshot && atomic_load(&sink->copies_pending) == 0;
     if (sink->runner) {
         mc__runner_stats(sink->runner, out);
     } else {
@@ -413,6 +416,9 @@ static mc_sink_t *sink_alloc(mc_engine_t *engine, const char *name, const bson_t
     atomic_init(&sink->stat_dead_letters, 0);
     atomic_init(&sink->stat_detaches, 0);
     atomic_init(&sink->stat_acked, 0);
+    atomic_init(&sink->stat_copy_docs, 0);
+    atomic_init(&sink->copies_pending, 0);
+    atomic_init(&sink->copy_seen, false);
     return sink;
 }
 

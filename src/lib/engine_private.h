@@ -288,6 +288,11 @@ struct mc_sink {
     _Atomic uint64_t stat_detaches;
     mc__delivery_t delivery; /* webhook / mongodb request metrics (sinks/delivery.h) */
     _Atomic uint64_t stat_acked; /* any thread (acks): fetch_add */
+    /* initial: snapshot (initial_copy.c): documents queued by this run's copies, copies not
+     * finished yet, and whether the sink has (had) a copy at all. Any thread. */
+    _Atomic uint64_t stat_copy_docs;
+    _Atomic int copies_pending;
+    _Atomic bool copy_seen;
 };
 
 /* One (stream, runner) edge of the router. Guarded by the stream's route_lock. */
@@ -297,6 +302,8 @@ typedef struct mc__route {
     bool attached;      /* the shared path hands this runner the stream's items */
     char *skip_until;   /* _data: items up to it are skipped (the runner already has them:
                            its stored position at start, its catch-up's end at a rejoin) */
+    bool copy;          /* an initial copy (initial_copy.c) feeds this runner first: the
+                           stream's start position is not its own */
 } mc__route_t;
 
 typedef struct mc__stream {
@@ -409,6 +416,37 @@ void *mc__watcher_main(void *arg);
  * caller fails the runner). */
 int mc__catchup_spawn(mc__stream_t *s, mc__runner_t *r, int slot, mc__pref_t *from);
 
+/* The same from a cluster time instead of a position: startAtOperationTime (t, i) until the
+ * first position is read (a sink's initial copy hands over to the stream this way). */
+int mc__catchup_spawn_at(mc__stream_t *s, mc__runner_t *r, int slot, uint32_t t, uint32_t i);
+
+/* ---- Initial snapshot of a sink (initial_copy.c) ---------------------------------------- */
+
+/* Whether a resume token's `_data` is a copy position: the progress of a sink's initial
+ * snapshot (docs/config.md, "Initial snapshot"), never sent to MongoDB. Any thread. */
+bool mc__copy_token(const char *data);
+/* A copy position, parsed (docs/config.md, "Initial snapshot", Ids). */
+typedef struct mc__copy_position {
+    uint32_t start_t, start_i; /* T: the changes continue after it */
+    uint64_t number;           /* the document's number in the copy, from 1 */
+    bool done;                 /* the "copied" position: no document, no read time */
+    uint32_t read_t, read_i;   /* R: the time the document was read at */
+    bson_t *id_doc;            /* {_id: <the document's _id>} (owned; NULL when done) */
+} mc__copy_position_t;
+#define MC__COPY_MAX_ID_BYTES 2048 /* a larger {_id} cannot make a copy position */
+/* 0, or MC_EINVAL with the reason (not a copy position, malformed). Any thread. */
+int mc__copy_position_parse(const char *data, mc__copy_position_t *out, mc_error_t *err);
+/* The `_data` (bson_malloc'ed), or NULL when id_doc is larger than MC__COPY_MAX_ID_BYTES. */
+char *mc__copy_position_format(const mc__copy_position_t *p);
+void mc__copy_position_clear(mc__copy_position_t *p);
+/* Watcher thread, in mc__ledger_load() with the route lock held, before anything is routed:
+ * decides whether route k starts with an initial copy (its sink has initial: snapshot and
+ * `own`, its stored record, is NULL) or resumes one (`own` is a copy position). Then the
+ * route is detached, its runner slot waits for the copy, and true is returned. */
+bool mc__copy_plan(mc__stream_t *s, size_t k, const mc__position_t *own);
+/* Watcher thread, after the route lock is released: starts the copies planned. */
+void mc__copy_start_planned(mc__stream_t *s);
+
 /* Sleeps up to ms unless the engine is stopping. Returns true when stopping. */
 bool mc__engine_sleep(mc_engine_t *engine, int64_t ms);
 
@@ -465,6 +503,9 @@ int mc__runner_push(mc__runner_t *r, int slot, mc__pref_t *item);
  * stopped accepting catch-up input. Returns 0, MC_EAGAIN (timed out), MC_ECLOSED. */
 int mc__runner_push_wait(mc__runner_t *r, int slot, mc__pref_t *item, int64_t timeout_ms,
                          bool catchup);
+/* Ledger load (watcher thread, before the stream routes anything): the slot takes input only
+ * from its initial copy, then from the catch-up that follows it (as if detached). */
+void mc__runner_begin_copy(mc__runner_t *r, int slot);
 /* Router: the shared path detaches the runner (queue full). */
 void mc__runner_request_detach(mc__runner_t *r);
 /* Router, holding the stream's route lock: the stream slot takes shared-path items again. */

@@ -304,6 +304,13 @@ int mc__ledger_load(mc__stream_t *s, mongoc_client_t *client, mc__position_t *st
     const char *name = s->cfg->name;
     mc__position_clear(start);
     if (!e->store) {
+        /* Nothing stored, nothing to resume: initial copies start from scratch. */
+        pthread_mutex_lock(&s->route_lock);
+        for (size_t k = 0; k < s->n_sinks; k++) {
+            mc__copy_plan(s, k, NULL);
+        }
+        pthread_mutex_unlock(&s->route_lock);
+        mc__copy_start_planned(s);
         return 0;
     }
     uint32_t st = 0, si = 0;
@@ -342,8 +349,8 @@ int mc__ledger_load(mc__stream_t *s, mongoc_client_t *client, mc__position_t *st
         /* The oldest sink position; the stream record only when no sink has one. */
         int oldest = -1;
         for (size_t k = 0; k < n; k++) {
-            if (!have[k]) {
-                continue;
+            if (!have[k] || mc__copy_token(mc__token_data(recs[k].pos.token))) {
+                continue; /* an initial copy's progress: its sink streams from the copy's time */
             }
             const char *d = mc__token_data(recs[k].pos.token);
             const char *o = oldest >= 0 ? mc__token_data(recs[oldest].pos.token) : NULL;
@@ -351,7 +358,7 @@ int mc__ledger_load(mc__stream_t *s, mongoc_client_t *client, mc__position_t *st
                 oldest = (int)k;
             }
         }
-        if (oldest < 0 && have[n]) {
+        if (oldest < 0 && have[n] && !mc__copy_token(mc__token_data(recs[n].pos.token))) {
             oldest = (int)n;
         }
         char where[200] = "";
@@ -375,6 +382,13 @@ int mc__ledger_load(mc__stream_t *s, mongoc_client_t *client, mc__position_t *st
         for (size_t k = 0; k < n; k++) {
             mc__route_t *rt = &s->routes[k];
             const mc__position_t *own = have[k] ? &recs[k].pos : NULL;
+            if (mc__copy_plan(s, k, own)) {
+                if (own) {
+                    mc__position_clear(&s->sink_written[k]);
+                    mc__position_copy(&s->sink_written[k], own);
+                }
+                continue;
+            }
             if (own) {
                 mc__position_clear(&s->sink_written[k]);
                 mc__position_copy(&s->sink_written[k], own);
@@ -397,6 +411,7 @@ int mc__ledger_load(mc__stream_t *s, mongoc_client_t *client, mc__position_t *st
             }
         }
         pthread_mutex_unlock(&s->route_lock);
+        mc__copy_start_planned(s);
     }
     for (size_t k = 0; k <= n; k++) {
         mc__record_clear(&recs[k]);
@@ -413,7 +428,7 @@ void mc__ledger_origin(mc__stream_t *s, const bson_t *token)
 {
     for (size_t k = 0; k < s->n_sinks; k++) {
         mc__route_t *rt = &s->routes[k];
-        if (!mc__runner_has_done(rt->runner, rt->slot)) {
+        if (!rt->copy && !mc__runner_has_done(rt->runner, rt->slot)) {
             mc__runner_set_done(rt->runner, rt->slot, mc__mark_new(s->index, token, false, 0),
                                 !mc__runner_live(rt->runner));
         }
@@ -454,6 +469,11 @@ void mc__ledger_stream_position(mc__stream_t *s, mc__position_t *out)
         }
         const char *d = mc__pref_data(&p);
         const char *o = mc__pref_data(&oldest);
+        if (mc__copy_token(d)) {
+            /* An initial copy in progress: no place in the change stream yet. */
+            mc__pref_clear(&p);
+            continue;
+        }
         if (mc__pref_empty(&oldest) || (d && o && mc__token_data_cmp(d, o) < 0)) {
             mc__pref_move(&oldest, &p);
             oldest_seq = seq;
@@ -535,6 +555,11 @@ int mc__ledger_write(mc_engine_t *e)
                 mc__pref_clear(&p);
             } else {
                 mc__position_copy(&cand, &s->sink_written[k]);
+            }
+            if (mc__copy_token(mc__token_data(cand.token))) {
+                /* An initial copy resumes from its own record, not from the stream's. */
+                mc__position_clear(&cand);
+                continue;
             }
             if (!cand.token) {
                 mc__position_clear(&cand);

@@ -431,6 +431,15 @@ void mc__runner_request_detach(mc__runner_t *r)
     pthread_mutex_unlock(&r->lock);
 }
 
+void mc__runner_begin_copy(mc__runner_t *r, int slot)
+{
+    pthread_mutex_lock(&r->lock);
+    r->slots[slot].accept = false;
+    r->slots[slot].catching_up = true;
+    settle_state_locked(r);
+    pthread_mutex_unlock(&r->lock);
+}
+
 void mc__runner_missed(mc__runner_t *r, int slot)
 {
     atomic_fetch_add(&r->slots[slot].missed, 1);

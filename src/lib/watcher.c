@@ -85,6 +85,8 @@ typedef struct watcher {
     bool split_refused;
     mc__runner_t *cu;          /* catch-up mode: the runner it reads for; NULL: the watcher */
     int cu_slot;
+    uint32_t cu_at_t, cu_at_i; /* catch-up without a position: startAtOperationTime (an
+                                  initial copy's time; 0, 0: none) */
     bool rejoined;             /* catch-up: back on the shared path, stop reading */
 } watcher_t;
 
@@ -241,6 +243,8 @@ static bson_t *build_opts(watcher_t *w)
     const bson_t *pos = pos_token(w);
     if (pos) {
         BSON_APPEND_DOCUMENT(opts, w->pos.invalidate ? "startAfter" : "resumeAfter", pos);
+    } else if (w->cu && (w->cu_at_t || w->cu_at_i)) {
+        BSON_APPEND_TIMESTAMP(opts, "startAtOperationTime", w->cu_at_t, w->cu_at_i);
     } else if (w->first_open && w->s->start_at_secs > 0) {
         BSON_APPEND_TIMESTAMP(opts, "startAtOperationTime", (uint32_t)w->s->start_at_secs, 0);
     }
@@ -960,6 +964,7 @@ typedef struct catchup_arg {
     mc__runner_t *r;
     int slot;
     mc__pref_t from;
+    uint32_t at_t, at_i; /* without `from`: startAtOperationTime */
 } catchup_arg_t;
 
 static void catchup_done(mc_engine_t *e)
@@ -983,6 +988,9 @@ static void *catchup_main(void *arg)
     w.e = s->engine;
     w.cu = a->r;
     w.cu_slot = a->slot;
+    w.cu_at_t = a->at_t;
+    w.cu_at_i = a->at_i;
+    bool at_time = a->at_t || a->at_i;
     w.rl = (mc_log_ratelimit_t)MC_LOG_RATELIMIT_INIT(10000);
     w.rl_unresolved = (mc_log_ratelimit_t)MC_LOG_RATELIMIT_INIT(10000);
     w.rl_missing = (mc_log_ratelimit_t)MC_LOG_RATELIMIT_INIT(10000);
@@ -1001,6 +1009,9 @@ static void *catchup_main(void *arg)
         mc__runner_fail_all(a->r, "cannot catch up on stream %s: cannot set up routing: %s",
                             name, rerr.message);
         mc__position_clear(&w.pos);
+    } else if (!w.pos.token && at_time) {
+        mc_log(MC_LOG_NOTICE, "watcher", "catching up sink=%s stream=%s from clusterTime %u.%u",
+               sink, name, w.cu_at_t, w.cu_at_i);
     } else if (!w.pos.token) {
         mc__runner_fail_all(a->r, "cannot catch up on stream %s: no position to resume from",
                             name);
@@ -1010,7 +1021,7 @@ static void *catchup_main(void *arg)
     }
     bson_t reply = BSON_INITIALIZER;
     bool after_invalidate = false;
-    while (w.pos.token && !stopping(&w) && !w.rejoined) {
+    while ((w.pos.token || (at_time && w.rcpt)) && !stopping(&w) && !w.rejoined) {
         mongoc_client_t *client = mongoc_client_pool_pop(w.e->pool);
         mongoc_change_stream_t *cs = open_stream(&w, client);
         bson_error_t err;
@@ -1077,7 +1088,8 @@ static void *catchup_main(void *arg)
     return NULL;
 }
 
-int mc__catchup_spawn(mc__stream_t *s, mc__runner_t *r, int slot, mc__pref_t *from)
+static int spawn_catchup(mc__stream_t *s, mc__runner_t *r, int slot, mc__pref_t *from,
+                         uint32_t at_t, uint32_t at_i)
 {
     catchup_arg_t *a = calloc(1, sizeof(*a));
     if (!a) {
@@ -1086,7 +1098,11 @@ int mc__catchup_spawn(mc__stream_t *s, mc__runner_t *r, int slot, mc__pref_t *fr
     a->s = s;
     a->r = r;
     a->slot = slot;
-    mc__pref_move(&a->from, from);
+    a->at_t = at_t;
+    a->at_i = at_i;
+    if (from) {
+        mc__pref_move(&a->from, from);
+    }
     mc_engine_t *e = s->engine;
     pthread_mutex_lock(&e->catchup_lock);
     e->catchups++;
@@ -1098,10 +1114,23 @@ int mc__catchup_spawn(mc__stream_t *s, mc__runner_t *r, int slot, mc__pref_t *fr
     int rc = pthread_create(&t, &attr, catchup_main, a);
     pthread_attr_destroy(&attr);
     if (rc != 0) {
-        mc__pref_move(from, &a->from);
+        if (from) {
+            mc__pref_move(from, &a->from);
+        }
+        mc__pref_clear(&a->from);
         free(a);
         catchup_done(e);
         return MC_ENOMEM;
     }
     return 0;
+}
+
+int mc__catchup_spawn(mc__stream_t *s, mc__runner_t *r, int slot, mc__pref_t *from)
+{
+    return spawn_catchup(s, r, slot, from, 0, 0);
+}
+
+int mc__catchup_spawn_at(mc__stream_t *s, mc__runner_t *r, int slot, uint32_t t, uint32_t i)
+{
+    return spawn_catchup(s, r, slot, NULL, t, i);
 }
