@@ -439,6 +439,9 @@ int mc__copy_position_parse(const char *data, mc__copy_position_t *out, mc_error
 /* The `_data` (bson_malloc'ed), or NULL when id_doc is larger than MC__COPY_MAX_ID_BYTES. */
 char *mc__copy_position_format(const mc__copy_position_t *p);
 void mc__copy_position_clear(mc__copy_position_t *p);
+/* Where the changes after a finished copy start: true and T + 1 in (*t, *i) when `data` is a
+ * "copied" position (a sink detached right after its copy catches up from there). */
+bool mc__copy_changes_start(const char *data, uint32_t *t, uint32_t *i);
 /* Watcher thread, in mc__ledger_load() with the route lock held, before anything is routed:
  * decides whether route k starts with an initial copy (its sink has initial: snapshot and
  * `own`, its stored record, is NULL) or resumes one (`own` is a copy position). Then the

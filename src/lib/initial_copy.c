@@ -175,6 +175,25 @@ void mc__copy_position_clear(mc__copy_position_t *p)
     memset(p, 0, sizeof(*p));
 }
 
+/* The first cluster time after T. */
+static void after_time(uint32_t t, uint32_t i, uint32_t *nt, uint32_t *ni)
+{
+    *nt = i == UINT32_MAX ? t + 1 : t;
+    *ni = i == UINT32_MAX ? 0 : i + 1;
+}
+
+bool mc__copy_changes_start(const char *data, uint32_t *t, uint32_t *i)
+{
+    mc__copy_position_t p = {0};
+    mc_error_t err = {0};
+    bool done = mc__copy_token(data) && mc__copy_position_parse(data, &p, &err) == 0 && p.done;
+    if (done) {
+        after_time(p.start_t, p.start_i, t, i);
+    }
+    mc__copy_position_clear(&p);
+    return done;
+}
+
 /* Fills the job from a stored copy position. */
 static int job_from_position(copy_job_t *job, const char *data, mc_error_t *err)
 {
@@ -715,10 +734,8 @@ static void run_copy(copy_job_t *job)
         goto out;
     }
     /* The changes after T: the snapshot holds every write up to T (T included). */
-    uint32_t t = job->start_t, i = job->start_i + 1;
-    if (i == 0) {
-        t++;
-    }
+    uint32_t t, i;
+    after_time(job->start_t, job->start_i, &t, &i);
     if (mc__catchup_spawn_at(s, job->r, job->slot, t, i) != 0) {
         mc__runner_fail_all(job->r, "cannot start the catch-up after the initial snapshot");
     }

@@ -1127,6 +1127,17 @@ static int spawn_catchup(mc__stream_t *s, mc__runner_t *r, int slot, mc__pref_t 
 
 int mc__catchup_spawn(mc__stream_t *s, mc__runner_t *r, int slot, mc__pref_t *from)
 {
+    const char *data = mc__pref_data(from);
+    uint32_t t, i;
+    if (mc__copy_changes_start(data, &t, &i)) {
+        /* Detached right after an initial copy, before any change completed: its position
+         * is "copied at T", which is no resume token; the changes start after T. */
+        mc__pref_clear(from);
+        return spawn_catchup(s, r, slot, NULL, t, i);
+    }
+    if (mc__copy_token(data)) {
+        return MC_EINVAL; /* inside a copy: cannot happen (the slot takes no shared input) */
+    }
     return spawn_catchup(s, r, slot, from, 0, 0);
 }
 

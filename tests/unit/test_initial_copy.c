@@ -89,11 +89,25 @@ static void test_order_and_done(void **state)
     assert_null(p.id_doc);
     assert_int_equal(p.start_t, 1717171717);
     mc__copy_position_clear(&p);
+    /* Only the "copied" position says where the changes start: one increment after T. */
+    uint32_t t = 0, i = 0;
+    assert_true(mc__copy_changes_start(done, &t, &i));
+    assert_int_equal(t, 1717171717);
+    assert_int_equal(i, 8);
+    assert_false(mc__copy_changes_start(c, &t, &i));
+    assert_false(mc__copy_changes_start(NULL, &t, &i));
+    mc__copy_position_t last = {.start_t = 5, .start_i = UINT32_MAX, .done = true};
+    char *wrap = mc__copy_position_format(&last);
+    assert_true(mc__copy_changes_start(wrap, &t, &i));
+    assert_int_equal(t, 6);
+    assert_int_equal(i, 0);
+    bson_free(wrap);
     /* A change one increment after T sorts after the whole copy. */
     const char *change = "826659F605000000082B022C0100296E5A1004";
     assert_true(mc__token_data_cmp(done, change) < 0);
     assert_true(mc__token_data_cmp(a, change) < 0);
     assert_false(mc__copy_token(change));
+    assert_false(mc__copy_changes_start(change, &t, &i));
     bson_free(a);
     bson_free(b);
     bson_free(c);
