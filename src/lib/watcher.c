@@ -1072,6 +1072,7 @@ static void *catchup_main(void *arg)
     }
     watcher_cleanup(&w, &reply);
     mc_engine_t *e = w.e;
+    mc__runner_catchup_leave(a->r, a->slot); /* counted in by whoever spawned it */
     free(a);
     catchup_done(e);
     return NULL;
