@@ -1115,7 +1115,7 @@ int mc_engine_start(mc_engine_t *engine, mc_error_t *err)
     /* One client per watcher, one per catch-up cursor that may run (a detached sink catches
      * up on each of its streams), the token store and a little slack: a pool that is too
      * small would make a thread block in pop() until another returns its client. */
-    size_t clients = engine->n_streams + 5; /* + the lease thread's */
+    size_t clients = engine->n_streams + 4;
     for (size_t k = 0; k < engine->n_sinks; k++) {
         for (size_t i = 0; i < engine->n_streams; i++) {
             clients += engine->sinks[k]->takes_stream[i];

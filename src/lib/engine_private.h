@@ -623,6 +623,8 @@ mc__lease_action_t mc__lease_fsm_observe(mc__lease_fsm_t *f, const mc__lease_doc
 /* A create, takeover or renewal sent at `sent` succeeded with (epoch, version). */
 void mc__lease_fsm_acquired(mc__lease_fsm_t *f, int64_t sent, int64_t epoch, int64_t version);
 void mc__lease_fsm_renewed(mc__lease_fsm_t *f, int64_t sent, int64_t version);
+/* A renewal failed (no answer, an error): try again a third of renew_ms later. */
+void mc__lease_fsm_renew_failed(mc__lease_fsm_t *f, int64_t now);
 /* The document no longer names this node with its epoch (another took over), or the
  * deadline passed without a renewal. */
 void mc__lease_fsm_lost(mc__lease_fsm_t *f);

@@ -106,6 +106,12 @@ void mc__lease_fsm_renewed(mc__lease_fsm_t *f, int64_t sent, int64_t version)
     f->next_renew = sent + f->renew_ms;
 }
 
+void mc__lease_fsm_renew_failed(mc__lease_fsm_t *f, int64_t now)
+{
+    int64_t retry = f->renew_ms / 3 > 20 ? f->renew_ms / 3 : 20;
+    f->next_renew = now + retry;
+}
+
 void mc__lease_fsm_lost(mc__lease_fsm_t *f)
 {
     f->held = false;
@@ -122,13 +128,14 @@ int64_t mc__lease_fsm_next_wake(const mc__lease_fsm_t *f, int64_t now)
 {
     if (f->held) {
         int64_t t = f->next_renew < f->deadline ? f->next_renew : f->deadline;
-        return t > now ? t : now;
+        return t > now ? t : now + 1;
     }
     int64_t t = now + f->renew_ms;
-    if (f->seen && f->seen_since + f->ttl_ms < t) {
-        t = f->seen_since + f->ttl_ms;
+    int64_t take = f->seen_since + f->ttl_ms;
+    if (f->seen && take > now && take < t) {
+        t = take; /* the takeover is due then (a past one was tried already: wait a period) */
     }
-    return t > now ? t : now;
+    return t;
 }
 
 /* ---- The lease thread ------------------------------------------------------------------- */
@@ -146,6 +153,11 @@ struct mc__lease {
     char node_id[256];
     char *db, *coll;
     lease_stream_t *st; /* [e->n_streams]; st[i].s NULL when stream i has no lease */
+    /* A client of its own (lease thread, then mc__lease_stop after the join) whose socket
+     * timeout is half the ttl: a request that hangs must not keep a standby from looking or a
+     * holder from trying again (the engine's pool waits up to 5 minutes for an answer). */
+    mongoc_client_pool_t *pool;
+    mongoc_client_t *client; /* popped from `pool` for the lease's whole life */
     pthread_t thread;
     bool started;
     pthread_mutex_t lock;
@@ -204,6 +216,25 @@ mc__lease_t *mc__lease_new(mc_engine_t *e, mc_error_t *err)
     pthread_cond_init(&l->cond, &ca);
     pthread_condattr_destroy(&ca);
     l->rl = (mc_log_ratelimit_t)MC_LOG_RATELIMIT_INIT(10000);
+    mongoc_uri_t *uri = mongoc_uri_copy(e->uri);
+    int32_t io_ms = (int32_t)(ttl / 2 > 100 ? ttl / 2 : 100);
+    mongoc_uri_set_option_as_int32(uri, MONGOC_URI_SOCKETTIMEOUTMS, io_ms);
+    mongoc_uri_set_option_as_int32(uri, MONGOC_URI_CONNECTTIMEOUTMS, io_ms);
+    mongoc_uri_set_option_as_int32(uri, MONGOC_URI_SERVERSELECTIONTIMEOUTMS, io_ms);
+    bson_error_t cerr;
+    /* A pool (of one client): its background monitoring has no 5 s cooldown after a failed
+     * server selection, which a single-threaded client has. */
+    l->pool = mongoc_client_pool_new_with_error(uri, &cerr);
+    mongoc_uri_destroy(uri);
+    if (!l->pool) {
+        mc_error_set(err, MC_ECONFIG, MC_DOMAIN_BSON, (int)cerr.code, "lease: %s", cerr.message);
+        mc__lease_destroy(l);
+        return NULL;
+    }
+    mongoc_client_pool_set_error_api(l->pool, MONGOC_ERROR_API_VERSION_2);
+    mongoc_client_pool_set_appname(l->pool, "mongocast-lease");
+    mongoc_client_pool_max_size(l->pool, 1);
+    l->client = mongoc_client_pool_pop(l->pool);
     size_t n = 0;
     for (size_t i = 0; i < e->n_streams; i++) {
         mc__stream_t *s = &e->streams[i];
@@ -343,6 +374,44 @@ static void fence_stream(lease_stream_t *ls, const char *why)
     }
 }
 
+/* The (stream, sink) record the previous holder stored (token_store_mongo.c's layout), read
+ * through the lease's own client. 0, MC_ENOTFOUND, MC_ESERVER or MC_EIO (err says why). */
+static int load_position(mc__lease_t *l, const char *stream, const char *sink, mc__record_t *out,
+                         mc_error_t *err)
+{
+    const mc_config_t *cfg = l->e->config;
+    const char *db = cfg->checkpoint.db ? cfg->checkpoint.db : "mongocast";
+    const char *cname = cfg->checkpoint.collection ? cfg->checkpoint.collection : "checkpoints";
+    snprintf(out->where, sizeof(out->where), "%s.%s {_id: {stream: \"%s\", sink: \"%s\"}}", db,
+             cname, stream, sink);
+    mongoc_collection_t *coll = mongoc_client_get_collection(l->client, db, cname);
+    bson_t filter = BSON_INITIALIZER, id;
+    BSON_APPEND_DOCUMENT_BEGIN(&filter, "_id", &id);
+    BSON_APPEND_UTF8(&id, "stream", stream);
+    BSON_APPEND_UTF8(&id, "sink", sink);
+    bson_append_document_end(&filter, &id);
+    bson_t *opts = BCON_NEW("limit", BCON_INT64(1));
+    mongoc_read_concern_t *rc = mongoc_read_concern_new();
+    mongoc_read_concern_set_level(rc, MONGOC_READ_CONCERN_LEVEL_MAJORITY);
+    mongoc_read_concern_append(rc, opts);
+    mongoc_read_concern_destroy(rc);
+    mongoc_cursor_t *cur = mongoc_collection_find_with_opts(coll, &filter, opts, NULL);
+    const bson_t *doc;
+    bson_error_t berr;
+    int result = MC_ENOTFOUND;
+    if (mongoc_cursor_next(cur, &doc)) {
+        result = mc__record_from_bson(doc, out->where, out, err);
+    } else if (mongoc_cursor_error(cur, &berr)) {
+        result = mc_error_set(err, MC_ESERVER, MC_DOMAIN_BSON, (int)berr.code, "%s: %s",
+                              out->where, berr.message);
+    }
+    mongoc_cursor_destroy(cur);
+    bson_destroy(opts);
+    bson_destroy(&filter);
+    mongoc_collection_destroy(coll);
+    return result;
+}
+
 /* After an acquisition: every leased runner of the stream resumes from its stored position.
  * Returns true when all are done. */
 static bool unfence_stream(mc__lease_t *l, lease_stream_t *ls)
@@ -361,7 +430,7 @@ static bool unfence_stream(mc__lease_t *l, lease_stream_t *ls)
         mc__record_t rec = {0};
         mc_error_t err = {0};
         mc__pref_t from = {0};
-        int rc = mc__token_store_load(l->e->store, s->cfg->name, s->sinks[k]->name, &rec, &err);
+        int rc = load_position(l, s->cfg->name, s->sinks[k]->name, &rec, &err);
         if (rc == 0) {
             mc_error_t cerr = {0};
             if (mc__ledger_check_record(s->cfg->name, s->definition, &rec, 0, 0, &cerr) != 0) {
@@ -449,6 +518,7 @@ static void step_stream(mc__lease_t *l, lease_stream_t *ls, mongoc_collection_t 
         } else if (rc == LW_NOMATCH) {
             lease_lost(l, ls, "another node took the lease over");
         } else {
+            mc__lease_fsm_renew_failed(f, mc__now_ms());
             mc_log_ratelimited(&l->rl, MC_LOG_WARN, "lease",
                                "renewal failed stream=%s (publishing stops in %" PRId64
                                " ms unless a renewal succeeds): %s",
@@ -522,8 +592,7 @@ static void *lease_main(void *arg)
         if (quit) {
             break;
         }
-        mongoc_client_t *client = mongoc_client_pool_pop(e->pool);
-        mongoc_collection_t *coll = mongoc_client_get_collection(client, l->db, l->coll);
+        mongoc_collection_t *coll = mongoc_client_get_collection(l->client, l->db, l->coll);
         int64_t wake = INT64_MAX;
         for (size_t i = 0; i < e->n_streams; i++) {
             lease_stream_t *ls = &l->st[i];
@@ -541,7 +610,6 @@ static void *lease_main(void *arg)
             }
         }
         mongoc_collection_destroy(coll);
-        mongoc_client_pool_push(e->pool, client);
         pthread_mutex_lock(&l->lock);
         int64_t left = wake - mc__now_ms();
         if (!l->quit && left > 0) {
@@ -579,8 +647,7 @@ void mc__lease_stop(mc__lease_t *l)
     l->started = false;
     /* The runners have stopped: nothing is published any more, so the leases can go now and a
      * successor need not wait for them to expire. */
-    mongoc_client_t *client = mongoc_client_pool_pop(l->e->pool);
-    mongoc_collection_t *coll = mongoc_client_get_collection(client, l->db, l->coll);
+    mongoc_collection_t *coll = mongoc_client_get_collection(l->client, l->db, l->coll);
     for (size_t i = 0; i < l->e->n_streams; i++) {
         lease_stream_t *ls = &l->st[i];
         if (!ls->s || !ls->fsm.held) {
@@ -604,13 +671,18 @@ void mc__lease_stop(mc__lease_t *l)
         publish_gate(ls);
     }
     mongoc_collection_destroy(coll);
-    mongoc_client_pool_push(l->e->pool, client);
 }
 
 void mc__lease_destroy(mc__lease_t *l)
 {
     if (!l) {
         return;
+    }
+    if (l->client) {
+        mongoc_client_pool_push(l->pool, l->client);
+    }
+    if (l->pool) {
+        mongoc_client_pool_destroy(l->pool);
     }
     pthread_mutex_destroy(&l->lock);
     pthread_cond_destroy(&l->cond);

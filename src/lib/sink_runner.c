@@ -1283,6 +1283,7 @@ int mc__runner_start(mc__runner_t *r, mc_error_t *err)
     }
     pthread_mutex_lock(&r->lock);
     set_state_locked(r, MC_SINK_RUNNING, NULL);
+    settle_state_locked(r); /* standby when the lease fenced it before the start */
     pthread_mutex_unlock(&r->lock);
     if (r->exec != MC__EXEC_THREAD) {
         return 0;
