@@ -7,7 +7,7 @@ stream on that collection, opened before anything runs, gives the order in which
 applied the writes. Fencing holds when no write of an older epoch follows a write of a newer
 one in that order.
 
-Scaled for an ASan build on a loaded 2-core machine: 10,000 writes (the issue says 20,000), with
+Scaled for an ASan build on a loaded 2-core machine: 6,000 writes (the issue says 20,000), with
 three SIGKILLs of the leader while writing (a fresh node started after each, so three keep
 running) and one SIGSTOP of the leader for longer than the lease (the paused node must not
 write after it resumes: its own monotonic deadline fenced it). The properties do not depend on
@@ -80,7 +80,7 @@ class Recorder:
 
 def test_lease_three_nodes_kills_and_pause_fenced(tmp_path, daemons, client, mongo_uri, db,
                                                   db_name):
-    n, kills = 10000, 3
+    n, kills = 6000, 3
     db.create_collection("c")
     db.create_collection("activity")
     rec = Recorder(db.activity)
