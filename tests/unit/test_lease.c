@@ -207,6 +207,19 @@ static bool wait_holder(mc_engine_t *e, bool want, int64_t timeout_ms)
     return false;
 }
 
+static bool wait_open(mc_engine_t *e)
+{
+    int64_t end = mc__now_ms() + 10000;
+    mc_stream_status_t st;
+    while (mc__now_ms() < end) {
+        if (mc_engine_stream_status(e, "s", &st) == 0 && st.state == MC_STREAM_OPEN) {
+            return true;
+        }
+        usleep(10000);
+    }
+    return false;
+}
+
 static void insert_n(mongoc_client_t *cli, int first, int n)
 {
     mongoc_collection_t *c = mongoc_client_get_collection(cli, "shop", "c0");
@@ -252,6 +265,9 @@ static void test_two_engines_one_feeds_then_hands_over(void **state)
         mc_engine_sink_stats(b, 0, &st);
     } while (st.state != MC_SINK_STANDBY && mc__now_ms() < end);
     assert_int_equal(st.state, MC_SINK_STANDBY);
+    /* Without a stored position a stream starts from now: write once both are open. */
+    assert_true(wait_open(a));
+    assert_true(wait_open(b));
     insert_n(cli, 0, 50);
     assert_int_equal(mc_sink_memory_wait(ma, 50, 10000), 0);
     usleep(300000);
