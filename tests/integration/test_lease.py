@@ -23,6 +23,7 @@ import pytest
 
 from daemon_util import *  # noqa: F401,F403
 from server_util import http_get, metrics
+from webhook_receiver import receivers  # noqa: F401 (fixture)
 
 TTL_MS, RENEW_MS = 1500, 300
 
@@ -227,3 +228,37 @@ def test_lease_release_on_stop_hands_over_at_once(tmp_path, daemons, client, mon
     assert ns == list(range(400))
     # The handover does not wait for the lease to expire (the stop itself takes a while).
     assert took < 10.0
+
+
+def test_lease_epoch_in_webhook_header(tmp_path, daemons, client, mongo_uri, db, db_name,
+                                       receivers):
+    secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+    rcv = receivers(secrets=[secret])
+    db.create_collection("c")
+    cfg = write_config(
+        tmp_path / "c.yaml", mongo_uri,
+        {"s": {"db": db_name, "collection": "c", "max_await_time_ms": 100}},
+        sinks=[{"name": "hook", "type": "webhook", "url": rcv.url, "secret": secret}],
+        extra="\n".join([
+            "checkpoint: {store: mongodb, db: %s, collection: checkpoints, interval_ms: 100}"
+            % db_name,
+            "lease: {enabled: true, db: %s, ttl_ms: %d, renew_ms: %d}" % (db_name, TTL_MS,
+                                                                         RENEW_MS)]))
+    a = daemons(cfg, name="a")
+    a.wait_open()
+    wait_for(lambda: holder_pid(db)[0] == a.pid, timeout=30, message="a leads")
+    b = daemons(cfg, name="b")
+    b.wait_open()
+    db.c.insert_many([{"n": i} for i in range(20)])
+    wait_for(lambda: len([x for x in rcv.attempts if x.get("answer") == 200]) >= 20, timeout=30,
+             message="20 deliveries")
+    assert a.kill() == -9
+    wait_for(lambda: holder_pid(db)[0] == b.pid, timeout=30, message="b leads")
+    db.c.insert_many([{"n": i} for i in range(20, 40)])
+    wait_for(lambda: any(x.get("lease_epoch") == "2" for x in rcv.attempts), timeout=30,
+             message="b delivers")
+    epochs = [x["lease_epoch"] for x in rcv.attempts]
+    assert set(epochs) == {"1", "2"}, epochs
+    first2 = epochs.index("2")
+    assert all(e == "2" for e in epochs[first2:]), epochs  # fenced: no epoch 1 after epoch 2
+    assert all(x["sig_ok"] for x in rcv.attempts)
