@@ -11,7 +11,9 @@ Scaled for an ASan build on a loaded 2-core machine: 6,000 writes (the issue say
 three SIGKILLs of the leader while writing (a fresh node started after each, so three keep
 running) and one SIGSTOP of the leader for longer than the lease (the paused node must not
 write after it resumes: its own monotonic deadline fenced it). The properties do not depend on
-the count.
+the count. The webhook test checks the same order on the mongocast-lease-epoch header across
+a takeover; the other tests check the `lease` block in `mongocast check` and the release at
+stop (the next node takes over at once).
 """
 
 import re
