@@ -541,8 +541,10 @@ void mc__runner_fence(mc__runner_t *r, int slot, const char *why);
  * (try again later), MC_ENOMEM (the runner failed), 0. */
 int mc__runner_unfence(mc__runner_t *r, int slot, mc__pref_t *from);
 bool mc__runner_fenced(mc__runner_t *r, int slot);
-/* A catch-up thread of the slot ends (watcher.c): the runner counts them per slot (the
- * spawner counts it in), so that an unfence never runs two at once. */
+/* Catch-up threads of a slot, counted by mc__catchup_spawn() (enter, before the thread
+ * starts; leave on failure) and by the thread as it ends (leave), so that an unfence never
+ * runs two at once. Any thread; lock-free (the spawner may hold the runner's lock). */
+void mc__runner_catchup_enter(mc__runner_t *r, int slot);
 void mc__runner_catchup_leave(mc__runner_t *r, int slot);
 
 /* ---- The engine's I/O loop (ioloop.c) ---------------------------------------------------- */

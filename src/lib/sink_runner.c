@@ -70,7 +70,7 @@ typedef struct rslot {
     bool dirty;              /* done moved since the ledger took it */
     _Atomic uint64_t missed; /* items the shared path could not hand over (lag estimate) */
     bool fenced;             /* lease: another node feeds this stream (lease.c) */
-    int catchups;            /* catch-up threads of this slot still running */
+    atomic_int catchups;     /* catch-up threads of this slot still running (watcher.c) */
 } rslot_t;
 
 typedef enum wait_state {
@@ -196,6 +196,7 @@ mc__runner_t *mc__runner_new(mc_sink_t *sink, mc__exec_t exec, uint32_t capacity
             s->stream_index = (int)i;
             s->accept = true;
             atomic_init(&s->missed, 0);
+            atomic_init(&s->catchups, 0);
             r->slot_of[i] = r->n_slots++;
         }
     }
@@ -825,7 +826,6 @@ static void detach_locked(mc__runner_t *r)
         }
         s->accept = false;
         s->catching_up = true;
-        s->catchups++;
         mc__pref_t from = {0};
         resume_point_locked(r, k, &from);
         mc__stream_t *st = &r->engine->streams[s->stream_index];
@@ -834,7 +834,6 @@ static void detach_locked(mc__runner_t *r)
                "sink=%s stream=%s",
                r->cap, r->sink->name, st->cfg->name);
         if (mc__catchup_spawn(st, r, k, &from) != 0) {
-            s->catchups--;
             mc__pref_clear(&from);
             fail_locked(r, "cannot start a catch-up thread");
             return;
@@ -922,7 +921,7 @@ int mc__runner_unfence(mc__runner_t *r, int slot, mc__pref_t *from)
         mc__pref_clear(from);
         return 0;
     }
-    if (s->catchups > 0) {
+    if (atomic_load(&s->catchups) > 0) {
         pthread_mutex_unlock(&r->lock);
         return MC_EAGAIN;
     }
@@ -934,11 +933,9 @@ int mc__runner_unfence(mc__runner_t *r, int slot, mc__pref_t *from)
     s->dirty = false;
     s->fenced = false;
     s->catching_up = true;
-    s->catchups++;
     mc__stream_t *st = &r->engine->streams[s->stream_index];
     int rc = mc__catchup_spawn(st, r, slot, from);
     if (rc != 0) {
-        s->catchups--;
         mc__pref_clear(from);
         fail_locked(r, "cannot start a catch-up thread");
     }
@@ -949,13 +946,18 @@ int mc__runner_unfence(mc__runner_t *r, int slot, mc__pref_t *from)
     return rc;
 }
 
+void mc__runner_catchup_enter(mc__runner_t *r, int slot)
+{
+    if (slot >= 0 && slot < r->n_slots) {
+        atomic_fetch_add(&r->slots[slot].catchups, 1);
+    }
+}
+
 void mc__runner_catchup_leave(mc__runner_t *r, int slot)
 {
-    pthread_mutex_lock(&r->lock);
-    if (slot >= 0 && slot < r->n_slots && r->slots[slot].catchups > 0) {
-        r->slots[slot].catchups--;
+    if (slot >= 0 && slot < r->n_slots) {
+        atomic_fetch_sub(&r->slots[slot].catchups, 1);
     }
-    pthread_mutex_unlock(&r->lock);
 }
 
 /* The executor, when it takes a batch: fences the slots whose stream's lease ran out on this

@@ -1072,7 +1072,7 @@ static void *catchup_main(void *arg)
     }
     watcher_cleanup(&w, &reply);
     mc_engine_t *e = w.e;
-    mc__runner_catchup_leave(a->r, a->slot); /* counted in by whoever spawned it */
+    mc__runner_catchup_leave(a->r, a->slot); /* counted in by mc__catchup_spawn() */
     free(a);
     catchup_done(e);
     return NULL;
@@ -1092,6 +1092,7 @@ int mc__catchup_spawn(mc__stream_t *s, mc__runner_t *r, int slot, mc__pref_t *fr
     pthread_mutex_lock(&e->catchup_lock);
     e->catchups++;
     pthread_mutex_unlock(&e->catchup_lock);
+    mc__runner_catchup_enter(r, slot);
     pthread_attr_t attr;
     pthread_attr_init(&attr);
     pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
@@ -1101,6 +1102,7 @@ int mc__catchup_spawn(mc__stream_t *s, mc__runner_t *r, int slot, mc__pref_t *fr
     if (rc != 0) {
         mc__pref_move(from, &a->from);
         free(a);
+        mc__runner_catchup_leave(r, slot);
         catchup_done(e);
         return MC_ENOMEM;
     }
