@@ -193,6 +193,16 @@ typedef struct mc_config {
         char *issuer;   /* NULL: not checked */
         char *audience; /* NULL: not checked */
     } auth;
+    /* lease: one holder per stream feeds the stream's sinks other than the live WebSocket/SSE
+     * fan-out (docs/config.md, "lease"). Needs checkpoint.store: mongodb. */
+    struct {
+        bool enabled;
+        char *db;         /* default "mongocast" */
+        char *collection; /* default "leases": one document per stream, _id the stream name */
+        uint32_t ttl_ms;  /* how long a lease lasts without renewal; default 10000 */
+        uint32_t renew_ms; /* how often the holder renews (and others look); default ttl/4 */
+        char *node_id;    /* NULL: "<hostname>:<pid>" */
+    } lease;
     char *log_level; /* error | warn | info | debug; default info */
     mc_stream_config_t *streams;
     size_t n_streams;

@@ -111,9 +111,11 @@ typedef enum mc_sink_state {
     MC_SINK_CATCHING_UP = 3, /* detached: reads the stream again from its own position */
     MC_SINK_FAILED = 4,      /* stopped for good in this run (message says why) */
     MC_SINK_STOPPED = 5,     /* engine stopped */
+    MC_SINK_STANDBY = 6,     /* lease.enabled: another node holds the lease of its streams
+                                and feeds it; this node publishes nothing to it */
 } mc_sink_state_t;
 
-/* "idle", "running", "retrying", "catching_up", "failed", "stopped". */
+/* "idle", "running", "retrying", "catching_up", "failed", "stopped", "standby". */
 const char *mc_sink_state_name(mc_sink_state_t state);
 
 /* Counters and state of one sink instance, copied out by mc_engine_sink_stats(). Every
@@ -321,6 +323,23 @@ int mc_engine_stream_status(mc_engine_t *engine, const char *name, mc_stream_sta
 /* True when every stream is MC_STREAM_OPEN and no durable sink failed (for /readyz; the
  * reason of a failed sink is in its mc_sink_stats_t.message). */
 bool mc_engine_ready(mc_engine_t *engine);
+
+/* The lease of one stream on this node (docs/config.md, "lease"): with lease.enabled, of the
+ * nodes running one config only the holder of a stream's lease feeds the stream's sinks
+ * other than the live WebSocket/SSE fan-out. */
+typedef struct mc_lease_status {
+    bool enabled;          /* the stream has a lease (lease.enabled, and it has such sinks) */
+    bool holder;           /* this node holds it and may publish right now */
+    uint64_t epoch;        /* the fencing epoch this node holds or last held; 0: never held */
+    uint64_t acquisitions; /* times this node took the lease (created, taken over) */
+    uint64_t renewals;     /* successful renewals */
+    uint64_t losses;       /* times it lost the lease (taken over, or not renewed in time) */
+    char node_id[256];     /* this node's name in the lease documents */
+} mc_lease_status_t;
+
+/* Copies stream `name`'s lease state into *out (all zero when it has no lease). Returns 0,
+ * MC_ENOTFOUND (no such stream), MC_EINVAL. Any thread. */
+int mc_engine_lease_status(mc_engine_t *engine, const char *name, mc_lease_status_t *out);
 
 /* True when every stream is FAILED or STOPPED (nothing left to run, e.g. `tail` can exit). */
 bool mc_engine_finished(mc_engine_t *engine);

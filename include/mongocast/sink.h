@@ -237,6 +237,20 @@ void *mc_sink_uv_loop(mc_sink_t *sink);
  * MC_ELIMIT when cap is too small. Any thread. */
 int mc_sink_position(mc_sink_t *sink, const char *stream, char *buf, size_t cap);
 
+/* The fencing epoch under which this node publishes `ev` (lease.enabled, docs/config.md
+ * "lease"): the epoch of the lease this node holds on the event's stream, incremented at every
+ * change of holder, so that a record written with it tells which holder wrote it (records of
+ * an older epoch never follow records of a newer one in write order, unless a write took
+ * longer than the lease's safety margin). 0 when the stream has no lease (or `ev` is NULL).
+ * Any thread; meant for publish()/flush() of the sink that received `ev`. */
+uint64_t mc_sink_lease_epoch(const mc_sink_t *sink, const mc_event_t *ev);
+
+/* False when the event's stream has a lease and this node may no longer publish under it (its
+ * lease expired or was taken over): a sink that is about to write a batch it built earlier
+ * may check this right before the write and fail the batch as transient instead (the runner
+ * drops it). True without a lease. Any thread. */
+bool mc_sink_lease_valid(const mc_sink_t *sink, const mc_event_t *ev);
+
 /* Sleeps up to `ms` on the calling thread unless the engine stops first. Returns true when the
  * engine is stopping (then give up and return from publish/drain). For blocking sinks. */
 bool mc_sink_sleep(mc_sink_t *sink, int64_t ms);

@@ -310,6 +310,59 @@ static void stream_counter(out_t *o, const mcd_server_t *srv, const mc_stream_st
     }
 }
 
+
+/* lease.enabled: per leased stream, whether this node holds the lease and its counters. */
+static void lease_metrics(out_t *o, mcd_server_t *srv, char *l, size_t lcap)
+{
+    size_t n = srv->fanout.n_hubs;
+    mc_lease_status_t *ls = calloc(n ? n : 1, sizeof(*ls));
+    bool any = false;
+    for (size_t i = 0; ls && srv->engine && i < n; i++) {
+        if (mc_engine_lease_status(srv->engine, srv->fanout.hubs[i].cfg->name, &ls[i]) != 0) {
+            ls[i].enabled = false;
+        }
+        any |= ls[i].enabled;
+    }
+    if (!any) {
+        free(ls);
+        return;
+    }
+    static const struct {
+        const char *name, *type, *help;
+        size_t off;
+        bool is_bool;
+    } fams[] = {
+        {"mongocast_lease_holder", "gauge",
+         "1 when this node holds the stream's lease and feeds its sinks (other than the "
+         "WebSocket/SSE clients), 0 on standby.",
+         offsetof(mc_lease_status_t, holder), true},
+        {"mongocast_lease_epoch", "gauge",
+         "The fencing epoch of the stream's lease this node holds or last held (0: never).",
+         offsetof(mc_lease_status_t, epoch), false},
+        {"mongocast_lease_acquisitions_total", "counter",
+         "Times this node took the stream's lease (created or taken over).",
+         offsetof(mc_lease_status_t, acquisitions), false},
+        {"mongocast_lease_renewals_total", "counter", "Successful renewals of the stream's lease.",
+         offsetof(mc_lease_status_t, renewals), false},
+        {"mongocast_lease_losses_total", "counter",
+         "Times this node lost the stream's lease (taken over, or not renewed in time).",
+         offsetof(mc_lease_status_t, losses), false},
+    };
+    for (size_t f = 0; f < sizeof(fams) / sizeof(fams[0]); f++) {
+        help(o, fams[f].name, fams[f].type, fams[f].help);
+        for (size_t i = 0; i < n; i++) {
+            if (!ls[i].enabled) {
+                continue;
+            }
+            const char *p = (const char *)&ls[i] + fams[f].off;
+            uint64_t v = fams[f].is_bool ? (uint64_t)(*(const bool *)p) : *(const uint64_t *)p;
+            put(o, "%s{stream=\"%s\"} %" PRIu64 "\n", fams[f].name,
+                label(srv->fanout.hubs[i].cfg->name, l, lcap), v);
+        }
+    }
+    free(ls);
+}
+
 char *mcd_metrics_render(mcd_server_t *srv, size_t *len)
 {
     out_t o;
@@ -584,6 +637,7 @@ char *mcd_metrics_render(mcd_server_t *srv, size_t *len)
                    "Failed writes of the stream's resume position to the checkpoint store (each "
                    "is retried at the next interval).",
                    offsetof(mc_stream_status_t, checkpoint_failures));
+    lease_metrics(&o, srv, l, sizeof(l));
     help(&o, "mongocast_stream_up", "gauge", "1 when the stream's change stream is open.");
     for (size_t i = 0; i < n; i++) {
         put(&o, "mongocast_stream_up{stream=\"%s\"} %d\n",
@@ -632,6 +686,28 @@ char *mcd_readyz_render(mcd_server_t *srv, bool engine_running, size_t *len, boo
         json_string(&o, ss[i].images_problem);
     }
     put(&o, "%s", first ? "" : "}");
+    /* lease.enabled: this node's role per leased stream (a standby node is ready: it serves
+     * its clients; only the leader feeds the other sinks). */
+    first = true;
+    mc_lease_status_t lst;
+    for (size_t i = 0; srv->engine && i < n; i++) {
+        if (mc_engine_lease_status(srv->engine, srv->fanout.hubs[i].cfg->name, &lst) != 0 ||
+            !lst.enabled) {
+            continue;
+        }
+        if (first) {
+            put(&o, ",\"lease\":{\"node\":");
+            json_string(&o, lst.node_id);
+            put(&o, ",\"streams\":{");
+        } else {
+            put(&o, ",");
+        }
+        first = false;
+        json_string(&o, srv->fanout.hubs[i].cfg->name);
+        put(&o, ":{\"role\":\"%s\",\"epoch\":%" PRIu64 "}", lst.holder ? "leader" : "standby",
+            lst.epoch);
+    }
+    put(&o, "%s", first ? "" : "}}");
     /* Sinks that are not plainly running, with the reason (a failed durable one is why the
      * daemon is not ready). */
     size_t n_sinks = srv->engine ? mc_engine_sink_count(srv->engine) : 0;

@@ -1787,6 +1787,71 @@ static const opt_t server_opts[] = {
 };
 static const opt_table_t server_table = {server_opts, N_OPTS(server_opts), "", NULL, NULL};
 
+
+static int check_lease(cfg_ctx_t *ctx, const mc__cfg_node_t *map, void *base,
+                       const mc__cfg_node_t *const *found);
+
+static const opt_t lease_opts[] = {
+    {.name = "enabled",
+     .type = OPT_BOOL,
+     .offset = offsetof(mc_config_t, lease.enabled),
+     .def_num = 0,
+     .doc = "one node per stream (the lease holder) feeds the sinks; needs checkpoint.store: "
+            "mongodb"},
+    {.name = "db",
+     .type = OPT_STRING,
+     .offset = offsetof(mc_config_t, lease.db),
+     .def_str = "mongocast",
+     .min = 1,
+     .validate = validate_db_name,
+     .doc = "database of the lease documents"},
+    {.name = "collection",
+     .type = OPT_STRING,
+     .offset = offsetof(mc_config_t, lease.collection),
+     .def_str = "leases",
+     .min = 1,
+     .validate = validate_collection_name,
+     .doc = "collection of the lease documents (one per stream, _id: the stream's name)"},
+    {.name = "ttl_ms",
+     .type = OPT_UINT32,
+     .offset = offsetof(mc_config_t, lease.ttl_ms),
+     .def_num = 10000,
+     .min = 300,
+     .max = 600000,
+     .doc = "how long a lease lasts without renewal; another node takes over after it"},
+    {.name = "renew_ms",
+     .type = OPT_UINT32,
+     .offset = offsetof(mc_config_t, lease.renew_ms),
+     .def_num = 0,
+     .min = 0,
+     .max = 200000,
+     .doc = "how often the holder renews and the others look; 0: ttl_ms / 4; at most ttl_ms / 3"},
+    {.name = "node_id",
+     .type = OPT_STRING,
+     .offset = offsetof(mc_config_t, lease.node_id),
+     .min = 1,
+     .max = 200,
+     .doc = "this node's name in the lease documents; default <hostname>:<pid>"},
+};
+static const opt_table_t lease_table = {lease_opts, N_OPTS(lease_opts), "", check_lease, NULL};
+
+static int check_lease(cfg_ctx_t *ctx, const mc__cfg_node_t *map, void *base,
+                       const mc__cfg_node_t *const *found)
+{
+    mc_config_t *cfg = base;
+    if (cfg->lease.renew_ms == 0) {
+        cfg->lease.renew_ms = cfg->lease.ttl_ms / 4;
+    }
+    if (cfg->lease.renew_ms > cfg->lease.ttl_ms / 3) {
+        return fail(ctx, found[4] ? found[4] : map,
+                    "lease.renew_ms (%u) must be at most a third of lease.ttl_ms (%u): the "
+                    "holder must be able to miss a renewal and still renew before it stops "
+                    "publishing",
+                    cfg->lease.renew_ms, cfg->lease.ttl_ms);
+    }
+    return 0;
+}
+
 static int check_root(cfg_ctx_t *ctx, const mc__cfg_node_t *map, void *base,
                       const mc__cfg_node_t *const *found);
 
@@ -1824,6 +1889,10 @@ static const opt_t root_opts[] = {
      .parse = parse_sinks,
      .section = &sink_table,
      .doc = "where events go besides WebSocket/SSE subscribers"},
+    {.name = "lease",
+     .type = OPT_SECTION,
+     .section = &lease_table,
+     .doc = "several nodes on one config: one lease holder per stream feeds the sinks"},
 };
 static const opt_table_t root_table = {root_opts, N_OPTS(root_opts), "", check_root, NULL};
 
@@ -1841,6 +1910,11 @@ static int check_root(cfg_ctx_t *ctx, const mc__cfg_node_t *map, void *base,
         if (set_string(ctx, &cfg->mongodb_uri, uri) != 0) {
             return -1;
         }
+    }
+    if (cfg->lease.enabled && cfg->checkpoint.store != MC_CHECKPOINT_MONGODB) {
+        return fail(ctx, found[7] ? found[7] : map,
+                    "lease.enabled needs checkpoint.store: mongodb (the node that takes a lease "
+                    "over resumes the sinks from the positions the previous holder stored)");
     }
     return 0;
 }
@@ -2042,6 +2116,9 @@ void mc_config_destroy(mc_config_t *config)
     bson_free(config->checkpoint.path);
     bson_free(config->checkpoint.db);
     bson_free(config->checkpoint.collection);
+    bson_free(config->lease.db);
+    bson_free(config->lease.collection);
+    bson_free(config->lease.node_id);
     bson_free(config->server.listen);
     free_list(config->server.allowed_origins, config->server.n_allowed_origins);
     bson_free(config->server.io);

@@ -229,6 +229,7 @@ const char *mc_sink_state_name(mc_sink_state_t state)
     case MC_SINK_CATCHING_UP: return "catching_up";
     case MC_SINK_FAILED: return "failed";
     case MC_SINK_STOPPED: return "stopped";
+    case MC_SINK_STANDBY: return "standby";
     default: return "unknown";
     }
 }
@@ -552,6 +553,8 @@ mc_engine_t *mc_engine_new(const mc_config_t *config, const mc_engine_opts_t *op
         atomic_init(&s->stat_cp_event_ms, 0);
         atomic_init(&s->stat_cp_seq, 0);
         atomic_init(&s->stat_cp_failures, 0);
+        atomic_init(&s->lease_until, INT64_MAX);
+        atomic_init(&s->lease_epoch, 0);
         bson_init(&s->server_pipeline);
         pthread_mutex_init(&s->lock, NULL);
         pthread_mutex_init(&s->route_lock, NULL);
@@ -1151,6 +1154,15 @@ int mc_engine_start(mc_engine_t *engine, mc_error_t *err)
         }
         sink->started = true;
     }
+    /* Leases: the leased streams' runners start fenced, before any thread can feed them. */
+    if (!engine->opts.no_checkpoint && config->lease.enabled) {
+        mc_error_t lerr = {0};
+        engine->lease = mc__lease_new(engine, &lerr);
+        if (!engine->lease && lerr.code) {
+            rc = mc_error_set(err, lerr.code, MC_DOMAIN_MONGOCAST, lerr.code, "%s", lerr.message);
+            goto fail;
+        }
+    }
     engine->state = MC__ENGINE_RUNNING;
     for (size_t k = 0; k < engine->n_sinks; k++) {
         mc_error_t serr = {0};
@@ -1180,6 +1192,9 @@ int mc_engine_start(mc_engine_t *engine, mc_error_t *err)
         }
         s->thread_started = true;
     }
+    if ((rc = mc__lease_start(engine->lease, err)) != 0) {
+        goto fail_running;
+    }
     mc_log(MC_LOG_INFO, "engine", "started streams=%zu sinks=%zu", engine->n_streams,
            engine->n_sinks);
     return 0;
@@ -1189,6 +1204,7 @@ fail_running:
     join_watchers(engine);
     stop_runners(engine, mc__now_ms());
     stop_checkpointer(engine);
+    mc__lease_stop(engine->lease);
 fail:
     mc__ioloop_stop(engine->ioloop);
     engine->state = MC__ENGINE_FAILED;
@@ -1211,6 +1227,8 @@ int mc_engine_stop(mc_engine_t *engine, mc_error_t *err)
     if (engine->store && mc__ledger_write(engine) != 0) {
         result = MC_EIO;
     }
+    /* Last: the lease gate stayed open for the drain and the final positions; released now. */
+    mc__lease_stop(engine->lease);
     for (size_t i = 0; i < engine->n_streams; i++) {
         mc__stream_set_state(&engine->streams[i], MC_STREAM_STOPPED, 0, NULL);
     }
@@ -1247,6 +1265,7 @@ static void engine_free(mc_engine_t *engine)
         pthread_mutex_destroy(&s->route_lock);
     }
     free(engine->streams);
+    mc__lease_destroy(engine->lease);
     mc__ioloop_destroy(engine->ioloop);
     mc__token_store_destroy(engine->store);
     if (engine->pool) {

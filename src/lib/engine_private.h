@@ -349,7 +349,24 @@ typedef struct mc__stream {
     _Atomic int64_t stat_cp_event_ms;
     _Atomic uint64_t stat_cp_seq;
     _Atomic uint64_t stat_cp_failures;
+
+    /* Lease (lease.c; config lease.enabled): whether this node may feed the stream's sinks
+     * other than the live fan-out. `leased` is fixed at start (a lease is kept for the stream:
+     * it has such sinks); lease_until is the monotonic time (mc__now_ms) until which this
+     * node may publish to them and store their positions, written by the lease thread, read
+     * by the runners' executors and the checkpoint thread; lease_epoch is the fencing epoch
+     * of the lease this node holds (or last held), 0 before any. */
+    bool leased;
+    _Atomic int64_t lease_until;
+    _Atomic uint64_t lease_epoch;
 } mc__stream_t;
+
+/* Whether this node may feed stream `s`'s leased sinks at monotonic time `now` (always true
+ * for a stream without a lease). Any thread. */
+static inline bool mc__stream_may_feed(mc__stream_t *s, int64_t now)
+{
+    return !s->leased || now < atomic_load_explicit(&s->lease_until, memory_order_acquire);
+}
 
 typedef enum mc__engine_state {
     MC__ENGINE_NEW = 0,
@@ -397,6 +414,8 @@ struct mc_engine {
     _Atomic bool dispatch_seen;
     pthread_t dispatch_thread;
     _Atomic int64_t dispatch_last_ms;
+
+    struct mc__lease *lease; /* lease.c; NULL unless lease.enabled and some stream needs one */
 
     pthread_t checkpointer;
     bool checkpointer_started;
@@ -555,6 +574,23 @@ int64_t mc__runner_deadline(const mc__runner_t *r);
 void mc__runner_stats(mc__runner_t *r, mc_sink_stats_t *out);
 bool mc__runner_failed(mc__runner_t *r);
 
+/* Lease (lease.c): the runner's part, on the lease thread (unfence) and the executor (fence
+ * when the stream's lease_until passed). A fenced slot takes nothing from the shared path, its
+ * unpublished entries are dropped and its catch-up ends; published entries still complete.
+ * Runners of live sinks are never fenced. */
+void mc__runner_fence(mc__runner_t *r, int slot, const char *why);
+/* Lease thread: the slot feeds again from `from` (taken; the position the previous holder
+ * stored): its position becomes `from` and a catch-up reads the stream from there until it
+ * rejoins the shared path. MC_EAGAIN while an earlier catch-up of the slot has not ended yet
+ * (try again later), MC_ENOMEM (the runner failed), 0. */
+int mc__runner_unfence(mc__runner_t *r, int slot, mc__pref_t *from);
+bool mc__runner_fenced(mc__runner_t *r, int slot);
+/* Catch-up threads of a slot, counted by mc__catchup_spawn() (enter, before the thread
+ * starts; leave on failure) and by the thread as it ends (leave), so that an unfence never
+ * runs two at once. Any thread; lock-free (the spawner may hold the runner's lock). */
+void mc__runner_catchup_enter(mc__runner_t *r, int slot);
+void mc__runner_catchup_leave(mc__runner_t *r, int slot);
+
 /* ---- The engine's I/O loop (ioloop.c) ---------------------------------------------------- */
 
 mc__ioloop_t *mc__ioloop_new(mc_error_t *err);
@@ -593,6 +629,68 @@ void mc__ledger_stream_position(mc__stream_t *s, mc__position_t *out);
 /* Checkpoint thread (and stop): writes what moved. 0 or MC_EIO (a write failed; retried at
  * the next call). */
 int mc__ledger_write(mc_engine_t *e);
+
+/* ---- Lease (lease.c) --------------------------------------------------------------------
+ * One lease document per stream that has sinks other than the live fan-out, in
+ * lease.db.lease.collection: {_id: <stream>, holder, epoch, version, expiresAt, renewedAt,
+ * ttlMs}. The lease thread (mclease) renews what it holds and watches the rest. */
+
+/* What the lease document says (as read). */
+typedef struct mc__lease_doc {
+    bool exists;
+    char holder[256]; /* "" once released */
+    int64_t epoch;    /* fencing epoch: +1 at every change of holder */
+    int64_t version;  /* +1 at every write (renewal, takeover, release) */
+} mc__lease_doc_t;
+
+typedef enum mc__lease_action {
+    MC__LEASE_WAIT = 0, /* nothing to write now */
+    MC__LEASE_CREATE,   /* no document: insert one with this node as holder, epoch 1 */
+    MC__LEASE_TAKE,     /* take over (epoch+1) on condition {epoch, version} unchanged */
+} mc__lease_action_t;
+
+/* The per-stream state machine, pure and clock-free (times are the caller's mc__now_ms()
+ * values), so that it can be tested with a fake clock. One thread. */
+typedef struct mc__lease_fsm {
+    int64_t ttl_ms, renew_ms, margin_ms;
+    bool held;
+    int64_t epoch, version; /* held: what this node wrote last */
+    int64_t deadline;       /* held: stop publishing at this time (monotonic) */
+    int64_t next_renew;     /* held: when to renew */
+    bool seen;              /* not held: the version observed and since when */
+    int64_t seen_epoch, seen_version, seen_since;
+} mc__lease_fsm_t;
+
+void mc__lease_fsm_init(mc__lease_fsm_t *f, int64_t ttl_ms, int64_t renew_ms);
+/* Not held: the document as read at `now` (the time the answer arrived). Returns what to do;
+ * for TAKE the condition is f->seen_epoch / f->seen_version. */
+mc__lease_action_t mc__lease_fsm_observe(mc__lease_fsm_t *f, const mc__lease_doc_t *doc,
+                                         int64_t now);
+/* A create, takeover or renewal sent at `sent` succeeded with (epoch, version). */
+void mc__lease_fsm_acquired(mc__lease_fsm_t *f, int64_t sent, int64_t epoch, int64_t version);
+void mc__lease_fsm_renewed(mc__lease_fsm_t *f, int64_t sent, int64_t version);
+/* A renewal failed (no answer, an error): try again a third of renew_ms later. */
+void mc__lease_fsm_renew_failed(mc__lease_fsm_t *f, int64_t now);
+/* The document no longer names this node with its epoch (another took over), or the
+ * deadline passed without a renewal. */
+void mc__lease_fsm_lost(mc__lease_fsm_t *f);
+/* Whether this node may publish at `now`. */
+bool mc__lease_fsm_may_publish(const mc__lease_fsm_t *f, int64_t now);
+/* When the lease thread should look at this stream again. */
+int64_t mc__lease_fsm_next_wake(const mc__lease_fsm_t *f, int64_t now);
+
+typedef struct mc__lease mc__lease_t;
+
+/* Engine start (after the runners are built, before any thread): marks the leased streams,
+ * fences their runners. NULL when there is nothing to lease (lease disabled, or no stream
+ * with such sinks); err on failure. */
+mc__lease_t *mc__lease_new(mc_engine_t *e, mc_error_t *err);
+/* Starts the lease thread (after the runners and watchers). */
+int mc__lease_start(mc__lease_t *l, mc_error_t *err);
+/* Engine stop, after the runners stopped and the last checkpoint: ends the thread, then
+ * releases every lease held (a successor takes over without waiting for the expiry). */
+void mc__lease_stop(mc__lease_t *l);
+void mc__lease_destroy(mc__lease_t *l);
 
 /* Built-in sink types (sinks/). */
 extern const mc_sink_type_t mc__sink_stdout_type;

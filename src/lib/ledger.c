@@ -502,6 +502,11 @@ int mc__ledger_write(mc_engine_t *e)
     }
     for (size_t i = 0; i < e->n_streams; i++) {
         mc__stream_t *s = &e->streams[i];
+        /* lease.enabled: only the holder of the stream's lease stores its positions (the
+         * others' sinks do not move; lease.c). */
+        if (!mc__stream_may_feed(s, mc__now_ms())) {
+            continue;
+        }
         /* Each sink's own position first: the stream's is derived from them. */
         for (size_t k = 0; k < s->n_sinks; k++) {
             mc__runner_t *r = s->sinks[k]->runner;

@@ -116,6 +116,27 @@ int mc_sink_position(mc_sink_t *sink, const char *stream, char *buf, size_t cap)
     return rc;
 }
 
+static mc__stream_t *event_stream(const mc_sink_t *sink, const mc_event_t *ev)
+{
+    int idx = ev ? mc__event_stream_index(ev) : -1;
+    if (!sink || !sink->engine || idx < 0 || (size_t)idx >= sink->engine->n_streams) {
+        return NULL;
+    }
+    return &sink->engine->streams[idx];
+}
+
+uint64_t mc_sink_lease_epoch(const mc_sink_t *sink, const mc_event_t *ev)
+{
+    mc__stream_t *s = event_stream(sink, ev);
+    return s && s->leased ? atomic_load(&s->lease_epoch) : 0;
+}
+
+bool mc_sink_lease_valid(const mc_sink_t *sink, const mc_event_t *ev)
+{
+    mc__stream_t *s = event_stream(sink, ev);
+    return !s || mc__stream_may_feed(s, mc__now_ms());
+}
+
 void *mc_sink_uv_loop(mc_sink_t *sink)
 {
     if (!sink || !sink->type || !(sink->type->flags & MC_SINK_ASYNC) || !sink->engine) {

@@ -69,6 +69,8 @@ typedef struct rslot {
     uint64_t done_seq;       /* seq of the newest complete shared-path event */
     bool dirty;              /* done moved since the ledger took it */
     _Atomic uint64_t missed; /* items the shared path could not hand over (lag estimate) */
+    bool fenced;             /* lease: another node feeds this stream (lease.c) */
+    atomic_int catchups;     /* catch-up threads of this slot still running (watcher.c) */
 } rslot_t;
 
 typedef enum wait_state {
@@ -206,6 +208,7 @@ mc__runner_t *mc__runner_new(mc_sink_t *sink, mc__exec_t exec, uint32_t capacity
             s->stream_index = (int)i;
             s->accept = true;
             atomic_init(&s->missed, 0);
+            atomic_init(&s->catchups, 0);
             r->slot_of[i] = r->n_slots++;
         }
     }
@@ -284,11 +287,17 @@ static void settle_state_locked(mc__runner_t *r)
     if (r->failed || r->state == MC_SINK_STOPPED) {
         return;
     }
+    int fenced = 0;
     for (int k = 0; k < r->n_slots; k++) {
         if (r->slots[k].catching_up) {
             set_state_locked(r, MC_SINK_CATCHING_UP, "detached: catching up on its own cursor");
             return;
         }
+        fenced += r->slots[k].fenced;
+    }
+    if (fenced > 0 && fenced == r->n_slots) {
+        set_state_locked(r, MC_SINK_STANDBY, "another node holds the lease of its streams");
+        return;
     }
     if (r->retry_pending && r->attempts > 0) {
         char msg[300];
@@ -450,7 +459,7 @@ void mc__runner_rejoin(mc__runner_t *r, int slot)
     pthread_mutex_lock(&r->lock);
     rslot_t *s = &r->slots[slot];
     bool was = s->catching_up;
-    s->accept = !r->failed;
+    s->accept = !r->failed && !s->fenced;
     s->catching_up = false;
     atomic_store(&s->missed, 0);
     settle_state_locked(r);
@@ -870,6 +879,137 @@ static void detach_locked(mc__runner_t *r)
     settle_state_locked(r);
 }
 
+/* ---- Lease (lease.c) ------------------------------------------------------------------------- */
+
+/* Drops the slot's entries that are not being published (at or after busy_end). Lock held. */
+static void drop_slot_unpublished_locked(mc__runner_t *r, int slot)
+{
+    uint32_t keep = r->busy_end;
+    for (uint32_t i = r->busy_end; i < r->count; i++) {
+        rentry_t *e = entry_at(r, i);
+        if (e->slot != slot) {
+            if (keep != i) {
+                *entry_at(r, keep) = *e;
+                e->p.ev = NULL;
+                e->p.mark = NULL;
+            }
+            keep++;
+            continue;
+        }
+        if (e->flags & (RF_FAIL_T | RF_FAIL_P)) {
+            atomic_fetch_sub(&r->fails_pending, 1);
+        }
+        mc__pref_clear(&e->p);
+        e->flags = 0;
+    }
+    r->count = keep;
+    if (r->npub > r->count) {
+        r->npub = r->count;
+    }
+    pthread_cond_broadcast(&r->room);
+}
+
+static void fence_locked(mc__runner_t *r, int slot, const char *why)
+{
+    rslot_t *s = &r->slots[slot];
+    bool was = s->fenced;
+    s->fenced = true;
+    s->accept = false;
+    s->catching_up = false; /* its catch-up thread ends at its next push or rejoin */
+    drop_slot_unpublished_locked(r, slot);
+    settle_state_locked(r);
+    if (!was && why) {
+        mc_log(MC_LOG_NOTICE, "runner", "sink fenced sink=%s stream=%s: %s", r->sink->name,
+               stream_name(r, slot), why);
+    }
+}
+
+void mc__runner_fence(mc__runner_t *r, int slot, const char *why)
+{
+    if (!r || r->live || slot < 0 || slot >= r->n_slots) {
+        return;
+    }
+    pthread_mutex_lock(&r->lock);
+    fence_locked(r, slot, why);
+    bool notify = kick_locked(r);
+    pthread_mutex_unlock(&r->lock);
+    if (notify) {
+        notify_executor(r);
+    }
+}
+
+bool mc__runner_fenced(mc__runner_t *r, int slot)
+{
+    if (!r || slot < 0 || slot >= r->n_slots) {
+        return false;
+    }
+    pthread_mutex_lock(&r->lock);
+    bool f = r->slots[slot].fenced;
+    pthread_mutex_unlock(&r->lock);
+    return f;
+}
+
+int mc__runner_unfence(mc__runner_t *r, int slot, mc__pref_t *from)
+{
+    pthread_mutex_lock(&r->lock);
+    rslot_t *s = &r->slots[slot];
+    if (!s->fenced || r->failed || r->stopping) {
+        pthread_mutex_unlock(&r->lock);
+        mc__pref_clear(from);
+        return 0;
+    }
+    if (atomic_load(&s->catchups) > 0) {
+        pthread_mutex_unlock(&r->lock);
+        return MC_EAGAIN;
+    }
+    /* What the previous holder stored is this slot's position now (the ledger writes it
+     * again, harmlessly), and the catch-up reads from there. */
+    mc__pref_t pos = {0};
+    mc__pref_copy(&pos, from);
+    mc__pref_move(&s->done, &pos);
+    s->dirty = false;
+    s->fenced = false;
+    s->catching_up = true;
+    mc__stream_t *st = &r->engine->streams[s->stream_index];
+    int rc = mc__catchup_spawn(st, r, slot, from);
+    if (rc != 0) {
+        mc__pref_clear(from);
+        fail_locked(r, "cannot start a catch-up thread");
+    }
+    settle_state_locked(r);
+    pthread_mutex_unlock(&r->lock);
+    mc_log(MC_LOG_NOTICE, "runner", "sink unfenced sink=%s stream=%s: catching up from the "
+           "stored position", r->sink->name, st->cfg->name);
+    return rc;
+}
+
+void mc__runner_catchup_enter(mc__runner_t *r, int slot)
+{
+    if (slot >= 0 && slot < r->n_slots) {
+        atomic_fetch_add(&r->slots[slot].catchups, 1);
+    }
+}
+
+void mc__runner_catchup_leave(mc__runner_t *r, int slot)
+{
+    if (slot >= 0 && slot < r->n_slots) {
+        atomic_fetch_sub(&r->slots[slot].catchups, 1);
+    }
+}
+
+/* The executor, when it takes a batch: fences the slots whose stream's lease ran out on this
+ * node (the lease thread does it too, but it may be stuck in a request). Lock held. */
+static void fence_expired_locked(mc__runner_t *r)
+{
+    int64_t now = mc__now_ms();
+    for (int k = 0; k < r->n_slots; k++) {
+        rslot_t *s = &r->slots[k];
+        if (!s->fenced && !mc__stream_may_feed(&r->engine->streams[s->stream_index], now)) {
+            fence_locked(r, k, "its lease ran out on this node");
+        }
+    }
+}
+
 /* ---- Publishing (executor) ------------------------------------------------------------------- */
 
 /* What a publish() result means, given the entry's flags (lock held). Returns the outcome, or
@@ -931,6 +1071,9 @@ static size_t step(mc__runner_t *r, size_t budget)
         }
         pthread_mutex_unlock(&r->lock);
         return 0;
+    }
+    if (r->engine->lease && !r->live) {
+        fence_expired_locked(r); /* the lease gate: nothing of a stream this node lost goes out */
     }
     if (r->retry_pending) {
         if (mc__now_ms() < r->retry_at) {
@@ -1179,6 +1322,7 @@ int mc__runner_start(mc__runner_t *r, mc_error_t *err)
     }
     pthread_mutex_lock(&r->lock);
     set_state_locked(r, MC_SINK_RUNNING, NULL);
+    settle_state_locked(r); /* standby when the lease fenced it before the start */
     pthread_mutex_unlock(&r->lock);
     if (r->exec != MC__EXEC_THREAD) {
         return 0;

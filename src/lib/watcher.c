@@ -1083,6 +1083,7 @@ static void *catchup_main(void *arg)
     }
     watcher_cleanup(&w, &reply);
     mc_engine_t *e = w.e;
+    mc__runner_catchup_leave(a->r, a->slot); /* counted in by mc__catchup_spawn() */
     free(a);
     catchup_done(e);
     return NULL;
@@ -1107,6 +1108,7 @@ static int spawn_catchup(mc__stream_t *s, mc__runner_t *r, int slot, mc__pref_t 
     pthread_mutex_lock(&e->catchup_lock);
     e->catchups++;
     pthread_mutex_unlock(&e->catchup_lock);
+    mc__runner_catchup_enter(r, slot);
     pthread_attr_t attr;
     pthread_attr_init(&attr);
     pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
@@ -1119,6 +1121,7 @@ static int spawn_catchup(mc__stream_t *s, mc__runner_t *r, int slot, mc__pref_t 
         }
         mc__pref_clear(&a->from);
         free(a);
+        mc__runner_catchup_leave(r, slot);
         catchup_done(e);
         return MC_ENOMEM;
     }

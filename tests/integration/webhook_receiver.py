@@ -142,7 +142,8 @@ class Receiver:
         ok = verify(self.keys, msg_id, ts, body, sig, tolerance=self.tolerance)
         rec = {"id": msg_id, "ts": ts, "sig_ok": ok, "at": time.time(),
                "body_sha": hashlib.sha256(body).hexdigest()[:16],
-               "content_type": h.headers.get("Content-Type")}
+               "content_type": h.headers.get("Content-Type"),
+               "lease_epoch": h.headers.get("mongocast-lease-epoch")}
         if msg_id in self.reject_ids or (self.reject_if and self.reject_if(body)):
             rec["answer"] = 400
             self._record(rec)

@@ -4,7 +4,8 @@
  * retries, busy answers that do not count as attempts, max_attempts turning into a dead
  * letter, a permanent failure failing the sink, out-of-order acks completing only a prefix,
  * an asynchronous failure rewinding to the failed event, the queue bound, unclassified errors
- * of a non-durable sink, flush-time failures, and stop with its deadline.
+ * of a non-durable sink, flush-time failures, stop with its deadline, and the lease gate
+ * (a stream whose lease ran out on this node is fenced where the runner takes a batch).
  *
  * Threads: the test's main thread pushes and asserts; the runner's own thread publishes. The
  * script and the publish log are guarded by one mutex (publish runs on the runner thread).
@@ -657,6 +658,48 @@ static void test_stop_delivers_then_gives_up_at_deadline(void **state)
     assert_true(mc__now_ms() - t0 < 2000);
 }
 
+
+/* lease.enabled: the runner's gate. While the stream's lease_until is ahead, the runner
+ * publishes; once it has passed (a holder that could not renew), the runner publishes nothing
+ * more of that stream: it fences the slot where it takes a batch, drops what is queued, refuses
+ * new pushes and shows `standby`. */
+static void test_lease_gate_fences_the_slot(void **state)
+{
+    (void)state;
+    fixture_open(&durable_type, 64, NULL);
+    mc__stream_t *st = &F.engine->streams[0];
+    st->leased = true;
+    atomic_store(&st->lease_epoch, 7);
+    atomic_store(&st->lease_until, mc__now_ms() + 60000);
+    F.engine->lease = (struct mc__lease *)&F; /* only tested for NULL by the runner */
+    push_range(1, 3);
+    assert_true(wait_log(3, 5000));
+    mc_event_t *ev = event(1);
+    assert_int_equal(mc_sink_lease_epoch(F.sink, ev), 7);
+    assert_true(mc_sink_lease_valid(F.sink, ev));
+    /* The lease runs out on this node: nothing more goes out. */
+    atomic_store(&st->lease_until, mc__now_ms() - 1);
+    assert_false(mc_sink_lease_valid(F.sink, ev));
+    mc_event_unref(&ev);
+    for (uint64_t q = 4; q <= 6; q++) {
+        /* Accepted while nobody fenced the slot yet, refused once the runner did. */
+        int rc = push(q);
+        assert_true(rc == 0 || rc == MC_ECLOSED);
+    }
+    int64_t end = mc__now_ms() + 5000;
+    while (stats().state != MC_SINK_STANDBY && mc__now_ms() < end) {
+        usleep(2000);
+    }
+    assert_int_equal(stats().state, MC_SINK_STANDBY); /* the runner fenced it itself */
+    assert_true(mc__runner_fenced(F.r, 0));
+    usleep(100000);
+    assert_log_is(1, 3);
+    assert_int_equal(push(7), MC_ECLOSED);
+    assert_int_equal(done_seq(), 3); /* what it completed before stays its position */
+    F.engine->lease = NULL;
+    assert_int_equal(fixture_close(1000), 0);
+}
+
 int main(void)
 {
     pthread_mutex_init(&S.lock, NULL);
@@ -674,6 +717,7 @@ int main(void)
         cmocka_unit_test(test_unclassified_error_of_non_durable_sink_drops),
         cmocka_unit_test(test_flush_failure_offers_the_batch_again),
         cmocka_unit_test(test_stop_delivers_then_gives_up_at_deadline),
+        cmocka_unit_test(test_lease_gate_fences_the_slot),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -18,6 +18,8 @@
  * flush and stop on the sink's own runner thread (libmongoc blocks), never two at once.
  * Invariants: docs[k] is the document of evs[k] for k < n; a document is acked only after
  * MongoDB confirmed it (written or already there) with the configured write concern.
+ * Lease (lease.enabled): each document carries `leaseEpoch`, and no insert starts once the
+ * lease of the event's stream ran out on this node (mc_sink_lease_valid()).
  */
 #include <inttypes.h>
 #include <stdlib.h>
@@ -387,6 +389,11 @@ static int mg_publish(mc_sink_t *sink, mc_event_t *ev)
         bson_destroy(doc);
         return mc_sink_fail(sink, ev, MC_SINK_PERMANENT, 0, "%s", err.message);
     }
+    uint64_t epoch = mc_sink_lease_epoch(sink, ev);
+    if (epoch > 0) {
+        /* The fencing epoch of the lease this node publishes under (lease.enabled). */
+        BSON_APPEND_INT64(doc, "leaseEpoch", (int64_t)epoch);
+    }
     m->evs[m->n] = mc_event_ref(ev);
     m->docs[m->n] = doc;
     m->n++;
@@ -420,6 +427,15 @@ static void mg_flush(mc_sink_t *sink)
         mc_error_t err = {0};
         if (m->ttl_pending) {
             ensure_ttl(m, &err);
+        }
+        if (!mc_sink_lease_valid(sink, m->evs[done])) {
+            /* The lease ran out while the batch waited or was retried: not a single write
+             * more under it. Failed as transient, so the runner takes them back and its lease
+             * gate drops them (the next holder writes them from the stored position). */
+            for (size_t k = done; k < m->n; k++) {
+                mc_sink_fail(sink, m->evs[k], MC_SINK_TRANSIENT, 0, "lease lost: not written");
+            }
+            break;
         }
         mc__mongo_insert_result_t res;
         memset(&res, 0, sizeof(res));

@@ -23,7 +23,8 @@
  * every key, see docs/ARCHITECTURE.md).
  *
  * Every attempt carries webhook-id (the event id; for a batch "batch_" + a digest of its
- * event ids), a fresh webhook-timestamp and the signatures of every configured secret.
+ * event ids), a fresh webhook-timestamp and the signatures of every configured secret, and
+ * with lease.enabled mongocast-lease-epoch (the fencing epoch, mc_sink_lease_epoch()).
  *
  * Threads: validate/probe on the caller's thread (no state); init/destroy on the engine's;
  * start, publish, flush, drain, stop and every callback on the I/O loop thread. ctx is owned
@@ -177,7 +178,8 @@ static int parse_headers(bson_iter_t *it, wh_opts_t *o, mc_error_t *err)
 {
     static const char *const reserved[] = {
         "webhook-id", "webhook-timestamp", "webhook-signature", "content-type", "content-length",
-        "host",       "transfer-encoding", "connection",        "expect",       NULL};
+        "host",       "transfer-encoding", "connection",        "expect",       "mongocast-lease-epoch",
+        NULL};
     bson_iter_t h;
     if (!BSON_ITER_HOLDS_DOCUMENT(it) || !bson_iter_recurse(it, &h)) {
         return mc_error_set(err, MC_ECONFIG, MC_DOMAIN_MONGOCAST, MC_ECONFIG,
@@ -737,6 +739,13 @@ static void attempt(wh_t *w, job_t *j)
     hdrs[h++] = h_sig;
     for (size_t k = 0; k < w->o.n_headers; k++) {
         hdrs[h++] = w->o.headers[k];
+    }
+    /* lease.enabled: the fencing epoch this node sends under (of the first event's stream). */
+    char h_epoch[64];
+    uint64_t epoch = mc_sink_lease_epoch(w->sink, evs[0]->ev);
+    if (epoch > 0) {
+        snprintf(h_epoch, sizeof(h_epoch), "mongocast-lease-epoch: %" PRIu64, epoch);
+        hdrs[h++] = h_epoch; /* room: hdrs holds n_headers + 6 */
     }
     hdrs[h] = NULL;
     mc__http_request_t rq = {w->o.url, hdrs, j->body_ptr, j->body_len};
