@@ -202,6 +202,15 @@ def test_lease_config_checked(tmp_path, mongo_uri, db_name):
         r = run_cli("check", "-c", str(cfg), timeout=30)
         assert r.returncode != 0, extra
         assert msg in r.stdout + r.stderr, (extra, r.stdout + r.stderr)
+    # A sink's initial copy cannot be resumed by another node yet: refused with the lease.
+    cfg = write_config(
+        tmp_path / "c.yaml", mongo_uri, {"s": {"db": db_name, "collection": "c"}},
+        sinks=[{"name": "log", "type": "mongodb", "db": db_name, "collection": "activity",
+                "initial": "snapshot"}],
+        extra="checkpoint: {store: mongodb}\nlease: {enabled: true}")
+    r = run_cli("check", "-c", str(cfg), timeout=30)
+    assert r.returncode != 0
+    assert "initial: snapshot is not supported together with lease.enabled" in r.stdout + r.stderr
 
 
 def test_lease_release_on_stop_hands_over_at_once(tmp_path, daemons, client, mongo_uri, db,
