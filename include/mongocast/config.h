@@ -165,6 +165,7 @@ typedef struct mc_config {
         uint32_t max_snapshot_documents;      /* per ?snapshot=true; 0: refused */
         uint32_t snapshot_workers;            /* snapshot reader threads; 2 */
         char *io; /* how sockets are written: "auto" | "uring" | "writev"; default "auto" */
+        uint32_t threads; /* send threads of the fan-out (1..64); 0: the online cores */
     } server;
     struct {
         bool enabled;
