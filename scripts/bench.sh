@@ -39,7 +39,8 @@
 #                   FANOUT_SERVERS (default "daemon"): the servers each phase runs against, one
 #                   after the other within each run (so that runs alternate): daemon
 #                   (`mongocast run`, server.io FANOUT_SERVER_IO or the default), daemon_uring
-#                   and daemon_writev (server.io forced), before (the daemon of the build
+#                   and daemon_writev (server.io forced), daemon_t1 and daemon_t2
+#                   (server.threads forced to 1 or 2), before (the daemon of the build
 #                   directory FANOUT_BEFORE_BUILD, for before/after figures), floor_writev and
 #                   floor_uring (throughput and latency phases only)
 #                   (bench/bench_floor.c, the floor program: the same frames to the same
@@ -100,7 +101,7 @@ stop_emulator() {
 # emulator with a generated config; sets dpid, dport. $3 "blocked": also a sink that blocks
 # forever (fault sink, test builds of the config only).
 start_daemon() {
-  local bin=${1:-$daemon} io=${2:-}
+  local bin=${1:-$daemon} io=${2:-} threads=${4:-}
   work=$(mktemp -d)
   local sinks="sinks: []"
   if [ "${3:-}" = blocked ]; then
@@ -117,6 +118,7 @@ server:
   listen: 127.0.0.1:0
   max_connections: 20000
 ${io:+  io: $io}
+${threads:+  threads: $threads}
 streams:
   fan:
     db: bench
@@ -208,8 +210,10 @@ floor_phase() {
 # One fan-out phase ($1) against a fresh emulator and daemon (server $2: daemon, daemon_uring,
 # daemon_writev or before); its report line goes to $out.
 fanout_phase() {
-  local srv=${2:-daemon} bin=$daemon io=${FANOUT_SERVER_IO:-}
+  local srv=${2:-daemon} bin=$daemon io=${FANOUT_SERVER_IO:-} threads=
   case $srv in
+    daemon_t1) threads=1 ;;
+    daemon_t2) threads=2 ;;
     daemon_uring) io=uring ;;
     daemon_writev) io=writev ;;
     before)
@@ -220,9 +224,9 @@ fanout_phase() {
   esac
   start_emulator
   if [ "$1" = latency_blocked ]; then
-    start_daemon "$bin" "$io" blocked
+    start_daemon "$bin" "$io" blocked "$threads"
   else
-    start_daemon "$bin" "$io"
+    start_daemon "$bin" "$io" "" "$threads"
   fi
   local common=(--url "ws://127.0.0.1:$dport/v1/streams/fan"
     --uri "mongodb://127.0.0.1:$port/?replicaSet=rs0" --daemon-pid "$dpid" --emulator-pid "$pid"
@@ -275,7 +279,8 @@ for b in $select; do
       for ph in ${FANOUT_PHASES:-throughput latency idle idle_max}; do
         for srv in ${FANOUT_SERVERS:-daemon}; do
           case $srv in
-            daemon | daemon_uring | daemon_writev | before) fanout_phase "$ph" "$srv" ;;
+            daemon | daemon_uring | daemon_writev | daemon_t1 | daemon_t2 | before)
+              fanout_phase "$ph" "$srv" ;;
             floor_writev | floor_uring) floor_phase "$ph" "$srv" ;;
             *) echo "bench: unknown server $srv in FANOUT_SERVERS" >&2; exit 1 ;;
           esac
@@ -390,7 +395,7 @@ for b in $select; do
           esac
         done
         # Each daemon's CPU per delivery as a ratio to each floor (medians of the same runs).
-        for dsrv in daemon daemon_uring daemon_writev before; do
+        for dsrv in daemon daemon_uring daemon_writev daemon_t1 daemon_t2 before; do
           srv=$dsrv
           d=$(mval "$ph" daemon_cpu_us_per_delivery)
           for f in floor_writev floor_uring; do

@@ -14,6 +14,8 @@
  */
 #include "sendpool.h"
 
+#include "engine_private.h" /* mc__thread_name */
+
 #include <errno.h>
 #include <pthread.h>
 #include <sched.h>
@@ -147,6 +149,7 @@ static void *send_main(void *arg)
 {
     sender_t *s = arg;
     mcd_sendpool_t *p = s->pool;
+    mc__thread_name("mcsend", NULL);
     uint32_t seen = 0;
     for (;;) {
         pthread_mutex_lock(&p->lock);
