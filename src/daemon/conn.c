@@ -4,7 +4,10 @@
  * connection's send queue and its limit, batched writes, closing (linger, shutdown, abort, the
  * SSE error event), the subscriber sets, and giving memory back after a burst. See conn.h.
  *
- * Thread: the server's loop thread only.
+ * Thread: the server's loop thread only. With a send pool (server.threads > 1) the system
+ * calls of ring_flush()'s sends are made by the pool's threads while the loop thread waits in
+ * mcd_sendpool_run(); they touch only the descriptors, the iovecs and the results, never a
+ * connection (sendpool.h).
  * Invariants:
  *   - a connection holds no read buffer (reads land in the server's shared buffer and are
  *     consumed in the read callback), no HTTP parser once its request is answered, and no
