@@ -39,7 +39,8 @@
 #                   FANOUT_SERVERS (default "daemon"): the servers each phase runs against, one
 #                   after the other within each run (so that runs alternate): daemon
 #                   (`mongocast run`, server.io FANOUT_SERVER_IO or the default), daemon_uring
-#                   and daemon_writev (server.io forced), before (the daemon of the build
+#                   and daemon_writev (server.io forced), daemon_t1 and daemon_t2
+#                   (server.threads forced to 1 or 2), before (the daemon of the build
 #                   directory FANOUT_BEFORE_BUILD, for before/after figures), daemon_tls (the
 #                   daemon with server.tls on a self-signed P-256 certificate made by the
 #                   openssl CLI, subscribers on wss://; throughput and idle phases only),
@@ -100,10 +101,11 @@ stop_emulator() {
 }
 
 # Starts `mongocast run` (binary $1, default $daemon; server.io $2 when given) on the running
-# emulator with a generated config; sets dpid, dport. $3 "blocked": also a sink that blocks
+# emulator with a generated config; sets dpid, dport; $4 non-empty: server.tls on a fresh
+# self-signed certificate; $5: server.threads. $3 "blocked": also a sink that blocks
 # forever (fault sink, test builds of the config only).
 start_daemon() {
-  local bin=${1:-$daemon} io=${2:-} tls=${4:-}
+  local bin=${1:-$daemon} io=${2:-} tls=${4:-} threads=${5:-}
   work=$(mktemp -d)
   local tls_lines="" scheme=http
   if [ -n "$tls" ]; then
@@ -129,6 +131,7 @@ server:
   max_connections: 20000
 ${io:+  io: $io}
 $tls_lines
+${threads:+  threads: $threads}
 streams:
   fan:
     db: bench
@@ -220,9 +223,11 @@ floor_phase() {
 # One fan-out phase ($1) against a fresh emulator and daemon (server $2: daemon, daemon_uring,
 # daemon_writev or before); its report line goes to $out.
 fanout_phase() {
-  local srv=${2:-daemon} bin=$daemon io=${FANOUT_SERVER_IO:-} tls="" ws=ws http=http
+  local srv=${2:-daemon} bin=$daemon io=${FANOUT_SERVER_IO:-} tls="" ws=ws http=http threads=
   case $srv in
     daemon_tls) tls=1 ws=wss http=https ;;
+    daemon_t1) threads=1 ;;
+    daemon_t2) threads=2 ;;
     daemon_uring) io=uring ;;
     daemon_writev) io=writev ;;
     before)
@@ -233,9 +238,9 @@ fanout_phase() {
   esac
   start_emulator
   if [ "$1" = latency_blocked ]; then
-    start_daemon "$bin" "$io" blocked
+    start_daemon "$bin" "$io" blocked "" "$threads"
   else
-    start_daemon "$bin" "$io" "" "$tls"
+    start_daemon "$bin" "$io" "" "$tls" "$threads"
   fi
   local common=(--url "$ws://127.0.0.1:$dport/v1/streams/fan"
     --uri "mongodb://127.0.0.1:$port/?replicaSet=rs0" --daemon-pid "$dpid" --emulator-pid "$pid"
@@ -288,7 +293,8 @@ for b in $select; do
       for ph in ${FANOUT_PHASES:-throughput latency idle idle_max}; do
         for srv in ${FANOUT_SERVERS:-daemon}; do
           case $srv in
-            daemon | daemon_uring | daemon_writev | daemon_tls | before) fanout_phase "$ph" "$srv" ;;
+            daemon | daemon_uring | daemon_writev | daemon_tls | daemon_t1 | daemon_t2 | before)
+              fanout_phase "$ph" "$srv" ;;
             floor_writev | floor_uring) floor_phase "$ph" "$srv" ;;
             *) echo "bench: unknown server $srv in FANOUT_SERVERS" >&2; exit 1 ;;
           esac
@@ -403,7 +409,7 @@ for b in $select; do
           esac
         done
         # Each daemon's CPU per delivery as a ratio to each floor (medians of the same runs).
-        for dsrv in daemon daemon_uring daemon_writev before; do
+        for dsrv in daemon daemon_uring daemon_writev daemon_t1 daemon_t2 before; do
           srv=$dsrv
           d=$(mval "$ph" daemon_cpu_us_per_delivery)
           for f in floor_writev floor_uring; do

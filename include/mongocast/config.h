@@ -182,6 +182,7 @@ typedef struct mc_config {
             char *client_ca_file; /* PEM CAs a client certificate must chain to; NULL: none asked */
             char *min_version;    /* "1.2" (default) | "1.3" */
         } tls;
+        uint32_t threads; /* send threads of the fan-out (1..64); 0: the online cores */
     } server;
     struct {
         bool enabled;

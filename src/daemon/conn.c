@@ -4,7 +4,10 @@
  * connection's send queue and its limit, batched writes, closing (linger, shutdown, abort, the
  * SSE error event), the subscriber sets, and giving memory back after a burst. See conn.h.
  *
- * Thread: the server's loop thread only.
+ * Thread: the server's loop thread only. With a send pool (server.threads > 1) the system
+ * calls of ring_flush()'s sends are made by the pool's threads while the loop thread waits in
+ * mcd_sendpool_run(); they touch only the descriptors, the iovecs and the results, never a
+ * connection (sendpool.h).
  * Invariants:
  *   - a connection holds no read buffer (reads land in the server's shared buffer and are
  *     consumed in the read callback), no HTTP parser once its request is answered, and no
@@ -1010,25 +1013,52 @@ struct mcd_ring_batch {
     uv_buf_t bufs[RING_MSGS * 3];
 };
 
-int mcd_conn_table_use_ring(mcd_conn_table_t *t, mcd_sendring_t *ring)
+static struct mcd_ring_batch *batch_new(unsigned room)
 {
     struct mcd_ring_batch *b = calloc(1, sizeof(*b));
-    ring_slot_t *slots = b ? calloc(mcd_sendring_room(ring), sizeof(*slots)) : NULL;
+    ring_slot_t *slots = b ? calloc(room, sizeof(*slots)) : NULL;
     if (!slots) {
         free(b);
+        return NULL;
+    }
+    b->slots = slots;
+    return b;
+}
+
+int mcd_conn_table_use_ring(mcd_conn_table_t *t, mcd_sendring_t *ring)
+{
+    t->batch = batch_new(mcd_sendring_room(ring));
+    if (!t->batch) {
         mcd_sendring_destroy(ring);
         return MC_ENOMEM;
     }
-    b->slots = slots;
-    t->batch = b;
     t->ring = ring;
     return 0;
+}
+
+int mcd_conn_table_use_pool(mcd_conn_table_t *t, mcd_sendpool_t *pool)
+{
+    t->batch = batch_new(mcd_sendpool_room(pool));
+    if (!t->batch) {
+        mcd_sendpool_destroy(pool);
+        return MC_ENOMEM;
+    }
+    t->pool = pool;
+    return 0;
+}
+
+/* Room for more sends in this submission (ring or pool). */
+static unsigned batch_room(const mcd_conn_table_t *t)
+{
+    return t->pool ? mcd_sendpool_room(t->pool) : mcd_sendring_room(t->ring);
 }
 
 static void drop_ring(mcd_conn_table_t *t)
 {
     mcd_sendring_destroy(t->ring);
     t->ring = NULL;
+    mcd_sendpool_destroy(t->pool);
+    t->pool = NULL;
     if (t->batch) {
         free(t->batch->slots);
         free(t->batch);
@@ -1055,11 +1085,38 @@ static void ring_done(void *tag, int res, void *arg)
     after_write(c, batch, s->n, bufs, s->nb, s->total, res > 0 ? (uint64_t)res : 0);
 }
 
+/* ring_submit() with a pool: the sends of the submission are made by the pool's threads; the
+ * results are handled here, on the loop thread, exactly as with one ring. */
+static void pool_submit(mcd_conn_table_t *t)
+{
+    struct mcd_ring_batch *b = t->batch;
+    bool uring = mcd_sendpool_uring(t->pool);
+    uint64_t before = mcd_sendpool_syscalls(t->pool);
+    mc_error_t err;
+    uint32_t n = b->n_slots;
+    int rc = mcd_sendpool_run(t->pool, ring_done, b, &err);
+    if (uring) {
+        t->stats.ring_submits += mcd_sendpool_syscalls(t->pool) - before;
+        t->stats.ring_sends += n;
+    } else {
+        t->stats.writev_sends += n;
+    }
+    b->n_slots = b->n_msgs = b->n_bufs = 0;
+    if (rc != 0) {
+        mc_log(MC_LOG_ERROR, "server", "io_uring failed (%s): writing with sendmsg from now on",
+               err.message);
+    }
+}
+
 /* Submits the sends added so far and handles their results. */
 static void ring_submit(mcd_conn_table_t *t)
 {
     struct mcd_ring_batch *b = t->batch;
     if (!b->n_slots) {
+        return;
+    }
+    if (t->pool) {
+        pool_submit(t);
         return;
     }
     uint64_t before = mcd_sendring_submits(t->ring);
@@ -1080,15 +1137,15 @@ static void ring_submit(mcd_conn_table_t *t)
 static void ring_flush(mcd_conn_table_t *t)
 {
     struct mcd_ring_batch *b = t->batch;
-    for (uint32_t i = 0; i < t->n_dirty && t->ring; i++) {
+    for (uint32_t i = 0; i < t->n_dirty && (t->ring || t->pool); i++) {
         mcd_conn_t *c = t->dirty[i];
         if (!c || (c->flags & MCD_CF_CLOSED) || !c->q_len || c->n_writes || c->tls) {
             continue; /* TLS connections: ciphertext is made per connection in start_write */
         }
         uint32_t n = c->q_len < RING_MSGS_PER_CONN ? c->q_len : RING_MSGS_PER_CONN;
-        if (b->n_msgs + n > RING_MSGS || !mcd_sendring_room(t->ring)) {
+        if (b->n_msgs + n > RING_MSGS || !batch_room(t)) {
             ring_submit(t);
-            if (!t->ring) {
+            if (!t->ring && !t->pool) {
                 return;
             }
         }
@@ -1103,14 +1160,19 @@ static void ring_flush(mcd_conn_table_t *t)
         s->n = pop_batch(c, n, b->msgs + s->first, b->bufs + s->first_buf, &s->nb, &s->total);
         b->n_msgs += s->n;
         b->n_bufs += s->nb;
-        mcd_sendring_add(t->ring, fd, (const struct iovec *)(b->bufs + s->first_buf), s->nb, s);
+        const struct iovec *iov = (const struct iovec *)(b->bufs + s->first_buf);
+        if (t->pool) {
+            mcd_sendpool_add(t->pool, fd, iov, s->nb, s);
+        } else {
+            mcd_sendring_add(t->ring, fd, iov, s->nb, s);
+        }
     }
     ring_submit(t);
 }
 
 void mcd_conn_flush_dirty(mcd_conn_table_t *t)
 {
-    if (t->ring) {
+    if (t->ring || t->pool) {
         ring_flush(t);
     }
     /* Index loop: writing never marks connections dirty, but mcd_conn_abort() may run. */

@@ -16,6 +16,7 @@
 
 #include "http.h"
 #include "msg.h"
+#include "sendpool.h"
 #include "sendring.h"
 #include "subscription.h"
 #include "tls.h"
@@ -152,9 +153,15 @@ typedef struct mcd_conn_table {
     uint32_t max_queue;           /* server.max_send_queue_bytes */
     uint32_t linger_ms;           /* closing connection: time to write and read the peer's close */
     mcd_sendring_t *ring;         /* io_uring sends (server.io), NULL: writev */
+    mcd_sendpool_t *pool;         /* sends spread over threads (server.threads > 1), or NULL */
     struct mcd_ring_batch *batch; /* the sends of one submission (with ring) */
     mcd_stats_t stats;
 } mcd_conn_table_t;
+
+/* From now on the first batch of each dirty connection goes out through `pool` (taken over,
+ * destroyed with the table): the sends of one pass are made by several threads (sendpool.h).
+ * Exclusive with a ring. Returns 0 or MC_ENOMEM (the pool is then destroyed). */
+int mcd_conn_table_use_pool(mcd_conn_table_t *t, mcd_sendpool_t *pool);
 
 /* Allocates room for `max_conns` connections (and, with `max_per_addr`, the address hash).
  * Returns 0 or MC_ENOMEM. */

@@ -528,7 +528,25 @@ char *mcd_metrics_render(mcd_server_t *srv, size_t *len)
     }
     help(&o, "mongocast_server_io", "gauge",
          "How sockets are written (server.io): 1 for the mode in use, uring or writev.");
-    put(&o, "mongocast_server_io{mode=\"%s\"} 1\n", srv->table.ring ? "uring" : "writev");
+    bool uring = srv->table.ring || (srv->table.pool && mcd_sendpool_uring(srv->table.pool));
+    put(&o, "mongocast_server_io{mode=\"%s\"} 1\n", uring ? "uring" : "writev");
+    scalar(&o, "mongocast_server_threads", "gauge",
+           "Threads that make the fan-out's socket sends (server.threads): the loop thread "
+           "and the send threads.",
+           (uint64_t)(srv->table.pool ? mcd_sendpool_threads(srv->table.pool) : 1));
+    if (srv->table.pool) {
+        help(&o, "mongocast_send_thread_sends_total", "counter",
+             "Sends made by each sender of server.threads (thread 0 is the loop thread); "
+             "they add up to the socket sends of the check phase.");
+        for (unsigned i = 0; i < mcd_sendpool_threads(srv->table.pool); i++) {
+            put(&o, "mongocast_send_thread_sends_total{thread=\"%u\"} %" PRIu64 "\n", i,
+                mcd_sendpool_sends_of(srv->table.pool, i));
+        }
+        scalar(&o, "mongocast_send_parallel_passes_total", "counter",
+               "Loop passes whose sends were spread over the send threads (a pass with only a "
+               "few sends is made by the loop thread alone).",
+               mcd_sendpool_parallel_runs(srv->table.pool));
+    }
     help(&o, "mongocast_socket_sends_total", "counter",
          "Writes of queued bytes handed to the kernel: path writev is one writev(2) call each, "
          "path uring one send submitted through io_uring.");

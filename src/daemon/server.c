@@ -18,6 +18,7 @@
 #include <string.h>
 #include <sys/resource.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "server_internal.h"
 
@@ -205,12 +206,77 @@ static void raise_nofile(void)
     }
 }
 
+/* server.threads: the configured number, or the online cores (at most 64). */
+static unsigned send_threads(const mc_config_t *config)
+{
+    if (config->server.threads) {
+        return config->server.threads;
+    }
+    long n = sysconf(_SC_NPROCESSORS_ONLN);
+    return n < 1 ? 1 : n > MCD_SENDPOOL_MAX_THREADS ? MCD_SENDPOOL_MAX_THREADS : (unsigned)n;
+}
+
+/* server.threads > 1: the table's sends go through a pool of that many senders, each with its
+ * own io_uring when server.io allows it (else sendmsg). Returns 0, MC_ECONFIG (uring refused)
+ * or MC_ENOMEM. */
+static int setup_pool(mcd_server_t *srv, mcd_io_mode_t mode, mc_error_t *err)
+{
+    unsigned threads = srv->threads;
+    mcd_sendpool_t *pool = NULL;
+    mc_error_t why = {0};
+    int rc = MC_EIO;
+    if (mode != MCD_IO_WRITEV) {
+        rc = mcd_sendpool_new(&pool, threads, true, srv->table.max_conns, &why);
+        if (rc != 0 && rc != MC_EIO) {
+            return mc_error_set(err, rc, MC_DOMAIN_MONGOCAST, rc, "%s", why.message);
+        }
+        if (rc != 0 && mode == MCD_IO_URING) {
+            return mc_error_set(err, MC_ECONFIG, MC_DOMAIN_MONGOCAST, MC_ECONFIG,
+                                "server.io: uring, but io_uring is not available here (%s)",
+                                why.message);
+        }
+    }
+    bool uring = rc == 0;
+    if (!uring) {
+        mc_error_t e2;
+        rc = mcd_sendpool_new(&pool, threads, false, srv->table.max_conns, &e2);
+        if (rc != 0) {
+            return mc_error_set(err, rc, MC_DOMAIN_MONGOCAST, rc, "%s", e2.message);
+        }
+    }
+    unsigned room = mcd_sendpool_room(pool);
+    if (mcd_conn_table_use_pool(&srv->table, pool) != 0) {
+        return mc_error_set(err, MC_ENOMEM, MC_DOMAIN_MONGOCAST, MC_ENOMEM, "out of memory");
+    }
+    if (uring) {
+        snprintf(srv->io_note, sizeof(srv->io_note),
+                 "socket writes: io_uring on %u send threads, up to %u sends per pass "
+                 "(server.io: %s, server.threads: %u)",
+                 threads, room, mode == MCD_IO_URING ? "uring" : "auto", threads);
+    } else if (mode == MCD_IO_WRITEV) {
+        snprintf(srv->io_note, sizeof(srv->io_note),
+                 "socket writes: sendmsg on %u send threads (server.io: writev, "
+                 "server.threads: %u)",
+                 threads, threads);
+    } else {
+        srv->io_note_warn = true;
+        snprintf(srv->io_note, sizeof(srv->io_note),
+                 "socket writes: sendmsg on %u send threads, io_uring is not available here (%s)",
+                 threads, why.message);
+    }
+    return 0;
+}
+
 /* server.io: io_uring for the table's writes when the kernel allows it (auto, uring), else
  * writev; uring refuses to start without it. Decided once, here; the choice is logged when the
  * server starts (a config that fails later, e.g. on a sink, then prints only its error). */
 static int setup_io(mcd_server_t *srv, mc_error_t *err)
 {
     mcd_io_mode_t mode = mcd_io_mode_parse(srv->config->server.io);
+    srv->threads = send_threads(srv->config);
+    if (srv->threads > 1) {
+        return setup_pool(srv, mode, err);
+    }
     if (mode == MCD_IO_WRITEV) {
         snprintf(srv->io_note, sizeof(srv->io_note), "socket writes: writev (server.io: writev)");
         return 0;

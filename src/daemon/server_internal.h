@@ -70,6 +70,7 @@ struct mcd_server {
     size_t rbuf_len;
     uint32_t accepts_left; /* connections still accepted in this loop pass */
     bool accept_waiting;   /* one is left to mcd_listener_pass() */
+    unsigned threads;      /* server.threads as resolved: senders of the fan-out's writes */
     char io_note[640];     /* how sockets are written (server.io), logged at start */
     bool io_note_warn;     /* io_uring was wanted (auto) but is not available */
     char *metrics_text;    /* /metrics as rendered during the loop pass at metrics_ms */

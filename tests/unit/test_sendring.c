@@ -33,7 +33,14 @@
 #include "mongocast.h"
 #include "sendring.h"
 
-enum { N_PEERS = 3, N_MSGS = 48, ROUNDS = 16 };
+enum { N_PEERS = 12, N_MSGS = 48, ROUNDS = 16 };
+
+/* How a table writes: one writev per connection, one io_uring, or a pool of senders
+ * (server.threads) with io_uring or sendmsg. */
+typedef struct path {
+    bool uring;
+    unsigned threads; /* 1: no pool */
+} path_t;
 
 typedef struct peer {
     int client;
@@ -55,12 +62,27 @@ static void tcp_pair(mcd_conn_table_t *t, uv_loop_t *loop, peer_t *p)
     p->conn = conn_pair(t, loop, &p->client);
 }
 
-/* A table on `loop`, writing through a ring when `uring`; false (nothing to clean up) when the
- * kernel refuses io_uring. */
-static bool table_init(mcd_conn_table_t *t, uv_loop_t *loop, bool uring)
+/* A table on `loop`, writing as `path` says; false (nothing to clean up) when the kernel
+ * refuses io_uring. */
+static bool table_init(mcd_conn_table_t *t, uv_loop_t *loop, path_t path)
 {
+    bool uring = path.uring;
     assert_int_equal(uv_loop_init(loop), 0);
-    assert_int_equal(mcd_conn_table_init(t, 8, 0, 16u << 20, 1000), 0);
+    assert_int_equal(mcd_conn_table_init(t, N_PEERS + 4, 0, 16u << 20, 1000), 0);
+    if (path.threads > 1) {
+        mcd_sendpool_t *pool = NULL;
+        mc_error_t err;
+        int rc = mcd_sendpool_new(&pool, path.threads, uring, 8, &err);
+        if (rc == MC_EIO && uring) {
+            fprintf(stderr, "io_uring unavailable here: %s\n", err.message);
+            mcd_conn_table_cleanup(t);
+            assert_int_equal(uv_loop_close(loop), 0);
+            return false;
+        }
+        assert_int_equal(rc, 0);
+        assert_int_equal(mcd_conn_table_use_pool(t, pool), 0);
+        return true;
+    }
     if (!uring) {
         return true;
     }
@@ -143,16 +165,18 @@ static void append_wire(uint8_t **out, size_t *len, mcd_msg_t *m)
 }
 
 /* Sends the messages in rounds of 1 to 5 to N_PEERS connections (one loop pass each: queue,
- * then the check phase's flush), with peer 0 reading everything after every pass, peer 1 at
- * most 3000 bytes, peer 2 nothing in odd rounds, then drains. Returns false when the ring
- * was asked for and the kernel refuses io_uring. *short_writes: passes after which a
- * connection had a uv_write in flight (the kernel took part of a send). */
-static bool run_path(bool uring, mcd_msg_t **msgs, peer_t peers[N_PEERS], uint64_t *sends,
+ * then the check phase's flush), with peers 0, 3, 6.. reading everything after every pass,
+ * peers 1, 4, .. at most 3000 bytes, peers 2, 5, .. nothing in odd rounds, then drains.
+ * Returns false when the ring was asked for and the kernel refuses io_uring.
+ * *short_writes: passes after which a connection had a uv_write in flight (the kernel took
+ * part of a send). */
+static bool run_path(path_t path, mcd_msg_t **msgs, peer_t peers[N_PEERS], uint64_t *sends,
                      int *short_writes)
 {
+    bool uring = path.uring;
     uv_loop_t loop;
     mcd_conn_table_t t;
-    if (!table_init(&t, &loop, uring)) {
+    if (!table_init(&t, &loop, path)) {
         return false;
     }
     for (int p = 0; p < N_PEERS; p++) {
@@ -174,10 +198,14 @@ static bool run_path(bool uring, mcd_msg_t **msgs, peer_t peers[N_PEERS], uint64
             }
         }
         uv_run(&loop, UV_RUN_NOWAIT);
-        peer_read(&peers[0], SIZE_MAX);
-        peer_read(&peers[1], 3000);
-        if (round % 2 == 0) {
-            peer_read(&peers[2], SIZE_MAX);
+        for (int p = 0; p < N_PEERS; p++) {
+            if (p % 3 == 0) {
+                peer_read(&peers[p], SIZE_MAX);
+            } else if (p % 3 == 1) {
+                peer_read(&peers[p], 3000);
+            } else if (round % 2 == 0) {
+                peer_read(&peers[p], SIZE_MAX);
+            }
         }
     }
     for (int spin = 0; spin < 200000; spin++) {
@@ -198,8 +226,24 @@ static bool run_path(bool uring, mcd_msg_t **msgs, peer_t peers[N_PEERS], uint64
     }
     assert_int_equal(t.stats.slow_disconnects, 0);
     *sends = uring ? t.stats.ring_sends : t.stats.writev_sends;
+    if (path.threads > 1) {
+        /* The senders' counts add up (which thread made which send depends on timing: see
+         * test_pool_spreads). */
+        assert_non_null(t.pool);
+        assert_int_equal(mcd_sendpool_uring(t.pool), uring); /* a ring never failed */
+        uint64_t sum = 0;
+        for (unsigned i = 0; i < path.threads; i++) {
+            sum += mcd_sendpool_sends_of(t.pool, i);
+        }
+        if (uring) {
+            assert_int_equal(sum, t.stats.ring_sends);
+        } else {
+            assert_true(sum > 0 && sum <= t.stats.writev_sends); /* + continuations' writes */
+        }
+        assert_true(mcd_sendpool_parallel_runs(t.pool) > 0);
+    }
     if (uring) {
-        assert_non_null(t.ring); /* it never failed */
+        assert_true(path.threads > 1 || t.ring); /* it never failed */
         assert_true(t.stats.ring_submits >= 1 && t.stats.ring_submits <= t.stats.ring_sends);
     } else {
         assert_int_equal(t.stats.ring_sends, 0);
@@ -224,35 +268,35 @@ static void test_paths_write_identical_bytes(void **state)
         msgs[i] = message(i);
         append_wire(&want, &want_len, msgs[i]);
     }
-    peer_t wv[N_PEERS], ur[N_PEERS];
-    uint64_t wv_sends = 0, ur_sends = 0;
-    int wv_short = 0, ur_short = 0;
-    assert_true(run_path(false, msgs, wv, &wv_sends, &wv_short));
-    bool have_ring = run_path(true, msgs, ur, &ur_sends, &ur_short);
-    for (int p = 0; p < N_PEERS; p++) {
-        assert_int_equal(wv[p].got_len, want_len);
-        assert_memory_equal(wv[p].got, want, want_len);
-        if (have_ring) {
-            assert_int_equal(ur[p].got_len, want_len);
-            assert_memory_equal(ur[p].got, want, want_len);
-            free(ur[p].got);
+    /* writev, one ring, then server.threads 2 and 4 (io_uring per sender, and sendmsg). */
+    static const path_t paths[] = {{false, 1}, {true, 1}, {false, 2}, {true, 2}, {true, 4},
+                                   {false, 4}};
+    bool skipped = false;
+    for (size_t k = 0; k < sizeof(paths) / sizeof(paths[0]); k++) {
+        peer_t peers[N_PEERS];
+        uint64_t sends = 0;
+        int short_writes = 0;
+        if (!run_path(paths[k], msgs, peers, &sends, &short_writes)) {
+            skipped = true;
+            continue;
         }
-        free(wv[p].got);
-    }
-    assert_true(wv_sends > 0);
-    /* The small buffers make the kernel take part of some sends: the continuation path
-     * (uv_write of the rest) ran on both. */
-    assert_true(wv_short > 0);
-    if (have_ring) {
-        assert_true(ur_sends > 0);
-        assert_true(ur_short > 0);
-    } else {
-        skip();
+        for (int p = 0; p < N_PEERS; p++) {
+            assert_int_equal(peers[p].got_len, want_len);
+            assert_memory_equal(peers[p].got, want, want_len);
+            free(peers[p].got);
+        }
+        assert_true(sends > 0);
+        /* The small buffers make the kernel take part of some sends: the continuation path
+         * (uv_write of the rest) ran on every path. */
+        assert_true(short_writes > 0);
     }
     for (int i = 0; i < N_MSGS; i++) {
         mcd_msg_unref(msgs[i]);
     }
     free(want);
+    if (skipped) {
+        skip();
+    }
 }
 
 typedef struct result {
@@ -264,6 +308,21 @@ typedef struct result {
 static void record(void *tag, int res, void *arg)
 {
     result_t *r = arg;
+    r->tag[r->n] = (int)(intptr_t)tag;
+    r->res[r->n] = res;
+    r->n++;
+}
+
+/* Up to 256 results (the pool test's). */
+typedef struct many_results {
+    int n;
+    int tag[256];
+    int res[256];
+} many_results_t;
+
+static void record_any(void *tag, int res, void *arg)
+{
+    many_results_t *r = arg;
     r->tag[r->n] = (int)(intptr_t)tag;
     r->res[r->n] = res;
     r->n++;
@@ -337,7 +396,7 @@ static void test_peer_gone(void **state)
     for (int uring = 0; uring < 2; uring++) {
         uv_loop_t loop;
         mcd_conn_table_t t;
-        if (!table_init(&t, &loop, uring)) {
+        if (!table_init(&t, &loop, (path_t){uring != 0, 1})) {
             break;
         }
         peer_t p;
@@ -364,6 +423,90 @@ static void test_peer_gone(void **state)
     }
 }
 
+/* The pool on its own: the results come back in the order the sends were added, whichever
+ * thread made them (bytes, -EAGAIN for a full socket, the errno of a closed descriptor), for
+ * many runs; the send threads take part (within at most 2000 runs, in practice the first
+ * few); destroy stops every thread. */
+static void test_pool_spreads(void **state)
+{
+    (void)state;
+    enum { N_SOCKS = 200 };
+    for (int uring = 0; uring < 2; uring++) {
+        mcd_sendpool_t *p = NULL;
+        mc_error_t err;
+        int rc = mcd_sendpool_new(&p, 4, uring != 0, N_SOCKS + 2, &err);
+        if (rc == MC_EIO && uring) {
+            fprintf(stderr, "io_uring unavailable here: %s\n", err.message);
+            break;
+        }
+        assert_int_equal(rc, 0);
+        assert_int_equal(mcd_sendpool_threads(p), 4);
+        assert_int_equal(mcd_sendpool_room(p), 256);
+        int sv[N_SOCKS][2];
+        for (int i = 0; i < N_SOCKS; i++) {
+            assert_int_equal(socketpair(AF_UNIX, SOCK_STREAM, 0, sv[i]), 0);
+            fcntl(sv[i][0], F_SETFL, O_NONBLOCK);
+        }
+        char junk[4096] = {0};
+        while (send(sv[7][0], junk, sizeof(junk), MSG_DONTWAIT) > 0) {
+        }
+        int closed_fd = dup(sv[0][1]);
+        close(closed_fd);
+        char text[N_SOCKS][16];
+        struct iovec iov[N_SOCKS][2];
+        bool helped = false;
+        int runs = 0;
+        for (; runs < 2000 && !helped; runs++) {
+            for (int i = 0; i < N_SOCKS; i++) {
+                int len = snprintf(text[i], sizeof(text[i]), "r%d-s%d", runs, i);
+                iov[i][0] = (struct iovec){"<", 1};
+                iov[i][1] = (struct iovec){text[i], (size_t)len};
+                mcd_sendpool_add(p, sv[i][0], iov[i], 2, (void *)(intptr_t)i);
+            }
+            mcd_sendpool_add(p, closed_fd, iov[0], 2, (void *)(intptr_t)N_SOCKS);
+            assert_int_equal(mcd_sendpool_room(p), 256 - N_SOCKS - 1);
+            many_results_t got = {0};
+            assert_int_equal(mcd_sendpool_run(p, record_any, &got, &err), 0);
+            assert_int_equal(got.n, N_SOCKS + 1);
+            assert_int_equal(mcd_sendpool_room(p), 256);
+            for (int i = 0; i <= N_SOCKS; i++) {
+                assert_int_equal(got.tag[i], i); /* in the order added */
+                if (i == N_SOCKS) {
+                    assert_int_equal(got.res[i], -EBADF);
+                } else if (i == 7) {
+                    assert_int_equal(got.res[i], -EAGAIN);
+                } else {
+                    char buf[32] = {0};
+                    assert_int_equal(got.res[i], 1 + (int)strlen(text[i]));
+                    assert_int_equal(recv(sv[i][1], buf, sizeof(buf), MSG_DONTWAIT), got.res[i]);
+                    assert_int_equal(buf[0], '<');
+                    assert_string_equal(buf + 1, text[i]);
+                }
+            }
+            uint64_t sum = 0;
+            for (unsigned k = 0; k < 4; k++) {
+                sum += mcd_sendpool_sends_of(p, k);
+                helped |= k > 0 && mcd_sendpool_sends_of(p, k) > 0;
+            }
+            assert_int_equal(sum, (uint64_t)(runs + 1) * (N_SOCKS + 1));
+        }
+        assert_true(helped);
+        assert_true(mcd_sendpool_parallel_runs(p) == (uint64_t)runs);
+        assert_int_equal(mcd_sendpool_uring(p), uring != 0);
+        mcd_sendpool_destroy(p);
+        for (int i = 0; i < N_SOCKS; i++) {
+            close(sv[i][0]);
+            close(sv[i][1]);
+        }
+    }
+    mcd_sendpool_destroy(NULL);
+    mc_error_t err;
+    mcd_sendpool_t *p = NULL;
+    assert_int_equal(mcd_sendpool_new(&p, 1, false, 64, &err), MC_EINVAL);
+    assert_int_equal(mcd_sendpool_new(&p, 65, false, 64, &err), MC_EINVAL);
+    assert_null(p);
+}
+
 static void test_io_mode_parse(void **state)
 {
     (void)state;
@@ -381,6 +524,7 @@ int main(void)
         cmocka_unit_test(test_paths_write_identical_bytes),
         cmocka_unit_test(test_ring_results),
         cmocka_unit_test(test_peer_gone),
+        cmocka_unit_test(test_pool_spreads),
         cmocka_unit_test(test_io_mode_parse),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
