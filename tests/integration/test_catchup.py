@@ -1,0 +1,198 @@
+"""Catch-up from the oplog for resumes the history ring does not hold (docs/protocol.md,
+"Resume"; src/daemon/catchup.c): a subscriber that resumes after an id older than the ring
+receives exactly what a live subscriber with the same view (its `$var`s, its filter) received
+after that id, then the live stream with no gap and no duplicate; limits end a catch-up with a
+reset and its reason.
+
+The stream keeps a history of 50 messages, so every resume below from more than 50 events back
+is served by a catch-up. The issue asks for a catch-up 50,000 events back; under the ASan build
+on a loaded 2-core machine this file uses 4,000 (the catch-up reads every one of them: the
+subscriber's view keeps about one in four), which keeps the file well under a minute.
+"""
+
+import json
+import time
+import uuid
+
+import pytest
+
+from daemon_util import *  # noqa: F401,F403
+from daemon_util import Daemon, wait_for
+from live_util import free_port, http_get, live_config, stream_path, subscribers, wait_http  # noqa: F401
+from conftest import real_server_uri
+
+N_FAR = 4000
+HISTORY = 50
+
+
+class _Srv:
+    pass
+
+
+@pytest.fixture(scope="module")
+def srv(tmp_path_factory, mongo_uri):
+    import pymongo
+    tmp = tmp_path_factory.mktemp("catchup")
+    port = free_port()
+    dbname = "mct_catchup_%s" % uuid.uuid4().hex[:8]
+    base = {"db": dbname, "collection": "c", "public": True, "max_await_time_ms": 100,
+            "history": HISTORY}
+    streams = {
+        # A per-subscriber stage with a $var, and client filters on top.
+        "byteam": dict(base, client_filters=True, full_document="updateLookup", pipeline=[
+            {"$match": {"operationType": {"$in": ["insert", "update"]}}},
+            {"$match": {"fullDocument.team": {"$var": "team"}}}]),
+        "small": dict(base, max_catchup_events=30),
+    }
+    cfg = live_config(tmp / "c.yaml", mongo_uri, streams, port,
+                      server_extra={"catchup_timeout_ms": 20000})
+    d = Daemon(cfg, tmp)
+    s = _Srv()
+    s.port = port
+    s.daemon = d
+    s.client = pymongo.MongoClient(mongo_uri, serverSelectionTimeoutMS=15000)
+    s.db = s.client[dbname]
+    s.coll = s.db["c"]
+    try:
+        wait_http(port, d)
+        d.wait_open(len(streams))
+        yield s
+    finally:
+        rc = d.stop()
+        s.client.drop_database(dbname)
+        s.client.close()
+        report = d.sanitizer_report()
+        if report:
+            pytest.fail("mongocast sanitizer report:\n" + report, pytrace=False)
+        if rc != 0:
+            pytest.fail("mongocast exited %s on SIGTERM" % rc, pytrace=False)
+
+
+def _ids(msgs):
+    return [m["id"] for m in msgs if m.get("type") == "change"]
+
+
+def _metric(port, name):
+    body = http_get(port, "/metrics")[2].decode()
+    total = 0.0
+    for line in body.splitlines():
+        if line.startswith(name):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def test_far_catchup_equals_live_view(srv, subscribers):
+    """A resume N_FAR events back, with a $var stage and a client filter: the catch-up sends
+    exactly what a live subscriber with the same view received after that id, in order, then
+    both get the same live changes (the splice has no gap and no duplicate)."""
+    vars_ = {"team": "red"}
+    flt = {"fullDocument.n": {"$mod": [2, 0]}}
+    # An anchor event every subscriber sees: the id to resume after.
+    everything = subscribers.ws(srv.port, stream_path("byteam", vars={"team": "anchor"}),
+                                name="anchor")
+    live = subscribers.ws(srv.port, stream_path("byteam", vars=vars_, filter=flt), name="live")
+    everything.wait_ready()
+    live.wait_ready()
+    srv.coll.insert_one({"team": "anchor", "n": -1})
+    since = _ids(everything.wait_changes(1))[0]
+    teams = ["red", "blue"]
+    batch = []
+    for n in range(N_FAR):
+        batch.append({"team": teams[(n // 3) % 2], "n": n})
+        if len(batch) == 500:
+            srv.coll.insert_many(batch, ordered=True)
+            batch = []
+    if batch:
+        srv.coll.insert_many(batch, ordered=True)
+    # Updates too (full_document: updateLookup): changes whose filter field moved.
+    srv.coll.update_many({"n": {"$lt": 40}}, {"$inc": {"n": 1}})
+    srv.coll.insert_one({"team": "red", "n": 10 ** 6})  # the end marker
+    done = lambda ms: any(m.get("type") == "change" and  # noqa: E731
+                          m["change"]["fullDocument"]["n"] == 10 ** 6 for m in ms)
+    live.wait(done, 40, "the end marker")
+    expected_n = len(live.changes())
+    assert expected_n > N_FAR // 8
+    before = _metric(srv.port, "mongocast_catchups_total{result=\"joined\"}")
+
+    resumed = subscribers.ws(srv.port, stream_path("byteam", since=since, vars=vars_,
+                                                   filter=flt), name="resumed")
+    resumed.wait_changes(expected_n, timeout=40)
+    msgs = resumed.messages()
+    assert not any(m.get("type") == "reset" for m in msgs), msgs[:5]
+    assert _ids(msgs) == _ids(live.messages())
+    # The same message, byte for byte as JSON values (views, summaries, shapes).
+    assert [m for m in msgs if m.get("type") == "change"] == live.changes()
+    wait_for(lambda: _metric(srv.port, "mongocast_catchups_total{result=\"joined\"}") > before,
+             timeout=20, message="the catch-up to join the live stream")
+
+    # Live after the join: both get the same new changes, once each.
+    srv.coll.insert_many([{"team": "red", "n": 100000 + k} for k in range(0, 20, 2)])
+    live.wait_changes(expected_n + 10)
+    resumed.wait_changes(expected_n + 10)
+    time.sleep(0.5)
+    assert _ids(resumed.messages()) == _ids(live.messages())
+
+
+def test_catchup_from_an_idle_stream_joins(srv, subscribers):
+    """A catch-up that reaches the end of the oplog on a quiet stream joins at once (the
+    router has handed out nothing after it), then gets live changes exactly once."""
+    first = subscribers.ws(srv.port, stream_path("byteam", vars={"team": "quiet"}), name="first")
+    first.wait_ready()
+    srv.coll.insert_many([{"team": "quiet", "n": k} for k in range(HISTORY + 20)])
+    got = first.wait_changes(HISTORY + 20)
+    since = _ids(got)[0]
+    resumed = subscribers.ws(srv.port, stream_path("byteam", since=since,
+                                                   vars={"team": "quiet"}), name="resumed")
+    resumed.wait_changes(HISTORY + 19)
+    wait_for(lambda: any(m.get("type") == "ready" for m in resumed.messages()), timeout=10,
+             message="ready")
+    srv.coll.insert_one({"team": "quiet", "n": -5})
+    first.wait_changes(HISTORY + 21)
+    resumed.wait_changes(HISTORY + 20)
+    time.sleep(0.5)
+    assert _ids(resumed.messages()) == _ids(first.messages())[1:]
+
+
+def _reset_reason(sub, timeout=20):
+    msgs = sub.wait(lambda ms: any(m.get("type") == "reset" for m in ms), timeout, "reset")
+    return [m for m in msgs if m.get("type") == "reset"][0]["reason"]
+
+
+def test_too_many_events_resets(srv, subscribers):
+    """More than the stream's max_catchup_events to read: reset catchup_too_large, then live."""
+    first = subscribers.ws(srv.port, stream_path("small"), name="first")
+    first.wait_ready()
+    srv.coll.insert_many([{"team": "x", "n": k} for k in range(HISTORY + 40)])
+    since = _ids(first.wait_changes(HISTORY + 40))[0]
+    sub = subscribers.ws(srv.port, stream_path("small", since=since), name="big")
+    assert _reset_reason(sub) == "catchup_too_large"
+    srv.coll.insert_one({"team": "x", "n": -1})
+    sub.wait(lambda ms: any(m.get("type") == "change" and m["change"]["fullDocument"]["n"] == -1
+                            for m in ms), 20, "the live change after the reset")
+
+
+def test_unknown_id_resets(srv, subscribers):
+    """An id no event of this stream has (a well-formed token of nothing): reset unknown_id."""
+    first = subscribers.ws(srv.port, stream_path("small"), name="first")
+    first.wait_ready()
+    time.sleep(1.1)  # an earlier second that is still in the oplog
+    srv.coll.insert_one({"team": "x", "n": 1})
+    real = _ids(first.wait_changes(1))[0]
+    # The same token one second earlier: the server has no such event (280).
+    assert real[:2] == "82"
+    fake = real[:2] + "%08X" % (int(real[2:10], 16) - 1) + real[10:]
+    sub = subscribers.ws(srv.port, stream_path("small", since=fake), name="fake")
+    assert _reset_reason(sub) == "unknown_id"
+
+
+@pytest.mark.emulator_only
+def test_history_lost_resets(srv, subscribers):
+    """An id no longer in the oplog (the emulator's emulatorTruncateOplog): reset
+    history_lost."""
+    first = subscribers.ws(srv.port, stream_path("small"), name="first")
+    first.wait_ready()
+    srv.coll.insert_many([{"team": "x", "n": k} for k in range(HISTORY + 10)])
+    since = _ids(first.wait_changes(HISTORY + 10))[0]  # no longer in the ring
+    srv.client.admin.command({"emulatorTruncateOplog": 1, "keepLast": 0})
+    sub = subscribers.ws(srv.port, stream_path("small", since=since), name="lost")
+    assert _reset_reason(sub) == "history_lost"
