@@ -84,6 +84,9 @@ typedef struct cu_job {
     uint8_t transport;
     bool fail_closed; /* unresolved recipients end the catch-up (lookups, restricted sub) */
     atomic_bool cancel;
+    /* The reader uses `sub` only under sub_mu and while `cancel` is false: the loop sets
+     * `cancel` under it before the subscriber goes live (or the connection frees `sub`). */
+    pthread_mutex_t sub_mu;
     /* The reader's own. */
     cu_item_t *b_head, *b_tail; /* the batch being filled */
     uint32_t b_items;
@@ -156,6 +159,7 @@ static void job_free(cu_job_t *job)
         mcd_subscription_destroy(job->sub);
     }
     mcd_conn_set_cleanup(&job->set);
+    pthread_mutex_destroy(&job->sub_mu);
     free(job->since);
     free(job->sent);
     free(job);
@@ -287,7 +291,14 @@ static bool on_event(void *ud, mc_event_t *ev, bool unresolved)
         bool own_change = false;
         int code = 0;
         mc_filter_budget_t budget = {.cpu_ns = job->budget_ns};
+        pthread_mutex_lock(&job->sub_mu);
+        if (atomic_load(&job->cancel)) {
+            pthread_mutex_unlock(&job->sub_mu);
+            ok = false;
+            goto out;
+        }
         int view = mcd_subscription_apply(job->sub, ev, &budget, &change, &own_change, &code);
+        pthread_mutex_unlock(&job->sub_mu);
         if (view < 0) {
             job->why = budget.reason ? budget.reason : "CPU budget exhausted";
             reader_fail(job, NULL, MCD_WS_CLOSE_FILTER);
@@ -429,6 +440,9 @@ static bool uses_lookups(const mc_stream_config_t *cfg)
 
 static void cancel_job(cu_job_t *job)
 {
+    pthread_mutex_lock(&job->sub_mu); /* waits for an event the reader is judging */
+    atomic_store(&job->cancel, true);
+    pthread_mutex_unlock(&job->sub_mu);
     pthread_mutex_lock(&job->cu->mu);
     atomic_store(&job->cancel, true);
     pthread_cond_broadcast(&job->cu->room);
@@ -493,6 +507,7 @@ int mcd_catchup_start(mcd_catchups_t *cu, mcd_hub_t *hub, mcd_conn_t *conn, cons
     job->fail_closed =
         uses_lookups(hub->cfg) && mcd_subscription_identity(conn->sub, &id_len) != NULL;
     atomic_init(&job->cancel, false);
+    pthread_mutex_init(&job->sub_mu, NULL);
     job->conn = conn;
     job->hub = hub;
     job->set.name = hub->cfg->name;
