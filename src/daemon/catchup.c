@@ -57,6 +57,8 @@
 #define CU_QUEUE_BYTES (2u * 1024 * 1024) /* read messages waiting for the loop, per catch-up */
 #define CU_BATCH_ITEMS 128                /* the reader hands items over in batches */
 #define CU_ITEM_BYTES 64                  /* what an item counts for besides its message */
+#define CU_PASS_ITEMS 512 /* items one catch-up hands its connection per loop pass, so that
+                             live delivery in the same pass waits for no more than that */
 
 typedef struct cu_item {
     struct cu_item *next;
@@ -614,27 +616,33 @@ static void pump_job(mcd_catchups_t *cu, cu_job_t *job, int64_t now)
     }
     mcd_conn_t *c = job->conn;
     const char *pos = job->sent ? job->sent : job->since;
-    bool freed = false;
     int st = MCD_CU_FORWARD;
+    /* Take what the reader handed over at once (one lock per pass, not per item). */
     pthread_mutex_lock(&cu->mu);
     int state = job->state;
     bool drop = state == CU_FAILED && job->reason; /* a reset: what was read is moot */
-    for (;;) {
+    cu_item_t *list = job->q_head;
+    job->q_head = job->q_tail = NULL;
+    size_t taken_bytes = job->q_bytes;
+    job->q_bytes = 0;
+    pthread_mutex_unlock(&cu->mu);
+    size_t used_bytes = 0;
+    uint32_t moved = 0;
+    bool budget_left = true;
+    while (list) {
         st = mcd_hub_catchup_state(job->hub, pos, false);
         if (!drop && st != MCD_CU_FORWARD) {
             break;
         }
-        cu_item_t *it = job->q_head;
-        if (!it || (!drop && mcd_conn_unsent(c) >= mcd_conn_table(c)->max_queue / 2)) {
+        if (!drop && (moved >= CU_PASS_ITEMS ||
+                      mcd_conn_unsent(c) >= mcd_conn_table(c)->max_queue / 2)) {
+            budget_left = moved < CU_PASS_ITEMS;
             break;
         }
-        job->q_head = it->next;
-        if (!job->q_head) {
-            job->q_tail = NULL;
-        }
-        job->q_bytes -= it->bytes;
-        freed = true;
-        pthread_mutex_unlock(&cu->mu);
+        cu_item_t *it = list;
+        list = it->next;
+        used_bytes += it->bytes;
+        moved++;
         int rc = 0;
         if (!drop) {
             if (!set_sent(job, item_pos(it))) {
@@ -644,20 +652,39 @@ static void pump_job(mcd_catchups_t *cu, cu_job_t *job, int64_t now)
             }
         }
         item_free(it);
-        pthread_mutex_lock(&cu->mu);
-        if (rc != 0) {
-            break; /* the connection was closed: conn_gone_hook ended the job */
+        if (rc != 0 || job->loop_done) {
+            items_free(list); /* the connection was closed: conn_gone_hook ended the job */
+            list = NULL;
+            break;
         }
         if (job->sent) {
             pos = job->sent;
         }
     }
+    pthread_mutex_lock(&cu->mu);
+    if (list) {
+        /* Put back what this pass did not move, ahead of what came meanwhile. */
+        cu_item_t *last = list;
+        while (last->next) {
+            last = last->next;
+        }
+        last->next = job->q_head;
+        if (!job->q_head) {
+            job->q_tail = last;
+        }
+        job->q_head = list;
+    }
+    job->q_bytes += taken_bytes - used_bytes;
     bool drained = !job->q_head;
     state = job->state;
-    if (freed) {
+    if (moved) {
         pthread_cond_broadcast(&cu->room);
     }
+    if (!budget_left && cu->async_open) {
+        uv_async_send(&cu->async); /* another pass soon, after the loop's other work */
+    }
     pthread_mutex_unlock(&cu->mu);
+    bool freed = moved > 0;
     if (job->loop_done) {
         return;
     }

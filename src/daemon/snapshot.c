@@ -47,6 +47,9 @@
 #include <inttypes.h>
 #include <mongoc/mongoc.h>
 #include <pthread.h>
+#include <sys/resource.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -66,6 +69,7 @@
 #define SNAP_PREFIX 24                 /* room before a body for its WebSocket/SSE framing */
 #define SNAP_NOTICE_ROOM 256           /* a batch's own bytes around one document */
 #define SNAP_MAX_DEPTH 16              /* of a query translated for the find */
+#define SNAP_WORKER_NICE 10            /* the workers' nice value (the loop keeps the process's) */
 
 static const char sse_snapshot_head[] = "event: snapshot\ndata: ";
 static const char sse_oversize_head[] = "event: oversize\ndata: ";
@@ -1078,6 +1082,9 @@ out:
 static void *worker_main(void *arg)
 {
     mcd_snapshots_t *s = arg;
+    /* Background reads (snapshots, catch-ups) yield the CPU to the loop thread, whose live
+     * delivery is latency-bound: Linux nice applies per thread. Best effort. */
+    (void)setpriority(PRIO_PROCESS, (id_t)syscall(SYS_gettid), SNAP_WORKER_NICE);
     for (;;) {
         pthread_mutex_lock(&s->mu);
         while (!s->stopping && !s->pending_head) {

@@ -51,6 +51,7 @@
 #include "split_event.h"
 
 #define CATCHUP_PUSH_WAIT_MS 200
+#define REPLAY_BATCH 1000 /* events per getMore of a client catch-up (mc__stream_replay) */
 
 typedef enum err_class {
     ERR_TRANSIENT = 0,
@@ -253,8 +254,12 @@ static bson_t *build_opts(watcher_t *w)
     if (bc) {
         BSON_APPEND_UTF8(opts, "fullDocumentBeforeChange", bc);
     }
-    if (c->batch_size > 0) {
-        BSON_APPEND_INT32(opts, "batchSize", c->batch_size);
+    int32_t batch = c->batch_size;
+    if (w->rp && (batch <= 0 || batch > REPLAY_BATCH)) {
+        batch = REPLAY_BATCH; /* a replay reads a backlog: bounded work per getMore */
+    }
+    if (batch > 0) {
+        BSON_APPEND_INT32(opts, "batchSize", batch);
     }
     BSON_APPEND_INT64(opts, "maxAwaitTimeMS", c->max_await_time_ms > 0 ? c->max_await_time_ms : 1000);
     const bson_t *pos = pos_token(w);
