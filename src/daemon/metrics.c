@@ -544,14 +544,17 @@ char *mcd_metrics_render(mcd_server_t *srv, size_t *len)
         }
     }
     help(&o, "mongocast_client_resumes_total", "counter",
-         "Subscriber resumes (since= or Last-Event-ID): replayed from history or answered "
-         "with reset.");
+         "Subscriber resumes (since= or Last-Event-ID): replayed from history, caught up from "
+         "the oplog and joined, or answered with reset (catch-up off, or a catch-up that "
+         "could not be served).");
     for (size_t i = 0; i < n; i++) {
         label(srv->fanout.hubs[i].cfg->name, l, sizeof(l));
         put(&o, "mongocast_client_resumes_total{stream=\"%s\",result=\"replay\"} %" PRIu64 "\n", l,
             srv->fanout.hubs[i].replays);
+        put(&o, "mongocast_client_resumes_total{stream=\"%s\",result=\"catchup\"} %" PRIu64 "\n",
+            l, srv->fanout.hubs[i].catchups);
         put(&o, "mongocast_client_resumes_total{stream=\"%s\",result=\"reset\"} %" PRIu64 "\n", l,
-            srv->fanout.hubs[i].resets);
+            srv->fanout.hubs[i].resets + srv->fanout.hubs[i].catchup_resets);
     }
     help(&o, "mongocast_checkpoint_age_seconds", "gauge",
          "Seconds since the stream's resume position was last written to the checkpoint "

@@ -356,6 +356,7 @@ static bool fatal_server_code(int code)
     case 40647: /* bad resume token */
     case 40649:
     case 40674: /* conflicting start options */
+    case 50811: /* KeyString format error: a malformed resume token */
     case 50865:
     case 7182500: /* a split event's single field larger than a fragment */
     case 7182800: /* $changeStreamSplitLargeEvent spec */
