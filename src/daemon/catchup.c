@@ -34,8 +34,9 @@
  * subscriber with reset catchup_unresolved rather than drop the event silently or show it.
  *
  * Limits (every queue bounded): at most CU_QUEUE_BYTES of read messages wait per catch-up
- * (the reader waits for room); the connection gets items only while less than half its send
- * queue limit waits there (replay bytes, exempt from the slow-consumer check); a catch-up
+ * (the reader waits for room; twice that while the loop holds a batch it took in one go);
+ * the connection gets items only while less than half its send queue limit waits there, and
+ * at most CU_PASS_ITEMS per loop pass (replay bytes, exempt from the slow-consumer check); a catch-up
  * reads at most max_catchup_events stream events, must join within catchup_timeout_ms, and at
  * most server.max_catchups run or wait for a worker; beyond each: reset with its reason and
  * live delivery from then on.
