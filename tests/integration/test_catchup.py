@@ -172,15 +172,14 @@ def test_too_many_events_resets(srv, subscribers):
 
 
 def test_unknown_id_resets(srv, subscribers):
-    """An id no event of this stream has (a well-formed token of nothing): reset unknown_id."""
+    """An id older than the history that names no event of this stream (a real event's token
+    with another documentKey): reset unknown_id (the server's 280)."""
     first = subscribers.ws(srv.port, stream_path("small"), name="first")
     first.wait_ready()
-    time.sleep(1.1)  # an earlier second that is still in the oplog
-    srv.coll.insert_one({"team": "x", "n": 1})
-    real = _ids(first.wait_changes(1))[0]
-    # The same token one second earlier: the server has no such event (280).
-    assert real[:2] == "82"
-    fake = real[:2] + "%08X" % (int(real[2:10], 16) - 1) + real[10:]
+    srv.coll.insert_many([{"team": "x", "n": k} for k in range(HISTORY + 5)])
+    real = _ids(first.wait_changes(HISTORY + 5))[0]  # no longer in the ring
+    k = len(real) - 10  # inside the documentKey's ObjectId
+    fake = real[:k] + ("0" if real[k] != "0" else "1") + real[k + 1:]
     sub = subscribers.ws(srv.port, stream_path("small", since=fake), name="fake")
     assert _reset_reason(sub) == "unknown_id"
 
@@ -268,5 +267,46 @@ def test_lookup_recipient_catchup_routes_as_of_each_event(tmp_path, mongo_uri, d
         msgs = resumed[u].messages()
         assert not any(m.get("type") == "reset" for m in msgs), msgs[:3]
         assert _ids(msgs) == _ids(live[u].messages())[1 if u == "alice" else 0:]
+    client.drop_database(db)
+    client.close()
+
+
+def test_busy_and_sse_resume(tmp_path, mongo_uri, daemons, subscribers):
+    """server.max_catchups: 1. A catch-up whose client reads nothing stalls on its own bounded
+    queue and keeps its slot: a second resume gets reset catchup_busy (then live). Once the
+    stalled client leaves, an SSE client resuming with Last-Event-ID is caught up."""
+    import pymongo
+    from server_util import RawWS
+    db = "mct_cu_busy_%s" % uuid.uuid4().hex[:8]
+    port = free_port()
+    cfg = live_config(tmp_path / "b.yaml", mongo_uri,
+                      {"s": {"db": db, "collection": "c", "public": True, "history": 5,
+                             "max_await_time_ms": 100}}, port,
+                      server_extra={"max_catchups": 1})
+    d = daemons(cfg)
+    wait_http(port, d)
+    d.wait_open(1)
+    client = pymongo.MongoClient(mongo_uri, serverSelectionTimeoutMS=15000)
+    first = subscribers.ws(port, stream_path("s"), name="first")
+    first.wait_ready()
+    pad = "x" * 2000
+    for k in range(0, 3000, 500):
+        client[db]["c"].insert_many([{"n": n, "pad": pad} for n in range(k, k + 500)])
+    ids = _ids(first.wait_changes(3000, timeout=40))
+    # About 6 MB to catch up: more than the catch-up's queue and the connection's half.
+    stalled = RawWS(port, "/v1/streams/s?since=%s" % ids[0], rcvbuf=4096)
+    wait_for(lambda: _metric(port, "mongocast_catchups_active") == 1, timeout=10,
+             message="the stalled catch-up")
+    time.sleep(0.5)
+    busy = subscribers.ws(port, stream_path("s", since=ids[1]), name="busy")
+    assert _reset_reason(busy) == "catchup_busy"
+    stalled.sock.close()
+    wait_for(lambda: _metric(port, "mongocast_catchups_active") == 0, timeout=10,
+             message="the stalled catch-up to end with its connection")
+    sse = subscribers.sse(port, stream_path("s"), headers={"Last-Event-ID": ids[2990]},
+                          name="sse")
+    sse.wait_changes(9)
+    time.sleep(0.3)
+    assert _ids(sse.messages()) == ids[2991:]
     client.drop_database(db)
     client.close()
