@@ -310,3 +310,31 @@ def test_busy_and_sse_resume(tmp_path, mongo_uri, daemons, subscribers):
     assert _ids(sse.messages()) == ids[2991:]
     client.drop_database(db)
     client.close()
+
+
+def test_catchup_resumes_inside_a_transaction(srv, subscribers):
+    """The writes of one transaction share its commit's cluster time but have distinct ids in
+    order: a resume after the third write of a transaction older than the history gets exactly
+    the rest of it, then what followed."""
+    vars_ = {"team": "tx"}
+    live = subscribers.ws(srv.port, stream_path("byteam", vars=vars_), name="live")
+    live.wait_ready()
+    with srv.client.start_session() as s:
+        with s.start_transaction():
+            for n in range(10):
+                srv.coll.insert_one({"team": "tx", "n": n}, session=s)
+    srv.coll.insert_many([{"team": "pad", "n": k} for k in range(HISTORY + 10)])
+    srv.coll.insert_one({"team": "tx", "n": 10})
+    got = live.wait_changes(11)
+    ids = _ids(got)
+    cts = [m["change"]["clusterTime"]["$timestamp"] for m in got[:10] if m["type"] == "change"]
+    assert all(ct == cts[0] for ct in cts)  # one transaction
+    resumed = subscribers.ws(srv.port, stream_path("byteam", since=ids[2], vars=vars_),
+                             name="resumed")
+    resumed.wait_changes(8)
+    time.sleep(0.3)
+    msgs = resumed.messages()
+    assert not any(m.get("type") == "reset" for m in msgs)
+    assert _ids(msgs) == ids[3:]
+    assert [m["change"]["fullDocument"]["n"] for m in msgs if m["type"] == "change"] == \
+        list(range(3, 11))
