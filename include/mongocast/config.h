@@ -126,6 +126,7 @@ typedef struct mc_stream_config {
     int32_t batch_size;              /* 0: server default */
     int32_t max_await_time_ms;       /* default 1000 */
     uint32_t max_snapshot_documents; /* 0: server.max_snapshot_documents */
+    uint32_t max_catchup_events;     /* 0: server.max_catchup_events */
     mc_config_pos_t pos;
 } mc_stream_config_t;
 
@@ -174,6 +175,9 @@ typedef struct mc_config {
         uint32_t max_connections_per_address; /* 0: no limit */
         uint32_t max_snapshot_documents;      /* per ?snapshot=true; 0: refused */
         uint32_t snapshot_workers;            /* snapshot reader threads; 2 */
+        uint32_t max_catchup_events; /* events one client catch-up may read; 0: catch-up off */
+        uint32_t max_catchups;       /* client catch-ups running or waiting for a worker */
+        uint32_t catchup_timeout_ms; /* a catch-up that has not joined the stream by then resets */
         char *io; /* how sockets are written: "auto" | "uring" | "writev"; default "auto" */
         struct {
             bool enabled;         /* the server.tls section is present: the listener speaks TLS */

@@ -1217,6 +1217,8 @@ static void on_close(uv_handle_t *h)
         free(c->req);
     }
     mcd_subscription_destroy(c->sub);
+    free(c->resume_skip);
+    c->resume_skip = NULL;
     mcd_ws_parser_cleanup(&c->ws);
     mcd_tls_conn_free(c->tls);
     free(c);

@@ -90,8 +90,11 @@ struct mcd_conn {
     mcd_http_req_t *req; /* while a request is being read, else NULL */
     mcd_conn_set_t *set; /* the stream's subscribers this connection is one of, or NULL */
     mcd_subscription_t *sub;
-    void *snap;        /* the snapshot being read for this subscriber (snapshot.c), or NULL */
+    void *snap;        /* the snapshot (snapshot.c) or catch-up (catchup.c) being read for
+                          this subscriber, or NULL */
     uint64_t snap_skip; /* after a snapshot: skip changes at or before this cluster time */
+    char *resume_skip;  /* after a catch-up (catchup.c): skip events whose id is at or before
+                           this one (owned; freed with the connection) */
     mcd_conn_link_t plain;      /* in the table's plain list (MCD_CF_PLAIN) */
     mcd_conn_link_t addr_plain; /* in addr->plain (MCD_CF_PLAIN and addr) */
     mcd_addr_t *addr;           /* its address's entry, or NULL (no per-address limit) */

@@ -88,6 +88,8 @@ static void ring_clear(mcd_hub_t *hub)
     hub->ring_head = 0;
     hub->ring_len = 0;
     hub->ring_epoch++;
+    mcd_msg_unref(hub->evicted); /* a new epoch: continuity starts at its first message */
+    hub->evicted = NULL;
 }
 
 static void hub_cleanup(mcd_hub_t *hub)
@@ -100,6 +102,7 @@ static void hub_cleanup(mcd_hub_t *hub)
     mcd_msg_unref(hub->ready_msg);
     mcd_msg_unref(hub->reset_msg);
     mcd_msg_unref(hub->error_msg);
+    mcd_msg_unref(hub->evicted);
     memset(hub, 0, sizeof(*hub));
 }
 
@@ -109,7 +112,8 @@ static void ring_push(mcd_hub_t *hub, mcd_msg_t *msg)
         return;
     }
     if (hub->ring_len == hub->ring_cap) {
-        mcd_msg_unref(hub->ring[hub->ring_head]);
+        mcd_msg_unref(hub->evicted);
+        hub->evicted = hub->ring[hub->ring_head]; /* its reference */
         hub->ring[hub->ring_head] = NULL;
         hub->ring_head = (hub->ring_head + 1) % hub->ring_cap;
         hub->ring_len--;
@@ -357,6 +361,128 @@ int mcd_hub_subscribe(mcd_hub_t *hub, mcd_conn_t *conn, const char *since)
     return join_live(hub, conn);
 }
 
+/* ---- Catch-up joins (catchup.c) ------------------------------------------------------------ */
+
+static const char *msg_id(const mcd_msg_t *m)
+{
+    const char *id = m && m->ev ? mc_event_id(m->ev) : NULL;
+    return id ? id : "";
+}
+
+/* The index of the first ring message whose id sorts after `pos` (ring_len when none): ids
+ * of one stream grow with the ring. */
+static uint32_t ring_first_after(const mcd_hub_t *hub, const char *pos)
+{
+    uint32_t lo = 0, hi = hub->ring_len;
+    while (lo < hi) {
+        uint32_t mid = lo + (hi - lo) / 2;
+        if (mc__token_data_cmp(msg_id(ring_at(hub, mid)), pos) <= 0) {
+            lo = mid + 1;
+        } else {
+            hi = mid;
+        }
+    }
+    return lo;
+}
+
+bool mcd_hub_has_id(const mcd_hub_t *hub, const char *id)
+{
+    if (!hub->ring_len || !id) {
+        return false;
+    }
+    uint32_t i = ring_first_after(hub, id);
+    return i > 0 && strcmp(msg_id(ring_at(hub, i - 1)), id) == 0;
+}
+
+int mcd_hub_send_ready(mcd_hub_t *hub, mcd_conn_t *conn)
+{
+    if (!stream_open_now(hub)) {
+        return 0;
+    }
+    return mcd_conn_send(conn, hub->ready_msg, false) == 0 ? 1 : -1;
+}
+
+int mcd_hub_catchup_state(mcd_hub_t *hub, const char *pos, bool check_head)
+{
+    if (hub->ring_len) {
+        /* Continuity: every event after the floor that reached the hub is in the ring. */
+        const char *floor = msg_id(hub->evicted ? hub->evicted : ring_at(hub, 0));
+        if (mc__token_data_cmp(pos, floor) < 0) {
+            return MCD_CU_FORWARD;
+        }
+        if (mc__token_data_cmp(pos, msg_id(ring_at(hub, hub->ring_len - 1))) <= 0) {
+            return MCD_CU_JOIN; /* everything up to pos reached the hub; the rest is in the
+                                   ring or comes live */
+        }
+    }
+    if (!check_head) {
+        return hub->ring_len ? MCD_CU_HOLD : MCD_CU_FORWARD;
+    }
+    /* Past the ring (or no ring): joinable when the router has handed out nothing after pos;
+     * what it handed out up to pos and the loop has not dispatched yet is skipped live. */
+    mc_engine_t *engine = hub->fanout->engine;
+    char head[1100];
+    if (!engine || !mc__stream_routed_head(engine, hub->cfg->name, head, sizeof(head))) {
+        return hub->ring_len ? MCD_CU_HOLD : MCD_CU_FORWARD;
+    }
+    if (mc__token_data_cmp(head, pos) <= 0) {
+        return MCD_CU_JOIN;
+    }
+    return hub->ring_len ? MCD_CU_HOLD : MCD_CU_FORWARD;
+}
+
+int mcd_hub_catchup_join(mcd_hub_t *hub, mcd_conn_t *conn, const char *pos, bool ready_sent)
+{
+    if (hub->error_msg) {
+        if (mcd_conn_send(conn, hub->error_msg, false) == 0) {
+            mcd_conn_close(conn, MCD_WS_CLOSE_STREAM_FAILED, "stream failed", false);
+        }
+        return -1;
+    }
+    if (!ready_sent && mcd_hub_send_ready(hub, conn) < 0) {
+        return -1;
+    }
+    if (replay_from(hub, conn, ring_first_after(hub, pos), 0) != 0) {
+        return -1;
+    }
+    free(conn->resume_skip);
+    conn->resume_skip = strdup(pos);
+    if (!conn->resume_skip) {
+        mcd_conn_abort(conn);
+        return -1;
+    }
+    hub->catchups++;
+    return join_live(hub, conn);
+}
+
+int mcd_hub_subscribe_reset(mcd_hub_t *hub, mcd_conn_t *conn, const char *reason,
+                            bool ready_sent)
+{
+    hub->catchup_resets++;
+    mcd_msg_t *m = control_msg(hub->cfg->name, MC_EVENT_RESET, reason);
+    if (!m) {
+        mcd_conn_abort(conn);
+        return -1;
+    }
+    int rc = mcd_conn_send(conn, m, false);
+    mcd_msg_unref(m);
+    if (rc != 0 || (!ready_sent && mcd_hub_send_ready(hub, conn) < 0)) {
+        return -1;
+    }
+    return join_live(hub, conn);
+}
+
+void mcd_hub_end_stage_error(mcd_hub_t *hub, mcd_conn_t *conn, int code)
+{
+    end_on_stage_error(hub, conn, code);
+}
+
+void mcd_hub_end_filter_budget(mcd_hub_t *hub, mcd_conn_t *conn, const char *why)
+{
+    mc_filter_budget_t b = {.reason = why};
+    filter_too_expensive(hub, conn, &b, "during catch-up");
+}
+
 static void hub_publish(mcd_hub_t *hub, mc_event_t *ev)
 {
     mcd_msg_t *msg = mcd_msg_new_event(ev, hub->fanout->max_message_bytes);
@@ -410,6 +536,16 @@ static void hub_publish(mcd_hub_t *hub, mc_event_t *ev)
         mcd_conn_t *c = hub->subs.v[i];
         mcd_msg_t *m = msg;
         bool own = false;
+        if (c->resume_skip && (kind == MC_EVENT_CHANGE || kind == MC_EVENT_INVALIDATE)) {
+            /* Joined after a catch-up at resume_skip: an event at or before it was in the
+             * catch-up (the router may still have handed the loop some). */
+            const char *id = mc_event_id(ev);
+            if (id && mc__token_data_cmp(id, c->resume_skip) <= 0) {
+                continue;
+            }
+            free(c->resume_skip);
+            c->resume_skip = NULL;
+        }
         if (c->snap_skip && kind == MC_EVENT_CHANGE) {
             /* Joined after a snapshot at snap_skip: a change at or before it is in the
              * snapshot already. Changes come in cluster-time order, so the first one after it

@@ -37,6 +37,11 @@ typedef struct mcd_hub {
     int64_t last_wall_ms; /* wallTime of the newest change, INT64_MIN when none */
     uint64_t ring_pushed; /* messages ever pushed into the ring (snapshot joins count from it) */
     uint32_t ring_epoch;  /* times the ring was cleared (a reset) */
+    mcd_msg_t *evicted;   /* the newest message the ring dropped for room in this epoch, or
+                             NULL: every event after it that reached the hub is in the ring
+                             (catch-up joins, catchup.c) */
+    uint64_t catchups;       /* resumes served by a catch-up that joined the stream */
+    uint64_t catchup_resets; /* resumes whose catch-up ended in a reset */
 } mcd_hub_t;
 
 /* The hubs of every stream of a config, and the engine that feeds them (NULL in tests). */
@@ -71,6 +76,42 @@ int mcd_hub_subscribe(mcd_hub_t *hub, mcd_conn_t *conn, const char *since);
  * `seq` (it overflowed, or a reset cleared it): the caller ends the subscriber. */
 int mcd_hub_join_after_snapshot(mcd_hub_t *hub, mcd_conn_t *conn, uint64_t seq, uint32_t epoch,
                                 uint64_t at);
+
+/* ---- Catch-up joins (catchup.c): a resume after an id the ring does not hold ------------- */
+
+/* Whether the ring holds a message with this event id. */
+bool mcd_hub_has_id(const mcd_hub_t *hub, const char *id);
+
+/* Sends ready when the stream is open. Returns 1 (sent), 0 (not open), -1 (closed). */
+int mcd_hub_send_ready(mcd_hub_t *hub, mcd_conn_t *conn);
+
+/* Where a catch-up at position `pos` (the id of the last event it handed the connection, or a
+ * post-batch token's _data) stands against the stream as this hub has it:
+ *   MCD_CU_FORWARD: the ring cannot prove continuity from `pos` (it starts later): go on;
+ *   MCD_CU_HOLD: `pos` is past the ring's newest message but the router has handed out items
+ *     after it: wait (hand the connection nothing more) until they reach the ring;
+ *   MCD_CU_JOIN: join now (mcd_hub_catchup_join): every event after `pos` is in the ring or
+ *     still to come. `check_head`: also compare with the router's newest item (takes the
+ *     stream's route lock; for an empty ring or `pos` past it). */
+enum { MCD_CU_FORWARD = 0, MCD_CU_HOLD, MCD_CU_JOIN };
+int mcd_hub_catchup_state(mcd_hub_t *hub, const char *pos, bool check_head);
+
+/* Joins `conn` (not in the live set) after its catch-up at `pos` (mcd_hub_catchup_state()
+ * said MCD_CU_JOIN): the stream's failure when it failed meanwhile (then the subscriber is
+ * ended), ready unless `ready_sent`, the ring's messages after `pos`, then live delivery,
+ * which leaves out events at or before `pos`. Returns 0, or -1 when the connection was closed
+ * on the way. */
+int mcd_hub_catchup_join(mcd_hub_t *hub, mcd_conn_t *conn, const char *pos, bool ready_sent);
+
+/* Subscribes `conn` live after {"type":"reset","reason":<reason>} (a catch-up that could not
+ * be served), with ready unless `ready_sent`. Returns 0, or -1 when the connection was closed. */
+int mcd_hub_subscribe_reset(mcd_hub_t *hub, mcd_conn_t *conn, const char *reason,
+                            bool ready_sent);
+
+/* Ends a subscriber as live delivery does when its own stages fail (pipeline_error, 4010) or
+ * its stages and filter run out of CPU budget (4003, `why` says how). */
+void mcd_hub_end_stage_error(mcd_hub_t *hub, mcd_conn_t *conn, int code);
+void mcd_hub_end_filter_budget(mcd_hub_t *hub, mcd_conn_t *conn, const char *why);
 
 /* The cluster time of a change (Timestamp t << 32 | i): its clusterTime field, else its resume
  * token's; 0 when neither says. */

@@ -362,7 +362,10 @@ static void route_subscribe(mcd_conn_t *c, mcd_http_req_t *req, mcd_http_target_
         return;
     }
     bson_destroy(&snap_query);
-    if (mcd_hub_subscribe(hub, c, since) != 0) {
+    int sub_rc = since && !mcd_hub_has_id(hub, since)
+                     ? mcd_catchup_start(srv->catchups, hub, c, since) /* catchup.c */
+                     : mcd_hub_subscribe(hub, c, since);
+    if (sub_rc != 0) {
         if (!(c->flags & MCD_CF_CLOSED) && c->state != MCD_ST_CLOSING) {
             mcd_conn_abort(c);
         }

@@ -578,6 +578,17 @@ char *mcd_metrics_render(mcd_server_t *srv, size_t *len)
     put(&o, "mongocast_snapshots_total{result=\"failed\"} %" PRIu64 "\n", snap.failed);
     scalar(&o, "mongocast_snapshot_documents_total", "counter",
            "Documents sent in completed snapshots.", snap.documents);
+    mcd_catchup_stats_t cus;
+    mcd_catchups_stats(srv->catchups, &cus);
+    scalar(&o, "mongocast_catchups_active", "gauge",
+           "Resumes older than the history being caught up from the oplog.", cus.active);
+    help(&o, "mongocast_catchups_total", "counter",
+         "Catch-ups started for resumes older than the history, and how they ended (joined: "
+         "the subscriber went live with no gap; reset: a limit or an unusable id).");
+    put(&o, "mongocast_catchups_total{result=\"joined\"} %" PRIu64 "\n", cus.joined);
+    put(&o, "mongocast_catchups_total{result=\"reset\"} %" PRIu64 "\n", cus.reset);
+    scalar(&o, "mongocast_catchup_events_total", "counter",
+           "Stream events read by catch-ups.", cus.events);
 
     help(&o, "mongocast_stream_subscribers", "gauge", "Live subscribers per stream.");
     for (size_t i = 0; i < n; i++) {
@@ -631,14 +642,17 @@ char *mcd_metrics_render(mcd_server_t *srv, size_t *len)
         }
     }
     help(&o, "mongocast_client_resumes_total", "counter",
-         "Subscriber resumes (since= or Last-Event-ID): replayed from history or answered "
-         "with reset.");
+         "Subscriber resumes (since= or Last-Event-ID): replayed from history, caught up from "
+         "the oplog and joined, or answered with reset (catch-up off, or a catch-up that "
+         "could not be served).");
     for (size_t i = 0; i < n; i++) {
         label(srv->fanout.hubs[i].cfg->name, l, sizeof(l));
         put(&o, "mongocast_client_resumes_total{stream=\"%s\",result=\"replay\"} %" PRIu64 "\n", l,
             srv->fanout.hubs[i].replays);
+        put(&o, "mongocast_client_resumes_total{stream=\"%s\",result=\"catchup\"} %" PRIu64 "\n",
+            l, srv->fanout.hubs[i].catchups);
         put(&o, "mongocast_client_resumes_total{stream=\"%s\",result=\"reset\"} %" PRIu64 "\n", l,
-            srv->fanout.hubs[i].resets);
+            srv->fanout.hubs[i].resets + srv->fanout.hubs[i].catchup_resets);
     }
     help(&o, "mongocast_checkpoint_age_seconds", "gauge",
          "Seconds since the stream's resume position was last written to the checkpoint "

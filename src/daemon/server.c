@@ -47,6 +47,7 @@ static void flush_cb(uv_check_t *h)
 {
     mcd_server_t *srv = h->data;
     mcd_snapshots_pump(srv->snapshots); /* batches the connections have room for now */
+    mcd_catchups_pump(srv->catchups);   /* catch-up events, joins, limits */
     mcd_conn_flush_dirty(&srv->table);
     mcd_listener_pass(srv);
 }
@@ -144,6 +145,7 @@ static void on_stop(uv_async_t *a)
         }
     }
     mcd_snapshots_close(srv->snapshots);
+    mcd_catchups_close(srv->catchups);
     uv_timer_start(&srv->tick, on_tick, 20, 20);
 }
 
@@ -366,7 +368,8 @@ mcd_server_t *mcd_server_new(const mc_config_t *config, mc_error_t *err)
         goto fail_loop;
     }
     srv->snapshots = mcd_snapshots_new(&srv->loop, config);
-    if (!srv->snapshots) {
+    srv->catchups = srv->snapshots ? mcd_catchups_new(&srv->loop, config, srv->snapshots) : NULL;
+    if (!srv->snapshots || !srv->catchups) {
         mc_error_set(err, MC_ENOMEM, MC_DOMAIN_MONGOCAST, MC_ENOMEM, "out of memory");
         goto fail_loop;
     }
@@ -451,6 +454,8 @@ int mcd_server_stop(mcd_server_t *srv, uint16_t ws_code, mc_error_t *err)
             uv_async_send(&srv->stop_async);
             pthread_join(srv->thread, NULL);
             srv->thread_started = false;
+            /* Catch-up reads use the engine: they end before the caller destroys it. */
+            mcd_snapshots_join(srv->snapshots);
         } else {
             /* Never started: the caller's thread plays the loop thread for the shutdown. */
             uv_async_send(&srv->stop_async);
@@ -488,6 +493,7 @@ void mcd_server_destroy(mcd_server_t *srv)
         uv_loop_close(&srv->loop);
     }
     mcd_snapshots_destroy(srv->snapshots); /* after the loop: joins the workers */
+    mcd_catchups_destroy(srv->catchups);   /* after the workers */
     mcd_fanout_cleanup(&srv->fanout);
     mcd_auth_destroy(srv->auth);
     mcd_conn_table_cleanup(&srv->table);

@@ -22,6 +22,7 @@
 #include "mongocast.h"
 #include "msg.h"
 #include "server.h"
+#include "catchup.h"
 #include "snapshot.h"
 #include "sse.h"
 #include "subscription.h"
@@ -66,6 +67,7 @@ struct mcd_server {
     mcd_conn_table_t table;   /* every connection; its size leaves room for plain HTTP */
     mcd_fanout_t fanout;      /* the streams' hubs */
     mcd_snapshots_t *snapshots; /* ?snapshot=true reads (snapshot.c) */
+    mcd_catchups_t *catchups;   /* resumes older than the history (catchup.c) */
     char *rbuf;               /* the one read buffer all connections share */
     size_t rbuf_len;
     uint32_t accepts_left; /* connections still accepted in this loop pass */

@@ -47,6 +47,9 @@
 #include <inttypes.h>
 #include <mongoc/mongoc.h>
 #include <pthread.h>
+#include <sys/resource.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -66,6 +69,7 @@
 #define SNAP_PREFIX 24                 /* room before a body for its WebSocket/SSE framing */
 #define SNAP_NOTICE_ROOM 256           /* a batch's own bytes around one document */
 #define SNAP_MAX_DEPTH 16              /* of a query translated for the find */
+#define SNAP_WORKER_NICE 10            /* the workers' nice value (the loop keeps the process's) */
 
 static const char sse_snapshot_head[] = "event: snapshot\ndata: ";
 static const char sse_oversize_head[] = "event: oversize\ndata: ";
@@ -507,6 +511,10 @@ enum { JOB_RUNNING = 0, JOB_DONE, JOB_FAILED };
 
 typedef struct snap_job {
     struct snap_job *next_pending; /* the workers' queue (s->mu) */
+    /* A task of another reader on these workers (a client's catch-up, catchup.c): the worker
+     * runs task(task_arg) and frees this entry; nothing below is used. */
+    void (*task)(void *arg);
+    void *task_arg;
     struct snap_job *prev, *next;  /* the loop's list of jobs */
     mcd_snapshots_t *s;
     /* Set at the start, then read by the worker. */
@@ -1074,6 +1082,9 @@ out:
 static void *worker_main(void *arg)
 {
     mcd_snapshots_t *s = arg;
+    /* Background reads (snapshots, catch-ups) yield the CPU to the loop thread, whose live
+     * delivery is latency-bound: Linux nice applies per thread. Best effort. */
+    (void)setpriority(PRIO_PROCESS, (id_t)syscall(SYS_gettid), SNAP_WORKER_NICE);
     for (;;) {
         pthread_mutex_lock(&s->mu);
         while (!s->stopping && !s->pending_head) {
@@ -1089,6 +1100,11 @@ static void *worker_main(void *arg)
         pthread_mutex_unlock(&s->mu);
         if (!job) {
             return NULL; /* stopping, nothing left */
+        }
+        if (job->task) {
+            job->task(job->task_arg);
+            free(job);
+            continue;
         }
         run_job(s, job);
     }
@@ -1145,7 +1161,9 @@ static int ensure_workers(mcd_snapshots_t *s)
         s->pool = NULL;
         return MC_ENOMEM;
     }
-    mongoc_client_pool_max_size(s->pool, n);
+    /* One client per worker, and room for the lookups a client's catch-up (catchup.c) runs
+     * on the same worker (a few per stream at most); clients are made only when needed. */
+    mongoc_client_pool_max_size(s->pool, n * 8);
     mongoc_client_pool_set_error_api(s->pool, MONGOC_ERROR_API_VERSION_2);
     for (uint32_t i = 0; i < n; i++) {
         if (pthread_create(&s->threads[i], NULL, worker_main, s) != 0) {
@@ -1160,6 +1178,51 @@ static int ensure_workers(mcd_snapshots_t *s)
     }
     mc_log(MC_LOG_INFO, "server", "snapshot workers started threads=%u", s->n_threads);
     return 0;
+}
+
+static void stop_all(mcd_snapshots_t *s);
+
+int mcd_snapshots_submit(mcd_snapshots_t *s, void (*task)(void *arg), void *arg)
+{
+    snap_job_t *job = calloc(1, sizeof(*job));
+    if (!job || ensure_workers(s) != 0) {
+        free(job);
+        return MC_ENOMEM;
+    }
+    job->task = task;
+    job->task_arg = arg;
+    pthread_mutex_lock(&s->mu);
+    if (s->stopping) {
+        pthread_mutex_unlock(&s->mu);
+        free(job);
+        return MC_ECLOSED;
+    }
+    if (s->pending_tail) {
+        s->pending_tail->next_pending = job;
+    } else {
+        s->pending_head = job;
+    }
+    s->pending_tail = job;
+    pthread_cond_signal(&s->work);
+    pthread_mutex_unlock(&s->mu);
+    return 0;
+}
+
+mongoc_client_pool_t *mcd_snapshots_pool(mcd_snapshots_t *s)
+{
+    return s->pool;
+}
+
+void mcd_snapshots_join(mcd_snapshots_t *s)
+{
+    if (!s) {
+        return;
+    }
+    stop_all(s);
+    for (uint32_t i = 0; i < s->n_threads; i++) {
+        pthread_join(s->threads[i], NULL);
+    }
+    s->n_threads = 0;
 }
 
 /* The connection of a running snapshot closed: the job is cancelled and keeps the
@@ -1384,10 +1447,7 @@ void mcd_snapshots_destroy(mcd_snapshots_t *s)
     if (!s) {
         return;
     }
-    stop_all(s);
-    for (uint32_t i = 0; i < s->n_threads; i++) {
-        pthread_join(s->threads[i], NULL);
-    }
+    mcd_snapshots_join(s);
     free(s->threads);
     while (s->jobs) {
         snap_job_t *job = s->jobs;

@@ -13,6 +13,7 @@
 
 #include <stdbool.h>
 #include <stdint.h>
+#include <mongoc/mongoc.h>
 #include <uv.h>
 
 #include "auth.h"
@@ -60,6 +61,17 @@ void mcd_snapshots_close(mcd_snapshots_t *s);
 
 /* After the loop has ended: joins the workers and frees everything. NULL-safe. */
 void mcd_snapshots_destroy(mcd_snapshots_t *s);
+
+/* The workers serve other readers too (a client's catch-up, catchup.h): runs task(arg) on a
+ * snapshot worker, in turn with the snapshots (starting the workers on first use). Returns 0,
+ * MC_ENOMEM, or MC_ECLOSED when the server stops (task never runs). Loop thread. */
+int mcd_snapshots_submit(mcd_snapshots_t *s, void (*task)(void *arg), void *arg);
+/* The workers' MongoDB client pool (NULL before the first submit or snapshot). A task uses it
+ * from its worker. */
+mongoc_client_pool_t *mcd_snapshots_pool(mcd_snapshots_t *s);
+/* At server stop, after the loop ended and before the engine is destroyed: cancels what is
+ * left and waits for the workers (a task must end soon after its cancel). Owner's thread. */
+void mcd_snapshots_join(mcd_snapshots_t *s);
 
 /* Snapshots in progress, and totals, for /metrics. */
 typedef struct mcd_snapshot_stats {

@@ -469,6 +469,33 @@ bool mc__copy_plan(mc__stream_t *s, size_t k, const mc__position_t *own);
 /* Watcher thread, after the route lock is released: starts the copies planned. */
 void mc__copy_start_planned(mc__stream_t *s);
 
+/* A replay: the daemon's catch-up of one client that resumes after an id the server's history
+ * no longer holds. The callbacks run on the replaying thread (a daemon worker). */
+typedef struct mc__replay {
+    const atomic_bool *cancel;  /* the reader stops soon after this turns true */
+    mongoc_client_pool_t *pool; /* the cursors' and the lookups' clients (the caller's) */
+    /* Each change or invalidate event after the id, in stream order, built and routed exactly
+     * as the watcher builds and routes it (recipient as of the write, lookups as of the
+     * event's cluster time, summaries, split or skipped oversize events); `unresolved`: its
+     * recipient could not be decided (a lookup that could not be proven). Takes `ev`.
+     * False: stop reading. */
+    bool (*on_event)(void *ud, mc_event_t *ev, bool unresolved);
+    /* A position without an event (a post-batch token; NULL data: none yet), also after an
+     * empty batch when nothing moved, so the owner can check its limits. False: stop. */
+    bool (*on_position)(void *ud, const char *data);
+    void *ud;
+} mc__replay_t;
+
+/* Reads stream `stream` of a started engine from the change after event id `after_id`
+ * (resumeAfter {_data: after_id}, with the stream's own namespace, server stages and split
+ * stage) on the calling thread, handing events to `rp`, until a callback says stop, `cancel`
+ * turns true or the engine stops (0), or the server refuses: MC_ENOTFOUND (history lost, 286:
+ * the id is no longer in the oplog), MC_ESERVER (another error that retrying cannot fix, such
+ * as 280 for an id of no event of this stream), with *server_code MongoDB's code. Transient
+ * errors are retried with backoff from the last position. MC_EINVAL: no such stream. */
+int mc__stream_replay(mc_engine_t *e, const char *stream, const char *after_id,
+                      const mc__replay_t *rp, int *server_code, mc_error_t *err);
+
 /* Sleeps up to ms unless the engine is stopping. Returns true when stopping. */
 bool mc__engine_sleep(mc_engine_t *engine, int64_t ms);
 
@@ -493,6 +520,9 @@ bool mc__route_mark(mc__stream_t *s, mc__mark_t *m);
  * whatever the position (history lost and restarted: skip nothing). A runner that rejoins a
  * stream which failed meanwhile gets the stream's error event then. */
 bool mc__route_rejoin(mc__stream_t *s, mc__runner_t *r, int slot, const char *data, bool force);
+/* Any thread: copies the `_data` of the newest item the router handed out for `stream` (""
+ * before any) into buf. False when there is no such stream or buf is too small. */
+bool mc__stream_routed_head(mc_engine_t *e, const char *stream, char *buf, size_t len);
 /* Engine start/stop: builds and frees the stream's routes. */
 int mc__route_init(mc__stream_t *s);
 void mc__route_cleanup(mc__stream_t *s);

@@ -202,3 +202,23 @@ bool mc__route_rejoin(mc__stream_t *s, mc__runner_t *r, int slot, const char *da
     pthread_mutex_unlock(&s->route_lock);
     return joined;
 }
+
+bool mc__stream_routed_head(mc_engine_t *e, const char *stream, char *buf, size_t len)
+{
+    for (size_t k = 0; k < e->n_streams; k++) {
+        mc__stream_t *s = &e->streams[k];
+        if (strcmp(s->cfg->name, stream) != 0) {
+            continue;
+        }
+        pthread_mutex_lock(&s->route_lock);
+        size_t n = s->head ? strlen(s->head) : 0;
+        bool ok = n < len;
+        if (ok) {
+            memcpy(buf, s->head ? s->head : "", n);
+            buf[n] = 0;
+        }
+        pthread_mutex_unlock(&s->route_lock);
+        return ok;
+    }
+    return false;
+}

@@ -51,6 +51,7 @@
 #include "split_event.h"
 
 #define CATCHUP_PUSH_WAIT_MS 200
+#define REPLAY_BATCH 1000 /* events per getMore of a client catch-up (mc__stream_replay) */
 
 typedef enum err_class {
     ERR_TRANSIENT = 0,
@@ -88,11 +89,22 @@ typedef struct watcher {
     uint32_t cu_at_t, cu_at_i; /* catch-up without a position: startAtOperationTime (an
                                   initial copy's time; 0, 0: none) */
     bool rejoined;             /* catch-up: back on the shared path, stop reading */
+    bool rp_unresolved;        /* replay: routing could not decide the event being pushed */
+    const mc__replay_t *rp;    /* replay mode (a daemon's client catch-up): events go to its
+                                  callbacks; NULL otherwise */
+    mongoc_client_pool_t *pool; /* where cursors come from: the engine's, or a replay's own */
 } watcher_t;
 
 static bool stopping(const watcher_t *w)
 {
-    return atomic_load(&w->e->stopping);
+    return atomic_load(&w->e->stopping) || (w->rp && atomic_load(w->rp->cancel));
+}
+
+/* Only the stream's own watcher counts, numbers and reports; a catch-up or a replay re-reads
+ * what it counted already. */
+static bool is_watcher(const watcher_t *w)
+{
+    return !w->cu && !w->rp;
 }
 
 static void stream_count(mc__stream_t *s, uint64_t *field, uint64_t add)
@@ -121,7 +133,7 @@ static int64_t status_wall_ms(void)
  * events the shared path numbered already, so its events carry 0. */
 static uint64_t next_seq(watcher_t *w)
 {
-    return w->cu ? 0 : w->s->next_seq++;
+    return is_watcher(w) ? w->s->next_seq++ : 0;
 }
 
 /* Catch-up: pushes into the runner's queue (waiting for room), then rejoins the shared path
@@ -151,6 +163,11 @@ static bool push_event(watcher_t *w, mc_event_t *ev)
 {
     mc__stream_t *s = w->s;
     mc__event_set_stream_index(ev, s->index);
+    if (w->rp) {
+        bool unresolved = w->rp_unresolved;
+        w->rp_unresolved = false;
+        return w->rp->on_event(w->rp->ud, ev, unresolved) && !stopping(w);
+    }
     if (w->cu) {
         mc__pref_t item = {.ev = ev};
         return catchup_push(w, &item);
@@ -168,6 +185,9 @@ static bool push_event(watcher_t *w, mc_event_t *ev)
 
 static bool push_position(watcher_t *w, const bson_t *token)
 {
+    if (w->rp) {
+        return w->rp->on_position(w->rp->ud, mc__token_data(token)) && !stopping(w);
+    }
     uint64_t seq = w->cu ? 0 : atomic_load_explicit(&w->s->stat_last_seq, memory_order_relaxed);
     mc__mark_t *m = mc__mark_new(w->s->index, token, false, seq);
     if (!m) {
@@ -236,8 +256,12 @@ static bson_t *build_opts(watcher_t *w)
     if (bc) {
         BSON_APPEND_UTF8(opts, "fullDocumentBeforeChange", bc);
     }
-    if (c->batch_size > 0) {
-        BSON_APPEND_INT32(opts, "batchSize", c->batch_size);
+    int32_t batch = c->batch_size;
+    if (w->rp && (batch <= 0 || batch > REPLAY_BATCH)) {
+        batch = REPLAY_BATCH; /* a replay reads a backlog: bounded work per getMore */
+    }
+    if (batch > 0) {
+        BSON_APPEND_INT32(opts, "batchSize", batch);
     }
     BSON_APPEND_INT64(opts, "maxAwaitTimeMS", c->max_await_time_ms > 0 ? c->max_await_time_ms : 1000);
     const bson_t *pos = pos_token(w);
@@ -336,6 +360,7 @@ static bool fatal_server_code(int code)
     case 40647: /* bad resume token */
     case 40649:
     case 40674: /* conflicting start options */
+    case 50811: /* KeyString format error: a malformed resume token */
     case 50865:
     case 7182500: /* a split event's single field larger than a fragment */
     case 7182800: /* $changeStreamSplitLargeEvent spec */
@@ -460,13 +485,13 @@ static void note_routing(watcher_t *w, const mc_event_t *ev, mc__route_note_t no
     /* The watcher counted this event already when a catch-up re-reads it: the counters stay
      * the watcher's; the log line (rate-limited) still says what the catch-up found. */
     if (note == MC__ROUTE_MISSING) {
-        if (!w->cu) {
+        if (is_watcher(w)) {
             stream_count(w->s, &w->s->status.recipient_missing, 1);
         }
         why = "the recipient path holds no identity (missing, null, or removed by a pipeline "
               "stage: see mongocast check)";
     } else {
-        if (!w->cu) {
+        if (is_watcher(w)) {
             stream_count(w->s, &w->s->status.unresolved_recipients, 1);
         }
         why = mc__event_recipient_state(ev) == MC__R_UNRESOLVED && op && strcmp(op, "delete") == 0
@@ -559,7 +584,7 @@ static void note_split(watcher_t *w, mc_event_t *ev, size_t bytes)
     if (skip) {
         mc__event_set_server_oversize(ev, bytes);
     }
-    if (!w->cu) {
+    if (is_watcher(w)) {
         stream_count(w->s, skip ? &w->s->status.oversize_skipped : &w->s->status.split_events,
                      1);
     }
@@ -649,7 +674,7 @@ static read_result_t read_loop(watcher_t *w, mongoc_change_stream_t *cs, bson_er
                 set_pos_event(w, ev, true);
                 mc_log(MC_LOG_NOTICE, "watcher", "invalidated stream=%s reason=%s, reopening%s",
                        s->cfg->name, mc_event_reason(ev), w->cu ? " (catch-up)" : "");
-                if (!w->cu) {
+                if (is_watcher(w)) {
                     stream_count(s, &s->status.invalidates, 1);
                 }
                 w->last_op = NULL;
@@ -696,7 +721,9 @@ static read_result_t read_loop(watcher_t *w, mongoc_change_stream_t *cs, bson_er
                 note_split(w, ev, whole_bytes);
             }
             mc__images_on_event(w->images, ev);
-            note_routing(w, ev, mc__recipients_route(w->rcpt, ev, &w->e->stopping));
+            mc__route_note_t note = mc__recipients_route(w->rcpt, ev, &w->e->stopping);
+            w->rp_unresolved = note == MC__ROUTE_UNRESOLVED;
+            note_routing(w, ev, note);
             set_pos_event(w, ev, false);
             if (op) {
                 bson_strncpy(w->last_op_buf, op, sizeof(w->last_op_buf));
@@ -731,6 +758,8 @@ static read_result_t read_loop(watcher_t *w, mongoc_change_stream_t *cs, bson_er
             /* A catch-up at the end of the oplog with nothing new: it has caught up. */
             w->rejoined = true;
             return READ_STOP;
+        } else if (w->rp && !w->rp->on_position(w->rp->ud, pos ? mc__token_data(pos) : NULL)) {
+            return READ_STOP; /* a replay at the end with nothing new: its owner may join */
         }
         mc__backoff_reset(&w->backoff);
     }
@@ -771,7 +800,7 @@ static cycle_next_t end_cycle(watcher_t *w, mongoc_change_stream_t *cs, mongoc_c
                               bool *after_invalidate, err_class_t *cls, int *code)
 {
     mongoc_change_stream_destroy(cs);
-    mongoc_client_pool_push(w->e->pool, client);
+    mongoc_client_pool_push(w->pool, client);
     if (rr == READ_STOP) {
         return CYCLE_STOP;
     }
@@ -795,6 +824,7 @@ void *mc__watcher_main(void *arg)
     memset(&w, 0, sizeof(w));
     w.s = s;
     w.e = s->engine;
+    w.pool = w.e->pool;
     w.first_open = true;
     w.rl = (mc_log_ratelimit_t)MC_LOG_RATELIMIT_INIT(10000);
     w.rl_unresolved = (mc_log_ratelimit_t)MC_LOG_RATELIMIT_INIT(10000);
@@ -991,6 +1021,7 @@ static void *catchup_main(void *arg)
     w.cu_at_t = a->at_t;
     w.cu_at_i = a->at_i;
     bool at_time = a->at_t || a->at_i;
+    w.pool = w.e->pool;
     w.rl = (mc_log_ratelimit_t)MC_LOG_RATELIMIT_INIT(10000);
     w.rl_unresolved = (mc_log_ratelimit_t)MC_LOG_RATELIMIT_INIT(10000);
     w.rl_missing = (mc_log_ratelimit_t)MC_LOG_RATELIMIT_INIT(10000);
@@ -1147,4 +1178,89 @@ int mc__catchup_spawn(mc__stream_t *s, mc__runner_t *r, int slot, mc__pref_t *fr
 int mc__catchup_spawn_at(mc__stream_t *s, mc__runner_t *r, int slot, uint32_t t, uint32_t i)
 {
     return spawn_catchup(s, r, slot, NULL, t, i);
+}
+
+/* ---- Replays (a daemon's client catch-up) ---------------------------------------------------- */
+
+int mc__stream_replay(mc_engine_t *e, const char *stream, const char *after_id,
+                      const mc__replay_t *rp, int *server_code, mc_error_t *err)
+{
+    *server_code = 0;
+    mc__stream_t *s = NULL;
+    for (size_t k = 0; k < e->n_streams; k++) {
+        if (strcmp(e->streams[k].cfg->name, stream) == 0) {
+            s = &e->streams[k];
+        }
+    }
+    if (!s || !after_id || !*after_id) {
+        return mc_error_set(err, MC_EINVAL, MC_DOMAIN_MONGOCAST, MC_EINVAL,
+                            "no stream %s, or no id to resume after", stream ? stream : "?");
+    }
+    watcher_t w;
+    memset(&w, 0, sizeof(w));
+    w.s = s;
+    w.e = e;
+    w.rp = rp;
+    w.pool = rp->pool;
+    w.rl = (mc_log_ratelimit_t)MC_LOG_RATELIMIT_INIT(10000);
+    w.rl_unresolved = (mc_log_ratelimit_t)MC_LOG_RATELIMIT_INIT(10000);
+    w.rl_missing = (mc_log_ratelimit_t)MC_LOG_RATELIMIT_INIT(10000);
+    mc__backoff_init(&w.backoff, e->opts.backoff_initial_ms, e->opts.backoff_max_ms,
+                     (uint64_t)mc__wall_ms() * 2654435761u + (uint64_t)(uintptr_t)rp);
+    /* Routing of its own, as a sink's catch-up has: its lookups follow the (older) events it
+     * reads, so each is routed as of its own cluster time, or found unresolved. No image
+     * hooks: the watcher owns the stream's image status. */
+    w.rcpt = mc__recipients_new(s->cfg, stream, rp->pool, err);
+    if (!w.rcpt) {
+        return MC_ENOMEM;
+    }
+    w.pos.token = bson_new();
+    BSON_APPEND_UTF8(w.pos.token, "_data", after_id);
+    bson_t reply = BSON_INITIALIZER;
+    int rc = 0;
+    bool after_invalidate = false;
+    while (!stopping(&w)) {
+        mongoc_client_t *client = mongoc_client_pool_pop(w.pool);
+        mongoc_change_stream_t *cs = open_stream(&w, client);
+        bson_error_t berr;
+        read_result_t rr;
+        if (open_failed(cs, &berr, &reply)) {
+            rr = READ_ERROR;
+        } else {
+            after_invalidate = false;
+            rr = read_loop(&w, cs, &berr, &reply);
+        }
+        int code = 0;
+        err_class_t cls = ERR_TRANSIENT;
+        cycle_next_t next =
+            end_cycle(&w, cs, client, rr, &berr, &reply, &after_invalidate, &cls, &code);
+        if (next == CYCLE_STOP) {
+            break;
+        }
+        if (next == CYCLE_AGAIN) {
+            continue;
+        }
+        *server_code = code;
+        if (cls == ERR_HISTORY_LOST) {
+            rc = mc_error_set(err, MC_ENOTFOUND, MC_DOMAIN_MONGODB, code,
+                              "the id is no longer in the oplog: %s", berr.message);
+            break;
+        }
+        if (cls == ERR_FATAL) {
+            rc = mc_error_set(err, MC_ESERVER, MC_DOMAIN_MONGODB, code,
+                              "the server refused to resume after the id: %s", berr.message);
+            break;
+        }
+        uint32_t delay = mc__backoff_next(&w.backoff);
+        mc_log_ratelimited(&w.rl, MC_LOG_WARN, "watcher",
+                           "client catch-up error stream=%s code=%u retry_in_ms=%u: %s", stream,
+                           berr.code, delay, berr.message);
+        /* Short sleeps: the owner's cancel (its time limit) is checked between them. */
+        for (uint32_t slept = 0; slept < delay && !stopping(&w); slept += 50) {
+            struct timespec ts = {0, 50 * 1000 * 1000};
+            nanosleep(&ts, NULL);
+        }
+    }
+    watcher_cleanup(&w, &reply);
+    return rc;
 }

@@ -139,7 +139,10 @@ def test_sse_resume_by_last_event_id_overrides_since(tmp_path, daemons, mongo_ur
     sse2.close()
 
 
-def test_reset_when_since_is_too_old(tmp_path, daemons, mongo_uri, db, db_name):
+def test_since_older_than_the_history(tmp_path, daemons, mongo_uri, db, db_name):
+    """An id the 5-event ring no longer holds is caught up from the oplog (docs/protocol.md,
+    "Resume"); one that is not a resume token at all gets reset unknown_id; with catch-up off
+    (server.max_catchup_events: 0) the old answer, reset history."""
     cfg = server_config(tmp_path / "c.yaml", mongo_uri, {"s": stream(db_name, "c", history=5)})
     d, port = start_server(daemons, cfg)
     ws = RawWS(port, "/v1/streams/s")
@@ -147,24 +150,39 @@ def test_reset_when_since_is_too_old(tmp_path, daemons, mongo_uri, db, db_name):
     db.c.insert_many([{"i": i} for i in range(12)])
     msgs = recv_changes(ws, 12)
     ws.close()
-    # msgs[0] has left the 5-event ring: reset first, then live only
+    # msgs[0] has left the 5-event ring: ready, the 11 changes after it, then live
     ws2 = RawWS(port, "/v1/streams/s?since=%s" % msgs[0]["id"])
-    assert ws2.recv_json() == {"type": "reset", "stream": "s", "reason": "history"}
     assert ws2.recv_json()["type"] == "ready"
+    got = recv_changes(ws2, 11)
+    assert [m["id"] for m in got] == [m["id"] for m in msgs[1:]]
     db.c.insert_one({"i": 99})
     m = ws2.recv_json()
     assert m["type"] == "change" and m["change"]["fullDocument"]["i"] == 99
     ws2.close()
-    # an id that was never seen gets the same answer; the newest id replays nothing
+    # an id that is no resume token: reset (after ready), then live
     ws3 = RawWS(port, "/v1/streams/s?since=00ff")
-    assert ws3.recv_json()["type"] == "reset"
+    assert ws3.recv_json()["type"] == "ready"
+    assert ws3.recv_json() == {"type": "reset", "stream": "s", "reason": "unknown_id"}
     ws3.close()
+    # the newest id replays nothing
     ws4 = RawWS(port, "/v1/streams/s?since=%s" % m["id"])
     assert ws4.recv_json()["type"] == "ready"
     db.c.insert_one({"i": 100})
     assert ws4.recv_json()["change"]["fullDocument"]["i"] == 100
     ws4.close()
-    assert metrics(port)['mongocast_client_resumes_total{stream="s",result="reset"}'] == 2
+    wait_for(lambda: metrics(port)['mongocast_client_resumes_total{stream="s",result="catchup"}']
+             == 1, timeout=10, message="the catch-up counted")
+    assert metrics(port)['mongocast_client_resumes_total{stream="s",result="reset"}'] == 1
+    d.stop()
+
+    cfg = server_config(tmp_path / "off.yaml", mongo_uri,
+                        {"s": stream(db_name, "c", history=5)},
+                        server={"max_catchup_events": 0})
+    d, port = start_server(daemons, cfg)
+    ws5 = RawWS(port, "/v1/streams/s?since=%s" % msgs[0]["id"])
+    assert ws5.recv_json() == {"type": "reset", "stream": "s", "reason": "history"}
+    assert ws5.recv_json()["type"] == "ready"
+    ws5.close()
 
 
 def test_filters_and_vars_per_subscriber(tmp_path, daemons, mongo_uri, db, db_name):
@@ -368,9 +386,9 @@ def test_sighup_reload_restarts_the_server_with_1012(tmp_path, daemons, mongo_ur
     assert len(ports) == 2
     port2 = int(ports[-1])
     wait_for(lambda: http_get(port2, "/readyz")[0] == 200, timeout=30, message="ready again")
-    # the resume history belongs to the previous run: a reset, then live events
+    # the resume history belongs to the previous run, the oplog does not: caught up (nothing
+    # after `first`), no reset, then live events
     ws2 = RawWS(port2, "/v1/streams/s?since=%s" % first["id"])
-    assert ws2.recv_json()["type"] == "reset"
     assert ws2.recv_json()["type"] == "ready"
     db.c.insert_one({"i": 2})
     assert recv_changes(ws2, 1)[0]["change"]["fullDocument"]["i"] == 2
