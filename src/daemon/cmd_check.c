@@ -407,6 +407,13 @@ int mc_cmd_check(int argc, char **argv)
             check_mongo_store(&c, client, cfg);
         }
         for (size_t i = 0; i < cfg->n_streams; i++) {
+            if (mc_stream_config_is_edge(&cfg->streams[i])) {
+                /* Fed from JetStream (source: nats): nothing of it is read from MongoDB. */
+                report(&c, "ok", "stream %s: edge stream (JetStream stream %s), not opened in "
+                                 "MongoDB",
+                       cfg->streams[i].name, cfg->streams[i].source_nats.stream);
+                continue;
+            }
             check_open(&c, client, &cfg->streams[i]);
             check_images(&c, client, shown, &cfg->streams[i]);
         }
