@@ -362,10 +362,10 @@ static int subscribe(edge_t *g, mc_error_t *err)
             return MC_ESERVER;
         }
         if (!subject) {
-            return mc_error_set(err, MC_ECONFIG, MC_DOMAIN_MONGOCAST, MC_ECONFIG,
-                                "JetStream stream %s captures several subjects: set "
-                                "source.nats.subject",
-                                g->cfg->source_nats.stream);
+            subject = strdup(">"); /* several subjects: every message of the stream */
+            if (!subject) {
+                return MC_ENOMEM;
+            }
         }
     }
     jsSubOptions so;

@@ -39,8 +39,7 @@ def leader_config(tmp_path, uri, db_name, nats_url, port):
               "recipient": "fullDocument.owner", "full_document": "whenAvailable",
               "full_document_before_change": "whenAvailable", "client_filters": True}
     sink = {"name": "js", "type": "nats", "url": nats_url, "mode": "jetstream",
-            "format": "bson", "create_stream": "EDGE", "subject": "edge.{stream}",
-            "stream_subjects": ["edge.>"], "ack_timeout_ms": 2000,
+            "format": "bson", "create_stream": "EDGE", "ack_timeout_ms": 2000,
             "retry": {"initial_ms": 20, "max_ms": 300}}
     return live_config(tmp_path / "leader.yaml", uri, {"items": stream}, port, auth=AUTH,
                        sinks=[sink])
