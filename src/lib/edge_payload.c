@@ -48,8 +48,9 @@ int mc__edge_payload_decode(const uint8_t *data, size_t len, const char *stream,
         return bad(err, "not a BSON document (is the leader's nats sink set to format: bson?)");
     }
     bson_error_t verr;
-    if (!bson_validate_with_error(&body, BSON_VALIDATE_UTF8_ALLOW_NULL, &verr)) {
-        return bad(err, "malformed BSON document");
+    if (!bson_validate_with_error(&body, BSON_VALIDATE_UTF8, &verr)) {
+        return mc_error_set(err, MC_EINVAL, MC_DOMAIN_MONGOCAST, MC_EINVAL,
+                            "edge payload: malformed BSON document: %s", verr.message);
     }
     int32_t version = 0;
     const char *kind = NULL, *reason = NULL;
@@ -85,6 +86,12 @@ int mc__edge_payload_decode(const uint8_t *data, size_t len, const char *stream,
     }
     if (!have_change) {
         return bad(err, "no change document");
+    }
+    /* On its own too: it is stored and sent on as it is (libbson's check of a nested
+     * document within its parent can pass bytes that are not a document by themselves). */
+    if (!bson_validate_with_error(&change, BSON_VALIDATE_UTF8, &verr)) {
+        return mc_error_set(err, MC_EINVAL, MC_DOMAIN_MONGOCAST, MC_EINVAL,
+                            "edge payload: malformed change document: %s", verr.message);
     }
     if (oversize < 0) {
         return bad(err, "oversize must not be negative");

@@ -622,6 +622,11 @@ void *mc__source_nats_main(mc__stream_t *s)
                                  s->cfg->source_nats.stream);
         }
         read_result_t rr = read_loop(&g, &err);
+        /* Deletes the consumer on the server when it is still there (bounded by the request
+         * timeout); a restarted server has lost it already. */
+        if (natsConnection_Status(g.nc) == NATS_CONN_STATUS_CONNECTED) {
+            natsSubscription_Unsubscribe(g.sub);
+        }
         natsSubscription_Destroy(g.sub);
         g.sub = NULL;
         if (rr == READ_STOP) {

@@ -56,9 +56,11 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     mc_error_t eerr = {0};
     check(mc__edge_payload_encode(ev, &again, &eerr) == 0, "a decoded event does not encode");
     mc_event_t *ev2 = NULL;
-    check(mc__edge_payload_decode(bson_get_data(&again), again.len, "s", 7, path, &ev2, &eerr) ==
-              0,
-          "an encoded event does not decode");
+    if (mc__edge_payload_decode(bson_get_data(&again), again.len, "s", 7, path, &ev2, &eerr) !=
+        0) {
+        fprintf(stderr, "edge payload: an encoded event does not decode: %s\n", eerr.message);
+        abort();
+    }
     const bson_t *change2 = mc_event_change(ev2);
     check(mc_event_kind(ev2) == kind && !strcmp(mc_event_id(ev2), mc_event_id(ev)) &&
               same_str(mc_event_recipient(ev2), mc_event_recipient(ev)) &&
