@@ -42,6 +42,8 @@
 #define EDGE_NEXT_WAIT_MS 500        /* one wait for a message; stop is checked between waits */
 #define EDGE_REQUEST_TIMEOUT_MS 5000 /* stream info, get-message */
 #define EDGE_MISSING_PROBE 16        /* deleted sequences stepped over while searching */
+#define EDGE_GATHER_MAX 64           /* messages routed together */
+#define EDGE_GATHER_WAIT_MS 1        /* the wait for the next message of a burst */
 
 typedef struct edge {
     mc__stream_t *s;
@@ -394,6 +396,46 @@ static int subscribe(edge_t *g, mc_error_t *err)
 
 typedef enum read_result { READ_STOP = 0, READ_AGAIN, READ_FAILED } read_result_t;
 
+/* The stream sequence of a delivered JetStream message, read from its reply subject
+ * ($JS.ACK.<stream>.<consumer>.<delivered>.<stream seq>.<consumer seq>.<time>.<pending>, or
+ * the newer form with <domain>.<account hash> before <stream> and more tokens after) without
+ * the allocations of natsMsg_GetMetaData(). */
+static bool stream_sequence(natsMsg *m, uint64_t *seq)
+{
+    const char *r = natsMsg_GetReply(m);
+    if (!r || strncmp(r, "$JS.ACK.", 8) != 0) {
+        return false;
+    }
+    const char *tok[12];
+    size_t len[12];
+    int n = 0;
+    for (const char *p = r + 8; n < 12;) {
+        const char *dot = strchr(p, '.');
+        tok[n] = p;
+        len[n] = dot ? (size_t)(dot - p) : strlen(p);
+        n++;
+        if (!dot) {
+            break;
+        }
+        p = dot + 1;
+    }
+    /* 7 tokens after $JS.ACK (the v1 form), or 9 and more (v2: domain, account hash first). */
+    int at = n == 7 ? 3 : n >= 9 ? 5 : -1;
+    if (at < 0 || len[at] == 0 || len[at] > 20) {
+        return false;
+    }
+    uint64_t v = 0;
+    for (size_t i = 0; i < len[at]; i++) {
+        char c = tok[at][i];
+        if (c < '0' || c > '9' || v > (UINT64_MAX - 9) / 10) {
+            return false;
+        }
+        v = v * 10 + (uint64_t)(c - '0');
+    }
+    *seq = v;
+    return true;
+}
+
 /* The stream is open once the ring's warm-up is over (until then the daemon refuses its
  * subscribers: they would take the warm-up's older events for new ones). False: stop. */
 static bool announce_open(edge_t *g)
@@ -412,12 +454,10 @@ static bool announce_open(edge_t *g)
 /* One message: decoded, checked against the id and the sequence already routed, routed. */
 static read_result_t take_message(edge_t *g, natsMsg *m, mc_error_t *err)
 {
-    jsMsgMetaData *meta = NULL;
-    if (natsMsg_GetMetaData(&meta, m) != NATS_OK || !meta) {
+    uint64_t seq = 0;
+    if (!stream_sequence(m, &seq)) {
         return READ_AGAIN; /* not a JetStream message (a status): nothing to route */
     }
-    uint64_t seq = meta->Sequence.Stream;
-    jsMsgMetaData_Destroy(meta);
     if (seq < g->next_seq) {
         return READ_AGAIN; /* delivered again after a resubscribe */
     }
@@ -491,8 +531,35 @@ static read_result_t read_loop(edge_t *g, mc_error_t *err)
                          "JetStream subscription: %s", natsStatus_GetText(st));
             return READ_AGAIN;
         }
-        read_result_t rr = take_message(g, m, err);
-        natsMsg_Destroy(m);
+        /* Gathers what follows closely (a burst the leader published from one batch of its
+         * change stream) and routes it together, so the fan-out sends it in one write per
+         * client, as it does for a watcher's batch: what is queued already, and what comes
+         * within one wait of EDGE_GATHER_WAIT_MS, at most EDGE_GATHER_MAX messages. */
+        natsMsg *batch[EDGE_GATHER_MAX];
+        int n = 0;
+        batch[n++] = m;
+        bool waited = false;
+        while (n < EDGE_GATHER_MAX) {
+            uint64_t queued = 0;
+            natsSubscription_QueuedMsgs(g->sub, &queued);
+            if (queued == 0) {
+                if (waited) {
+                    break;
+                }
+                waited = true;
+            }
+            if (natsSubscription_NextMsg(&batch[n], g->sub, EDGE_GATHER_WAIT_MS) != NATS_OK) {
+                break;
+            }
+            n++;
+        }
+        read_result_t rr = READ_AGAIN;
+        for (int i = 0; i < n; i++) {
+            if (rr == READ_AGAIN) {
+                rr = take_message(g, batch[i], err);
+            }
+            natsMsg_Destroy(batch[i]);
+        }
         if (rr != READ_AGAIN) {
             return rr;
         }
