@@ -23,8 +23,8 @@ import pytest
 
 from broker_util import nats_server  # noqa: F401 (fixture)
 from daemon_util import *  # noqa: F401,F403
-from live_util import (claims, create_with_images, free_port, hs256, live_config, stream_path,
-                       subscribers, wait_http)  # noqa: F401 (fixture)
+from live_util import (claims, create_with_images, free_port, hs256, http_get, live_config,
+                       stream_path, subscribers, wait_http)  # noqa: F401 (fixture)
 from test_live_isolation import USERS, apply_op, expected_for, observed, plan_ops
 
 SECRET = "edge-secret-0123456789abcdef0123456789abcdef"
@@ -179,6 +179,9 @@ def test_edges_serve_every_view_exactly_across_a_nats_restart(tmp_path, daemons,
     # a change stream.
     for d in (edge1, edge2):
         assert "change stream open" not in d.stderr_text()
+    for port in (e1port, e2port):
+        status, _, body = http_get(port, "/readyz")
+        assert status == 200 and json.loads(body)["streams"] == {"items": "open"}, body
     # edge2 lived through the nats-server restart: it noticed and read on from its sequence.
     assert re.search(r"stream=items reconnected to NATS, reading again from JetStream sequence",
                      edge2.stderr_text()), edge2.stderr_text()[-3000:]
@@ -225,3 +228,11 @@ def test_edge_refuses_sinks_and_the_leader_sink_needs_jetstream(tmp_path):
     r = run_cli("check", "-c", str(cfg))
     assert r.returncode != 0 and re.search(r"format: bson is for edge streams",
                                            r.stdout + r.stderr), r.stdout + r.stderr
+
+
+def test_check_of_an_edge_only_config_needs_no_mongodb(tmp_path):
+    cfg = edge_config(tmp_path, "edge", "nats://127.0.0.1:4222", free_port())
+    r = run_cli("check", "-c", str(cfg), "--timeout-ms", "500")
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out
+    assert "every stream is an edge stream (source: nats): MongoDB not checked" in out, out
