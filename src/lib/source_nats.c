@@ -519,6 +519,13 @@ static read_result_t read_loop(edge_t *g, mc_error_t *err)
         natsMsg *m = NULL;
         natsStatus st = natsSubscription_NextMsg(&m, g->sub, EDGE_NEXT_WAIT_MS);
         if (st == NATS_TIMEOUT) {
+            natsConnStatus cs = natsConnection_Status(g->nc);
+            if (cs != NATS_CONN_STATUS_CONNECTED) {
+                /* libnats is reconnecting: say so until the reconnect (then read again). */
+                mc__stream_set_state(g->s, MC_STREAM_RETRYING, 0,
+                                     "NATS connection lost, reconnecting");
+                continue;
+            }
             /* Nothing more to read: a warm-up whose last messages the subject filter left
              * out is over too. */
             if (!g->announced && !announce_open(g)) {

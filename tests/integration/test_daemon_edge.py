@@ -236,3 +236,47 @@ def test_check_of_an_edge_only_config_needs_no_mongodb(tmp_path):
     out = r.stdout + r.stderr
     assert r.returncode == 0, out
     assert "every stream is an edge stream (source: nats): MongoDB not checked" in out, out
+
+
+def test_edge_waits_for_nats_and_its_stream_and_refuses_subscribers_until_open(
+        tmp_path, daemons, emulator, db, db_name, nats_server, subscribers):
+    # NATS is down when the edge starts: the stream is retrying (readyz 503) and subscribers
+    # are refused with 503 stream_loading; once NATS is back and the leader has created the
+    # JetStream stream, the edge opens and serves.
+    nats_server.stop()
+    eport, lport = free_port(), free_port()
+    edge = {"public": True, "source": {"nats": {"url": nats_server.url, "stream": "PUB"}}}
+    ecfg = write_config(tmp_path / "e.yaml", DEAD_MONGO, {"items": edge}, sinks=[],
+                        checkpoint_dir=tmp_path / "cp-e",
+                        extra="server: {listen: \"127.0.0.1:%d\"}" % eport)
+    e = daemons(ecfg, name="edge")
+    wait_http(eport, e)
+    e.wait_stderr(r"stream=items retry_in_ms=\d+: cannot connect to NATS")
+    status, _, body = http_get(eport, "/readyz")
+    assert status == 503 and json.loads(body)["streams"]["items"] == "retrying", body
+    status, headers, body = http_get(eport, "/v1/streams/items", headers={
+        "Accept": "text/event-stream"})
+    assert status == 503 and json.loads(body)["code"] == "stream_loading", body
+    assert headers.get("retry-after") == "1"
+
+    nats_server.start()
+    coll = db["items"]
+    db.create_collection("items")
+    lcfg = write_config(tmp_path / "l.yaml", emulator.uri,
+                        {"items": {"db": db_name, "collection": "items", "public": True,
+                                   "max_await_time_ms": 100}},
+                        sinks=[{"name": "js", "type": "nats", "url": nats_server.url,
+                                "format": "bson", "create_stream": "PUB",
+                                "retry": {"initial_ms": 20, "max_ms": 300}}],
+                        checkpoint_dir=tmp_path / "cp-l",
+                        extra="server: {listen: \"127.0.0.1:%d\"}" % lport)
+    leader = daemons(lcfg, name="leader")
+    leader.wait_open()
+    e.wait_stderr(r"JetStream consumer open stream=items", timeout=30)
+    sub = subscribers.sse(eport, stream_path("items"), name="sse-edge")
+    sub.wait_ready()
+    coll.insert_many([{"_id": i, "n": i} for i in range(5)])
+    got = sub.wait_changes(5)
+    assert [m["change"]["fullDocument"]["n"] for m in got if m.get("type") == "change"] == \
+        list(range(5))
+    assert http_get(eport, "/readyz")[0] == 200
