@@ -107,6 +107,15 @@ def wait_all(subs, ops, timeout=60):
         s.wait(lambda ms: len(feed(ms)) >= n, timeout, "%d messages" % n)
 
 
+def close_all(subs, ds):
+    """Subscribers first, then the daemons, each cleanly (teardown would otherwise wait for
+    clients whose server went away)."""
+    for sub in subs:
+        sub.close()
+    for d in ds:
+        assert d.stop() == 0, d.stderr_text()[-3000:]
+
+
 def test_edges_serve_every_view_exactly_across_a_nats_restart(tmp_path, daemons, emulator, db,
                                                               db_name, nats_server, subscribers):
     lport, e1port, e2port = free_port(), free_port(), free_port()
@@ -185,6 +194,8 @@ def test_edges_serve_every_view_exactly_across_a_nats_restart(tmp_path, daemons,
     # edge2 lived through the nats-server restart: it noticed and read on from its sequence.
     assert re.search(r"stream=items reconnected to NATS, reading again from JetStream sequence",
                      edge2.stderr_text()), edge2.stderr_text()[-3000:]
+    close_all(list(on_leader.values()) + list(on_e1.values()) + list(on_e2.values()) +
+              list(resumed.values()), [edge1, edge2, leader])
 
 
 @pytest.mark.parametrize("stream,expected", [
@@ -280,3 +291,4 @@ def test_edge_waits_for_nats_and_its_stream_and_refuses_subscribers_until_open(
     assert [m["change"]["fullDocument"]["n"] for m in got if m.get("type") == "change"] == \
         list(range(5))
     assert http_get(eport, "/readyz")[0] == 200
+    close_all([sub], [e, leader])
