@@ -62,8 +62,8 @@ typedef struct edge {
     uint64_t open_seq;           /* the warm-up ends before this sequence: then the stream
                                     is announced open (state, `ready`) */
     bool announced;
-    char *stored_id;             /* the stored position's event id (NULL: none) */
-    char *last_id;               /* the newest event routed in this run */
+    char *stored_id; /* the stored position's event id (NULL: none) */
+    char *last_id;   /* the newest event routed in this run */
     const char *fail_code;
     const char *fail_reason;
 } edge_t;
@@ -116,8 +116,8 @@ static void note_routing(edge_t *g, const mc_event_t *ev, mc__route_note_t note)
     }
     pthread_mutex_unlock(&s->lock);
     const char *op = mc_event_operation_type(ev);
-    mc_log_ratelimited(note == MC__ROUTE_MISSING ? &g->rl_missing : &g->rl_unresolved,
-                       MC_LOG_WARN, "edge", "recipient %s stream=%s op=%s: event goes to admins only",
+    mc_log_ratelimited(note == MC__ROUTE_MISSING ? &g->rl_missing : &g->rl_unresolved, MC_LOG_WARN,
+                       "edge", "recipient %s stream=%s op=%s: event goes to admins only",
                        note == MC__ROUTE_MISSING ? "missing" : "unresolved", g->cfg->name,
                        op ? op : "?");
 }
@@ -255,8 +255,7 @@ static int id_at(edge_t *g, uint64_t seq, char **id, mc_error_t *err)
 
 /* The id of the first message at or after `seq` (stepping over a few deleted ones), and its
  * sequence in *at. MC_ENOTFOUND when there is none up to `last`. */
-static int id_from(edge_t *g, uint64_t seq, uint64_t last, uint64_t *at, char **id,
-                   mc_error_t *err)
+static int id_from(edge_t *g, uint64_t seq, uint64_t last, uint64_t *at, char **id, mc_error_t *err)
 {
     for (int i = 0; i < EDGE_MISSING_PROBE && seq <= last; i++, seq++) {
         int rc = id_at(g, seq, id, err);
@@ -378,9 +377,8 @@ static int subscribe(edge_t *g, mc_error_t *err)
     so.Config.OptStartSeq = g->next_seq;
     jsErrCode code = 0;
     g->sub_reconnects = atomic_load(&g->reconnects);
-    natsStatus st = js_SubscribeSync(&g->sub, g->js,
-                                     subject ? subject : g->cfg->source_nats.subject, NULL, &so,
-                                     &code);
+    natsStatus st = js_SubscribeSync(
+        &g->sub, g->js, subject ? subject : g->cfg->source_nats.subject, NULL, &so, &code);
     free(subject);
     if (st != NATS_OK) {
         g->sub = NULL;
@@ -466,9 +464,8 @@ static read_result_t take_message(edge_t *g, natsMsg *m, mc_error_t *err)
     mc_event_t *ev = NULL;
     mc_error_t derr = {0};
     int rc = mc__edge_payload_decode((const uint8_t *)natsMsg_GetData(m),
-                                     (size_t)natsMsg_GetDataLength(m), g->cfg->name,
-                                     g->s->next_seq, mc__recipients_event_path(g->rcpt), &ev,
-                                     &derr);
+                                     (size_t)natsMsg_GetDataLength(m), g->cfg->name, g->s->next_seq,
+                                     mc__recipients_event_path(g->rcpt), &ev, &derr);
     if (rc != 0) {
         mc_error_set(err, MC_EINVAL, MC_DOMAIN_MONGOCAST, MC_EINVAL,
                      "JetStream message %" PRIu64 ": %s", seq, derr.message);
@@ -477,8 +474,7 @@ static read_result_t take_message(edge_t *g, natsMsg *m, mc_error_t *err)
     if (!msg_id || strcmp(msg_id, mc_event_id(ev)) != 0) {
         mc_event_unref(&ev);
         mc_error_set(err, MC_EINVAL, MC_DOMAIN_MONGOCAST, MC_EINVAL,
-                     "JetStream message %" PRIu64 ": its Nats-Msg-Id is not its event's id",
-                     seq);
+                     "JetStream message %" PRIu64 ": its Nats-Msg-Id is not its event's id", seq);
         return READ_FAILED;
     }
     g->next_seq = seq + 1;
@@ -511,8 +507,9 @@ static read_result_t read_loop(edge_t *g, mc_error_t *err)
     while (!stopping(g)) {
         if (atomic_load(&g->reconnects) != g->sub_reconnects) {
             /* The server may have restarted: its consumer is gone. Again from next_seq. */
-            mc_log(MC_LOG_INFO, "edge", "stream=%s reconnected to NATS, reading again from "
-                                        "JetStream sequence %" PRIu64,
+            mc_log(MC_LOG_INFO, "edge",
+                   "stream=%s reconnected to NATS, reading again from "
+                   "JetStream sequence %" PRIu64,
                    g->cfg->name, g->next_seq);
             return READ_AGAIN;
         }
@@ -637,8 +634,7 @@ void *mc__source_nats_main(mc__stream_t *s)
             start_result_t sr = find_start(&g, &err);
             if (sr == START_FAILED) {
                 set_failed(&g, MC_EVENT_ERROR_FATAL,
-                           "the JetStream stream holds messages an edge cannot read",
-                           err.message);
+                           "the JetStream stream holds messages an edge cannot read", err.message);
                 break;
             }
             if (sr == START_LOST && s->cfg->on_history_lost == MC_ON_HISTORY_LOST_FAIL) {
@@ -649,8 +645,9 @@ void *mc__source_nats_main(mc__stream_t *s)
                 break;
             }
             if (sr == START_LOST) {
-                mc_log(MC_LOG_WARN, "edge", "stream=%s history lost, restarting from the first "
-                                            "message kept (on_history_lost: restart): %s",
+                mc_log(MC_LOG_WARN, "edge",
+                       "stream=%s history lost, restarting from the first "
+                       "message kept (on_history_lost: restart): %s",
                        name, err.message);
                 pthread_mutex_lock(&s->lock);
                 s->status.resets++;

@@ -56,8 +56,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     mc_error_t eerr = {0};
     check(mc__edge_payload_encode(ev, &again, &eerr) == 0, "a decoded event does not encode");
     mc_event_t *ev2 = NULL;
-    if (mc__edge_payload_decode(bson_get_data(&again), again.len, "s", 7, path, &ev2, &eerr) !=
-        0) {
+    if (mc__edge_payload_decode(bson_get_data(&again), again.len, "s", 7, path, &ev2, &eerr) != 0) {
         fprintf(stderr, "edge payload: an encoded event does not decode: %s\n", eerr.message);
         abort();
     }

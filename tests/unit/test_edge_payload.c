@@ -59,8 +59,7 @@ static void test_change_round_trip_keeps_types(void **state)
     for (int k = 0; k < 3; k++) {
         bson_t *doc = change_with_owner("8264ABCD0001", kinds[k]);
         mc_error_t err = {0};
-        mc_event_t *leader =
-            mc_event_new_change("orders", 3, doc, "fullDocument.owner", &err);
+        mc_event_t *leader = mc_event_new_change("orders", 3, doc, "fullDocument.owner", &err);
         assert_non_null(leader);
         mc_event_t *edge = round_trip(leader, "fullDocument.owner");
         assert_int_equal(mc_event_kind(edge), MC_EVENT_CHANGE);
@@ -136,11 +135,11 @@ static void test_refusals(void **state)
                      MC_EINVAL);
     assert_non_null(strstr(err.message, "format: bson"));
     bson_t *change = change_with_owner("8264ABCD0004", "string");
-    bson_t *v2 = BCON_NEW("v", BCON_INT32(2), "kind", BCON_UTF8("change"), "change",
-                          BCON_DOCUMENT(change));
+    bson_t *v2 =
+        BCON_NEW("v", BCON_INT32(2), "kind", BCON_UTF8("change"), "change", BCON_DOCUMENT(change));
     expect_refused(v2, "version");
-    bson_t *kind = BCON_NEW("v", BCON_INT32(1), "kind", BCON_UTF8("ready"), "change",
-                            BCON_DOCUMENT(change));
+    bson_t *kind =
+        BCON_NEW("v", BCON_INT32(1), "kind", BCON_UTF8("ready"), "change", BCON_DOCUMENT(change));
     expect_refused(kind, "kind");
     bson_t *none = BCON_NEW("v", BCON_INT32(1), "kind", BCON_UTF8("change"));
     expect_refused(none, "no change document");
