@@ -693,11 +693,10 @@ void *mc__source_nats_main(mc__stream_t *s)
                                  s->cfg->source_nats.stream);
         }
         read_result_t rr = read_loop(&g, &err);
-        /* Deletes the consumer on the server when it is still there (bounded by the request
-         * timeout); a restarted server has lost it already. */
-        if (natsConnection_Status(g.nc) == NATS_CONN_STATUS_CONNECTED) {
-            natsSubscription_Unsubscribe(g.sub);
-        }
+        /* Destroy only: it removes the subscription's interest, and the server then drops the
+         * ephemeral consumer. natsSubscription_Unsubscribe() would also delete the consumer,
+         * but in libnats 3.4 that races with the ordered consumer's own reset after a
+         * reconnect (a use-after-free of the consumer's name, seen under ASan). */
         natsSubscription_Destroy(g.sub);
         g.sub = NULL;
         if (rr == READ_STOP) {
