@@ -128,6 +128,14 @@ typedef struct mc_stream_config {
     uint32_t max_snapshot_documents; /* 0: server.max_snapshot_documents */
     uint32_t max_catchup_events;     /* 0: server.max_catchup_events */
     mc_config_pos_t pos;
+    /* source: {nats: {url, stream, subject}}: an edge stream, fed from a JetStream stream
+     * that another mongocast's nats sink (format: bson) writes, instead of from MongoDB
+     * (docs/config.md, "Edge streams"). NULL url: the stream watches MongoDB. */
+    struct {
+        char *url;     /* server list, as the nats sink takes it */
+        char *stream;  /* the JetStream stream */
+        char *subject; /* filter subject inside it; NULL: every subject */
+    } source_nats;
 } mc_stream_config_t;
 
 typedef struct mc_sink_config {
@@ -224,6 +232,9 @@ mc_config_t *mc_config_load_string(const char *yaml, size_t len, const char *nam
 void mc_config_destroy(mc_config_t *config);
 /* The stream named `name`, or NULL. */
 const mc_stream_config_t *mc_config_stream(const mc_config_t *config, const char *name);
+
+/* True when the stream is an edge stream (source: {nats: ...}), fed by JetStream. */
+bool mc_stream_config_is_edge(const mc_stream_config_t *stream);
 
 /* True when the stream routes its events to recipients (any recipient form). */
 bool mc_stream_config_has_recipient(const mc_stream_config_t *stream);

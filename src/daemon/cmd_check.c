@@ -408,17 +408,34 @@ int mc_cmd_check(int argc, char **argv)
         }
     }
 
+    /* A node whose every stream is an edge stream (and whose positions are in files) never
+     * reads MongoDB: nothing to connect to. */
+    bool needs_mongodb = cfg->checkpoint.store == MC_CHECKPOINT_MONGODB;
+    for (size_t i = 0; i < cfg->n_streams; i++) {
+        needs_mongodb = needs_mongodb || !mc_stream_config_is_edge(&cfg->streams[i]);
+    }
     char *shown = mc_cli_redact_uri(cfg->mongodb_uri);
     bson_error_t berr;
     mongoc_client_t *client =
-        mc_cli_client_new(cfg->mongodb_uri, (int32_t)timeout_ms, "mongocast-check", &berr);
-    if (!client) {
+        needs_mongodb
+            ? mc_cli_client_new(cfg->mongodb_uri, (int32_t)timeout_ms, "mongocast-check", &berr)
+            : NULL;
+    if (!needs_mongodb) {
+        report(&c, "ok", "every stream is an edge stream (source: nats): MongoDB not checked");
+    } else if (!client) {
         report(&c, "FAIL", "connect %s: %s", shown, berr.message);
     } else if (run_hello(&c, client, shown)) {
         if (cfg->checkpoint.store == MC_CHECKPOINT_MONGODB) {
             check_mongo_store(&c, client, cfg);
         }
         for (size_t i = 0; i < cfg->n_streams; i++) {
+            if (mc_stream_config_is_edge(&cfg->streams[i])) {
+                /* Fed from JetStream (source: nats): nothing of it is read from MongoDB. */
+                report(&c, "ok", "stream %s: edge stream (JetStream stream %s), not opened in "
+                                 "MongoDB",
+                       cfg->streams[i].name, cfg->streams[i].source_nats.stream);
+                continue;
+            }
             check_open(&c, client, &cfg->streams[i]);
             check_images(&c, client, shown, &cfg->streams[i]);
         }

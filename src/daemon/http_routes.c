@@ -187,6 +187,20 @@ static void route_metrics(mcd_conn_t *c, bool keep_alive)
             srv->metrics_len, false, keep_alive);
 }
 
+/* An edge stream (source: nats) loads its history ring from JetStream before it opens: a
+ * subscriber let in meanwhile would take those older events for new ones, and its since=
+ * would not be found yet. */
+static bool refuse_loading_edge(mcd_conn_t *c, mcd_hub_t *hub, bool keep_alive)
+{
+    if (!mc_stream_config_is_edge(hub->cfg) || hub->open || hub->error_msg) {
+        return false; /* open (its ready event reached the fan-out), or failed */
+    }
+    mcd_http_refuse(c, 503, "stream_loading",
+                    "the edge stream is loading its history from JetStream, retry shortly",
+                    keep_alive, "Retry-After: 1\r\n");
+    return true;
+}
+
 /* A stream the engine has given up on (MC_STREAM_FAILED: a fatal server error, or history
  * lost with on_history_lost: fail) would never deliver anything: say so instead of
  * subscribing. Checked after authentication. The reason is the fixed one of the stream's error
@@ -296,7 +310,7 @@ static void route_subscribe(mcd_conn_t *c, mcd_http_req_t *req, mcd_http_target_
                         ka, NULL);
         return;
     }
-    if (refuse_failed_stream(c, hub, ka)) {
+    if (refuse_failed_stream(c, hub, ka) || refuse_loading_edge(c, hub, ka)) {
         return;
     }
     const char *since = t->since;
@@ -332,6 +346,11 @@ static void route_subscribe(mcd_conn_t *c, mcd_http_req_t *req, mcd_http_target_
         !hub->cfg->max_snapshot_documents) {
         mcd_refuse(&r, 400, "snapshot_not_supported",
                    "snapshots are turned off (server.max_snapshot_documents is 0)");
+    }
+    if (snapshot && mc_stream_config_is_edge(hub->cfg)) {
+        /* A snapshot reads MongoDB, which an edge stream never does. */
+        mcd_refuse(&r, 400, "snapshot_not_supported",
+                   "snapshots are not served by an edge stream (source: nats)");
     }
     if (snapshot && (r.status || !srv->snapshots ||
                      mcd_snapshot_plan(hub->cfg, sub, t->vars, t->filter, &snap_query, &r) != 0)) {

@@ -23,6 +23,8 @@
 #include <unistd.h>
 
 #include "config_internal.h"
+#include "mongocast/engine.h"
+#include "sinks/nats_client.h"
 #include "mongocast/filter.h"
 #include "summary.h"
 
@@ -1046,6 +1048,92 @@ static int parse_recipient(cfg_ctx_t *ctx, const opt_t *o, const mc__cfg_node_t 
     return parse_string(ctx, &as_path, v, &s->recipient);
 }
 
+/* ---- source: {nats: ...} (edge streams, source_nats.c) ----------------------------------- */
+
+static int validate_nats_url(cfg_ctx_t *ctx, const opt_t *opt, const mc__cfg_node_t *v)
+{
+    (void)opt;
+    mc_error_t err = {0};
+    if (mc__nats_url_check(v->text, v->len, &err) != 0) {
+        return fail(ctx, v, "%s", err.message);
+    }
+    return 0;
+}
+
+/* A JetStream stream name: no whitespace, '.', '*', '>', path separators or control bytes. */
+static int validate_js_stream_name(cfg_ctx_t *ctx, const opt_t *opt, const mc__cfg_node_t *v)
+{
+    for (size_t i = 0; i < v->len; i++) {
+        unsigned char c = (unsigned char)v->text[i];
+        if (c <= ' ' || c == 0x7f || strchr(".*>/\\", c)) {
+            return fail(ctx, v,
+                        "%s '%.80s' is not a valid JetStream stream name (no spaces, '.', '*', "
+                        "'>', '/', '\\' or control bytes)",
+                        opt->name, v->text);
+        }
+    }
+    return 0;
+}
+
+/* A NATS subject (wildcards allowed): tokens separated by '.', none empty, no whitespace. */
+static int validate_nats_subject(cfg_ctx_t *ctx, const opt_t *opt, const mc__cfg_node_t *v)
+{
+    bool token_start = true;
+    for (size_t i = 0; i < v->len; i++) {
+        unsigned char c = (unsigned char)v->text[i];
+        if (c <= ' ' || c == 0x7f || (c == '.' && token_start)) {
+            return fail(ctx, v, "%s '%.80s' is not a valid NATS subject", opt->name, v->text);
+        }
+        token_start = c == '.';
+    }
+    if (token_start) {
+        return fail(ctx, v, "%s '%.80s' is not a valid NATS subject", opt->name, v->text);
+    }
+    return 0;
+}
+
+static const opt_t source_nats_opts[] = {
+    {.name = "url",
+     .type = OPT_STRING,
+     .offset = offsetof(mc_stream_config_t, source_nats.url),
+     .required = true,
+     .min = 1,
+     .max = 4096,
+     .validate = validate_nats_url,
+     .doc = "NATS server list: nats://[user[:password]@]host[:port], comma-separated"},
+    {.name = "stream",
+     .type = OPT_STRING,
+     .offset = offsetof(mc_stream_config_t, source_nats.stream),
+     .required = true,
+     .min = 1,
+     .max = 255,
+     .validate = validate_js_stream_name,
+     .doc = "the JetStream stream the leader's nats sink (format: bson) writes"},
+    {.name = "subject",
+     .type = OPT_STRING,
+     .offset = offsetof(mc_stream_config_t, source_nats.subject),
+     .min = 1,
+     .max = 2048,
+     .validate = validate_nats_subject,
+     .doc = "only messages of this subject (wildcards allowed); default: every message"},
+};
+static const opt_table_t source_nats_table = {source_nats_opts, N_OPTS(source_nats_opts), "",
+                                              NULL, NULL};
+
+static const opt_t source_opts[] = {
+    {.name = "nats",
+     .type = OPT_SECTION,
+     .required = true,
+     .section = &source_nats_table,
+     .doc = "take the stream's events from a JetStream stream (an edge stream)"},
+};
+static const opt_table_t source_table = {source_opts, N_OPTS(source_opts), "", NULL, NULL};
+
+/* An edge stream takes its events as the leader's watcher read them: what shapes the read
+ * from MongoDB is the leader's to set, and nothing may need MongoDB on the edge. */
+static int check_edge_stream(cfg_ctx_t *ctx, mc_stream_config_t *s,
+                             const mc__cfg_node_t *const *found);
+
 static int check_stream(cfg_ctx_t *ctx, const mc__cfg_node_t *map, void *base,
                         const mc__cfg_node_t *const *found);
 
@@ -1152,6 +1240,10 @@ static const opt_t stream_opts[] = {
      .offset = offsetof(mc_stream_config_t, ensure_images),
      .def_num = 0,
      .doc = "turn on changeStreamPreAndPostImages on the watched (and lookup) collections"},
+    {.name = "source",
+     .type = OPT_SECTION,
+     .section = &source_table,
+     .doc = "where the events come from: {nats: {url, stream, subject}} instead of MongoDB"},
 };
 static const opt_table_t stream_table = {stream_opts, N_OPTS(stream_opts), ".*", check_stream,
                                          NULL};
@@ -1208,6 +1300,9 @@ static int check_stream(cfg_ctx_t *ctx, const mc__cfg_node_t *map, void *base,
     if (!s->pipeline) {
         s->pipeline = bson_new();
     }
+    if (s->source_nats.url && check_edge_stream(ctx, s, found) != 0) {
+        return -1;
+    }
     /* Stages after a $var stage run in the daemon, per subscriber: each must be one the
      * daemon can run, written as the daemon will run it. */
     mc_error_t perr = {0};
@@ -1217,6 +1312,55 @@ static int check_stream(cfg_ctx_t *ctx, const mc__cfg_node_t *map, void *base,
         return fail(ctx, stage_node(pipeline, bad, pipeline ? pipeline : map), "%s", perr.message);
     }
     return 0;
+}
+
+static int check_edge_stream(cfg_ctx_t *ctx, mc_stream_config_t *s,
+                             const mc__cfg_node_t *const *found)
+{
+    /* Options of the read from MongoDB: the leader's stream has them. */
+    static const char *const leader_only[] = {"full_document",   "full_document_before_change",
+                                              "ensure_images",   "on_oversize",
+                                              "batch_size",      "max_await_time_ms",
+                                              "max_snapshot_documents"};
+    for (size_t i = 0; i < sizeof(leader_only) / sizeof(leader_only[0]); i++) {
+        const mc__cfg_node_t *n = found_node(&stream_table, found, leader_only[i]);
+        if (n) {
+            return fail(ctx, n,
+                        "%s cannot be set on an edge stream (source: nats): %s", leader_only[i],
+                        !strcmp(leader_only[i], "max_snapshot_documents")
+                            ? "snapshots read MongoDB, which an edge never does"
+                            : "the leader's stream reads MongoDB and sets it");
+        }
+    }
+    const mc__cfg_node_t *recipient = found_node(&stream_table, found, "recipient");
+    bool lookup = s->lookup != NULL || (s->recipient_default && s->recipient_default->lookup);
+    for (size_t i = 0; i < s->n_by_collection; i++) {
+        lookup = lookup || s->by_collection[i].lookup != NULL;
+    }
+    if (lookup) {
+        return fail(ctx, recipient,
+                    "recipient lookups cannot be used on an edge stream (source: nats): they "
+                    "read MongoDB as of each event's time. Route by a path the change carries");
+    }
+    bson_t server, local;
+    mc_error_t perr = {0};
+    int rc = mc_pipeline_split(s->pipeline, &server, &local, &perr);
+    bool has_server_stages = rc == 0 && !bson_empty(&server);
+    bson_destroy(&server);
+    bson_destroy(&local);
+    if (has_server_stages) {
+        const mc__cfg_node_t *pipeline = found_node(&stream_table, found, "pipeline");
+        return fail(ctx, pipeline,
+                    "an edge stream (source: nats) runs only per-subscriber stages (from the "
+                    "first {$var} stage on): stages before it run in MongoDB, so put them in "
+                    "the leader's stream");
+    }
+    return 0;
+}
+
+bool mc_stream_config_is_edge(const mc_stream_config_t *stream)
+{
+    return stream && stream->source_nats.url != NULL;
 }
 
 static int parse_streams(cfg_ctx_t *ctx, const opt_t *o, const mc__cfg_node_t *v, void *base,
@@ -1498,6 +1642,21 @@ static int check_sink(cfg_ctx_t *ctx, const mc__cfg_node_t *map, void *base,
         }
         return fail(ctx, item, "sink '%s' refers to unknown stream '%.80s'", sk->name,
                     sk->streams[i]);
+    }
+    /* A sink that falls behind catches up by reading MongoDB again: not on an edge. */
+    for (size_t k = 0; k < cfg->n_streams; k++) {
+        const mc_stream_config_t *st = &cfg->streams[k];
+        bool takes = sk->n_streams == 0;
+        for (size_t i = 0; i < sk->n_streams && !takes; i++) {
+            takes = !strcmp(sk->streams[i], st->name);
+        }
+        if (takes && mc_stream_config_is_edge(st)) {
+            return fail(ctx, list ? list : name,
+                        "sink '%s' takes edge stream '%s' (source: nats): sinks belong on the "
+                        "leader, which reads MongoDB%s",
+                        sk->name, st->name,
+                        sk->n_streams == 0 ? " (list the sink's streams without it)" : "");
+        }
     }
     return check_sink_initial(ctx, sk, found_node(&sink_table, found, "initial"));
 }
@@ -2198,6 +2357,9 @@ void mc_config_destroy(mc_config_t *config)
             bson_free(s->recipient_default);
         }
         free_summary(&s->summary);
+        bson_free(s->source_nats.url);
+        bson_free(s->source_nats.stream);
+        bson_free(s->source_nats.subject);
     }
     bson_free(config->streams);
     for (size_t i = 0; i < config->n_sinks; i++) {

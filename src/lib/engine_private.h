@@ -639,7 +639,7 @@ void mc__ioloop_destroy(mc__ioloop_t *l);
 int mc__ledger_definition(mc__stream_t *s, mc_error_t *err);
 /* Watcher thread, before the first open: loads the stream's and its sinks' records, refuses
  * any from another namespace, another definition or the future (server clusterTime from
- * `client`), and sets each runner's initial position and skip point. *start gets the
+ * `client`; NULL for an edge stream: no such check), and sets each runner's initial position and skip point. *start gets the
  * position the watcher opens from (token NULL: none stored). Returns 0, MC_ECONFIG (refused:
  * err says why and what to do), MC_EIO (unreadable), MC_ESERVER (cannot reach the server:
  * transient). Logs the start position chosen. */

@@ -48,6 +48,7 @@
 #include "engine_private.h"
 #include "images.h"
 #include "recipient_rules.h"
+#include "source_nats.h"
 #include "split_event.h"
 
 #define CATCHUP_PUSH_WAIT_MS 200
@@ -820,6 +821,9 @@ void *mc__watcher_main(void *arg)
 {
     mc__stream_t *s = arg;
     mc__thread_name("mcwatch:", s->cfg->name);
+    if (mc_stream_config_is_edge(s->cfg)) {
+        return mc__source_nats_main(s); /* an edge stream: JetStream instead of MongoDB */
+    }
     watcher_t w;
     memset(&w, 0, sizeof(w));
     w.s = s;

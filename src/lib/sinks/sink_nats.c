@@ -33,6 +33,7 @@
 #include <string.h>
 #include <time.h>
 
+#include "../edge_payload.h"
 #include "../engine_private.h"
 #include "sinks/nats_client.h"
 #include "sinks/redis_stream_id.h"
@@ -40,6 +41,9 @@
 #include "sinks/subject_template.h"
 
 enum { MODE_JETSTREAM = 0, MODE_CORE = 1 };
+/* The message body: the protocol's JSON message, or the edge payload (edge_payload.h) that
+ * edge streams (source_nats.c) read back into the same event. */
+enum { FORMAT_MESSAGE = 0, FORMAT_BSON = 1 };
 
 #define DEFAULT_MAX_IN_FLIGHT 4096
 #define MAX_JS_SUBJECTS 64
@@ -58,6 +62,7 @@ typedef struct jstream {
 
 typedef struct nats_ctx {
     int mode;
+    int format;
     mc__nats_opts_t o;
     char *url, *user, *password, *token, *nkey, *nkey_seed_file, *creds;
     mc__subject_template_t *tmpl;
@@ -93,10 +98,11 @@ typedef struct nats_op {
 /* ---- Options --------------------------------------------------------------------------------- */
 
 static const char *const modes[] = {"jetstream", "core", NULL};
+static const char *const formats[] = {"message", "bson", NULL};
 static const char *const known_opts[] = {
     "url", "mode", "subject", "user", "password", "token", "nkey", "nkey_seed_file", "credentials",
     "ordered", "create_stream", "stream_subjects", "duplicate_window_ms", "connect_timeout_ms",
-    "ack_timeout_ms", "max_in_flight", NULL,
+    "ack_timeout_ms", "max_in_flight", "format", NULL,
 };
 
 static void ctx_clear(nats_ctx_t *c)
@@ -172,6 +178,8 @@ static int parse(nats_ctx_t *c, const bson_t *options, mc_error_t *err)
                 rc = opt_dup(&it, &c->url, err);
             } else if (!strcmp(k, "mode")) {
                 rc = mc__opt_enum(&it, modes, &c->mode, err);
+            } else if (!strcmp(k, "format")) {
+                rc = mc__opt_enum(&it, formats, &c->format, err);
             } else if (!strcmp(k, "subject")) {
                 rc = mc__opt_string(&it, &subject, err);
             } else if (!strcmp(k, "user")) {
@@ -226,6 +234,10 @@ static int parse(nats_ctx_t *c, const bson_t *options, mc_error_t *err)
     }
     if (c->mode == MODE_CORE && (c->js_stream || c->n_js_subjects)) {
         return cfg_error(err, "options create_stream and stream_subjects are for mode: jetstream");
+    }
+    if (c->format == FORMAT_BSON && (c->mode != MODE_JETSTREAM || !c->ordered)) {
+        return cfg_error(err, "option format: bson is for edge streams, which need mode: "
+                              "jetstream with ordered: true (events stored once, in order)");
     }
     if (c->n_js_subjects && !c->js_stream) {
         return cfg_error(err, "option stream_subjects needs create_stream");
@@ -575,7 +587,19 @@ static int nats_publish(mc_sink_t *sink, mc_event_t *ev)
     if (mc__subject_template_render(c->tmpl, &v, subj, sizeof subj, &slen, &err) != 0) {
         return mc_sink_fail(sink, ev, MC_SINK_PERMANENT, 0, "subject: %s", err.message);
     }
-    const char *msg = mc_event_json(ev, &mlen);
+    const char *msg;
+    bson_t body = BSON_INITIALIZER;
+    if (c->format == FORMAT_BSON) {
+        bson_destroy(&body);
+        if (mc__edge_payload_encode(ev, &body, &err) != 0) {
+            bson_destroy(&body);
+            return mc_sink_fail(sink, ev, MC_SINK_PERMANENT, 0, "%s", err.message);
+        }
+        msg = (const char *)bson_get_data(&body);
+        mlen = body.len;
+    } else {
+        msg = mc_event_json(ev, &mlen);
+    }
     mc__nats_headers_t h = {v.type.p, v.stream.p, v.recipient.p, v.recipient.len};
     if (!js) {
         rc = mc__nats_publish(c->client, subj, &h, msg ? msg : "", msg ? mlen : 0, &err);
@@ -590,6 +614,7 @@ static int nats_publish(mc_sink_t *sink, mc_event_t *ev)
     nats_op_t *op = calloc(1, sizeof *op);
     if (!op || !j) {
         free(op);
+        bson_destroy(&body);
         return MC_EAGAIN;
     }
     op->sink = sink;
@@ -600,6 +625,7 @@ static int nats_publish(mc_sink_t *sink, mc_event_t *ev)
     atomic_fetch_add(&c->in_flight, 1);
     rc = mc__nats_js_publish(c->client, subj, mc_event_id(ev), prev, &h, msg ? msg : "",
                              msg ? mlen : 0, on_pub_ack, op, &err);
+    bson_destroy(&body); /* libnats copied it */
     if (rc != 0) {
         op_free(op);
         if (rc == MC_EINVAL) {
