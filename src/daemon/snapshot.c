@@ -1321,7 +1321,10 @@ static void end_subscriber(mcd_conn_t *c, const char *stream, uint16_t close_cod
         }
     }
     char why[MCD_WS_MAX_CONTROL - 1];
-    snprintf(why, sizeof(why), "%s", close_code == MCD_WS_CLOSE_FILTER ? reason : code);
+    if (snprintf(why, sizeof(why), "%s", close_code == MCD_WS_CLOSE_FILTER ? reason : code) >=
+        (int)sizeof(why)) {
+        /* cut to what a close frame carries, on purpose */
+    }
     mcd_conn_close(c, close_code ? close_code : MCD_WS_CLOSE_SNAPSHOT, why, false);
 }
 

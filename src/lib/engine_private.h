@@ -383,7 +383,9 @@ struct mc_engine {
     const mc_config_t *config;
     mc_config_t *owned_config; /* ad hoc engines: built in engine.c, freed there */
     mc_engine_opts_t opts;
-    mc__engine_state_t state;
+    /* Written by the thread that starts and stops the engine; read by the embedder's dispatch
+     * thread too (mc_engine_dispatch() during a stop): atomic. */
+    _Atomic mc__engine_state_t state;
 
     const mc_sink_type_t *types[MC__MAX_SINK_TYPES];
     size_t n_types;
