@@ -28,6 +28,34 @@ static void check_whole(const bson_t *whole)
     }
 }
 
+/* bson_validate() on the fragment and on each nested document and array on its own: libbson's
+ * check of a whole document passes some nested bytes that are not a document when read alone
+ * (an element of an unknown type inside a subdocument), which libmongoc would never hand over
+ * from a server reply and which a copy of that subdocument then shows as invalid. */
+static bool valid_deep(const bson_t *b, int depth)
+{
+    bson_iter_t it;
+    if (depth > 100 || !bson_validate(b, BSON_VALIDATE_NONE, NULL) || !bson_iter_init(&it, b)) {
+        return false;
+    }
+    while (bson_iter_next(&it)) {
+        const uint8_t *d = NULL;
+        uint32_t len = 0;
+        if (BSON_ITER_HOLDS_DOCUMENT(&it)) {
+            bson_iter_document(&it, &len, &d);
+        } else if (BSON_ITER_HOLDS_ARRAY(&it)) {
+            bson_iter_array(&it, &len, &d);
+        } else {
+            continue;
+        }
+        bson_t sub;
+        if (!d || !bson_init_static(&sub, d, len) || !valid_deep(&sub, depth + 1)) {
+            return false;
+        }
+    }
+    return true;
+}
+
 static void fragments(const uint8_t *data, size_t size)
 {
     if (size < 1) {
@@ -40,7 +68,7 @@ static void fragments(const uint8_t *data, size_t size)
     mc__split_t sp = {0};
     int n = 0;
     while (n++ < 64 && (doc = bson_reader_read(r, &eof)) != NULL) {
-        if (!bson_validate(doc, BSON_VALIDATE_NONE, NULL)) {
+        if (!valid_deep(doc, 0)) {
             /* libmongoc hands over only documents it could read; the checks on the result
              * below assume valid fragments (the module copies values, it does not repair). */
             continue;
