@@ -471,6 +471,18 @@ static void drop_pending(mcd_conn_t *c)
     release_bytes(c, bytes);
 }
 
+void mcd_conn_send_error(mcd_conn_t *c, const char *stream, const char *code, int server_code,
+                         const char *reason)
+{
+    mc_event_t *ev = mc_event_new_error(stream, 0, code, server_code, reason);
+    mcd_msg_t *m = ev ? mcd_msg_new_event(ev, 0) : NULL;
+    mc_event_unref(&ev);
+    if (m) {
+        mcd_conn_send(c, m, false);
+        mcd_msg_unref(m);
+    }
+}
+
 int mcd_conn_send_raw(mcd_conn_t *c, const void *bytes, size_t len)
 {
     if (c->flags & MCD_CF_CLOSED) {

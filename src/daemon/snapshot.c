@@ -1312,13 +1312,7 @@ static void end_subscriber(mcd_conn_t *c, const char *stream, uint16_t close_cod
                            const char *code, const char *reason)
 {
     if (close_code != MCD_WS_CLOSE_FILTER) {
-        mc_event_t *ev = mc_event_new_error(stream, 0, code, 0, reason);
-        mcd_msg_t *m = ev ? mcd_msg_new_event(ev, 0) : NULL;
-        mc_event_unref(&ev);
-        if (m) {
-            mcd_conn_send(c, m, false);
-            mcd_msg_unref(m);
-        }
+        mcd_conn_send_error(c, stream, code, 0, reason);
     }
     char why[MCD_WS_MAX_CONTROL - 1];
     if (snprintf(why, sizeof(why), "%s", close_code == MCD_WS_CLOSE_FILTER ? reason : code) >=
