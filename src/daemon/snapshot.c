@@ -1182,6 +1182,18 @@ static int ensure_workers(mcd_snapshots_t *s)
 
 static void stop_all(mcd_snapshots_t *s);
 
+/* Puts `job` at the end of the workers' queue and wakes one of them (s->mu held). */
+static void enqueue_pending(mcd_snapshots_t *s, snap_job_t *job)
+{
+    if (s->pending_tail) {
+        s->pending_tail->next_pending = job;
+    } else {
+        s->pending_head = job;
+    }
+    s->pending_tail = job;
+    pthread_cond_signal(&s->work);
+}
+
 int mcd_snapshots_submit(mcd_snapshots_t *s, void (*task)(void *arg), void *arg)
 {
     snap_job_t *job = calloc(1, sizeof(*job));
@@ -1197,13 +1209,7 @@ int mcd_snapshots_submit(mcd_snapshots_t *s, void (*task)(void *arg), void *arg)
         free(job);
         return MC_ECLOSED;
     }
-    if (s->pending_tail) {
-        s->pending_tail->next_pending = job;
-    } else {
-        s->pending_head = job;
-    }
-    s->pending_tail = job;
-    pthread_cond_signal(&s->work);
+    enqueue_pending(s, job);
     pthread_mutex_unlock(&s->mu);
     return 0;
 }
@@ -1295,13 +1301,7 @@ int mcd_snapshot_start(mcd_snapshots_t *s, mcd_hub_t *hub, mcd_conn_t *conn, bso
     s->stats.started++;
     s->stats.active++;
     pthread_mutex_lock(&s->mu);
-    if (s->pending_tail) {
-        s->pending_tail->next_pending = job;
-    } else {
-        s->pending_head = job;
-    }
-    s->pending_tail = job;
-    pthread_cond_signal(&s->work);
+    enqueue_pending(s, job);
     pthread_mutex_unlock(&s->mu);
     return 0;
 }
