@@ -55,6 +55,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "engine_private.h" /* mc__kill_cursor */
 #include "json_object.h"
 #include "json_writer.h"
 #include "mongocast/identity.h"
@@ -960,25 +961,6 @@ static void first_command(const snap_job_t *job, bool aggregate, bson_t *cmd)
     bson_append_document_end(cmd, &rcn);
 }
 
-/* Ends a cursor the read leaves open (stopped early). Takes the stream's config, not the job:
- * a read that failed its job (rd_fail, job_finish) may no longer touch it, since the loop can
- * free a finished job at once; the config outlives every job. */
-static void kill_cursor(mongoc_client_t *client, const mc_stream_config_t *cfg,
-                        const bson_t *opts, int64_t cursor)
-{
-    if (cursor == 0) {
-        return;
-    }
-    bson_t cmd = BSON_INITIALIZER, arr, reply;
-    BSON_APPEND_UTF8(&cmd, "killCursors", cfg->collection);
-    BSON_APPEND_ARRAY_BEGIN(&cmd, "cursors", &arr);
-    BSON_APPEND_INT64(&arr, "0", cursor);
-    bson_append_array_end(&cmd, &arr);
-    mongoc_client_read_command_with_opts(client, cfg->db, &cmd, NULL, opts, &reply, NULL);
-    bson_destroy(&reply);
-    bson_destroy(&cmd);
-}
-
 static void run_job(mcd_snapshots_t *s, snap_job_t *job)
 {
     const mc_stream_config_t *cfg = job->cfg; /* for after the job is finished */
@@ -1027,7 +1009,7 @@ static void run_job(mcd_snapshots_t *s, snap_job_t *job)
             /* MongoDB leaves atClusterTime out of the reply of a find that returns nothing
              * (SERVER-83472); the same read as an aggregate always says it (a find is the
              * cheaper read otherwise, on the emulator by far). Nothing was taken yet. */
-            kill_cursor(client, cfg, &opts, cursor);
+            mc__kill_cursor(client, cfg, &opts, cursor);
             cursor = 0;
             aggregate = true;
             first_command(job, aggregate, &cmd);
@@ -1056,7 +1038,7 @@ static void run_job(mcd_snapshots_t *s, snap_job_t *job)
                                                   &berr);
         which = "nextBatch";
     }
-    kill_cursor(client, cfg, &opts, cursor);
+    mc__kill_cursor(client, cfg, &opts, cursor);
     if (rc == 0) {
         rc = batch_flush(&rd, true);
     } else {

@@ -470,6 +470,11 @@ bool mc__copy_changes_start(const char *data, uint32_t *t, uint32_t *i);
 bool mc__copy_plan(mc__stream_t *s, size_t k, const mc__position_t *own);
 /* Watcher thread, after the route lock is released: starts the copies planned. */
 void mc__copy_start_planned(mc__stream_t *s);
+/* Ends `cursor` (0: none) on the stream's collection, left open by a snapshot read that stopped
+ * early, with the read's `opts` (its session); the reply is ignored. Also the daemon's
+ * `?snapshot=true` reads' (snapshot.c). Any thread, on the caller's client. */
+void mc__kill_cursor(mongoc_client_t *client, const mc_stream_config_t *cfg, const bson_t *opts,
+                     int64_t cursor);
 
 /* A replay: the daemon's catch-up of one client that resumes after an id the server's history
  * no longer holds. The callbacks run on the replaying thread (a daemon worker). */

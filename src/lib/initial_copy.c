@@ -514,8 +514,8 @@ static copy_result_t take_batch(copy_job_t *job, mc__recipients_t *rcpt,
     return COPY_DONE;
 }
 
-static void kill_cursor(mongoc_client_t *client, const mc_stream_config_t *cfg,
-                        const bson_t *opts, int64_t cursor)
+void mc__kill_cursor(mongoc_client_t *client, const mc_stream_config_t *cfg, const bson_t *opts,
+                     int64_t cursor)
 {
     if (cursor == 0) {
         return;
@@ -573,7 +573,7 @@ static copy_result_t read_once(copy_job_t *job, mc__recipients_t *rcpt,
         res = take_batch(job, rcpt, stages, &reply, which, &cursor, &timeless, err);
         bson_destroy(&reply);
         if (res == COPY_RETRY && timeless && !aggregate) {
-            kill_cursor(client, cfg, &opts, cursor);
+            mc__kill_cursor(client, cfg, &opts, cursor);
             cursor = 0;
             aggregate = true;
             first_command(job, aggregate, &cmd);
@@ -603,7 +603,7 @@ static copy_result_t read_once(copy_job_t *job, mc__recipients_t *rcpt,
                                                   &berr);
         which = "nextBatch";
     }
-    kill_cursor(client, cfg, &opts, cursor);
+    mc__kill_cursor(client, cfg, &opts, cursor);
 out:
     bson_destroy(&cmd);
     bson_destroy(&opts);
