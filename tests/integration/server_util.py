@@ -248,8 +248,11 @@ class RawWS:
 class RawSSE:
     """An EventSource-like reader on a plain socket: response head, then events."""
 
-    def __init__(self, port, path, headers=None, timeout=10.0):
+    def __init__(self, port, path, headers=None, timeout=10.0, wrap=None):
+        """`wrap`, when given, turns the connected socket into the one to use (TLS)."""
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+        if wrap:
+            self.sock = wrap(self.sock)
         h = {"Host": "127.0.0.1:%d" % port, "Accept": "text/event-stream"}
         h.update(headers or {})
         raw = "GET %s HTTP/1.1\r\n%s\r\n" % (path, "".join("%s: %s\r\n" % kv for kv in h.items()))
