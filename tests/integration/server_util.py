@@ -12,6 +12,7 @@ import os
 import re
 import socket
 import struct
+import threading
 import time
 
 import pytest
@@ -304,6 +305,29 @@ class RawSSE:
             self.sock.close()
         except OSError:
             pass
+
+
+def resume_while_writing(port, db, since, start, end, pause):
+    """Resumes stream `s` after id `since` (its event i=4) on a new RawWS while a thread inserts
+    {i: start..end-1} into db.c, `pause` seconds apart. Returns the RawWS and the `i`s of the
+    first end - 5 changes it got (anything else it gets must be `ready`)."""
+    def writer():
+        for i in range(start, end):
+            db.c.insert_one({"i": i})
+            time.sleep(pause)
+    t = threading.Thread(target=writer)
+    t.start()
+    time.sleep(0.05)
+    ws = RawWS(port, "/v1/streams/s?since=%s" % since)
+    got = []
+    while len(got) < end - 5:
+        m = ws.recv_json()
+        if m["type"] == "change":
+            got.append(m["change"]["fullDocument"]["i"])
+        else:
+            assert m["type"] == "ready"
+    t.join()
+    return ws, got
 
 
 def rss_kb(pid):
