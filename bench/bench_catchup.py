@@ -45,24 +45,14 @@ import time
 
 import pymongo
 
-from bench_util import cpu_s, emulator_uri, free_port, start_emulator, wait_stream_open  # noqa: E402
+from bench_util import (cpu_s, emulator_uri, free_port, start_emulator,  # noqa: E402
+                        wait_stream_open, ws_handshake)
 
 
 def ws_connect(port, query):
     sock = socket.create_connection(("127.0.0.1", port))
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    sock.sendall(("GET /v1/streams/s%s HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-                  "Upgrade: websocket\r\nConnection: Upgrade\r\n"
-                  "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
-                  "Sec-WebSocket-Version: 13\r\n\r\n" % query).encode())
-    head = b""
-    while b"\r\n\r\n" not in head:
-        b = sock.recv(1)
-        if not b:
-            raise EOFError("no handshake")
-        head += b
-    if not head.startswith(b"HTTP/1.1 101"):
-        raise RuntimeError("refused: %r" % head[:200])
+    ws_handshake(sock, "/v1/streams/s%s" % query)
     return sock
 
 

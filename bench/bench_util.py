@@ -1,6 +1,6 @@
 """bench_util.py: helpers shared by the Python benchmarks in bench/ (run by the benchmark's own
 process, one thread): a free loopback port (the integration tests' broker_util.free_port), a
-process's CPU seconds, and starting the emulator and waiting for the daemon's stream, as
+process's CPU seconds, a WebSocket handshake on a raw socket, and starting the emulator and waiting for the daemon's stream, as
 bench_catchup.py and bench_snapshot.py do. Import it from a script in bench/ (the script's
 folder is on sys.path)."""
 
@@ -52,3 +52,20 @@ def wait_stream_open(daemon, work, timeout=30):
         if time.monotonic() > deadline or daemon.poll() is not None:
             raise RuntimeError("daemon did not open its stream (see %s)" % work)
         time.sleep(0.1)
+
+
+def ws_handshake(sock, path):
+    """Sends a WebSocket upgrade for `path` on the connected `sock` and reads the response
+    head a byte at a time (nothing after it is consumed); raises unless it is 101."""
+    sock.sendall(("GET %s HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                  "Upgrade: websocket\r\nConnection: Upgrade\r\n"
+                  "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                  "Sec-WebSocket-Version: 13\r\n\r\n" % path).encode())
+    head = b""
+    while b"\r\n\r\n" not in head:
+        b = sock.recv(1)
+        if not b:
+            raise EOFError("no handshake")
+        head += b
+    if not head.startswith(b"HTTP/1.1 101"):
+        raise RuntimeError("refused: %r" % head[:200])
