@@ -55,7 +55,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "engine_private.h" /* mc__kill_cursor */
+#include "engine_private.h" /* mc__kill_cursor, mc__cursor_reply_parse */
 #include "json_object.h"
 #include "json_writer.h"
 #include "mongocast/identity.h"
@@ -890,31 +890,23 @@ static int take_document(reader_t *rd, const bson_t *doc)
 /* Reads cursor.<batch> of `reply` into the batch; *id gets the cursor id. */
 static int take_batch(reader_t *rd, const bson_t *reply, const char *which, int64_t *id)
 {
-    bson_iter_t it, cur;
-    *id = 0;
-    if (!bson_iter_init_find(&it, reply, "cursor") || !BSON_ITER_HOLDS_DOCUMENT(&it) ||
-        !bson_iter_recurse(&it, &cur)) {
+    mc__cursor_reply_t r;
+    bool parsed = mc__cursor_reply_parse(reply, which, &r);
+    *id = r.id;
+    if (!parsed) {
         rd_fail(rd, MCD_WS_CLOSE_SNAPSHOT, MCD_SNAPSHOT_FAILED,
                    "the server's answer has no cursor");
         return MC_EINVAL;
     }
-    bson_iter_t docs;
-    bool have_docs = false;
-    while (bson_iter_next(&cur)) {
-        const char *k = bson_iter_key(&cur);
-        if (strcmp(k, "id") == 0) {
-            *id = bson_iter_as_int64(&cur);
-        } else if (strcmp(k, which) == 0 && BSON_ITER_HOLDS_ARRAY(&cur)) {
-            have_docs = bson_iter_recurse(&cur, &docs);
-        } else if (strcmp(k, "atClusterTime") == 0 && BSON_ITER_HOLDS_TIMESTAMP(&cur) &&
-                   !rd->at_t) {
-            bson_iter_timestamp(&cur, &rd->at_t, &rd->at_i);
-        }
+    if (r.have_time && !rd->at_t) {
+        rd->at_t = r.at_t;
+        rd->at_i = r.at_i;
     }
     if (!rd->at_t) {
         return MC_ENOTFOUND; /* the caller decides: ask again, or fail */
     }
-    while (have_docs && bson_iter_next(&docs)) {
+    bson_iter_t docs = r.docs;
+    while (r.have_docs && bson_iter_next(&docs)) {
         bson_t doc;
         if (!iter_doc(&docs, &doc)) {
             continue;

@@ -475,6 +475,18 @@ void mc__copy_start_planned(mc__stream_t *s);
  * `?snapshot=true` reads' (snapshot.c). Any thread, on the caller's client. */
 void mc__kill_cursor(mongoc_client_t *client, const mc_stream_config_t *cfg, const bson_t *opts,
                      int64_t cursor);
+/* What a cursor reply (find, aggregate, getMore) says: cursor.id, the array cursor.<which>
+ * (docs, when have_docs), and cursor.atClusterTime (at_t, at_i, when have_time; MongoDB leaves
+ * it out of an empty find's reply, SERVER-83472). Also the daemon's snapshot reads'. */
+typedef struct mc__cursor_reply {
+    int64_t id;
+    bool have_docs;
+    bson_iter_t docs;
+    bool have_time;
+    uint32_t at_t, at_i;
+} mc__cursor_reply_t;
+/* Fills *out (zeroed first); false when the reply has no cursor document. Any thread. */
+bool mc__cursor_reply_parse(const bson_t *reply, const char *which, mc__cursor_reply_t *out);
 
 /* A replay: the daemon's catch-up of one client that resumes after an id the server's history
  * no longer holds. The callbacks run on the replaying thread (a daemon worker). */

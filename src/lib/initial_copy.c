@@ -464,38 +464,28 @@ static copy_result_t take_batch(copy_job_t *job, mc__recipients_t *rcpt,
                                 const char *which, int64_t *cursor, bool *timeless,
                                 mc_error_t *err)
 {
-    bson_iter_t it, cur, docs;
-    bool have_docs = false;
-    bool have_time = false;
-    *cursor = 0;
-    if (!bson_iter_init_find(&it, reply, "cursor") || !BSON_ITER_HOLDS_DOCUMENT(&it) ||
-        !bson_iter_recurse(&it, &cur)) {
+    mc__cursor_reply_t r;
+    bool parsed = mc__cursor_reply_parse(reply, which, &r);
+    *cursor = r.id;
+    if (!parsed) {
         mc_error_set(err, MC_ESERVER, MC_DOMAIN_MONGOCAST, MC_ESERVER,
                      "the server's answer has no cursor");
         return COPY_RETRY;
     }
-    while (bson_iter_next(&cur)) {
-        const char *k = bson_iter_key(&cur);
-        if (!strcmp(k, "id")) {
-            *cursor = bson_iter_as_int64(&cur);
-        } else if (!strcmp(k, which) && BSON_ITER_HOLDS_ARRAY(&cur)) {
-            have_docs = bson_iter_recurse(&cur, &docs);
-        } else if (!strcmp(k, "atClusterTime") && BSON_ITER_HOLDS_TIMESTAMP(&cur)) {
-            have_time = true;
-            if (!job->read_t && !job->read_i) {
-                bson_iter_timestamp(&cur, &job->read_t, &job->read_i);
-            }
-        }
+    if (r.have_time && !job->read_t && !job->read_i) {
+        job->read_t = r.at_t;
+        job->read_i = r.at_i;
     }
     if (!job->read_t && !job->read_i) {
-        *timeless = !have_time;
+        *timeless = !r.have_time;
         return COPY_RETRY; /* the caller asks again as an aggregate */
     }
     if (!job->start_t && !job->start_i) {
         job->start_t = job->read_t; /* T: the copy's first read time */
         job->start_i = job->read_i;
     }
-    while (have_docs && bson_iter_next(&docs)) {
+    bson_iter_t docs = r.docs;
+    while (r.have_docs && bson_iter_next(&docs)) {
         const uint8_t *data;
         uint32_t len;
         bson_t doc;
@@ -512,6 +502,30 @@ static copy_result_t take_batch(copy_job_t *job, mc__recipients_t *rcpt,
         }
     }
     return COPY_DONE;
+}
+
+bool mc__cursor_reply_parse(const bson_t *reply, const char *which, mc__cursor_reply_t *out)
+{
+    memset(out, 0, sizeof(*out));
+    bson_iter_t it, cur;
+    if (!bson_iter_init_find(&it, reply, "cursor") || !BSON_ITER_HOLDS_DOCUMENT(&it) ||
+        !bson_iter_recurse(&it, &cur)) {
+        return false;
+    }
+    while (bson_iter_next(&cur)) {
+        const char *k = bson_iter_key(&cur);
+        if (!strcmp(k, "id")) {
+            out->id = bson_iter_as_int64(&cur);
+        } else if (!strcmp(k, which) && BSON_ITER_HOLDS_ARRAY(&cur)) {
+            out->have_docs = bson_iter_recurse(&cur, &out->docs);
+        } else if (!strcmp(k, "atClusterTime") && BSON_ITER_HOLDS_TIMESTAMP(&cur)) {
+            if (!out->have_time) {
+                bson_iter_timestamp(&cur, &out->at_t, &out->at_i);
+            }
+            out->have_time = true;
+        }
+    }
+    return true;
 }
 
 void mc__kill_cursor(mongoc_client_t *client, const mc_stream_config_t *cfg, const bson_t *opts,
