@@ -431,6 +431,10 @@ struct mc_engine {
 /* Watcher thread entry; arg is an mc__stream_t *. */
 void *mc__watcher_main(void *arg);
 
+/* Starts `fn(arg)` on a detached thread (a catch-up, a sink's initial copy). Returns
+ * pthread_create()'s result: 0, or an errno value when nothing was started. Any thread. */
+int mc__thread_start_detached(void *(*fn)(void *), void *arg);
+
 /* Starts a detached catch-up thread that reads stream `s` for runner `r` (its stream slot
  * `slot`) from `from` (taken; an empty pref: from the stream's start) until it can rejoin the
  * shared path. Counted in engine->catchups. Returns 0 or MC_ENOMEM (nothing started; the

@@ -781,12 +781,7 @@ void mc__copy_start_planned(mc__stream_t *s)
         pthread_mutex_lock(&e->catchup_lock);
         e->catchups++;
         pthread_mutex_unlock(&e->catchup_lock);
-        pthread_attr_t attr;
-        pthread_attr_init(&attr);
-        pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
-        pthread_t t;
-        int rc = pthread_create(&t, &attr, copy_main, job);
-        pthread_attr_destroy(&attr);
+        int rc = mc__thread_start_detached(copy_main, job);
         if (rc != 0) {
             mc__runner_fail_all(job->r, "cannot start the initial snapshot thread");
             job_free(job);
