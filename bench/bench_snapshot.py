@@ -22,7 +22,6 @@ are stopped by pid at the end.
 
 import json
 import os
-import re
 import resource
 import signal
 import socket
@@ -34,19 +33,8 @@ import time
 
 import pymongo
 
-
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
-
-
-def cpu_s(pid):
-    with open("/proc/%d/stat" % pid) as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+from bench_util import (cpu_s, emulator_uri, free_port, start_emulator,  # noqa: E402
+                        wait_stream_open, ws_handshake)
 
 
 def status_mb(pid, key):
@@ -73,18 +61,7 @@ def snapshot_once(port):
     sock = socket.create_connection(("127.0.0.1", port))
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     t0 = time.monotonic()
-    sock.sendall(("GET /v1/streams/snap?snapshot=true HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-                  "Upgrade: websocket\r\nConnection: Upgrade\r\n"
-                  "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
-                  "Sec-WebSocket-Version: 13\r\n\r\n").encode())
-    head = b""
-    while b"\r\n\r\n" not in head:
-        b = sock.recv(1)
-        if not b:
-            raise EOFError("no handshake")
-        head += b
-    if not head.startswith(b"HTTP/1.1 101"):
-        raise RuntimeError("refused: %r" % head[:200])
+    ws_handshake(sock, "/v1/streams/snap?snapshot=true")
     buf = bytearray(64 << 20)
     total = 0
     while True:
@@ -121,15 +98,10 @@ def main():
     emu_bin = os.path.join(build, "tools/mongo-emulator/mongo-emulator")
     daemon_bin = os.path.join(build, "src/daemon/mongocast")
     work = tempfile.mkdtemp(prefix="bench-snapshot-")
-    emu = subprocess.Popen([emu_bin, "--port", "0", "--oplog-max-events", "10000"],
-                           stdout=subprocess.PIPE, stderr=open(os.path.join(work, "emu.err"), "wb"))
+    emu = start_emulator(emu_bin, work, 10000)
     daemon = None
     try:
-        line = emu.stdout.readline().decode()
-        m = re.search(r"listening on (\S+):(\d+)", line)
-        if not m:
-            raise RuntimeError("emulator did not start: %r" % line)
-        uri = "mongodb://%s:%s/?replicaSet=rs0" % (m.group(1), m.group(2))
+        uri = emulator_uri(emu)
         client = pymongo.MongoClient(uri)
         coll = client.bench.snap
         # A document of about doc_bytes BSON bytes: _id, a few fields, padding.
@@ -157,14 +129,7 @@ def main():
         err = open(os.path.join(work, "daemon.err"), "wb")
         daemon = subprocess.Popen([daemon_bin, "run", "-c", cfg], stdout=subprocess.DEVNULL,
                                   stderr=err, cwd=work)
-        deadline = time.monotonic() + 30
-        while True:
-            with open(os.path.join(work, "daemon.err"), "rb") as f:
-                if b"change stream open" in f.read():
-                    break
-            if time.monotonic() > deadline or daemon.poll() is not None:
-                raise RuntimeError("daemon did not open its stream (see %s)" % work)
-            time.sleep(0.1)
+        wait_stream_open(daemon, work)
         print("daemon_rss_idle_mb=%.1f" % status_mb(daemon.pid, "VmRSS"), flush=True)
         for r in range(runs):
             d0, e0 = cpu_s(daemon.pid), cpu_s(emu.pid)

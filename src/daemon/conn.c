@@ -471,6 +471,18 @@ static void drop_pending(mcd_conn_t *c)
     release_bytes(c, bytes);
 }
 
+void mcd_conn_send_error(mcd_conn_t *c, const char *stream, const char *code, int server_code,
+                         const char *reason)
+{
+    mc_event_t *ev = mc_event_new_error(stream, 0, code, server_code, reason);
+    mcd_msg_t *m = ev ? mcd_msg_new_event(ev, 0) : NULL;
+    mc_event_unref(&ev);
+    if (m) {
+        mcd_conn_send(c, m, false);
+        mcd_msg_unref(m);
+    }
+}
+
 int mcd_conn_send_raw(mcd_conn_t *c, const void *bytes, size_t len)
 {
     if (c->flags & MCD_CF_CLOSED) {
@@ -697,15 +709,11 @@ static void maybe_finish(mcd_conn_t *c)
     }
 }
 
-static void on_write(uv_write_t *req, int status)
+/* A uv_write of `bytes` queue bytes completed (plain or TLS; its request already freed):
+ * the bytes leave the queue, then the connection writes on, finishes, or ends on an error. */
+static void write_done(mcd_conn_t *c, uint64_t bytes, int status)
 {
-    mcd_wreq_t *w = (mcd_wreq_t *)req;
-    mcd_conn_t *c = w->conn;
-    for (uint32_t i = 0; i < w->n; i++) {
-        mcd_msg_unref(w->msgs[i]);
-    }
-    release_bytes(c, w->bytes);
-    free(w);
+    release_bytes(c, bytes);
     c->n_writes--;
     if (c->flags & MCD_CF_CLOSED) {
         return;
@@ -719,6 +727,18 @@ static void on_write(uv_write_t *req, int status)
     } else {
         maybe_finish(c);
     }
+}
+
+static void on_write(uv_write_t *req, int status)
+{
+    mcd_wreq_t *w = (mcd_wreq_t *)req;
+    mcd_conn_t *c = w->conn;
+    for (uint32_t i = 0; i < w->n; i++) {
+        mcd_msg_unref(w->msgs[i]);
+    }
+    uint64_t bytes = w->bytes;
+    free(w);
+    write_done(c, bytes, status);
 }
 
 /* Drops the references of `n` messages of a write that failed and closes the connection. */
@@ -868,21 +888,9 @@ static void on_tls_write(uv_write_t *req, int status)
 {
     tls_wreq_t *w = (tls_wreq_t *)req;
     mcd_conn_t *c = w->conn;
-    release_bytes(c, w->bytes);
+    uint64_t bytes = w->bytes;
     free(w);
-    c->n_writes--;
-    if (c->flags & MCD_CF_CLOSED) {
-        return;
-    }
-    if (status < 0) {
-        mcd_conn_abort(c);
-        return;
-    }
-    if (c->q_len) {
-        mcd_conn_start_write(c);
-    } else {
-        maybe_finish(c);
-    }
+    write_done(c, bytes, status);
 }
 
 int mcd_conn_tls_flush(mcd_conn_t *c, uint64_t bytes)

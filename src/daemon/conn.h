@@ -219,6 +219,12 @@ bool mcd_conn_table_trim(mcd_conn_table_t *t);
  * return 0. */
 int mcd_conn_send(mcd_conn_t *conn, mcd_msg_t *msg, bool replay);
 
+/* Queues an error event of `stream` for `c` (mc_event_new_error(): `code`, MongoDB's
+ * `server_code` or 0, `reason`), as the last message before the caller closes the
+ * subscription. Out of memory, nothing is queued (the close still tells the client). */
+void mcd_conn_send_error(mcd_conn_t *c, const char *stream, const char *code, int server_code,
+                         const char *reason);
+
 /* Queues raw bytes (HTTP answers, close and pong frames, copied unless the socket takes them
  * at once; always queued on a TLS connection, whose bytes are encrypted in order when it
  * writes): never refused for size. Returns 0, or -1 when the connection was closed. */

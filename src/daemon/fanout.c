@@ -188,14 +188,8 @@ static void end_on_stage_error(mcd_hub_t *hub, mcd_conn_t *c, int code)
                        "per-subscriber pipeline stage failed stream=%s code=%d: subscriber "
                        "ended",
                        hub->cfg->name, code);
-    mc_event_t *ev = mc_event_new_error(hub->cfg->name, 0, MCD_ERROR_PIPELINE, code > 0 ? code : 0,
-                                        MCD_ERROR_PIPELINE_REASON);
-    mcd_msg_t *m = ev ? mcd_msg_new_event(ev, 0) : NULL;
-    mc_event_unref(&ev);
-    if (m) {
-        mcd_conn_send(c, m, false);
-        mcd_msg_unref(m);
-    }
+    mcd_conn_send_error(c, hub->cfg->name, MCD_ERROR_PIPELINE, code > 0 ? code : 0,
+                        MCD_ERROR_PIPELINE_REASON);
     mcd_conn_close(c, MCD_WS_CLOSE_STREAM_FAILED, "pipeline error", false);
 }
 

@@ -55,6 +55,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "engine_private.h" /* mc__kill_cursor, mc__cursor_reply_parse */
 #include "json_object.h"
 #include "json_writer.h"
 #include "mongocast/identity.h"
@@ -889,31 +890,23 @@ static int take_document(reader_t *rd, const bson_t *doc)
 /* Reads cursor.<batch> of `reply` into the batch; *id gets the cursor id. */
 static int take_batch(reader_t *rd, const bson_t *reply, const char *which, int64_t *id)
 {
-    bson_iter_t it, cur;
-    *id = 0;
-    if (!bson_iter_init_find(&it, reply, "cursor") || !BSON_ITER_HOLDS_DOCUMENT(&it) ||
-        !bson_iter_recurse(&it, &cur)) {
+    mc__cursor_reply_t r;
+    bool parsed = mc__cursor_reply_parse(reply, which, &r);
+    *id = r.id;
+    if (!parsed) {
         rd_fail(rd, MCD_WS_CLOSE_SNAPSHOT, MCD_SNAPSHOT_FAILED,
                    "the server's answer has no cursor");
         return MC_EINVAL;
     }
-    bson_iter_t docs;
-    bool have_docs = false;
-    while (bson_iter_next(&cur)) {
-        const char *k = bson_iter_key(&cur);
-        if (strcmp(k, "id") == 0) {
-            *id = bson_iter_as_int64(&cur);
-        } else if (strcmp(k, which) == 0 && BSON_ITER_HOLDS_ARRAY(&cur)) {
-            have_docs = bson_iter_recurse(&cur, &docs);
-        } else if (strcmp(k, "atClusterTime") == 0 && BSON_ITER_HOLDS_TIMESTAMP(&cur) &&
-                   !rd->at_t) {
-            bson_iter_timestamp(&cur, &rd->at_t, &rd->at_i);
-        }
+    if (r.have_time && !rd->at_t) {
+        rd->at_t = r.at_t;
+        rd->at_i = r.at_i;
     }
     if (!rd->at_t) {
         return MC_ENOTFOUND; /* the caller decides: ask again, or fail */
     }
-    while (have_docs && bson_iter_next(&docs)) {
+    bson_iter_t docs = r.docs;
+    while (r.have_docs && bson_iter_next(&docs)) {
         bson_t doc;
         if (!iter_doc(&docs, &doc)) {
             continue;
@@ -958,25 +951,6 @@ static void first_command(const snap_job_t *job, bool aggregate, bson_t *cmd)
     BSON_APPEND_DOCUMENT_BEGIN(cmd, "readConcern", &rcn);
     BSON_APPEND_UTF8(&rcn, "level", "snapshot");
     bson_append_document_end(cmd, &rcn);
-}
-
-/* Ends a cursor the read leaves open (stopped early). Takes the stream's config, not the job:
- * a read that failed its job (rd_fail, job_finish) may no longer touch it, since the loop can
- * free a finished job at once; the config outlives every job. */
-static void kill_cursor(mongoc_client_t *client, const mc_stream_config_t *cfg,
-                        const bson_t *opts, int64_t cursor)
-{
-    if (cursor == 0) {
-        return;
-    }
-    bson_t cmd = BSON_INITIALIZER, arr, reply;
-    BSON_APPEND_UTF8(&cmd, "killCursors", cfg->collection);
-    BSON_APPEND_ARRAY_BEGIN(&cmd, "cursors", &arr);
-    BSON_APPEND_INT64(&arr, "0", cursor);
-    bson_append_array_end(&cmd, &arr);
-    mongoc_client_read_command_with_opts(client, cfg->db, &cmd, NULL, opts, &reply, NULL);
-    bson_destroy(&reply);
-    bson_destroy(&cmd);
 }
 
 static void run_job(mcd_snapshots_t *s, snap_job_t *job)
@@ -1027,7 +1001,7 @@ static void run_job(mcd_snapshots_t *s, snap_job_t *job)
             /* MongoDB leaves atClusterTime out of the reply of a find that returns nothing
              * (SERVER-83472); the same read as an aggregate always says it (a find is the
              * cheaper read otherwise, on the emulator by far). Nothing was taken yet. */
-            kill_cursor(client, cfg, &opts, cursor);
+            mc__kill_cursor(client, cfg, &opts, cursor);
             cursor = 0;
             aggregate = true;
             first_command(job, aggregate, &cmd);
@@ -1056,7 +1030,7 @@ static void run_job(mcd_snapshots_t *s, snap_job_t *job)
                                                   &berr);
         which = "nextBatch";
     }
-    kill_cursor(client, cfg, &opts, cursor);
+    mc__kill_cursor(client, cfg, &opts, cursor);
     if (rc == 0) {
         rc = batch_flush(&rd, true);
     } else {
@@ -1182,6 +1156,18 @@ static int ensure_workers(mcd_snapshots_t *s)
 
 static void stop_all(mcd_snapshots_t *s);
 
+/* Puts `job` at the end of the workers' queue and wakes one of them (s->mu held). */
+static void enqueue_pending(mcd_snapshots_t *s, snap_job_t *job)
+{
+    if (s->pending_tail) {
+        s->pending_tail->next_pending = job;
+    } else {
+        s->pending_head = job;
+    }
+    s->pending_tail = job;
+    pthread_cond_signal(&s->work);
+}
+
 int mcd_snapshots_submit(mcd_snapshots_t *s, void (*task)(void *arg), void *arg)
 {
     snap_job_t *job = calloc(1, sizeof(*job));
@@ -1197,13 +1183,7 @@ int mcd_snapshots_submit(mcd_snapshots_t *s, void (*task)(void *arg), void *arg)
         free(job);
         return MC_ECLOSED;
     }
-    if (s->pending_tail) {
-        s->pending_tail->next_pending = job;
-    } else {
-        s->pending_head = job;
-    }
-    s->pending_tail = job;
-    pthread_cond_signal(&s->work);
+    enqueue_pending(s, job);
     pthread_mutex_unlock(&s->mu);
     return 0;
 }
@@ -1295,13 +1275,7 @@ int mcd_snapshot_start(mcd_snapshots_t *s, mcd_hub_t *hub, mcd_conn_t *conn, bso
     s->stats.started++;
     s->stats.active++;
     pthread_mutex_lock(&s->mu);
-    if (s->pending_tail) {
-        s->pending_tail->next_pending = job;
-    } else {
-        s->pending_head = job;
-    }
-    s->pending_tail = job;
-    pthread_cond_signal(&s->work);
+    enqueue_pending(s, job);
     pthread_mutex_unlock(&s->mu);
     return 0;
 }
@@ -1312,19 +1286,12 @@ static void end_subscriber(mcd_conn_t *c, const char *stream, uint16_t close_cod
                            const char *code, const char *reason)
 {
     if (close_code != MCD_WS_CLOSE_FILTER) {
-        mc_event_t *ev = mc_event_new_error(stream, 0, code, 0, reason);
-        mcd_msg_t *m = ev ? mcd_msg_new_event(ev, 0) : NULL;
-        mc_event_unref(&ev);
-        if (m) {
-            mcd_conn_send(c, m, false);
-            mcd_msg_unref(m);
-        }
+        mcd_conn_send_error(c, stream, code, 0, reason);
     }
+    /* Cut to what a close frame carries, on purpose (the precision says so to the compiler). */
     char why[MCD_WS_MAX_CONTROL - 1];
-    if (snprintf(why, sizeof(why), "%s", close_code == MCD_WS_CLOSE_FILTER ? reason : code) >=
-        (int)sizeof(why)) {
-        /* cut to what a close frame carries, on purpose */
-    }
+    snprintf(why, sizeof(why), "%.*s", (int)sizeof(why) - 1,
+             close_code == MCD_WS_CLOSE_FILTER ? reason : code);
     mcd_conn_close(c, close_code ? close_code : MCD_WS_CLOSE_SNAPSHOT, why, false);
 }
 

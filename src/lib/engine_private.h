@@ -431,6 +431,10 @@ struct mc_engine {
 /* Watcher thread entry; arg is an mc__stream_t *. */
 void *mc__watcher_main(void *arg);
 
+/* Starts `fn(arg)` on a detached thread (a catch-up, a sink's initial copy). Returns
+ * pthread_create()'s result: 0, or an errno value when nothing was started. Any thread. */
+int mc__thread_start_detached(void *(*fn)(void *), void *arg);
+
 /* Starts a detached catch-up thread that reads stream `s` for runner `r` (its stream slot
  * `slot`) from `from` (taken; an empty pref: from the stream's start) until it can rejoin the
  * shared path. Counted in engine->catchups. Returns 0 or MC_ENOMEM (nothing started; the
@@ -470,6 +474,23 @@ bool mc__copy_changes_start(const char *data, uint32_t *t, uint32_t *i);
 bool mc__copy_plan(mc__stream_t *s, size_t k, const mc__position_t *own);
 /* Watcher thread, after the route lock is released: starts the copies planned. */
 void mc__copy_start_planned(mc__stream_t *s);
+/* Ends `cursor` (0: none) on the stream's collection, left open by a snapshot read that stopped
+ * early, with the read's `opts` (its session); the reply is ignored. Also the daemon's
+ * `?snapshot=true` reads' (snapshot.c). Any thread, on the caller's client. */
+void mc__kill_cursor(mongoc_client_t *client, const mc_stream_config_t *cfg, const bson_t *opts,
+                     int64_t cursor);
+/* What a cursor reply (find, aggregate, getMore) says: cursor.id, the array cursor.<which>
+ * (docs, when have_docs), and cursor.atClusterTime (at_t, at_i, when have_time; MongoDB leaves
+ * it out of an empty find's reply, SERVER-83472). Also the daemon's snapshot reads'. */
+typedef struct mc__cursor_reply {
+    int64_t id;
+    bool have_docs;
+    bson_iter_t docs;
+    bool have_time;
+    uint32_t at_t, at_i;
+} mc__cursor_reply_t;
+/* Fills *out (zeroed first); false when the reply has no cursor document. Any thread. */
+bool mc__cursor_reply_parse(const bson_t *reply, const char *which, mc__cursor_reply_t *out);
 
 /* A replay: the daemon's catch-up of one client that resumes after an id the server's history
  * no longer holds. The callbacks run on the replaying thread (a daemon worker). */

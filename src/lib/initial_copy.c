@@ -464,38 +464,28 @@ static copy_result_t take_batch(copy_job_t *job, mc__recipients_t *rcpt,
                                 const char *which, int64_t *cursor, bool *timeless,
                                 mc_error_t *err)
 {
-    bson_iter_t it, cur, docs;
-    bool have_docs = false;
-    bool have_time = false;
-    *cursor = 0;
-    if (!bson_iter_init_find(&it, reply, "cursor") || !BSON_ITER_HOLDS_DOCUMENT(&it) ||
-        !bson_iter_recurse(&it, &cur)) {
+    mc__cursor_reply_t r;
+    bool parsed = mc__cursor_reply_parse(reply, which, &r);
+    *cursor = r.id;
+    if (!parsed) {
         mc_error_set(err, MC_ESERVER, MC_DOMAIN_MONGOCAST, MC_ESERVER,
                      "the server's answer has no cursor");
         return COPY_RETRY;
     }
-    while (bson_iter_next(&cur)) {
-        const char *k = bson_iter_key(&cur);
-        if (!strcmp(k, "id")) {
-            *cursor = bson_iter_as_int64(&cur);
-        } else if (!strcmp(k, which) && BSON_ITER_HOLDS_ARRAY(&cur)) {
-            have_docs = bson_iter_recurse(&cur, &docs);
-        } else if (!strcmp(k, "atClusterTime") && BSON_ITER_HOLDS_TIMESTAMP(&cur)) {
-            have_time = true;
-            if (!job->read_t && !job->read_i) {
-                bson_iter_timestamp(&cur, &job->read_t, &job->read_i);
-            }
-        }
+    if (r.have_time && !job->read_t && !job->read_i) {
+        job->read_t = r.at_t;
+        job->read_i = r.at_i;
     }
     if (!job->read_t && !job->read_i) {
-        *timeless = !have_time;
+        *timeless = !r.have_time;
         return COPY_RETRY; /* the caller asks again as an aggregate */
     }
     if (!job->start_t && !job->start_i) {
         job->start_t = job->read_t; /* T: the copy's first read time */
         job->start_i = job->read_i;
     }
-    while (have_docs && bson_iter_next(&docs)) {
+    bson_iter_t docs = r.docs;
+    while (r.have_docs && bson_iter_next(&docs)) {
         const uint8_t *data;
         uint32_t len;
         bson_t doc;
@@ -514,8 +504,32 @@ static copy_result_t take_batch(copy_job_t *job, mc__recipients_t *rcpt,
     return COPY_DONE;
 }
 
-static void kill_cursor(mongoc_client_t *client, const mc_stream_config_t *cfg,
-                        const bson_t *opts, int64_t cursor)
+bool mc__cursor_reply_parse(const bson_t *reply, const char *which, mc__cursor_reply_t *out)
+{
+    memset(out, 0, sizeof(*out));
+    bson_iter_t it, cur;
+    if (!bson_iter_init_find(&it, reply, "cursor") || !BSON_ITER_HOLDS_DOCUMENT(&it) ||
+        !bson_iter_recurse(&it, &cur)) {
+        return false;
+    }
+    while (bson_iter_next(&cur)) {
+        const char *k = bson_iter_key(&cur);
+        if (!strcmp(k, "id")) {
+            out->id = bson_iter_as_int64(&cur);
+        } else if (!strcmp(k, which) && BSON_ITER_HOLDS_ARRAY(&cur)) {
+            out->have_docs = bson_iter_recurse(&cur, &out->docs);
+        } else if (!strcmp(k, "atClusterTime") && BSON_ITER_HOLDS_TIMESTAMP(&cur)) {
+            if (!out->have_time) {
+                bson_iter_timestamp(&cur, &out->at_t, &out->at_i);
+            }
+            out->have_time = true;
+        }
+    }
+    return true;
+}
+
+void mc__kill_cursor(mongoc_client_t *client, const mc_stream_config_t *cfg, const bson_t *opts,
+                     int64_t cursor)
 {
     if (cursor == 0) {
         return;
@@ -573,7 +587,7 @@ static copy_result_t read_once(copy_job_t *job, mc__recipients_t *rcpt,
         res = take_batch(job, rcpt, stages, &reply, which, &cursor, &timeless, err);
         bson_destroy(&reply);
         if (res == COPY_RETRY && timeless && !aggregate) {
-            kill_cursor(client, cfg, &opts, cursor);
+            mc__kill_cursor(client, cfg, &opts, cursor);
             cursor = 0;
             aggregate = true;
             first_command(job, aggregate, &cmd);
@@ -603,7 +617,7 @@ static copy_result_t read_once(copy_job_t *job, mc__recipients_t *rcpt,
                                                   &berr);
         which = "nextBatch";
     }
-    kill_cursor(client, cfg, &opts, cursor);
+    mc__kill_cursor(client, cfg, &opts, cursor);
 out:
     bson_destroy(&cmd);
     bson_destroy(&opts);
@@ -767,12 +781,7 @@ void mc__copy_start_planned(mc__stream_t *s)
         pthread_mutex_lock(&e->catchup_lock);
         e->catchups++;
         pthread_mutex_unlock(&e->catchup_lock);
-        pthread_attr_t attr;
-        pthread_attr_init(&attr);
-        pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
-        pthread_t t;
-        int rc = pthread_create(&t, &attr, copy_main, job);
-        pthread_attr_destroy(&attr);
+        int rc = mc__thread_start_detached(copy_main, job);
         if (rc != 0) {
             mc__runner_fail_all(job->r, "cannot start the initial snapshot thread");
             job_free(job);

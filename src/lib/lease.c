@@ -314,17 +314,25 @@ static write_rc_t update_doc(mc__lease_t *l, mongoc_collection_t *coll, const bs
     return rc;
 }
 
+/* The options of a find of at most one document at read concern majority (the lease record,
+ * the previous holder's position). The caller destroys them. */
+static bson_t *find_one_majority_opts(void)
+{
+    bson_t *opts = BCON_NEW("limit", BCON_INT64(1));
+    mongoc_read_concern_t *rc = mongoc_read_concern_new();
+    mongoc_read_concern_set_level(rc, MONGOC_READ_CONCERN_LEVEL_MAJORITY);
+    mongoc_read_concern_append(rc, opts);
+    mongoc_read_concern_destroy(rc);
+    return opts;
+}
+
 static int read_doc(mongoc_collection_t *coll, const char *stream, mc__lease_doc_t *out,
                     bson_error_t *berr)
 {
     memset(out, 0, sizeof(*out));
     bson_t filter = BSON_INITIALIZER;
     BSON_APPEND_UTF8(&filter, "_id", stream);
-    bson_t *opts = BCON_NEW("limit", BCON_INT64(1));
-    mongoc_read_concern_t *rc = mongoc_read_concern_new();
-    mongoc_read_concern_set_level(rc, MONGOC_READ_CONCERN_LEVEL_MAJORITY);
-    mongoc_read_concern_append(rc, opts);
-    mongoc_read_concern_destroy(rc);
+    bson_t *opts = find_one_majority_opts();
     mongoc_cursor_t *cur = mongoc_collection_find_with_opts(coll, &filter, opts, NULL);
     const bson_t *doc;
     int result = 0;
@@ -390,11 +398,7 @@ static int load_position(mc__lease_t *l, const char *stream, const char *sink, m
     BSON_APPEND_UTF8(&id, "stream", stream);
     BSON_APPEND_UTF8(&id, "sink", sink);
     bson_append_document_end(&filter, &id);
-    bson_t *opts = BCON_NEW("limit", BCON_INT64(1));
-    mongoc_read_concern_t *rc = mongoc_read_concern_new();
-    mongoc_read_concern_set_level(rc, MONGOC_READ_CONCERN_LEVEL_MAJORITY);
-    mongoc_read_concern_append(rc, opts);
-    mongoc_read_concern_destroy(rc);
+    bson_t *opts = find_one_majority_opts();
     mongoc_cursor_t *cur = mongoc_collection_find_with_opts(coll, &filter, opts, NULL);
     const bson_t *doc;
     bson_error_t berr;

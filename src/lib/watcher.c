@@ -1124,6 +1124,17 @@ static void *catchup_main(void *arg)
     return NULL;
 }
 
+int mc__thread_start_detached(void *(*fn)(void *), void *arg)
+{
+    pthread_attr_t attr;
+    pthread_attr_init(&attr);
+    pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+    pthread_t t;
+    int rc = pthread_create(&t, &attr, fn, arg);
+    pthread_attr_destroy(&attr);
+    return rc;
+}
+
 static int spawn_catchup(mc__stream_t *s, mc__runner_t *r, int slot, mc__pref_t *from,
                          uint32_t at_t, uint32_t at_i)
 {
@@ -1144,12 +1155,7 @@ static int spawn_catchup(mc__stream_t *s, mc__runner_t *r, int slot, mc__pref_t 
     e->catchups++;
     pthread_mutex_unlock(&e->catchup_lock);
     mc__runner_catchup_enter(r, slot);
-    pthread_attr_t attr;
-    pthread_attr_init(&attr);
-    pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
-    pthread_t t;
-    int rc = pthread_create(&t, &attr, catchup_main, a);
-    pthread_attr_destroy(&attr);
+    int rc = mc__thread_start_detached(catchup_main, a);
     if (rc != 0) {
         if (from) {
             mc__pref_move(from, &a->from);

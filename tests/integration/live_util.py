@@ -9,6 +9,7 @@ JSON object; `token=` / `Authorization: Bearer`, `since=`, `vars=`, `filter=` in
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import hmac
 import http.client
@@ -20,7 +21,7 @@ import urllib.parse
 
 import pytest
 
-from daemon_util import write_config, wait_for
+from daemon_util import Daemon, write_config, wait_for
 
 HTTP_TIMEOUT = 10.0
 START_TIMEOUT = 30.0  # ASan daemon on a loaded 2-core machine
@@ -84,6 +85,39 @@ def start_live(daemons, cfg, port, n_streams=1):
     wait_http(port, d)
     d.wait_open(n_streams)
     return d
+
+
+class LiveServer:
+    """What module_server() yields: port, daemon, client (pymongo), db, coll (db["c"])."""
+
+
+@contextlib.contextmanager
+def module_server(cfg, tmp, port, mongo_uri, dbname, n_streams):
+    """A daemon for a whole test module (the `daemons` fixture is per test): starts
+    `mongocast run -c cfg` in `tmp`, waits for its HTTP server on `port` and its `n_streams`
+    change streams, and yields a LiveServer. At the end it stops the daemon, drops `dbname`,
+    and fails on a sanitizer report or a non-zero exit on SIGTERM."""
+    import pymongo
+    d = Daemon(cfg, tmp)
+    s = LiveServer()
+    s.port = port
+    s.daemon = d
+    s.client = pymongo.MongoClient(mongo_uri, serverSelectionTimeoutMS=15000)
+    s.db = s.client[dbname]
+    s.coll = s.db["c"]
+    try:
+        wait_http(port, d)
+        d.wait_open(n_streams)
+        yield s
+    finally:
+        rc = d.stop()
+        s.client.drop_database(dbname)
+        s.client.close()
+        report = d.sanitizer_report()
+        if report:
+            pytest.fail("mongocast sanitizer report:\n" + report, pytrace=False)
+        if rc != 0:
+            pytest.fail("mongocast exited %s on SIGTERM" % rc, pytrace=False)
 
 
 # ---- JWTs ----

@@ -12,6 +12,7 @@ import os
 import re
 import socket
 import struct
+import threading
 import time
 
 import pytest
@@ -248,8 +249,11 @@ class RawWS:
 class RawSSE:
     """An EventSource-like reader on a plain socket: response head, then events."""
 
-    def __init__(self, port, path, headers=None, timeout=10.0):
+    def __init__(self, port, path, headers=None, timeout=10.0, wrap=None):
+        """`wrap`, when given, turns the connected socket into the one to use (TLS)."""
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+        if wrap:
+            self.sock = wrap(self.sock)
         h = {"Host": "127.0.0.1:%d" % port, "Accept": "text/event-stream"}
         h.update(headers or {})
         raw = "GET %s HTTP/1.1\r\n%s\r\n" % (path, "".join("%s: %s\r\n" % kv for kv in h.items()))
@@ -301,6 +305,29 @@ class RawSSE:
             self.sock.close()
         except OSError:
             pass
+
+
+def resume_while_writing(port, db, since, start, end, pause):
+    """Resumes stream `s` after id `since` (its event i=4) on a new RawWS while a thread inserts
+    {i: start..end-1} into db.c, `pause` seconds apart. Returns the RawWS and the `i`s of the
+    first end - 5 changes it got (anything else it gets must be `ready`)."""
+    def writer():
+        for i in range(start, end):
+            db.c.insert_one({"i": i})
+            time.sleep(pause)
+    t = threading.Thread(target=writer)
+    t.start()
+    time.sleep(0.05)
+    ws = RawWS(port, "/v1/streams/s?since=%s" % since)
+    got = []
+    while len(got) < end - 5:
+        m = ws.recv_json()
+        if m["type"] == "change":
+            got.append(m["change"]["fullDocument"]["i"])
+        else:
+            assert m["type"] == "ready"
+    t.join()
+    return ws, got
 
 
 def rss_kb(pid):

@@ -18,20 +18,16 @@ import pytest
 
 from daemon_util import *  # noqa: F401,F403
 from daemon_util import Daemon, wait_for
-from live_util import free_port, http_get, live_config, stream_path, subscribers, wait_http  # noqa: F401
+from live_util import (free_port, http_get, live_config, module_server, stream_path,  # noqa: F401
+                       subscribers, wait_http)
 from conftest import real_server_uri
 
 N_FAR = 4000
 HISTORY = 50
 
 
-class _Srv:
-    pass
-
-
 @pytest.fixture(scope="module")
 def srv(tmp_path_factory, mongo_uri):
-    import pymongo
     tmp = tmp_path_factory.mktemp("catchup")
     port = free_port()
     dbname = "mct_catchup_%s" % uuid.uuid4().hex[:8]
@@ -46,26 +42,8 @@ def srv(tmp_path_factory, mongo_uri):
     }
     cfg = live_config(tmp / "c.yaml", mongo_uri, streams, port,
                       server_extra={"catchup_timeout_ms": 20000})
-    d = Daemon(cfg, tmp)
-    s = _Srv()
-    s.port = port
-    s.daemon = d
-    s.client = pymongo.MongoClient(mongo_uri, serverSelectionTimeoutMS=15000)
-    s.db = s.client[dbname]
-    s.coll = s.db["c"]
-    try:
-        wait_http(port, d)
-        d.wait_open(len(streams))
+    with module_server(cfg, tmp, port, mongo_uri, dbname, len(streams)) as s:
         yield s
-    finally:
-        rc = d.stop()
-        s.client.drop_database(dbname)
-        s.client.close()
-        report = d.sanitizer_report()
-        if report:
-            pytest.fail("mongocast sanitizer report:\n" + report, pytrace=False)
-        if rc != 0:
-            pytest.fail("mongocast exited %s on SIGTERM" % rc, pytrace=False)
 
 
 def _ids(msgs):

@@ -81,6 +81,17 @@ class Recorder:
         self.cs.close()
 
 
+def leader_and_standby(daemons, cfg, db):
+    """Starts daemon a, waits until it holds the lease, then starts daemon b (a standby):
+    both with `cfg`, both with their streams open. Returns (a, b)."""
+    a = daemons(cfg, name="a")
+    a.wait_open()
+    wait_for(lambda: holder_pid(db)[0] == a.pid, timeout=30, message="a leads")
+    b = daemons(cfg, name="b")
+    b.wait_open()
+    return a, b
+
+
 def test_lease_three_nodes_kills_and_pause_fenced(tmp_path, daemons, client, mongo_uri, db,
                                                   db_name):
     n, kills = 6000, 3
@@ -217,11 +228,7 @@ def test_lease_release_on_stop_hands_over_at_once(tmp_path, daemons, client, mon
                                                    db_name):
     db.create_collection("c")
     cfg = lease_config(tmp_path / "c.yaml", mongo_uri, db_name)
-    a = daemons(cfg, name="a")
-    a.wait_open()
-    wait_for(lambda: holder_pid(db)[0] == a.pid, timeout=30, message="a leads")
-    b = daemons(cfg, name="b")
-    b.wait_open()
+    a, b = leader_and_standby(daemons, cfg, db)
     db.c.insert_many([{"n": i} for i in range(200)])
     wait_for(lambda: db.activity.count_documents({}) >= 200, timeout=30, message="a writes")
     epoch = holder_pid(db)[1]["epoch"]
@@ -255,11 +262,7 @@ def test_lease_epoch_in_webhook_header(tmp_path, daemons, client, mongo_uri, db,
             % db_name,
             "lease: {enabled: true, db: %s, ttl_ms: %d, renew_ms: %d}" % (db_name, TTL_MS,
                                                                          RENEW_MS)]))
-    a = daemons(cfg, name="a")
-    a.wait_open()
-    wait_for(lambda: holder_pid(db)[0] == a.pid, timeout=30, message="a leads")
-    b = daemons(cfg, name="b")
-    b.wait_open()
+    a, b = leader_and_standby(daemons, cfg, db)
     db.c.insert_many([{"n": i} for i in range(20)])
     wait_for(lambda: len([x for x in rcv.attempts if x.get("answer") == 200]) >= 20, timeout=30,
              message="20 deliveries")

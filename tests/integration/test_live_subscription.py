@@ -14,18 +14,12 @@ import uuid
 import pytest
 
 from daemon_util import *  # noqa: F401,F403
-from daemon_util import Daemon
 from live_util import (assert_refused, free_port, live_config, stream_path, subscribers,  # noqa: F401
-                       upgrade, wait_http)
-
-
-class _Srv:
-    pass
+                       module_server, upgrade, wait_http)
 
 
 @pytest.fixture(scope="module")
 def srv(tmp_path_factory, mongo_uri):
-    import pymongo
     tmp = tmp_path_factory.mktemp("sub")
     port = free_port()
     dbname = "mct_live_sub_%s" % uuid.uuid4().hex[:8]
@@ -40,24 +34,8 @@ def srv(tmp_path_factory, mongo_uri):
         "nofilters": dict(base, client_filters=False),
     }
     cfg = live_config(tmp / "c.yaml", mongo_uri, streams, port)
-    d = Daemon(cfg, tmp)
-    s = _Srv()
-    s.port = port
-    s.client = pymongo.MongoClient(mongo_uri, serverSelectionTimeoutMS=15000)
-    s.coll = s.client[dbname]["c"]
-    try:
-        wait_http(port, d)
-        d.wait_open(len(streams))
+    with module_server(cfg, tmp, port, mongo_uri, dbname, len(streams)) as s:
         yield s
-    finally:
-        rc = d.stop()
-        s.client.drop_database(dbname)
-        s.client.close()
-        report = d.sanitizer_report()
-        if report:
-            pytest.fail("mongocast sanitizer report:\n" + report, pytrace=False)
-        if rc != 0:
-            pytest.fail("mongocast exited %s on SIGTERM" % rc, pytrace=False)
 
 
 def _tag():

@@ -8,14 +8,13 @@ Runs `mongocast run` against the emulator (or MONGODB_URI).
 
 import json
 import signal
-import threading
 import time
 
 import pytest
 
 from daemon_util import *  # noqa: F401,F403
 from server_util import (RawSSE, RawWS, http_get, metrics, refusal, server_config,
-                         start_server, stream, ws_frame)
+                         resume_while_writing, start_server, stream, ws_frame)
 
 
 def change_values(msgs, field="i"):
@@ -89,25 +88,7 @@ def test_resume_since_no_gap_no_duplicate_during_writes(tmp_path, daemons, mongo
 
     # Writes keep arriving while the client reconnects: the replay and the live tail must
     # join exactly.
-    stop = threading.Event()
-
-    def writer():
-        for i in range(10, 60):
-            db.c.insert_one({"i": i})
-            time.sleep(0.005)
-        stop.set()
-    t = threading.Thread(target=writer)
-    t.start()
-    time.sleep(0.05)
-    ws2 = RawWS(port, "/v1/streams/s?since=%s" % first[4]["id"])
-    got = []
-    while len(got) < 55:
-        m = ws2.recv_json()
-        if m["type"] == "change":
-            got.append(m["change"]["fullDocument"]["i"])
-        else:
-            assert m["type"] == "ready"
-    t.join()
+    ws2, got = resume_while_writing(port, db, first[4]["id"], 10, 60, 0.005)
     assert got == list(range(5, 60)), "resume must continue right after `since`"
     db.c.insert_one({"i": 60})
     assert ws2.recv_json()["change"]["fullDocument"]["i"] == 60

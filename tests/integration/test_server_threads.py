@@ -17,7 +17,7 @@ import time
 
 from daemon_util import *  # noqa: F401,F403
 from server_util import (RawSSE, RawWS, http_get, metrics, refusal, server_config,
-                         start_server, stream)
+                         resume_while_writing, start_server, stream)
 
 
 def threads_daemon(tmp_path, daemons, mongo_uri, db_name, threads, history=1000, **server):
@@ -126,22 +126,7 @@ def test_resume_since_during_writes_no_gap_no_duplicate(tmp_path, daemons, mongo
     assert [m["change"]["fullDocument"]["i"] for m in first] == list(range(10))
     ws.close()
 
-    def writer():
-        for i in range(10, 70):
-            db.c.insert_one({"i": i})
-            time.sleep(0.003)
-    t = threading.Thread(target=writer)
-    t.start()
-    time.sleep(0.05)
-    ws2 = RawWS(port, "/v1/streams/s?since=%s" % first[4]["id"])
-    got = []
-    while len(got) < 65:
-        m = ws2.recv_json()
-        if m["type"] == "change":
-            got.append(m["change"]["fullDocument"]["i"])
-        else:
-            assert m["type"] == "ready"
-    t.join()
+    ws2, got = resume_while_writing(port, db, first[4]["id"], 10, 70, 0.003)
     assert got == list(range(5, 70)), "resume must continue right after `since`"
     db.c.insert_one({"i": 70})
     assert ws2.recv_json()["change"]["fullDocument"]["i"] == 70

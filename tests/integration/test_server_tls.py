@@ -8,7 +8,6 @@ while open connections keep theirs, and a bad key refused with the old certifica
 
 import asyncio
 import json
-import os
 import random
 import shutil
 import signal
@@ -21,7 +20,7 @@ import requests
 import websockets
 
 from daemon_util import *  # noqa: F401,F403
-from server_util import LISTEN_RE, RawSSE, server_config, stream
+from server_util import RawSSE, server_config, start_server, stream
 from tls_util import client_ctx, make_cert, make_pki
 
 
@@ -35,15 +34,7 @@ def pki(tmp_path):
 def start_tls(daemons, tmp_path, mongo_uri, db_name, tls, env=None):
     cfg = server_config(tmp_path / "c.yaml", mongo_uri, {"s": stream(db_name, "c")},
                         server={"tls": tls}, checkpoint_dir=tmp_path / "cp")
-    saved = dict(os.environ)
-    try:
-        os.environ.update(env or {})
-        d = daemons(cfg)
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
-    d.wait_stderr(LISTEN_RE.pattern)
-    port = int(LISTEN_RE.search(d.stderr_text()).group(1))
+    d, port = start_server(daemons, cfg, env=env, ready=False)  # /readyz is HTTPS here
     assert "tls=on" in d.stderr_text()
     return d, port, cfg
 
@@ -92,23 +83,9 @@ class TlsSSE(RawSSE):
     """RawSSE (server_util.py) over a TLS socket that trusts `ca_pem`."""
 
     def __init__(self, port, path, ca_pem, timeout=15.0):
-        raw = socket.create_connection(("127.0.0.1", port), timeout=timeout)
-        self.sock = client_ctx(ca_pem).wrap_socket(raw, server_hostname="127.0.0.1")
-        self.sock.sendall(("GET %s HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n"
-                           "Accept: text/event-stream\r\n\r\n" % (path, port)).encode())
-        data = b""
-        while b"\r\n\r\n" not in data:
-            chunk = self.sock.recv(4096)
-            if not chunk:
-                raise ConnectionError("closed before the response head")
-            data += chunk
-        head, _, self.buf = data.partition(b"\r\n\r\n")
-        lines = head.decode("latin-1").split("\r\n")
-        self.status = int(lines[0].split()[1])
-        self.headers = {l.partition(":")[0].lower(): l.partition(":")[2].strip()
-                        for l in lines[1:]}
-        self.retry = None
-        self.comments = 0
+        ctx = client_ctx(ca_pem)
+        super().__init__(port, path, timeout=timeout,
+                         wrap=lambda raw: ctx.wrap_socket(raw, server_hostname="127.0.0.1"))
 
 
 async def _ws_open(port, ctx):

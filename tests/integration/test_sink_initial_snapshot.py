@@ -263,6 +263,23 @@ def test_check_refuses_initial_snapshot_where_it_cannot_work(tmp_path, mongo_uri
     assert r.returncode == 0, r.stdout + r.stderr
 
 
+def _slow_copy_config(tmp_path, mongo_uri, db_name, out):
+    """A config whose one sink (`fault`, writing to `out`, 2 ms a message, batches of 100,
+    initial: snapshot) copies stream s slowly enough to be stopped in the middle."""
+    return write_config(
+        tmp_path / "c.yaml", mongo_uri, {"s": {"db": db_name, "collection": "c",
+                                               "max_await_time_ms": 100}},
+        sinks=[{"name": "f", "type": "fault", "file": str(out), "delay_ms": 2,
+                "initial": "snapshot", "initial_batch_size": 100, "max_lag_events": 50}],
+        checkpoint_dir=tmp_path / "cp")
+
+
+def _changes_in(out):
+    """The change messages the fault sink wrote to `out` so far."""
+    msgs, _ = read_jsonl(out) if out.exists() else ([], [])
+    return [m for m in msgs if m.get("type") == "change"]
+
+
 def test_sigterm_during_copy_then_resume(tmp_path, daemons, mongo_uri, db, db_name):
     """A clean stop in the middle of the copy (the copy thread ends with the engine, the final
     checkpoint keeps its progress), then a restart copies only the rest: every document once
@@ -270,17 +287,11 @@ def test_sigterm_during_copy_then_resume(tmp_path, daemons, mongo_uri, db, db_na
     n = 1500
     db.c.insert_many([{"_id": i, "n": i} for i in range(n)])
     out = tmp_path / "fault.jsonl"
-    cfg = write_config(
-        tmp_path / "c.yaml", mongo_uri, {"s": {"db": db_name, "collection": "c",
-                                               "max_await_time_ms": 100}},
-        sinks=[{"name": "f", "type": "fault", "file": str(out), "delay_ms": 2,
-                "initial": "snapshot", "initial_batch_size": 100, "max_lag_events": 50}],
-        checkpoint_dir=tmp_path / "cp")
+    cfg = _slow_copy_config(tmp_path, mongo_uri, db_name, out)
     env = {"MONGOCAST_TEST_SINKS": "1"}
 
     def copied_lines():
-        msgs, _ = read_jsonl(out) if out.exists() else ([], [])
-        return [m for m in msgs if m.get("type") == "change"]
+        return _changes_in(out)
 
     d = daemons(cfg, name="first", env=env)
     wait_for(lambda: len(copied_lines()) >= 300, timeout=30, interval=0.05, message="copying")
@@ -307,17 +318,11 @@ def test_read_time_lost_after_restart_continues_at_a_newer_time(tmp_path, daemon
     n = 1500
     db.c.insert_many([{"_id": i, "n": i, "v": 0} for i in range(n)])
     out = tmp_path / "fault.jsonl"
-    cfg = write_config(
-        tmp_path / "c.yaml", mongo_uri, {"s": {"db": db_name, "collection": "c",
-                                               "max_await_time_ms": 100}},
-        sinks=[{"name": "f", "type": "fault", "file": str(out), "delay_ms": 2,
-                "initial": "snapshot", "initial_batch_size": 100, "max_lag_events": 50}],
-        checkpoint_dir=tmp_path / "cp")
+    cfg = _slow_copy_config(tmp_path, mongo_uri, db_name, out)
     env = {"MONGOCAST_TEST_SINKS": "1"}
 
     def lines():
-        msgs, _ = read_jsonl(out) if out.exists() else ([], [])
-        return [m for m in msgs if m.get("type") == "change"]
+        return _changes_in(out)
 
     d = daemons(cfg, name="first", env=env)
     wait_for(lambda: len(lines()) >= 300, timeout=30, interval=0.05, message="copying")
