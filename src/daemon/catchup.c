@@ -480,9 +480,8 @@ int mcd_catchup_start(mcd_catchups_t *cu, mcd_hub_t *hub, mcd_conn_t *conn, cons
     const mc_config_t *config = cu->config;
     uint64_t max_events = hub->cfg->max_catchup_events ? hub->cfg->max_catchup_events
                                                        : config->server.max_catchup_events;
-    if (!max_events || !hub->fanout->engine || cu->closed || mc_stream_config_is_edge(hub->cfg)) {
-        /* Catch-up off, or an edge stream (its events come from JetStream, and a catch-up
-         * reads MongoDB): the reset of old. */
+    if (!max_events || !hub->fanout->engine || cu->closed) {
+        /* Catch-up off: the reset of old. (An edge stream's catch-up reads JetStream.) */
         return mcd_hub_subscribe(hub, conn, since);
     }
     uint32_t max_jobs = config->server.max_catchups ? config->server.max_catchups : 64;

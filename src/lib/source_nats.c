@@ -27,10 +27,22 @@
  * the consumer is gone) or any error of the subscription, the edge subscribes again from its
  * own next sequence; messages at or before the newest event routed (by sequence and by id)
  * are dropped, so nothing is routed twice and nothing is skipped.
+ *
+ * A client's catch-up (mc__source_nats_replay(), called by mc__stream_replay() for an edge
+ * stream, on the daemon's snapshot worker that runs the catch-up): a subscriber resuming after
+ * an id older than the history ring. On a NATS connection of its own (the stream's reader is
+ * never blocked), the id is found by the same binary search over sequences; the messages
+ * after it are read one get-message request at a time (one message in memory), decoded and
+ * routed by the same step as the live messages (decode_and_route(), with routing of its own)
+ * and handed to the catch-up's callbacks; at the end of the stream it reports the last id as
+ * its position and looks again every 100 ms until its owner joins it to the live feed or
+ * cancels it. An id older than the first message kept (the stream's limits removed messages)
+ * is history lost (MC_ENOTFOUND); an id no message has is refused (MC_ESERVER).
  */
 #include <inttypes.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include <nats/nats.h>
 
@@ -64,13 +76,15 @@ typedef struct edge {
     bool announced;
     char *stored_id; /* the stored position's event id (NULL: none) */
     char *last_id;   /* the newest event routed in this run */
+    const mc__replay_t *rp; /* a client's catch-up (mc__source_nats_replay); NULL: the edge's
+                               own reader */
     const char *fail_code;
     const char *fail_reason;
 } edge_t;
 
 static bool stopping(const edge_t *g)
 {
-    return atomic_load(&g->e->stopping);
+    return atomic_load(&g->e->stopping) || (g->rp && atomic_load(g->rp->cancel));
 }
 
 /* ---- Handing over, as the watcher does (watcher.c push_event, push_position) --------------- */
@@ -166,7 +180,7 @@ static int edge_connect(edge_t *g, mc_error_t *err)
         st = natsOptions_SetReconnectedCB(o, on_reconnected, g);
     }
     if (st == NATS_OK) {
-        st = natsOptions_SetName(o, "mongocast-edge");
+        st = natsOptions_SetName(o, g->rp ? "mongocast-edge-catchup" : "mongocast-edge");
     }
     if (st == NATS_OK) {
         st = natsConnection_Connect(&g->nc, o);
@@ -223,22 +237,34 @@ static int stream_state(edge_t *g, uint64_t *first, uint64_t *last, char **only_
     return 0;
 }
 
-/* The event id (Nats-Msg-Id) of the message at `seq`: 0 and *id (to free), MC_ENOTFOUND (no
- * message there: deleted or not yet written), MC_ESERVER. */
-static int id_at(edge_t *g, uint64_t seq, char **id, mc_error_t *err)
+/* The message at `seq`: 0 and *m (to destroy), MC_ENOTFOUND (no message there: deleted or
+ * not yet written), MC_ESERVER. */
+static int msg_at(edge_t *g, uint64_t seq, natsMsg **m, mc_error_t *err)
 {
-    natsMsg *m = NULL;
     jsErrCode code = 0;
     jsOptions jo;
     jsOptions_Init(&jo);
     jo.Wait = EDGE_REQUEST_TIMEOUT_MS;
-    *id = NULL;
-    natsStatus st = js_GetMsg(&m, g->js, g->cfg->source_nats.stream, seq, &jo, &code);
+    *m = NULL;
+    natsStatus st = js_GetMsg(m, g->js, g->cfg->source_nats.stream, seq, &jo, &code);
     if (st == NATS_NOT_FOUND || (st != NATS_OK && code == 10037 /* no message found */)) {
         return MC_ENOTFOUND;
     }
     if (st != NATS_OK) {
         return nats_error(g, err, "get message", st, code);
+    }
+    return 0;
+}
+
+/* The event id (Nats-Msg-Id) of the message at `seq`: 0 and *id (to free), MC_ENOTFOUND (no
+ * message there: deleted or not yet written), MC_ESERVER. */
+static int id_at(edge_t *g, uint64_t seq, char **id, mc_error_t *err)
+{
+    natsMsg *m = NULL;
+    *id = NULL;
+    int rc = msg_at(g, seq, &m, err);
+    if (rc != 0) {
+        return rc;
     }
     const char *v = NULL;
     if (natsMsgHeader_Get(m, "Nats-Msg-Id", &v) != NATS_OK || !v || !*v) {
@@ -265,6 +291,40 @@ static int id_from(edge_t *g, uint64_t seq, uint64_t last, uint64_t *at, char **
         }
     }
     return MC_ENOTFOUND;
+}
+
+/* The first sequence in [first, last] whose message's id is after `id` (last + 1 when none),
+ * by a binary search (the stream is in id order), and in *exact whether the message before it
+ * has that very id. 0, or id_from()'s error (MC_EINVAL: a message without an id). */
+static int seq_after(edge_t *g, const char *id, uint64_t first, uint64_t last, uint64_t *out,
+                     bool *exact, mc_error_t *err)
+{
+    uint64_t lo = first ? first : 1, hi = last + 1;
+    *exact = false;
+    while (lo < hi) {
+        uint64_t mid = lo + (hi - lo) / 2;
+        char *at_id = NULL;
+        uint64_t at = mid;
+        int rc = id_from(g, mid, hi - 1, &at, &at_id, err);
+        if (rc == MC_ENOTFOUND) {
+            hi = mid; /* nothing readable from mid on: treat as after */
+            continue;
+        }
+        if (rc != 0) {
+            return rc;
+        }
+        int cmp = mc__token_data_cmp(at_id, id);
+        free(at_id);
+        if (cmp > 0) {
+            hi = mid;
+        } else {
+            /* The last such probe is the newest message at or before `id`. */
+            *exact = cmp == 0;
+            lo = at + 1;
+        }
+    }
+    *out = lo;
+    return 0;
 }
 
 typedef enum start_result { START_OK = 0, START_RETRY, START_LOST, START_FAILED } start_result_t;
@@ -314,27 +374,11 @@ static start_result_t find_start(edge_t *g, mc_error_t *err)
                g->cfg->name, last, g->next_seq);
         return START_OK;
     }
-    /* The first sequence in [lo, hi) whose id is after stored_id; hi when none. */
-    uint64_t lo = first ? first : 1, hi = last + 1;
-    while (lo < hi) {
-        uint64_t mid = lo + (hi - lo) / 2;
-        char *id = NULL;
-        uint64_t at = mid;
-        int rc = id_from(g, mid, hi - 1, &at, &id, err);
-        if (rc == MC_ENOTFOUND) {
-            hi = mid; /* nothing readable from mid on: treat as after */
-            continue;
-        }
-        if (rc != 0) {
-            return rc == MC_EINVAL ? START_FAILED : START_RETRY;
-        }
-        bool after = mc__token_data_cmp(id, g->stored_id) > 0;
-        free(id);
-        if (after) {
-            hi = mid;
-        } else {
-            lo = at + 1;
-        }
+    uint64_t lo = 0;
+    bool exact = false;
+    int rc = seq_after(g, g->stored_id, first, last, &lo, &exact, err);
+    if (rc != 0) {
+        return rc == MC_EINVAL ? START_FAILED : START_RETRY;
     }
     if (lo == first && first > 1) {
         /* Everything kept is after the position, and messages before were removed: the
@@ -449,7 +493,56 @@ static bool announce_open(edge_t *g)
     return emit_control(g, MC_EVENT_READY, NULL);
 }
 
-/* One message: decoded, checked against the id and the sequence already routed, routed. */
+typedef enum take_result { TAKE_ROUTED = 0, TAKE_SKIPPED, TAKE_FAILED } take_result_t;
+
+/* The step a live message and a replayed one share: the message at stream sequence `seq`
+ * decoded back into its event (numbered as the stream's next event by the edge's own reader,
+ * 0 in a replay, as the watcher's replay numbers), checked against its Nats-Msg-Id, dropped
+ * when at or before the newest event taken (TAKE_SKIPPED: never twice), else routed with the
+ * edge's recipient rules: TAKE_ROUTED, *out (one reference) and *note. TAKE_FAILED: a message
+ * an edge cannot read (err says why). Moves next_seq past `seq`. */
+static take_result_t decode_and_route(edge_t *g, natsMsg *m, uint64_t seq, mc_event_t **out,
+                                      mc__route_note_t *note, mc_error_t *err)
+{
+    *out = NULL;
+    *note = MC__ROUTE_OK;
+    const char *msg_id = NULL;
+    natsMsgHeader_Get(m, "Nats-Msg-Id", &msg_id);
+    mc_event_t *ev = NULL;
+    mc_error_t derr = {0};
+    int rc = mc__edge_payload_decode((const uint8_t *)natsMsg_GetData(m),
+                                     (size_t)natsMsg_GetDataLength(m), g->cfg->name,
+                                     g->rp ? 0 : g->s->next_seq,
+                                     mc__recipients_event_path(g->rcpt), &ev, &derr);
+    if (rc != 0) {
+        mc_error_set(err, MC_EINVAL, MC_DOMAIN_MONGOCAST, MC_EINVAL,
+                     "JetStream message %" PRIu64 ": %s", seq, derr.message);
+        return TAKE_FAILED;
+    }
+    if (!msg_id || strcmp(msg_id, mc_event_id(ev)) != 0) {
+        mc_event_unref(&ev);
+        mc_error_set(err, MC_EINVAL, MC_DOMAIN_MONGOCAST, MC_EINVAL,
+                     "JetStream message %" PRIu64 ": its Nats-Msg-Id is not its event's id", seq);
+        return TAKE_FAILED;
+    }
+    g->next_seq = seq + 1;
+    if (g->last_id && mc__token_data_cmp(mc_event_id(ev), g->last_id) <= 0) {
+        mc_event_unref(&ev); /* at or before what was taken: never twice */
+        return TAKE_SKIPPED;
+    }
+    if (!g->rp) {
+        g->s->next_seq++;
+    }
+    if (mc_event_kind(ev) == MC_EVENT_CHANGE) {
+        *note = mc__recipients_route(g->rcpt, ev, &g->e->stopping);
+    }
+    set_last_id(g, mc_event_id(ev));
+    *out = ev;
+    return TAKE_ROUTED;
+}
+
+/* One message of the edge's own reader: taken (decode_and_route()), counted, handed to the
+ * router. */
 static read_result_t take_message(edge_t *g, natsMsg *m, mc_error_t *err)
 {
     uint64_t seq = 0;
@@ -459,38 +552,22 @@ static read_result_t take_message(edge_t *g, natsMsg *m, mc_error_t *err)
     if (seq < g->next_seq) {
         return READ_AGAIN; /* delivered again after a resubscribe */
     }
-    const char *msg_id = NULL;
-    natsMsgHeader_Get(m, "Nats-Msg-Id", &msg_id);
     mc_event_t *ev = NULL;
-    mc_error_t derr = {0};
-    int rc = mc__edge_payload_decode((const uint8_t *)natsMsg_GetData(m),
-                                     (size_t)natsMsg_GetDataLength(m), g->cfg->name, g->s->next_seq,
-                                     mc__recipients_event_path(g->rcpt), &ev, &derr);
-    if (rc != 0) {
-        mc_error_set(err, MC_EINVAL, MC_DOMAIN_MONGOCAST, MC_EINVAL,
-                     "JetStream message %" PRIu64 ": %s", seq, derr.message);
+    mc__route_note_t note = MC__ROUTE_OK;
+    take_result_t tr = decode_and_route(g, m, seq, &ev, &note, err);
+    if (tr == TAKE_FAILED) {
         return READ_FAILED;
     }
-    if (!msg_id || strcmp(msg_id, mc_event_id(ev)) != 0) {
-        mc_event_unref(&ev);
-        mc_error_set(err, MC_EINVAL, MC_DOMAIN_MONGOCAST, MC_EINVAL,
-                     "JetStream message %" PRIu64 ": its Nats-Msg-Id is not its event's id", seq);
-        return READ_FAILED;
-    }
-    g->next_seq = seq + 1;
-    if (g->last_id && mc__token_data_cmp(mc_event_id(ev), g->last_id) <= 0) {
-        mc_event_unref(&ev); /* at or before what was routed: never twice */
+    if (tr == TAKE_SKIPPED) {
         return READ_AGAIN;
     }
-    g->s->next_seq++;
     if (mc_event_kind(ev) == MC_EVENT_CHANGE) {
-        note_routing(g, ev, mc__recipients_route(g->rcpt, ev, &g->e->stopping));
+        note_routing(g, ev, note);
     } else {
         pthread_mutex_lock(&g->s->lock);
         g->s->status.invalidates++;
         pthread_mutex_unlock(&g->s->lock);
     }
-    set_last_id(g, mc_event_id(ev));
     if (!push_event(g, ev)) {
         return READ_STOP;
     }
@@ -727,4 +804,213 @@ void *mc__source_nats_main(mc__stream_t *s)
     free(g.last_id);
     free(g.stored_id);
     return NULL;
+}
+
+/* ---- A client's catch-up (mc__source_nats_replay) ------------------------------------------ */
+
+#define EDGE_REPLAY_IDLE_MS 100 /* at the stream's end: the wait before looking again */
+#define EDGE_REPLAY_NAP_MS 20   /* slices of a wait, between which cancel is checked */
+
+/* Whether NATS subject `subject` matches `filter` (`*`: one token, `>`: one or more). */
+static bool subject_matches(const char *filter, const char *subject)
+{
+    for (;;) {
+        const char *fe = strchr(filter, '.'), *se = strchr(subject, '.');
+        size_t fl = fe ? (size_t)(fe - filter) : strlen(filter);
+        size_t sl = se ? (size_t)(se - subject) : strlen(subject);
+        if (fl == 1 && filter[0] == '>') {
+            return sl > 0;
+        }
+        bool any = fl == 1 && filter[0] == '*';
+        if (sl == 0 || (!any && (fl != sl || memcmp(filter, subject, fl) != 0))) {
+            return false;
+        }
+        if (!fe || !se) {
+            return !fe && !se;
+        }
+        filter = fe + 1;
+        subject = se + 1;
+    }
+}
+
+/* Waits up to ms in short slices; true when the engine stops or the catch-up is cancelled. */
+static bool replay_sleep(edge_t *g, uint32_t ms)
+{
+    for (uint32_t slept = 0; slept < ms && !stopping(g); slept += EDGE_REPLAY_NAP_MS) {
+        struct timespec ts = {0, EDGE_REPLAY_NAP_MS * 1000 * 1000};
+        nanosleep(&ts, NULL);
+    }
+    return stopping(g);
+}
+
+static bool replay_retry_later(edge_t *g, const mc_error_t *err)
+{
+    uint32_t delay = mc__backoff_next(&g->backoff);
+    mc_log_ratelimited(&g->rl, MC_LOG_WARN, "edge",
+                       "client catch-up error stream=%s retry_in_ms=%u: %s", g->cfg->name, delay,
+                       err->message);
+    return replay_sleep(g, delay);
+}
+
+typedef enum replay_start {
+    REPLAY_AT = 0,   /* next_seq is the message after the id */
+    REPLAY_RETRY,    /* NATS unreachable or slow: again */
+    REPLAY_LOST,     /* older than the first message kept */
+    REPLAY_UNKNOWN,  /* no message has that id */
+    REPLAY_UNREADABLE /* a message without an id */
+} replay_start_t;
+
+/* Finds the message whose id is `after_id` (seq_after(), as at the edge's start) and sets
+ * next_seq to the sequence after it. */
+static replay_start_t replay_find(edge_t *g, const char *after_id, mc_error_t *err)
+{
+    uint64_t first = 0, last = 0, after = 0;
+    bool exact = false;
+    if (stream_state(g, &first, &last, NULL, err) != 0) {
+        return REPLAY_RETRY;
+    }
+    int rc = seq_after(g, after_id, first, last, &after, &exact, err);
+    if (rc != 0) {
+        return rc == MC_EINVAL ? REPLAY_UNREADABLE : REPLAY_RETRY;
+    }
+    if (exact) {
+        g->next_seq = after;
+        return REPLAY_AT;
+    }
+    if (after == first && first > 1) {
+        mc_error_set(err, MC_ENOTFOUND, MC_DOMAIN_MONGOCAST, MC_ENOTFOUND,
+                     "the id is older than the first message kept in JetStream stream %s "
+                     "(sequence %" PRIu64 ")",
+                     g->cfg->source_nats.stream, first);
+        return REPLAY_LOST;
+    }
+    mc_error_set(err, MC_ESERVER, MC_DOMAIN_MONGOCAST, MC_ESERVER,
+                 "no message of JetStream stream %s has this id", g->cfg->source_nats.stream);
+    return REPLAY_UNKNOWN;
+}
+
+/* Reads from next_seq on, one get-message request per message (one message in memory at a
+ * time), handing each event to the replay's owner; at the end of the stream it reports the
+ * newest position (the last event's id) and looks again every EDGE_REPLAY_IDLE_MS, until the
+ * owner says stop or cancels. 0: stopped; MC_ESERVER: a NATS error (retried from next_seq);
+ * MC_ENOTFOUND: messages were removed before they were read; MC_EINVAL: an unreadable
+ * message. */
+static int replay_read(edge_t *g, mc_error_t *err)
+{
+    uint64_t first = 0, last = 0;
+    if (stream_state(g, &first, &last, NULL, err) != 0) {
+        return MC_ESERVER;
+    }
+    const char *filter = g->cfg->source_nats.subject;
+    while (!stopping(g)) {
+        if (g->next_seq > last) {
+            if (!g->rp->on_position(g->rp->ud, g->last_id) ||
+                replay_sleep(g, EDGE_REPLAY_IDLE_MS)) {
+                return 0;
+            }
+            if (stream_state(g, &first, &last, NULL, err) != 0) {
+                return MC_ESERVER;
+            }
+            continue;
+        }
+        natsMsg *m = NULL;
+        int rc = msg_at(g, g->next_seq, &m, err);
+        if (rc == MC_ENOTFOUND) {
+            /* Deleted, or removed by the stream's limits since it was looked at. */
+            if (stream_state(g, &first, &last, NULL, err) != 0) {
+                return MC_ESERVER;
+            }
+            if (g->next_seq < first) {
+                return mc_error_set(err, MC_ENOTFOUND, MC_DOMAIN_MONGOCAST, MC_ENOTFOUND,
+                                    "JetStream stream %s removed message %" PRIu64
+                                    " before the catch-up read it",
+                                    g->cfg->source_nats.stream, g->next_seq);
+            }
+            g->next_seq++;
+            continue;
+        }
+        if (rc != 0) {
+            return MC_ESERVER;
+        }
+        const char *subject = natsMsg_GetSubject(m);
+        if (filter && !(subject && subject_matches(filter, subject))) {
+            natsMsg_Destroy(m);
+            g->next_seq++; /* not of the edge's subject: the live reader skips it too */
+            continue;
+        }
+        mc_event_t *ev = NULL;
+        mc__route_note_t note = MC__ROUTE_OK;
+        take_result_t tr = decode_and_route(g, m, g->next_seq, &ev, &note, err);
+        natsMsg_Destroy(m);
+        if (tr == TAKE_FAILED) {
+            return MC_EINVAL;
+        }
+        if (tr == TAKE_ROUTED &&
+            !g->rp->on_event(g->rp->ud, ev, note == MC__ROUTE_UNRESOLVED)) {
+            return 0;
+        }
+        mc__backoff_reset(&g->backoff);
+    }
+    return 0;
+}
+
+int mc__source_nats_replay(mc__stream_t *s, const char *after_id, const mc__replay_t *rp,
+                           mc_error_t *err)
+{
+    edge_t g;
+    memset(&g, 0, sizeof g);
+    g.s = s;
+    g.e = s->engine;
+    g.cfg = s->cfg;
+    g.rp = rp;
+    g.rl = (mc_log_ratelimit_t)MC_LOG_RATELIMIT_INIT(10000);
+    mc__backoff_init(&g.backoff, g.e->opts.backoff_initial_ms, g.e->opts.backoff_max_ms,
+                     (uint64_t)mc__wall_ms() * 2654435761u + (uint64_t)(uintptr_t)rp);
+    /* Routing of its own (no lookups on an edge: the same answers as the stream's). */
+    g.rcpt = mc__recipients_new(s->cfg, s->cfg->name, NULL, err);
+    if (!g.rcpt) {
+        return MC_ENOMEM;
+    }
+    set_last_id(&g, after_id); /* also: nothing at or before the id is handed over */
+    int rc = g.last_id ? 0 : MC_ENOMEM;
+    while (rc == 0 && !stopping(&g)) {
+        memset(err, 0, sizeof *err);
+        if (!g.nc && edge_connect(&g, err) != 0) {
+            if (replay_retry_later(&g, err)) {
+                break;
+            }
+            continue;
+        }
+        if (!g.positioned) {
+            replay_start_t st = replay_find(&g, after_id, err);
+            if (st == REPLAY_RETRY) {
+                if (replay_retry_later(&g, err)) {
+                    break;
+                }
+                continue;
+            }
+            rc = st == REPLAY_LOST      ? MC_ENOTFOUND
+                 : st == REPLAY_UNKNOWN ? MC_ESERVER
+                 : st == REPLAY_AT      ? 0
+                                        : MC_EINVAL;
+            g.positioned = rc == 0;
+            continue;
+        }
+        int rrc = replay_read(&g, err);
+        if (rrc == MC_ESERVER) {
+            if (replay_retry_later(&g, err)) {
+                break;
+            }
+            continue;
+        }
+        rc = rrc;
+        break;
+    }
+    if (rc == 0) {
+        memset(err, 0, sizeof *err);
+    }
+    edge_disconnect(&g);
+    mc__recipients_destroy(g.rcpt);
+    free(g.last_id);
+    return rc;
 }

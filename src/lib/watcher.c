@@ -1206,6 +1206,9 @@ int mc__stream_replay(mc_engine_t *e, const char *stream, const char *after_id,
         return mc_error_set(err, MC_EINVAL, MC_DOMAIN_MONGOCAST, MC_EINVAL,
                             "no stream %s, or no id to resume after", stream ? stream : "?");
     }
+    if (mc_stream_config_is_edge(s->cfg)) {
+        return mc__source_nats_replay(s, after_id, rp, err); /* JetStream, by sequence */
+    }
     watcher_t w;
     memset(&w, 0, sizeof(w));
     w.s = s;

@@ -10,6 +10,10 @@ nothing, serve WebSocket subscribers from that JetStream stream.
 - One edge is stopped while writes go on and started again: it resumes from its checkpoint
   (found in JetStream by a binary search over sequences) with its history ring warmed from
   JetStream, so its subscribers reconnect with since=<last id> and get exactly the rest.
+- A client resuming on an edge with an id older than the edge's history ring is caught up
+  from JetStream (read by sequence) with its own view, then joins the live feed with no gap
+  and no duplicate; an id older than what JetStream keeps gets `reset` history_lost, an id of
+  no message `reset` unknown_id.
 - Config validation refuses what an edge cannot do, each with a clear message.
 """
 
@@ -17,11 +21,13 @@ import json
 import random
 import re
 import signal
+import subprocess
 import time
 
 import pytest
 
 from broker_util import nats_server  # noqa: F401 (fixture)
+from conftest import find_binary
 from daemon_util import *  # noqa: F401,F403
 from live_util import (claims, create_with_images, free_port, hs256, http_get, live_config,
                        stream_path, subscribers, wait_http)  # noqa: F401 (fixture)
@@ -45,8 +51,8 @@ def leader_config(tmp_path, uri, db_name, nats_url, port):
                        sinks=[sink])
 
 
-def edge_config(tmp_path, name, nats_url, port):
-    stream = {"recipient": "fullDocument.owner", "client_filters": True, "history": 10000,
+def edge_config(tmp_path, name, nats_url, port, history=10000):
+    stream = {"recipient": "fullDocument.owner", "client_filters": True, "history": history,
               "source": {"nats": {"url": nats_url, "stream": "EDGE"}}}
     extra = "server: %s\nauth: %s" % (json.dumps({"listen": "127.0.0.1:%d" % port}),
                                       json.dumps({"jwt": AUTH}))
@@ -194,16 +200,105 @@ def test_edges_serve_every_view_exactly_across_a_nats_restart(tmp_path, daemons,
     # edge2 lived through the nats-server restart: it noticed and read on from its sequence.
     assert re.search(r"stream=items reconnected to NATS, reading again from JetStream sequence",
                      edge2.stderr_text()), edge2.stderr_text()[-3000:]
-    # An id older than the edge's ring (one second before its first event) is not caught up
-    # from MongoDB, which an edge never reads: the reset of old, at once.
+    # An id older than the edge's ring (one second before its first event) goes to a catch-up
+    # from JetStream, which finds no message with that id (the JetStream stream still holds its
+    # first message, so nothing was removed): reset unknown_id, at once.
     first = [m["id"] for m in feed(on_e2["admin"].messages()) if "id" in m][0]
     older = first[:2] + "%08X" % (int(first[2:10], 16) - 1) + first[10:]
     old = subscribers.ws(e2port, stream_path("items", since=older), name="E2-old", headers={
         "Authorization": "Bearer " + hs256(SECRET, claims("root", roles=["mongocast:all"]))})
     old.wait(lambda ms: any(m.get("type") == "reset" for m in ms), 10, "a reset")
-    assert [m["reason"] for m in old.messages() if m.get("type") == "reset"] == ["history"]
+    assert [m["reason"] for m in old.messages() if m.get("type") == "reset"] == ["unknown_id"]
     close_all(list(on_leader.values()) + list(on_e1.values()) + list(on_e2.values()) +
               list(resumed.values()) + [old], [edge1, edge2, leader])
+
+
+def expected_after(ops, who, k):
+    """What `who` gets from the events after ops[k] (the filtered view reads each document's
+    qty from its insert, which may be before ops[k])."""
+    if who != "u1-filtered":
+        return expected_for(ops[k + 1:], who)
+    qty = {_id: v % 17 for kind, _id, v, _, _ in ops if kind == "insert"}
+    return [e for e in expected_for(ops[k + 1:], "u1")
+            if e[0] == "left" or (e[0] in ("insert", "update") and qty[e[1]] < 5)]
+
+
+def nats_purge(url, stream, keep):
+    exe = find_binary("tests/integration/clients/broker_client")
+    out = subprocess.run([str(exe), "nats-purge", url, stream, str(keep)], capture_output=True,
+                         timeout=30, check=True).stdout.decode()
+    return int(out)
+
+
+def test_edge_catches_a_client_up_from_jetstream_by_sequence(tmp_path, daemons, emulator, db,
+                                                             db_name, nats_server, subscribers):
+    # The edge's ring holds 50 events; 400 are written. Clients resume on the edge after the
+    # 10th event (each with its own view: users by token, one with a client filter, the
+    # admin): the edge reads the rest from JetStream by sequence, then live events follow.
+    n_ops, k, n_more = 400, 9, 40
+    lport, eport = free_port(), free_port()
+    coll = create_with_images(db, "items")
+    leader = daemons(leader_config(tmp_path, emulator.uri, db_name, nats_server.url, lport),
+                     name="leader")
+    wait_http(lport, leader)
+    leader.wait_open()
+    edge = start_edge(daemons, edge_config(tmp_path, "edge", nats_server.url, eport, history=50),
+                      eport, "edge")
+    on_leader = subscribe_all(subscribers, lport, "L")
+    admin = {"Authorization": "Bearer " + hs256(SECRET, claims("root",
+                                                                 roles=["mongocast:all"]))}
+    live_admin = subscribers.ws(eport, stream_path("items"), name="E-admin", headers=admin)
+    for s in list(on_leader.values()) + [live_admin]:
+        s.wait_ready()
+    ops = plan_ops(random.Random(SEED + 1), n_ops + n_more)
+    for op in ops[:n_ops]:
+        apply_op(coll, op)
+    wait_all(on_leader, ops[:n_ops])
+    # The edge has read everything (its ring ends with the last event) before clients resume.
+    live_admin.wait(lambda ms: len(feed(ms)) >= n_ops, 30, "%d messages" % n_ops)
+    since = [m["id"] for m in feed(on_leader["admin"].messages())][k]
+    t0 = time.monotonic()
+    resumed = subscribe_all(subscribers, eport, "R", since={who: since for who in on_leader})
+    for who, s in resumed.items():
+        n = len(expected_after(ops[:n_ops], who, k))
+        s.wait(lambda ms: len(feed(ms)) >= n, 30, "%d messages" % n)
+    caught_up_s = time.monotonic() - t0
+    # Live events after the catch-up: no gap, no duplicate.
+    for op in ops[n_ops:]:
+        apply_op(coll, op)
+    wait_all(on_leader, ops)
+    for who, s in resumed.items():
+        n = len(expected_after(ops, who, k))
+        s.wait(lambda ms: len(feed(ms)) >= n, 30, "%d messages" % n)
+    time.sleep(0.5)  # a stray extra frame would show up now
+    for who, s in resumed.items():
+        exp = expected_after(ops, who, k)
+        assert observed(s.messages()) == exp, "%s after its catch-up differs from the writes" % who
+        # The same messages, with the same ids, as the leader's subscriber with that view got
+        # after the same event.
+        got_leader = observed(on_leader[who].messages())
+        assert got_leader == expected(ops, who), who
+        n_before = len(got_leader) - len(exp)
+        assert got_leader[n_before:] == exp, who
+        assert [m.get("id") for m in feed(s.messages())] == \
+            [m.get("id") for m in feed(on_leader[who].messages())[n_before:]], who
+        assert not any(m.get("type") == "reset" for m in s.messages()), who
+    assert any(e[0] == "left" for e in expected_after(ops, "u2", k)), "the seed must hand over"
+    assert len(re.findall(r"catch-up started stream=items", edge.stderr_text())) == \
+        len(resumed), edge.stderr_text()[-3000:]
+    assert "catch-up ended with reset" not in edge.stderr_text()
+
+    # JetStream drops all but its newest 100 messages (as its limits would): an id before
+    # them is history lost.
+    assert nats_purge(nats_server.url, "EDGE", 100) > 1
+    lost = subscribers.ws(eport, stream_path("items", since=since), name="lost", headers=admin)
+    lost.wait(lambda ms: any(m.get("type") == "reset" for m in ms), 10, "a reset")
+    assert [m["reason"] for m in lost.messages() if m.get("type") == "reset"] == ["history_lost"]
+    assert edge.alive(), edge.stderr_text()[-3000:]
+    print("catch-up of %d clients over %d events: %.2f s" % (len(resumed), n_ops - k - 1,
+                                                             caught_up_s))
+    close_all(list(on_leader.values()) + list(resumed.values()) + [live_admin, lost],
+              [edge, leader])
 
 
 @pytest.mark.parametrize("stream,expected", [

@@ -15,6 +15,8 @@
  *   broker_client nats-dump URL [STREAM]         (prints "seq msg-id data" per stored message
  *                                                 of STREAM, default ORDERS)
  *   broker_client nats-count URL [STREAM]        (prints how many messages STREAM holds)
+ *   broker_client nats-purge URL STREAM KEEP     (removes all but the newest KEEP messages;
+ *                                                 prints the new first sequence)
  *
  * Prints one JSON summary line; exit status 0 when every event got a final good outcome.
  */
@@ -355,6 +357,31 @@ static int nats_js(const char *url, int n, const char *posfile)
 }
 
 /* Prints "seq msg-id data" per message of `stream` (dump), or the message count (count). */
+/* Removes all but the newest `keep` messages of `stream` (as its limits would). */
+static int nats_purge(const char *url, const char *stream, uint64_t keep)
+{
+    natsConnection *nc = NULL;
+    jsCtx *js = NULL;
+    jsStreamInfo *si = NULL;
+    jsOptions o;
+    jsOptions_Init(&o);
+    o.Stream.Purge.Keep = keep;
+    int rc = 0;
+    if (natsConnection_ConnectTo(&nc, url) != NATS_OK ||
+        natsConnection_JetStream(&js, nc, NULL) != NATS_OK ||
+        js_PurgeStream(js, stream, &o, NULL) != NATS_OK ||
+        js_GetStreamInfo(&si, js, stream, NULL, NULL) != NATS_OK) {
+        fprintf(stderr, "cannot purge stream %s\n", stream);
+        rc = 2;
+    } else {
+        printf("%llu\n", (unsigned long long)si->State.FirstSeq);
+    }
+    jsStreamInfo_Destroy(si);
+    jsCtx_Destroy(js);
+    natsConnection_Destroy(nc);
+    return rc;
+}
+
 static int nats_dump(const char *url, const char *stream, bool count_only)
 {
     natsConnection *nc = NULL;
@@ -404,6 +431,9 @@ int main(int argc, char **argv)
     }
     if (argc >= 3 && strcmp(argv[1], "nats-dump") == 0) {
         return nats_dump(argv[2], argc >= 4 ? argv[3] : "ORDERS", false);
+    }
+    if (argc >= 5 && strcmp(argv[1], "nats-purge") == 0) {
+        return nats_purge(argv[2], argv[3], strtoull(argv[4], NULL, 10));
     }
     if (argc >= 3 && strcmp(argv[1], "nats-count") == 0) {
         return nats_dump(argv[2], argc >= 4 ? argv[3] : "ORDERS", true);
