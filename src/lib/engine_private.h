@@ -496,7 +496,8 @@ bool mc__cursor_reply_parse(const bson_t *reply, const char *which, mc__cursor_r
  * no longer holds. The callbacks run on the replaying thread (a daemon worker). */
 typedef struct mc__replay {
     const atomic_bool *cancel;  /* the reader stops soon after this turns true */
-    mongoc_client_pool_t *pool; /* the cursors' and the lookups' clients (the caller's) */
+    mongoc_client_pool_t *pool; /* the cursors' and the lookups' clients (the caller's; not
+                                   used on an edge stream, which reads JetStream) */
     /* Each change or invalidate event after the id, in stream order, built and routed exactly
      * as the watcher builds and routes it (recipient as of the write, lookups as of the
      * event's cluster time, summaries, split or skipped oversize events); `unresolved`: its
@@ -515,7 +516,10 @@ typedef struct mc__replay {
  * turns true or the engine stops (0), or the server refuses: MC_ENOTFOUND (history lost, 286:
  * the id is no longer in the oplog), MC_ESERVER (another error that retrying cannot fix, such
  * as 280 for an id of no event of this stream), with *server_code MongoDB's code. Transient
- * errors are retried with backoff from the last position. MC_EINVAL: no such stream. */
+ * errors are retried with backoff from the last position. MC_EINVAL: no such stream. On an
+ * edge stream, mc__source_nats_replay() (source_nats.h) reads the JetStream stream instead,
+ * with the same results (MC_ENOTFOUND: older than the first message kept; MC_ESERVER: no
+ * message has the id; *server_code 0). */
 int mc__stream_replay(mc_engine_t *e, const char *stream, const char *after_id,
                       const mc__replay_t *rp, int *server_code, mc_error_t *err);
 

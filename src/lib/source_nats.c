@@ -176,7 +176,9 @@ static int edge_connect(edge_t *g, mc_error_t *err)
     if (st == NATS_OK) {
         st = natsOptions_SetTimeout(o, EDGE_REQUEST_TIMEOUT_MS);
     }
-    if (st == NATS_OK) {
+    if (st == NATS_OK && !g->rp) {
+        /* The edge's reader subscribes again after a reconnect; a replay's requests need no
+         * telling (and its state, on its caller's stack, is gone once it returns). */
         st = natsOptions_SetReconnectedCB(o, on_reconnected, g);
     }
     if (st == NATS_OK) {

@@ -235,7 +235,7 @@ def test_edge_catches_a_client_up_from_jetstream_by_sequence(tmp_path, daemons, 
     # The edge's ring holds 50 events; 400 are written. Clients resume on the edge after the
     # 10th event (each with its own view: users by token, one with a client filter, the
     # admin): the edge reads the rest from JetStream by sequence, then live events follow.
-    n_ops, k, n_more = 400, 9, 40
+    n_ops, k, n_more, n_after = 400, 9, 40, 40
     lport, eport = free_port(), free_port()
     coll = create_with_images(db, "items")
     leader = daemons(leader_config(tmp_path, emulator.uri, db_name, nats_server.url, lport),
@@ -250,7 +250,7 @@ def test_edge_catches_a_client_up_from_jetstream_by_sequence(tmp_path, daemons, 
     live_admin = subscribers.ws(eport, stream_path("items"), name="E-admin", headers=admin)
     for s in list(on_leader.values()) + [live_admin]:
         s.wait_ready()
-    ops = plan_ops(random.Random(SEED + 1), n_ops + n_more)
+    ops = plan_ops(random.Random(SEED + 1), n_ops + n_more + n_after)
     for op in ops[:n_ops]:
         apply_op(coll, op)
     wait_all(on_leader, ops[:n_ops])
@@ -259,12 +259,15 @@ def test_edge_catches_a_client_up_from_jetstream_by_sequence(tmp_path, daemons, 
     since = [m["id"] for m in feed(on_leader["admin"].messages())][k]
     t0 = time.monotonic()
     resumed = subscribe_all(subscribers, eport, "R", since={who: since for who in on_leader})
+    # Live events while the clients catch up (the join splices them in), then after it: no gap,
+    # no duplicate.
+    for op in ops[n_ops:n_ops + n_more]:
+        apply_op(coll, op)
     for who, s in resumed.items():
-        n = len(expected_after(ops[:n_ops], who, k))
+        n = len(expected_after(ops[:n_ops + n_more], who, k))
         s.wait(lambda ms: len(feed(ms)) >= n, 30, "%d messages" % n)
     caught_up_s = time.monotonic() - t0
-    # Live events after the catch-up: no gap, no duplicate.
-    for op in ops[n_ops:]:
+    for op in ops[n_ops + n_more:]:
         apply_op(coll, op)
     wait_all(on_leader, ops)
     for who, s in resumed.items():
@@ -295,7 +298,7 @@ def test_edge_catches_a_client_up_from_jetstream_by_sequence(tmp_path, daemons, 
     lost.wait(lambda ms: any(m.get("type") == "reset" for m in ms), 10, "a reset")
     assert [m["reason"] for m in lost.messages() if m.get("type") == "reset"] == ["history_lost"]
     assert edge.alive(), edge.stderr_text()[-3000:]
-    print("catch-up of %d clients over %d events: %.2f s" % (len(resumed), n_ops - k - 1,
+    print("catch-up of %d clients over %d events: %.2f s" % (len(resumed), n_ops + n_more - k - 1,
                                                              caught_up_s))
     close_all(list(on_leader.values()) + list(resumed.values()) + [live_admin, lost],
               [edge, leader])
