@@ -813,8 +813,7 @@ void *mc__source_nats_main(mc__stream_t *s)
 #define EDGE_REPLAY_IDLE_MS 100 /* at the stream's end: the wait before looking again */
 #define EDGE_REPLAY_NAP_MS 20   /* slices of a wait, between which cancel is checked */
 
-/* Whether NATS subject `subject` matches `filter` (`*`: one token, `>`: one or more). */
-static bool subject_matches(const char *filter, const char *subject)
+bool mc__nats_subject_matches(const char *filter, const char *subject)
 {
     for (;;) {
         const char *fe = strchr(filter, '.'), *se = strchr(subject, '.');
@@ -935,7 +934,7 @@ static int replay_read(edge_t *g, mc_error_t *err)
             return MC_ESERVER;
         }
         const char *subject = natsMsg_GetSubject(m);
-        if (filter && !(subject && subject_matches(filter, subject))) {
+        if (filter && !(subject && mc__nats_subject_matches(filter, subject))) {
             natsMsg_Destroy(m);
             g->next_seq++; /* not of the edge's subject: the live reader skips it too */
             continue;

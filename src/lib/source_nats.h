@@ -21,6 +21,10 @@ void *mc__source_nats_main(mc__stream_t *s);
  * the id is older than the first message the JetStream stream keeps (history lost, or
  * messages removed before they were read); MC_ESERVER: no message has that id; MC_EINVAL: a
  * message an edge cannot read; MC_ENOMEM. NATS errors are retried with backoff. */
+/* Whether NATS subject `subject` matches the subject filter `filter` (`*`: any one token,
+ * `>` as the last token: one or more tokens). Any thread. */
+bool mc__nats_subject_matches(const char *filter, const char *subject);
+
 int mc__source_nats_replay(mc__stream_t *s, const char *after_id, const mc__replay_t *rp,
                            mc_error_t *err);
 
